@@ -1,0 +1,5 @@
+"""The `custody` commands this package contributes."""
+
+import click
+
+commands: list[click.Command] = []
