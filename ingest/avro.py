@@ -34,9 +34,9 @@ class Schema:
 
     @classmethod
     def from_json(cls, schema_json: dict[str, Any]) -> "Schema":
-        parsed = fastavro.parse_schema(schema_json, _write_hint=False)
-        # fastavro gives the CRC-64-AVRO value as big-endian hex; the spec puts it little-endian on the wire.
-        fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))[::-1]
+        parsed = fastavro.parse_schema(schema_json)
+        # fastavro's hex is already the little-endian byte order the spec puts on the wire.
+        fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
         return cls(parsed, fp)
 
     def encode(self, record: dict[str, Any]) -> bytes:

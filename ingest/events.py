@@ -1,0 +1,160 @@
+"""Events: build an envelope, sign it, chain it to its session, and open it again.
+
+The Kafka message value is the single-object encoding of `custody.SignedEvent`:
+the envelope's exact single-object encoding plus an Ed25519 signature over those
+bytes. Verifiers check the very bytes that were signed; nothing is re-encoded.
+An event's hash, which the next event of the session names as `prev_hash`, is
+SHA-256 over the whole value, so the chain also binds every signature.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from ingest.avro import ENVELOPE, SIGNED_EVENT, DecodeError
+from ingest.keys import PrivateKey
+
+ZERO_HASH = bytes(32)
+KINDS = ("session_start", "frames", "policy_decision", "protocol_error", "session_end")
+_BODY_TYPES = {
+    "session_start": "custody.SessionStart",
+    "frames": "custody.Frames",
+    "policy_decision": "custody.PolicyDecision",
+    "protocol_error": "custody.ProtocolError",
+    "session_end": "custody.SessionEnd",
+}
+
+
+def uuid7(unix_ms: int | None = None) -> str:
+    """RFC 9562 UUIDv7: 48-bit millisecond time, version 7, random rest. Sorts by creation time."""
+    ms = time.time_ns() // 1_000_000 if unix_ms is None else unix_ms
+    value = (ms & (2**48 - 1)) << 80 | int.from_bytes(os.urandom(10), "big") & ~(0xF << 76) & ~(0b11 << 62)
+    value |= 0x7 << 76 | 0b10 << 62
+    return str(uuid.UUID(int=value))
+
+
+def now_micros() -> int:
+    return time.time_ns() // 1000
+
+
+def datetime_to_micros(value: datetime) -> int:
+    delta = value - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def micros_to_datetime(micros: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=micros)
+
+
+@dataclass(frozen=True)
+class SignedEvent:
+    """One event as it travels: `value` is the Kafka message value."""
+
+    value: bytes
+    envelope_bytes: bytes
+    signature: bytes
+    envelope: dict[str, Any]
+
+    @property
+    def session_id(self) -> str:
+        return self.envelope["session_id"]
+
+    @property
+    def seq(self) -> int:
+        return self.envelope["seq"]
+
+    @property
+    def kind(self) -> str:
+        return self.envelope["kind"]
+
+    @property
+    def event_id(self) -> str:
+        return self.envelope["event_id"]
+
+    @property
+    def key_id(self) -> str:
+        return self.envelope["key_id"]
+
+    @property
+    def prev_hash(self) -> bytes:
+        return self.envelope["prev_hash"]
+
+    @property
+    def ts(self) -> datetime:
+        return micros_to_datetime(self.envelope["ts"])
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return self.envelope["body"]
+
+    @property
+    def hash(self) -> bytes:
+        return hashlib.sha256(self.value).digest()
+
+
+def sign_envelope(envelope: dict[str, Any], key: PrivateKey) -> SignedEvent:
+    """Encode, sign and wrap an envelope whose `key_id` is `key`'s."""
+    envelope_bytes = ENVELOPE.encode(envelope)
+    signature = key.sign(envelope_bytes)
+    value = SIGNED_EVENT.encode({"envelope": envelope_bytes, "signature": signature})
+    return SignedEvent(value, envelope_bytes, signature, envelope)
+
+
+def open_event(value: bytes) -> SignedEvent:
+    """Decode a Kafka value into its parts, without verifying anything yet."""
+    outer = SIGNED_EVENT.decode(value)
+    envelope = ENVELOPE.decode(outer["envelope"])
+    # Same shape as the producer's envelope: logical types back to their plain values.
+    envelope["event_id"], envelope["session_id"] = str(envelope["event_id"]), str(envelope["session_id"])
+    envelope["ts"] = datetime_to_micros(envelope["ts"])
+    if envelope["kind"] not in KINDS:
+        raise DecodeError(f"unknown event kind {envelope['kind']!r}")
+    return SignedEvent(value, outer["envelope"], outer["signature"], envelope)
+
+
+class SessionChain:
+    """The producer side of one session's chain: assigns seq and prev_hash, signs.
+
+    Thread-safe, because a session's frames may be recorded from more than one task.
+    """
+
+    def __init__(self, key: PrivateKey, producer: str, session_id: str | None = None):
+        self.key, self.producer = key, producer
+        self.session_id = session_id or uuid7()
+        self._seq, self._prev_hash = 0, ZERO_HASH
+        self._lock = threading.Lock()
+
+    @property
+    def next_seq(self) -> int:
+        return self._seq
+
+    def event(self, kind: str, body: dict[str, Any], ts_micros: int | None = None) -> SignedEvent:
+        """The next signed event of this session."""
+        if kind not in _BODY_TYPES:
+            raise ValueError(f"unknown event kind {kind!r}")
+        with self._lock:
+            envelope = {
+                "event_id": uuid7(),
+                "session_id": self.session_id,
+                "seq": self._seq,
+                "ts": ts_micros if ts_micros is not None else now_micros(),
+                "producer": self.producer,
+                "key_id": self.key.key_id,
+                "prev_hash": self._prev_hash,
+                "kind": kind,
+                "body": (_BODY_TYPES[kind], body),
+            }
+            event = sign_envelope(envelope, self.key)
+            self._seq += 1
+            self._prev_hash = event.hash
+            return event
