@@ -1,0 +1,92 @@
+"""`custody keys …` and `custody broker`."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import click
+
+from custody.config import config_option, load_config
+from ingest.broker import DevBroker
+from ingest.keys import ROLES, Keyring, add_to_keyring, generate_key_file
+
+
+@click.group()
+def keys() -> None:
+    """Signing keys and the keyring of trusted public keys."""
+
+
+@keys.command("generate")
+@click.argument("name")
+@click.option("--role", type=click.Choice(ROLES), default=None, help="What the key signs (default: NAME if it is a role).")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Private key file (default: keys/NAME.key next to the keyring).")
+@click.option("--keyring", "keyring_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Keyring to append the public key to (default: the config's [keys] keyring).")
+@config_option
+def generate(name: str, role: str | None, out: Path | None, keyring_path: Path | None, config_path: str | None) -> None:
+    """Create a new Ed25519 key NAME (0600, never overwritten) and trust it in the keyring.
+
+    Rotation: generate a new key, point the config at it, then revoke the old one.
+    """
+    role = role or name
+    if role not in ROLES:
+        raise click.UsageError(f"--role is required when NAME is not one of {', '.join(ROLES)}")
+    if keyring_path is None:
+        keyring_path = load_config(config_path).keys.keyring
+    key = generate_key_file(out or keyring_path.parent / f"{name}.key", name)
+    add_to_keyring(keyring_path, key, role)
+    click.echo(f"{key.key_id}  {role}  written to {out or keyring_path.parent / f'{name}.key'}, trusted in {keyring_path}")
+
+
+def _keyring_path(keyring_path: Path | None, config_path: str | None) -> Path:
+    return keyring_path or load_config(config_path).keys.keyring
+
+
+keyring_option = click.option("--keyring", "keyring_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                              help="Keyring file (default: the config's [keys] keyring).")
+
+
+@keys.command("list")
+@keyring_option
+@config_option
+def list_keys(keyring_path: Path | None, config_path: str | None) -> None:
+    """The trusted keys, their roles and validity."""
+    for key in Keyring.load(_keyring_path(keyring_path, config_path)):
+        window = f"revoked {key.not_after.isoformat()}" if key.not_after else "valid"
+        click.echo(f"{key.key_id}  {key.role:8}  {window}")
+
+
+@keys.command("revoke")
+@click.argument("key_id")
+@click.option("--at", "at", default=None, help="Revocation time, ISO 8601 with offset (default: now). Events signed after it are rejected.")
+@keyring_option
+@config_option
+def revoke(key_id: str, at: str | None, keyring_path: Path | None, config_path: str | None) -> None:
+    """Stop trusting KEY_ID for anything signed after --at."""
+    path = _keyring_path(keyring_path, config_path)
+    when = datetime.fromisoformat(at) if at else datetime.now(timezone.utc)
+    if when.tzinfo is None:
+        raise click.BadParameter("needs an offset, e.g. 2026-11-25T12:00:00Z", param_hint="--at")
+    keyring = Keyring.load(path)
+    keyring.revoke(key_id, when)
+    keyring.save(path)
+    click.echo(f"{key_id} revoked at {when.astimezone(timezone.utc).isoformat()}")
+
+
+@click.command()
+@click.option("--listen", default=None, help="host:port (default: the config's [kafka] embedded_listen).")
+@config_option
+def broker(listen: str | None, config_path: str | None) -> None:
+    """Run the development Kafka broker (Tansu, memory storage) in the foreground."""
+    listen = listen or load_config(config_path).kafka.embedded_listen
+    dev = DevBroker(listen).start()
+    click.echo(f"dev broker listening on {dev.bootstrap} (memory storage; Ctrl-C stops it)")
+    try:
+        dev.wait()
+    finally:
+        dev.stop()
+
+
+commands: list[click.Command] = [keys, broker]
