@@ -29,12 +29,13 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 def _assemble() -> None:
     from custody.demo import demo
+    from custody.init import init
     from ingest.cli import commands as ingest_commands
     from ledger.cli import commands as ledger_commands
     from proxy.cli import commands as proxy_commands
     from query.cli import commands as query_commands
 
-    for command in [demo, *ingest_commands, *proxy_commands, *ledger_commands, *query_commands]:
+    for command in [init, demo, *ingest_commands, *proxy_commands, *ledger_commands, *query_commands]:
         cli.add_command(command)
 
 

@@ -1,0 +1,99 @@
+"""`custody init`: a working starter directory — config, keys, a dev identity provider.
+
+Everything it writes is for local use on embedded defaults; the config says
+which parts to replace for production (the dev IdP above all).
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from pathlib import Path
+
+import click
+from nacl.public import PrivateKey as BoxPrivateKey
+
+from custody.errors import CustodyError
+from ingest.keys import add_to_keyring, generate_key_file
+
+CONFIG_TEMPLATE = """\
+# Custody configuration, written by `custody init`. Paths are relative to this file.
+# Secrets are never inline: use *_file or *_env settings.
+
+[kafka]
+bootstrap = "embedded"            # the dev broker (Tansu, memory storage); production: "host:9092,host:9092"
+embedded_listen = "127.0.0.1:{broker_port}"
+topic_prefix = "custody."
+
+[keys]
+proxy_key = "keys/proxy.key"
+ledger_key = "keys/ledger.key"
+exporter_key = "keys/exporter.key"
+keyring = "keys/keyring.toml"
+custodian_public_key = "keys/custodian.pub"   # its private half (keys/custodian.key) belongs offline, with the evidence custodian
+
+[identity]
+# DEV ONLY: a local identity provider created by `custody init`. Point issuer/jwks at your real IdP in production.
+issuer = "https://dev-idp.custody.invalid/"
+audience = "custody"
+jwks = "keys/dev-idp.jwks.json"
+username_claim = "sub"
+groups_claim = "groups"
+dev_signing_key = "keys/dev-idp.key"
+
+[ledger]
+dir = "ledger"
+origin = "custody.example/ledger/dev"
+segment_max_events = 100000
+segment_max_seconds = 5
+idle_seal_seconds = 60
+
+[spool]
+dir = "spool"
+max_bytes = 1073741824
+fail_open = false
+
+[[proxy]]
+name = "local-postgres"
+protocol = "postgres"
+listen = "127.0.0.1:{proxy_port}"
+upstream = "postgresql://postgres@127.0.0.1:5432/postgres"
+# upstream_password_env = "CUSTODY_PG_PASSWORD"   # or upstream_password_file; absent = trust
+"""
+
+
+def write_custodian_keypair(directory: Path) -> None:
+    """The sealed-box key pair that masked originals are sealed to."""
+    private = BoxPrivateKey.generate()
+    fd = os.open(directory / "custodian.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(base64.b64encode(bytes(private)).decode() + "\n")
+    (directory / "custodian.pub").write_text(base64.b64encode(bytes(private.public_key)).decode() + "\n")
+
+
+def initialise(directory: Path, proxy_port: int = 6432, broker_port: int = 9192) -> Path:
+    """Create the starter directory; refuses to touch one that already has a config."""
+    from proxy.devidp import create_dev_idp
+
+    config = directory / "custody.toml"
+    if config.exists():
+        raise CustodyError(f"{config} already exists; refusing to overwrite (use another directory)")
+    keys = directory / "keys"
+    keys.mkdir(parents=True, exist_ok=True)
+    for role in ("proxy", "ledger", "exporter"):
+        add_to_keyring(keys / "keyring.toml", generate_key_file(keys / f"{role}.key", role), role)
+    write_custodian_keypair(keys)
+    create_dev_idp(keys / "dev-idp.key", keys / "dev-idp.jwks.json")
+    config.write_text(CONFIG_TEMPLATE.format(proxy_port=proxy_port, broker_port=broker_port))
+    return config
+
+
+@click.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path), default=".")
+@click.option("--proxy-port", type=int, default=6432, show_default=True, help="Where the PostgreSQL proxy listens.")
+@click.option("--broker-port", type=int, default=9192, show_default=True, help="Where the dev broker listens.")
+def init(directory: Path, proxy_port: int, broker_port: int) -> None:
+    """Write a starter custody.toml, keys and a dev identity provider into DIRECTORY."""
+    config = initialise(directory, proxy_port, broker_port)
+    click.echo(f"wrote {config} and keys/ (proxy, ledger, exporter, custodian, dev IdP)")
+    click.echo(f"next: cd {directory} && custody up")
