@@ -811,12 +811,15 @@ def test_real_client_through_a_recording_relay() -> None:
     recorder.thread.join(timeout=10)
 
     client = [summarize(message) for message in parse_all("client", bytes(recorder.sent["client"]))]
-    server = [summarize(message) for message in parse_all("server", bytes(recorder.sent["server"]))]
+    server_messages = parse_all("server", bytes(recorder.sent["server"]))
+    server = [summarize(message) for message in server_messages]
     assert client[0]["type"] == "StartupMessage" and client[-1]["type"] == "Terminate"
     (parse,) = [record for record in client if record["type"] == "Parse"]
     assert parse["statement"] == "SELECT $1::int, $2::bytea, $3::text"
     (bind,) = [record for record in client if record["type"] == "Bind"]
-    assert bind["parameters"] in (["7", "\\x00ff", None], ["\\x0007", "\\x00ff", None], ["\\x00000007", "\\x00ff", None])
+    assert bind["parameters"] == ["\\x0007", "\\x00ff", None]  # psycopg binds a small int as binary int2
+    (row,) = [message for message in server_messages if message.type == "DataRow"]
+    assert m.decode_data_row(row.payload) == m.DataRow((b"7", b"\\x00ff", None))
     assert any(record["command_tag"] == "SELECT 1" and record["rows"] == 1 for record in server)
 
 

@@ -178,16 +178,28 @@ class _Cursor:
         return tuple(self.uint32() for _ in range(count))
 
     def values(self, count: int) -> tuple[bytes | None, ...]:
-        """`count` length-prefixed values, length -1 meaning NULL."""
-        return tuple(self._value() for _ in range(count))
+        """`count` length-prefixed values, length -1 meaning NULL.
 
-    def _value(self) -> bytes | None:
-        length = self.int32()
-        if length == -1:
-            return None
-        if length < 0:
-            raise violation(f"{self.what} message has invalid value length {length}")
-        return self.take(length)
+        One tight loop rather than a call per value: every DataRow the
+        masking layer rewrites comes through here.
+        """
+        data, position, unpack = self.data, self.position, _INT32.unpack_from
+        size = len(data)
+        values: list[bytes | None] = []
+        for _ in range(count):
+            if position + 4 > size:
+                raise violation(f"{self.what} message is truncated")
+            length = unpack(data, position)[0]
+            position += 4
+            if length == -1:
+                values.append(None)
+                continue
+            if length < 0 or position + length > size:
+                raise violation(f"{self.what} message has invalid value length {length}")
+            values.append(data[position : position + length])
+            position += length
+        self.position = position
+        return tuple(values)
 
     def finish(self) -> None:
         if self.position != len(self.data):
@@ -205,13 +217,6 @@ def _frame(type_byte: bytes, payload: bytes) -> bytes:
     return type_byte + _UINT32.pack(len(payload) + 4) + payload
 
 
-def _encode_values(values: Sequence[bytes | None]) -> bytes:
-    parts = [_UINT16.pack(len(values))]
-    for value in values:
-        parts.append(_NULL_LENGTH if value is None else _INT32.pack(len(value)) + value)
-    return b"".join(parts)
-
-
 def _render_value(value: bytes | None, format_code: int) -> str | None:
     """A parameter as the recording shows it: text as is, binary as \\x hex."""
     if value is None:
@@ -219,7 +224,7 @@ def _render_value(value: bytes | None, format_code: int) -> str | None:
     return _text(value) if format_code == 0 else "\\x" + value.hex()
 
 
-def __render_values(
+def _render_values(
     values: Sequence[bytes | None], formats: Sequence[int], what: str
 ) -> tuple[str | None, ...]:
     """Apply Bind-style format codes: none = all text, one = all alike, else one each."""
@@ -278,10 +283,14 @@ def decode_cancel_request(payload: bytes) -> CancelRequest:
     return CancelRequest(process_id, cursor.rest())
 
 
-def cancel_request(process_id: int, secret: bytes) -> bytes:
-    """Cancels upstream with the real key after mapping the client's proxy key."""
+def _check_cancel_key(secret: bytes) -> None:
     if not MIN_CANCEL_KEY <= len(secret) <= MAX_CANCEL_KEY:
         raise ValueError(f"a cancel key is {MIN_CANCEL_KEY} to {MAX_CANCEL_KEY} bytes")
+
+
+def cancel_request(process_id: int, secret: bytes) -> bytes:
+    """Cancels upstream with the real key after mapping the client's proxy key."""
+    _check_cancel_key(secret)
     return struct.pack(">iIi", 12 + len(secret), CANCEL_REQUEST_CODE, process_id) + secret
 
 
@@ -387,7 +396,7 @@ def decode_bind(payload: bytes) -> Bind:
     cursor = _Cursor(payload, "Bind")
     portal, statement = cursor.cstring(), cursor.cstring()
     formats = cursor.int16s(cursor.uint16())
-    parameters = __render_values(cursor.values(cursor.uint16()), formats, "Bind")
+    parameters = _render_values(cursor.values(cursor.uint16()), formats, "Bind")
     result_formats = cursor.int16s(cursor.uint16())
     cursor.finish()
     return Bind(portal, statement, formats, parameters, result_formats)
@@ -426,7 +435,7 @@ def decode_function_call(payload: bytes) -> FunctionCall:
     cursor = _Cursor(payload, "FunctionCall")
     oid = cursor.uint32()
     formats = cursor.int16s(cursor.uint16())
-    arguments = __render_values(cursor.values(cursor.uint16()), formats, "FunctionCall")
+    arguments = _render_values(cursor.values(cursor.uint16()), formats, "FunctionCall")
     result_format = cursor.int16()
     cursor.finish()
     return FunctionCall(oid, formats, arguments, result_format)
@@ -541,8 +550,7 @@ def decode_backend_key_data(payload: bytes) -> BackendKeyData:
 
 def backend_key_data(process_id: int, secret: bytes) -> bytes:
     """The proxy hands out its own key so that cancels come to it first."""
-    if not MIN_CANCEL_KEY <= len(secret) <= MAX_CANCEL_KEY:
-        raise ValueError(f"a cancel key is {MIN_CANCEL_KEY} to {MAX_CANCEL_KEY} bytes")
+    _check_cancel_key(secret)
     return _frame(b"K", _INT32.pack(process_id) + secret)
 
 
@@ -658,7 +666,10 @@ def data_row(values: Sequence[bytes | None]) -> bytes:
     """Rebuilds a row after masking changed values (and so lengths)."""
     if len(values) > 0xFFFF:
         raise ValueError("a DataRow has at most 65535 columns")
-    return _frame(b"D", _encode_values(values))
+    parts = [_UINT16.pack(len(values))]
+    for value in values:
+        parts.append(_NULL_LENGTH if value is None else _INT32.pack(len(value)) + value)
+    return _frame(b"D", b"".join(parts))
 
 
 @dataclass(frozen=True, slots=True)

@@ -140,8 +140,8 @@ def _dispatch_table(spec: _Spec, max_size: int) -> list[_Entry]:
 class MessageReader:
     """Incremental parser for one direction of one connection.
 
-    `max_message_size` bounds the length field (which counts itself but not
-    the type byte), as PostgreSQL bounds it.
+    `max_message_size` bounds the length field, which counts itself but not
+    the type byte; `max_startup_size` bounds startup packets.
 
     The client direction starts in the startup phase, whose packets have no
     type byte, and leaves it by itself after the StartupMessage (the only
