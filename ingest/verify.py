@@ -62,6 +62,9 @@ def check_signature(event: SignedEvent, keyring: Keyring) -> None:
         raise Rejection("bad_signature", f"signature by {event.key_id} does not verify", event) from None
 
 
+RECENT_WINDOW = 1024
+
+
 @dataclass
 class ChainPosition:
     """What a verifier remembers of a session: enough to check the next event, and duplicates of recent ones."""
@@ -70,8 +73,22 @@ class ChainPosition:
     last_hash: bytes = ZERO_HASH
     recent: dict[int, bytes] = field(default_factory=dict)
 
+    def to_json(self, window: int = RECENT_WINDOW) -> dict:
+        """A JSON-able snapshot keeping the last `window` recent hashes, so a restarted verifier still names duplicates."""
+        first = self.next_seq
+        while first > max(0, self.next_seq - window) and first - 1 in self.recent:
+            first -= 1  # accepted seqs are contiguous, so the recent ones are a run ending at next_seq - 1
+        return {"next_seq": self.next_seq, "last_hash": self.last_hash.hex(),
+                "recent": "".join(self.recent[s].hex() for s in range(first, self.next_seq))}
 
-RECENT_WINDOW = 1024
+    @classmethod
+    def from_json(cls, data: dict) -> "ChainPosition":
+        """Inverse of `to_json`: the recent hashes are those of the seqs just before `next_seq`."""
+        hashes = bytes.fromhex(data["recent"])
+        count = len(hashes) // 32
+        first = data["next_seq"] - count
+        recent = {first + i: hashes[32 * i:32 * (i + 1)] for i in range(count)}
+        return cls(data["next_seq"], bytes.fromhex(data["last_hash"]), recent)
 
 
 class SessionChains:

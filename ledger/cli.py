@@ -1,5 +1,92 @@
-"""The `custody` commands this package contributes."""
+"""The `custody` commands this package contributes: `custody ledger` and `custody verify`."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from pathlib import Path
 
 import click
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-commands: list[click.Command] = []
+from custody.config import config_option, load_config
+from custody.errors import CustodyError
+from ingest.keys import Keyring
+from ledger.service import GROUP_ID, LedgerService, ledger_dir
+from ledger.verify import LedgerProblem, Report, sealed_event_count, verify_ledger
+
+PROGRESS_MIN_EVENTS = 100_000
+"""Below this many events verification takes a second or two, and a progress bar is only noise."""
+
+
+@click.command("ledger")
+@click.option("--group", default=GROUP_ID, show_default=True, help="Kafka consumer group; run more workers to scale out.")
+@config_option
+def ledger(group: str, config_path: str | None) -> None:
+    """Verify, chain and seal custody.events into Parquet segments and signed seals, until stopped.
+
+    SIGTERM or Ctrl-C seals what was read and stops; SIGKILL loses nothing either:
+    a restart re-reads from the last seal.
+    """
+    config = load_config(config_path)
+    service = LedgerService.from_config(config, group)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    click.echo(f"ledger: sealing {config.kafka.topic('events')} into {service.dir} as group {group}", err=True)
+    service.run(stop)
+
+
+class VerifyError(CustodyError):
+    pass
+
+
+def _verify_target(ledger_path: Path | None, keyring_path: Path | None,
+                   config_path: str | None) -> tuple[Path, Keyring, str | None]:
+    """The directory, the trusted keys and (when it is the config's ledger) the expected origin."""
+    if ledger_path is not None and keyring_path is not None:
+        return ledger_path, Keyring.load(keyring_path), None
+    config = load_config(config_path)
+    origin = None if ledger_path else config.ledger.origin
+    return ledger_path or ledger_dir(config.ledger), Keyring.load(keyring_path or config.keys.keyring), origin
+
+
+def _run_verify(root: Path, keyring: Keyring, origin: str | None) -> Report:
+    total = sealed_event_count(root)
+    progress = Progress(TextColumn("verifying"), BarColumn(), MofNCompleteColumn(), TextColumn("events"),
+                        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
+                        disable=total < PROGRESS_MIN_EVENTS or not sys.stderr.isatty())
+    with progress:
+        task = progress.add_task("verify", total=total)
+
+        def on_problem(problem: LedgerProblem) -> None:
+            click.echo(problem.line)
+
+        return verify_ledger(root, keyring, origin, on_problem=on_problem,
+                             on_events=lambda n: progress.advance(task, n))
+
+
+@click.command("verify")
+@click.option("--ledger", "ledger_path", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Ledger directory (default: the config's [ledger] dir).")
+@click.option("--keyring", "keyring_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Trusted keys (default: the config's [keys] keyring).")
+@config_option
+def verify(ledger_path: Path | None, keyring_path: Path | None, config_path: str | None) -> None:
+    """Check a ledger offline: segment hashes, seal signatures and chain, checkpoints, consistency
+    proofs, Merkle roots, every event's signature and session chain, missing or extra files.
+
+    One line per problem, then a summary; exit status 1 if anything is wrong.
+    """
+    root, keyring, origin = _verify_target(ledger_path, keyring_path, config_path)
+    if not root.is_dir():
+        raise VerifyError(f"{root}: no such ledger directory")
+    report = _run_verify(root, keyring, origin)
+    click.echo(report.summary())
+    if not report.ok:
+        sys.exit(1)
+
+
+commands: list[click.Command] = [ledger, verify]

@@ -359,3 +359,36 @@ class CompactTree:
             data[offset : offset + HASH_SIZE] for offset in range(cls._SIZE_BYTES, expected, HASH_SIZE)
         ]
         return tree
+
+
+def extension_proof(old: CompactTree, appended: Sequence[bytes]) -> list[bytes]:
+    """Return PROOF(m, D[m+k]) from the old tree's compact range and the k leaf hashes appended to it.
+
+    The ledger keeps only a CompactTree, not every leaf hash, yet must store a
+    consistency proof with each seal. That suffices: every node of the proof
+    lies wholly left of m, where it is one of the old tree's perfect-subtree
+    roots (the left siblings on the path to leaf m-1), or wholly right of m,
+    where it is a hash over appended leaves only.
+    """
+    _check_hashes(appended, "leaf hash")
+    m, n = old.size, old.size + len(appended)
+    if m == 0 or m == n:
+        return []
+    known: dict[tuple[int, int], bytes] = {}
+    start = 0
+    for node, bit in zip(old._nodes, (b for b in reversed(range(m.bit_length())) if m >> b & 1)):
+        known[(start, start + (1 << bit))] = node
+        start += 1 << bit
+
+    def mth(lo: int, hi: int) -> bytes:
+        return _mth(appended[lo - m : hi - m]) if lo >= m else known[(lo, hi)]
+
+    def subproof(size: int, lo: int, hi: int, complete: bool) -> list[bytes]:
+        if size == hi - lo:
+            return [] if complete else [mth(lo, hi)]
+        k = _split(hi - lo)
+        if size <= k:
+            return subproof(size, lo, lo + k, complete) + [mth(lo + k, hi)]
+        return subproof(size - k, lo + k, hi, False) + [mth(lo, lo + k)]
+
+    return subproof(m, 0, n, True)

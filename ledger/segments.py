@@ -1,0 +1,187 @@
+"""Parquet segments: the ledger's rows, one per accepted event. THE contract of the query layer.
+
+`SCHEMA` is the one definition of a segment's columns; `ledger/README.md`
+documents each. A row carries the event's exact signed bytes (`event`) and its
+salt, which is all an auditor needs to recompute its Merkle leaf; every other
+column is a decoded convenience for analysts and can be re-derived from `event`.
+
+Rows are sorted by (session_id, seq), so one session is contiguous and small
+row groups let DuckDB skip row groups by session_id statistics; `leaf_index`
+gives the order of the leaves in the partition's Merkle tree (arrival order).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ingest.events import SignedEvent
+from ledger.durable import write_atomic
+
+ROW_GROUP_ROWS = 16_384
+COMPRESSION = "zstd"
+SORT_KEYS = [("session_id", "ascending"), ("seq", "ascending")]
+
+MESSAGE = pa.struct([
+    ("type", pa.string()),
+    ("statement", pa.string()),
+    ("parameters", pa.list_(pa.string())),
+    ("command_tag", pa.string()),
+    ("rows", pa.int64()),
+    ("error_code", pa.string()),
+    ("error_message", pa.string()),
+])
+
+HASH = pa.binary(32)
+
+SCHEMA = pa.schema([
+    ("leaf_index", pa.int64()),
+    ("partition", pa.int32()),
+    ("kafka_offset", pa.int64()),
+    ("event_id", pa.string()),
+    ("session_id", pa.string()),
+    ("seq", pa.int64()),
+    ("ts", pa.timestamp("us", tz="UTC")),
+    ("kind", pa.string()),
+    ("producer", pa.string()),
+    ("key_id", pa.string()),
+    ("prev_hash", HASH),
+    ("event_hash", HASH),
+    # Identity of the session, carried from its SessionStart onto every row.
+    ("subject", pa.string()),
+    ("email", pa.string()),
+    ("groups", pa.list_(pa.string())),
+    ("issuer", pa.string()),
+    ("source_address", pa.string()),
+    ("target", pa.string()),
+    ("protocol", pa.string()),
+    ("client_application", pa.string()),
+    # Frames
+    ("direction", pa.string()),
+    ("messages", pa.list_(MESSAGE)),
+    ("statement", pa.string()),
+    ("command_tag", pa.string()),
+    ("rows", pa.int64()),
+    ("error_code", pa.string()),
+    ("error_message", pa.string()),
+    # PolicyDecision
+    ("policy_rule", pa.string()),
+    ("policy_action", pa.string()),
+    ("policy_reason", pa.string()),
+    ("approver_subject", pa.string()),
+    # SessionEnd
+    ("end_reason", pa.string()),
+    # Evidence
+    ("salt", HASH),
+    ("event", pa.binary()),
+])
+
+IDENTITY_COLUMNS = ("subject", "email", "groups", "issuer", "source_address", "target", "protocol",
+                    "client_application")
+Identity = tuple
+"""Values of IDENTITY_COLUMNS for one session, in that order."""
+
+NO_IDENTITY: Identity = (None,) * len(IDENTITY_COLUMNS)
+
+_BODY_COLUMNS = ("direction", "messages", "statement", "command_tag", "rows", "error_code", "error_message",
+                 "policy_rule", "policy_action", "policy_reason", "approver_subject", "end_reason")
+_NO_BODY = (None,) * len(_BODY_COLUMNS)
+
+
+def session_identity(body: dict[str, Any]) -> Identity:
+    """The identity columns of a session, from its SessionStart body."""
+    who = body.get("identity") or {}
+    return (who.get("subject"), who.get("email"), who.get("groups"), who.get("issuer"), body["source_address"],
+            body["target"], body["protocol"], body.get("client_application"))
+
+
+def _first(messages: list[dict[str, Any]], key: str) -> Any:
+    return next((m[key] for m in messages if m.get(key) is not None), None)
+
+
+def _frames_columns(body: dict[str, Any]) -> tuple:
+    messages = body["messages"]
+    counted = [m["rows"] for m in messages if m.get("rows") is not None]
+    return (body["direction"], messages, _first(messages, "statement"), _first(messages, "command_tag"),
+            sum(counted) if counted else None, _first(messages, "error_code"), _first(messages, "error_message"),
+            None, None, None, None, None)
+
+
+def _body_columns(kind: str, body: dict[str, Any]) -> tuple:
+    """Values of _BODY_COLUMNS: the decoded body fields analysts filter on."""
+    if kind == "frames":
+        return _frames_columns(body)
+    if kind == "policy_decision":
+        approver = body.get("approver") or {}
+        return (None, None, body.get("statement"), None, None, None, None,
+                body["rule"], body["action"], body.get("reason"), approver.get("subject"), None)
+    if kind == "protocol_error":
+        return (None, None, None, None, None, body["code"], body["message"], None, None, None, None, None)
+    if kind == "session_end":
+        return _NO_BODY[:-1] + (body["reason"],)
+    return _NO_BODY
+
+
+class SegmentBuilder:
+    """Collects one segment's rows column by column, so a segment is one `pa.table` call, not N row objects."""
+
+    def __init__(self, partition: int):
+        self.partition = partition
+        self._columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self._append = [self._columns[name].append for name in SCHEMA.names]
+        self.nbytes = 0
+
+    def __len__(self) -> int:
+        return len(self._columns["leaf_index"])
+
+    def add(self, leaf_index: int, offset: int, event: SignedEvent, event_hash: bytes, salt: bytes,
+            identity: Identity) -> None:
+        e = event.envelope
+        kind = e["kind"]
+        row = (leaf_index, self.partition, offset, e["event_id"], e["session_id"], e["seq"], e["ts"], kind,
+               e["producer"], e["key_id"], e["prev_hash"], event_hash, *identity, *_body_columns(kind, e["body"]),
+               salt, event.value)
+        for append, value in zip(self._append, row):
+            append(value)
+        self.nbytes += len(event.value) + 200  # the decoded columns cost about as much again as small events
+
+    def table(self) -> pa.Table:
+        """The rows as a table in the contract's order: by session, then seq."""
+        arrays = [pa.array(self._columns[f.name], type=f.type) for f in SCHEMA]
+        return pa.Table.from_arrays(arrays, schema=SCHEMA).sort_by(SORT_KEYS)
+
+
+@dataclass(frozen=True)
+class SegmentFile:
+    sha256: bytes
+    size: int
+
+
+def encode_segment(table: pa.Table) -> pa.Buffer:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=COMPRESSION, row_group_size=ROW_GROUP_ROWS, write_statistics=True)
+    return sink.getvalue()
+
+
+def write_segment(table: pa.Table, path: Path) -> SegmentFile:
+    """Write the segment durably and atomically; its SHA-256 is taken over the very bytes written."""
+    data = encode_segment(table)
+    write_atomic(path, data)
+    return SegmentFile(hashlib.sha256(data).digest(), data.size)
+
+
+def read_segment(path: Path) -> pa.Table:
+    return pq.read_table(path, schema=SCHEMA)
+
+
+def file_sha256(path: Path) -> bytes:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.digest()

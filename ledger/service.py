@@ -1,0 +1,251 @@
+"""The ledger worker: consume `custody.events`, verify, append leaves, write segments, seal.
+
+One seal chain per Kafka partition, so the ledger scales out as a consumer
+group: a worker owns the partitions the group assigns it. On assignment it
+resumes from the partition's last durable seal (not from the committed
+offset: the seal is the truth) and seeks there; on revocation it drops what
+it had not sealed, which the next owner re-reads. Per seal, in this order:
+quarantine copies acknowledged → segment durable → state snapshot durable →
+seal durable (the commit point) → seal published to `custody.seals` →
+offset committed (a courtesy for lag monitoring). A crash anywhere re-reads
+from the last seal: nothing lost, nothing twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from custody.config import Config, KafkaSettings, LedgerSettings
+from custody.errors import CustodyError
+from ingest import kafka
+from ingest.consumer import Quarantine, Quarantined, Record, verify_record
+from ingest.events import micros_to_datetime, now_micros
+from ingest.keys import Keyring, KeyLookupError, PrivateKey, load_key_file
+from ingest.verify import EventVerifier
+from ledger.durable import write_atomic
+from ledger.merkle import SALT_SIZE, event_leaf, extension_proof, leaf_hash
+from ledger.seals import Seal, seal_record, seal_relpath, segment_relpath, sign_seal
+from ledger.segments import NO_IDENTITY, SegmentBuilder, session_identity, write_segment
+from ledger.state import PartitionLock, PartitionState, prune_snapshots, recover, write_snapshot
+
+log = logging.getLogger(__name__)
+
+GROUP_ID = "custody-ledger"
+MAX_POLL_RECORDS = 4096
+
+
+class LedgerConfigError(CustodyError):
+    pass
+
+
+class PartitionWriter:
+    """One partition's open segment: verifies each record, builds rows and leaves, and seals them."""
+
+    def __init__(self, ledger_dir: Path, settings: LedgerSettings, topic: str, state: PartitionState,
+                 keyring: Keyring, key: PrivateKey):
+        self.dir, self.settings, self.topic, self.state, self.key = ledger_dir, settings, topic, state, key
+        self.verifier = EventVerifier(keyring, state.chains)
+        self.last_sealed_at = time.monotonic()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.builder = SegmentBuilder(self.state.partition)
+        self.leaves: list[bytes] = []
+        self.first_offset = self.state.next_offset
+        self.quarantined = 0
+        self.opened_at: float | None = None
+        self.time_range: tuple[int, int] | None = None
+
+    def add(self, record: Record, salt: bytes) -> Quarantined | None:
+        """Verify and take one record; a rejected one is returned for quarantine and never becomes a leaf."""
+        if self.opened_at is None:
+            self.opened_at = time.monotonic()
+        self.state.next_offset = record.offset + 1
+        outcome = verify_record(self.verifier, record)
+        if isinstance(outcome, Quarantined):
+            self.quarantined += 1
+            return outcome
+        event = outcome.event
+        e = event.envelope
+        session_id, ts = e["session_id"], e["ts"]
+        if e["kind"] == "session_start":
+            identity = self.state.identities[session_id] = session_identity(e["body"])
+        elif e["kind"] == "session_end":
+            identity = self.state.identities.pop(session_id, NO_IDENTITY)
+        else:
+            identity = self.state.identities.get(session_id, NO_IDENTITY)
+        event_hash = self.state.chains.sessions[session_id].last_hash  # hashed once, by the verifier's accept
+        self.builder.add(self.state.tree.size + len(self.leaves), record.offset, event, event_hash, salt, identity)
+        self.leaves.append(leaf_hash(event_leaf(salt, event.value)))
+        first, last = self.time_range or (ts, ts)
+        self.time_range = (min(first, ts), max(last, ts))
+        return None
+
+    def due(self, now: float) -> bool:
+        """Roll over by events, bytes or age; with nothing new for the idle interval, seal anyway."""
+        if self.opened_at is None:
+            return now - self.last_sealed_at >= self.settings.idle_seal_seconds
+        return (len(self.builder) >= self.settings.segment_max_events
+                or self.builder.nbytes >= self.settings.segment_max_bytes
+                or now - self.opened_at >= self.settings.segment_max_seconds)
+
+    def seal(self) -> Seal:
+        """Write the segment (if any rows), the state and the seal, durably and in that order."""
+        state, number = self.state, self.state.next_seal_number
+        segment = None
+        if self.leaves:
+            path = segment_relpath(state.partition, number)
+            written = write_segment(self.builder.table(), self.dir / path)
+            segment = {"path": path, "sha256": written.sha256.hex(), "bytes": written.size}
+        proof = extension_proof(state.tree, self.leaves)
+        first_leaf = state.tree.size
+        for leaf in self.leaves:
+            state.tree.append(leaf)
+        record = seal_record(
+            origin=self.settings.origin, partition=state.partition, number=number, key_id=self.key.key_id,
+            sealed_at_us=now_micros(), previous=state.last_seal, segment=segment, first_leaf=first_leaf,
+            leaf_count=len(self.leaves), time_range=self.time_range, topic=self.topic,
+            first_offset=self.first_offset, next_offset=state.next_offset, quarantined=self.quarantined,
+            tree_size=state.tree.size, root=state.tree.root())
+        seal = sign_seal(record, self.key, proof)
+        write_snapshot(self.dir, state, number)
+        write_atomic(self.dir / seal_relpath(state.partition, number), seal.to_bytes())
+        state.last_seal = seal
+        prune_snapshots(self.dir, state.partition, keep=number)
+        self.last_sealed_at = time.monotonic()
+        self._reset()
+        return seal
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, service: "LedgerService"):
+        self.service = service
+
+    def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
+        for tp in revoked:
+            self.service.release(tp.partition)
+
+    def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
+        for tp in assigned:
+            self.service.resume(tp)
+
+
+def ledger_dir(settings: LedgerSettings) -> Path:
+    if isinstance(settings.dir, str):
+        raise LedgerConfigError(f"[ledger] dir {settings.dir!r}: only a local directory is supported so far")
+    return Path(settings.dir)
+
+
+class LedgerService:
+    """A consumer-group member that seals the partitions it is assigned."""
+
+    def __init__(self, kafka_settings: KafkaSettings, settings: LedgerSettings, key: PrivateKey, keyring: Keyring,
+                 group_id: str = GROUP_ID):
+        self.kafka_settings, self.settings, self.key, self.keyring = kafka_settings, settings, key, keyring
+        self.dir = ledger_dir(settings)
+        self.topic = kafka_settings.topic("events")
+        self.seals_topic = kafka_settings.topic("seals")
+        self.writers: dict[int, PartitionWriter] = {}
+        self.locks: dict[int, PartitionLock] = {}
+        kafka.ensure_topics(kafka_settings, ("events", "quarantine", "seals"))
+        self.quarantine = Quarantine(kafka_settings)
+        self.publisher = kafka.producer(kafka_settings)
+        self.consumer: KafkaConsumer = kafka.consumer(kafka_settings, group_id=group_id,
+                                                      max_poll_records=MAX_POLL_RECORDS,
+                                                      fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+
+    @classmethod
+    def from_config(cls, config: Config, group_id: str = GROUP_ID) -> "LedgerService":
+        key = load_key_file(config.keys.ledger_key)
+        keyring = Keyring.load(config.keys.keyring)
+        try:
+            keyring.key_for(key.key_id, micros_to_datetime(now_micros()), role="ledger")
+        except KeyLookupError as exc:
+            raise LedgerConfigError(f"{config.keys.ledger_key}: {exc}; the ledger's seals would not verify") from None
+        return cls(config.kafka, config.ledger, key, keyring, group_id)
+
+    @property
+    def sealed_leaves(self) -> int:
+        return sum(w.state.tree.size for w in self.writers.values())
+
+    # --- partition ownership ----------------------------------------------------------------
+
+    def resume(self, tp: TopicPartition) -> None:
+        """Take over a partition from its last durable seal."""
+        lock = PartitionLock(self.dir, tp.partition)
+        lock.acquire()
+        self.locks[tp.partition] = lock
+        state = recover(self.dir, tp.partition)
+        self.writers[tp.partition] = PartitionWriter(self.dir, self.settings, self.topic, state, self.keyring, self.key)
+        self.consumer.seek(tp, state.next_offset)
+        if state.last_seal:  # it may have been made durable just before a crash, and never published
+            self._publish(state.last_seal)
+        log.info("partition %d: resuming after seal %s at offset %d", tp.partition,
+                 state.last_seal.number if state.last_seal else "(none)", state.next_offset)
+
+    def release(self, partition: int) -> None:
+        """Give a partition up, dropping what was not sealed: its next owner re-reads it from the last seal."""
+        self.writers.pop(partition, None)
+        lock = self.locks.pop(partition, None)
+        if lock:
+            lock.release()
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def step(self, timeout: float = 0.2) -> None:
+        """One poll, then every seal that is due."""
+        batches = self.consumer.poll(timeout_ms=int(timeout * 1000))
+        for tp, messages in batches.items():
+            writer = self.writers[tp.partition]
+            salts = os.urandom(SALT_SIZE * len(messages))
+            for i, m in enumerate(messages):
+                record = Record(tp.topic, tp.partition, m.offset, m.key, m.value)
+                rejected = writer.add(record, salts[i * SALT_SIZE:(i + 1) * SALT_SIZE])
+                if rejected:
+                    self.quarantine.send(rejected.record, rejected.rejection)
+        now = time.monotonic()
+        for writer in list(self.writers.values()):
+            if writer.due(now):
+                self._seal(writer)
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                self.step()
+            for writer in list(self.writers.values()):
+                if writer.opened_at is not None:
+                    self._seal(writer)
+        finally:
+            self.close()
+
+    def _seal(self, writer: PartitionWriter) -> None:
+        self.quarantine.flush()  # a sealed offset range covers its rejects too: they must be safe first
+        seal = writer.seal()
+        self._publish(seal)
+        tp = TopicPartition(self.topic, writer.state.partition)
+        try:
+            self.consumer.commit({tp: OffsetAndMetadata(seal.next_offset, "", -1)})
+        except KafkaError as exc:  # the seal, not the committed offset, is where a restart resumes
+            log.warning("partition %d: offset commit failed (%s); the seal stands", tp.partition, exc)
+        log.info("partition %d: seal %d, %d leaves, offset %d", tp.partition, seal.number, seal.tree_size,
+                 seal.next_offset)
+
+    def _publish(self, seal: Seal) -> None:
+        self.publisher.send(self.seals_topic, key=f"p{seal.partition}".encode(), value=seal.to_bytes())
+
+    def close(self) -> None:
+        for partition in list(self.writers):
+            self.release(partition)
+        self.publisher.flush(timeout=10)
+        self.publisher.close(timeout=5)
+        self.quarantine.close()
+        self.consumer.close(autocommit=False)
