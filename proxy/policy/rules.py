@@ -1,0 +1,399 @@
+"""The policy file: rules that allow, block or hold statements, masks that hide values.
+
+Evaluation order, which a policy author must know:
+
+* Every statement is decided on its own: each top-level statement of the
+  message and every statement nested in it (a DELETE in a CTE, the body of a
+  DO block, a PREPAREd query…; see `proxy.policy.sql`). For each, the rules
+  are tried top to bottom and the **first rule whose matchers all match
+  decides** it; no match means `allow` (the statement is still recorded —
+  who may connect at all is the proxy's identity check, not the policy's).
+  So put narrow exceptions (`dba` may TRUNCATE) above broad rules.
+* The message gets the **strictest** of its statements' decisions
+  (block > hold > allow): one blocked statement blocks the whole message,
+  and an `allow` rule for the SELECT around a CTE cannot wave its DELETE
+  through.
+* Text that does not parse gets `on_parse_error` (default `block`).
+* Masks are not first-match: every `[[mask]]` that applies to the identity
+  adds its detectors and columns.
+
+Within a rule, all matchers given must match; a list matches if any entry
+does. `subjects`, `targets`, `tables`, `functions` and `columns` take
+shell-style patterns (`*`, `?`, `[…]`); names compare case-insensitively.
+A table pattern without a schema matches that table in any schema, and a
+table the SQL names without a schema matches a pattern for any schema
+(search_path decides at run time, so the policy assumes the worst).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+import time
+import tomllib
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+from typing import Any
+
+from custody.errors import CustodyError
+
+from .detectors import DETECTORS
+from .masking import MaskPlan
+from .sql import KINDS, SqlParseError, StatementInfo, analyze
+
+__all__ = ["ACTIONS", "Decision", "IdentityMatch", "MaskRule", "Policy", "PolicyError", "PolicyHolder", "Rule"]
+
+log = logging.getLogger(__name__)
+
+ACTIONS = ("allow", "hold", "block")
+_SEVERITY = {action: rank for rank, action in enumerate(ACTIONS)}
+
+
+class PolicyError(CustodyError):
+    """A policy file that cannot be used; the message names the file, the rule and the key."""
+
+
+# --- matching ---------------------------------------------------------------------
+
+def _any_pattern(value: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(value, pattern) for pattern in patterns)
+
+
+def _name_matches(name: str, pattern: str) -> bool:
+    """Table/function name against a pattern, both lowercased; see the module docstring for schemas."""
+    if fnmatchcase(name, pattern):
+        return True
+    if "." not in pattern:
+        return fnmatchcase(name.rpartition(".")[2], pattern)
+    return "." not in name and fnmatchcase(name, pattern.rpartition(".")[2])
+
+
+def _any_name(names: Iterable[str], patterns: tuple[str, ...]) -> bool:
+    return any(_name_matches(name.lower(), pattern) for name in names for pattern in patterns)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityMatch:
+    """Who and where a rule or mask applies to; an empty matcher matches everyone / everywhere."""
+
+    subjects: tuple[str, ...] = ()
+    groups: frozenset[str] = frozenset()
+    excluded_groups: frozenset[str] = frozenset()
+    targets: tuple[str, ...] = ()
+
+    def matches(self, subject: str, groups: frozenset[str], target: str) -> bool:
+        return (
+            (not self.subjects or _any_pattern(subject, self.subjects))
+            and (not self.groups or not self.groups.isdisjoint(groups))
+            and self.excluded_groups.isdisjoint(groups)
+            and (not self.targets or _any_pattern(target, self.targets))
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """One `[[rule]]`: identity and statement matchers, and what to do with a statement they match."""
+
+    name: str
+    action: str
+    message: str
+    approvers: tuple[str, ...]
+    identity: IdentityMatch
+    statements: frozenset[str] = frozenset()
+    tables: tuple[str, ...] = ()
+    functions: tuple[str, ...] = ()
+    without_where: bool = False
+
+    def matches_statement(self, statement: StatementInfo) -> bool:
+        return (
+            (not self.statements or statement.kind in self.statements)
+            and (not self.tables or _any_name(statement.tables, self.tables))
+            and (not self.functions or _any_name(statement.functions, self.functions))
+            and (not self.without_where or statement.has_where is False)
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MaskRule:
+    """One `[[mask]]`: for whom, which detectors run on values, which column names hide whole values."""
+
+    name: str
+    identity: IdentityMatch
+    detectors: frozenset[str]
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The verdict on one message: the action, the rule that made it (None: no rule matched), and why.
+
+    `statements` is the whole analysis (empty after a parse error); `matched`
+    is the statement, possibly a nested one, that the deciding rule matched.
+    """
+
+    action: str
+    rule: str | None
+    message: str
+    approvers: tuple[str, ...]
+    statements: tuple[StatementInfo, ...]
+    matched: StatementInfo | None = None
+
+
+# --- the policy ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Policy:
+    """A loaded, checked policy file; immutable, so a reload swaps it whole."""
+
+    source: str
+    on_parse_error: str
+    parse_error_approvers: tuple[str, ...]
+    hold_timeout_seconds: float
+    rules: tuple[Rule, ...]
+    masks: tuple[MaskRule, ...]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Policy:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise PolicyError(f"{path}: cannot read policy file: {exc.strerror}") from None
+        return cls.from_toml(text, str(path))
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "<policy>") -> Policy:
+        try:
+            raw = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise PolicyError(f"{source}: not valid TOML: {exc}") from None
+        return _parse_policy(source, raw)
+
+    def decide(self, subject: str, groups: Collection[str], target: str, sql: str) -> Decision:
+        """The strictest decision over every statement of `sql`; see the module docstring for the order."""
+        try:
+            statements = analyze(sql)
+        except SqlParseError as exc:
+            return Decision(self.on_parse_error, "on_parse_error", f"SQL not understood: {exc}",
+                            self.parse_error_approvers if self.on_parse_error == "hold" else (), ())
+        group_set = frozenset(groups)
+        rules = [rule for rule in self.rules if rule.identity.matches(subject, group_set, target)]
+        best, best_rank = Decision("allow", None, "", (), statements), (0, False)
+        for statement in (inner for top in statements for inner in top.walk()):
+            rule = next((r for r in rules if r.matches_statement(statement)), None)
+            if rule is None:
+                continue
+            rank = (_SEVERITY[rule.action], True)
+            if rank > best_rank:
+                best, best_rank = Decision(rule.action, rule.name, rule.message, rule.approvers, statements, statement), rank
+        return best
+
+    def masking_for(self, subject: str, groups: Collection[str], target: str) -> MaskPlan | None:
+        """What to hide from this identity on this target: the union of every applicable `[[mask]]`."""
+        group_set = frozenset(groups)
+        applicable = [m for m in self.masks if m.identity.matches(subject, group_set, target)]
+        if not applicable:
+            return None
+        return MaskPlan(
+            detectors=frozenset().union(*(m.detectors for m in applicable)),
+            columns=tuple(dict.fromkeys(c for m in applicable for c in m.columns)),
+            rules=tuple(m.name for m in applicable),
+        )
+
+
+# --- parsing and checking the file ------------------------------------------------------
+
+_TOP_KEYS = {"on_parse_error", "parse_error_approvers", "hold_timeout_seconds", "rule", "mask"}
+_IDENTITY_KEYS = {"subjects", "groups", "targets"}
+_RULE_KEYS = {"name", "action", "message", "approvers", "statements", "tables", "functions", "without_where",
+              "not_groups", *_IDENTITY_KEYS}
+_MASK_KEYS = {"name", "detectors", "columns", "except_groups", *_IDENTITY_KEYS}
+
+
+class _Entry:
+    """One table of the policy file with typed accessors whose errors name the file, the entry and the key."""
+
+    def __init__(self, source: str, where: str, raw: Any, allowed: set[str]):
+        self.source, self.where = source, where
+        if not isinstance(raw, dict):
+            raise PolicyError(f"{source}: {where}: expected a table, got {raw!r}")
+        self.raw = raw
+        for key in raw:
+            if key not in allowed:
+                raise self.error(key, f"unknown key (expected one of {', '.join(sorted(allowed))})")
+
+    def error(self, key: str, problem: str) -> PolicyError:
+        return PolicyError(f"{self.source}: {self.where}: {key}: {problem}")
+
+    def string(self, key: str, default: str | None = None) -> str:
+        value = self.raw.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise self.error(key, "missing (required)" if value is None else f"expected a non-empty string, got {value!r}")
+        return value
+
+    def names(self, key: str, known: Collection[str] | None = None) -> tuple[str, ...]:
+        value = self.raw.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise self.error(key, f"expected a list of non-empty strings, got {value!r}")
+        for name in value:
+            if known is not None and name not in known:
+                close = difflib.get_close_matches(name, known, n=1)
+                raise self.error(key, f"unknown name {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return tuple(value)
+
+    def boolean(self, key: str) -> bool:
+        value = self.raw.get(key, False)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float) -> float:
+        value = self.raw.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise self.error(key, f"expected a number > 0, got {value!r}")
+        return float(value)
+
+    def choice(self, key: str, choices: tuple[str, ...], default: str | None = None) -> str:
+        value = self.string(key, default)
+        if value not in choices:
+            raise self.error(key, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value
+
+    def identity(self, excluded_key: str) -> IdentityMatch:
+        return IdentityMatch(
+            subjects=self.names("subjects"),
+            groups=frozenset(self.names("groups")),
+            excluded_groups=frozenset(self.names(excluded_key)),
+            targets=self.names("targets"),
+        )
+
+
+def _entries(source: str, raw: dict[str, Any], key: str, allowed: set[str]) -> list[_Entry]:
+    """The `[[key]]` tables, each named by its `name` (or its position while the name is missing)."""
+    tables = raw.get(key, [])
+    if not isinstance(tables, list):
+        raise PolicyError(f"{source}: [[{key}]] must be an array of tables")
+    entries, seen = [], set()
+    for index, table in enumerate(tables, start=1):
+        name = table.get("name") if isinstance(table, dict) else None
+        entry = _Entry(source, f"{key} {name!r}" if isinstance(name, str) and name else f"{key} #{index}", table, allowed)
+        entry.string("name")
+        if name in seen:
+            raise entry.error("name", "used by an earlier entry; names must be unique")
+        seen.add(name)
+        entries.append(entry)
+    return entries
+
+
+def _rule(entry: _Entry) -> Rule:
+    action = entry.choice("action", ACTIONS)
+    name = entry.string("name")
+    approvers = entry.names("approvers")
+    if action == "hold" and not approvers:
+        raise entry.error("approvers", "a hold rule needs the groups that may approve it")
+    if action != "hold" and approvers:
+        raise entry.error("approvers", f"only hold rules have approvers, this one is {action}")
+    default_message = {
+        "allow": f"allowed by policy rule {name}",
+        "hold": f"held for approval by {', '.join(approvers)} (policy rule {name})",
+        "block": f"blocked by policy rule {name}",
+    }[action]
+    return Rule(
+        name=name,
+        action=action,
+        message=entry.string("message", default_message),
+        approvers=approvers,
+        identity=entry.identity("not_groups"),
+        statements=frozenset(entry.names("statements", KINDS)),
+        tables=tuple(p.lower() for p in entry.names("tables")),
+        functions=tuple(p.lower() for p in entry.names("functions")),
+        without_where=entry.boolean("without_where"),
+    )
+
+
+def _mask(entry: _Entry) -> MaskRule:
+    mask = MaskRule(
+        name=entry.string("name"),
+        identity=entry.identity("except_groups"),
+        detectors=frozenset(entry.names("detectors", DETECTORS)),
+        columns=tuple(p.lower() for p in entry.names("columns")),
+    )
+    if not mask.detectors and not mask.columns:
+        raise entry.error("detectors", "a mask needs detectors or columns")
+    return mask
+
+
+def _parse_policy(source: str, raw: dict[str, Any]) -> Policy:
+    top = _Entry(source, "top level", raw, _TOP_KEYS)
+    on_parse_error = top.choice("on_parse_error", ACTIONS, "block")
+    approvers = top.names("parse_error_approvers")
+    if on_parse_error == "hold" and not approvers:
+        raise top.error("parse_error_approvers", "on_parse_error = \"hold\" needs the groups that may approve")
+    return Policy(
+        source=source,
+        on_parse_error=on_parse_error,
+        parse_error_approvers=approvers,
+        hold_timeout_seconds=top.number("hold_timeout_seconds", 300),
+        rules=tuple(_rule(e) for e in _entries(source, raw, "rule", _RULE_KEYS)),
+        masks=tuple(_mask(e) for e in _entries(source, raw, "mask", _MASK_KEYS)),
+    )
+
+
+# --- reloading -----------------------------------------------------------------------------
+
+def _stamp(path: Path) -> tuple[int, int, int]:
+    """What changes when the file is edited in place or replaced by rename."""
+    stat = path.stat()
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
+
+
+class PolicyHolder:
+    """The current policy of one proxy, reloaded when its file changes, without dropping sessions.
+
+    Sessions ask `holder.policy` per message; at most every `check_interval`
+    seconds that costs a stat(). A changed file that fails to load leaves the
+    previous policy in force, logs one line, and is reported by `last_error`
+    until a later version loads. The first load has no previous policy to
+    fall back on, so it raises PolicyError.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], check_interval: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.path = Path(path)
+        self.check_interval, self._clock = check_interval, clock
+        self._stamp = _stamp(self.path) if self.path.exists() else None
+        self._policy = Policy.load(self.path)
+        self._next_check = clock() + check_interval
+        self.last_error: str | None = None
+
+    @property
+    def policy(self) -> Policy:
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self.check_interval
+            self._reload_if_changed()
+        return self._policy
+
+    def _reload_if_changed(self) -> None:
+        try:
+            stamp = _stamp(self.path)
+        except OSError as exc:
+            self._keep_old(f"{self.path}: cannot read policy file: {exc.strerror}")
+            return
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp  # a broken version is reported once, not re-read on every check
+        try:
+            self._policy = Policy.load(self.path)
+        except PolicyError as exc:
+            self._keep_old(str(exc))
+            return
+        self.last_error = None
+        log.info("policy %s reloaded: %d rules, %d masks", self.path, len(self._policy.rules), len(self._policy.masks))
+
+    def _keep_old(self, reason: str) -> None:
+        if reason != self.last_error:
+            log.warning("policy not reloaded, previous policy stays in force: %s", reason)
+        self.last_error = reason
