@@ -1,0 +1,5 @@
+"""DuckDB over the sealed segments: views, SQL, session replay."""
+
+from query.views import open_ledger
+
+__all__ = ["open_ledger"]
