@@ -33,9 +33,10 @@ def _assemble() -> None:
     from ingest.cli import commands as ingest_commands
     from ledger.cli import commands as ledger_commands
     from proxy.cli import commands as proxy_commands
+    from query.bundle_cli import bundle
     from query.cli import commands as query_commands
 
-    for command in [init, demo, *ingest_commands, *proxy_commands, *ledger_commands, *query_commands]:
+    for command in [init, demo, *ingest_commands, *proxy_commands, *ledger_commands, *query_commands, bundle]:
         cli.add_command(command)
 
 

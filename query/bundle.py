@@ -1,0 +1,280 @@
+"""Sealed bundles: one file an auditor verifies offline.
+
+A bundle is a zip archive:
+
+    manifest.dsse.json        DSSE envelope (exporter's Ed25519 key) of an in-toto Statement v1:
+                              subject = every other file with its SHA-256,
+                              predicate = the chain-of-custody record (PREDICATE_TYPE)
+    events.parquet            the selected events: segment columns, exact signed bytes, salts,
+                              plus per event its inclusion proof and the tree size it proves against
+    seals/p<P>/<N>.json       the ledger seals that cover the events, and each partition's newest
+                              seal, whose checkpoint every inclusion proof is checked against
+    consistency.json          RFC 9162 consistency proofs from each covering seal's tree to the newest
+    keys/keyring.toml         the public keys involved (information only: the auditor verifies
+                              against keys they trust, `--trust`)
+    custody/transfer-NNNN.dsse.json   chain-of-custody transfers, appended later, each signed
+
+A bundle holds whole sessions: whatever the scope matched, every event of a
+matched session is included, so completeness can be proven (seq 0..n, an
+unbroken prev_hash chain, SessionStart through SessionEnd).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import zipfile
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from custody.errors import CustodyError
+from ingest.keys import Keyring, PrivateKey
+from ledger import merkle
+from ledger.seals import Seal
+from ledger.segments import SCHEMA as SEGMENT_SCHEMA
+from query import dsse
+from query.proofs import MerkleLevels
+
+PREDICATE_TYPE = "https://custody.dev/chain-of-custody/v1"
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+TRANSFER_TYPE = "application/vnd.custody.transfer+json"
+MANIFEST = "manifest.dsse.json"
+EVENTS = "events.parquet"
+CONSISTENCY = "consistency.json"
+KEYRING = "keys/keyring.toml"
+TRANSFER_PREFIX = "custody/transfer-"
+
+BUNDLE_SCHEMA = SEGMENT_SCHEMA.append(pa.field("tree_size", pa.int64())).append(
+    pa.field("inclusion_proof", pa.list_(pa.binary(32))))
+
+
+class BundleError(CustodyError):
+    pass
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What the exporter asked for; recorded verbatim in the manifest."""
+
+    sessions: tuple[str, ...] = ()
+    identity: str | None = None
+    target: str | None = None
+    since: str | None = None
+    until: str | None = None
+    where: str | None = None
+
+    def predicate(self) -> tuple[str, list[Any]]:
+        """A SQL predicate over segment rows and its parameters."""
+        clauses, params = [], []
+        if self.sessions:
+            clauses.append(f"session_id IN ({', '.join('?' for _ in self.sessions)})")
+            params.extend(self.sessions)
+        for column, value in (("subject", self.identity), ("target", self.target)):
+            if value:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        if self.since:
+            clauses.append("ts >= CAST(? AS TIMESTAMPTZ)")
+            params.append(self.since)
+        if self.until:
+            clauses.append("ts < CAST(? AS TIMESTAMPTZ)")
+            params.append(self.until)
+        if self.where:
+            clauses.append(f"({self.where})")
+        if not clauses:
+            raise BundleError("a bundle needs a scope: --session, --identity, --target, --since/--until or --where")
+        return " AND ".join(clauses), params
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: v for k, v in {"sessions": list(self.sessions), "identity": self.identity, "target": self.target,
+                                  "since": self.since, "until": self.until, "where": self.where}.items() if v}
+
+
+# --- reading a ledger ------------------------------------------------------------------------
+
+
+def load_seals(ledger_dir: Path) -> dict[int, list[Seal]]:
+    """Every partition's seals in order."""
+    seals: dict[int, list[Seal]] = {}
+    for path in sorted((ledger_dir / "seals").glob("p*/*.json")):
+        seal = Seal.load(path)
+        seals.setdefault(seal.partition, []).append(seal)
+    for chain in seals.values():
+        chain.sort(key=lambda s: s.number)
+    if not seals:
+        raise BundleError(f"{ledger_dir}: no seals (is this a ledger directory, and has the ledger sealed anything?)")
+    return seals
+
+
+def _segment_paths(ledger_dir: Path, chain: list[Seal]) -> list[Path]:
+    return [ledger_dir / s.segment["path"] for s in chain if s.segment]
+
+
+def _partition_leaves(ledger_dir: Path, chain: list[Seal]) -> MerkleLevels:
+    """Recompute every leaf hash of a partition from its sealed segments, in leaf order."""
+    hashes: dict[int, bytes] = {}
+    for path in _segment_paths(ledger_dir, chain):
+        table = pq.read_table(path, columns=["leaf_index", "salt", "event"])
+        for index, salt, event in zip(*(table.column(c).to_pylist() for c in ("leaf_index", "salt", "event"))):
+            hashes[index] = merkle.leaf_hash(merkle.event_leaf(salt, event))
+    leaves = [hashes[i] for i in range(len(hashes))]
+    levels = MerkleLevels(leaves)
+    newest = chain[-1]
+    if levels.size != newest.tree_size or levels.root(levels.size) != newest.root:
+        raise BundleError(f"partition {newest.partition}: segments do not reproduce the newest seal's tree "
+                          f"(run `custody verify`)")
+    return levels
+
+
+def _select(ledger_dir: Path, seals: dict[int, list[Seal]], scope: Scope) -> pa.Table:
+    paths = [str(p) for chain in seals.values() for p in _segment_paths(ledger_dir, chain)]
+    predicate, params = scope.predicate()
+    con = duckdb.connect()
+    con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet({paths!r})")
+    try:
+        return con.execute(
+            f"SELECT * FROM events WHERE session_id IN (SELECT DISTINCT session_id FROM events WHERE {predicate}) "
+            "ORDER BY session_id, seq", params).to_arrow_table()
+    except duckdb.Error as exc:
+        raise BundleError(f"scope: {str(exc).splitlines()[0]}") from None
+
+
+def _covering(chain: list[Seal], leaf_indexes: Iterable[int]) -> list[Seal]:
+    """The seals whose leaf ranges hold these leaves, and the newest seal."""
+    wanted = set(leaf_indexes)
+    covering = [s for s in chain if s.segment and any(
+        s.record["leaves"]["first"] <= i < s.record["leaves"]["first"] + s.record["leaves"]["count"] for i in wanted)]
+    return covering if covering and covering[-1] is chain[-1] else covering + [chain[-1]]
+
+
+# --- writing ---------------------------------------------------------------------------------
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def _keyring_text(trusted: Keyring, key_ids: set[str]) -> str:
+    return Keyring([k for k in trusted if k.key_id in key_ids]).dumps()
+
+
+def _statement(files: dict[str, bytes], predicate: dict[str, Any]) -> bytes:
+    return json.dumps({
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": name, "digest": {"sha256": hashlib.sha256(data).hexdigest()}}
+                    for name, data in sorted(files.items())],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": predicate,
+    }, indent=1, sort_keys=True).encode()
+
+
+def export_bundle(ledger_dir: Path, out: Path, scope: Scope, *, case: str, purpose: str, recipient: str | None,
+                  exporter_key: PrivateKey, keyring: Keyring, origin: str,
+                  progress: Callable[[str, int, int], None] = lambda *_: None) -> dict[str, Any]:
+    """Write the bundle for `scope` to `out`; returns the chain-of-custody predicate."""
+    seals = load_seals(ledger_dir)
+    selected = _select(ledger_dir, seals, scope)
+    if selected.num_rows == 0:
+        raise BundleError("the scope matches no sealed event")
+    partitions = sorted(set(selected.column("partition").to_pylist()))
+    proofs_by_row: list[list[bytes]] = [[] for _ in range(selected.num_rows)]
+    sizes_by_row = [0] * selected.num_rows
+    files: dict[str, bytes] = {}
+    consistency = []
+    part_col, leaf_col = selected.column("partition").to_pylist(), selected.column("leaf_index").to_pylist()
+    for n, partition in enumerate(partitions):
+        progress("proving", n, len(partitions))
+        chain = seals[partition]
+        levels = _partition_leaves(ledger_dir, chain)
+        newest = chain[-1]
+        rows = [i for i, p in enumerate(part_col) if p == partition]
+        for i in rows:
+            proofs_by_row[i] = levels.inclusion_proof(leaf_col[i], newest.tree_size)
+            sizes_by_row[i] = newest.tree_size
+        for seal in _covering(chain, (leaf_col[i] for i in rows)):
+            files[f"seals/p{partition}/{seal.number:06d}.json"] = seal.to_bytes()
+            if seal is not newest:
+                consistency.append({"partition": partition, "from_seal": seal.number, "to_seal": newest.number,
+                                    "from_size": seal.tree_size, "to_size": newest.tree_size,
+                                    "proof": [h.hex() for h in levels.consistency_proof(seal.tree_size, newest.tree_size)]})
+    progress("proving", len(partitions), len(partitions))
+    table = selected.append_column("tree_size", pa.array(sizes_by_row, pa.int64())).append_column(
+        "inclusion_proof", pa.array(proofs_by_row, pa.list_(pa.binary(32))))
+    files[EVENTS] = _parquet_bytes(table.cast(BUNDLE_SCHEMA))
+    files[CONSISTENCY] = json.dumps(consistency, indent=1).encode()
+    key_ids = set(selected.column("key_id").to_pylist()) | {exporter_key.key_id} | {
+        Seal.from_bytes(data).record["key_id"] for name, data in files.items() if name.startswith("seals/")}
+    files[KEYRING] = _keyring_text(keyring, key_ids).encode()
+
+    sessions = _session_summary(selected)
+    predicate = {
+        "case": case, "purpose": purpose, "recipient": recipient,
+        "exporter": {"key_id": exporter_key.key_id},
+        "exported_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "scope": scope.to_json(),
+        "counts": {"events": selected.num_rows, "sessions": len(sessions), "partitions": len(partitions)},
+        "sessions": sessions,
+        "ledger": {"origin": origin, "checkpoints": {str(p): seals[p][-1].tree_size for p in partitions}},
+        "tool": {"name": "custody", "version": version("custody")},
+    }
+    manifest = dsse.sign(_statement(files, predicate), dsse.IN_TOTO_PAYLOAD_TYPE, exporter_key)
+    tmp = out.with_name(out.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        archive.writestr(MANIFEST, json.dumps(manifest, indent=1))
+        for name, data in sorted(files.items()):
+            archive.writestr(name, data)
+    tmp.replace(out)
+    return predicate
+
+
+def _session_summary(selected: pa.Table) -> dict[str, dict[str, Any]]:
+    """Per session: its event count and whether it had ended at export time."""
+    summary: dict[str, dict[str, Any]] = {}
+    for session_id, kind in zip(selected.column("session_id").to_pylist(), selected.column("kind").to_pylist()):
+        entry = summary.setdefault(session_id, {"events": 0, "open": True})
+        entry["events"] += 1
+        if kind == "session_end":
+            entry["open"] = False
+    return summary
+
+
+# --- transfers -------------------------------------------------------------------------------
+
+
+def transfer(bundle: Path, *, to: str, reason: str, key: PrivateKey, by: str | None = None) -> dict[str, Any]:
+    """Append a signed chain-of-custody transfer; earlier signatures stay valid (nothing is rewritten)."""
+    with zipfile.ZipFile(bundle) as archive:
+        names = archive.namelist()
+        manifest = archive.read(MANIFEST)
+        transfers = sorted(n for n in names if n.startswith(TRANSFER_PREFIX))
+        previous = archive.read(transfers[-1]) if transfers else None
+    record = {
+        "sequence": len(transfers) + 1,
+        "from": by or key.key_id,
+        "to": to,
+        "reason": reason,
+        "at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        "signer": key.key_id,
+        "manifest_sha256": hashlib.sha256(manifest).hexdigest(),
+        "previous_sha256": hashlib.sha256(previous).hexdigest() if previous else None,
+    }
+    envelope = dsse.sign(json.dumps(record, sort_keys=True).encode(), TRANSFER_TYPE, key)
+    with zipfile.ZipFile(bundle, "a") as archive:
+        archive.writestr(f"{TRANSFER_PREFIX}{record['sequence']:04d}.dsse.json", json.dumps(envelope, indent=1))
+    return record
+
+
+def events_table(bundle: Path) -> pa.Table:
+    """The bundle's events, for `custody sql/replay --bundle` (verify first: this does not)."""
+    with zipfile.ZipFile(bundle) as archive:
+        return pq.read_table(io.BytesIO(archive.read(EVENTS)))

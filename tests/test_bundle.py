@@ -1,0 +1,257 @@
+"""Sealed bundles: export from a real ledger, verify offline, and catch every tampering."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import make_key
+from custody.config import KafkaSettings, LedgerSettings
+from events_factory import ALL_KINDS, frames, result_frames, session_end, session_start
+from ingest import kafka
+from ingest.events import SessionChain
+from ingest.keys import Keyring, TrustedKey
+from ledger import merkle
+from ledger.service import LedgerService
+from query import dsse
+from query.bundle import EVENTS, MANIFEST, Scope, export_bundle, transfer
+from query.bundle_verify import verify_bundle
+from query.proofs import MerkleLevels
+
+
+class Evidence:
+    """One real ledger (broker -> ledger service -> sealed segments) and the keys around it."""
+
+    def __init__(self, root: Path, settings: KafkaSettings):
+        self.proxy, self.ledger, self.exporter = make_key("proxy"), make_key("ledger"), make_key("exporter")
+        self.keyring = Keyring([TrustedKey(k.key_id, role, k.public_key) for k, role in
+                                ((self.proxy, "proxy"), (self.ledger, "ledger"), (self.exporter, "exporter"))])
+        self.trust = root / "trust.toml"
+        self.keyring.save(self.trust)
+        self.dir = root / "ledger"
+        self.sessions: dict[str, list] = {}
+        events = []
+        for subject, statements, ended in (("alice@example.com", 4, True), ("bob@example.com", 3, True),
+                                           ("alice@example.com", 2, False)):
+            chain = SessionChain(self.proxy, "proxy-1")
+            mine = [chain.event("session_start", session_start(subject))]
+            for i in range(statements):
+                mine += [chain.event("frames", frames(f"SELECT '{subject}-secret-{i}'")), chain.event("frames", result_frames(i))]
+            if ended:
+                mine.append(chain.event("session_end", session_end()))
+            self.sessions[chain.session_id] = mine
+            events += mine
+        kafka.ensure_topics(settings, ("events",))
+        producer = kafka.producer(settings)
+        for e in events:
+            producer.send(settings.topic("events"), key=e.session_id.encode(), value=e.value)
+        producer.flush()
+        producer.close()
+        ledger = LedgerSettings(dir=self.dir, origin="custody.test/ledger", segment_max_events=7,
+                                segment_max_bytes=1 << 24, segment_max_seconds=0.2, idle_seal_seconds=3600)
+        service = LedgerService(settings, ledger, self.ledger, self.keyring, group_id="bundle-test")
+        deadline = time.monotonic() + 30
+        while service.sealed_leaves < len(events) or any(w.opened_at is not None for w in service.writers.values()):
+            assert time.monotonic() < deadline, "ledger did not seal everything"
+            service.step(0.1)
+        service.close()
+        self.alice, self.bob, self.open_session = list(self.sessions)
+
+    def export(self, out: Path, scope: Scope, **overrides) -> dict:
+        options = dict(case="CASE-123", purpose="audit", recipient="auditor@example.com",
+                       exporter_key=self.exporter, keyring=self.keyring, origin="custody.test/ledger")
+        return export_bundle(self.dir, out, scope, **{**options, **overrides})
+
+
+@pytest.fixture(scope="module")
+def evidence(broker, tmp_path_factory) -> Evidence:
+    settings = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix=f"b{uuid.uuid4().hex[:8]}.",
+                             embedded_listen=broker.bootstrap, partitions=2)
+    return Evidence(tmp_path_factory.mktemp("evidence"), settings)
+
+
+@pytest.fixture
+def bundle(evidence, tmp_path) -> Path:
+    out = tmp_path / "case.custody"
+    evidence.export(out, Scope(sessions=(evidence.alice,)))
+    return out
+
+
+def problems(path: Path, keyring: Keyring) -> list[str]:
+    return verify_bundle(path, keyring).problems
+
+
+def rewrite(path: Path, change) -> None:
+    """Rewrite the archive with `change(files)` applied to {name: bytes}."""
+    with zipfile.ZipFile(path) as archive:
+        files = {n: archive.read(n) for n in archive.namelist()}
+    change(files)
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+
+
+def edit_events(files: dict, edit) -> None:
+    table = pq.read_table(io.BytesIO(files[EVENTS]))
+    rows = table.to_pylist()
+    edit(rows)
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), sink)
+    files[EVENTS] = sink.getvalue()
+
+
+def test_a_clean_bundle_verifies_offline(evidence, bundle):
+    report = verify_bundle(bundle, evidence.keyring)
+    assert report.problems == []
+    n = len(evidence.sessions[evidence.alice])
+    assert report.events_total == report.events_valid == n
+    assert report.sessions_complete == 1 and report.manifest_signer == evidence.exporter.key_id
+    assert report.predicate["case"] == "CASE-123" and report.predicate["scope"] == {"sessions": [evidence.alice]}
+    assert report.summary().startswith(f"{n}/{n} events valid, ")
+    assert f"{report.checkpoints_valid}/{report.checkpoints_total} checkpoints valid" in report.summary()
+
+
+def test_the_cli_verifies_with_verbose_proof_steps_and_exit_codes(evidence, bundle):
+    ok = subprocess.run([sys.executable, "-m", "custody", "bundle", "verify", str(bundle), "--trust", str(evidence.trust),
+                         "--verbose"], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "SHA256(0x01 | " in ok.stdout and "events valid" in ok.stdout.splitlines()[-1]
+    (bundle.parent / "t.bin").write_bytes(bundle.read_bytes()[:-100])
+    bad = subprocess.run([sys.executable, "-m", "custody", "bundle", "verify", str(bundle.parent / "t.bin"), "--trust",
+                          str(evidence.trust)], capture_output=True, text=True)
+    assert bad.returncode == 1 and "INVALID: truncated" in bad.stdout
+
+
+def test_identity_scope_takes_whole_sessions_and_marks_open_ones(evidence, tmp_path):
+    out = tmp_path / "alice.custody"
+    predicate = evidence.export(out, Scope(identity="alice@example.com"))
+    assert set(predicate["sessions"]) == {evidence.alice, evidence.open_session}
+    assert predicate["sessions"][evidence.open_session]["open"] is True
+    report = verify_bundle(out, evidence.keyring)
+    assert report.problems == [] and report.sessions_complete == 1 and report.sessions_open == 1
+
+
+def test_selective_disclosure_nothing_of_other_sessions_anywhere_in_the_file(evidence, bundle):
+    data = bundle.read_bytes()
+    with zipfile.ZipFile(bundle) as archive:
+        everything = data + b"".join(archive.read(n) for n in archive.namelist())  # also inside compressed members
+        events = pq.read_table(io.BytesIO(archive.read(EVENTS)))
+    assert set(events.column("session_id").to_pylist()) == {evidence.alice}
+    for needle in (evidence.bob.encode(), b"bob@example.com", b"bob@example.com-secret-0", b"bob@example.com-secret-2"):
+        assert needle not in everything
+    for event in evidence.sessions[evidence.bob]:
+        assert event.value not in everything and event.event_id.encode() not in everything
+
+
+@pytest.mark.parametrize("tamper, expected", [
+    ("changed_byte", "signature does not verify"),
+    ("removed_event", "seq 3 is missing"),
+    ("swapped_events", "events out of order"),
+    ("spliced_event", "is not in the manifest"),
+    ("edited_manifest", "Manifest INVALID: signature by"),
+    ("added_file", "File notes.txt INVALID: not listed in the manifest"),
+    ("removed_file", "File consistency.json INVALID: listed in the manifest but missing"),
+    ("untrusted_resign", "unknown_key"),
+    ("bad_checkpoint_signature", "INVALID: "),
+    ("wrong_tree_size", "inclusion proof is for tree size"),
+    ("truncated", "INVALID: truncated or not a bundle archive"),
+    ("wrong_trust", "Manifest INVALID: no signature by a trusted exporter key"),
+])
+def test_every_tampering_is_caught_with_its_own_message(evidence, bundle, tmp_path, tamper, expected):
+    keyring = evidence.keyring
+    if tamper == "changed_byte":
+        def change(rows):
+            event = bytearray(rows[1]["event"])
+            event[event.index(b"secret")] ^= 0x01
+            rows[1]["event"] = bytes(event)
+        rewrite(bundle, lambda files: edit_events(files, change))
+    elif tamper == "removed_event":
+        rewrite(bundle, lambda files: edit_events(files, lambda rows: rows.pop(3)))
+    elif tamper == "swapped_events":
+        rewrite(bundle, lambda files: edit_events(files, lambda rows: rows.__setitem__(slice(2, 4), [rows[3], rows[2]])))
+    elif tamper == "spliced_event":
+        other = tmp_path / "other.custody"
+        evidence.export(other, Scope(sessions=(evidence.bob,)))
+        with zipfile.ZipFile(other) as archive:
+            foreign = pq.read_table(io.BytesIO(archive.read(EVENTS))).to_pylist()[2]
+        rewrite(bundle, lambda files: edit_events(files, lambda rows: rows.insert(4, foreign)))
+    elif tamper == "edited_manifest":
+        def change(files):
+            envelope = json.loads(files[MANIFEST])
+            statement = json.loads(__import__("base64").b64decode(envelope["payload"]))
+            statement["predicate"]["purpose"] = "something else"
+            envelope["payload"] = __import__("base64").b64encode(json.dumps(statement).encode()).decode()
+            files[MANIFEST] = json.dumps(envelope).encode()
+        rewrite(bundle, change)
+    elif tamper == "added_file":
+        rewrite(bundle, lambda files: files.__setitem__("notes.txt", b"planted"))
+    elif tamper == "removed_file":
+        rewrite(bundle, lambda files: files.pop("consistency.json"))
+    elif tamper == "untrusted_resign":
+        stranger = make_key("proxy")
+        def change(rows):
+            chain = SessionChain(stranger, "proxy-1", session_id=evidence.alice)
+            for row in rows:
+                event = chain.event(row["kind"], ALL_KINDS[row["kind"]])
+                row["event"], row["event_hash"], row["event_id"] = event.value, event.hash, event.event_id
+        rewrite(bundle, lambda files: edit_events(files, change))
+    elif tamper == "bad_checkpoint_signature":
+        def change(files):
+            name = sorted(n for n in files if n.startswith("seals/"))[-1]
+            seal = json.loads(files[name])
+            body, _, sig_line = seal["checkpoint"].rpartition("\n\n")
+            name_part, _, sig = sig_line.strip().rpartition(" ")
+            raw = bytearray(__import__("base64").b64decode(sig))
+            raw[-1] ^= 1
+            seal["checkpoint"] = f"{body}\n\n{name_part} {__import__('base64').b64encode(bytes(raw)).decode()}\n"
+            files[name] = json.dumps(seal).encode()
+        rewrite(bundle, change)
+        expected = "Checkpoint of seals/"
+    elif tamper == "wrong_tree_size":
+        def change(rows):
+            rows[1]["tree_size"] = rows[1]["tree_size"] - 1
+        rewrite(bundle, lambda files: edit_events(files, change))
+    elif tamper == "truncated":
+        bundle.write_bytes(bundle.read_bytes()[: len(bundle.read_bytes()) // 2])
+    elif tamper == "wrong_trust":
+        keyring = Keyring([k for k in evidence.keyring if k.role != "exporter"] +
+                          [TrustedKey((k := make_key("exporter")).key_id, "exporter", k.public_key)])
+    found = problems(bundle, keyring)
+    assert any(expected in p for p in found), found
+
+
+def test_transfers_extend_the_chain_of_custody_without_breaking_signatures(evidence, bundle):
+    transfer(bundle, to="external-auditor@example.com", reason="annual audit", key=evidence.exporter, by="compliance")
+    transfer(bundle, to="court-clerk", reason="subpoena 42", key=evidence.exporter)
+    report = verify_bundle(bundle, evidence.keyring)
+    assert report.problems == []
+    assert [(t["sequence"], t["to"]) for t in report.transfers] == [(1, "external-auditor@example.com"), (2, "court-clerk")]
+    rewrite(bundle, lambda files: files.pop("custody/transfer-0001.dsse.json"))
+    assert any("does not link" in p for p in problems(bundle, evidence.keyring))
+
+
+def test_dsse_pae_matches_the_spec_example():
+    assert dsse.pae("http://example.com/HelloWorld", b"hello world") == \
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+
+
+def test_merkle_levels_agree_with_the_reference_implementation():
+    leaves = [merkle.leaf_hash(bytes([i])) for i in range(37)]
+    levels = MerkleLevels(leaves)
+    for size in range(1, 38):
+        assert levels.root(size) == merkle.root(leaves[:size])
+        for i in range(size):
+            merkle.verify_inclusion(leaves[i], i, size, levels.inclusion_proof(i, size), levels.root(size))
+        for m in range(1, size + 1):
+            merkle.verify_consistency(m, size, levels.root(m), levels.root(size), levels.consistency_proof(m, size))
