@@ -15,7 +15,7 @@ from .protocol import (
     MessageReader,
     ProtocolViolation,
 )
-from .summary import summarize
+from .summary import SUMMARIZED_TYPES, summarize
 
 __all__ = [
     "FEATURE_NOT_SUPPORTED",
@@ -24,6 +24,7 @@ __all__ = [
     "Message",
     "MessageReader",
     "ProtocolViolation",
+    "SUMMARIZED_TYPES",
     "summarize",
     *_messages_all,
 ]

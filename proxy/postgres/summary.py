@@ -207,3 +207,7 @@ _SUMMARIZERS: dict[str, Callable[[bytes], Fields]] = {
     "ParameterDescription": _parameter_description,
     "NegotiateProtocolVersion": _negotiate,
 }
+
+SUMMARIZED_TYPES: frozenset[str] = frozenset(_SUMMARIZERS)
+"""Message types with decoded fields; for any other type `summarize` adds nothing
+to the type and bytes, so a recorder may skip calling it."""
