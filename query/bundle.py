@@ -140,9 +140,9 @@ def _select(ledger_dir: Path, seals: dict[int, list[Seal]], scope: Scope) -> pa.
     con = duckdb.connect()
     con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet({paths!r})")
     try:
-        return con.execute(
+        return con.sql(
             f"SELECT * FROM events WHERE session_id IN (SELECT DISTINCT session_id FROM events WHERE {predicate}) "
-            "ORDER BY session_id, seq", params).to_arrow_table()
+            "ORDER BY session_id, seq", params=params).to_arrow_table()
     except duckdb.Error as exc:
         raise BundleError(f"scope: {str(exc).splitlines()[0]}") from None
 
