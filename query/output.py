@@ -1,0 +1,96 @@
+"""Query results out: a terminal table, CSV, JSON or Parquet, to stdout or a file.
+
+DuckDB cannot write anything (its file access is locked to the ledger), so
+results are written here, from the Arrow table DuckDB hands back.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sys
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
+
+from custody.errors import CustodyError
+
+FORMATS = ("table", "csv", "json", "parquet")
+MAX_BYTES_SHOWN = 16
+
+
+def plain(value: Any) -> Any:
+    """A JSON-able value: times as ISO 8601, intervals as seconds, bytes as hex."""
+    if isinstance(value, (datetime, date)):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value).hex()
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def cell(value: Any) -> str:
+    """One table cell: short, and unambiguous about NULL."""
+    if value is None:
+        return "NULL"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        hexed = bytes(value).hex()
+        return hexed if len(hexed) <= 2 * MAX_BYTES_SHOWN else hexed[:2 * MAX_BYTES_SHOWN] + "…"
+    value = plain(value)
+    return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else str(value)
+
+
+def to_table(result: pa.Table, console: Console) -> None:
+    table = Table(*result.column_names, show_lines=False, header_style="bold")
+    for row in result.to_pylist():
+        table.add_row(*(cell(v) for v in row.values()))
+    console.print(table)
+    console.print(f"{result.num_rows:,} rows", style="dim")
+
+
+def to_csv(result: pa.Table) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(result.column_names)
+    for row in result.to_pylist():
+        writer.writerow(["" if v is None else cell(v) for v in row.values()])
+    return out.getvalue()
+
+
+def to_json(result: pa.Table) -> str:
+    return json.dumps([plain(row) for row in result.to_pylist()], ensure_ascii=False, indent=1) + "\n"
+
+
+def write_result(result: pa.Table, fmt: str, output: Path | None) -> None:
+    """Write `result` in `fmt` to `output`, or stdout (Parquet needs a file)."""
+    if fmt == "parquet":
+        if output is None:
+            raise CustodyError("--format parquet needs --output FILE")
+        pq.write_table(result, output, compression="zstd")
+        return
+    if fmt == "table":
+        if output is None:
+            to_table(result, Console(soft_wrap=False))
+            return
+        with open(output, "w", encoding="utf-8") as f:
+            to_table(result, Console(file=f, width=250, color_system=None))
+        return
+    text = to_csv(result) if fmt == "csv" else to_json(result)
+    if output is None:
+        sys.stdout.write(text)
+    else:
+        Path(output).write_text(text, encoding="utf-8")
