@@ -1,0 +1,207 @@
+"""Detectors, masking of rows / COPY / notices, and sealed originals."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nacl.public import PrivateKey
+
+from proxy.policy.detectors import DETECTORS, Scanner, mask_text
+from proxy.policy.masking import MaskPlan, RowMasker, mask_fields, open_sealed, seal_original
+
+ALL = tuple(DETECTORS)
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+def json_part(value: dict) -> str:
+    return b64url(json.dumps(value).encode())
+
+
+JWT = ".".join([json_part({"alg": "HS256", "typ": "JWT"}), json_part({"sub": "alice"}), "c2lnbmF0dXJl_-x"])
+NOT_A_JWT = ".".join([json_part({"typ": "JWT"}), json_part({}), "sig"])  # header without alg
+PEM = "-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\nBKcwggSjAgEAAoIBAQC7\n-----END PRIVATE KEY-----"
+OPENSSH = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmU=\n-----END OPENSSH PRIVATE KEY-----"
+
+
+@pytest.mark.parametrize("kind, text, masked", [
+    ("credit_card", "paid with 4111 1111 1111 1111.", "paid with **** **** **** 1111."),
+    ("credit_card", "5555555555554444", "**** **** **** 4444"),
+    ("credit_card", "amex 3782-822463-10005", "amex **** **** **** 0005"),
+    ("iban", "to DE89 3704 0044 0532 0130 00 today", "to [MASKED:iban] today"),
+    ("iban", "GB82WEST12345698765432", "[MASKED:iban]"),
+    ("us_ssn", "ssn: 123-45-6789", "ssn: ***-**-6789"),
+    ("email", "Alice.Smith+tag@mail.example.co.uk wrote", "A***@mail.example.co.uk wrote"),
+    ("phone", "call (415) 555-2671 now", "call [MASKED:phone] now"),
+    ("phone", "tel 415.555.2671", "tel [MASKED:phone]"),
+    ("phone", "+44 20 7946 0958", "[MASKED:phone]"),
+    ("phone", "+14155552671", "[MASKED:phone]"),
+    ("jwt", f"Bearer {JWT}", "Bearer [MASKED:jwt]"),
+    ("aws_access_key", "key=AKIAIOSFODNN7EXAMPLE;", "key=[MASKED:aws_access_key];"),
+    ("aws_access_key", "ASIAY34FZKBOKMUTVV7A", "[MASKED:aws_access_key]"),
+    ("private_key", f"key:\n{PEM}\nend", "key:\n[MASKED:private_key]\nend"),
+    ("private_key", OPENSSH, "[MASKED:private_key]"),
+    ("private_key", "-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOY\n-----END PGP PRIVATE KEY BLOCK-----\nafter",
+     "[MASKED:private_key]\nafter"),
+    ("private_key", PEM[:60], "[MASKED:private_key]"),  # a truncated block is still a key
+])
+def test_detectors_find_and_mask_true_positives(kind, text, masked):
+    result, findings = mask_text(text, [kind])
+    assert result == masked
+    assert [f.kind for f in findings] == [kind]
+    assert mask_text(text, ALL)[0] == masked
+
+
+@pytest.mark.parametrize("text", [
+    "4111 1111 1111 1112",              # bad Luhn
+    "1234 5678 9012 3452",              # Luhn ok, no card brand starts with 1
+    "DE89 3704 0044 0532 0130 01",      # bad IBAN checksum
+    "000-12-3456", "666-12-3456", "900-12-3456", "123-00-4567", "123-45-0000",  # never-issued SSNs
+    "12345678901", "4155552671",        # plain integers (ids), no separators
+    "1700000000", "1700000000123",      # unix timestamps
+    "2024-01-15 10:00:00.123456+05:30", "2024-01-15T10:00:00Z",
+    "192.168.100.200", "v1.2.3-rc.4", "-12345.6789", "id=123456789012345",
+    "alice@localhost", "not an @ email",
+    NOT_A_JWT, "eyJhbGciOi.not-base64-json.x",
+    "AKIAIOSFODNN7EXAMPL", "AKIAIOSFODNN7EXAMPLEX", "akiaiosfodnn7example",
+    "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----",
+    "", "short",
+])
+def test_detectors_leave_near_misses_alone(text):
+    assert mask_text(text, ALL) == (text, ())
+
+
+def test_unknown_detector_is_an_error():
+    with pytest.raises(ValueError, match="unknown detector 'emial'"):
+        Scanner(["emial"])
+
+
+def test_overlapping_findings_mask_once():
+    text = f"{JWT} 4111111111111111 bob@example.com 123-45-6789"
+    masked, findings = mask_text(text, ALL)
+    assert masked == "[MASKED:jwt] **** **** **** 1111 b***@example.com ***-**-6789"
+    assert [f.kind for f in findings] == ["jwt", "credit_card", "email", "us_ssn"]
+    assert [text[f.start:f.end] for f in findings][1:] == ["4111111111111111", "bob@example.com", "123-45-6789"]
+
+
+PLAN = MaskPlan(detectors=frozenset(ALL), columns=("*ssn*", "card_number"), rules=("pii",))
+
+
+def data_row_body(values: list[bytes | None]) -> bytes:
+    """A DataRow payload as PostgreSQL writes it: Int16 count, then Int32 length (-1 = NULL) + bytes each."""
+    parts = [struct.pack("!h", len(values))]
+    for value in values:
+        parts.append(struct.pack("!i", -1) if value is None else struct.pack("!i", len(value)) + value)
+    return b"".join(parts)
+
+
+def read_data_row_body(body: bytes) -> list[bytes | None]:
+    (count,), offset, values = struct.unpack_from("!h", body), 2, []
+    for _ in range(count):
+        (length,) = struct.unpack_from("!i", body, offset)
+        offset += 4
+        values.append(None if length < 0 else body[offset:offset + length])
+        offset += max(length, 0)
+    assert offset == len(body)
+    return values
+
+
+def test_data_row_values_are_masked_and_the_row_reencodes_with_right_lengths():
+    masker = RowMasker(PLAN, ["id", "email", "Customer_SSN", "note", "created"])
+    row = [b"42", b"alice@example.com", b"123-45-6789", None, b"2024-01-15 10:00:00+00"]
+    result = masker.mask_row(row)
+    assert result.value == [b"42", b"a***@example.com", b"[MASKED:column]", None, b"2024-01-15 10:00:00+00"]
+    assert result.changed and result.findings == ((1, "email"), (2, "column"))
+    body = data_row_body(result.value)
+    assert read_data_row_body(body) == result.value
+    assert len(body) == 2 + 5 * 4 + sum(len(v) for v in result.value if v is not None)
+
+
+def test_unchanged_rows_pass_through_as_the_same_objects():
+    row = [b"1", b"Widget", b"2024-01-15", b"19.99"]
+    result = RowMasker(PLAN, ["id", "name", "day", "price"]).mask_row(row)
+    assert not result.changed and all(a is b for a, b in zip(result.value, row))
+
+
+def test_binary_columns_are_hidden_by_column_rule_only():
+    masker = RowMasker(PLAN, ["card_number", "blob", "email"], formats=[1, 1, 0])
+    result = masker.mask_row([b"\x00\x00\x00\x07", b"alice@example.com", b"bob@example.com"])
+    assert result.value == [None, b"alice@example.com", b"b***@example.com"]
+    assert result.findings == ((0, "column"), (2, "email"))
+
+
+def test_a_single_format_code_applies_to_every_column():
+    result = RowMasker(PLAN, ["a", "b"], formats=[1]).mask_row([b"alice@example.com", b"x"])
+    assert not result.changed
+
+
+def test_non_utf8_bytes_survive_masking():
+    value = b"\xff\xfe bob@example.com \xc3"
+    assert RowMasker(PLAN, ["x"]).mask_row([value]).value == [b"\xff\xfe b***@example.com \xc3"]
+
+
+def test_copy_text_row_is_unescaped_masked_and_reescaped():
+    masker = RowMasker(PLAN, ["id", "contact", "ssn", "note"])
+    line = b"7\tline1\\nmail: carol@example.com\\tx\t123-45-6789\t\\N\n"
+    result = masker.mask_copy_row(line)
+    assert result.value == b"7\tline1\\nmail: c***@example.com\\tx\t[MASKED:column]\t\\N\n"
+    assert result.findings == ((1, "email"), (2, "column"))
+
+
+def test_copy_escapes_do_not_hide_findings():
+    # \\100 is octal for "@", \\x2e hex for ".": the server would print an email.
+    line = b"dave\\100example\\x2ecom\tback\\\\slash\n"
+    result = RowMasker(PLAN, []).mask_copy_row(line)
+    assert result.value == b"d***@example.com\tback\\\\slash\n"
+
+
+def test_copy_row_without_findings_is_returned_unchanged():
+    line = b"1\tplain\\ttext\t\\N\n"
+    assert RowMasker(PLAN, []).mask_copy_row(line).value is line
+
+
+def test_notice_and_error_fields_that_echo_data_are_masked():
+    fields = {"S": "ERROR", "C": "23505", "M": "duplicate key value violates unique constraint \"users_email_key\"",
+              "D": "Key (email)=(erin@example.com) already exists.", "P": "12"}
+    result = mask_fields(PLAN, fields)
+    assert result.value == {**fields, "D": "Key (email)=(e***@example.com) already exists."}
+    assert result.findings == (("D", "email"),)
+
+
+def test_sealed_original_opens_with_the_custodian_key_and_appears_nowhere_in_the_output():
+    custodian = PrivateKey.generate()
+    original = [b"42", b"4111 1111 1111 1111", b"frank@example.com"]
+    masked = RowMasker(PLAN, ["id", "pan", "email"]).mask_row(original)
+    sealed = seal_original(data_row_body(original), custodian.public_key)
+    assert open_sealed(sealed, custodian) == data_row_body(original)
+    client_bytes = data_row_body(masked.value)
+    for secret in (b"4111 1111 1111 1111", b"frank@example.com", b"frank"):
+        assert secret not in client_bytes and secret not in sealed
+    with pytest.raises(Exception, match="(?i)decrypt"):
+        open_sealed(sealed, PrivateKey.generate())
+
+
+# --- properties ---------------------------------------------------------------------
+
+FINDINGS = ["4111 1111 1111 1111", "5555555555554444", "DE89370400440532013000", "123-45-6789", "a@example.com",
+            "(415) 555-2671", "+44 20 7946 0958", JWT, "AKIAIOSFODNN7EXAMPLE", PEM]
+GLUE = ["", " ", "-", ".", "@", "+", "\n", "\t", "0", "12", "1234", "x", "AKIA", "eyJ", "-----BEGIN "]
+fragments = st.one_of(st.sampled_from(FINDINGS), st.sampled_from(GLUE), st.text(max_size=12),
+                      st.text(alphabet="0123456789 -+.()@", max_size=20))
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(fragments, max_size=8).map("".join))
+def test_mask_text_never_raises_and_leaves_no_finding(text):
+    masked, findings = mask_text(text, ALL)
+    assert mask_text(masked, ALL) == (masked, ())
+    assert (masked == text) == (not findings)
+    for finding in findings:
+        assert 0 <= finding.start < finding.end <= len(text)
