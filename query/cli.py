@@ -1,5 +1,113 @@
-"""The `custody` commands this package contributes."""
+"""The `custody` commands this package contributes: `sql`, `sessions`, `replay`.
+
+Each reads a ledger directory, from `--ledger DIR` or the config's `[ledger] dir`;
+`replay` also needs the keyring (`--keyring FILE` or `[keys] keyring`) to say
+whether the session verified. All are read-only.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import click
 
-commands: list[click.Command] = []
+from custody.config import config_option, load_config
+from custody.errors import CustodyError
+from ingest.keys import Keyring
+from query.filters import SessionFilter, parse_time
+from query.html import render_html
+from query.output import FORMATS, write_result
+from query.render import render_json, render_text
+from query.replay import DEFAULT_ROWS, replay_session
+from query.sql import run_query
+from query.views import open_ledger
+
+ledger_option = click.option("--ledger", "ledger_path", type=click.Path(file_okay=False), default=None,
+                             help="Ledger directory (default: the config's [ledger] dir).")
+output_option = click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
+                             help="Write to FILE instead of stdout.")
+format_option = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
+
+
+def ledger_dir(config_path: str | None, ledger_path: str | None) -> Path:
+    if ledger_path:
+        return Path(ledger_path)
+    directory = load_config(config_path).ledger.dir
+    if not isinstance(directory, Path):
+        raise CustodyError(f"[ledger] dir {directory!r}: only a local directory can be queried so far")
+    return directory
+
+
+def keyring_path(config_path: str | None, keyring: str | None) -> Path:
+    return Path(keyring) if keyring else load_config(config_path).keys.keyring
+
+
+@click.command("sql")
+@click.argument("statement")
+@config_option
+@ledger_option
+@format_option
+@output_option
+def sql(statement: str, config_path: str | None, ledger_path: str | None, fmt: str, output: str | None) -> None:
+    """Run one read-only SQL query over the ledger's views.
+
+    Views: events, sessions, statements, violations, approvals, seals (see query/README.md).
+    """
+    con = open_ledger(ledger_dir(config_path, ledger_path))
+    write_result(run_query(con, statement), fmt, Path(output) if output else None)
+
+
+@click.command("sessions")
+@config_option
+@ledger_option
+@click.option("--identity", help="Subject or email of the caller.")
+@click.option("--target", help="Target (proxy) name.")
+@click.option("--since", help="Started at or after: ISO 8601, or relative like 24h, 7d.")
+@click.option("--until", help="Started before: ISO 8601, or relative like 1h.")
+@click.option("--with-violations", is_flag=True, help="Only sessions with a block, denial, auth or protocol failure.")
+@click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True, help="0 for all.")
+@format_option
+@output_option
+def sessions(config_path: str | None, ledger_path: str | None, identity: str | None, target: str | None,
+             since: str | None, until: str | None, with_violations: bool, limit: int, fmt: str,
+             output: str | None) -> None:
+    """List sessions, newest first."""
+    query = SessionFilter(identity, target, parse_time(since) if since else None,
+                          parse_time(until) if until else None, with_violations, limit or None)
+    con = open_ledger(ledger_dir(config_path, ledger_path))
+    write_result(run_query(con, *query.query()), fmt, Path(output) if output else None)
+
+
+RENDERERS = {"text": render_text, "json": render_json, "html": render_html}
+
+
+@click.command("replay")
+@click.argument("session")
+@config_option
+@ledger_option
+@click.option("--keyring", type=click.Path(dir_okay=False), default=None,
+              help="Trusted keys (default: the config's [keys] keyring).")
+@click.option("--format", "fmt", type=click.Choice(tuple(RENDERERS)), default="text", show_default=True)
+@click.option("--rows", type=click.IntRange(min=0), default=DEFAULT_ROWS, show_default=True,
+              help="Result rows shown per statement.")
+@output_option
+def replay(session: str, config_path: str | None, ledger_path: str | None, keyring: str | None, fmt: str,
+           rows: int, output: str | None) -> None:
+    """Replay SESSION (an id or a unique prefix) step by step; the first line says whether it verified.
+
+    Exits 1 when the session's signatures or chain do not verify.
+    """
+    trusted = Keyring.load(keyring_path(config_path, keyring))
+    con = open_ledger(ledger_dir(config_path, ledger_path))
+    story = replay_session(con, session, trusted, max_rows=rows)
+    text = RENDERERS[fmt](story)
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+        click.echo(story.verification.line, err=True)
+    else:
+        click.echo(text, nl=False)
+    if not story.verification.ok:
+        raise SystemExit(1)
+
+
+commands: list[click.Command] = [sql, sessions, replay]

@@ -30,6 +30,8 @@ def plain(value: Any) -> Any:
     """A JSON-able value: times as ISO 8601, intervals as seconds, bytes as hex."""
     if isinstance(value, (datetime, date)):
         return value.isoformat()
+    if isinstance(value, pa.MonthDayNano):  # DuckDB's INTERVAL; ledger durations never span months
+        value = timedelta(days=value.days + 30 * value.months, microseconds=value.nanoseconds // 1000)
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -50,12 +52,20 @@ def cell(value: Any) -> str:
     if isinstance(value, (bytes, bytearray, memoryview)):
         hexed = bytes(value).hex()
         return hexed if len(hexed) <= 2 * MAX_BYTES_SHOWN else hexed[:2 * MAX_BYTES_SHOWN] + "…"
+    if isinstance(value, pa.MonthDayNano):
+        return str(timedelta(days=value.days + 30 * value.months, microseconds=value.nanoseconds // 1000))
     value = plain(value)
     return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else str(value)
 
 
+WIDE = 250
+"""Console width when the output is not a terminal: rows stay one line each, for grep and less -S."""
+
+
 def to_table(result: pa.Table, console: Console) -> None:
-    table = Table(*result.column_names, show_lines=False, header_style="bold")
+    table = Table(show_lines=False, header_style="bold")
+    for name in result.column_names:
+        table.add_column(name, no_wrap=True, overflow="ellipsis")
     for row in result.to_pylist():
         table.add_row(*(cell(v) for v in row.values()))
     console.print(table)
@@ -84,10 +94,11 @@ def write_result(result: pa.Table, fmt: str, output: Path | None) -> None:
         return
     if fmt == "table":
         if output is None:
-            to_table(result, Console(soft_wrap=False))
+            console = Console()
+            to_table(result, console if console.is_terminal else Console(width=WIDE))
             return
         with open(output, "w", encoding="utf-8") as f:
-            to_table(result, Console(file=f, width=250, color_system=None))
+            to_table(result, Console(file=f, width=WIDE, color_system=None))
         return
     text = to_csv(result) if fmt == "csv" else to_json(result)
     if output is None:

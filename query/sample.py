@@ -249,14 +249,35 @@ class Plan:
     segment_events: int
 
 
+def _began(plan: Plan, index: int) -> int:
+    return plan.start_us + plan.span_us * index // plan.sessions + random.Random(index).randint(0, SECOND)
+
+
 def _events(plan: Plan, partition: int) -> Iterator[tuple[int, int, str, dict]]:
-    """(ts, session index, kind, body) of one partition's sessions, interleaved in time as they happened."""
-    def one(index: int) -> Iterator[tuple[int, int, str, dict]]:
-        began = plan.start_us + plan.span_us * index // plan.sessions + random.Random(index).randint(0, SECOND)
-        for offset, kind, body in demo_session(index, plan.seed, plan.statements):
-            yield began + offset, index, kind, body
-    mine = range(partition, plan.sessions, plan.partitions)
-    return heapq.merge(*(one(i) for i in mine), key=lambda e: (e[0], e[1]))
+    """(ts, session index, kind, body) of one partition's sessions, interleaved in time as they happened.
+
+    A session's steps are made only when the clock reaches its start, so memory holds the open sessions only.
+    """
+    upcoming = iter(range(partition, plan.sessions, plan.partitions))
+    open_: list[tuple[int, int, int, str, dict, Iterator]] = []  # (ts, index, step number, kind, body, rest)
+
+    def admit(index: int) -> None:
+        began = _began(plan, index)
+        steps = ((began + offset, index, n, kind, body)
+                 for n, (offset, kind, body) in enumerate(demo_session(index, plan.seed, plan.statements)))
+        heapq.heappush(open_, (*next(steps), steps))
+
+    following = next(upcoming, None)
+    while open_ or following is not None:
+        if following is not None and (not open_ or _began(plan, following) <= open_[0][0]):
+            admit(following)
+            following = next(upcoming, None)
+            continue
+        ts, index, _, kind, body, steps = heapq.heappop(open_)
+        yield ts, index, kind, body
+        step = next(steps, None)
+        if step is not None:
+            heapq.heappush(open_, (*step, steps))
 
 
 def write_partition(ledger_dir: Path, keyring_path: Path, proxy_key_path: Path, ledger_key_path: Path,
