@@ -23,15 +23,23 @@ PROGRESS_MIN_EVENTS = 100_000
 
 @click.command("ledger")
 @click.option("--group", default=GROUP_ID, show_default=True, help="Kafka consumer group; run more workers to scale out.")
+@click.option("--instance", default=None,
+              help="Static group member id (one per worker): a restarted worker takes its partitions back at once.")
+@click.option("--partitions", default=None, metavar="0,1,…",
+              help="Pin these partitions instead of joining the group's rebalancing (one worker per partition set).")
 @config_option
-def ledger(group: str, config_path: str | None) -> None:
+def ledger(group: str, instance: str | None, partitions: str | None, config_path: str | None) -> None:
     """Verify, chain and seal custody.events into Parquet segments and signed seals, until stopped.
 
     SIGTERM or Ctrl-C seals what was read and stops; SIGKILL loses nothing either:
     a restart re-reads from the last seal.
     """
     config = load_config(config_path)
-    service = LedgerService.from_config(config, group)
+    try:
+        pinned = [int(p) for p in partitions.split(",")] if partitions else None
+    except ValueError:
+        raise click.BadParameter(f"{partitions!r} is not a comma-separated list of numbers", param_hint="--partitions")
+    service = LedgerService.from_config(config, group, instance, pinned)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

@@ -145,10 +145,10 @@ def ledger_dir(settings: LedgerSettings) -> Path:
 
 
 class LedgerService:
-    """A consumer-group member that seals the partitions it is assigned."""
+    """A consumer-group member that seals the partitions it is assigned (or, pinned, the partitions it is given)."""
 
     def __init__(self, kafka_settings: KafkaSettings, settings: LedgerSettings, key: PrivateKey, keyring: Keyring,
-                 group_id: str = GROUP_ID):
+                 group_id: str = GROUP_ID, instance_id: str | None = None, partitions: list[int] | None = None):
         self.kafka_settings, self.settings, self.key, self.keyring = kafka_settings, settings, key, keyring
         self.dir = ledger_dir(settings)
         self.topic = kafka_settings.topic("events")
@@ -158,20 +158,27 @@ class LedgerService:
         kafka.ensure_topics(kafka_settings, ("events", "quarantine", "seals"))
         self.quarantine = Quarantine(kafka_settings)
         self.publisher = kafka.producer(kafka_settings)
-        self.consumer: KafkaConsumer = kafka.consumer(kafka_settings, group_id=group_id,
+        self.consumer: KafkaConsumer = kafka.consumer(kafka_settings, group_id=group_id, group_instance_id=instance_id,
                                                       max_poll_records=MAX_POLL_RECORDS,
                                                       fetch_max_bytes=64 << 20, max_partition_fetch_bytes=16 << 20)
-        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        if partitions is None:
+            self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        else:  # pinned: no group rebalancing, so a restart resumes at once
+            assigned = [TopicPartition(self.topic, p) for p in partitions]
+            self.consumer.assign(assigned)
+            for tp in assigned:
+                self.resume(tp)
 
     @classmethod
-    def from_config(cls, config: Config, group_id: str = GROUP_ID) -> "LedgerService":
+    def from_config(cls, config: Config, group_id: str = GROUP_ID, instance_id: str | None = None,
+                    partitions: list[int] | None = None) -> "LedgerService":
         key = load_key_file(config.keys.ledger_key)
         keyring = Keyring.load(config.keys.keyring)
         try:
             keyring.key_for(key.key_id, micros_to_datetime(now_micros()), role="ledger")
         except KeyLookupError as exc:
             raise LedgerConfigError(f"{config.keys.ledger_key}: {exc}; the ledger's seals would not verify") from None
-        return cls(config.kafka, config.ledger, key, keyring, group_id)
+        return cls(config.kafka, config.ledger, key, keyring, group_id, instance_id, partitions)
 
     @property
     def sealed_leaves(self) -> int:
@@ -235,7 +242,7 @@ class LedgerService:
         try:
             self.consumer.commit({tp: OffsetAndMetadata(seal.next_offset, "", -1)})
         except KafkaError as exc:  # the seal, not the committed offset, is where a restart resumes
-            log.warning("partition %d: offset commit failed (%s); the seal stands", tp.partition, exc)
+            log.info("partition %d: offset commit failed (%s); the seal stands", tp.partition, exc)
         log.info("partition %d: seal %d, %d leaves, offset %d", tp.partition, seal.number, seal.tree_size,
                  seal.next_offset)
 
