@@ -205,3 +205,12 @@ def test_mask_text_never_raises_and_leaves_no_finding(text):
     assert (masked == text) == (not findings)
     for finding in findings:
         assert 0 <= finding.start < finding.end <= len(text)
+
+
+def test_every_detector_needs_digits_or_a_marker_so_the_scanner_can_reject_text_early():
+    assert all(d.min_digits or d.needs_any_of for d in DETECTORS.values())
+
+
+@pytest.mark.parametrize("text", ["-1234567.25", "2024-01-15 10:00:00.123456+05:30", "550e8400-e29b-41d4-a716-446655440000"])
+def test_plain_numbers_dates_and_uuids_are_skipped(text):
+    assert Scanner(ALL).find(text) == []

@@ -6,9 +6,11 @@ decodes), so that ids, timestamps and amounts are not masked by accident: a
 masked value is a value the client can no longer use, so a false positive is
 a bug, not caution.
 
-This runs on every DataRow value, so each detector also has a cheap pre-check
-(`in` tests on the text) that skips the regular expression when the text
-cannot contain a finding.
+This runs on every DataRow value, so the scanner first skips values that
+cannot hold a finding: too short, or PostgreSQL's rendering of a number,
+date, timestamp or uuid. A detector's pattern then only runs on text that has
+what every finding of its kind has: enough digits (counted once, in C), or a
+marker such as "@", "eyJ", "AKIA". Most values never reach a pattern.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import base64
 import binascii
 import json
 import re
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -24,6 +27,14 @@ from functools import lru_cache
 __all__ = ["DETECTORS", "Finding", "Scanner", "UnknownDetectorError", "mask_text", "scanner_for"]
 
 _MIN_FINDING_LENGTH = 6  # the shortest finding of any detector ("a@b.co")
+# How PostgreSQL prints integers, numerics (at most 12 digits a side: no room for a
+# 13-digit card), dates, timestamps and uuids: none of these can hold a finding.
+_WITHOUT_DIGITS = str.maketrans("", "", "0123456789")
+_PLAIN_VALUE = re.compile(
+    r"-?\d{1,12}(?:\.\d{1,12})?"
+    r"|\d{4}-\d\d-\d\d(?:[ T]\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:[+-]\d\d(?::\d\d)?|Z)?)?"
+    r"|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+)
 
 
 class UnknownDetectorError(ValueError):
@@ -41,11 +52,26 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class _Detector:
+    """A pattern, its validator and placeholder, and what a text needs before the pattern is worth running.
+
+    Every detector needs some digits or one of its markers; that is what lets
+    the scanner turn most text away before looking at any detector.
+    """
+
     kind: str
     pattern: re.Pattern[str]
-    could_match: Callable[[str], bool]
     is_valid: Callable[[re.Match[str]], bool]
     placeholder: Callable[[re.Match[str]], str]
+    min_length: int
+    min_digits: int = 0
+    needs_any_of: tuple[str, ...] = ()
+
+    def could_match(self, text: str, digits: int) -> bool:
+        return (
+            len(text) >= self.min_length
+            and digits >= self.min_digits
+            and (not self.needs_any_of or any(needle in text for needle in self.needs_any_of))
+        )
 
 
 def _digits(text: str) -> str:
@@ -59,10 +85,6 @@ def _opaque(kind: str) -> Callable[[re.Match[str]], str]:
 
 def _always(match: re.Match[str]) -> bool:
     return True
-
-
-def _has_digit(text: str) -> bool:
-    return any(ch in text for ch in "0123456789")
 
 
 # --- credit cards: brand prefix + length, then Luhn -------------------------
@@ -110,10 +132,6 @@ def _card_placeholder(match: re.Match[str]) -> str:
     return "**** **** **** " + _digits(match.group())[-4:]
 
 
-def _card_could_match(text: str) -> bool:
-    return len(text) >= 13 and _has_digit(text)
-
-
 # --- IBAN: ISO 13616, mod-97 == 1 -------------------------------------------
 
 _IBAN = re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
@@ -126,10 +144,6 @@ def iban_ok(iban: str) -> bool:
         return False
     rearranged = iban[4:] + iban[:4]
     return int("".join(str(int(ch, 36)) for ch in rearranged)) % 97 == 1
-
-
-def _iban_could_match(text: str) -> bool:
-    return len(text) >= 15 and _has_digit(text)
 
 
 # --- US SSN: AAA-GG-SSSS with the SSA's never-issued values excluded --------
@@ -171,10 +185,6 @@ def _phone_valid(match: re.Match[str]) -> bool:
     return 8 <= len(_digits(match.group())) <= 15
 
 
-def _phone_could_match(text: str) -> bool:
-    return len(text) >= 9 and _has_digit(text)
-
-
 # --- JWT: three base64url parts, the header is JSON naming an "alg" ----------
 
 _JWT = re.compile(r"(?<![\w-])eyJ[A-Za-z0-9_-]*\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*(?![\w.-])")
@@ -201,14 +211,14 @@ DETECTORS: dict[str, _Detector] = {
     detector.kind: detector
     for detector in (
         # Order is priority when two findings overlap at the same start.
-        _Detector("private_key", _PRIVATE_KEY, lambda t: "PRIVATE KEY" in t, _always, _opaque("private_key")),
-        _Detector("jwt", _JWT, lambda t: "eyJ" in t, _jwt_valid, _opaque("jwt")),
-        _Detector("aws_access_key", _AWS_KEY, lambda t: "AKIA" in t or "ASIA" in t, _always, _opaque("aws_access_key")),
-        _Detector("iban", _IBAN, _iban_could_match, lambda m: iban_ok(m.group()), _opaque("iban")),
-        _Detector("credit_card", _CARD, _card_could_match, _card_valid, _card_placeholder),
-        _Detector("email", _EMAIL, lambda t: "@" in t, _always, _email_placeholder),
-        _Detector("us_ssn", _SSN, lambda t: "-" in t, _ssn_valid, _ssn_placeholder),
-        _Detector("phone", _PHONE, _phone_could_match, _phone_valid, _opaque("phone")),
+        _Detector("private_key", _PRIVATE_KEY, _always, _opaque("private_key"), 27, needs_any_of=("PRIVATE KEY",)),
+        _Detector("jwt", _JWT, _jwt_valid, _opaque("jwt"), 10, needs_any_of=("eyJ",)),
+        _Detector("aws_access_key", _AWS_KEY, _always, _opaque("aws_access_key"), 20, needs_any_of=("AKIA", "ASIA")),
+        _Detector("iban", _IBAN, lambda m: iban_ok(m.group()), _opaque("iban"), 15, min_digits=2),
+        _Detector("credit_card", _CARD, _card_valid, _card_placeholder, 13, min_digits=13),
+        _Detector("email", _EMAIL, _always, _email_placeholder, 6, needs_any_of=("@",)),
+        _Detector("us_ssn", _SSN, _ssn_valid, _ssn_placeholder, 11, min_digits=9, needs_any_of=("-",)),
+        _Detector("phone", _PHONE, _phone_valid, _opaque("phone"), 9, min_digits=8),
     )
 }
 
@@ -222,18 +232,25 @@ class Scanner:
         if unknown:
             raise UnknownDetectorError(f"unknown detector {sorted(unknown)[0]!r}; known: {', '.join(DETECTORS)}")
         self.detectors = tuple(d for kind, d in DETECTORS.items() if kind in wanted)
+        self._fewest_digits = min((d.min_digits for d in self.detectors if d.min_digits), default=sys.maxsize)
+        self._markers = tuple(marker for d in self.detectors if not d.min_digits for marker in d.needs_any_of)
 
     def find(self, text: str) -> list[tuple[Finding, re.Match[str], _Detector]]:
         """Validated, non-overlapping findings in text order (earliest first, then longest)."""
-        if len(text) < _MIN_FINDING_LENGTH:
+        if len(text) < _MIN_FINDING_LENGTH or _PLAIN_VALUE.fullmatch(text):
+            return []
+        digits = len(text) - len(text.translate(_WITHOUT_DIGITS))
+        if digits < self._fewest_digits and not any(marker in text for marker in self._markers):
             return []
         candidates = [
             (match.start(), -match.end(), index, match, detector)
             for index, detector in enumerate(self.detectors)
-            if detector.could_match(text)
+            if detector.could_match(text, digits)
             for match in detector.pattern.finditer(text)
             if detector.is_valid(match)
         ]
+        if not candidates:
+            return []
         candidates.sort(key=lambda c: c[:3])
         chosen, covered_until = [], 0
         for start, negative_end, _, match, detector in candidates:
