@@ -26,12 +26,17 @@ FORMATS = ("table", "csv", "json", "parquet")
 MAX_BYTES_SHOWN = 16
 
 
+def _interval(value: pa.MonthDayNano) -> timedelta:
+    """DuckDB's INTERVAL as a timedelta; ledger durations never span months, but a 30-day month keeps order."""
+    return timedelta(days=value.days + 30 * value.months, microseconds=value.nanoseconds // 1000)
+
+
 def plain(value: Any) -> Any:
     """A JSON-able value: times as ISO 8601, intervals as seconds, bytes as hex."""
     if isinstance(value, (datetime, date)):
         return value.isoformat()
-    if isinstance(value, pa.MonthDayNano):  # DuckDB's INTERVAL; ledger durations never span months
-        value = timedelta(days=value.days + 30 * value.months, microseconds=value.nanoseconds // 1000)
+    if isinstance(value, pa.MonthDayNano):
+        value = _interval(value)
     if isinstance(value, timedelta):
         return value.total_seconds()
     if isinstance(value, (bytes, bytearray, memoryview)):
@@ -53,7 +58,7 @@ def cell(value: Any) -> str:
         hexed = bytes(value).hex()
         return hexed if len(hexed) <= 2 * MAX_BYTES_SHOWN else hexed[:2 * MAX_BYTES_SHOWN] + "…"
     if isinstance(value, pa.MonthDayNano):
-        return str(timedelta(days=value.days + 30 * value.months, microseconds=value.nanoseconds // 1000))
+        return str(_interval(value))
     value = plain(value)
     return json.dumps(value, ensure_ascii=False) if isinstance(value, (list, dict)) else str(value)
 
@@ -85,12 +90,21 @@ def to_json(result: pa.Table) -> str:
     return json.dumps([plain(row) for row in result.to_pylist()], ensure_ascii=False, indent=1) + "\n"
 
 
+def parquet_safe(result: pa.Table) -> pa.Table:
+    """Parquet has no interval type: intervals become durations in microseconds."""
+    for i, column in enumerate(result.schema):
+        if pa.types.is_interval(column.type):
+            values = [None if v is None else _interval(v) for v in result.column(i).to_pylist()]
+            result = result.set_column(i, column.name, pa.array(values, pa.duration("us")))
+    return result
+
+
 def write_result(result: pa.Table, fmt: str, output: Path | None) -> None:
     """Write `result` in `fmt` to `output`, or stdout (Parquet needs a file)."""
     if fmt == "parquet":
         if output is None:
             raise CustodyError("--format parquet needs --output FILE")
-        pq.write_table(result, output, compression="zstd")
+        pq.write_table(parquet_safe(result), output, compression="zstd")
         return
     if fmt == "table":
         if output is None:
