@@ -91,6 +91,12 @@ def test_overlapping_findings_mask_once():
     assert [text[f.start:f.end] for f in findings][1:] == ["4111111111111111", "bob@example.com", "123-45-6789"]
 
 
+def test_what_overlaps_leave_behind_is_masked_with_the_whole_text():
+    masked, findings = mask_text("4111 1111 1111 1111a@example.com", ALL)
+    assert masked == "[MASKED:email]"
+    assert [(f.kind, f.start, f.end) for f in findings] == [("credit_card", 0, 19), ("email", 0, 32)]
+
+
 PLAN = MaskPlan(detectors=frozenset(ALL), columns=("*ssn*", "card_number"), rules=("pii",))
 
 
@@ -212,5 +218,5 @@ def test_every_detector_needs_digits_or_a_marker_so_the_scanner_can_reject_text_
 
 
 @pytest.mark.parametrize("text", ["-1234567.25", "2024-01-15 10:00:00.123456+05:30", "550e8400-e29b-41d4-a716-446655440000"])
-def test_plain_numbers_dates_and_uuids_are_skipped(text):
-    assert Scanner(ALL).find(text) == []
+def test_plain_numbers_dates_and_uuids_are_left_alone(text):
+    assert Scanner(ALL).mask(text) == (text, ())

@@ -27,9 +27,9 @@ from functools import lru_cache
 __all__ = ["DETECTORS", "Finding", "Scanner", "UnknownDetectorError", "mask_text", "scanner_for"]
 
 _MIN_FINDING_LENGTH = 6  # the shortest finding of any detector ("a@b.co")
+_WITHOUT_DIGITS = str.maketrans("", "", "0123456789")
 # How PostgreSQL prints integers, numerics (at most 12 digits a side: no room for a
 # 13-digit card), dates, timestamps and uuids: none of these can hold a finding.
-_WITHOUT_DIGITS = str.maketrans("", "", "0123456789")
 _PLAIN_VALUE = re.compile(
     r"-?\d{1,12}(?:\.\d{1,12})?"
     r"|\d{4}-\d\d-\d\d(?:[ T]\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:[+-]\d\d(?::\d\d)?|Z)?)?"
@@ -235,7 +235,7 @@ class Scanner:
         self._fewest_digits = min((d.min_digits for d in self.detectors if d.min_digits), default=sys.maxsize)
         self._markers = tuple(marker for d in self.detectors if not d.min_digits for marker in d.needs_any_of)
 
-    def find(self, text: str) -> list[tuple[Finding, re.Match[str], _Detector]]:
+    def _find(self, text: str) -> list[tuple[Finding, re.Match[str], _Detector]]:
         """Validated, non-overlapping findings in text order (earliest first, then longest)."""
         if len(text) < _MIN_FINDING_LENGTH or _PLAIN_VALUE.fullmatch(text):
             return []
@@ -263,11 +263,13 @@ class Scanner:
         """`text` with every finding replaced by its placeholder, and the findings (spans in `text`).
 
         Placeholders keep a little shape (last four card digits, the email's
-        domain); should that shape ever combine with its neighbours into a new
-        finding, the whole text is masked instead, so the output never holds
-        a detectable value.
+        domain). Overlapping findings are masked once, so the rest of a
+        dropped overlap, or a placeholder's shape, can combine with its
+        neighbours into a new finding (`4111 1111 1111 1111a@example.com`);
+        then the whole text is masked instead, so the output never holds a
+        detectable value.
         """
-        found = self.find(text)
+        found = self._find(text)
         if not found:
             return text, ()
         pieces, cursor = [], 0
@@ -278,7 +280,7 @@ class Scanner:
         pieces.append(text[cursor:])
         masked = "".join(pieces)
         findings = tuple(f for f, _, _ in found)
-        leftover = self.find(masked)
+        leftover = self._find(masked)
         if leftover:
             return f"[MASKED:{leftover[0][0].kind}]", findings + (Finding(leftover[0][0].kind, 0, len(text)),)
         return masked, findings

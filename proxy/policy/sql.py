@@ -26,7 +26,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -61,7 +61,10 @@ class StatementInfo:
     `text` is the statement's own source (for a statement nested in a CTE or
     a query, the source of the statement that contains it); `normalized` is
     that text with constants replaced by `$n` (pg_stat_statements style), so it
-    can be shown and grouped without revealing literal values. `tables` and
+    can be shown and grouped without revealing literal values (as in
+    PostgreSQL, utility statements such as ALTER ROLE … PASSWORD are left as
+    written). Table names from CTEs are reported too: a CTE name can shadow
+    a real table, so dropping it could hide one. `tables` and
     `functions` include those of nested statements; names are
     `schema.name` as PostgreSQL resolves identifiers (unquoted lowercased,
     quoted kept exact), or bare `name` when the SQL does not qualify it.
@@ -73,7 +76,7 @@ class StatementInfo:
     has_where: bool | None = None
     tables: tuple[str, ...] = ()
     functions: tuple[str, ...] = ()
-    nested: tuple[StatementInfo, ...] = field(default=())
+    nested: tuple[StatementInfo, ...] = ()
 
     def walk(self) -> Iterator[StatementInfo]:
         """This statement, then every nested statement, depth first."""
