@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import os
+from importlib import resources
 from pathlib import Path
 
 import click
@@ -58,6 +59,7 @@ name = "local-postgres"
 protocol = "postgres"
 listen = "127.0.0.1:{proxy_port}"
 upstream = "postgresql://postgres@127.0.0.1:5432/postgres"
+policy = "policies/default.toml"                  # reloaded on change; see `custody policy test`
 # upstream_password_env = "CUSTODY_PG_PASSWORD"   # or upstream_password_file; absent = trust
 """
 
@@ -84,6 +86,9 @@ def initialise(directory: Path, proxy_port: int = 6432, broker_port: int = 9192)
         add_to_keyring(keys / "keyring.toml", generate_key_file(keys / f"{role}.key", role), role)
     write_custodian_keypair(keys)
     create_dev_idp(keys / "dev-idp.key", keys / "dev-idp.jwks.json")
+    policies = directory / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "default.toml").write_text(resources.files("proxy").joinpath("policies/default.toml").read_text())
     config.write_text(CONFIG_TEMPLATE.format(proxy_port=proxy_port, broker_port=broker_port))
     return config
 
@@ -95,5 +100,5 @@ def initialise(directory: Path, proxy_port: int = 6432, broker_port: int = 9192)
 def init(directory: Path, proxy_port: int, broker_port: int) -> None:
     """Write a starter custody.toml, keys and a dev identity provider into DIRECTORY."""
     config = initialise(directory, proxy_port, broker_port)
-    click.echo(f"wrote {config} and keys/ (proxy, ledger, exporter, custodian, dev IdP)")
+    click.echo(f"wrote {config}, policies/default.toml and keys/ (proxy, ledger, exporter, custodian, dev IdP)")
     click.echo(f"next: cd {directory} && custody up")

@@ -21,6 +21,7 @@ def test_init_writes_a_config_that_loads_and_refuses_to_overwrite(tmp_path):
     assert config.kafka.embedded and config.kafka.topic("events") == "custody.events"
     assert config.proxies[0].name == "local-postgres" and config.proxies[0].protocol == "postgres"
     assert config.keys.keyring == tmp_path / "keys" / "keyring.toml"
+    assert config.proxies[0].policy == tmp_path / "policies" / "default.toml" and config.proxies[0].policy.exists()
     assert oct((tmp_path / "keys" / "custodian.key").stat().st_mode & 0o777) == "0o600"
     with pytest.raises(CustodyError, match="refusing to overwrite"):
         initialise(tmp_path)
