@@ -191,8 +191,6 @@ SEAL_CHECKS = (check_seal_signature, check_seal_link, check_seal_ranges, check_c
 
 
 def check_segment_hash(path: Path, segment: dict[str, Any], subject: str) -> None:
-    if not path.is_file():
-        raise SegmentMissing(subject, "file is missing")
     if file_sha256(path).hex() != segment["sha256"]:
         raise SegmentHashMismatch(subject, "hash value doesn't match")
 

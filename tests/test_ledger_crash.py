@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from conftest import make_key
 from events_factory import frames, session_end, session_start
 from ingest.events import SessionChain
 from ingest.keys import Keyring, TrustedKey, generate_key_file
