@@ -1,112 +1,150 @@
-"""`custody demo`: the whole pipeline on embedded defaults, as far as it is built.
+"""`custody demo`: the whole pipeline on embedded defaults, against the local PostgreSQL.
 
-Starts the dev broker, records a few sessions as signed events through the spool
-and producer, tampers with one on the wire, then consumes and verifies
-everything and shows what was accepted and what was quarantined, and why.
+`custody init` into a fresh directory, `custody up` (dev broker, ledger, proxy),
+then real psycopg sessions through the proxy by two identities — including a
+login with a forged token, a query error and a statement the default policy
+blocks — then, once the ledger has sealed them, the investigator's view:
+`custody sessions`, one `custody replay`, and `custody verify`. Each command is
+printed before its output, so the demo doubles as a tour.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import click
-from rich.console import Console
-from rich.table import Table
+import psycopg
 
-from custody.config import KafkaSettings
-from ingest import kafka
-from ingest.broker import DevBroker
-from ingest.consumer import Accepted, EventConsumer, Quarantined
-from ingest.events import SessionChain
-from ingest.keys import add_to_keyring, generate_key_file
-from ingest.producer import EventProducer
-from ingest.spool import Spool
-from ingest.verify import EventVerifier
+from custody.config import Config, load_config
+from custody.errors import CustodyError
+from custody.init import initialise
+from custody.up import Stack
+from ingest.broker import free_port
 
-SCRIPT = [
-    ("alice@example.com", ["dba"], ["SELECT count(*) FROM orders", "UPDATE orders SET status = 'shipped' WHERE id = 7"]),
-    ("ci-runner@example.com", ["ci"], ["SELECT version()", "SELECT * FROM pg_stat_activity"]),
-    ("bob@example.com", ["analyst"], ["SELECT email FROM customers LIMIT 5", "SELECT 1/0"]),
-]
+DEMO_TABLE = "custody_demo_customers"
 
 
-def _record_session(chain: SessionChain, subject: str, groups: list[str], statements: list[str]):
-    identity = {"subject": subject, "username": subject, "email": subject, "groups": groups,
-                "issuer": "https://idp.example.com/", "token_id": None}
-    yield chain.event("session_start", {"identity": identity, "source_address": "127.0.0.1:52000",
-                                        "target": "local-postgres", "upstream": "127.0.0.1:5432/postgres",
-                                        "protocol": "postgres", "client_application": "psql"})
-    for sql in statements:
-        query = b"Q" + (len(sql) + 5).to_bytes(4, "big") + sql.encode() + b"\0"
-        yield chain.event("frames", {"direction": "client", "messages": [{"type": "Query", "data": query, "statement": sql}]})
-        tag = "ERROR" if "1/0" in sql else ("UPDATE 1" if sql.startswith("UPDATE") else "SELECT 1")
-        reply = {"type": "CommandComplete", "data": b"C", "command_tag": tag, "rows": 1}
-        if tag == "ERROR":
-            reply = {"type": "ErrorResponse", "data": b"E", "error_code": "22012", "error_message": "division by zero"}
-        yield chain.event("frames", {"direction": "server", "messages": [reply]})
-    yield chain.event("session_end", {"reason": "client_terminate", "duration_us": 42_000, "client_bytes": 120,
-                                      "server_bytes": 480, "client_messages": len(statements) + 1,
-                                      "server_messages": len(statements) * 2})
+def _token(config: Config, subject: str, groups: list[str], **extra) -> str:
+    from proxy.devidp import issue_token
+
+    identity = config.identity
+    return issue_token(identity.dev_signing_key, identity.issuer, identity.audience, subject, groups,
+                       email=subject, ttl=timedelta(minutes=10), extra_claims=extra or None)
+
+
+def _connect(config: Config, subject: str, token: str, app: str) -> psycopg.Connection:
+    host, _, port = config.proxies[0].listen.rpartition(":")
+    return psycopg.connect(host=host, port=int(port), user=subject, password=token, dbname="postgres",
+                           sslmode="disable", application_name=app, autocommit=True, connect_timeout=10)
+
+
+def _say(text: str) -> None:
+    click.echo(click.style(text, bold=True))
+
+
+def run_sessions(config: Config) -> int:
+    """The demo's clients; returns how many sessions the proxy should have recorded."""
+    alice, bob = "alice@example.com", "bob@example.com"
+    _say(f"\n# {alice} (group dba) creates and fills a table through the proxy")
+    with _connect(config, alice, _token(config, alice, ["dba"]), "psql") as conn:
+        conn.execute(f"DROP TABLE IF EXISTS {DEMO_TABLE}")
+        conn.execute(f"CREATE TABLE {DEMO_TABLE} (id int PRIMARY KEY, name text, email text, card_number text)")
+        with conn.cursor() as cur:
+            cur.executemany(f"INSERT INTO {DEMO_TABLE} VALUES (%s, %s, %s, %s)", [
+                (1, "Ada Lovelace", "ada@example.org", "4111 1111 1111 1111"),
+                (2, "Alan Turing", "alan@example.org", "5500 0000 0000 0004"),
+            ])
+        rows = conn.execute(f"SELECT name, email FROM {DEMO_TABLE} ORDER BY id").fetchall()
+        click.echo(f"  alice sees: {rows}")
+    _say(f"\n# {bob} (group developers) reads, makes a mistake, and tries something dangerous")
+    with _connect(config, bob, _token(config, bob, ["developers"]), "DBeaver 24.1") as conn:
+        rows = conn.execute(f"SELECT name, email, card_number FROM {DEMO_TABLE} ORDER BY id").fetchall()
+        click.echo(f"  bob sees:   {rows}")
+        for sql in ("SELECT 1/0", f"DROP TABLE {DEMO_TABLE}"):
+            try:
+                conn.execute(sql)
+            except psycopg.Error as exc:
+                click.echo(f"  {sql!r} -> {exc.sqlstate}: {str(exc).splitlines()[0]}")
+    _say("\n# someone presents a token for another audience")
+    try:
+        _connect(config, "mallory@example.com", _token(config, "mallory@example.com", ["dba"], aud="another-service"),
+                 "psql").close()
+    except psycopg.OperationalError as exc:
+        click.echo(f"  refused: {str(exc).strip().splitlines()[-1]}")
+    return 3
+
+
+def _sealed_sessions(config: Config) -> int:
+    from query.views import open_ledger
+
+    try:
+        con = open_ledger(config.ledger.dir)
+    except CustodyError:
+        return 0
+    return con.execute("SELECT count(*) FROM sessions WHERE end_reason IS NOT NULL").fetchone()[0]
+
+
+def wait_for_seal(config: Config, sessions: int, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while _sealed_sessions(config) < sessions:
+        if time.monotonic() > deadline:
+            raise CustodyError(f"the ledger did not seal {sessions} sessions within {timeout:.0f}s")
+        time.sleep(0.5)
+
+
+def show(config: Config, *args: str) -> str:
+    """Run a custody command as a user would, print it and its output."""
+    _say(f"\n$ custody {' '.join(args)}")
+    result = subprocess.run([sys.executable, "-m", "custody", *args, "--config", str(config.path)],
+                            capture_output=True, text=True)
+    click.echo(result.stdout.rstrip())
+    if result.returncode:
+        click.echo(result.stderr.rstrip(), err=True)
+        raise CustodyError(f"`custody {' '.join(args)}` failed with exit code {result.returncode}")
+    return result.stdout
+
+
+def _drop_demo_table() -> None:
+    """Clean up the machine's PostgreSQL directly (not through the proxy: this is not part of the story)."""
+    try:
+        with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True) as conn:
+            conn.execute(f"DROP TABLE IF EXISTS {DEMO_TABLE}")
+    except psycopg.Error:
+        pass
 
 
 @click.command()
 @click.option("--dir", "directory", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Work directory (default: a new temporary one).")
+              help="Where to `custody init` (default: a new temporary directory, removed afterwards).")
 def demo(directory: Path | None) -> None:
-    """Run the pipeline end to end on embedded defaults and show what was verified."""
-    console = Console()
+    """Run the whole pipeline on embedded defaults against the local PostgreSQL and investigate it."""
+    keep = directory is not None
     directory = directory or Path(tempfile.mkdtemp(prefix="custody-demo-"))
-    key = generate_key_file(directory / "keys" / "proxy.key", "proxy")
-    keyring = add_to_keyring(directory / "keys" / "keyring.toml", key, "proxy")
-    console.print(f"[bold]custody demo[/] in {directory}: proxy key {key.key_id}")
-    with DevBroker(log_path=directory / "broker.log") as dev:
-        settings = KafkaSettings(bootstrap=dev.bootstrap, topic_prefix="custody.", embedded_listen=dev.bootstrap, partitions=3)
-        kafka.ensure_topics(settings)
-        console.print(f"dev broker (Tansu) on {dev.bootstrap}")
-        producer = EventProducer(settings, Spool(directory / "spool"))
-        events = []
-        for subject, groups, statements in SCRIPT:
-            for event in _record_session(SessionChain(key, "demo-proxy"), subject, groups, statements):
-                producer.send(event)
-                events.append(event)
-        producer.close()
-        console.print(f"recorded {len(events)} signed events in {len(SCRIPT)} sessions, spooled and delivered")
-
-        tampered = bytearray(events[1].value)
-        tampered[tampered.index(b"orders")] ^= 0x20
-        raw = kafka.producer(settings)
-        raw.send(settings.topic("events"), key=events[1].session_id.encode(), value=bytes(tampered))
-        raw.flush()
-        raw.close()
-        console.print("tampered with one copy on the wire ('orders' -> 'Orders')")
-
-        consumer = EventConsumer(settings, EventVerifier(keyring), group_id="custody-demo")
-        outcomes, deadline = [], time.monotonic() + 30
-        while len(outcomes) < len(events) + 1 and time.monotonic() < deadline:
-            outcomes.extend(consumer.poll(0.5))
-        consumer.commit()
-        consumer.close()
-
-    table = Table(title="verified events by session")
-    for column in ("session", "identity", "accepted", "statements"):
-        table.add_column(column)
-    by_session: dict[str, list] = {}
-    for outcome in outcomes:
-        if isinstance(outcome, Accepted):
-            by_session.setdefault(outcome.event.session_id, []).append(outcome.event)
-    for session_id, accepted in by_session.items():
-        start = accepted[0].body
-        statements = [m["statement"] for e in accepted if e.kind == "frames" for m in e.body["messages"] if m["statement"]]
-        table.add_row(session_id[:13] + "…", start["identity"]["subject"], str(len(accepted)), "; ".join(statements))
-    console.print(table)
-    for outcome in outcomes:
-        if isinstance(outcome, Quarantined):
-            console.print(f"[red]quarantined[/] {outcome.record.topic}/{outcome.record.partition}@{outcome.record.offset}: "
-                          f"{outcome.rejection.reason}: {outcome.rejection.detail}")
-    accepted_count = sum(isinstance(o, Accepted) for o in outcomes)
-    console.print(f"[bold]{accepted_count}/{len(events)} events verified[/] (signature, key, session chain); "
-                  f"{len(outcomes) - accepted_count} quarantined")
-    if accepted_count != len(events):
-        raise SystemExit(1)
+    config_path = initialise(directory, proxy_port=free_port(), broker_port=free_port())
+    text = config_path.read_text().replace("segment_max_seconds = 5", "segment_max_seconds = 1")
+    config_path.write_text(text)
+    config = load_config(config_path)
+    _say(f"$ custody init {directory}\n$ custody up   # dev broker, ledger, proxy on {config.proxies[0].listen}")
+    try:
+        with Stack(config):
+            sessions = run_sessions(config)
+            _say("\n# waiting for the ledger to seal the sessions …")
+            wait_for_seal(config, sessions)
+        listing = show(config, "sessions", "--format", "json")
+        rows = json.loads(listing) if listing.strip() else []
+        bob = next(r["session_id"] for r in rows if r.get("subject") == "bob@example.com")
+        show(config, "replay", bob)
+        show(config, "verify")
+        _say(f"\nEverything above is in {directory}: `custody sql --config {config_path} \"SELECT * FROM statements\"`"
+             if keep else "\n(demo directory removed; pass --dir to keep it)")
+    finally:
+        _drop_demo_table()
+        if not keep:
+            shutil.rmtree(directory, ignore_errors=True)
