@@ -43,6 +43,21 @@ def row_description_names(data: bytes) -> list[str]:
     return names
 
 
+def split_messages(data: bytes) -> list[bytes]:
+    """The messages of a recorded run (the proxy folds consecutive DataRows of one read into one record)."""
+    messages, at = [], 0
+    while at < len(data):
+        if at + _HEADER > len(data):
+            raise WireError(f"truncated message header at byte {at}")
+        (length,) = _INT32.unpack_from(data, at + 1)
+        end = at + 1 + length
+        if length < 4 or end > len(data):
+            raise WireError(f"message at byte {at} claims {length} bytes, {len(data) - at - 1} remain")
+        messages.append(data[at:end])
+        at = end
+    return messages
+
+
 def data_row_values(data: bytes) -> list[str | None]:
     """Values of a DataRow message (whole wire bytes) as text; NULL is None."""
     try:

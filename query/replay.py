@@ -154,11 +154,12 @@ def _server(messages: list[dict[str, Any]], max_rows: int) -> dict[str, Any]:
         if kind == "RowDescription":
             step["columns"] = _columns(m)
         elif kind == "DataRow":
-            if step["row_count"] < max_rows:
-                if m.get("sealed_original") is not None:
-                    step["masked_rows"].append(len(step["rows"]))
-                step["rows"].append(pgwire.data_row_values(m["data"]))
-            step["row_count"] += 1
+            for row in pgwire.split_messages(m["data"]):  # a record may hold a run of rows of one read
+                if step["row_count"] < max_rows:
+                    if m.get("sealed_original") is not None:
+                        step["masked_rows"].append(len(step["rows"]))
+                    step["rows"].append(pgwire.data_row_values(row))
+                step["row_count"] += 1
         elif kind == "CommandComplete":
             step["command_tags"].append(m.get("command_tag"))
         elif kind == "ErrorResponse":

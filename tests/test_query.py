@@ -67,6 +67,15 @@ def test_pgwire_reads_what_the_proxy_encodes():
         pgwire.data_row_values(row[:-2])
 
 
+def test_a_recorded_run_of_rows_splits_back_into_its_messages():
+    """The proxy folds the DataRows of one read into one record; replay shows every row of it."""
+    rows = [pgwire.data_row([str(i), f"name {i}"]) for i in range(3)]
+    assert pgwire.split_messages(b"".join(rows)) == rows
+    assert [pgwire.data_row_values(r) for r in pgwire.split_messages(b"".join(rows))][2] == ["2", "name 2"]
+    with pytest.raises(pgwire.WireError, match="claims"):
+        pgwire.split_messages(b"".join(rows)[:-1])
+
+
 # --- views -----------------------------------------------------------------------------------------
 
 
