@@ -63,46 +63,64 @@ def check_signature(event: SignedEvent, keyring: Keyring) -> None:
 
 
 RECENT_WINDOW = 1024
+"""How many of an open session's latest events a verifier can still tell a duplicate of."""
+CLOSED_WINDOW = 16
+"""The same after the session ended: late re-deliveries of its last events stay `duplicate`s."""
+DIGEST_SIZE = 8
+"""Recent events are remembered by 8 bytes of their hash: enough to tell a re-delivery from a fork
+(both are rejected either way; only the reason could differ), at 1/4 of the memory."""
 
 
-@dataclass
+@dataclass(slots=True)
 class ChainPosition:
-    """What a verifier remembers of a session: enough to check the next event, and duplicates of recent ones."""
+    """What a verifier remembers of a session: enough to check the next event, and duplicates of recent ones.
+
+    `recent` holds the digests of the seqs just before `next_seq`, oldest first.
+    """
 
     next_seq: int = 0
     last_hash: bytes = ZERO_HASH
-    recent: dict[int, bytes] = field(default_factory=dict)
+    recent: bytearray = field(default_factory=bytearray)
+
+    def digest_of(self, seq: int) -> bytes | None:
+        count = len(self.recent) // DIGEST_SIZE
+        index = seq - (self.next_seq - count)
+        if 0 <= index < count:
+            return bytes(self.recent[index * DIGEST_SIZE:(index + 1) * DIGEST_SIZE])
+        return None
+
+    def advance(self, digest: bytes, window: int) -> None:
+        self.next_seq += 1
+        self.last_hash = digest
+        self.recent += digest[:DIGEST_SIZE]
+        if len(self.recent) > window * DIGEST_SIZE:
+            del self.recent[:len(self.recent) - window * DIGEST_SIZE]
 
     def to_json(self, window: int = RECENT_WINDOW) -> dict:
-        """A JSON-able snapshot keeping the last `window` recent hashes, so a restarted verifier still names duplicates."""
-        first = self.next_seq
-        while first > max(0, self.next_seq - window) and first - 1 in self.recent:
-            first -= 1  # accepted seqs are contiguous, so the recent ones are a run ending at next_seq - 1
+        """A JSON-able snapshot keeping the last `window` digests, so a restarted verifier still names duplicates."""
         return {"next_seq": self.next_seq, "last_hash": self.last_hash.hex(),
-                "recent": "".join(self.recent[s].hex() for s in range(first, self.next_seq))}
+                "recent": self.recent[-window * DIGEST_SIZE:].hex() if window else ""}
 
     @classmethod
     def from_json(cls, data: dict) -> "ChainPosition":
-        """Inverse of `to_json`: the recent hashes are those of the seqs just before `next_seq`."""
-        hashes = bytes.fromhex(data["recent"])
-        count = len(hashes) // 32
-        first = data["next_seq"] - count
-        recent = {first + i: hashes[32 * i:32 * (i + 1)] for i in range(count)}
-        return cls(data["next_seq"], bytes.fromhex(data["last_hash"]), recent)
+        return cls(data["next_seq"], bytes.fromhex(data["last_hash"]), bytearray.fromhex(data["recent"]))
 
 
 class SessionChains:
-    """Per-session chain positions; `check` then `accept` keeps them in step with what was accepted."""
+    """Per-session chain positions; `check` then `accept` keeps them in step with what was accepted.
+
+    Memory is bounded per session (RECENT_WINDOW digests while open, CLOSED_WINDOW after
+    its SessionEnd), not per event.
+    """
 
     def __init__(self) -> None:
         self.sessions: dict[str, ChainPosition] = {}
 
     def check(self, event: SignedEvent) -> None:
-        position = self.sessions.get(event.session_id, ChainPosition())
+        position = self.sessions.get(event.session_id) or ChainPosition()
         seq = event.seq
         if seq < position.next_seq:
-            seen = position.recent.get(seq)
-            if seen == event.hash:
+            if position.digest_of(seq) == event.hash[:DIGEST_SIZE]:
                 raise Rejection("duplicate", f"session {event.session_id} seq {seq} was already accepted", event)
             raise Rejection("seq_conflict", f"session {event.session_id} seq {seq} was already accepted with other contents", event)
         if seq > position.next_seq:
@@ -112,10 +130,7 @@ class SessionChains:
 
     def accept(self, event: SignedEvent) -> None:
         position = self.sessions.setdefault(event.session_id, ChainPosition())
-        digest = event.hash
-        position.next_seq, position.last_hash = event.seq + 1, digest
-        position.recent[event.seq] = digest
-        position.recent.pop(event.seq - RECENT_WINDOW, None)
+        position.advance(event.hash, CLOSED_WINDOW if event.kind == "session_end" else RECENT_WINDOW)
 
 
 class EventVerifier:
