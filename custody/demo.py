@@ -141,6 +141,7 @@ def demo(directory: Path | None) -> None:
         rows = json.loads(listing) if listing.strip() else []
         bob = next(r["session_id"] for r in rows if r.get("subject") == "bob@example.com")
         show(config, "replay", bob)
+        show(config, "violations", "tail")
         show(config, "verify")
         _say(f"\nEverything above is in {directory}: `custody sql --config {config_path} \"SELECT * FROM statements\"`"
              if keep else "\n(demo directory removed; pass --dir to keep it)")

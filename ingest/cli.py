@@ -89,4 +89,33 @@ def broker(listen: str | None, config_path: str | None) -> None:
         dev.stop()
 
 
-commands: list[click.Command] = [keys, broker]
+@click.group()
+def violations() -> None:
+    """The violations stream the SOC subscribes to (custody.violations)."""
+
+
+@violations.command("tail")
+@click.option("--follow", "-f", is_flag=True, help="Keep waiting for new violations.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@config_option
+def tail(follow: bool, fmt: str, config_path: str | None) -> None:
+    """Print violations from the start of the topic (JSON lines, or a table)."""
+    from ingest import kafka
+    from ingest.violations import encode, tail as read
+
+    settings = load_config(config_path).kafka
+    kafka.ensure_topics(settings, ("violations",))
+    consumer = kafka.consumer(settings, settings.topic("violations"), group_id=None)
+    try:
+        for v in read(consumer, follow):
+            if fmt == "json":
+                click.echo(encode(v))
+            else:
+                who = (v["identity"] or {}).get("subject", "-")
+                click.echo(f"{v['time'][:19]}  {v['severity']:8}  {v['category']:16}  {who:24}  "
+                           f"{v['target'] or '-':16}  {v['reason']}: {v['statement'] or v['detail'] or ''}")
+    finally:
+        consumer.close()
+
+
+commands: list[click.Command] = [keys, broker, violations]

@@ -6,7 +6,8 @@ resumes from the partition's last durable seal (not from the committed
 offset: the seal is the truth) and seeks there; on revocation it drops what
 it had not sealed, which the next owner re-reads. Per seal, in this order:
 quarantine copies acknowledged → segment durable → state snapshot durable →
-seal durable (the commit point) → seal published to `custody.seals` →
+seal durable (the commit point) → seal published to `custody.seals` and
+violations to `custody.violations` →
 offset committed (a courtesy for lag monitoring). A crash anywhere re-reads
 from the last seal: nothing lost, nothing twice.
 """
@@ -25,7 +26,7 @@ from kafka.structs import OffsetAndMetadata
 
 from custody.config import Config, KafkaSettings, LedgerSettings
 from custody.errors import CustodyError
-from ingest import kafka
+from ingest import kafka, violations
 from ingest.consumer import Quarantine, Quarantined, Record, verify_record
 from ingest.events import micros_to_datetime, now_micros
 from ingest.keys import Keyring, KeyLookupError, PrivateKey, load_key_file
@@ -61,6 +62,7 @@ class PartitionWriter:
         self.leaves: list[bytes] = []
         self.first_offset = self.state.next_offset
         self.quarantined = 0
+        self.violations: list[dict] = []
         self.opened_at: float | None = None
         self.time_range: tuple[int, int] | None = None
 
@@ -72,6 +74,9 @@ class PartitionWriter:
         outcome = verify_record(self.verifier, record)
         if isinstance(outcome, Quarantined):
             self.quarantined += 1
+            claimed = outcome.rejection.event
+            self.violations.append(violations.from_quarantine(
+                record, outcome.rejection, self.state.identities.get(claimed.session_id) if claimed else None))
             return outcome
         event = outcome.event
         e = event.envelope
@@ -82,6 +87,8 @@ class PartitionWriter:
             identity = self.state.identities.pop(session_id, NO_IDENTITY)
         else:
             identity = self.state.identities.get(session_id, NO_IDENTITY)
+        if (violation := violations.from_event(event, identity)) is not None:
+            self.violations.append(violation)
         event_hash = self.state.chains.sessions[session_id].last_hash  # hashed once, by the verifier's accept
         self.builder.add(self.state.tree.size + len(self.leaves), record.offset, event, event_hash, salt, identity)
         self.leaves.append(leaf_hash(event_leaf(salt, event.value)))
@@ -153,9 +160,10 @@ class LedgerService:
         self.dir = ledger_dir(settings)
         self.topic = kafka_settings.topic("events")
         self.seals_topic = kafka_settings.topic("seals")
+        self.violations_topic = kafka_settings.topic("violations")
         self.writers: dict[int, PartitionWriter] = {}
         self.locks: dict[int, PartitionLock] = {}
-        kafka.ensure_topics(kafka_settings, ("events", "quarantine", "seals"))
+        kafka.ensure_topics(kafka_settings, ("events", "quarantine", "seals", "violations"))
         self.quarantine = Quarantine(kafka_settings)
         self.publisher = kafka.producer(kafka_settings)
         # check_crcs=False: kafka-python's CRC-32C is pure Python and would cost more than the signature check,
@@ -237,8 +245,12 @@ class LedgerService:
 
     def _seal(self, writer: PartitionWriter) -> None:
         self.quarantine.flush()  # a sealed offset range covers its rejects too: they must be safe first
+        pending = writer.violations
         seal = writer.seal()
         self._publish(seal)
+        for violation in pending:  # after the seal: a violation always points at sealed evidence
+            self.publisher.send(self.violations_topic, key=(violation["session_id"] or "").encode(),
+                                value=violations.encode(violation))
         tp = TopicPartition(self.topic, writer.state.partition)
         try:
             self.consumer.commit({tp: OffsetAndMetadata(seal.next_offset, "", -1)})
