@@ -50,6 +50,7 @@ class PostgresProxy:
         self.cancel_keys = CancelKeys()
         self.connections: set[ClientConnection] = set()
         self._server: asyncio.AbstractServer | None = None
+        self._cancels: set[asyncio.Task] = set()
 
     @property
     def address(self) -> tuple[str, int]:
@@ -74,13 +75,19 @@ class PostgresProxy:
         if self._server is not None:
             await self._server.wait_closed()
 
-    async def forward_cancel(self, process_id: int, secret: bytes, source: str) -> None:
+    def cancel(self, process_id: int, secret: bytes, source: str) -> None:
+        """Forward a cancel in a task of the listener's: it outlives the connection that asked."""
+        task = asyncio.get_running_loop().create_task(self._forward_cancel(process_id, secret, source))
+        self._cancels.add(task)
+        task.add_done_callback(self._cancels.discard)
+
+    async def _forward_cancel(self, process_id: int, secret: bytes, source: str) -> None:
         """A client's CancelRequest: to the right backend with the real key, if the key is ours."""
         target = self.cancel_keys.lookup(process_id, secret)
         if target is None:
             log.warning("proxy %s: CancelRequest from %s with an unknown key ignored", self.settings.name, source)
             return
-        if not target.session.note_cancel(source):
+        if not target.session.note_cancel(process_id, secret, source):
             return
         try:
             _, writer = await asyncio.wait_for(asyncio.open_connection(target.host, target.port), CANCEL_TIMEOUT)
@@ -181,8 +188,7 @@ class ClientConnection(_Receiver):
                 self.transport.pause_reading()  # nothing may be read in plaintext after the 'S'
                 self._spawn(self._start_tls())
             elif kind is ForwardCancel:
-                source = self.session.source_address
-                self._spawn(self.proxy.forward_cancel(action.process_id, action.secret, source))
+                self.proxy.cancel(action.process_id, action.secret, self.session.source_address)
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)

@@ -284,11 +284,12 @@ class Session:
         error = m.error_response(severity="FATAL", code=ADMIN_SHUTDOWN, message="custody: the proxy is shutting down")
         return self._say([Message("ErrorResponse", error)]) + self._end("shutdown")
 
-    def note_cancel(self, source_address: str) -> bool:
+    def note_cancel(self, process_id: int, secret: bytes, source_address: str) -> bool:
         """Record that a client cancelled this session's query; False: do not forward (fail closed)."""
         if self.phase is Phase.CLOSED:
             return False
-        record = rec.message_record(Message("CancelRequest", b""), {"source_address": source_address})
+        request = Message("CancelRequest", m.cancel_request(process_id, secret))
+        record = rec.message_record(request, {"source_address": source_address})
         try:
             self._record("frames", {"direction": "client", "messages": [record]})
         except RecorderUnavailable:
