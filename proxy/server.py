@@ -119,10 +119,10 @@ class BackgroundService:
             return function(*args)
         return asyncio.run_coroutine_threadsafe(run(), self.loop).result(10)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 10.0) -> None:
         if not self._thread.is_alive():
             return
         asyncio.run_coroutine_threadsafe(self.service.stop(), self.loop).result(10)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
-        self.service.close()
+        self.service.close(timeout)

@@ -29,13 +29,14 @@ DIRECT = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 
 def write_config(directory: Path, bootstrap: str, topic_prefix: str, extra_proxies: str = "",
-                 proxy_keys: str = "", kafka_keys: str = "", spool_keys: str = "") -> Path:
+                 proxy_keys: str = "", replace: dict[str, str] | None = None) -> Path:
     """`custody init` into `directory`, then point it at the test broker and listen on a free port."""
     config = initialise(directory, proxy_port=0)
     text = config.read_text()
-    text = text.replace('bootstrap = "embedded"', f'bootstrap = "{bootstrap}"{kafka_keys}')
+    text = text.replace('bootstrap = "embedded"', f'bootstrap = "{bootstrap}"')
     text = text.replace('topic_prefix = "custody."', f'topic_prefix = "{topic_prefix}"')
-    text = text.replace("fail_open = false", f"fail_open = false\n{spool_keys}")
+    for old, new in (replace or {}).items():
+        text = text.replace(old, new)
     text += proxy_keys + extra_proxies
     config.write_text(text)
     return config
