@@ -67,8 +67,8 @@ class UpstreamLogin:
         if SCRAM_MECHANISM not in request.mechanisms:
             raise UpstreamAuthError(f"the target offers SASL {list(request.mechanisms)}, not {SCRAM_MECHANISM}")
         self.method = SCRAM_MECHANISM
-        # PostgreSQL ignores the SCRAM user name (it uses the startup user): send it empty, as libpq does.
-        self._scram = scramp.ScramClient([SCRAM_MECHANISM], "", self._secret())
+        # PostgreSQL uses the startup user and ignores the SCRAM one; scramp insists on one.
+        self._scram = scramp.ScramClient([SCRAM_MECHANISM], self.user, self._secret())
         return m.sasl_initial_response(SCRAM_MECHANISM, self._scram.get_client_first().encode())
 
     def _on_SASLContinue(self, request: m.AuthenticationRequest) -> bytes:
