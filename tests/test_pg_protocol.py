@@ -11,7 +11,6 @@ import random
 import socket
 import struct
 import threading
-import time
 from collections.abc import Callable, Iterable
 
 import psycopg
@@ -237,14 +236,12 @@ def test_random_splits_yield_the_same_messages(data: st.DataObject) -> None:
     assert feed_in_chunks(direction, stream, cuts) == parse_all(direction, stream)
 
 
-def test_large_message_in_small_chunks_is_linear() -> None:
-    """16 MiB in 4 KiB pieces: a quadratic buffer would copy ~32 GiB here."""
+def test_large_message_in_small_chunks() -> None:
+    """16 MiB in 4 KiB pieces arrives whole (its linear cost is measured in bench/pg_protocol.py)."""
     big = m.data_row([b"x" * (16 << 20)])
     reader = MessageReader("server")
-    started = time.perf_counter()
     for offset in range(0, len(big), 4096):
         messages = reader.feed(big[offset : offset + 4096])
-    assert time.perf_counter() - started < 2.0
     assert [message.data for message in messages] == [big]
 
 
@@ -821,12 +818,3 @@ def test_real_client_through_a_recording_relay() -> None:
     (row,) = [message for message in server_messages if message.type == "DataRow"]
     assert m.decode_data_row(row.payload) == m.DataRow((b"7", b"\\x00ff", None))
     assert any(record["command_tag"] == "SELECT 1" and record["rows"] == 1 for record in server)
-
-
-def test_fast_enough_for_the_hot_path() -> None:
-    """Generous bound (the measured figure is ~0.6 µs); catches a slow regression."""
-    batch = m.data_row([b"12345", b"hello world", None]) * 10_000
-    reader = MessageReader("server")
-    started = time.perf_counter()
-    assert len(reader.feed(batch)) == 10_000
-    assert (time.perf_counter() - started) / 10_000 < 20e-6
