@@ -9,19 +9,25 @@ and what the tests start in a background thread.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import socket
 import sys
 import threading
 from dataclasses import dataclass
 
-from custody.config import Config, ConfigError
+from nacl.public import PublicKey
+
+from custody.config import Config, ConfigError, ProxySettings
 from custody.errors import CustodyError
-from ingest.keys import load_key_file
+from ingest.keys import PrivateKey, load_key_file
 from ingest.producer import EventProducer
 from ingest.recorder import Recorder
 from ingest.spool import Spool
+from proxy.approvals_gateway import ApprovalGateway
 from proxy.identity import TokenVerifier
+from proxy.policy import PolicyHolder
+from proxy.postgres.policy_layer import PolicyRuntime
 from proxy.postgres.server import PostgresProxy
 from proxy.postgres.settings import PostgresSettings
 
@@ -63,9 +69,12 @@ class ProxyService:
         )
         spool = Spool(config.spool.dir, config.spool.max_bytes, config.spool.fsync_interval_ms / 1000)
         name = options.producer_name or f"{socket.gethostname()}/proxy"
-        self.recorder = Recorder(EventProducer(config.kafka, spool), load_key_file(config.keys.proxy_key),
-                                 name, max_queue=options.max_queue)
-        self.proxies = [PostgresProxy(s, self.verifier, self.recorder) for s in self.settings]
+        key = load_key_file(config.keys.proxy_key)
+        self.recorder = Recorder(EventProducer(config.kafka, spool), key, name, max_queue=options.max_queue)
+        policies = [policy_runtime(config, p, key) for p in postgres]
+        self.approvals = ApprovalGateway(config.kafka, self.verifier, key) if any(policies) else None
+        self.proxies = [PostgresProxy(s, self.verifier, self.recorder, policy, self.approvals)
+                        for s, policy in zip(self.settings, policies)]
 
     async def start(self) -> None:
         sys.setswitchinterval(SWITCH_INTERVAL)
@@ -82,6 +91,8 @@ class ProxyService:
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver what was recorded (within `timeout`), then stop the recorder."""
+        if self.approvals is not None:
+            self.approvals.close()
         self.recorder.flush(timeout)
         self.recorder.close(timeout)
         log.info("recorder: %s", self.recorder.stats)
@@ -92,6 +103,26 @@ class ProxyService:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def policy_runtime(config: Config, proxy: ProxySettings, key: PrivateKey) -> PolicyRuntime | None:
+    """The proxy's policy file, and the custodian key that its masks need (required with any policy).
+
+    Required even while the policy has no [[mask]]: a reload may add one, and
+    the originals it hides must then be sealed, not lost or kept in clear.
+    """
+    if proxy.policy is None:
+        return None
+    path = config.keys.custodian_public_key
+    try:
+        custodian = PublicKey(base64.b64decode(path.read_text(encoding="utf-8").strip(), validate=True))
+    except OSError as exc:
+        raise ConfigError(f"{config.path}: [keys] custodian_public_key: cannot read {path}: {exc.strerror} "
+                          f"(proxy {proxy.name!r} has a policy, and masked originals are sealed to this key)") from None
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{config.path}: [keys] custodian_public_key: {path} is not a base64 "
+                          f"X25519 public key: {exc}") from None
+    return PolicyRuntime(PolicyHolder(proxy.policy), custodian, key.key_id)
 
 
 class BackgroundService:

@@ -15,15 +15,18 @@ import hashlib
 import logging
 import socket
 import ssl
-from typing import Any
+from typing import Any, Protocol
 
 from ingest.recorder import Recorder
+from proxy.approvals import ApprovalOutcome, ApprovalRequest
 from proxy.identity import AuthenticationError, TokenVerifier
 
 from . import messages as m
 from .cancel import CancelKeys
+from .policy_layer import PolicyRuntime
 from .session import (
     Actions,
+    AwaitApproval,
     Close,
     ConnectUpstream,
     ForwardCancel,
@@ -42,11 +45,19 @@ READ_BUFFER = 256 * 1024
 CANCEL_TIMEOUT = 5.0
 
 
+class Approvals(Protocol):
+    """What a listener needs of `proxy.approvals_gateway.ApprovalGateway`: a held statement's outcome."""
+
+    async def decide(self, request: ApprovalRequest) -> ApprovalOutcome: ...
+
+
 class PostgresProxy:
     """One listener (`[[proxy]]` entry): accepts clients, owns their cancel keys."""
 
-    def __init__(self, settings: PostgresSettings, verifier: TokenVerifier, recorder: Recorder) -> None:
+    def __init__(self, settings: PostgresSettings, verifier: TokenVerifier, recorder: Recorder,
+                 policy: PolicyRuntime | None = None, approvals: Approvals | None = None) -> None:
         self.settings, self.verifier, self.recorder = settings, verifier, recorder
+        self.policy, self.approvals = policy, approvals
         self.cancel_keys = CancelKeys()
         self.connections: set[ClientConnection] = set()
         self._server: asyncio.AbstractServer | None = None
@@ -138,6 +149,7 @@ class ClientConnection(_Receiver):
             recording=self.proxy.recorder.open_session(),
             cancel_keys=self.proxy.cancel_keys,
             source_address=source,
+            policy=self.proxy.policy,
         )
         self.proxy.connections.add(self)
         loop = asyncio.get_running_loop()
@@ -189,6 +201,8 @@ class ClientConnection(_Receiver):
                 self._spawn(self._start_tls())
             elif kind is ForwardCancel:
                 self.proxy.cancel(action.process_id, action.secret, self.session.source_address)
+            elif kind is AwaitApproval:
+                self._spawn(self._await_approval(action.request))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
@@ -202,6 +216,10 @@ class ClientConnection(_Receiver):
             self.run(self.session.token_refused(error.reason_code, error.message))
         else:
             self.run(self.session.token_verified(identity))
+
+    async def _await_approval(self, request: ApprovalRequest) -> None:
+        assert self.proxy.approvals is not None, "a policy without an approvals gateway"
+        self.run(self.session.approval_decided(await self.proxy.approvals.decide(request)))
 
     async def _connect(self) -> None:
         upstream = self.proxy.settings.upstream

@@ -13,6 +13,12 @@ PASSWORD (the proxy asked for the token as a cleartext password) → VERIFYING
 (the token is checked off the event loop) → CONNECTING (the proxy logs in to
 the target with the credentials it holds) → RELAY → CLOSED.
 
+Policy (`policy_layer`), when the listener has a policy file: every Query and
+Parse is decided before it is relayed. A blocked one is refused (42501,
+PolicyDecision "block"); a held one is kept, with everything the client sends
+after it, while the server side asks reviewers (`AwaitApproval`) and feeds the
+outcome back through `approval_decided`; results are masked on the way back.
+
 Events: the session's first event is SessionStart, which needs the identity,
 so what happens before the token is verified is kept in a backlog and recorded
 right after SessionStart. A connection that only sent a CancelRequest, or no
@@ -28,11 +34,14 @@ from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 from ingest.recorder import RecorderUnavailable
+from proxy.approvals import ApprovalOutcome, ApprovalRequest
 from proxy.identity import Identity
+from proxy.policy import Decision
 
 from . import messages as m
 from . import recording as rec
 from .cancel import CancelKeys, CancelTarget
+from .policy_layer import PolicyGate, PolicyRuntime, decision_record
 from .protocol import PROTOCOL_VIOLATION, Message, MessageReader, ProtocolViolation, violation
 from .settings import PostgresSettings
 from .upstream_auth import UpstreamAuthError, UpstreamLogin
@@ -95,7 +104,14 @@ class Close(NamedTuple):
     reason: str
 
 
-Action = SendClient | SendUpstream | StartTLS | VerifyToken | ConnectUpstream | ForwardCancel | Ready | Close
+class AwaitApproval(NamedTuple):
+    """Publish the request, wait for a reviewer's decision or the timeout, then call `approval_decided`."""
+
+    request: ApprovalRequest
+
+
+Action = (SendClient | SendUpstream | StartTLS | VerifyToken | ConnectUpstream | ForwardCancel | Ready | Close
+          | AwaitApproval)
 Actions = list[Action]
 
 
@@ -110,6 +126,15 @@ class Phase(enum.Enum):
 
 _STARTUP_PHASES = frozenset({Phase.STARTUP, Phase.PASSWORD, Phase.VERIFYING, Phase.CONNECTING})
 _NOT_FORWARDED = frozenset({"user", "database"})
+
+
+class _Held(NamedTuple):
+    """A statement waiting for approval, and what the client sent after it (relayed only once it is decided)."""
+
+    message: Message
+    statement: str
+    request: ApprovalRequest
+    waiting: list[Message]
 
 
 def _fail_closed(step: Callable[..., Actions]) -> Callable[..., Actions]:
@@ -135,6 +160,7 @@ class Session:
         recording: Recording,
         cancel_keys: CancelKeys,
         source_address: str,
+        policy: PolicyRuntime | None = None,
         clock: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.settings = settings
@@ -160,6 +186,9 @@ class Session:
         self._early: list[Message] = []  # client messages sent before the session was ready
         self._cancel_key: int | None = None
         self._not_a_session = False
+        self._policy = policy
+        self._gate: PolicyGate | None = None  # set once the identity is known
+        self._held: _Held | None = None
 
     @property
     def session_id(self) -> str:
@@ -224,6 +253,8 @@ class Session:
             )
         self.identity = identity
         self._open(identity.to_avro())
+        if self._policy is not None:
+            self._gate = PolicyGate(self._policy, identity, self.settings.name)
         self.phase = Phase.CONNECTING
         return [ConnectUpstream()]
 
@@ -283,6 +314,28 @@ class Session:
         """The proxy is stopping."""
         error = m.error_response(severity="FATAL", code=ADMIN_SHUTDOWN, message="custody: the proxy is shutting down")
         return self._say([Message("ErrorResponse", error)]) + self._end("shutdown")
+
+    @_fail_closed
+    def approval_decided(self, outcome: ApprovalOutcome) -> Actions:
+        """A reviewer decided on the held statement, or nobody did in time: run it, or refuse it."""
+        held = self._held
+        if held is None or outcome.request_id != held.request.request_id:
+            return []
+        self._held = None
+        request = held.request
+        expired = outcome.decision == "expired"
+        reason = f"no decision by {request.expires_at}" if expired else outcome.reason
+        self._record("policy_decision", decision_record(
+            request.rule, "approve" if outcome.approved else "deny", reason, held.statement,
+            request_id=request.request_id, approver=outcome.approver,
+            attributes={"expired": "true"} if expired else None))
+        if outcome.approved:
+            actions: Actions = [SendUpstream(held.message.data)]
+        else:
+            who = ("nobody approved it in time" if expired
+                   else f"denied by {outcome.approver['subject']}" if outcome.approver else "denied")
+            actions = self._refuse(held.message, f"request {request.request_id}: {who}: {reason}")
+        return actions + (self._gate_client(held.waiting) if held.waiting else [])
 
     def note_cancel(self, process_id: int, secret: bytes, source_address: str) -> bool:
         """Record that a client cancelled this session's query; False: do not forward (fail closed)."""
@@ -440,10 +493,64 @@ class Session:
         """Record, then relay: `raw` is the messages' bytes when the read held exactly them."""
         self.counters.client_messages += len(messages)
         self._record("frames", rec.frames("client", messages))
+        if self._gate is not None:
+            return self._gate_client(messages)
         actions: Actions = [SendUpstream(raw if raw is not None else b"".join([x.data for x in messages]))]
         if messages[-1].type == "Terminate":
             actions += self._end("client_terminate")
         return actions
+
+    # --- relay: policy ------------------------------------------------------------
+
+    def _gate_client(self, messages: list[Message]) -> Actions:
+        """Relay what the policy lets through, in order; stop at a held statement and keep the rest."""
+        if self._held is not None:
+            self._held.waiting.extend(messages)
+            return []
+        assert self._gate is not None
+        actions: Actions = []
+        passed: list[bytes] = []
+        for index, message in enumerate(messages):
+            verdict = self._gate.decide(message)
+            if verdict is None:
+                passed.append(message.data)
+                continue
+            decision, sql = verdict
+            if passed:
+                actions.append(SendUpstream(b"".join(passed)))
+                passed = []
+            if decision.action == "hold":
+                return actions + self._hold(message, decision, sql, messages[index + 1:])
+            self._record("policy_decision", decision_record(decision.rule or "", "block", decision.message, sql))
+            actions += self._refuse(message, decision.message)
+        if passed:
+            actions.append(SendUpstream(b"".join(passed)))
+        if messages[-1].type == "Terminate":
+            actions += self._end("client_terminate")
+        return actions
+
+    def _refuse(self, message: Message, reason: str) -> Actions:
+        assert self._gate is not None
+        return [SendUpstream(self._gate.refuse(message, reason))]
+
+    def _hold(self, message: Message, decision: Decision, sql: str, rest: list[Message]) -> Actions:
+        """Keep the statement, tell the client who may approve it, and ask (AwaitApproval)."""
+        assert self._gate is not None and self._policy is not None and self.identity is not None
+        request = ApprovalRequest.new(
+            session_id=self.session_id, requester=self.identity.to_avro(), target=self.settings.name,
+            statement=sql, rule=decision.rule or "", reason=decision.message, approvers=decision.approvers,
+            timeout=self._gate.hold_timeout, proxy_key_id=self._policy.proxy_key_id)
+        self._held = _Held(message, sql, request, list(rest))
+        self._record("policy_decision", decision_record(
+            request.rule, "hold", decision.message, sql, request_id=request.request_id,
+            attributes={"approvers": ",".join(request.approvers), "expires_at": request.expires_at}))
+        notice = m.notice_response(
+            severity="NOTICE", code="00000",
+            message=f"custody: {decision.message}; waiting for approval, request {request.request_id}",
+            detail=f"may approve: members of {', '.join(request.approvers)} other than you; "
+                   f"denied unless approved by {request.expires_at}",
+            hint=f"a reviewer runs: custody approvals approve {request.request_id} --reason ...")
+        return self._say([Message("NoticeResponse", notice)]) + [AwaitApproval(request)]
 
     def _relay_upstream(self, data: bytes) -> Actions:
         reader = self._upstream
@@ -454,7 +561,13 @@ class Session:
         return self._forward_server(messages, data if whole and not reader.buffered else None)
 
     def _forward_server(self, messages: list[Message], raw: bytes | None) -> Actions:
-        self._record("frames", rec.frames("server", messages))
+        shown = self._gate.server(messages) if self._gate is not None else None
+        if shown is None:
+            self._record("frames", rec.frames("server", messages))
+        else:
+            messages, records = shown
+            raw = None
+            self._record("frames", {"direction": "server", "messages": records})
         out = raw if raw is not None else b"".join([x.data for x in messages])
         self.counters.server_messages += len(messages)
         self.counters.server_bytes += len(out)

@@ -1,0 +1,122 @@
+"""Masking what the target sends back, message by message, with the originals sealed for the evidence.
+
+Sans-I/O: `ResultMasker.mask` takes the server messages of one read and
+returns what the client may see; `sealed_records` turns that into the event
+contract's `Message` records, each masked record carrying its original wire
+bytes sealed to the custodian key (`sealed_original`).
+
+What is masked, and how (the values themselves are `proxy.policy.masking`'s job):
+
+* DataRow — against the columns of the last RowDescription (names and
+  formats), so column-name rules and text/binary formats are known; lengths
+  are rewritten by re-encoding the row.
+* CopyData of a text-format COPY TO STDOUT (CopyOutResponse format 0) — one
+  row per message, as PostgreSQL sends it. COPY has no column names, so only
+  detectors apply there; column-name rules cannot.
+* NoticeResponse / ErrorResponse — message, detail, hint, context and the
+  other free-text fields, which echo data (`Key (email)=(…) already exists`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from proxy.policy import MaskPlan, RowMasker, mask_fields
+
+from . import messages as m
+from .protocol import Message
+
+Record = dict
+Seal = Callable[[bytes], bytes]
+
+_DIAGNOSTIC_TYPES = {"ErrorResponse": b"E", "NoticeResponse": b"N"}
+# Types whose binary format is their UTF-8 text, as in text format: text, varchar, bpchar, name, json, xml,
+# unknown. Masked as text in either format, so that asking for binary results is no way around a mask.
+_TEXT_AS_BINARY_OIDS = frozenset({25, 1043, 1042, 19, 114, 142, 705})
+
+
+def _diagnostic_fields(payload: bytes) -> dict[str, str]:
+    """ErrorResponse/NoticeResponse fields by their one-letter code (what `mask_fields` takes)."""
+    fields = {}
+    for item in payload.rstrip(b"\x00").split(b"\x00"):
+        if item:
+            fields[chr(item[0])] = item[1:].decode("utf-8", "surrogateescape")
+    return fields
+
+
+def _diagnostic(type_byte: bytes, fields: dict[str, str]) -> bytes:
+    body = b"".join(code.encode("latin-1") + text.encode("utf-8", "surrogateescape") + b"\x00"
+                    for code, text in fields.items()) + b"\x00"
+    return type_byte + (len(body) + 4).to_bytes(4, "big") + body
+
+
+def _copy_data(payload: bytes) -> bytes:
+    return b"d" + (len(payload) + 4).to_bytes(4, "big") + payload
+
+
+class ResultMasker:
+    """One session's masking state: the plan, and the columns of the result being relayed."""
+
+    def __init__(self, plan: MaskPlan) -> None:
+        self.plan = plan
+        self._names: tuple[str, ...] = ()
+        self._formats: tuple[int, ...] = ()
+        self._rows = RowMasker(plan)
+        self._copy: RowMasker | None = None
+
+    def replan(self, plan: MaskPlan) -> None:
+        """A reloaded policy: the next value is masked by the new plan, even mid-result."""
+        self.plan = plan
+        self._rows = RowMasker(plan, self._names, self._formats)
+        if self._copy is not None:
+            self._copy = RowMasker(plan)
+
+    def mask(self, messages: list[Message]) -> tuple[list[Message], list[bool]]:
+        """The messages as the client may see them, and which of them masking changed."""
+        out: list[Message] = []
+        changed: list[bool] = []
+        for message in messages:
+            masked = self._mask(message)
+            out.append(masked)
+            changed.append(masked is not message)
+        return out, changed
+
+    def _mask(self, message: Message) -> Message:
+        kind = message.type
+        if kind == "DataRow":
+            result = self._rows.mask_row(m.decode_data_row(message.payload).values)
+            return Message(kind, m.data_row(result.value)) if result.changed else message
+        if kind == "CopyData":
+            if self._copy is None:
+                return message
+            copied = self._copy.mask_copy_row(message.payload)
+            return Message(kind, _copy_data(copied.value)) if copied.changed else message
+        if kind == "RowDescription":
+            fields = m.decode_row_description(message.payload).fields
+            self._names = tuple(f.name for f in fields)
+            self._formats = tuple(0 if f.type_oid in _TEXT_AS_BINARY_OIDS else f.format for f in fields)
+            self._rows = RowMasker(self.plan, self._names, self._formats)
+        elif kind == "CopyOutResponse" or kind == "CopyBothResponse":
+            text = m.decode_copy_response(message.payload).format == 0
+            self._copy = RowMasker(self.plan) if text else None
+        elif kind == "CopyDone":
+            self._copy = None
+        elif kind in _DIAGNOSTIC_TYPES:
+            result = mask_fields(self.plan, _diagnostic_fields(message.payload))
+            return Message(kind, _diagnostic(_DIAGNOSTIC_TYPES[kind], result.value)) if result.changed else message
+        return message
+
+
+def sealed_records(records: list[Record], originals: list[Message], changed: list[bool], seal: Seal) -> list[Record]:
+    """Give each record that masking touched the sealed bytes of the original messages it stands for.
+
+    `records` are the masked messages' records (`recording.message_records`),
+    in order; a run record stands for `attributes["messages"]` messages.
+    """
+    index = 0
+    for record in records:
+        count = int(record["attributes"].get("messages", "1"))
+        if any(changed[index:index + count]):
+            record["sealed_original"] = seal(b"".join(x.data for x in originals[index:index + count]))
+        index += count
+    return records
