@@ -9,6 +9,8 @@ from datetime import timedelta
 import click
 
 from custody.config import ConfigError, config_option, load_config
+from proxy.approvals_cli import approvals_group
+from proxy.policy.cli import policy_group
 
 
 @click.command()
@@ -73,4 +75,4 @@ def issue(subject: str, groups: str, email: str | None, ttl: int, config_path: s
                err=True)
 
 
-commands: list[click.Command] = [proxy, token]
+commands: list[click.Command] = [proxy, token, policy_group, approvals_group]

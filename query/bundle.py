@@ -21,9 +21,11 @@ unbroken prev_hash chain, SessionStart through SessionEnd).
 
 from __future__ import annotations
 
+import atexit
 import hashlib
-import io
 import json
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -274,7 +276,23 @@ def transfer(bundle: Path, *, to: str, reason: str, key: PrivateKey, by: str | N
     return record
 
 
-def events_table(bundle: Path) -> pa.Table:
-    """The bundle's events, for `custody sql/replay --bundle` (verify first: this does not)."""
-    with zipfile.ZipFile(bundle) as archive:
-        return pq.read_table(io.BytesIO(archive.read(EVENTS)))
+def open_bundle(bundle: Path) -> duckdb.DuckDBPyConnection:
+    """The query views over a bundle's events and seals, for `custody sql/sessions/replay --bundle`.
+
+    This reads; it does not verify (that is `custody bundle verify`). The files are
+    extracted to a temporary directory that lives as long as the process.
+    """
+    from query.views import open_files
+
+    directory = Path(tempfile.mkdtemp(prefix="custody-bundle-"))
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(bundle) as archive:
+            names = [n for n in archive.namelist() if n == EVENTS or (n.startswith("seals/") and n.endswith(".json"))]
+            archive.extractall(directory, members=names)
+    except (zipfile.BadZipFile, OSError) as exc:
+        raise BundleError(f"{bundle}: not a readable bundle ({exc}); run `custody bundle verify`") from None
+    if EVENTS not in names:
+        raise BundleError(f"{bundle}: no {EVENTS} in the bundle")
+    seals = sorted(directory.glob("seals/p*/*.json"))
+    return open_files([directory / EVENTS], seals)

@@ -26,6 +26,8 @@ ledger_option = click.option("--ledger", "ledger_path", type=click.Path(file_oka
                              help="Ledger directory (default: the config's [ledger] dir).")
 output_option = click.option("--output", "-o", type=click.Path(dir_okay=False, writable=True), default=None,
                              help="Write to FILE instead of stdout.")
+bundle_option = click.option("--bundle", "bundle_path", type=click.Path(exists=True, dir_okay=False), default=None,
+                             help="Read a sealed bundle instead of the ledger (verify it first: `custody bundle verify`).")
 format_option = click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
 
 
@@ -38,6 +40,15 @@ def ledger_dir(config_path: str | None, ledger_path: str | None) -> Path:
     return directory
 
 
+def connect(config_path: str | None, ledger_path: str | None, bundle_path: str | None):
+    """The views over a bundle when one is named, else over the ledger."""
+    if bundle_path:
+        from query.bundle import open_bundle
+
+        return open_bundle(Path(bundle_path))
+    return open_ledger(ledger_dir(config_path, ledger_path))
+
+
 def keyring_path(config_path: str | None, keyring: str | None) -> Path:
     return Path(keyring) if keyring else load_config(config_path).keys.keyring
 
@@ -46,20 +57,23 @@ def keyring_path(config_path: str | None, keyring: str | None) -> Path:
 @click.argument("statement")
 @config_option
 @ledger_option
+@bundle_option
 @format_option
 @output_option
-def sql(statement: str, config_path: str | None, ledger_path: str | None, fmt: str, output: str | None) -> None:
+def sql(statement: str, config_path: str | None, ledger_path: str | None, bundle_path: str | None, fmt: str,
+        output: str | None) -> None:
     """Run one read-only SQL query over the ledger's views.
 
     Views: events, sessions, statements, violations, approvals, seals (see query/README.md).
     """
-    con = open_ledger(ledger_dir(config_path, ledger_path))
+    con = connect(config_path, ledger_path, bundle_path)
     write_result(run_query(con, statement), fmt, Path(output) if output else None)
 
 
 @click.command("sessions")
 @config_option
 @ledger_option
+@bundle_option
 @click.option("--identity", help="Subject or email of the caller.")
 @click.option("--target", help="Target (proxy) name.")
 @click.option("--since", help="Started at or after: ISO 8601, or relative like 24h, 7d.")
@@ -68,13 +82,14 @@ def sql(statement: str, config_path: str | None, ledger_path: str | None, fmt: s
 @click.option("--limit", type=click.IntRange(min=0), default=100, show_default=True, help="0 for all.")
 @format_option
 @output_option
-def sessions(config_path: str | None, ledger_path: str | None, identity: str | None, target: str | None,
+def sessions(config_path: str | None, ledger_path: str | None, bundle_path: str | None, identity: str | None,
+             target: str | None,
              since: str | None, until: str | None, with_violations: bool, limit: int, fmt: str,
              output: str | None) -> None:
     """List sessions, newest first."""
     query = SessionFilter(identity, target, parse_time(since) if since else None,
                           parse_time(until) if until else None, with_violations, limit or None)
-    con = open_ledger(ledger_dir(config_path, ledger_path))
+    con = connect(config_path, ledger_path, bundle_path)
     write_result(run_query(con, *query.query()), fmt, Path(output) if output else None)
 
 
@@ -85,20 +100,21 @@ RENDERERS = {"text": render_text, "json": render_json, "html": render_html}
 @click.argument("session")
 @config_option
 @ledger_option
+@bundle_option
 @click.option("--keyring", type=click.Path(dir_okay=False), default=None,
               help="Trusted keys (default: the config's [keys] keyring).")
 @click.option("--format", "fmt", type=click.Choice(tuple(RENDERERS)), default="text", show_default=True)
 @click.option("--rows", type=click.IntRange(min=0), default=DEFAULT_ROWS, show_default=True,
               help="Result rows shown per statement.")
 @output_option
-def replay(session: str, config_path: str | None, ledger_path: str | None, keyring: str | None, fmt: str,
-           rows: int, output: str | None) -> None:
+def replay(session: str, config_path: str | None, ledger_path: str | None, bundle_path: str | None,
+           keyring: str | None, fmt: str, rows: int, output: str | None) -> None:
     """Replay SESSION (an id or a unique prefix) step by step; the first line says whether it verified.
 
     Exits 1 when the session's signatures or chain do not verify.
     """
     trusted = Keyring.load(keyring_path(config_path, keyring))
-    con = open_ledger(ledger_dir(config_path, ledger_path))
+    con = connect(config_path, ledger_path, bundle_path)
     story = replay_session(con, session, trusted, max_rows=rows)
     text = RENDERERS[fmt](story)
     if output:

@@ -206,6 +206,11 @@ def open_ledger(ledger_dir: str | Path, threads: int | None = None) -> duckdb.Du
     if not (ledger_dir / SEALS_DIR).is_dir():
         raise LedgerNotFound(f"{ledger_dir}: not a ledger directory (no {SEALS_DIR}/)")
     seals, segments = sealed_files(ledger_dir)
+    return open_files(segments, seals, threads)
+
+
+def open_files(segments: list[Path], seals: list[Path], threads: int | None = None) -> duckdb.DuckDBPyConnection:
+    """The views over these segment and seal files (a ledger's, or a bundle's), and access to nothing else."""
     con = duckdb.connect(":memory:", config={"threads": threads} if threads else {})
     con.create_function("event_body", _event_body_udf, [duckdb.sqltype("BLOB")], duckdb.sqltype("VARCHAR"),
                         type="arrow", side_effects=False)

@@ -255,3 +255,21 @@ def test_merkle_levels_agree_with_the_reference_implementation():
             merkle.verify_inclusion(leaves[i], i, size, levels.inclusion_proof(i, size), levels.root(size))
         for m in range(1, size + 1):
             merkle.verify_consistency(m, size, levels.root(m), levels.root(size), levels.consistency_proof(m, size))
+
+
+def test_an_auditor_reads_the_bundle_with_sql_sessions_and_replay(evidence, bundle):
+    def custody(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "custody", *args], capture_output=True, text=True)
+
+    listed = custody("sessions", "--bundle", str(bundle), "--format", "json")
+    assert listed.returncode == 0, listed.stderr
+    assert [s["session_id"] for s in json.loads(listed.stdout)] == [evidence.alice]
+    counted = custody("sql", "--bundle", str(bundle), "--format", "csv",
+                      "SELECT count(*) AS n, count(DISTINCT session_id) AS s FROM events")
+    assert counted.stdout.splitlines()[1] == f"{len(evidence.sessions[evidence.alice])},1"
+    story = custody("replay", evidence.alice, "--bundle", str(bundle), "--keyring", str(evidence.trust))
+    assert story.returncode == 0, story.stderr
+    assert story.stdout.startswith(f"VERIFIED session {evidence.alice}")
+    assert "alice@example.com-secret-3" in story.stdout
+    refused = custody("sql", "--bundle", str(bundle), "COPY events TO '/tmp/x.csv'")
+    assert refused.returncode == 2 and "read-only" in refused.stderr
