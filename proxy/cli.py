@@ -43,6 +43,9 @@ def proxy(config_path: str | None, max_queue: int, producer_name: str | None) ->
         asyncio.run(main())
     finally:
         service.close()
+        stats = service.recorder.stats
+        click.echo(f"recorder: {stats.recorded}/{stats.queued} events recorded, {stats.refused} refused, "
+                   f"deepest queue {stats.max_depth} of {max_queue} (the most a crash could have lost)")
 
 
 @click.group()
