@@ -37,7 +37,7 @@ from custody.errors import CustodyError
 
 __all__ = [
     "DECISIONS", "ApprovalError", "ApprovalOutcome", "ApprovalRequest", "DecisionDocument", "Ledger",
-    "check_reviewer", "decision_document", "decode", "encode", "open_decision", "parse_time",
+    "SealedDecision", "check_reviewer", "decision_document", "decode", "encode", "open_decision", "parse_time",
 ]
 
 DECISIONS = ("approve", "deny")
@@ -121,6 +121,9 @@ class DecisionDocument:
     approver: dict[str, Any] | None
     sealed: str
     type: str = field(default="decision")
+
+    def document(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def encode(document: dict[str, Any]) -> bytes:

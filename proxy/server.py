@@ -56,17 +56,9 @@ class ProxyService:
             log.warning("proxies %s: only protocol = \"postgres\" is served so far; skipped", other)
         if not postgres:
             raise ConfigError(f"{config.path}: no [[proxy]] with protocol = \"postgres\" to serve")
-        if config.identity is None:
-            raise ConfigError(f"{config.path}: [identity] is required: the proxy identifies callers by OIDC token")
         self.config = config
         self.settings = [PostgresSettings.from_config(p, config.spool.fail_open) for p in postgres]
-        self.verifier = TokenVerifier(
-            issuer=config.identity.issuer,
-            audience=config.identity.audience,
-            jwks=config.identity.jwks,
-            username_claim=config.identity.username_claim,
-            groups_claim=config.identity.groups_claim,
-        )
+        self.verifier = token_verifier(config)
         spool = Spool(config.spool.dir, config.spool.max_bytes, config.spool.fsync_interval_ms / 1000)
         name = options.producer_name or f"{socket.gethostname()}/proxy"
         key = load_key_file(config.keys.proxy_key)
@@ -103,6 +95,15 @@ class ProxyService:
             await stop.wait()
         finally:
             await self.stop()
+
+
+def token_verifier(config: Config) -> TokenVerifier:
+    """The verifier for callers' (and reviewers') tokens, from [identity]."""
+    if config.identity is None:
+        raise ConfigError(f"{config.path}: [identity] is required: callers are identified by OIDC token")
+    identity = config.identity
+    return TokenVerifier(issuer=identity.issuer, audience=identity.audience, jwks=identity.jwks,
+                         username_claim=identity.username_claim, groups_claim=identity.groups_claim)
 
 
 def policy_runtime(config: Config, proxy: ProxySettings, key: PrivateKey) -> PolicyRuntime | None:

@@ -140,11 +140,11 @@ class PolicyGate:
         self._current()
         if not self._refusals and self._masker is None:
             return None
-        out, changed = messages, [False] * len(messages)
-        if self._refusals:
-            out = [self._answer_refusal(x) for x in messages]
-        if self._masker is not None:
-            out, changed = self._masker.mask(out)
+        out, changed = self._masker.mask(messages) if self._masker is not None else (messages, [False] * len(messages))
+        if self._refusals:  # the proxy's own answers are not masked: they hold no data, only the reason
+            answers = [self._answer_refusal(x) for x in messages]
+            out = [answer if answer is not original else shown for answer, original, shown in zip(answers, messages, out)]
+            changed = [flag and answer is original for flag, answer, original in zip(changed, answers, messages)]
         records = rec.message_records(out)
         if any(changed):
             sealed_records(records, messages, changed, self.runtime.seal)

@@ -11,8 +11,12 @@ What is masked, and how (the values themselves are `proxy.policy.masking`'s job)
   formats), so column-name rules and text/binary formats are known; lengths
   are rewritten by re-encoding the row.
 * CopyData of a text-format COPY TO STDOUT (CopyOutResponse format 0) — one
-  row per message, as PostgreSQL sends it. COPY has no column names, so only
-  detectors apply there; column-name rules cannot.
+  row per message, as PostgreSQL sends it. COPY sends no column names, so
+  when the plan has column-name rules the proxy cannot tell which field is
+  the password: it fails closed and hides every field ([MASKED:column]).
+  Without column rules, detectors apply field by field. Binary COPY output
+  is not parsed, so under a mask plan it ends the session (fail closed,
+  SQLSTATE 0A000) rather than pass unmasked.
 * NoticeResponse / ErrorResponse — message, detail, hint, context and the
   other free-text fields, which echo data (`Key (email)=(…) already exists`).
 """
@@ -24,7 +28,7 @@ from collections.abc import Callable
 from proxy.policy import MaskPlan, RowMasker, mask_fields
 
 from . import messages as m
-from .protocol import Message
+from .protocol import FEATURE_NOT_SUPPORTED, Message, ProtocolViolation
 
 Record = dict
 Seal = Callable[[bytes], bytes]
@@ -63,13 +67,21 @@ class ResultMasker:
         self._formats: tuple[int, ...] = ()
         self._rows = RowMasker(plan)
         self._copy: RowMasker | None = None
+        self._copy_response = m.CopyResponse(0, ())
 
     def replan(self, plan: MaskPlan) -> None:
         """A reloaded policy: the next value is masked by the new plan, even mid-result."""
         self.plan = plan
         self._rows = RowMasker(plan, self._names, self._formats)
-        if self._copy is not None:
-            self._copy = RowMasker(plan)
+        self._copy = None if self._copy is None else self._copy_masker(self._copy_response)
+
+    def _copy_masker(self, response: m.CopyResponse) -> RowMasker:
+        if response.format != 0:
+            raise ProtocolViolation(FEATURE_NOT_SUPPORTED, "binary COPY output cannot be masked; use text COPY or SELECT")
+        if not self.plan.columns:
+            return RowMasker(self.plan)
+        hide_all = MaskPlan(self.plan.detectors, ("*",), self.plan.rules)
+        return RowMasker(hide_all, [""] * len(response.column_formats))
 
     def mask(self, messages: list[Message]) -> tuple[list[Message], list[bool]]:
         """The messages as the client may see them, and which of them masking changed."""
@@ -97,8 +109,8 @@ class ResultMasker:
             self._formats = tuple(0 if f.type_oid in _TEXT_AS_BINARY_OIDS else f.format for f in fields)
             self._rows = RowMasker(self.plan, self._names, self._formats)
         elif kind == "CopyOutResponse" or kind == "CopyBothResponse":
-            text = m.decode_copy_response(message.payload).format == 0
-            self._copy = RowMasker(self.plan) if text else None
+            self._copy_response = m.decode_copy_response(message.payload)
+            self._copy = self._copy_masker(self._copy_response)
         elif kind == "CopyDone":
             self._copy = None
         elif kind in _DIAGNOSTIC_TYPES:
