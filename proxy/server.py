@@ -12,7 +12,6 @@ import asyncio
 import base64
 import logging
 import socket
-import sys
 import threading
 from dataclasses import dataclass
 
@@ -34,10 +33,6 @@ from proxy.postgres.settings import PostgresSettings
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_QUEUE = 10_000
-# The recorder thread signs while the event loop relays, and both need the
-# GIL. CPython's default 5 ms switch interval lets a busy recorder hold the
-# relay up for that long; 0.5 ms bounds the wait (bench/pg_proxy.py measures it).
-SWITCH_INTERVAL = 0.0005
 
 
 @dataclass(frozen=True)
@@ -69,7 +64,6 @@ class ProxyService:
                         for s, policy in zip(self.settings, policies)]
 
     async def start(self) -> None:
-        sys.setswitchinterval(SWITCH_INTERVAL)
         for proxy in self.proxies:
             try:
                 await proxy.start()
