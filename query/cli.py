@@ -7,9 +7,11 @@ whether the session verified. All are read-only.
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import click
+from nacl.public import PrivateKey
 
 from custody.config import config_option, load_config
 from custody.errors import CustodyError
@@ -18,7 +20,7 @@ from query.filters import SessionFilter, parse_time
 from query.html import render_html
 from query.output import FORMATS, write_result
 from query.render import render_json, render_text
-from query.replay import DEFAULT_ROWS, replay_session
+from query.replay import DEFAULT_ROWS, custodian_reveal, replay_session
 from query.sql import run_query
 from query.views import open_ledger
 
@@ -93,6 +95,13 @@ def sessions(config_path: str | None, ledger_path: str | None, bundle_path: str 
     write_result(run_query(con, *query.query()), fmt, Path(output) if output else None)
 
 
+def load_custodian_key(path: Path) -> PrivateKey:
+    try:
+        return PrivateKey(base64.b64decode(path.read_text(encoding="utf-8").strip(), validate=True))
+    except (ValueError, TypeError) as exc:
+        raise CustodyError(f"{path}: not a custodian private key (base64 X25519): {exc}") from None
+
+
 RENDERERS = {"text": render_text, "json": render_json, "html": render_html}
 
 
@@ -106,16 +115,23 @@ RENDERERS = {"text": render_text, "json": render_json, "html": render_html}
 @click.option("--format", "fmt", type=click.Choice(tuple(RENDERERS)), default="text", show_default=True)
 @click.option("--rows", type=click.IntRange(min=0), default=DEFAULT_ROWS, show_default=True,
               help="Result rows shown per statement.")
+@click.option("--reveal", is_flag=True, help="Show the originals of masked rows (needs --custodian-key).")
+@click.option("--custodian-key", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The evidence custodian's private key (base64, as custody init writes keys/custodian.key).")
 @output_option
 def replay(session: str, config_path: str | None, ledger_path: str | None, bundle_path: str | None,
-           keyring: str | None, fmt: str, rows: int, output: str | None) -> None:
+           keyring: str | None, fmt: str, rows: int, reveal: bool, custodian_key: str | None,
+           output: str | None) -> None:
     """Replay SESSION (an id or a unique prefix) step by step; the first line says whether it verified.
 
     Exits 1 when the session's signatures or chain do not verify.
     """
+    if reveal and not custodian_key:
+        raise click.UsageError("--reveal needs --custodian-key FILE")
+    opener = custodian_reveal(load_custodian_key(Path(custodian_key))) if reveal and custodian_key else None
     trusted = Keyring.load(keyring_path(config_path, keyring))
     con = connect(config_path, ledger_path, bundle_path)
-    story = replay_session(con, session, trusted, max_rows=rows)
+    story = replay_session(con, session, trusted, max_rows=rows, reveal=opener)
     text = RENDERERS[fmt](story)
     if output:
         Path(output).write_text(text, encoding="utf-8")

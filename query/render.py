@@ -39,13 +39,13 @@ def _cell(value: str | None) -> str:
     return text if len(text) <= MAX_CELL else text[:MAX_CELL - 1] + "…"
 
 
-def table(columns: list[str], rows: list[list[str | None]], masked: set[int]) -> list[str]:
-    """A small aligned table; masked rows are marked, since their originals are sealed, not shown."""
+def table(columns: list[str], rows: list[list[str | None]], masked: set[int], label: str = "[masked]") -> list[str]:
+    """A small aligned table; masked rows are marked (originals sealed, or shown as `[revealed]` with the custodian key)."""
     cells = [[_cell(c) for c in columns]] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(r[i]) for r in cells if i < len(r)) for i in range(len(columns))]
     lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)) for r in cells]
     lines.insert(1, "-+-".join("-" * w for w in widths))
-    return [line + "   [masked]" if i - 2 in masked else line.rstrip() for i, line in enumerate(lines)]
+    return [line + "   " + label if i - 2 in masked else line.rstrip() for i, line in enumerate(lines)]
 
 
 def _diagnostics(step: dict[str, Any]) -> list[str]:
@@ -70,7 +70,8 @@ def result_rows(step: dict[str, Any]) -> list[str]:
     """The rows a result step shows, as text lines (none for other steps)."""
     if step.get("columns") is None:
         return []
-    lines = table(step["columns"], step["rows"], set(step["masked_rows"]))
+    lines = table(step["columns"], step["rows"], set(step["masked_rows"]),
+                  "[revealed]" if step.get("revealed") else "[masked]")
     if step["row_count"] > len(step["rows"]):
         lines.append(f"… {step['row_count'] - len(step['rows'])} more rows")
     return lines

@@ -10,11 +10,13 @@ dicts (JSON as is); `query.render` and `query.html` only lay them out.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 import duckdb
+from nacl.public import PrivateKey, SealedBox
 
 from custody.errors import CustodyError
 from ingest.events import SignedEvent, micros_to_datetime, open_event
@@ -145,11 +147,26 @@ def _columns(m: dict[str, Any]) -> list[str]:
     return json.loads(recorded) if recorded else pgwire.row_description_names(m["data"])
 
 
-def _server(messages: list[dict[str, Any]], max_rows: int) -> dict[str, Any]:
-    """What came back, as the client saw it: columns, the first rows (masked as relayed), tags, errors, notices."""
+Reveal = Callable[[bytes], bytes]
+
+
+def custodian_reveal(key: PrivateKey) -> Reveal:
+    """Opens `sealed_original`s: the sealed boxes masking left for whoever holds the custodian key."""
+    return SealedBox(key).decrypt
+
+
+def _revealed(m: dict[str, Any], reveal: Reveal | None) -> dict[str, Any]:
+    if reveal is None or m.get("sealed_original") is None:
+        return m
+    return {**m, "data": reveal(m["sealed_original"])}
+
+
+def _server(messages: list[dict[str, Any]], max_rows: int, reveal: Reveal | None = None) -> dict[str, Any]:
+    """What came back: columns, the first rows (as the client saw them, or the originals when revealing), tags, errors, notices."""
     step: dict[str, Any] = {"step": "result", "columns": None, "rows": [], "masked_rows": [], "row_count": 0,
-                            "command_tags": [], "errors": [], "notices": [], "messages": [m["type"] for m in messages]}
-    for m in messages:
+                            "command_tags": [], "errors": [], "notices": [], "messages": [m["type"] for m in messages],
+                            "revealed": reveal is not None}
+    for m in (_revealed(x, reveal) for x in messages):
         kind = m["type"]
         if kind == "RowDescription":
             step["columns"] = _columns(m)
@@ -188,12 +205,12 @@ def _end(body: dict[str, Any]) -> dict[str, Any]:
     return {"step": "end", **body}
 
 
-def step_for(event: SignedEvent, max_rows: int) -> dict[str, Any]:
+def step_for(event: SignedEvent, max_rows: int, reveal: Reveal | None = None) -> dict[str, Any]:
     kind, body = event.kind, event.body
     if kind == "session_start":
         return _start(body)
     if kind == "frames":
-        return _client(body["messages"]) if body["direction"] == "client" else _server(body["messages"], max_rows)
+        return _client(body["messages"]) if body["direction"] == "client" else _server(body["messages"], max_rows, reveal)
     if kind == "policy_decision":
         return _policy(body)
     if kind == "protocol_error":
@@ -202,11 +219,14 @@ def step_for(event: SignedEvent, max_rows: int) -> dict[str, Any]:
 
 
 def replay_session(con: duckdb.DuckDBPyConnection, session: str, keyring: Keyring,
-                   max_rows: int = DEFAULT_ROWS) -> Replay:
-    """The verified, step-by-step story of one session (`session` may be a unique id prefix)."""
+                   max_rows: int = DEFAULT_ROWS, reveal: Reveal | None = None) -> Replay:
+    """The verified, step-by-step story of one session (`session` may be a unique id prefix).
+
+    With `reveal` (see `custodian_reveal`), masked rows show their sealed originals.
+    """
     session_id = resolve_session(con, session)
     verification, events = verify_events(session_id, load_events(con, session_id), keyring)
     started = events[0].envelope["ts"]
     steps = [{"seq": e.seq, "ts": micros_to_datetime(e.envelope["ts"]).isoformat(),
-              "offset_s": (e.envelope["ts"] - started) / 1e6, **step_for(e, max_rows)} for e in events]
+              "offset_s": (e.envelope["ts"] - started) / 1e6, **step_for(e, max_rows, reveal)} for e in events]
     return Replay(verification, micros_to_datetime(started), steps)
