@@ -137,6 +137,7 @@ class ClientConnection(_Receiver):
         self._deadline: asyncio.TimerHandle | None = None
         self._closed = False
         self._tasks: set[asyncio.Task] = set()
+        self._held_writes: list[bytes] | None = None
 
     # --- socket events ---------------------------------------------------------------
 
@@ -185,7 +186,9 @@ class ClientConnection(_Receiver):
                 if self.upstream is not None:
                     self.upstream.write(action.data)
             elif kind is SendClient:
-                if self.transport is not None and not self._closed:
+                if self._held_writes is not None:
+                    self._held_writes.append(action.data)
+                elif self.transport is not None and not self._closed:
                     self.transport.write(action.data)
             elif kind is Close:
                 self._close()
@@ -198,6 +201,7 @@ class ClientConnection(_Receiver):
             elif kind is StartTLS:
                 assert self.transport is not None
                 self.transport.pause_reading()  # nothing may be read in plaintext after the 'S'
+                self._held_writes = []  # nor written: TLS data can arrive before start_tls returns
                 self._spawn(self._start_tls())
             elif kind is ForwardCancel:
                 self.proxy.cancel(action.process_id, action.secret, self.session.source_address)
@@ -250,6 +254,9 @@ class ClientConnection(_Receiver):
             self.run(self.session.client_eof())
             return
         self.transport = transport
+        held, self._held_writes = self._held_writes or [], None
+        if not self._closed:
+            transport.write(b"".join(held))
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object else None
         fingerprint = hashlib.sha256(der).hexdigest() if der else None
