@@ -49,7 +49,10 @@ tls_cert = "{tls['server_cert']}"
 tls_key = "{tls['server_key']}"
 client_ca = "{tls['ca']}"
 """
-    running = start_proxy(tmp_path_factory.mktemp("custody"), broker, extra_proxies=tls_proxy)
+    # Protocol fidelity: the same workload direct and through the proxy, so no policy (pgbench -i drops tables,
+    # which the default policy blocks; policy in the data path is tests/test_policy_proxy*.py's subject).
+    running = start_proxy(tmp_path_factory.mktemp("custody"), broker, extra_proxies=tls_proxy,
+                          replace={'policy = "policies/default.toml"': "# no policy"})
     running.events = EventLog.open(running)
     with psycopg.connect(DIRECT, autocommit=True) as direct:
         direct.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(TABLE)))
