@@ -1,30 +1,45 @@
-"""The recorder: takes events from a proxy's data path without blocking it, and
-signs and spools them in order on a background thread.
+"""The recorder: takes events from a proxy's data path and signs, spools and
+sends them in a process of its own.
 
-A proxy calls `SessionRecording.record(kind, body)` for each frame *before*
-relaying it. The call only puts the body on a bounded queue (no encoding, no
-signing on the relay's critical path). If the queue is full, or the recorder
-has failed (spool full or unwritable), `record` raises `RecorderUnavailable`
-and the proxy must not relay the frame: it fails closed.
+Signing, Avro encoding, the spool and the Kafka client cost far more CPU per
+event than relaying a frame does; in the proxy's process they competed with the
+relay for the interpreter lock, which put them on the relay's critical path
+after all. So a proxy's `SessionRecording.record(kind, body)` only puts the
+body on a bounded inter-process queue, and a child process (`_recorder_main`)
+holds the session chains, the proxy key, the spool and the producer.
 
-Window of loss: events still on the queue when the proxy process dies were
-relayed but not yet spooled. The queue bound (`max_queue`) bounds that window;
-`RecorderStats.max_depth` measures how deep it actually gets.
+`record` raises `RecorderUnavailable`, and the proxy must not relay the frame
+(fail closed), when the queue is full, when the recorder has failed (spool full
+or unwritable; a full spool recovers once the broker drains it), or when an
+earlier event of the same session could not be recorded (that session ends).
+
+Window of loss: events on the queue when the proxy's machine dies were relayed
+but not yet spooled. The queue bound (`max_queue`) bounds that window;
+`RecorderStats.max_depth` measures how deep it actually got. A crash of the
+proxy process alone loses nothing the child has taken off the queue.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
+import multiprocessing
 import queue
+import signal
 import threading
+import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from nacl.signing import SigningKey
+
+from custody.config import KafkaSettings
 from custody.errors import CustodyError
-from ingest.events import SessionChain, now_micros
+from ingest.events import SessionChain, now_micros, uuid7
 from ingest.keys import PrivateKey
 from ingest.producer import EventProducer
-from ingest.spool import SpoolError, SpoolFull
+from ingest.spool import Spool, SpoolError, SpoolFull
 
 log = logging.getLogger(__name__)
 
@@ -42,97 +57,175 @@ class RecorderStats:
 
 
 @dataclass(frozen=True)
-class _Flush:
-    """A queue item that signals when the recorder thread reaches it."""
-
-    done: threading.Event
-
-
-_STOP = object()
+class SpoolOptions:
+    dir: Path
+    max_bytes: int = 1 << 30
+    fsync_interval: float = 0.005
 
 
 class Recorder:
-    def __init__(self, producer: EventProducer, key: PrivateKey, producer_name: str, max_queue: int = 10_000):
-        self.producer, self.key, self.producer_name = producer, key, producer_name
+    """The proxy-side handle of the recorder process."""
+
+    def __init__(self, kafka: KafkaSettings, spool: SpoolOptions, key: PrivateKey, producer_name: str,
+                 max_queue: int = 10_000):
+        context = multiprocessing.get_context("spawn")  # no fork of a process with threads and an event loop
+        self.max_queue = max_queue
         self.stats = RecorderStats()
-        self._queue: queue.Queue = queue.Queue(maxsize=max_queue)
+        self._requests = context.Queue(maxsize=max_queue)
+        self._replies = context.Queue()
         self._failure: str | None = None
-        self._thread = threading.Thread(target=self._run, name="custody-recorder", daemon=True)
-        self._thread.start()
+        self._sessions: weakref.WeakValueDictionary[str, SessionRecording] = weakref.WeakValueDictionary()
+        self._flushes: dict[int, threading.Event] = {}
+        self._flush_results: dict[int, bool] = {}
+        self._tokens = itertools.count()
+        self._process = context.Process(
+            target=_recorder_main, name="custody-recorder", daemon=True,
+            args=(self._requests, self._replies, kafka, spool, key.key_id, bytes(key.signing_key), producer_name))
+        self._process.start()
+        self._listener = threading.Thread(target=self._listen, name="custody-recorder-replies", daemon=True)
+        self._listener.start()
 
     def open_session(self, session_id: str | None = None) -> "SessionRecording":
-        return SessionRecording(self, SessionChain(self.key, self.producer_name, session_id))
+        session = SessionRecording(self, session_id or uuid7())
+        self._sessions[session.session_id] = session
+        return session
 
     def _put(self, session: "SessionRecording", kind: str, body: dict[str, Any]) -> None:
-        if self._failure is not None and not self._recovered():
+        if self._failure is not None:
             self.stats.refused += 1
             raise RecorderUnavailable(self._failure)
+        if not self._process.is_alive():
+            self.stats.refused += 1
+            raise RecorderUnavailable(f"recorder process exited with code {self._process.exitcode}")
         try:
-            self._queue.put_nowait((session, kind, body, now_micros()))
+            self._requests.put_nowait(("event", session.session_id, kind, body, now_micros()))
         except queue.Full:
             self.stats.refused += 1
-            raise RecorderUnavailable(f"recorder queue full ({self._queue.maxsize} events waiting)") from None
+            raise RecorderUnavailable(f"recorder queue full ({self.max_queue} events waiting)") from None
         self.stats.queued += 1
-        self.stats.max_depth = max(self.stats.max_depth, self._queue.qsize())
+        self.stats.max_depth = max(self.stats.max_depth, self._requests.qsize())
 
-    def _recovered(self) -> bool:
-        """A full spool recovers once the broker drained it; other spool failures do not."""
-        spool = self.producer.spool
-        if self._failure and self._failure.startswith("spool full") and spool.pending_bytes < spool.max_bytes * 0.9:
-            self._failure = None
-            return True
-        return False
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not _STOP:
-            if isinstance(item, _Flush):
-                item.done.set()
-                continue
-            session, kind, body, ts = item
-            if session.broken:
-                continue
-            try:
-                self.producer.send(session.chain.event(kind, body, ts_micros=ts))
-                self.stats.recorded += 1
-            except SpoolFull as exc:
-                self._fail(session, f"spool full: {exc}")
-            except SpoolError as exc:
-                self._fail(session, f"spool failed: {exc}")
-            except Exception as exc:  # a bug must not kill the recorder thread silently
-                log.exception("recording session %s failed", session.session_id)
-                self._fail(session, f"recording failed: {type(exc).__name__}: {exc}")
-
-    def _fail(self, session: "SessionRecording", reason: str) -> None:
-        log.error("session %s: an event was relayed but could not be recorded (%s); ending the session",
-                  session.session_id, reason)
-        session.broken = True
-        self._failure = reason
+    def _listen(self) -> None:
+        """Replies from the child: failures, recoveries, lost sessions, flushes, counts."""
+        while (reply := self._replies.get()) is not None:
+            what = reply[0]
+            if what == "failed":
+                self._failure = reply[1]
+            elif what == "recovered":
+                self._failure = None
+            elif what == "broken":
+                if (session := self._sessions.get(reply[1])) is not None:
+                    session.broken = True
+            elif what == "recorded":
+                self.stats.recorded = reply[1]
+            elif what == "flushed":
+                self._flush_results[reply[1]] = reply[2]
+                self._flushes.pop(reply[1]).set()
 
     def flush(self, timeout: float = 30.0) -> bool:
         """Wait until every event queued so far is spooled and delivered (tests, shutdown)."""
-        done = threading.Event()
-        self._queue.put(_Flush(done))
-        return done.wait(timeout) and self.producer.wait_delivered(timeout=timeout)
+        token, done = next(self._tokens), threading.Event()
+        self._flushes[token] = done
+        self._requests.put(("flush", token, timeout))
+        return done.wait(timeout + 5) and self._flush_results.pop(token, False)
 
     def close(self, timeout: float = 10.0) -> None:
-        self._queue.put(_STOP)
-        self._thread.join(timeout)
-        self.producer.close(timeout)
+        """Deliver what can be delivered within `timeout`; the rest stays in the spool for next time."""
+        if self._process.is_alive():
+            self._requests.put(("stop", timeout))
+            self._process.join(timeout + 10)
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join()
+        self._replies.put(None)
+        self._listener.join(timeout=5)
 
 
 class SessionRecording:
     """One session's handle: every event goes through here, in order."""
 
-    def __init__(self, recorder: Recorder, chain: SessionChain):
-        self.recorder, self.chain = recorder, chain
+    def __init__(self, recorder: Recorder, session_id: str):
+        self.recorder, self.session_id = recorder, session_id
         self.broken = False
-
-    @property
-    def session_id(self) -> str:
-        return self.chain.session_id
 
     def record(self, kind: str, body: dict[str, Any]) -> None:
         """Accept one event for recording, or raise RecorderUnavailable (do not relay)."""
         if self.broken:
             raise RecorderUnavailable(f"session {self.session_id}: an earlier event could not be recorded")
         self.recorder._put(self, kind, body)
+
+
+# --- the recorder process ----------------------------------------------------------------------
+
+
+class _Child:
+    """Sessions' chains, the key, the spool and the producer, inside the recorder process."""
+
+    RECOVERY_CHECK = 0.5
+
+    def __init__(self, replies, kafka: KafkaSettings, spool: SpoolOptions, key: PrivateKey, producer_name: str):
+        self.replies, self.key, self.producer_name = replies, key, producer_name
+        self.producer = EventProducer(kafka, Spool(spool.dir, spool.max_bytes, spool.fsync_interval))
+        self.chains: dict[str, SessionChain] = {}
+        self.broken: set[str] = set()
+        self.failed_full = False
+        self.recorded = 0
+
+    def event(self, session_id: str, kind: str, body: dict[str, Any], ts: int) -> None:
+        if session_id in self.broken:
+            return
+        chain = self.chains.get(session_id)
+        if chain is None:
+            chain = self.chains[session_id] = SessionChain(self.key, self.producer_name, session_id)
+        try:
+            self.producer.send(chain.event(kind, body, ts_micros=ts))
+            self.recorded += 1
+        except SpoolFull as exc:
+            self.failed_full = True
+            self.fail(session_id, f"spool full: {exc}")
+        except SpoolError as exc:
+            self.fail(session_id, f"spool failed: {exc}")
+        except Exception as exc:  # a bug must not kill the recorder silently
+            log.exception("recording session %s failed", session_id)
+            self.fail(session_id, f"recording failed: {type(exc).__name__}: {exc}")
+        if kind == "session_end":
+            self.chains.pop(session_id, None)
+            self.broken.discard(session_id)
+
+    def fail(self, session_id: str, reason: str) -> None:
+        log.error("session %s: an event was relayed but could not be recorded (%s); ending the session",
+                  session_id, reason)
+        self.broken.add(session_id)
+        self.chains.pop(session_id, None)
+        self.replies.put(("broken", session_id))
+        self.replies.put(("failed", reason))
+
+    def idle(self) -> None:
+        """A full spool recovers once the broker drained it; other spool failures do not."""
+        spool = self.producer.spool
+        if self.failed_full and spool.pending_bytes < spool.max_bytes * 0.9:
+            self.failed_full = False
+            self.replies.put(("recovered",))
+        self.replies.put(("recorded", self.recorded))
+
+
+def _recorder_main(requests, replies, kafka: KafkaSettings, spool: SpoolOptions, key_id: str, seed: bytes,
+                   producer_name: str) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy decides when recording stops (`stop`)
+    child = _Child(replies, kafka, spool, PrivateKey(key_id, SigningKey(seed)), producer_name)
+    while True:
+        try:
+            request = requests.get(timeout=_Child.RECOVERY_CHECK)
+        except queue.Empty:
+            child.idle()
+            continue
+        what = request[0]
+        if what == "event":
+            child.event(*request[1:])
+        elif what == "flush":
+            _, token, timeout = request
+            replies.put(("flushed", token, child.producer.wait_delivered(timeout=timeout)))
+        elif what == "stop":
+            child.producer.close(timeout=request[1])
+            child.idle()
+            return

@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Iterator
@@ -25,6 +26,7 @@ from typing import Iterator
 from custody.errors import CustodyError
 
 SEGMENT_BYTES = 64 * 1024 * 1024
+CURSOR_INTERVAL = 0.5
 
 
 class SpoolError(CustodyError):
@@ -56,6 +58,8 @@ class Spool:
         self.acked = self._read_cursor()
         self.end = self._recover()
         self._fd, self._segment_start = self._open_tail()
+        self._starts = self._segments()
+        self._cursor_written = time.monotonic()
         self._closed = False
 
     # --- state on disk ---------------------------------------------------------------------
@@ -131,6 +135,7 @@ class Spool:
         os.close(self._fd)
         self._segment_start = self.end
         self._fd = os.open(self._path(self.end), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._starts.append(self.end)
         _fsync_dir(self.dir)
 
     def sync(self) -> None:
@@ -150,10 +155,10 @@ class Spool:
 
     def read(self, position: int, max_bytes: int = 4 << 20) -> Iterator[tuple[int, bytes, bytes]]:
         """Records after `position`, in order: (end offset, key, value). Reads only what was fully appended."""
-        end = self.end
-        segments = self._segments()
-        for i, start in enumerate(segments):
-            seg_end = segments[i + 1] if i + 1 < len(segments) else end
+        with self._lock:
+            end, starts = self.end, list(self._starts)
+        for i, start in enumerate(starts):
+            seg_end = starts[i + 1] if i + 1 < len(starts) else end
             if seg_end <= position:
                 continue
             with open(self._path(start), "rb") as f:
@@ -164,23 +169,32 @@ class Spool:
             return
 
     def ack(self, position: int) -> None:
-        """The broker has everything up to `position`: persist the cursor, delete spent segments."""
-        tmp = self.dir / "cursor.tmp"
-        tmp.write_text(str(position))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, self.dir / "cursor")
+        """The broker has everything up to `position`.
+
+        The cursor file is written at most every CURSOR_INTERVAL (and always before
+        a spent segment is deleted): a cursor that lags after a crash only means
+        re-sending what the broker already has, which verifiers reject as duplicates.
+        Writing it on every acknowledgement cost a file write per small batch.
+        """
         with self._lock:
             self.acked = position
             self._appended.notify_all()
-            current = self._segment_start
-        for start in self._segments():
-            if start < current and self._next_start(start) <= position:
-                self._path(start).unlink(missing_ok=True)
+            spent = [s for i, s in enumerate(self._starts[:-1]) if self._starts[i + 1] <= position]
+        if spent or time.monotonic() - self._cursor_written >= CURSOR_INTERVAL:
+            self._write_cursor(position)
+        for start in spent:
+            self._path(start).unlink(missing_ok=True)
+            with self._lock:
+                self._starts.remove(start)
 
-    def _next_start(self, start: int) -> int:
-        later = [s for s in self._segments() if s > start]
-        return later[0] if later else self.end
+    def _write_cursor(self, position: int) -> None:
+        tmp = self.dir / "cursor.tmp"
+        with open(tmp, "w") as f:
+            f.write(str(position))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.dir / "cursor")
+        self._cursor_written = time.monotonic()
 
     def wait_acked(self, position: int, timeout: float | None) -> bool:
         with self._lock:
@@ -194,6 +208,7 @@ class Spool:
             self._appended.notify_all()
             os.fsync(self._fd)
             os.close(self._fd)
+        self._write_cursor(self.acked)
 
 
 def _parse(data: bytes, offset: int) -> Iterator[tuple[int, bytes, bytes]]:

@@ -20,9 +20,7 @@ from nacl.public import PublicKey
 from custody.config import Config, ConfigError, ProxySettings
 from custody.errors import CustodyError
 from ingest.keys import PrivateKey, load_key_file
-from ingest.producer import EventProducer
-from ingest.recorder import Recorder
-from ingest.spool import Spool
+from ingest.recorder import Recorder, SpoolOptions
 from proxy.approvals_gateway import ApprovalGateway
 from proxy.identity import TokenVerifier
 from proxy.policy import PolicyHolder
@@ -54,10 +52,10 @@ class ProxyService:
         self.config = config
         self.settings = [PostgresSettings.from_config(p, config.spool.fail_open) for p in postgres]
         self.verifier = token_verifier(config)
-        spool = Spool(config.spool.dir, config.spool.max_bytes, config.spool.fsync_interval_ms / 1000)
+        spool = SpoolOptions(config.spool.dir, config.spool.max_bytes, config.spool.fsync_interval_ms / 1000)
         name = options.producer_name or f"{socket.gethostname()}/proxy"
         key = load_key_file(config.keys.proxy_key)
-        self.recorder = Recorder(EventProducer(config.kafka, spool), key, name, max_queue=options.max_queue)
+        self.recorder = Recorder(config.kafka, spool, key, name, max_queue=options.max_queue)
         policies = [policy_runtime(config, p, key) for p in postgres]
         self.approvals = ApprovalGateway(config.kafka, self.verifier, key) if any(policies) else None
         self.proxies = [PostgresProxy(s, self.verifier, self.recorder, policy, self.approvals)

@@ -19,6 +19,7 @@ from psycopg import errors
 
 from custody.cli import cli
 from ingest import kafka
+from ingest.keys import load_key_file
 from pg_fixtures import DIRECT, EventLog, messages, new_app, start_proxy
 from proxy.approvals import ApprovalRequest, decision_document, encode
 from proxy.approvals_cli import read_approvals
@@ -279,7 +280,7 @@ def test_hold_expires_and_the_proxy_ignores_a_self_approval_sent_around_the_cli(
     held = HeldStatement(proxy, f"DELETE FROM {TABLE} WHERE true")
     request_id = held.request_id()
     request: ApprovalRequest = read_approvals(proxy.config).requests[request_id]
-    proxy_key = proxy.background.service.recorder.key.signing_key.verify_key
+    proxy_key = load_key_file(proxy.config.keys.proxy_key).signing_key.verify_key
     forged = decision_document(request, "approve", "trust me", proxy.token(EVE, ("dba",)), None, proxy_key)
     sender = kafka.producer(proxy.kafka)
     sender.send(proxy.kafka.topic("approvals"), key=request_id.encode(), value=encode(forged.document())).get(10)

@@ -8,14 +8,12 @@ import pytest
 
 from events_factory import frames, session_end, session_start
 from ingest.consumer import Accepted, EventConsumer
-from ingest.producer import EventProducer
-from ingest.recorder import Recorder, RecorderUnavailable
-from ingest.spool import Spool
+from ingest.recorder import Recorder, RecorderUnavailable, SpoolOptions
 from ingest.verify import EventVerifier
 
 
 def test_recorded_sessions_arrive_signed_and_in_order(kafka_settings, proxy_key, keyring, tmp_path):
-    recorder = Recorder(EventProducer(kafka_settings, Spool(tmp_path / "spool")), proxy_key, "proxy-test")
+    recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "proxy-test")
     sessions = [recorder.open_session() for _ in range(3)]
     for s in sessions:
         s.record("session_start", session_start())
@@ -38,7 +36,7 @@ def test_recorded_sessions_arrive_signed_and_in_order(kafka_settings, proxy_key,
 
 
 def test_full_queue_refuses_the_frame(kafka_settings, proxy_key, tmp_path):
-    recorder = Recorder(EventProducer(kafka_settings, Spool(tmp_path / "spool")), proxy_key, "p", max_queue=5)
+    recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "p", max_queue=5)
     session = recorder.open_session()
     with pytest.raises(RecorderUnavailable, match="queue full"):
         for _ in range(100_000):
@@ -49,7 +47,7 @@ def test_full_queue_refuses_the_frame(kafka_settings, proxy_key, tmp_path):
 
 def test_spool_failure_fails_closed_and_ends_the_session(proxy_key, tmp_path, kafka_settings):
     unreachable = type(kafka_settings)(bootstrap="127.0.0.1:1", topic_prefix="x.", embedded_listen="127.0.0.1:1", partitions=1)
-    recorder = Recorder(EventProducer(unreachable, Spool(tmp_path / "spool", max_bytes=1 << 16)), proxy_key, "p")
+    recorder = Recorder(unreachable, SpoolOptions(tmp_path / "spool", max_bytes=1 << 16), proxy_key, "p")
     session = recorder.open_session()
     with pytest.raises(RecorderUnavailable):
         for _ in range(10_000):
