@@ -9,6 +9,7 @@ import pytest
 from nacl.signing import SigningKey
 
 from custody.config import KafkaSettings
+from ingest import kafka
 from ingest.broker import DevBroker
 from ingest.keys import Keyring, PrivateKey, TrustedKey, key_id_for
 
@@ -41,3 +42,13 @@ def proxy_key() -> PrivateKey:
 @pytest.fixture
 def keyring(proxy_key) -> Keyring:
     return Keyring([TrustedKey(proxy_key.key_id, "proxy", proxy_key.public_key)])
+
+
+def send_raw(settings: KafkaSettings, items: list[tuple[bytes, bytes]]) -> None:
+    """Put (key, value) messages on the events topic as they are: tests forge and tamper with them."""
+    kafka.ensure_topics(settings, ("events",))
+    producer = kafka.producer(settings)
+    for key, value in items:
+        producer.send(settings.topic("events"), key=key, value=value)
+    producer.flush()
+    producer.close()

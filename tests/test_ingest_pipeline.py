@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from conftest import make_key
+from conftest import make_key, send_raw
 from events_factory import frames, session_end, session_start
 from ingest import kafka
 from ingest.consumer import Accepted, EventConsumer, Quarantined
@@ -36,15 +36,6 @@ def quarantine_reasons(settings, expected: int, timeout: float = 20.0) -> list[t
                 found.append((headers["custody-reason"].decode(), headers["custody-source"].decode(), m.value))
     c.close()
     return found
-
-
-def send_raw(settings, items: list[tuple[bytes, bytes]]) -> None:
-    kafka.ensure_topics(settings, ("events",))
-    p = kafka.producer(settings)
-    for key, value in items:
-        p.send(settings.topic("events"), key=key, value=value)
-    p.flush()
-    p.close()
 
 
 def test_each_bad_event_is_quarantined_with_its_own_reason(kafka_settings, proxy_key, keyring):

@@ -9,7 +9,7 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import make_key
+from conftest import make_key, send_raw
 from custody.config import LedgerSettings
 from events_factory import frames, policy_decision, protocol_error, result_frames, session_end, session_start
 from ingest import kafka
@@ -34,15 +34,6 @@ def ledger_settings(tmp_path: Path, **overrides) -> LedgerSettings:
     values = dict(dir=tmp_path / "ledger", origin="custody.test/ledger", segment_max_events=1000,
                   segment_max_bytes=1 << 24, segment_max_seconds=0.3, idle_seal_seconds=3600.0)
     return LedgerSettings(**{**values, **overrides})
-
-
-def send_raw(settings, items: list[tuple[bytes, bytes]]) -> None:
-    kafka.ensure_topics(settings, ("events",))
-    producer = kafka.producer(settings)
-    for key, value in items:
-        producer.send(settings.topic("events"), key=key, value=value)
-    producer.flush()
-    producer.close()
 
 
 def send_events(settings, events) -> None:
