@@ -12,7 +12,6 @@ from importlib import resources
 import avro.io
 import avro.schema
 import fastavro
-import pytest
 
 from ingest import kafka
 from fastavro.schema import to_parsing_canonical_form

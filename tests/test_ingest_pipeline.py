@@ -8,11 +8,11 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from conftest import make_key, send_raw
-from events_factory import frames, session_end, session_start
+from events_factory import frames, session_start
 from ingest import kafka
 from ingest.consumer import Accepted, EventConsumer, Quarantined
 from ingest.events import SessionChain
-from ingest.keys import Keyring, TrustedKey
+from ingest.keys import TrustedKey
 from ingest.producer import EventProducer
 from ingest.spool import Spool, SpoolFull
 from ingest.verify import EventVerifier

@@ -7,7 +7,6 @@ does not share their code.
 
 from __future__ import annotations
 
-import random
 import socket
 import struct
 import threading

@@ -160,7 +160,7 @@ def test_copy_in_and_out(proxy):
             assert [(i, n) for i, n, _ in back] == [(i, n) for i, n, _ in rows]
             cur.execute(f"DELETE FROM {TABLE} WHERE id >= 2000")
     events = proxy.events.session(app)
-    assert (f"COPY 5000", 5000) in command_tags(events)
+    assert ("COPY 5000", 5000) in command_tags(events)
     out = [m for m in messages(events, "server") if m["type"] == "CopyData"]
     assert message_count(out) == 5000
     copied_in = [m for m in messages(events, "client") if m["type"] == "CopyData"]

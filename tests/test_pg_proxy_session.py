@@ -110,6 +110,20 @@ def test_relay_records_before_it_forwards():
     assert kind == "frames" and body["messages"][0]["statement"] == "SELECT 1"
 
 
+def test_a_query_sent_before_login_completes_waits_and_is_relayed_once_ready():
+    """Clients may pipeline a query right behind the password; it must not run before the session is ready."""
+    recording = FakeRecording()
+    session = Session(settings=settings(), recording=recording, cancel_keys=CancelKeys(), source_address="x")
+    session.client_data(m.startup_message({"user": "alice@example.com"}))
+    early = m.query("SELECT 'early'")
+    assert session.client_data(m.password_message("t") + early) == [VerifyToken("t")]
+    assert session.token_verified(ALICE) == [ConnectUpstream()]
+    assert early not in sent(session.upstream_connected(), SendUpstream)
+    assert early in sent(session.upstream_data(upstream_greeting()), SendUpstream)
+    statements = [msg.get("statement") for kind, body in recording.events if kind == "frames" for msg in body["messages"]]
+    assert "SELECT 'early'" in statements
+
+
 def test_a_message_split_across_reads_is_forwarded_once_complete():
     session, recording, _ = ready_session()
     query = m.query("SELECT 2")

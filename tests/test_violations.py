@@ -7,7 +7,6 @@ import time
 from importlib import resources
 
 import jsonschema
-import pytest
 
 from conftest import make_key
 from custody.config import LedgerSettings

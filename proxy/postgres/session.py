@@ -360,7 +360,7 @@ class Session:
             elif self.phase is Phase.PASSWORD:
                 actions += self._password(message)
             elif self.phase in (Phase.VERIFYING, Phase.CONNECTING):
-                self._hold(message)
+                self._keep_early(message)
             if self.phase is Phase.CLOSED:
                 break
         return actions
@@ -403,7 +403,7 @@ class Session:
         self.phase = Phase.VERIFYING
         return [VerifyToken(token)]
 
-    def _hold(self, message: Message) -> None:
+    def _keep_early(self, message: Message) -> None:
         """A client message sent before ReadyForQuery: relayed once the session is ready."""
         self._early.append(message)
         if sum(len(early.data) for early in self._early) > self.settings.max_client_message:
