@@ -176,6 +176,7 @@ class ProxySettings:
 
 PROTOCOLS = ("postgres", "mysql", "http", "kubernetes", "ssh")
 _KAFKA_KEYS = {"bootstrap", "topic_prefix", "embedded_listen", "partitions"}
+_KAFKA_SECRETS = {"sasl_plain_password", "ssl_password"}
 
 
 @dataclass(frozen=True)
@@ -193,13 +194,27 @@ class Config:
         return self.path.parent
 
 
+def _kafka_client(t: Table) -> dict[str, Any]:
+    """Every other key goes to kafka-python as is; `X_file` / `X_env` become X, read from the file or variable."""
+    client: dict[str, Any] = {}
+    for key, value in t.raw.items():
+        if key in _KAFKA_KEYS:
+            continue
+        if key.endswith(("_file", "_env")) and key.rsplit("_", 1)[0] in _KAFKA_SECRETS:
+            name = key.rsplit("_", 1)[0]
+            client[name] = t.secret(name)
+        else:
+            client[key] = value
+    return client
+
+
 def _kafka(t: Table) -> KafkaSettings:
     return KafkaSettings(
         bootstrap=t.str("bootstrap", "embedded"),
         topic_prefix=t.raw.get("topic_prefix", "custody."),
         embedded_listen=t.str("embedded_listen", "127.0.0.1:9192"),
         partitions=t.int("partitions", 3, minimum=1),
-        client={k: v for k, v in t.raw.items() if k not in _KAFKA_KEYS},
+        client=_kafka_client(t),
     )
 
 

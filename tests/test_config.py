@@ -61,3 +61,16 @@ def test_missing_config_is_one_line_from_the_cli(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().count("\n") == 0
     assert "no such config file" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_kafka_client_settings_pass_through_and_secrets_come_from_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("KAFKA_PW", "broker-secret")
+    config = load_config(write(tmp_path, "[kafka]\nbootstrap = 'k1:9092,k2:9092'\nsecurity_protocol = 'SASL_SSL'\n"
+                                          "sasl_mechanism = 'SCRAM-SHA-512'\nsasl_plain_username = 'custody'\n"
+                                          "sasl_plain_password_env = 'KAFKA_PW'\n"))
+    options = config.kafka.client_options()
+    assert options["bootstrap_servers"] == ["k1:9092", "k2:9092"]
+    assert options["security_protocol"] == "SASL_SSL" and options["sasl_plain_password"] == "broker-secret"
+    assert "sasl_plain_password_env" not in options
+    with pytest.raises(ConfigError, match="secrets are never inline"):
+        load_config(write(tmp_path, "[kafka]\nsasl_plain_password = 'inline'\n"))
