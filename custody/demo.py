@@ -10,7 +10,6 @@ printed before its output, so the demo doubles as a tour.
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -54,7 +53,6 @@ def run_sessions(config: Config) -> int:
     alice, bob = "alice@example.com", "bob@example.com"
     _say(f"\n# {alice} (group dba) creates and fills a table through the proxy")
     with _connect(config, alice, _token(config, alice, ["dba"]), "psql") as conn:
-        conn.execute(f"DROP TABLE IF EXISTS {DEMO_TABLE}")
         conn.execute(f"CREATE TABLE {DEMO_TABLE} (id int PRIMARY KEY, name text, email text, card_number text)")
         with conn.cursor() as cur:
             cur.executemany(f"INSERT INTO {DEMO_TABLE} VALUES (%s, %s, %s, %s)", [
@@ -89,6 +87,13 @@ def _sealed_sessions(config: Config) -> int:
     except CustodyError:
         return 0
     return con.execute("SELECT count(*) FROM sessions WHERE end_reason IS NOT NULL").fetchone()[0]
+
+
+def _session_of(config: Config, subject: str) -> str:
+    from query.views import open_ledger
+
+    return open_ledger(config.ledger.dir).execute(
+        "SELECT session_id FROM sessions WHERE subject = ? ORDER BY started DESC LIMIT 1", [subject]).fetchone()[0]
 
 
 def wait_for_seal(config: Config, sessions: int, timeout: float = 60.0) -> None:
@@ -132,16 +137,15 @@ def demo(directory: Path | None) -> None:
     config_path.write_text(text)
     config = load_config(config_path)
     _say(f"$ custody init {directory}\n$ custody up   # dev broker, ledger, proxy on {config.proxies[0].listen}")
+    _drop_demo_table()  # a table left by an interrupted run; not through the proxy: not part of the story
     try:
         with Stack(config):
             sessions = run_sessions(config)
             _say("\n# waiting for the ledger to seal the sessions …")
             wait_for_seal(config, sessions)
-        listing = show(config, "sessions", "--format", "json")
-        rows = json.loads(listing) if listing.strip() else []
-        bob = next(r["session_id"] for r in rows if r.get("subject") == "bob@example.com")
-        show(config, "replay", bob)
-        show(config, "violations", "tail")
+            show(config, "violations", "tail")  # from the broker, so while the stack runs
+        show(config, "sessions")
+        show(config, "replay", _session_of(config, "bob@example.com"))
         show(config, "verify")
         _say(f"\nEverything above is in {directory}: `custody sql --config {config_path} \"SELECT * FROM statements\"`"
              if keep else "\n(demo directory removed; pass --dir to keep it)")
