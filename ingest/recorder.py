@@ -13,10 +13,11 @@ holds the session chains, the proxy key, the spool and the producer.
 or unwritable; a full spool recovers once the broker drains it), or when an
 earlier event of the same session could not be recorded (that session ends).
 
-Window of loss: events on the queue when the proxy's machine dies were relayed
-but not yet spooled. The queue bound (`max_queue`) bounds that window;
-`RecorderStats.max_depth` measures how deep it actually got. A crash of the
-proxy process alone loses nothing the child has taken off the queue.
+Window of loss: events still on the queue when the proxy's process or machine
+dies were relayed but not yet spooled. The queue bound (`max_queue`) bounds that
+window; `RecorderStats.max_depth` measures how deep it actually got. When only
+the proxy's process dies, the recorder still spools and delivers what reached it,
+then exits.
 """
 
 from __future__ import annotations
@@ -213,12 +214,16 @@ def _recorder_main(requests, replies, kafka: KafkaSettings, spool: SpoolOptions,
                    producer_name: str) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy decides when recording stops (`stop`)
     child = _Child(replies, kafka, spool, PrivateKey(key_id, SigningKey(seed)), producer_name)
+    parent = multiprocessing.parent_process()
     while True:
         try:
             request = requests.get(timeout=_Child.RECOVERY_CHECK)
         except queue.Empty:
-            child.idle()
-            continue
+            if not parent.is_alive():  # the proxy's process died: what reached us is delivered, then stop
+                request = ("stop", 10.0)
+            else:
+                child.idle()
+                continue
         what = request[0]
         if what == "event":
             child.event(*request[1:])

@@ -57,3 +57,44 @@ def test_spool_failure_fails_closed_and_ends_the_session(proxy_key, tmp_path, ka
     with pytest.raises(RecorderUnavailable):
         recorder.open_session().record("session_start", session_start())
     recorder.close(timeout=0.1)
+
+
+def test_when_the_proxy_process_dies_the_recorder_still_delivers_what_reached_it(kafka_settings, proxy_key, keyring,
+                                                                                 tmp_path):
+    """SIGKILL the process holding the Recorder: what it handed over is spooled and sent, not stranded."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    seed_file = tmp_path / "seed"
+    seed_file.write_bytes(bytes(proxy_key.signing_key))
+    script = textwrap.dedent(f"""
+        import os, signal, sys, time
+        sys.path[:0] = {[str(p) for p in sys.path if p]!r}
+        from nacl.signing import SigningKey
+        from custody.config import KafkaSettings
+        from events_factory import frames, session_start
+        from ingest.keys import PrivateKey
+        from ingest.recorder import Recorder, SpoolOptions
+        settings = KafkaSettings(bootstrap={kafka_settings.bootstrap!r}, topic_prefix={kafka_settings.topic_prefix!r},
+                                 embedded_listen={kafka_settings.bootstrap!r}, partitions=3)
+        key = PrivateKey({proxy_key.key_id!r}, SigningKey(open({str(seed_file)!r}, "rb").read()))
+        recorder = Recorder(settings, SpoolOptions({str(tmp_path / "spool")!r}), key, "doomed-proxy")
+        session = recorder.open_session()
+        session.record("session_start", session_start())
+        for i in range(49):
+            session.record("frames", frames(f"SELECT {{i}}"))
+        time.sleep(3)  # the queue's feeder has written everything to the pipe
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert process.returncode == -signal.SIGKILL, process.stderr
+
+    consumer = EventConsumer(kafka_settings, EventVerifier(keyring), group_id="doomed-test")
+    outcomes, deadline = [], time.monotonic() + 40
+    while len(outcomes) < 50 and time.monotonic() < deadline:
+        outcomes.extend(consumer.poll(0.5))
+    consumer.close()
+    assert [o.event.seq for o in outcomes if isinstance(o, Accepted)] == list(range(50))
