@@ -22,9 +22,11 @@ unbroken prev_hash chain, SessionStart through SessionEnd).
 from __future__ import annotations
 
 import atexit
+import getpass
 import hashlib
 import json
 import shutil
+import socket
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -181,7 +183,7 @@ def _statement(files: dict[str, bytes], predicate: dict[str, Any]) -> bytes:
 
 
 def export_bundle(ledger_dir: Path, out: Path, scope: Scope, *, case: str, purpose: str, recipient: str | None,
-                  exporter_key: PrivateKey, keyring: Keyring, origin: str,
+                  exporter_key: PrivateKey, keyring: Keyring, origin: str, exporter: str | None = None,
                   progress: Callable[[str, int, int], None] = lambda *_: None) -> dict[str, Any]:
     """Write the bundle for `scope` to `out`; returns the chain-of-custody predicate."""
     seals = load_seals(ledger_dir)
@@ -221,7 +223,7 @@ def export_bundle(ledger_dir: Path, out: Path, scope: Scope, *, case: str, purpo
     sessions = _session_summary(selected)
     predicate = {
         "case": case, "purpose": purpose, "recipient": recipient,
-        "exporter": {"key_id": exporter_key.key_id},
+        "exporter": {"identity": exporter or f"{getpass.getuser()}@{socket.gethostname()}", "key_id": exporter_key.key_id},
         "exported_at": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
         "scope": scope.to_json(),
         "counts": {"events": selected.num_rows, "sessions": len(sessions), "partitions": len(partitions)},

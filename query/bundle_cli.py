@@ -28,10 +28,12 @@ def bundle() -> None:
 @click.option("--case", required=True, help="Case id, recorded in the chain-of-custody record.")
 @click.option("--purpose", required=True, help="Why the evidence is exported.")
 @click.option("--recipient", help="Who the bundle is for.")
+@click.option("--exporter", help="Who exports it, for the record (default: user@host).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
 @click.option("--ledger", "ledger_dir", type=click.Path(file_okay=False, path_type=Path), help="Ledger directory (default: the config's).")
 @config_option
-def export(sessions, identity, target, since, until, where, case, purpose, recipient, output, ledger_dir, config_path) -> None:
+def export(sessions, identity, target, since, until, where, case, purpose, recipient, exporter, output, ledger_dir,
+           config_path) -> None:
     """Write the selected sessions, their proofs, seals and keys into one signed file."""
     config = load_config(config_path)
     scope = Scope(tuple(sessions), identity, target, since, until, where)
@@ -44,7 +46,7 @@ def export(sessions, identity, target, since, until, where, case, purpose, recip
         predicate = export_bundle(Path(ledger_dir or config.ledger.dir), output, scope, case=case, purpose=purpose,
                                   recipient=recipient, exporter_key=load_key_file(config.keys.exporter_key),
                                   keyring=Keyring.load(config.keys.keyring), origin=config.ledger.origin,
-                                  progress=step)
+                                  exporter=exporter, progress=step)
     counts = predicate["counts"]
     click.echo(f"wrote {output}: {counts['events']:,} events in {counts['sessions']} sessions, case {case}")
 

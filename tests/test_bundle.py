@@ -117,6 +117,7 @@ def test_a_clean_bundle_verifies_offline(evidence, bundle):
     assert report.events_total == report.events_valid == n
     assert report.sessions_complete == 1 and report.manifest_signer == evidence.exporter.key_id
     assert report.predicate["case"] == "CASE-123" and report.predicate["scope"] == {"sessions": [evidence.alice]}
+    assert report.predicate["exporter"]["key_id"] == evidence.exporter.key_id and "@" in report.predicate["exporter"]["identity"]
     assert report.summary().startswith(f"{n}/{n} events valid, ")
     assert f"{report.checkpoints_valid}/{report.checkpoints_total} checkpoints valid" in report.summary()
 
