@@ -6,6 +6,12 @@ windows, waits for acks=all, and moves the spool cursor. If the broker fails,
 the window is sent again from its first unacknowledged record when the broker
 returns. `send` fails (SpoolError) only when the spool itself cannot take the
 event, which is the proxy's signal to fail closed.
+
+Known gap: if, while the broker flaps, a batch for a partition fails but a
+later batch for the same partition in the same window succeeds, the later
+events reach Kafka first; verifiers quarantine them as `seq_gap` and the
+re-sent earlier events then leave a gap behind them. A small per-session
+reorder window in the verifier would close it.
 """
 
 from __future__ import annotations
