@@ -74,6 +74,11 @@ def event_leaf(salt: bytes, event_bytes: bytes) -> bytes:
     return salt + hashlib.sha256(event_bytes).digest()
 
 
+def event_leaf_hash(salt: bytes, event_bytes: bytes) -> bytes:
+    """The Merkle leaf hash of one event: what the ledger appends and every verifier recomputes."""
+    return leaf_hash(event_leaf(salt, event_bytes))
+
+
 def _check_hash(value: bytes, what: str, error: type[MerkleError]) -> None:
     if len(value) != HASH_SIZE:
         raise error(f"{what} is {len(value)} bytes, expected {HASH_SIZE}")

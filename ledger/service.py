@@ -32,7 +32,7 @@ from ingest.events import micros_to_datetime, now_micros
 from ingest.keys import Keyring, KeyLookupError, PrivateKey, load_key_file
 from ingest.verify import EventVerifier
 from ledger.durable import write_atomic
-from ledger.merkle import SALT_SIZE, event_leaf, extension_proof, leaf_hash
+from ledger.merkle import SALT_SIZE, event_leaf_hash, extension_proof
 from ledger.seals import Seal, seal_record, seal_relpath, segment_relpath, sign_seal
 from ledger.segments import NO_IDENTITY, SegmentBuilder, session_identity, write_segment
 from ledger.state import PartitionLock, PartitionState, prune_snapshots, recover, write_snapshot
@@ -91,7 +91,7 @@ class PartitionWriter:
             self.violations.append(violation)
         event_hash = self.state.chains.sessions[session_id].last_hash  # hashed once, by the verifier's accept
         self.builder.add(self.state.tree.size + len(self.leaves), record.offset, event, event_hash, salt, identity)
-        self.leaves.append(leaf_hash(event_leaf(salt, event.value)))
+        self.leaves.append(event_leaf_hash(salt, event.value))
         first, last = self.time_range or (ts, ts)
         self.time_range = (min(first, ts), max(last, ts))
         return None

@@ -226,7 +226,7 @@ def check_row_order(rows: pa.Table, seal: Seal, subject: str) -> None:
 
 def recompute_root(tree: merkle.CompactTree, ordered: pa.Table) -> None:
     for salt, event in zip(ordered.column("salt").to_pylist(), ordered.column("event").to_pylist()):
-        tree.append(merkle.leaf_hash(merkle.event_leaf(salt, event)))
+        tree.append(merkle.event_leaf_hash(salt, event))
 
 
 def check_merkle_root(tree: merkle.CompactTree, seal: Seal, subject: str) -> None:

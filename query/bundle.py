@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 from custody.errors import CustodyError
 from ingest.keys import Keyring, PrivateKey
 from ledger import merkle
-from ledger.seals import Seal
+from ledger.seals import SEALS_DIR, Seal
 from ledger.segments import SCHEMA as SEGMENT_SCHEMA
 from query import dsse
 from query.proofs import MerkleLevels
@@ -108,7 +108,7 @@ class Scope:
 def load_seals(ledger_dir: Path) -> dict[int, list[Seal]]:
     """Every partition's seals in order."""
     seals: dict[int, list[Seal]] = {}
-    for path in sorted((ledger_dir / "seals").glob("p*/*.json")):
+    for path in sorted((ledger_dir / SEALS_DIR).glob("p*/*.json")):
         seal = Seal.load(path)
         seals.setdefault(seal.partition, []).append(seal)
     for chain in seals.values():
@@ -128,7 +128,7 @@ def _partition_leaves(ledger_dir: Path, chain: list[Seal]) -> MerkleLevels:
     for path in _segment_paths(ledger_dir, chain):
         table = pq.read_table(path, columns=["leaf_index", "salt", "event"])
         for index, salt, event in zip(*(table.column(c).to_pylist() for c in ("leaf_index", "salt", "event"))):
-            hashes[index] = merkle.leaf_hash(merkle.event_leaf(salt, event))
+            hashes[index] = merkle.event_leaf_hash(salt, event)
     leaves = [hashes[i] for i in range(len(hashes))]
     levels = MerkleLevels(leaves)
     newest = chain[-1]

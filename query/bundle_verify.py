@@ -269,7 +269,7 @@ def _check_event(row: dict[str, Any], trust: Keyring, newest: dict[int, Seal],
         return event, f"no valid checkpoint for partition {row['partition']} in the bundle"
     if row["tree_size"] != seal.tree_size:
         return event, f"inclusion proof is for tree size {row['tree_size']}, the checkpoint has {seal.tree_size}"
-    leaf = merkle.leaf_hash(merkle.event_leaf(row["salt"], row["event"]))
+    leaf = merkle.event_leaf_hash(row["salt"], row["event"])
     if trace:
         trace(f"event {row['event_id']}: leaf {row['leaf_index']} = SHA256(0x00 | salt | SHA256(event)) = {leaf.hex()}")
     try:
