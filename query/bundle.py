@@ -22,6 +22,7 @@ unbroken prev_hash chain, SessionStart through SessionEnd).
 from __future__ import annotations
 
 import atexit
+import bisect
 import getpass
 import hashlib
 import json
@@ -152,10 +153,15 @@ def _select(ledger_dir: Path, seals: dict[int, list[Seal]], scope: Scope) -> pa.
 
 
 def _covering(chain: list[Seal], leaf_indexes: Iterable[int]) -> list[Seal]:
-    """The seals whose leaf ranges hold these leaves, and the newest seal."""
-    wanted = set(leaf_indexes)
-    covering = [s for s in chain if s.segment and any(
-        s.record["leaves"]["first"] <= i < s.record["leaves"]["first"] + s.record["leaves"]["count"] for i in wanted)]
+    """The seals whose leaf ranges hold these leaves, and the newest seal.
+
+    Seals with leaves cover consecutive ranges, so each leaf's seal is found by
+    bisecting the ranges' first leaves (not by scanning every seal per leaf).
+    """
+    with_leaves = [s for s in chain if s.record["leaves"]["count"]]
+    firsts = [s.record["leaves"]["first"] for s in with_leaves]
+    numbers = {with_leaves[bisect.bisect_right(firsts, i) - 1].number for i in set(leaf_indexes)}
+    covering = [s for s in with_leaves if s.number in numbers]
     return covering if covering and covering[-1] is chain[-1] else covering + [chain[-1]]
 
 

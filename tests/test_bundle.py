@@ -24,7 +24,8 @@ from ingest.keys import Keyring, TrustedKey
 from ledger import merkle
 from ledger.service import LedgerService
 from query import dsse
-from query.bundle import EVENTS, MANIFEST, Scope, export_bundle, transfer
+from ledger.seals import Seal
+from query.bundle import EVENTS, MANIFEST, Scope, _covering, export_bundle, transfer
 from query.bundle_verify import verify_bundle
 from query.proofs import MerkleLevels
 
@@ -120,6 +121,16 @@ def test_a_clean_bundle_verifies_offline(evidence, bundle):
     assert report.predicate["exporter"]["key_id"] == evidence.exporter.key_id and "@" in report.predicate["exporter"]["identity"]
     assert report.summary().startswith(f"{n}/{n} events valid, ")
     assert f"{report.checkpoints_valid}/{report.checkpoints_total} checkpoints valid" in report.summary()
+
+
+def test_covering_seals_are_those_holding_the_events_plus_the_newest():
+    def seal(number: int, first: int, count: int) -> Seal:
+        return Seal({"number": number, "leaves": {"first": first, "count": count}}, b"", b"", ())
+
+    chain = [seal(1, 0, 5), seal(2, 5, 0), seal(3, 5, 4), seal(4, 9, 3), seal(5, 12, 0)]  # 2 and 5: idle seals
+    assert [s.number for s in _covering(chain, [0, 4])] == [1, 5]
+    assert [s.number for s in _covering(chain, [5, 11, 8])] == [3, 4, 5]
+    assert [s.number for s in _covering(chain[:4], [9])] == [4]
 
 
 def test_the_cli_verifies_with_verbose_proof_steps_and_exit_codes(evidence, bundle):
