@@ -28,17 +28,16 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _assemble() -> None:
+    from custody.commands import approvals, bundle, ingest, ledger, policy, proxy, query
     from custody.demo import demo
     from custody.init import init
     from custody.up import up
-    from ingest.cli import commands as ingest_commands
-    from ledger.cli import commands as ledger_commands
-    from proxy.cli import commands as proxy_commands
-    from query.bundle_cli import bundle
-    from query.cli import commands as query_commands
 
-    for command in [init, up, demo, *ingest_commands, *proxy_commands, *ledger_commands, *query_commands, bundle]:
+    for command in [init, up, demo]:
         cli.add_command(command)
+    for module in (ingest, proxy, policy, approvals, ledger, query, bundle):
+        for command in module.commands:
+            cli.add_command(command)
 
 
 _assemble()

@@ -1,7 +1,7 @@
 """Just-in-time approval: the documents on `custody.approvals` and the rules a decision must pass.
 
 Pure (no I/O): the proxy's gateway (`proxy.approvals_gateway`) and the
-reviewers' CLI (`proxy.approvals_cli`) both build and read these documents.
+reviewers' CLI (`custody.commands.approvals`) both build and read these documents.
 
 One JSON document per Kafka message, key = request id:
 

@@ -18,11 +18,11 @@ from nacl.public import PrivateKey as BoxPrivateKey
 from psycopg import errors
 
 from custody.cli import cli
+from custody.commands.approvals import read_approvals
 from ingest import kafka
 from ingest.keys import load_key_file
 from pg_fixtures import DIRECT, EventLog, messages, new_app, start_proxy
 from proxy.approvals import ApprovalRequest, decision_document, encode
-from proxy.approvals_cli import read_approvals
 from proxy.policy import open_sealed
 
 TABLE = "custody_policy_t"

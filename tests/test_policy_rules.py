@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from proxy.policy.cli import policy_group
+from custody.commands.policy import policy_group
 from proxy.policy.rules import Policy, PolicyError, PolicyHolder
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "proxy" / "policies" / "default.toml"

@@ -150,3 +150,6 @@ def approve_command(request_id: str, reason: str, token: str, config_path: str |
 def deny_command(request_id: str, reason: str, token: str, config_path: str | None) -> None:
     """Refuse the held statement REQUEST_ID (the client gets 42501)."""
     _decide(config_path, request_id, "deny", reason, token)
+
+
+commands: list[click.Command] = [approvals_group]

@@ -1,4 +1,4 @@
-"""The `custody` commands this package contributes: `proxy` and `token issue`."""
+"""`custody proxy` and `custody token issue`."""
 
 from __future__ import annotations
 
@@ -9,8 +9,6 @@ from datetime import timedelta
 import click
 
 from custody.config import ConfigError, config_option, load_config
-from proxy.approvals_cli import approvals_group
-from proxy.policy.cli import policy_group
 
 
 @click.command()
@@ -78,4 +76,4 @@ def issue(subject: str, groups: str, email: str | None, ttl: int, config_path: s
                err=True)
 
 
-commands: list[click.Command] = [proxy, token, policy_group, approvals_group]
+commands: list[click.Command] = [proxy, token]

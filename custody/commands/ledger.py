@@ -1,4 +1,4 @@
-"""The `custody` commands this package contributes: `custody ledger` and `custody verify`."""
+"""`custody ledger` and `custody verify`."""
 
 from __future__ import annotations
 

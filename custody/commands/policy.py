@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from .rules import Decision, Policy
-from .sql import StatementInfo
+from proxy.policy.rules import Decision, Policy
+from proxy.policy.sql import StatementInfo
 
 
 @click.group("policy")
@@ -58,3 +58,6 @@ def test_command(policy_path: str, subject: str, groups: tuple[str, ...], target
     click.echo(render(policy.decide(subject, groups, target, sql)))
     plan = policy.masking_for(subject, groups, target)
     click.echo(f"masking: {_names(plan.rules) if plan else 'none'}")
+
+
+commands: list[click.Command] = [policy_group]

@@ -1,4 +1,4 @@
-"""The `custody` commands this package contributes: `sql`, `sessions`, `replay`.
+"""`custody sql`, `custody sessions` and `custody replay`.
 
 Each reads a ledger directory, from `--ledger DIR` or the config's `[ledger] dir`;
 `replay` also needs the keyring (`--keyring FILE` or `[keys] keyring`) to say

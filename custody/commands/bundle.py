@@ -81,3 +81,6 @@ def transfer_command(file: Path, to: str, reason: str, by: str | None, key_path:
     key = load_key_file(key_path or load_config(config_path).keys.exporter_key)
     record = transfer(file, to=to, reason=reason, key=key, by=by)
     click.echo(f"custody record #{record['sequence']}: {record['from']} -> {to}")
+
+
+commands: list[click.Command] = [bundle]
