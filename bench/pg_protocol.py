@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.postgres import messages as m  # noqa: E402
-from proxy.postgres.protocol import MessageReader  # noqa: E402
+from ingest.protocols.postgres import messages as m  # noqa: E402
+from ingest.protocols.postgres.protocol import MessageReader  # noqa: E402
 
 
 def per_message(batch: bytes, count: int, chunk: int | None) -> float:

@@ -17,9 +17,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import proxy.postgres as pg
-from proxy.postgres import messages as m
-from proxy.postgres import Message, MessageReader, ProtocolViolation, summarize
+import ingest.protocols.postgres as pg
+from ingest.protocols.postgres import messages as m
+from ingest.protocols.postgres import Message, MessageReader, ProtocolViolation, summarize
 
 PG_ADDRESS = ("127.0.0.1", 5432)
 

@@ -26,8 +26,8 @@ from pg_fixtures import (
     start_proxy,
     statements,
 )
-from proxy.postgres.messages import decode_data_row
-from proxy.postgres.recording import split_run
+from ingest.protocols.postgres.messages import decode_data_row
+from ingest.protocols.postgres.records import split_run
 
 TABLE = "custody_proxy_t"
 

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pg_fixtures import EventLog, messages, new_app, start_proxy
-from proxy.postgres import MessageReader
-from proxy.postgres import messages as m
+from ingest.protocols.postgres import MessageReader
+from ingest.protocols.postgres import messages as m
 from proxy.server import ServiceOptions
 
 STARTUP_TIMEOUT = 1.0

@@ -11,8 +11,8 @@ import scramp
 from custody.config import ProxySettings, Table
 from ingest.recorder import RecorderUnavailable
 from proxy.identity import Identity
-from proxy.postgres import MessageReader
-from proxy.postgres import messages as m
+from ingest.protocols.postgres import MessageReader
+from ingest.protocols.postgres import messages as m
 from proxy.postgres.cancel import CancelKeys
 from proxy.postgres.session import (
     Close,

@@ -10,7 +10,7 @@ import pytest
 from custody.cli import main
 from ingest.keys import Keyring
 from ledger.segments import SCHEMA
-from proxy.postgres import messages as pg
+from ingest.protocols.postgres import messages as pg
 from query import open_ledger, pgwire
 from query.filters import SessionFilter, parse_time
 from query.replay import replay_session

@@ -22,7 +22,6 @@ target per refused statement.
 from __future__ import annotations
 
 import secrets
-import struct
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,12 +29,12 @@ from typing import Any
 
 from nacl.public import PublicKey
 
+from ingest.protocols.postgres import messages as m
+from ingest.protocols.postgres.protocol import Message
 from proxy.identity import Identity
-from proxy.policy import Decision, PolicyHolder, seal_original
+from proxy.policy import Decision, Operation, PolicyHolder, seal_original
 
-from . import messages as m
 from . import recording as rec
-from .protocol import Message
 from .result_masking import ResultMasker, sealed_records
 
 INSUFFICIENT_PRIVILEGE = "42501"
@@ -74,11 +73,6 @@ def decision_record(rule: str, action: str, reason: str | None, statement: str |
 
 def refusal_error(reason: str) -> bytes:
     return m.error_response(severity="ERROR", code=INSUFFICIENT_PRIVILEGE, message=f"custody: {reason}")
-
-
-def _parse(name: str, sql: str) -> bytes:
-    body = name.encode() + b"\x00" + sql.encode() + b"\x00" + struct.pack(">h", 0)
-    return b"P" + struct.pack(">i", len(body) + 4) + body
 
 
 class PolicyGate:
@@ -121,7 +115,7 @@ class PolicyGate:
         sql = statement_text(message)
         assert sql is not None
         self._current()
-        decision = self._policy.decide(self.identity.subject, self.identity.groups, self.target, sql)
+        decision = self._policy.decide(self.identity.subject, self.identity.groups, self.target, Operation("postgres", "statement", sql))
         return None if decision.action == "allow" else (decision, sql)
 
     def refuse(self, message: Message, reason: str) -> bytes:
@@ -133,7 +127,7 @@ class PolicyGate:
         sql = f'SELECT FROM "{marker}"'
         if message.type == "Query":
             return m.query(sql)
-        return _parse(m.decode_parse(message.payload).name, sql)
+        return m.parse(m.decode_parse(message.payload).name, sql)
 
     def server(self, messages: list[Message]) -> tuple[list[Message], list[rec.Record]] | None:
         """What the client may see of these server messages, and their records; None: all unchanged."""

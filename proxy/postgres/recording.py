@@ -12,7 +12,7 @@ Two rules shape the `Frames` records:
   one read become one `Message` record whose `data` is their exact wire bytes
   back to back and whose `attributes["messages"]` is their count. Every PG
   message starts with its type byte and length, so the boundaries are exact
-  and `split_run` restores the individual messages. Why: the Avro encoder
+  and `split_run` (ingest/protocols/postgres/records.py) restores them. Why: the Avro encoder
   costs ~4 µs per Message record, on the recorder thread that shares the GIL
   with the relay; one record per row would cap a recorded result at a quarter
   of a million rows per second.
@@ -22,8 +22,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .protocol import Direction, Message, MessageReader
-from .summary import SUMMARIZED_TYPES, summarize
+from ingest.protocols.postgres.protocol import Direction, Message
+from ingest.protocols.postgres.records import RUN_TYPES
+from ingest.protocols.postgres.summary import SUMMARIZED_TYPES, summarize
 
 Record = dict[str, Any]
 
@@ -32,7 +33,6 @@ REDACTED: dict[str, str] = {
     "BackendKeyData": "cancel key",
     "CancelRequest": "cancel key",
 }
-RUN_TYPES = frozenset({"DataRow", "CopyData"})
 PROXY_ORIGIN = {"origin": "proxy"}
 
 
@@ -81,15 +81,6 @@ def _flush_run(records: list[Record], kind: str, run: list[bytes]) -> None:
         records.append({"type": kind, "data": run[0], "attributes": {}})
     elif run:
         records.append({"type": kind, "data": b"".join(run), "attributes": {"messages": str(len(run))}})
-
-
-def split_run(direction: Direction, record: Record) -> list[Message]:
-    """The individual messages of a recorded `Message` record (a run or a single one)."""
-    reader = MessageReader(direction, max_message_size=1 << 30)
-    reader.start_typed()
-    messages = reader.feed(record["data"])
-    reader.eof()
-    return messages
 
 
 def frames(direction: Direction, messages: list[Message]) -> Record:

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from ingest.protocols.postgres import messages as m
+from ingest.protocols.postgres.protocol import FEATURE_NOT_SUPPORTED, Message, ProtocolViolation
 from proxy.policy import MaskPlan, RowMasker, mask_fields
-
-from . import messages as m
-from .protocol import FEATURE_NOT_SUPPORTED, Message, ProtocolViolation
 
 Record = dict
 Seal = Callable[[bytes], bytes]

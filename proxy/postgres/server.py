@@ -17,11 +17,11 @@ import socket
 import ssl
 from typing import Any, Protocol
 
+from ingest.protocols.postgres import messages as m
 from ingest.recorder import Recorder
 from proxy.approvals import ApprovalOutcome, ApprovalRequest
 from proxy.identity import AuthenticationError, TokenVerifier
 
-from . import messages as m
 from .cancel import CancelKeys
 from .policy_layer import PolicyRuntime
 from .session import (

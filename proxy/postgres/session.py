@@ -33,16 +33,16 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
+from ingest.protocols.postgres import messages as m
+from ingest.protocols.postgres.protocol import PROTOCOL_VIOLATION, Message, MessageReader, ProtocolViolation, violation
 from ingest.recorder import RecorderUnavailable
 from proxy.approvals import ApprovalOutcome, ApprovalRequest
 from proxy.identity import Identity
 from proxy.policy import Decision
 
-from . import messages as m
 from . import recording as rec
 from .cancel import CancelKeys, CancelTarget
 from .policy_layer import PolicyGate, PolicyRuntime, decision_record
-from .protocol import PROTOCOL_VIOLATION, Message, MessageReader, ProtocolViolation, violation
 from .settings import PostgresSettings
 from .upstream_auth import UpstreamAuthError, UpstreamLogin
 

@@ -56,6 +56,7 @@ __all__ = [
     "decode_query",
     "query",
     "decode_parse",
+    "parse",
     "decode_bind",
     "decode_execute",
     "decode_describe",
@@ -390,6 +391,17 @@ def decode_parse(payload: bytes) -> Parse:
     oids = cursor.uint32s(cursor.uint16())
     cursor.finish()
     return Parse(name, sql, oids)
+
+
+def parse(name: str, sql: str, param_types: Sequence[int] = ()) -> bytes:
+    """A Parse message: prepare `sql` as statement `name` ("" is the unnamed one),
+    with the parameter type OIDs given (0 or absent: let the server infer)."""
+    if len(param_types) > 0xFFFF:
+        raise ValueError("a Parse message has at most 65535 parameter types")
+    if any(not 0 <= oid <= 0xFFFFFFFF for oid in param_types):
+        raise ValueError(f"a type OID is an unsigned 32-bit integer: {list(param_types)!r}")
+    types = struct.pack(f">H{len(param_types)}I", len(param_types), *param_types)
+    return _frame(b"P", _cstring(name) + _cstring(sql) + types)
 
 
 def decode_bind(payload: bytes) -> Bind:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import struct
 from typing import Literal, NamedTuple
 
+from .. import ProtocolViolation as _ProtocolViolation
+
 PROTOCOL_VIOLATION = "08P01"
 FEATURE_NOT_SUPPORTED = "0A000"
 
@@ -41,13 +43,8 @@ _LENGTH = struct.Struct(">I")
 _STARTUP = struct.Struct(">iI")
 
 
-class ProtocolViolation(Exception):
-    """The peer broke the wire protocol; `code` is the SQLSTATE to report."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
+class ProtocolViolation(_ProtocolViolation):
+    """The peer broke the PostgreSQL wire protocol; `code` is the SQLSTATE to report."""
 
 
 def violation(message: str) -> ProtocolViolation:
