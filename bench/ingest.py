@@ -19,11 +19,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nacl.signing import SigningKey  # noqa: E402
 
-from custody.config import KafkaSettings  # noqa: E402
 from ingest.broker import DevBroker  # noqa: E402
 from ingest.events import SessionChain  # noqa: E402
 from ingest.keys import PrivateKey, key_id_for  # noqa: E402
 from ingest.producer import EventProducer  # noqa: E402
+from ingest.settings import KafkaSettings  # noqa: E402
 from ingest.spool import Spool  # noqa: E402
 
 

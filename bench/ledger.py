@@ -22,12 +22,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from nacl.signing import SigningKey  # noqa: E402
 
-from custody.config import KafkaSettings, LedgerSettings  # noqa: E402
 from ingest import kafka  # noqa: E402
 from ingest.broker import DevBroker  # noqa: E402
 from ingest.events import SessionChain  # noqa: E402
 from ingest.keys import Keyring, PrivateKey, TrustedKey, key_id_for  # noqa: E402
+from ingest.settings import KafkaSettings  # noqa: E402
 from ledger.service import LedgerService  # noqa: E402
+from ledger.settings import LedgerSettings  # noqa: E402
 from ledger.verify import verify_ledger  # noqa: E402
 
 PARTITIONS = 3

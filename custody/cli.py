@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -22,10 +22,10 @@ import click
 import psycopg
 
 from custody.config import Config, load_config
-from custody.errors import CustodyError
 from custody.init import initialise
 from custody.up import Stack
 from ingest.broker import free_port
+from ingest.errors import CustodyError
 
 DEMO_TABLE = "custody_demo_customers"
 

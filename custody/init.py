@@ -14,7 +14,7 @@ from pathlib import Path
 import click
 from nacl.public import PrivateKey as BoxPrivateKey
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 from ingest.keys import add_to_keyring, generate_key_file
 
 CONFIG_TEMPLATE = """\

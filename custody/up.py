@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import click
 
 from custody.config import Config, config_option, load_config
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 
 COLOURS = {"broker": "blue", "ledger": "magenta", "proxy": "cyan"}
 

@@ -13,7 +13,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 
 
 class BrokerError(CustodyError):

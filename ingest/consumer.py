@@ -13,9 +13,9 @@ from typing import Iterator
 
 from kafka import KafkaConsumer, KafkaProducer
 
-from custody.config import KafkaSettings
 from ingest import kafka
 from ingest.events import SignedEvent
+from ingest.settings import KafkaSettings
 from ingest.verify import EventVerifier, Rejection
 
 

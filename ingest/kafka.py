@@ -9,7 +9,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from custody.config import KafkaSettings
+from ingest.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from nacl.signing import SigningKey, VerifyKey
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 
 ROLES = ("proxy", "ledger", "exporter")
 

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from kafka.errors import KafkaError
 
-from custody.config import KafkaSettings
 from ingest import kafka
 from ingest.events import SignedEvent
+from ingest.settings import KafkaSettings
 from ingest.spool import Spool
 
 log = logging.getLogger(__name__)

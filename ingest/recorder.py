@@ -35,11 +35,11 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from custody.config import KafkaSettings
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 from ingest.events import SessionChain, now_micros, uuid7
 from ingest.keys import PrivateKey
 from ingest.producer import EventProducer
+from ingest.settings import KafkaSettings
 from ingest.spool import Spool, SpoolError, SpoolFull
 
 log = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 
 SEGMENT_BYTES = 64 * 1024 * 1024
 CURSOR_INTERVAL = 0.5

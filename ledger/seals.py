@@ -29,7 +29,7 @@ from typing import Any
 
 from nacl.exceptions import BadSignatureError
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 from ingest.keys import Keyring, KeyLookupError, PrivateKey
 from ledger import checkpoint
 

@@ -24,17 +24,18 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from custody.config import Config, KafkaSettings, LedgerSettings
-from custody.errors import CustodyError
 from ingest import kafka, violations
 from ingest.consumer import Quarantine, Quarantined, Record, verify_record
+from ingest.errors import CustodyError
 from ingest.events import micros_to_datetime, now_micros
 from ingest.keys import Keyring, KeyLookupError, PrivateKey, load_key_file
+from ingest.settings import KafkaSettings, KeySettings
 from ingest.verify import EventVerifier
 from ledger.durable import write_atomic
 from ledger.merkle import SALT_SIZE, event_leaf_hash, extension_proof
 from ledger.seals import Seal, seal_record, seal_relpath, segment_relpath, sign_seal
 from ledger.segments import NO_IDENTITY, SegmentBuilder, session_identity, write_segment
+from ledger.settings import LedgerSettings
 from ledger.state import PartitionLock, PartitionState, prune_snapshots, recover, write_snapshot
 
 log = logging.getLogger(__name__)
@@ -179,15 +180,17 @@ class LedgerService:
                 self.resume(tp)
 
     @classmethod
-    def from_config(cls, config: Config, group_id: str = GROUP_ID, instance_id: str | None = None,
-                    partitions: list[int] | None = None) -> "LedgerService":
-        key = load_key_file(config.keys.ledger_key)
-        keyring = Keyring.load(config.keys.keyring)
+    def from_settings(cls, kafka_settings: KafkaSettings, settings: LedgerSettings, keys: KeySettings,
+                      group_id: str = GROUP_ID, instance_id: str | None = None,
+                      partitions: list[int] | None = None) -> "LedgerService":
+        """The service with the configured ledger key, refused early when the keyring would not trust its seals."""
+        key = load_key_file(keys.ledger_key)
+        keyring = Keyring.load(keys.keyring)
         try:
             keyring.key_for(key.key_id, micros_to_datetime(now_micros()), role="ledger")
         except KeyLookupError as exc:
-            raise LedgerConfigError(f"{config.keys.ledger_key}: {exc}; the ledger's seals would not verify") from None
-        return cls(config.kafka, config.ledger, key, keyring, group_id, instance_id, partitions)
+            raise LedgerConfigError(f"{keys.ledger_key}: {exc}; the ledger's seals would not verify") from None
+        return cls(kafka_settings, settings, key, keyring, group_id, instance_id, partitions)
 
     @property
     def sealed_leaves(self) -> int:

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 from ingest.verify import ChainPosition, SessionChains
 from ledger.durable import TMP_SUFFIX, remove_durably, write_atomic
 from ledger.merkle import CompactTree

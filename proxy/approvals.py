@@ -33,7 +33,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import SealedBox
 from nacl.signing import SigningKey, VerifyKey
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 
 __all__ = [
     "DECISIONS", "ApprovalError", "ApprovalOutcome", "ApprovalRequest", "DecisionDocument", "Ledger",

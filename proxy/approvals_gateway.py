@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.errors import KafkaError
 
-from custody.config import KafkaSettings
 from ingest.kafka import consumer, ensure_topics, producer
 from ingest.keys import PrivateKey
+from ingest.settings import KafkaSettings
 from proxy.approvals import (
     ApprovalError,
     ApprovalOutcome,

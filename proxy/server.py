@@ -17,16 +17,17 @@ from dataclasses import dataclass
 
 from nacl.public import PublicKey
 
-from custody.config import Config, ConfigError, ProxySettings
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 from ingest.keys import PrivateKey, load_key_file
 from ingest.recorder import Recorder, SpoolOptions
+from ingest.settings import ConfigError
 from proxy.approvals_gateway import ApprovalGateway
 from proxy.identity import TokenVerifier
+from proxy.core.policy import PolicyRuntime
+from proxy.core.registry import FRONT_ENDS, protocol_for
+from proxy.core.server import Listener
 from proxy.policy import PolicyHolder
-from proxy.postgres.policy_layer import PolicyRuntime
-from proxy.postgres.server import PostgresProxy
-from proxy.postgres.settings import PostgresSettings
+from proxy.settings import ProxySettings, ServiceConfig
 
 log = logging.getLogger(__name__)
 
@@ -42,24 +43,25 @@ class ServiceOptions:
 class ProxyService:
     """The recorder and the listeners of one config."""
 
-    def __init__(self, config: Config, options: ServiceOptions = ServiceOptions()) -> None:
-        postgres = [p for p in config.proxies if p.protocol == "postgres"]
-        other = [p.name for p in config.proxies if p.protocol != "postgres"]
+    def __init__(self, config: ServiceConfig, options: ServiceOptions = ServiceOptions()) -> None:
+        served = [p for p in config.proxies if p.protocol in FRONT_ENDS]
+        other = [f"{p.name} ({p.protocol})" for p in config.proxies if p.protocol not in FRONT_ENDS]
         if other:
-            log.warning("proxies %s: only protocol = \"postgres\" is served so far; skipped", other)
-        if not postgres:
-            raise ConfigError(f"{config.path}: no [[proxy]] with protocol = \"postgres\" to serve")
+            log.warning("proxies %s: no front end for their protocol yet; skipped", ", ".join(other))
+        if not served:
+            raise ConfigError(f"{config.path}: no [[proxy]] with a protocol that has a front end "
+                              f"({', '.join(sorted(FRONT_ENDS))}) to serve")
         self.config = config
-        self.settings = [PostgresSettings.from_config(p, config.spool.fail_open) for p in postgres]
+        protocols = [protocol_for(p, config.spool.fail_open) for p in served]
         self.verifier = token_verifier(config)
         spool = SpoolOptions(config.spool.dir, config.spool.max_bytes, config.spool.fsync_interval_ms / 1000)
         name = options.producer_name or f"{socket.gethostname()}/proxy"
         key = load_key_file(config.keys.proxy_key)
         self.recorder = Recorder(config.kafka, spool, key, name, max_queue=options.max_queue)
-        policies = [policy_runtime(config, p, key) for p in postgres]
+        policies = [policy_runtime(config, p, key) for p in served]
         self.approvals = ApprovalGateway(config.kafka, self.verifier, key) if any(policies) else None
-        self.proxies = [PostgresProxy(s, self.verifier, self.recorder, policy, self.approvals)
-                        for s, policy in zip(self.settings, policies)]
+        self.proxies = [Listener(protocol, self.verifier, self.recorder, policy, self.approvals)
+                        for protocol, policy in zip(protocols, policies)]
 
     async def start(self) -> None:
         for proxy in self.proxies:
@@ -89,7 +91,7 @@ class ProxyService:
             await self.stop()
 
 
-def token_verifier(config: Config) -> TokenVerifier:
+def token_verifier(config: ServiceConfig) -> TokenVerifier:
     """The verifier for callers' (and reviewers') tokens, from [identity]."""
     if config.identity is None:
         raise ConfigError(f"{config.path}: [identity] is required: callers are identified by OIDC token")
@@ -98,7 +100,7 @@ def token_verifier(config: Config) -> TokenVerifier:
                          username_claim=identity.username_claim, groups_claim=identity.groups_claim)
 
 
-def policy_runtime(config: Config, proxy: ProxySettings, key: PrivateKey) -> PolicyRuntime | None:
+def policy_runtime(config: ServiceConfig, proxy: ProxySettings, key: PrivateKey) -> PolicyRuntime | None:
     """The proxy's policy file, and the custodian key that its masks need (required with any policy).
 
     Required even while the policy has no [[mask]]: a reload may add one, and
@@ -121,7 +123,7 @@ def policy_runtime(config: Config, proxy: ProxySettings, key: PrivateKey) -> Pol
 class BackgroundService:
     """A `ProxyService` on its own event loop in a thread: for tests and benchmarks."""
 
-    def __init__(self, config: Config, options: ServiceOptions = ServiceOptions()) -> None:
+    def __init__(self, config: ServiceConfig, options: ServiceOptions = ServiceOptions()) -> None:
         self.service = ProxyService(config, options)
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="custody-proxy", daemon=True)

@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 
 FORMATS = ("table", "csv", "json", "parquet")
 MAX_BYTES_SHOWN = 16

@@ -23,7 +23,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 from ingest.events import open_event
 from ledger.seals import SEALS_DIR, MalformedSealError, Seal
 from ledger.segments import SCHEMA

@@ -7,10 +7,10 @@ import uuid
 import pytest
 from nacl.signing import SigningKey
 
-from custody.config import KafkaSettings
 from ingest import kafka
 from ingest.broker import DevBroker
 from ingest.keys import Keyring, PrivateKey, TrustedKey, key_id_for
+from ingest.settings import KafkaSettings
 
 
 @pytest.fixture(scope="session")

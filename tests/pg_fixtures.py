@@ -16,11 +16,12 @@ from typing import Any
 
 import psycopg
 
-from custody.config import KafkaSettings, load_config
+from custody.config import load_config
 from custody.init import initialise
 from ingest.consumer import Accepted, EventConsumer
 from ingest.events import SignedEvent
 from ingest.keys import Keyring
+from ingest.settings import KafkaSettings
 from ingest.verify import EventVerifier
 from proxy.devidp import issue_token
 from proxy.server import BackgroundService, ServiceOptions

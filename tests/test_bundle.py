@@ -16,15 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_key
-from custody.config import KafkaSettings, LedgerSettings
 from events_factory import ALL_KINDS, frames, result_frames, session_end, session_start
 from ingest import kafka
 from ingest.events import SessionChain
 from ingest.keys import Keyring, TrustedKey
+from ingest.settings import KafkaSettings
 from ledger import merkle
-from ledger.service import LedgerService
-from query import dsse
 from ledger.seals import Seal
+from ledger.service import LedgerService
+from ledger.settings import LedgerSettings
+from query import dsse
 from query.bundle import EVENTS, MANIFEST, Scope, _covering, export_bundle, transfer
 from query.bundle_verify import verify_bundle
 from query.proofs import MerkleLevels

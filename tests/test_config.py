@@ -5,9 +5,10 @@ import sys
 
 import pytest
 
-from custody.config import ConfigError, load_config
-from custody.errors import CustodyError
+from custody.config import load_config
 from custody.init import initialise
+from ingest.errors import CustodyError
+from ingest.settings import ConfigError
 
 
 def write(tmp_path, text: str):

@@ -10,7 +10,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import make_key, send_raw
-from custody.config import LedgerSettings
 from events_factory import frames, policy_decision, protocol_error, result_frames, session_end, session_start
 from ingest import kafka
 from ingest.events import SessionChain
@@ -19,6 +18,7 @@ from ledger import checkpoint
 from ledger.seals import Seal, checkpoint_verifiers
 from ledger.segments import SCHEMA
 from ledger.service import LedgerService
+from ledger.settings import LedgerSettings
 from ledger.state import recover
 from ledger.verify import verify_ledger
 

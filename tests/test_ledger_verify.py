@@ -16,13 +16,13 @@ from click.testing import CliRunner
 
 from conftest import make_key
 from custody.cli import cli
-from custody.config import LedgerSettings
 from events_factory import frames, session_start
 from ingest.consumer import Record
 from ingest.events import SessionChain
 from ingest.keys import Keyring, TrustedKey
 from ledger.seals import Seal, sign_seal
 from ledger.service import PartitionWriter
+from ledger.settings import LedgerSettings
 from ledger.state import recover
 from ledger.verify import verify_ledger
 

@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 import pytest
 import scramp
 
-from custody.config import ProxySettings, Table
 from ingest.recorder import RecorderUnavailable
+from ingest.settings import Table
 from proxy.identity import Identity
-from ingest.protocols.postgres import MessageReader
-from ingest.protocols.postgres import messages as m
+from proxy.postgres import MessageReader
+from proxy.postgres import messages as m
 from proxy.postgres.cancel import CancelKeys
 from proxy.postgres.session import (
     Close,
@@ -26,6 +26,7 @@ from proxy.postgres.session import (
 )
 from proxy.postgres.settings import PostgresSettings
 from proxy.postgres.upstream_auth import UpstreamAuthError, UpstreamLogin, md5_password
+from proxy.settings import ProxySettings
 
 ALICE = Identity("alice@example.com", "alice@example.com", "alice@example.com", ("dba",),
                  "https://idp/", None, datetime(2030, 1, 1, tzinfo=timezone.utc))

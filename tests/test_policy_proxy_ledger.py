@@ -15,11 +15,11 @@ import pytest
 from click.testing import CliRunner
 
 from custody.cli import cli
-from custody.config import LedgerSettings
 from ingest import kafka
 from ingest.keys import Keyring, load_key_file
 from ingest.violations import tail
 from ledger.service import LedgerService
+from ledger.settings import LedgerSettings
 from pg_fixtures import DIRECT, EventLog, new_app, start_proxy
 from query.views import open_ledger
 

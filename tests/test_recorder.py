@@ -74,10 +74,10 @@ def test_when_the_proxy_process_dies_the_recorder_still_delivers_what_reached_it
         import os, signal, sys, time
         sys.path[:0] = {[str(p) for p in sys.path if p]!r}
         from nacl.signing import SigningKey
-        from custody.config import KafkaSettings
         from events_factory import frames, session_start
         from ingest.keys import PrivateKey
         from ingest.recorder import Recorder, SpoolOptions
+        from ingest.settings import KafkaSettings
         settings = KafkaSettings(bootstrap={kafka_settings.bootstrap!r}, topic_prefix={kafka_settings.topic_prefix!r},
                                  embedded_listen={kafka_settings.bootstrap!r}, partitions=3)
         key = PrivateKey({proxy_key.key_id!r}, SigningKey(open({str(seed_file)!r}, "rb").read()))

@@ -9,13 +9,13 @@ from importlib import resources
 import jsonschema
 
 from conftest import make_key
-from custody.config import LedgerSettings
 from events_factory import frames, policy_decision, session_end, session_start
 from ingest import kafka
 from ingest.events import SessionChain
 from ingest.keys import TrustedKey
 from ingest.violations import tail
 from ledger.service import LedgerService
+from ledger.settings import LedgerSettings
 
 
 def test_the_ledger_publishes_violations_once_sealed(kafka_settings, proxy_key, keyring, tmp_path):

@@ -15,7 +15,7 @@ import click
 from kafka import TopicPartition
 
 from custody.config import Config, config_option, load_config
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 from ingest.kafka import consumer, ensure_topics, producer
 from ingest.keys import Keyring
 from proxy.approvals import (

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from custody.config import config_option, load_config
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 from ingest.keys import Keyring
 from ledger.service import GROUP_ID, LedgerService, ledger_dir
 from ledger.verify import LedgerProblem, Report, sealed_event_count, verify_ledger
@@ -39,7 +39,7 @@ def ledger(group: str, instance: str | None, partitions: str | None, config_path
         pinned = [int(p) for p in partitions.split(",")] if partitions else None
     except ValueError:
         raise click.BadParameter(f"{partitions!r} is not a comma-separated list of numbers", param_hint="--partitions")
-    service = LedgerService.from_config(config, group, instance, pinned)
+    service = LedgerService.from_settings(config.kafka, config.ledger, config.keys, group, instance, pinned)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())

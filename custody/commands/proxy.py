@@ -8,7 +8,8 @@ from datetime import timedelta
 
 import click
 
-from custody.config import ConfigError, config_option, load_config
+from custody.config import config_option, load_config
+from ingest.settings import ConfigError
 
 
 @click.command()

@@ -38,7 +38,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 
 from .detectors import DETECTORS
 from .masking import MaskPlan

@@ -33,7 +33,7 @@ from typing import Any
 from pglast import enums
 from pglast.parser import ParseError, normalize, parse_plpgsql_json, parse_sql_json
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 
 __all__ = ["KINDS", "MAX_DEPTH", "SqlParseError", "StatementInfo", "analysis_cache_info", "analyze"]
 

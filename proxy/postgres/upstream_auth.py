@@ -12,9 +12,9 @@ import hashlib
 
 import scramp
 
-from custody.errors import CustodyError
+from ingest.errors import CustodyError
 
-from ingest.protocols.postgres import messages as m
+from . import messages as m
 
 SCRAM_MECHANISM = "SCRAM-SHA-256"
 
