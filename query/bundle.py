@@ -47,7 +47,6 @@ from ledger.seals import SEALS_DIR, Seal
 from ledger.segments import SCHEMA as SEGMENT_SCHEMA
 from query import dsse
 from query.proofs import MerkleLevels
-from query.views import MESSAGES_TYPE
 
 PREDICATE_TYPE = "https://custody.dev/chain-of-custody/v1"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -144,9 +143,7 @@ def _select(ledger_dir: Path, seals: dict[int, list[Seal]], scope: Scope) -> pa.
     paths = [str(p) for chain in seals.values() for p in _segment_paths(ledger_dir, chain)]
     predicate, params = scope.predicate()
     con = duckdb.connect()
-    # by name, cast to the current messages type: segments from before contract v2 lack its message fields
-    con.execute(f"CREATE VIEW events AS SELECT * REPLACE (CAST(messages AS {MESSAGES_TYPE}) AS messages) "
-                f"FROM read_parquet({paths!r}, union_by_name = true)")
+    con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet({paths!r})")
     try:
         return con.sql(
             f"SELECT * FROM events WHERE session_id IN (SELECT DISTINCT session_id FROM events WHERE {predicate}) "

@@ -6,9 +6,7 @@ querying two databases, with result rows (some masked), errors, notices,
 statements blocked by policy, holds that were approved or expired, a failed
 authentication and a protocol violation. Events go through
 `ledger.service.PartitionWriter` (verify, Merkle leaves, segments, seals), the
-path a real ledger takes minus Kafka. Messages carry the contract-v2 operation
-fields as the PostgreSQL front end fills them (`operation`, `text`, `objects`
-on Query/Parse, `outcome` on CommandComplete/ErrorResponse). Content is deterministic for a seed;
+path a real ledger takes minus Kafka. Content is deterministic for a seed;
 event and session ids are UUIDv7s and so are not.
 """
 
@@ -28,11 +26,11 @@ from typing import Any
 from ingest.consumer import Record
 from ingest.events import SessionChain, datetime_to_micros, uuid7
 from ingest.keys import Keyring, add_to_keyring, generate_key_file, load_key_file
-from ingest.protocols.postgres import messages as w
 from ledger.merkle import SALT_SIZE
 from ledger.service import PartitionWriter
 from ledger.settings import LedgerSettings
 from ledger.state import PartitionState
+from query import pgwire as w
 
 ORIGIN = "custody.example/ledger/demo"
 TOPIC = "custody.events"
@@ -60,11 +58,6 @@ def message(type_: str, data: bytes, **fields: Any) -> dict[str, Any]:
     return {"type": type_, "data": data, **fields}
 
 
-def statement_fields(sql: str, tables: list[str]) -> dict[str, Any]:
-    """The SQL-named and (contract v2) protocol-neutral fields of a message that starts a statement."""
-    return {"statement": sql, "operation": "statement", "text": sql, "objects": tables}
-
-
 def frames(direction: str, *messages: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "frames", {"direction": direction, "messages": list(messages)}
 
@@ -76,14 +69,14 @@ def result(columns: list[str], rows: list[list[str | None]], tag: str, masked: s
                    attributes={"columns": json.dumps(columns), "type_oids": json.dumps([w.TEXT_OID] * len(columns))})]
     for row in rows:
         sealed = rng.randbytes(48 + 8 * len(row)) if masked and rng else None
-        out.append(message("DataRow", w.data_row([None if v is None else v.encode() for v in row]), sealed_original=sealed))
+        out.append(message("DataRow", w.data_row(row), sealed_original=sealed))
     return out + [complete(tag)]
 
 
 def complete(tag: str) -> dict[str, Any]:
     words = tag.split()
     rows = int(words[-1]) if len(words) > 1 and words[-1].isdigit() else None
-    return message("CommandComplete", w.command_complete(tag), command_tag=tag, rows=rows, outcome="ok")
+    return message("CommandComplete", w.command_complete(tag), command_tag=tag, rows=rows)
 
 
 def ready(status: str = "I") -> dict[str, Any]:
@@ -91,17 +84,17 @@ def ready(status: str = "I") -> dict[str, Any]:
 
 
 def error(code: str, text: str) -> dict[str, Any]:
-    return message("ErrorResponse", w.error_response(severity="ERROR", code=code, message=text), error_code=code, error_message=text, outcome="error",
+    return message("ErrorResponse", w.error_response(code, text), error_code=code, error_message=text,
                    attributes={"severity": "ERROR", "severity_nonlocalized": "ERROR"})
 
 
 def notice(code: str, text: str) -> dict[str, Any]:
-    return message("NoticeResponse", w.notice_response(severity="NOTICE", code=code, message=text),
+    return message("NoticeResponse", w.notice_response(code, text),
                    attributes={"severity": "NOTICE", "severity_nonlocalized": "NOTICE", "code": code, "message": text})
 
 
-def simple_query(sql: str, tables: list[str]) -> tuple[str, dict[str, Any]]:
-    return frames("client", message("Query", w.query(sql), **statement_fields(sql, tables)))
+def simple_query(sql: str) -> tuple[str, dict[str, Any]]:
+    return frames("client", message("Query", w.query(sql), statement=sql))
 
 
 def decision(rule: str, action: str, reason: str, statement: str, request_id: str | None = None,
@@ -117,7 +110,7 @@ def _select(rng: random.Random) -> list[tuple[int, str, dict]]:
     ids = sorted(rng.sample(range(1000, 9999), rng.randint(1, 4)))
     sql = f"SELECT id, email, plan FROM customers WHERE id IN ({', '.join(map(str, ids))})"
     rows = [[str(i), f"{rng.choice('abcdefgh')}***@example.com", rng.choice(["free", "pro", "enterprise"])] for i in ids]
-    return [(0, *simple_query(sql, ["customers"])),
+    return [(0, *simple_query(sql)),
             (rng.randint(800, 30_000), *frames("server", *result(["id", "email", "plan"], rows, f"SELECT {len(rows)}",
                                                                   masked={1}, rng=rng), ready()))]
 
@@ -127,10 +120,10 @@ def _extended(rng: random.Random) -> list[tuple[int, str, dict]]:
     params = [str(rng.randint(1000, 9999)), rng.choice(["paid", "open", "shipped"])]
     rows = [[str(rng.randint(10_000, 99_999)), f"{rng.randint(5, 900)}.{rng.randint(0, 99):02d}", params[1]]
             for _ in range(rng.randint(0, 3))]
-    client = frames("client", message("Parse", w.parse("", sql), **statement_fields(sql, ["orders"]), attributes={"statement_name": ""}),
-                    message("Bind", w.bind([p.encode() for p in params]), parameters=params, attributes={"portal": "", "statement_name": ""}),
+    client = frames("client", message("Parse", w.parse(sql), statement=sql, attributes={"statement_name": ""}),
+                    message("Bind", w.bind(params), parameters=params, attributes={"portal": "", "statement_name": ""}),
                     message("Execute", w.execute(), attributes={"portal": "", "max_rows": "0"}),
-                    message("Sync", w.SYNC))
+                    message("Sync", w.sync()))
     server = frames("server", message("ParseComplete", b"1\0\0\0\4"), message("BindComplete", b"2\0\0\0\4"),
                     *result(["id", "total", "status"], rows, f"SELECT {len(rows)}"), ready())
     return [(0, *client), (rng.randint(500, 12_000), *server)]
@@ -138,26 +131,25 @@ def _extended(rng: random.Random) -> list[tuple[int, str, dict]]:
 
 def _update(rng: random.Random) -> list[tuple[int, str, dict]]:
     sql = f"UPDATE orders SET status = 'shipped' WHERE id = {rng.randint(10_000, 99_999)}"
-    return [(0, *simple_query(sql, ["orders"])), (rng.randint(1_000, 40_000), *frames("server", complete("UPDATE 1"), ready()))]
+    return [(0, *simple_query(sql)), (rng.randint(1_000, 40_000), *frames("server", complete("UPDATE 1"), ready()))]
 
 
 def _error(rng: random.Random) -> list[tuple[int, str, dict]]:
     table = rng.choice(["custmers", "order_items_old", "payments_2019"])
-    return [(0, *simple_query(f"SELECT * FROM {table} LIMIT 10", [table])),
+    return [(0, *simple_query(f"SELECT * FROM {table} LIMIT 10")),
             (rng.randint(300, 3_000), *frames("server", error("42P01", f'relation "{table}" does not exist'), ready()))]
 
 
 def _notice(rng: random.Random) -> list[tuple[int, str, dict]]:
-    return [(0, *simple_query("DROP TABLE IF EXISTS tmp_export", ["tmp_export"])),
+    return [(0, *simple_query("DROP TABLE IF EXISTS tmp_export")),
             (rng.randint(300, 3_000), *frames("server", notice("00000", 'table "tmp_export" does not exist, skipping'),
                                                complete("DROP TABLE"), ready()))]
 
 
 def _block(rng: random.Random) -> list[tuple[int, str, dict]]:
-    sql, tables = rng.choice([("DROP TABLE customers", ["customers"]), ("TRUNCATE payments", ["payments"]),
-                              ("ALTER ROLE app SUPERUSER", [])])
+    sql = rng.choice(["DROP TABLE customers", "TRUNCATE payments", "ALTER ROLE app SUPERUSER"])
     reason = f"{sql.split()[0]} is not allowed on production"
-    return [(0, *simple_query(sql, tables)),
+    return [(0, *simple_query(sql)),
             (rng.randint(100, 800), *decision("block-ddl", "block", reason, sql)),
             (rng.randint(100, 800), *frames("server", error("42501", f"blocked by policy block-ddl: {reason}"), ready()))]
 
@@ -172,7 +164,7 @@ def _hold(rng: random.Random, approved: bool) -> list[tuple[int, str, dict]]:
     else:
         end = [(300 * SECOND, *decision("approve-bulk-delete", "deny", "approval expired after 300 s", sql, request)),
                (rng.randint(100, 800), *frames("server", error("42501", "approval request expired"), ready()))]
-    return [(0, *simple_query(sql, ["orders"])),
+    return [(0, *simple_query(sql)),
             (rng.randint(100, 800), *decision("approve-bulk-delete", "hold", "bulk DELETE needs approval", sql, request)),
             *end]
 

@@ -8,11 +8,11 @@ from datetime import datetime, timezone
 import pytest
 import scramp
 
+from ingest.protocols.postgres import MessageReader
+from ingest.protocols.postgres import messages as m
 from ingest.recorder import RecorderUnavailable
 from ingest.settings import Table
 from proxy.identity import Identity
-from proxy.postgres import MessageReader
-from proxy.postgres import messages as m
 from proxy.postgres.cancel import CancelKeys
 from proxy.postgres.session import (
     Close,

@@ -14,7 +14,7 @@ import scramp
 
 from ingest.errors import CustodyError
 
-from . import messages as m
+from ingest.protocols.postgres import messages as m
 
 SCRAM_MECHANISM = "SCRAM-SHA-256"
 
