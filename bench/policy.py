@@ -28,7 +28,7 @@ sys.path[0:1] = [str(ROOT), str(ROOT / "tests")]  # not bench/, whose ingest.py 
 
 from ingest.broker import DevBroker  # noqa: E402
 from pg_fixtures import DIRECT, start_proxy  # noqa: E402
-from proxy.policy import Policy  # noqa: E402
+from proxy.policy import Operation, Policy  # noqa: E402
 
 TABLE = "custody_bench_policy"
 STATEMENTS = [
@@ -44,12 +44,12 @@ def bench_decide(policy: Policy, count: int) -> tuple[float, float]:
     texts = [STATEMENTS[i % len(STATEMENTS)].format(n=i) for i in range(count)]
     start = time.perf_counter()
     for text in texts:
-        policy.decide("eve@example.com", ("dev",), "local-postgres", text)
+        policy.decide("eve@example.com", ("dev",), "local-postgres", Operation("postgres", "statement", text))
     uncached = (time.perf_counter() - start) / count * 1e6
     repeated = [STATEMENTS[i % len(STATEMENTS)].format(n=1) for i in range(count)]
     start = time.perf_counter()
     for text in repeated:
-        policy.decide("eve@example.com", ("dev",), "local-postgres", text)
+        policy.decide("eve@example.com", ("dev",), "local-postgres", Operation("postgres", "statement", text))
     cached = (time.perf_counter() - start) / count * 1e6
     return uncached, cached
 

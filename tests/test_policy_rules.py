@@ -10,6 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from custody.commands.policy import policy_group
+from proxy.policy.operation import Operation
 from proxy.policy.rules import Policy, PolicyError, PolicyHolder
 
 DEFAULT_POLICY = Path(__file__).resolve().parents[1] / "proxy" / "policies" / "default.toml"
@@ -20,8 +21,12 @@ def default() -> Policy:
     return Policy.load(DEFAULT_POLICY)
 
 
+def pg(sql: str) -> Operation:
+    return Operation("postgres", "statement", sql)
+
+
 def decide(policy: Policy, sql: str, subject: str = "alice", groups=("dev",), target: str = "local-postgres"):
-    return policy.decide(subject, groups, target, sql)
+    return policy.decide(subject, groups, target, pg(sql))
 
 
 @pytest.mark.parametrize("sql, action, rule", [
@@ -185,13 +190,13 @@ def test_subject_and_target_matchers(policy):
     ('on_parse_error = "hold"\nparse_error_approvers = ["dba"]', "hold", ("dba",)),
 ])
 def test_unparseable_sql_follows_on_parse_error(setting, action, approvers):
-    decision = Policy.from_toml(setting).decide("alice", [], "db", "SELEC * FORM t")
+    decision = Policy.from_toml(setting).decide("alice", [], "db", pg("SELEC * FORM t"))
     assert (decision.action, decision.rule, decision.approvers) == (action, "on_parse_error", approvers)
     assert decision.message.startswith("SQL not understood: syntax error")
 
 
 def test_empty_policy_allows_everything():
-    assert Policy.from_toml("").decide("alice", [], "db", "DROP DATABASE prod").action == "allow"
+    assert Policy.from_toml("").decide("alice", [], "db", pg("DROP DATABASE prod")).action == "allow"
 
 
 def test_masking_plans_add_up_and_respect_exceptions(policy, default):
@@ -246,11 +251,11 @@ def test_holder_reloads_a_changed_file(tmp_path):
     path.write_text(BLOCK_DROP)
     holder = PolicyHolder(path, check_interval=0)
     before = holder.policy
-    assert before.decide("a", [], "t", "DELETE FROM x").action == "allow"
+    assert before.decide("a", [], "t", pg("DELETE FROM x")).action == "allow"
     rewrite(path, BLOCK_DROP + BLOCK_ALL_DELETES)
-    assert holder.policy.decide("a", [], "t", "DELETE FROM x").action == "block"
+    assert holder.policy.decide("a", [], "t", pg("DELETE FROM x")).action == "block"
     assert holder.last_error is None
-    assert before.decide("a", [], "t", "DELETE FROM x").action == "allow"  # sessions holding the old one are unaffected
+    assert before.decide("a", [], "t", pg("DELETE FROM x")).action == "allow"  # sessions holding the old one are unaffected
 
 
 def test_holder_keeps_the_old_policy_when_the_new_file_is_broken(tmp_path, caplog):
@@ -259,8 +264,8 @@ def test_holder_keeps_the_old_policy_when_the_new_file_is_broken(tmp_path, caplo
     holder = PolicyHolder(path, check_interval=0)
     rewrite(path, BLOCK_DROP.replace("'block'", "'bolck'"))
     with caplog.at_level(logging.WARNING, logger="proxy.policy.rules"):
-        assert holder.policy.decide("a", [], "t", "DROP TABLE x").action == "block"
-        assert holder.policy.decide("a", [], "t", "DROP TABLE x").action == "block"
+        assert holder.policy.decide("a", [], "t", pg("DROP TABLE x")).action == "block"
+        assert holder.policy.decide("a", [], "t", pg("DROP TABLE x")).action == "block"
     assert "rule 'block-drop': action: expected one of allow, hold, block, got 'bolck'" in holder.last_error
     assert len(caplog.records) == 1 and "previous policy stays in force" in caplog.records[0].getMessage()
     path.unlink()

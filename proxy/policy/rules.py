@@ -1,28 +1,55 @@
-"""The policy file: rules that allow, block or hold statements, masks that hide values.
+"""The policy file: rules that allow, block or hold operations, masks that hide values.
+
+Policy decides on an *operation* (`proxy.policy.operation.Operation`): its
+protocol, kind, text, objects and attributes, as the front end reports them.
+The protocol's analyzer (`proxy.policy.analyzers`; for PostgreSQL the pglast
+parse tree of `proxy.policy.sql`) splits it into the parts that are decided.
 
 Evaluation order, which a policy author must know:
 
-* Every statement is decided on its own: each top-level statement of the
-  message and every statement nested in it (a DELETE in a CTE, the body of a
-  DO block, a PREPAREd query…; see `proxy.policy.sql`). For each, the rules
-  are tried top to bottom and the **first rule whose matchers all match
-  decides** it; no match means `allow` (the statement is still recorded —
-  who may connect at all is the proxy's identity check, not the policy's).
-  So put narrow exceptions (`dba` may TRUNCATE) above broad rules.
-* The message gets the **strictest** of its statements' decisions
+* Every part is decided on its own. For SQL that is each top-level statement
+  of the message and every statement nested in it (a DELETE in a CTE, the
+  body of a DO block, a PREPAREd query…; see `proxy.policy.sql`); an
+  operation without an analyzer (or one the analyzer finds nothing in) is
+  one part, decided on its own fields. For each part, the rules are tried
+  top to bottom and the **first rule whose matchers all match decides** it;
+  no match means `allow` (the operation is still recorded — who may connect
+  at all is the proxy's identity check, not the policy's). So put narrow
+  exceptions (`dba` may TRUNCATE) above broad rules.
+* The operation gets the **strictest** of its parts' decisions
   (block > hold > allow): one blocked statement blocks the whole message,
   and an `allow` rule for the SELECT around a CTE cannot wave its DELETE
   through.
-* Text that does not parse gets `on_parse_error` (default `block`).
+* Text the analyzer cannot read (SQL that does not parse) gets
+  `on_parse_error` (default `block`) — or the decision of a rule that
+  matches the operation's own fields, if that one is stricter.
 * Masks are not first-match: every `[[mask]]` that applies to the identity
   adds its detectors and columns.
 
 Within a rule, all matchers given must match; a list matches if any entry
-does. `subjects`, `targets`, `tables`, `functions` and `columns` take
-shell-style patterns (`*`, `?`, `[…]`); names compare case-insensitively.
-A table pattern without a schema matches that table in any schema, and a
-table the SQL names without a schema matches a pattern for any schema
-(search_path decides at run time, so the policy assumes the worst).
+does; a rule with no matchers at all matches everything.
+
+* Identity: `subjects`, `groups`, `not_groups`, `targets`.
+* Operation (any protocol): `protocols` (postgres, mysql, ssh, http,
+  kubernetes), `operations` (kinds: statement, command, request, transfer,
+  forward), `objects` (shell patterns; matches if any object matches),
+  `text` (a regular expression, searched anywhere in the text; Python `re`
+  syntax, `(?i)` for case-insensitive) and `attributes` (a table of
+  attribute name → list of shell patterns; every attribute named must be
+  present and match, e.g. `attributes = { verb = ["delete"] }`).
+* SQL statements: `statements` (kinds from `proxy.policy.sql.KINDS`),
+  `tables`, `functions`, `without_where`. They read the analyzer's statement
+  analysis, so a rule using any of them matches only parts that have one
+  (today: PostgreSQL statements); add `protocols` to narrow it further.
+
+`subjects`, `targets`, `objects`, attribute values, `tables`, `functions`
+and `columns` take shell-style patterns (`*`, `?`, `[…]`; `*` also matches
+`/`). Tables, functions and columns compare case-insensitively, the others
+exactly. A table pattern without a schema matches that table in any
+schema, and a table the SQL names without a schema matches a pattern for
+any schema (search_path decides at run time, so the policy assumes the
+worst). `text` is a plain search of the text as sent: for SQL, prefer the
+statement matchers, which comments, case and quoting do not disguise.
 """
 
 from __future__ import annotations
@@ -30,19 +57,22 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 import time
 import tomllib
 from collections.abc import Callable, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
 from ingest.errors import CustodyError
 
+from .analyzers import Part, parts
 from .detectors import DETECTORS
 from .masking import MaskPlan
-from .sql import KINDS, SqlParseError, StatementInfo, analyze
+from .operation import OPERATION_KINDS, PROTOCOLS, AnalysisError, Operation
+from .sql import KINDS, StatementInfo
 
 __all__ = ["ACTIONS", "Decision", "IdentityMatch", "MaskRule", "Policy", "PolicyError", "PolicyHolder", "Rule"]
 
@@ -95,25 +125,90 @@ class IdentityMatch:
 
 @dataclass(frozen=True, slots=True)
 class Rule:
-    """One `[[rule]]`: identity and statement matchers, and what to do with a statement they match."""
+    """One `[[rule]]`: identity, operation and statement matchers, and what to do with a part they match."""
 
     name: str
     action: str
     message: str
     approvers: tuple[str, ...]
     identity: IdentityMatch
+    protocols: frozenset[str] = frozenset()
+    operations: frozenset[str] = frozenset()
+    objects: tuple[str, ...] = ()
+    text: re.Pattern[str] | None = None
+    attributes: tuple[tuple[str, tuple[str, ...]], ...] = ()
     statements: frozenset[str] = frozenset()
     tables: tuple[str, ...] = ()
     functions: tuple[str, ...] = ()
     without_where: bool = False
+    reads_statements: bool = field(init=False)
+    """Whether the rule has statement matchers, and so matches only parts with a statement analysis."""
+    reads_operation: bool = field(init=False)
+    """Whether the rule has operation matchers (else every operation matches: the check is skipped)."""
 
-    def matches_statement(self, statement: StatementInfo) -> bool:
-        return (
+    def __post_init__(self) -> None:
+        reads = bool(self.statements or self.tables or self.functions or self.without_where)
+        object.__setattr__(self, "reads_statements", reads)
+        reads = bool(self.protocols or self.operations or self.objects or self.text is not None or self.attributes)
+        object.__setattr__(self, "reads_operation", reads)
+
+    def matches_operation(self, operation: Operation) -> bool:
+        return not self.reads_operation or (
+            (not self.protocols or operation.protocol in self.protocols)
+            and (not self.operations or operation.kind in self.operations)
+            and (not self.objects or any(_any_pattern(o, self.objects) for o in operation.objects))
+            and (self.text is None or self.text.search(operation.text) is not None)
+            and all(name in operation.attributes and _any_pattern(operation.attributes[name], patterns)
+                    for name, patterns in self.attributes)
+        )
+
+    def matches_statement(self, statement: StatementInfo | None) -> bool:
+        if not self.reads_statements:
+            return True
+        return statement is not None and (
             (not self.statements or statement.kind in self.statements)
             and (not self.tables or _any_name(statement.tables, self.tables))
             and (not self.functions or _any_name(statement.functions, self.functions))
             and (not self.without_where or statement.has_where is False)
         )
+
+    def explain(self, subject: str, groups: Collection[str], target: str,
+                operation: Operation, statement: StatementInfo | None) -> tuple[str, ...]:
+        """Why this rule matched: one line per matcher it has, naming what matched it."""
+        def first(values: Iterable[str], patterns: Iterable[str], match: Callable[[str, str], bool] = fnmatchcase) -> str:
+            return next((f"{p!r} matched {v!r}" for v in values for p in patterns if match(v, p)), "")
+
+        ident, why = self.identity, []
+        if ident.subjects:
+            why.append(f"subjects: {first([subject], ident.subjects)}")
+        if ident.groups:
+            why.append(f"groups: member of {', '.join(sorted(ident.groups.intersection(groups)))}")
+        if ident.excluded_groups:
+            why.append(f"not_groups: not a member of {', '.join(sorted(ident.excluded_groups))}")
+        if ident.targets:
+            why.append(f"targets: {first([target], ident.targets)}")
+        if self.protocols:
+            why.append(f"protocols: {operation.protocol}")
+        if self.operations:
+            why.append(f"operations: {operation.kind}")
+        if self.objects:
+            why.append(f"objects: {first(operation.objects, self.objects)}")
+        if self.text is not None:
+            found = self.text.search(operation.text)
+            why.append(f"text: /{self.text.pattern}/ found {(found.group(0) if found else '')[:80]!r}")
+        for name, patterns in self.attributes:
+            why.append(f"attributes: {name} {first([operation.attributes.get(name, '')], patterns)}")
+        if statement is not None and self.reads_statements:
+            if self.statements:
+                why.append(f"statements: {statement.kind}")
+            lower = [name.lower() for name in statement.tables]
+            if self.tables:
+                why.append(f"tables: {first(lower, self.tables, _name_matches)}")
+            if self.functions:
+                why.append(f"functions: {first([f.lower() for f in statement.functions], self.functions, _name_matches)}")
+            if self.without_where:
+                why.append(f"without_where: the {statement.kind} has no WHERE that filters")
+        return tuple(why) or ("no matchers: the rule matches everything",)
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,18 +223,47 @@ class MaskRule:
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """The verdict on one message: the action, the rule that made it (None: no rule matched), and why.
+    """The verdict on one operation: the action, the rule that made it (None: no rule matched), and why.
 
-    `statements` is the whole analysis (empty after a parse error); `matched`
-    is the statement, possibly a nested one, that the deciding rule matched.
+    `parts` are what the rules decided (the analyzer's parts, or the
+    operation as one part); `part` is the one the deciding rule matched.
+    `statements` is the SQL analysis (top-level statements; empty after a
+    parse error or for an operation that is not SQL); `matched` is the
+    statement, possibly a nested one, that the deciding rule matched.
     """
 
     action: str
     rule: str | None
     message: str
     approvers: tuple[str, ...]
-    statements: tuple[StatementInfo, ...]
-    matched: StatementInfo | None = None
+    operation: Operation | None = None
+    parts: tuple[Part, ...] = ()
+    part: Part | None = None
+
+    @property
+    def statements(self) -> tuple[StatementInfo, ...]:
+        return tuple(p.statement for p in self.parts if p.depth == 0 and p.statement is not None)
+
+    @property
+    def matched(self) -> StatementInfo | None:
+        return None if self.part is None else self.part.statement
+
+
+def _strictest(operation: Operation, rules: list[Rule], whole: list[Rule], found: tuple[Part, ...]) -> Decision:
+    """First match per part, strictest over the parts; on a tie the earlier part decides.
+
+    `rules` apply to the identity; `whole` are those that also match the operation's own fields.
+    """
+    best, best_rank = Decision("allow", None, "", (), operation, found), (0, False)
+    for part in found:
+        candidates = whole if part.operation is None else [r for r in rules if r.matches_operation(part.operation)]
+        rule = next((r for r in candidates if not r.reads_statements or r.matches_statement(part.statement)), None)
+        if rule is None:
+            continue
+        rank = (_SEVERITY[rule.action], True)
+        if rank > best_rank:
+            best, best_rank = Decision(rule.action, rule.name, rule.message, rule.approvers, operation, found, part), rank
+    return best
 
 
 # --- the policy ---------------------------------------------------------------------
@@ -171,24 +295,19 @@ class Policy:
             raise PolicyError(f"{source}: not valid TOML: {exc}") from None
         return _parse_policy(source, raw)
 
-    def decide(self, subject: str, groups: Collection[str], target: str, sql: str) -> Decision:
-        """The strictest decision over every statement of `sql`; see the module docstring for the order."""
-        try:
-            statements = analyze(sql)
-        except SqlParseError as exc:
-            return Decision(self.on_parse_error, "on_parse_error", f"SQL not understood: {exc}",
-                            self.parse_error_approvers if self.on_parse_error == "hold" else (), ())
+    def decide(self, subject: str, groups: Collection[str], target: str, operation: Operation) -> Decision:
+        """The strictest decision over every part of `operation`; see the module docstring for the order."""
         group_set = frozenset(groups)
         rules = [rule for rule in self.rules if rule.identity.matches(subject, group_set, target)]
-        best, best_rank = Decision("allow", None, "", (), statements), (0, False)
-        for statement in (inner for top in statements for inner in top.walk()):
-            rule = next((r for r in rules if r.matches_statement(statement)), None)
-            if rule is None:
-                continue
-            rank = (_SEVERITY[rule.action], True)
-            if rank > best_rank:
-                best, best_rank = Decision(rule.action, rule.name, rule.message, rule.approvers, statements, statement), rank
-        return best
+        whole = [rule for rule in rules if not rule.reads_operation or rule.matches_operation(operation)]
+        try:
+            found = parts(operation)
+        except AnalysisError as exc:
+            on_error = Decision(self.on_parse_error, "on_parse_error", f"{exc.what} not understood: {exc}",
+                                self.parse_error_approvers if self.on_parse_error == "hold" else (), operation, ())
+            fields_only = _strictest(operation, rules, whole, (Part(),))
+            return fields_only if _SEVERITY[fields_only.action] > _SEVERITY[on_error.action] else on_error
+        return _strictest(operation, rules, whole, found)
 
     def masking_for(self, subject: str, groups: Collection[str], target: str) -> MaskPlan | None:
         """What to hide from this identity on this target: the union of every applicable `[[mask]]`."""
@@ -207,8 +326,9 @@ class Policy:
 
 _TOP_KEYS = {"on_parse_error", "parse_error_approvers", "hold_timeout_seconds", "rule", "mask"}
 _IDENTITY_KEYS = {"subjects", "groups", "targets"}
-_RULE_KEYS = {"name", "action", "message", "approvers", "statements", "tables", "functions", "without_where",
-              "not_groups", *_IDENTITY_KEYS}
+_OPERATION_KEYS = {"protocols", "operations", "objects", "text", "attributes"}
+_STATEMENT_KEYS = {"statements", "tables", "functions", "without_where"}
+_RULE_KEYS = {"name", "action", "message", "approvers", "not_groups", *_IDENTITY_KEYS, *_OPERATION_KEYS, *_STATEMENT_KEYS}
 _MASK_KEYS = {"name", "detectors", "columns", "except_groups", *_IDENTITY_KEYS}
 
 
@@ -242,6 +362,31 @@ class _Entry:
                 close = difflib.get_close_matches(name, known, n=1)
                 raise self.error(key, f"unknown name {name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
         return tuple(value)
+
+    def pattern(self, key: str) -> re.Pattern[str] | None:
+        value = self.raw.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"expected a regular expression (a non-empty string), got {value!r}")
+        try:
+            return re.compile(value)
+        except re.error as exc:
+            shown = value.replace("\r", "\\r").replace("\n", "\\n")  # the error stays one line
+            raise self.error(key, f"invalid regular expression /{shown}/: {exc}") from None
+
+    def table_of_names(self, key: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        value = self.raw.get(key, {})
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table of name = [patterns], got {value!r}")
+        found = []
+        for name, patterns in value.items():
+            if not name:
+                raise self.error(key, "an attribute name must not be empty")
+            if not isinstance(patterns, list) or not patterns or not all(isinstance(p, str) and p for p in patterns):
+                raise self.error(f"{key}.{name}", f"expected a non-empty list of non-empty strings, got {patterns!r}")
+            found.append((name, tuple(patterns)))
+        return tuple(found)
 
     def boolean(self, key: str) -> bool:
         value = self.raw.get(key, False)
@@ -306,6 +451,11 @@ def _rule(entry: _Entry) -> Rule:
         message=entry.string("message", default_message),
         approvers=approvers,
         identity=entry.identity("not_groups"),
+        protocols=frozenset(entry.names("protocols", PROTOCOLS)),
+        operations=frozenset(entry.names("operations", OPERATION_KINDS)),
+        objects=entry.names("objects"),
+        text=entry.pattern("text"),
+        attributes=entry.table_of_names("attributes"),
         statements=frozenset(entry.names("statements", KINDS)),
         tables=tuple(p.lower() for p in entry.names("tables")),
         functions=tuple(p.lower() for p in entry.names("functions")),

@@ -33,7 +33,7 @@ from typing import Any
 from pglast import enums
 from pglast.parser import ParseError, normalize, parse_plpgsql_json, parse_sql_json
 
-from ingest.errors import CustodyError
+from .operation import AnalysisError
 
 __all__ = ["KINDS", "MAX_DEPTH", "SqlParseError", "StatementInfo", "analysis_cache_info", "analyze"]
 
@@ -46,8 +46,10 @@ _CACHE_MAX_TEXT = 16 * 1024  # longer texts are analyzed every time rather than 
 Json = dict[str, Any]
 
 
-class SqlParseError(CustodyError):
+class SqlParseError(AnalysisError):
     """The text is not SQL that PostgreSQL would accept; `position` is a character offset when known."""
+
+    what = "SQL"
 
     def __init__(self, message: str, position: int | None = None):
         super().__init__(message)
