@@ -23,10 +23,10 @@ from ingest.recorder import Recorder, SpoolOptions
 from ingest.settings import ConfigError
 from proxy.approvals_gateway import ApprovalGateway
 from proxy.identity import TokenVerifier
+from proxy.core.policy import PolicyRuntime
+from proxy.core.registry import FRONT_ENDS, protocol_for
+from proxy.core.server import Listener
 from proxy.policy import PolicyHolder
-from proxy.postgres.policy_layer import PolicyRuntime
-from proxy.postgres.server import PostgresProxy
-from proxy.postgres.settings import PostgresSettings
 from proxy.settings import ProxySettings, ServiceConfig
 
 log = logging.getLogger(__name__)
@@ -44,23 +44,24 @@ class ProxyService:
     """The recorder and the listeners of one config."""
 
     def __init__(self, config: ServiceConfig, options: ServiceOptions = ServiceOptions()) -> None:
-        postgres = [p for p in config.proxies if p.protocol == "postgres"]
-        other = [p.name for p in config.proxies if p.protocol != "postgres"]
+        served = [p for p in config.proxies if p.protocol in FRONT_ENDS]
+        other = [f"{p.name} ({p.protocol})" for p in config.proxies if p.protocol not in FRONT_ENDS]
         if other:
-            log.warning("proxies %s: only protocol = \"postgres\" is served so far; skipped", other)
-        if not postgres:
-            raise ConfigError(f"{config.path}: no [[proxy]] with protocol = \"postgres\" to serve")
+            log.warning("proxies %s: no front end for their protocol yet; skipped", ", ".join(other))
+        if not served:
+            raise ConfigError(f"{config.path}: no [[proxy]] with a protocol that has a front end "
+                              f"({', '.join(sorted(FRONT_ENDS))}) to serve")
         self.config = config
-        self.settings = [PostgresSettings.from_config(p, config.spool.fail_open) for p in postgres]
+        protocols = [protocol_for(p, config.spool.fail_open) for p in served]
         self.verifier = token_verifier(config)
         spool = SpoolOptions(config.spool.dir, config.spool.max_bytes, config.spool.fsync_interval_ms / 1000)
         name = options.producer_name or f"{socket.gethostname()}/proxy"
         key = load_key_file(config.keys.proxy_key)
         self.recorder = Recorder(config.kafka, spool, key, name, max_queue=options.max_queue)
-        policies = [policy_runtime(config, p, key) for p in postgres]
+        policies = [policy_runtime(config, p, key) for p in served]
         self.approvals = ApprovalGateway(config.kafka, self.verifier, key) if any(policies) else None
-        self.proxies = [PostgresProxy(s, self.verifier, self.recorder, policy, self.approvals)
-                        for s, policy in zip(self.settings, policies)]
+        self.proxies = [Listener(protocol, self.verifier, self.recorder, policy, self.approvals)
+                        for protocol, policy in zip(protocols, policies)]
 
     async def start(self) -> None:
         for proxy in self.proxies:

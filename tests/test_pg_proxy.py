@@ -205,6 +205,21 @@ def test_listen_notify_and_notices(proxy):
     assert any(m["type"] == "NoticeResponse" and m["attributes"]["message"] == "custody notice" for m in server)
 
 
+def test_a_notify_from_another_proxied_session_names_the_pid_its_client_was_given(proxy):
+    """psycopg's own notify tests compare Notify.pid with the notifier's BackendKeyData pid."""
+    with proxy.connect(new_app("listener"), autocommit=True) as listener, \
+            proxy.connect(new_app("notifier"), autocommit=True) as notifier:
+        listener.execute("LISTEN custody_pids")
+        notifier.execute("NOTIFY custody_pids, 'proxied'")
+        proxied = next(listener.notifies(timeout=5, stop_after=1))
+        assert proxied.pid == notifier.info.backend_pid != notifier.execute("SELECT pg_backend_pid()").fetchone()[0]
+        with psycopg.connect(DIRECT, autocommit=True) as direct:
+            direct.execute("NOTIFY custody_pids, 'direct'")
+            real_pid = direct.info.backend_pid
+        received = next(listener.notifies(timeout=5, stop_after=1))
+        assert (received.payload, received.pid) == ("direct", real_pid)
+
+
 def test_large_result_matches_direct_and_every_row_is_recorded(proxy):
     app = new_app("large")
     query = "SELECT g, md5(g::text) FROM generate_series(1, 200000) g"

@@ -1,9 +1,10 @@
-"""The proxy's session state machine and upstream login, without sockets."""
+"""The PostgreSQL front end on the proxy core, driven through the core's commands, without sockets."""
 
 from __future__ import annotations
 
 import hashlib
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 import scramp
@@ -12,19 +13,10 @@ from ingest.protocols.postgres import MessageReader
 from ingest.protocols.postgres import messages as m
 from ingest.recorder import RecorderUnavailable
 from ingest.settings import Table
+from proxy.core.commands import Close, OpenUpstream, Send, SendOnce, VerifyToken
+from proxy.core.session import Session
 from proxy.identity import Identity
-from proxy.postgres.cancel import CancelKeys
-from proxy.postgres.session import (
-    Close,
-    ConnectUpstream,
-    Phase,
-    Ready,
-    SendClient,
-    SendUpstream,
-    Session,
-    VerifyToken,
-)
-from proxy.postgres.settings import PostgresSettings
+from proxy.postgres.frontend import PostgresProtocol
 from proxy.postgres.upstream_auth import UpstreamAuthError, UpstreamLogin, md5_password
 from proxy.settings import ProxySettings
 
@@ -45,15 +37,25 @@ class FakeRecording:
         self.events.append((kind, body))
 
 
-def settings(**keys) -> PostgresSettings:
+def protocol(**keys) -> PostgresProtocol:
     raw = {"name": "db", "protocol": "postgres", "listen": "127.0.0.1:0",
            "upstream": "postgresql://svc@db.internal:5433/app", **keys}
-    table = Table(__import__("pathlib").Path("/x/custody.toml"), "proxy.0", raw)
-    return PostgresSettings.from_config(ProxySettings("db", "postgres", raw["listen"], raw["upstream"], None, table))
+    table = Table(Path("/x/custody.toml"), "proxy.0", raw)
+    return PostgresProtocol.from_settings(ProxySettings.from_table(table), False)
 
 
-def sent(actions, kind) -> bytes:
-    return b"".join(a.data for a in actions if isinstance(a, kind))
+def new_session(pg: PostgresProtocol | None = None) -> tuple[Session, FakeRecording]:
+    recording = FakeRecording()
+    return Session(protocol=pg or protocol(), recording=recording, source_address="10.0.0.9:5555"), recording
+
+
+def sent(commands, side: str) -> bytes:
+    return b"".join(c.data for c in commands if isinstance(c, Send) and c.side == side)
+
+
+def only(commands, kind):
+    [command] = [c for c in commands if isinstance(c, kind)]
+    return command
 
 
 def upstream_greeting(process_id: int = 4242, secret: bytes = b"real") -> bytes:
@@ -61,112 +63,150 @@ def upstream_greeting(process_id: int = 4242, secret: bytes = b"real") -> bytes:
             + m.backend_key_data(process_id, secret) + m.ready_for_query("I"))
 
 
-def ready_session(**keys) -> tuple[Session, FakeRecording, CancelKeys]:
-    recording, keys_registry = FakeRecording(), CancelKeys()
-    session = Session(settings=settings(**keys), recording=recording, cancel_keys=keys_registry,
-                      source_address="10.0.0.9:5555")
-    actions = session.client_data(m.startup_message({"user": "alice@example.com", "application_name": "psql"}))
-    assert sent(actions, SendClient) == m.authentication_cleartext_password()
-    assert session.client_data(m.password_message("the-token")) == [VerifyToken("the-token")]
-    assert session.token_verified(ALICE) == [ConnectUpstream()]
-    startup = sent(session.upstream_connected(), SendUpstream)
+def log_in(session: Session, user: str = "alice@example.com", extra: bytes = b"") -> list:
+    """Startup, password (+ `extra` in the same read), token verified, upstream opened: the startup it sends."""
+    session.start()
+    commands = session.data("client", m.startup_message({"user": user, "application_name": "psql"}))
+    assert sent(commands, "client") == m.authentication_cleartext_password()
+    verify = only(session.data("client", m.password_message("the-token") + extra), VerifyToken)
+    assert verify.token == "the-token"
+    return session.completed(verify, ALICE)
+
+
+def ready_session(pg: PostgresProtocol | None = None) -> tuple[Session, FakeRecording, PostgresProtocol]:
+    pg = pg or protocol()
+    session, recording = new_session(pg)
+    opening = only(log_in(session), OpenUpstream)
+    assert (opening.host, opening.port) == ("db.internal", 5433)
+    startup = sent(session.completed(opening, None), "server")
     parameters = m.decode_startup_message(startup[4:]).parameters
     assert parameters == {"user": "svc", "database": "app", "application_name": "psql"}
-    actions = session.upstream_data(upstream_greeting())
-    assert Ready() in actions and session.phase is Phase.RELAY
-    return session, recording, keys_registry
+    session.data("server", upstream_greeting())
+    assert session.front.phase == "relay"
+    return session, recording, pg
 
 
 def test_startup_records_session_start_first_and_hides_secrets():
-    session, recording, keys = ready_session()
+    session, recording, pg = ready_session()
     kinds = [kind for kind, _ in recording.events]
     assert kinds[0] == "session_start" and set(kinds[1:]) == {"frames"}
     start = recording.events[0][1]
     assert start["identity"]["subject"] == "alice@example.com" and start["upstream"] == "db.internal:5433/app"
+    assert start["protocol"] == "postgres" and start["client_application"] == "psql"
     everything = repr(recording.events)
     assert "the-token" not in everything and "real" not in everything and "svc" not in everything
-    assert len(keys) == 1
+    assert len(pg.cancel_keys) == 1
 
 
 def test_client_gets_the_proxys_cancel_key_and_the_registry_maps_it_to_the_real_one():
-    recording, registry = FakeRecording(), CancelKeys()
-    session = Session(settings=settings(), recording=recording, cancel_keys=registry, source_address="x")
-    session.client_data(m.startup_message({"user": "alice@example.com"}))
-    session.client_data(m.password_message("t"))
-    session.token_verified(ALICE)
-    session.upstream_connected()
-    greeting = MessageReader("server").feed(sent(session.upstream_data(upstream_greeting()), SendClient))
+    pg = protocol()
+    session, _ = new_session(pg)
+    session.completed(only(log_in(session), OpenUpstream), None)
+    greeting = MessageReader("server").feed(sent(session.data("server", upstream_greeting()), "client"))
     key = m.decode_backend_key_data(next(x for x in greeting if x.type == "BackendKeyData").payload)
     assert (key.process_id, key.secret) != (4242, b"real")
-    target = registry.lookup(key.process_id, key.secret)
+    target = pg.cancel_keys.lookup(key.process_id, key.secret)
     assert (target.host, target.port, target.process_id, target.secret) == ("db.internal", 5433, 4242, b"real")
-    assert registry.lookup(key.process_id, b"xxxx") is None
+    assert pg.cancel_keys.lookup(key.process_id, b"xxxx") is None
+
+
+def test_a_cancel_connection_forwards_the_real_key_and_records_only_in_the_cancelled_session():
+    session, recording, pg = ready_session()
+    [(process_id, (secret, _))] = pg.cancel_keys._targets.items()
+    canceller, canceller_recording = new_session(pg)
+    canceller.start()
+    commands = canceller.data("client", m.cancel_request(process_id, secret))
+    assert only(commands, SendOnce) == SendOnce("db.internal", 5433, m.cancel_request(4242, b"real"))
+    assert commands[-1] == Close("cancel") and canceller_recording.events == []
+    cancel = recording.events[-1][1]["messages"][0]
+    assert cancel["type"] == "CancelRequest" and cancel["data"] == b"" and "real" not in repr(cancel)
 
 
 def test_relay_records_before_it_forwards():
     session, recording, _ = ready_session()
     query = m.query("SELECT 1")
-    assert session.client_data(query) == [SendUpstream(query)]
+    assert session.data("client", query) == [Send("server", query)]
     kind, body = recording.events[-1]
     assert kind == "frames" and body["messages"][0]["statement"] == "SELECT 1"
+    assert body["messages"][0]["operation"] == "statement" and body["messages"][0]["text"] == "SELECT 1"
 
 
 def test_a_query_sent_before_login_completes_waits_and_is_relayed_once_ready():
     """Clients may pipeline a query right behind the password; it must not run before the session is ready."""
-    recording = FakeRecording()
-    session = Session(settings=settings(), recording=recording, cancel_keys=CancelKeys(), source_address="x")
-    session.client_data(m.startup_message({"user": "alice@example.com"}))
+    session, recording = new_session()
     early = m.query("SELECT 'early'")
-    assert session.client_data(m.password_message("t") + early) == [VerifyToken("t")]
-    assert session.token_verified(ALICE) == [ConnectUpstream()]
-    assert early not in sent(session.upstream_connected(), SendUpstream)
-    assert early in sent(session.upstream_data(upstream_greeting()), SendUpstream)
+    opening = only(log_in(session, extra=early), OpenUpstream)
+    assert early not in sent(session.completed(opening, None), "server")
+    assert early in sent(session.data("server", upstream_greeting()), "server")
     statements = [msg.get("statement") for kind, body in recording.events if kind == "frames" for msg in body["messages"]]
     assert "SELECT 'early'" in statements
+
+
+def test_bytes_sent_while_the_token_is_checked_wait_behind_it_in_order():
+    session, recording = new_session()
+    session.start()
+    session.data("client", m.startup_message({"user": "alice@example.com"}))
+    verify = only(session.data("client", m.password_message("t")), VerifyToken)
+    assert session.data("client", m.query("SELECT 'a'")) == [] and session.data("client", m.query("SELECT 'b'")) == []
+    opening = only(session.completed(verify, ALICE), OpenUpstream)
+    session.completed(opening, None)
+    relayed = sent(session.data("server", upstream_greeting()), "server")
+    assert relayed == m.query("SELECT 'a'") + m.query("SELECT 'b'")
 
 
 def test_a_message_split_across_reads_is_forwarded_once_complete():
     session, recording, _ = ready_session()
     query = m.query("SELECT 2")
-    assert session.client_data(query[:3]) == []
-    assert session.client_data(query[3:] + query) == [SendUpstream(query + query)]
+    assert session.data("client", query[:3]) == []
+    assert session.data("client", query[3:] + query) == [Send("server", query + query)]
 
 
 def test_fail_closed_sends_nothing_upstream():
     session, recording, _ = ready_session()
     recording.refuse = True
-    actions = session.client_data(m.query("DROP TABLE important"))
-    assert not [a for a in actions if isinstance(a, SendUpstream) and a.data != m.TERMINATE]
-    error = m.decode_error_response(MessageReader("server").feed(sent(actions, SendClient))[0].payload)
+    commands = session.data("client", m.query("DROP TABLE important"))
+    assert not [c for c in commands if isinstance(c, Send) and c.side == "server" and c.data != m.TERMINATE]
+    error = m.decode_error_response(MessageReader("server").feed(sent(commands, "client"))[0].payload)
     assert error.code == "57P01" and "fail closed" in error.message
-    assert actions[-1] == Close("recorder_failure") and session.phase is Phase.CLOSED
+    assert commands[-1] == Close("recorder_failure") and session.is_closed
 
 
 def test_fail_open_relays_anyway():
-    session, recording, _ = ready_session(fail_open=True)
+    session, recording, _ = ready_session(protocol(fail_open=True))
     recording.refuse = True
     query = m.query("SELECT 3")
-    assert session.client_data(query) == [SendUpstream(query)]
+    assert session.data("client", query) == [Send("server", query)]
     assert session.recording_failures == 1
 
 
 def test_token_for_another_user_is_denied():
-    recording = FakeRecording()
-    session = Session(settings=settings(), recording=recording, cancel_keys=CancelKeys(), source_address="x")
-    session.client_data(m.startup_message({"user": "postgres"}))
-    session.client_data(m.password_message("t"))
-    actions = session.token_verified(ALICE)
-    assert actions[-1] == Close("auth_failed")
+    session, recording = new_session()
+    commands = log_in(session, user="postgres")
+    assert commands[-1] == Close("auth_failed")
+    error = m.decode_error_response(MessageReader("server").feed(sent(commands, "client"))[0].payload)
+    assert error.code == "28P01" and error.message.endswith("user_mismatch")
     assert [k for k, _ in recording.events] == ["session_start", "frames", "frames", "frames", "policy_decision",
                                                 "frames", "session_end"]
     assert recording.events[0][1]["identity"] is None
 
 
-def test_cancel_only_connection_records_nothing():
-    recording = FakeRecording()
-    session = Session(settings=settings(), recording=recording, cancel_keys=CancelKeys(), source_address="x")
-    actions = session.client_data(m.cancel_request(7, b"abcd"))
-    assert actions[-1] == Close("cancel") and recording.events == []
+def test_cancel_only_connection_with_an_unknown_key_records_nothing():
+    session, recording = new_session()
+    session.start()
+    commands = session.data("client", m.cancel_request(7, b"abcd"))
+    assert commands[-1] == Close("cancel") and recording.events == [] and not any(
+        isinstance(c, SendOnce) for c in commands)
+
+
+def test_a_notification_names_the_notifying_sessions_proxy_pid():
+    """psycopg compares NotificationResponse's pid with BackendKeyData's: it must be the pid the proxy gave."""
+    session, recording, pg = ready_session()
+    [(proxy_pid, _)] = pg.cancel_keys._targets.items()
+    ours = sent(session.data("server", m.notification_response(4242, "jobs", "hi")), "client")
+    [note] = MessageReader("server").feed(ours)
+    assert m.decode_notification_response(note.payload).process_id == proxy_pid
+    direct = sent(session.data("server", m.notification_response(999, "jobs", "hi")), "client")
+    assert m.decode_notification_response(MessageReader("server").feed(direct)[0].payload).process_id == 999
 
 
 # --- upstream login ---------------------------------------------------------------

@@ -23,7 +23,7 @@ class CancelTarget:
     port: int
     process_id: int
     secret: bytes
-    session: Any  # the Session to note the cancel in (proxy.postgres.session.Session)
+    front_end: Any  # the session's PostgresFrontEnd, which records the cancel (proxy.postgres.frontend)
 
 
 class CancelKeys:
@@ -31,6 +31,7 @@ class CancelKeys:
 
     def __init__(self) -> None:
         self._targets: dict[int, tuple[bytes, CancelTarget]] = {}
+        self._by_backend: dict[tuple[str, int, int], int] = {}  # (host, port, real pid) -> proxy pid
 
     def __len__(self) -> int:
         return len(self._targets)
@@ -43,6 +44,7 @@ class CancelKeys:
                 break
         secret = secrets.token_bytes(SECRET_BYTES)
         self._targets[process_id] = (secret, target)
+        self._by_backend[(target.host, target.port, target.process_id)] = process_id
         return process_id, secret
 
     def lookup(self, process_id: int, secret: bytes) -> CancelTarget | None:
@@ -52,5 +54,16 @@ class CancelKeys:
             return None
         return entry[1]
 
+    def proxy_pid(self, host: str, port: int, backend_pid: int) -> int | None:
+        """The pid this listener gave the client of the target's backend `backend_pid`, if it is one of ours.
+
+        A NotificationResponse names the notifying backend; a client that
+        compares it with its own BackendKeyData must see the pid it was given.
+        """
+        return self._by_backend.get((host, port, backend_pid))
+
     def release(self, process_id: int) -> None:
-        self._targets.pop(process_id, None)
+        entry = self._targets.pop(process_id, None)
+        if entry is not None:
+            target = entry[1]
+            self._by_backend.pop((target.host, target.port, target.process_id), None)

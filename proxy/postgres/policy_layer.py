@@ -1,7 +1,8 @@
-"""The policy in a PostgreSQL session's data path: which statements pass, what replaces the others, what is masked.
+"""The policy in a PostgreSQL session's data path: which messages are operations, how a refused one is
+replaced, what is masked.
 
-Sans-I/O, called by `Session`. Decisions are made per Query and per Parse
-(the extended protocol's statement text), by `Policy.decide`.
+Sans-I/O, called by the front end. Each Query and Parse (the extended
+protocol's statement text) is an operation the core decides (`Session.check`).
 
 How a refused statement (blocked, or a hold that was denied or expired) is
 answered: the proxy never sends it; it sends the target, in its place, a
@@ -24,34 +25,17 @@ from __future__ import annotations
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
-
-from nacl.public import PublicKey
 
 from ingest.protocols.postgres import messages as m
 from ingest.protocols.postgres.protocol import Message
-from proxy.identity import Identity
-from proxy.policy import Decision, Operation, PolicyHolder, seal_original
+from proxy.core.policy import PolicyGate
+from proxy.policy import Operation
 
 from . import recording as rec
 from .result_masking import ResultMasker, sealed_records
 
 INSUFFICIENT_PRIVILEGE = "42501"
-_STATEMENT_TYPES = frozenset({"Query", "Parse"})
 _MAX_PENDING_REFUSALS = 64  # a refusal the target skipped (earlier error in its batch) is forgotten eventually
-
-
-@dataclass(frozen=True)
-class PolicyRuntime:
-    """What one proxy listener needs for policy: the live policy file and the key originals are sealed to."""
-
-    holder: PolicyHolder
-    custodian_key: PublicKey
-    proxy_key_id: str
-
-    def seal(self, data: bytes) -> bytes:
-        return seal_original(data, self.custodian_key)
 
 
 def statement_text(message: Message) -> str | None:
@@ -63,60 +47,24 @@ def statement_text(message: Message) -> str | None:
     return None
 
 
-def decision_record(rule: str, action: str, reason: str | None, statement: str | None, *,
-                    request_id: str | None = None, approver: dict[str, Any] | None = None,
-                    attributes: dict[str, str] | None = None) -> rec.Record:
-    """A PolicyDecision event body (schemas/event.avsc)."""
-    return {"rule": rule, "action": action, "reason": reason, "statement": statement,
-            "request_id": request_id, "approver": approver, "attributes": attributes or {}}
-
-
 def refusal_error(reason: str) -> bytes:
     return m.error_response(severity="ERROR", code=INSUFFICIENT_PRIVILEGE, message=f"custody: {reason}")
 
 
-class PolicyGate:
-    """One session's policy: decides its statements, tracks its refusals, masks its results."""
+class StatementPolicy:
+    """One session's statements under policy: which are operations, their stand-ins, the masked results."""
 
-    def __init__(self, runtime: PolicyRuntime, identity: Identity, target: str,
-                 marker: Callable[[], str] = lambda: secrets.token_hex(8)) -> None:
-        self.runtime, self.identity, self.target = runtime, identity, target
+    def __init__(self, gate: PolicyGate, marker: Callable[[], str] = lambda: secrets.token_hex(8)) -> None:
+        self.gate = gate
         self._marker = marker
         self._refusals: OrderedDict[str, bytes] = OrderedDict()  # marker -> the error the client gets
-        self._policy = runtime.holder.policy
-        self._masker = self._new_masker()
+        plan = gate.mask_plan
+        self._masker = ResultMasker(plan) if plan is not None else None
 
-    def _new_masker(self) -> ResultMasker | None:
-        plan = self._policy.masking_for(self.identity.subject, self.identity.groups, self.target)
-        return ResultMasker(plan) if plan is not None else None
-
-    def _current(self) -> None:
-        """Pick up a reloaded policy for what comes next (the holder stats the file at most once a second)."""
-        policy = self.runtime.holder.policy
-        if policy is self._policy:
-            return
-        self._policy = policy
-        plan = policy.masking_for(self.identity.subject, self.identity.groups, self.target)
-        if plan is None:
-            self._masker = None
-        elif self._masker is None:
-            self._masker = ResultMasker(plan)
-        else:
-            self._masker.replan(plan)
-
-    @property
-    def hold_timeout(self) -> float:
-        return self._policy.hold_timeout_seconds
-
-    def decide(self, message: Message) -> tuple[Decision, str] | None:
-        """The decision on a Query or Parse that may not simply pass, with its SQL; None: relay it."""
-        if message.type not in _STATEMENT_TYPES:
-            return None
+    def operation(self, message: Message) -> Operation | None:
+        """The operation a Query or Parse asks for; None: not a statement, relay it."""
         sql = statement_text(message)
-        assert sql is not None
-        self._current()
-        decision = self._policy.decide(self.identity.subject, self.identity.groups, self.target, Operation("postgres", "statement", sql))
-        return None if decision.action == "allow" else (decision, sql)
+        return None if sql is None else Operation("postgres", "statement", sql)
 
     def refuse(self, message: Message, reason: str) -> bytes:
         """What to send the target instead of `message`; the client will get 42501 with `reason`."""
@@ -129,19 +77,34 @@ class PolicyGate:
             return m.query(sql)
         return m.parse(m.decode_parse(message.payload).name, sql)
 
+    def _current_masker(self) -> ResultMasker | None:
+        """Follow a reloaded policy's mask plan, even mid-result."""
+        gate = self.gate
+        gate.refresh()
+        if gate.plan_changed:
+            gate.plan_changed = False
+            plan = gate.mask_plan
+            if plan is None:
+                self._masker = None
+            elif self._masker is None:
+                self._masker = ResultMasker(plan)
+            else:
+                self._masker.replan(plan)
+        return self._masker
+
     def server(self, messages: list[Message]) -> tuple[list[Message], list[rec.Record]] | None:
         """What the client may see of these server messages, and their records; None: all unchanged."""
-        self._current()
-        if not self._refusals and self._masker is None:
+        masker = self._current_masker()
+        if not self._refusals and masker is None:
             return None
-        out, changed = self._masker.mask(messages) if self._masker is not None else (messages, [False] * len(messages))
+        out, changed = masker.mask(messages) if masker is not None else (messages, [False] * len(messages))
         if self._refusals:  # the proxy's own answers are not masked: they hold no data, only the reason
             answers = [self._answer_refusal(x) for x in messages]
             out = [answer if answer is not original else shown for answer, original, shown in zip(answers, messages, out)]
             changed = [flag and answer is original for flag, answer, original in zip(changed, answers, messages)]
         records = rec.message_records(out)
         if any(changed):
-            sealed_records(records, messages, changed, self.runtime.seal)
+            sealed_records(records, messages, changed, self.gate.runtime.seal)
         return out, records
 
     def _answer_refusal(self, message: Message) -> Message:

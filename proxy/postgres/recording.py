@@ -1,7 +1,8 @@
-"""Event bodies of a PostgreSQL session (schemas/event.avsc), built from messages.
+"""The `Message` records (schemas/event.avsc) of a PostgreSQL session, built from its messages.
 
-Pure functions: the session state machine decides *when* to record, this
-module decides *what* a record holds.
+Pure functions: the front end decides *when* to record, this module decides
+*what* a message record holds; the other event bodies are the core's
+(`proxy.core.records`).
 
 Two rules shape the `Frames` records:
 
@@ -22,9 +23,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from ingest.protocols.postgres.protocol import Direction, Message
+from ingest.protocols.postgres.protocol import Message
 from ingest.protocols.postgres.records import RUN_TYPES
 from ingest.protocols.postgres.summary import SUMMARIZED_TYPES, summarize
+from proxy.core.records import PROXY_ORIGIN
 
 Record = dict[str, Any]
 
@@ -33,7 +35,9 @@ REDACTED: dict[str, str] = {
     "BackendKeyData": "cancel key",
     "CancelRequest": "cancel key",
 }
-PROXY_ORIGIN = {"origin": "proxy"}
+# The protocol-neutral operation fields (contract v2): where a statement starts, and how it ended.
+_STATEMENTS = frozenset({"Query", "Parse"})
+_OUTCOMES = {"CommandComplete": "ok", "ErrorResponse": "error"}
 
 
 def message_record(message: Message, origin: dict[str, str] | None = None) -> Record:
@@ -44,6 +48,10 @@ def message_record(message: Message, origin: dict[str, str] | None = None) -> Re
         record["data"] = message.data
     else:
         record = {"type": kind, "data": message.data, "attributes": {}}
+    if kind in _STATEMENTS:
+        record["operation"], record["text"] = "statement", record.get("statement")
+    elif kind in _OUTCOMES:
+        record["outcome"] = _OUTCOMES[kind]
     if kind in REDACTED:
         record["data"] = b""
         record["attributes"]["redacted"] = REDACTED[kind]
@@ -81,73 +89,3 @@ def _flush_run(records: list[Record], kind: str, run: list[bytes]) -> None:
         records.append({"type": kind, "data": run[0], "attributes": {}})
     elif run:
         records.append({"type": kind, "data": b"".join(run), "attributes": {"messages": str(len(run))}})
-
-
-def frames(direction: Direction, messages: list[Message]) -> Record:
-    return {"direction": direction, "messages": message_records(messages)}
-
-
-def proxy_frames(messages: list[Message]) -> Record:
-    """What the proxy itself said to the client (its auth requests, its errors)."""
-    return {"direction": "server", "messages": [message_record(m, PROXY_ORIGIN) for m in messages]}
-
-
-def session_start(
-    *,
-    identity: dict[str, Any] | None,
-    source_address: str,
-    client_cert_fingerprint: str | None,
-    target: str,
-    upstream: str,
-    client_application: str | None,
-    attributes: dict[str, str],
-) -> Record:
-    return {
-        "identity": identity,
-        "source_address": source_address,
-        "client_cert_fingerprint": client_cert_fingerprint,
-        "target": target,
-        "upstream": upstream,
-        "protocol": "postgres",
-        "client_application": client_application,
-        "attributes": attributes,
-    }
-
-
-def authentication_denied(reason: str, attributes: dict[str, str]) -> Record:
-    return {
-        "rule": "authentication",
-        "action": "deny",
-        "reason": reason,
-        "statement": None,
-        "request_id": None,
-        "approver": None,
-        "attributes": attributes,
-    }
-
-
-SAMPLE_BYTES = 64
-
-
-def protocol_error(code: str, message: str, sample: bytes) -> Record:
-    return {"code": code, "message": message, "sample": bytes(sample[:SAMPLE_BYTES])}
-
-
-def session_end(reason: str, duration_us: int, counters: "Counters") -> Record:
-    return {
-        "reason": reason,
-        "duration_us": duration_us,
-        "client_bytes": counters.client_bytes,
-        "server_bytes": counters.server_bytes,
-        "client_messages": counters.client_messages,
-        "server_messages": counters.server_messages,
-    }
-
-
-class Counters:
-    """Bytes and messages each way, for SessionEnd: from the client, and to it."""
-
-    __slots__ = ("client_bytes", "server_bytes", "client_messages", "server_messages")
-
-    def __init__(self) -> None:
-        self.client_bytes = self.server_bytes = self.client_messages = self.server_messages = 0

@@ -58,7 +58,10 @@ __all__ = [
     "decode_parse",
     "parse",
     "decode_bind",
+    "bind",
     "decode_execute",
+    "execute",
+    "SYNC",
     "decode_describe",
     "decode_close",
     "decode_function_call",
@@ -84,9 +87,12 @@ __all__ = [
     "CommandComplete",
     "row_count",
     "decode_command_complete",
+    "command_complete",
     "FieldDescription",
     "RowDescription",
     "decode_row_description",
+    "row_description",
+    "TEXT_OID",
     "DataRow",
     "decode_data_row",
     "data_row",
@@ -97,6 +103,7 @@ __all__ = [
     "decode_notice_response",
     "error_response",
     "notice_response",
+    "notification_response",
     "NotificationResponse",
     "decode_notification_response",
     "CopyResponse",
@@ -122,6 +129,7 @@ ENCRYPTION_DENIED = b"N"
 SSL_REQUEST = struct.pack(">iI", 8, SSL_REQUEST_CODE)
 GSSENC_REQUEST = struct.pack(">iI", 8, GSSENC_REQUEST_CODE)
 TERMINATE = b"X\x00\x00\x00\x04"
+SYNC = b"S\x00\x00\x00\x04"
 
 
 def _text(raw: bytes) -> str:
@@ -216,6 +224,18 @@ def _cstring(text: str) -> bytes:
 
 def _frame(type_byte: bytes, payload: bytes) -> bytes:
     return type_byte + _UINT32.pack(len(payload) + 4) + payload
+
+
+def _values(values: Sequence[bytes | None]) -> bytes:
+    """Count, then each value as Int32 length (-1 for NULL) and bytes: Bind and DataRow share it."""
+    parts = [_UINT16.pack(len(values))]
+    for value in values:
+        parts.append(_NULL_LENGTH if value is None else _INT32.pack(len(value)) + value)
+    return b"".join(parts)
+
+
+def _int16s(codes: Sequence[int]) -> bytes:
+    return struct.pack(f">H{len(codes)}h", len(codes), *codes)
 
 
 def _render_value(value: bytes | None, format_code: int) -> str | None:
@@ -414,6 +434,15 @@ def decode_bind(payload: bytes) -> Bind:
     return Bind(portal, statement, formats, parameters, result_formats)
 
 
+def bind(parameters: Sequence[bytes | None], statement: str = "", portal: str = "",
+         parameter_formats: Sequence[int] = (), result_formats: Sequence[int] = ()) -> bytes:
+    """A Bind message: `parameters` (None = NULL) into `statement`, as `portal`."""
+    if max(len(parameters), len(parameter_formats), len(result_formats)) > 0xFFFF:
+        raise ValueError("a Bind message has at most 65535 parameters and formats")
+    return _frame(b"B", _cstring(portal) + _cstring(statement) + _int16s(parameter_formats)
+                  + _values(parameters) + _int16s(result_formats))
+
+
 def decode_execute(payload: bytes) -> Execute:
     cursor = _Cursor(payload, "Execute")
     portal, max_rows = cursor.cstring(), cursor.int32()
@@ -422,6 +451,10 @@ def decode_execute(payload: bytes) -> Execute:
 
 
 _TARGET_KINDS = {ord("S"): "statement", ord("P"): "portal"}
+
+
+def execute(portal: str = "", max_rows: int = 0) -> bytes:
+    return _frame(b"E", _cstring(portal) + _INT32.pack(max_rows))
 
 
 def _statement_or_portal(payload: bytes, what: str) -> tuple[str, str]:
@@ -628,6 +661,10 @@ def decode_command_complete(payload: bytes) -> CommandComplete:
     return CommandComplete(tag, row_count(tag))
 
 
+def command_complete(tag: str) -> bytes:
+    return _frame(b"C", _cstring(tag))
+
+
 @dataclass(frozen=True, slots=True)
 class FieldDescription:
     name: str
@@ -662,6 +699,23 @@ def decode_row_description(payload: bytes) -> RowDescription:
     return RowDescription(fields)
 
 
+TEXT_OID = 25
+_FIELD_TAIL = struct.Struct(">IhIhih")
+
+
+def row_description(fields: Sequence[FieldDescription | str]) -> bytes:
+    """A RowDescription; a bare name stands for a text column of no table."""
+    if len(fields) > 0xFFFF:
+        raise ValueError("a RowDescription has at most 65535 fields")
+    parts = [_UINT16.pack(len(fields))]
+    for f in fields:
+        if isinstance(f, str):
+            f = FieldDescription(f, 0, 0, TEXT_OID, -1, -1, 0)
+        parts.append(_cstring(f.name) + _FIELD_TAIL.pack(f.table_oid, f.column_number, f.type_oid, f.type_size,
+                                                         f.type_modifier, f.format))
+    return _frame(b"T", b"".join(parts))
+
+
 @dataclass(frozen=True, slots=True)
 class DataRow:
     values: tuple[bytes | None, ...]
@@ -678,10 +732,7 @@ def data_row(values: Sequence[bytes | None]) -> bytes:
     """Rebuilds a row after masking changed values (and so lengths)."""
     if len(values) > 0xFFFF:
         raise ValueError("a DataRow has at most 65535 columns")
-    parts = [_UINT16.pack(len(values))]
-    for value in values:
-        parts.append(_NULL_LENGTH if value is None else _INT32.pack(len(value)) + value)
-    return _frame(b"D", b"".join(parts))
+    return _frame(b"D", _values(values))
 
 
 @dataclass(frozen=True, slots=True)
@@ -784,6 +835,10 @@ def decode_notification_response(payload: bytes) -> NotificationResponse:
     process_id, channel, text = cursor.int32(), cursor.cstring(), cursor.cstring()
     cursor.finish()
     return NotificationResponse(process_id, channel, text)
+
+
+def notification_response(process_id: int, channel: str, payload: str) -> bytes:
+    return _frame(b"A", struct.pack(">i", process_id) + _cstring(channel) + _cstring(payload))
 
 
 @dataclass(frozen=True, slots=True)

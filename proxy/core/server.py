@@ -1,0 +1,364 @@
+"""The asyncio adapter: it only moves bytes and carries out a session's commands.
+
+Every decision is the `Session`'s; this module feeds it socket events and
+completions and runs what it returns, for every protocol alike. Both
+connections of a session use `asyncio.BufferedProtocol` with one preallocated
+receive buffer each (no per-read allocation, no stream-reader machinery on
+the hot path), and pass back-pressure through: when one side's write buffer
+fills, the other side stops reading.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import socket
+import ssl
+from typing import Any, Protocol
+
+from ingest.recorder import Recorder
+from proxy.approvals import ApprovalOutcome, ApprovalRequest
+from proxy.identity import AuthenticationError, TokenVerifier
+
+from .commands import (
+    CLIENT,
+    AwaitApproval,
+    Close,
+    Command,
+    OpenUpstream,
+    Send,
+    SendOnce,
+    SetTimer,
+    StartTLS,
+    TLSFailed,
+    TLSInfo,
+    UpstreamUnavailable,
+    VerifyToken,
+)
+from .frontend import Protocol as FrontEndProtocol
+from .policy import PolicyRuntime
+from .session import Session
+
+log = logging.getLogger(__name__)
+
+READ_BUFFER = 256 * 1024
+SEND_ONCE_TIMEOUT = 5.0
+
+
+class Approvals(Protocol):
+    """What a listener needs of `proxy.approvals_gateway.ApprovalGateway`: a held operation's outcome."""
+
+    async def decide(self, request: ApprovalRequest) -> ApprovalOutcome: ...
+
+
+class Listener:
+    """One `[[proxy]]` entry: accepts clients and gives each a Session of its protocol."""
+
+    def __init__(self, protocol: FrontEndProtocol, verifier: TokenVerifier, recorder: Recorder,
+                 policy: PolicyRuntime | None = None, approvals: Approvals | None = None) -> None:
+        self.protocol, self.verifier, self.recorder = protocol, verifier, recorder
+        self.policy, self.approvals = policy, approvals
+        self.settings = protocol.listener
+        self.connections: set[ClientConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task] = set()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """Where it listens (the real port when the config said port 0)."""
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), self.settings.listen_host, self.settings.listen_port,
+            reuse_address=True, backlog=1024,
+        )
+        log.info("proxy %s (%s) listening on %s:%s", self.settings.name, self.protocol.name, *self.address)
+
+    async def stop(self) -> None:
+        """Stop accepting, end every live session (SessionEnd reason shutdown)."""
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.run(connection.session.shutdown())
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def send_once(self, command: SendOnce) -> None:
+        """In a task of the listener's, so it outlives the connection that asked (a PostgreSQL cancel)."""
+        task = asyncio.get_running_loop().create_task(self._send_once(command))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_once(self, command: SendOnce) -> None:
+        try:
+            _, writer = await asyncio.wait_for(asyncio.open_connection(command.host, command.port), SEND_ONCE_TIMEOUT)
+            writer.write(command.data)
+            await writer.drain()
+            writer.close()
+        except (OSError, asyncio.TimeoutError) as exc:
+            log.warning("proxy %s: sending to %s:%s failed: %s", self.settings.name, command.host, command.port, exc)
+
+
+def _address(peer: Any) -> str:
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        host = f"[{peer[0]}]" if ":" in str(peer[0]) else peer[0]
+        return f"{host}:{peer[1]}"
+    return str(peer)
+
+
+def _tls_info(transport: asyncio.BaseTransport) -> TLSInfo:
+    ssl_object = transport.get_extra_info("ssl_object")
+    if ssl_object is None:
+        return TLSInfo("unknown", None)
+    der = ssl_object.getpeercert(binary_form=True)
+    return TLSInfo(ssl_object.version() or "unknown", hashlib.sha256(der).hexdigest() if der else None)
+
+
+class _Receiver(asyncio.BufferedProtocol):
+    """One receive buffer, reused for every read of one connection."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray(READ_BUFFER)
+        self._view = memoryview(self._buffer)
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._view
+
+
+class ClientConnection(_Receiver):
+    def __init__(self, listener: Listener) -> None:
+        super().__init__()
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.upstream: UpstreamConnection | None = None
+        self.session: Session
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._closed = False
+        self._tasks: set[asyncio.Task] = set()
+        self._held_writes: list[bytes] | None = None  # client writes while its TLS handshake runs
+
+    # --- socket events ---------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        listener = self.listener
+        self.session = Session(
+            protocol=listener.protocol,
+            recording=listener.recorder.open_session(),
+            source_address=_address(transport.get_extra_info("peername")),
+            policy=listener.policy,
+        )
+        listener.connections.add(self)
+        self.run(self.session.start())
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.run(self.session.data(CLIENT, self._view[:nbytes].tobytes()))
+
+    def eof_received(self) -> bool:
+        self.run(self.session.closed(CLIENT))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self.run(self.session.closed(CLIENT))
+        self._shutdown()
+
+    def pause_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.upstream is not None:
+            self.upstream.resume_reading()
+
+    # --- commands ------------------------------------------------------------------
+
+    def run(self, commands: list[Command]) -> None:
+        """Carry out the session's commands, in order."""
+        for command in commands:
+            kind = type(command)
+            if kind is Send:
+                if command.side == CLIENT:
+                    self._write_client(command.data)
+                elif self.upstream is not None:
+                    self.upstream.write(command.data)
+            elif kind is Close:
+                self._close()
+            elif kind is SetTimer:
+                self._set_timer(command.name, command.seconds)
+            elif kind is VerifyToken:
+                self._spawn(self._verify(command))
+            elif kind is OpenUpstream:
+                self._spawn(self._connect(command))
+            elif kind is StartTLS:
+                self._start_tls(command)
+            elif kind is AwaitApproval:
+                self._spawn(self._await_approval(command))
+            elif kind is SendOnce:
+                self.listener.send_once(command)
+            else:
+                raise TypeError(f"no adapter for command {command!r}")
+
+    def _write_client(self, data: bytes) -> None:
+        if self._held_writes is not None:
+            self._held_writes.append(data)
+        elif self.transport is not None and not self._closed:
+            self.transport.write(data)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _set_timer(self, name: str, seconds: float | None) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        if seconds is not None and not self._closed:
+            self._timers[name] = asyncio.get_running_loop().call_later(seconds, self._timer_fired, name)
+
+    def _timer_fired(self, name: str) -> None:
+        self._timers.pop(name, None)
+        self.run(self.session.timer(name))
+
+    async def _verify(self, command: VerifyToken) -> None:
+        try:
+            result: Any = await asyncio.to_thread(self.listener.verifier.verify, command.token)
+        except AuthenticationError as error:
+            result = error
+        self.run(self.session.completed(command, result))
+
+    async def _await_approval(self, command: AwaitApproval) -> None:
+        assert self.listener.approvals is not None, "a policy without an approvals gateway"
+        outcome = await self.listener.approvals.decide(command.request)
+        self.run(self.session.completed(command, outcome))
+
+    async def _connect(self, command: OpenUpstream) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, connection = await asyncio.wait_for(
+                loop.create_connection(lambda: UpstreamConnection(self), command.host, command.port,
+                                       ssl=command.tls, server_hostname=command.server_hostname
+                                       if command.tls is not None else None),
+                self.listener.settings.connect_timeout,
+            )
+        except (OSError, asyncio.TimeoutError, ssl.SSLError) as exc:
+            self.run(self.session.failed(command, UpstreamUnavailable(f"{type(exc).__name__}: {exc}")))
+            return
+        if self._closed:
+            connection.close()
+            return
+        self.upstream = connection
+        self.run(self.session.completed(command, _tls_info(transport) if command.tls is not None else None))
+
+    def _start_tls(self, command: StartTLS) -> None:
+        if command.side == CLIENT:
+            assert self.transport is not None
+            self.transport.pause_reading()  # nothing may be read in plaintext once TLS is agreed
+            self._held_writes = self._held_writes or []  # nor written: TLS data can arrive before start_tls returns
+        elif self.upstream is not None:
+            self.upstream.pause_reading()
+        self._spawn(self._tls_handshake(command))
+
+    async def _tls_handshake(self, command: StartTLS) -> None:
+        loop = asyncio.get_running_loop()
+        server_side = command.side == CLIENT
+        peer = self if server_side else self.upstream
+        transport = self.transport if server_side else (self.upstream.transport if self.upstream else None)
+        try:
+            if transport is None or peer is None:
+                raise ConnectionError("the connection is gone")
+            new = await loop.start_tls(transport, peer, command.context, server_side=server_side,
+                                       server_hostname=command.server_hostname)
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            self.run(self.session.failed(command, TLSFailed(str(exc))))
+            return
+        if new is None:
+            self.run(self.session.closed(command.side))
+            return
+        if server_side:
+            self.transport = new
+            held, self._held_writes = self._held_writes or [], None
+            if not self._closed and held:
+                new.write(b"".join(held))
+        else:
+            assert self.upstream is not None
+            self.upstream.transport = new
+        self.run(self.session.completed(command, _tls_info(new)))
+
+    def _close(self) -> None:
+        """Close both sides once their pending writes are out."""
+        if self._closed:
+            return
+        self._closed = True
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self.transport is not None:
+            self.transport.close()
+        if self.upstream is not None:
+            self.upstream.close()
+        self.listener.connections.discard(self)
+
+    def _shutdown(self) -> None:
+        self._close()
+        for task in self._tasks:
+            task.cancel()
+
+
+class UpstreamConnection(_Receiver):
+    """The proxy's own connection to the target for one client."""
+
+    def __init__(self, client: ClientConnection) -> None:
+        super().__init__()
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+        self._eof = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.client.run(self.client.session.data("server", self._view[:nbytes].tobytes()))
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self.client.run(self.client.session.closed("server"))
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._eof:
+            self.client.run(self.client.session.closed("server"))
+
+    def pause_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.client.transport is not None:
+            self.client.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,459 @@
+"""One proxied connection, as a sans-I/O state machine shared by every protocol.
+
+The adapter (`proxy.core.server`) feeds a `Session` what happened — bytes
+from a side, a side closed, a command completed, a timer fired, the proxy is
+stopping — and carries out the commands it returns. The session hands each
+input to its front end's handler (a generator) and collects what it yields.
+
+Lanes. Inputs from the client and from the target each run in their own
+lane. A handler that yields a *blocking* command (verify a token, open the
+upstream, wait for an approval) is paused with its lane: later bytes from
+that side queue behind it, in order, until the completion arrives and the
+handler reads on. The other side keeps flowing, so a statement held for a
+reviewer does not hold back the results of the statements before it.
+Endings (a side closed, a timeout, shutdown) never queue: they end the
+session at once, and bytes still queued are recorded as `unrelayed`.
+
+What the core owns, so that no front end repeats it:
+* identity binding: the token is verified off the event loop and its
+  username claim must equal the protocol's user (`authenticate`);
+* SessionStart first: what is recorded before the identity is known waits in
+  a backlog and follows SessionStart;
+* recording with fail closed (a refused event ends the session; nothing more
+  is relayed) or fail open (logged, relayed anyway);
+* policy: decisions on operations, one hold at a time and what queues
+  behind it, the reviewers' outcome (`check`);
+* the startup deadline, the counters, and exactly one SessionEnd.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Callable, Generator
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ingest.protocols import ProtocolViolation
+from ingest.recorder import RecorderUnavailable
+from proxy.approvals import ApprovalRequest
+from proxy.identity import AuthenticationError, Identity
+from proxy.policy.operation import Operation
+
+from . import records
+from .commands import (
+    CLIENT,
+    SERVER,
+    AwaitApproval,
+    Close,
+    Command,
+    OpenUpstream,
+    Send,
+    SetTimer,
+    Side,
+    StartTLS,
+    TLSFailed,
+    TLSInfo,
+    UpstreamUnavailable,
+    VerifyToken,
+)
+from .frontend import ALLOWED, Ending, FrontEnd, Said, Steps, Verdict
+from .policy import PolicyGate, PolicyRuntime
+from .settings import ListenerSettings
+
+if TYPE_CHECKING:
+    from .frontend import Protocol as FrontEndProtocol
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMER = "startup"
+PROTOCOL_VIOLATION = "08P01"
+
+
+class Recording(Protocol):
+    """What the session needs of `ingest.recorder.SessionRecording`."""
+
+    session_id: str
+
+    def record(self, kind: str, body: dict) -> None: ...
+
+
+class _Lane:
+    """One side's handlers: the one paused on a blocking command, and the inputs queued behind it."""
+
+    __slots__ = ("side", "paused", "waiting_for", "queue", "input")
+
+    def __init__(self, side: Side) -> None:
+        self.side = side
+        self.input = b""  # the bytes the running handler was given: a protocol error's sample
+        self.paused: Generator[Command, Any, Any] | None = None
+        self.waiting_for: Command | None = None
+        self.queue: deque[bytes] = deque()
+
+
+class Session:
+    def __init__(
+        self,
+        *,
+        protocol: "FrontEndProtocol",
+        recording: Recording,
+        source_address: str,
+        policy: PolicyRuntime | None = None,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        self.settings: ListenerSettings = protocol.listener
+        self.protocol_name = protocol.name
+        self.recording = recording
+        self.source_address = source_address
+        self.counters = records.Counters()
+        self.identity: Identity | None = None
+        self.gate: PolicyGate | None = None
+        self.recording_failures = 0
+        self.client_tls: TLSInfo | None = None
+        # What SessionStart says besides identity; the front end fills these before `authenticate`.
+        self.upstream = ""
+        self.client_application: str | None = None
+        self.attributes: dict[str, str] = {}
+        self.is_closed = False
+        self._policy = policy
+        self._clock = clock
+        self._started_ns = clock()
+        self._backlog: list[tuple[str, dict]] | None = []  # None once SessionStart is recorded
+        self._not_a_session = False
+        self._ready = False
+        self._lanes = {CLIENT: _Lane(CLIENT), SERVER: _Lane(SERVER)}
+        self.front = protocol.front_end(self)
+
+    @property
+    def session_id(self) -> str:
+        return self.recording.session_id
+
+    # --- inputs from the adapter ---------------------------------------------------------
+
+    def start(self) -> list[Command]:
+        """The client connected."""
+        out: list[Command] = [SetTimer(STARTUP_TIMER, self.settings.startup_timeout)]
+        return out + self._run(self._lanes[CLIENT], self.front.started())
+
+    def data(self, side: Side, data: bytes) -> list[Command]:
+        """Bytes from one side."""
+        if self.is_closed:
+            return []
+        if side == CLIENT:
+            self.counters.client_bytes += len(data)
+        lane = self._lanes[side]
+        if lane.paused is not None:
+            lane.queue.append(data)
+            return []
+        lane.input = data
+        handler = self.front.client_data(data) if side == CLIENT else self.front.server_data(data)
+        return self._run(lane, handler)
+
+    def closed(self, side: Side) -> list[Command]:
+        """One side closed its connection (or it broke)."""
+        if self.is_closed:
+            return []
+        lane = self._lanes[side]
+        lane.input = b""
+        handler = self.front.client_closed() if side == CLIENT else self.front.server_closed()
+        return self._run(lane, handler, ending=True)
+
+    def completed(self, command: Command, result: Any = None) -> list[Command]:
+        """A blocking command finished: its handler reads on with `result`."""
+        return self._resume(command, result, None)
+
+    def failed(self, command: Command, error: BaseException) -> list[Command]:
+        """A blocking command failed: `error` is raised where its handler waits."""
+        return self._resume(command, None, error)
+
+    def timer(self, name: str) -> list[Command]:
+        if self.is_closed or name != STARTUP_TIMER or self._ready:
+            return []
+        detail = f"startup did not complete within {self.settings.startup_timeout:g} s (phase {self.front.phase})"
+        return self._run(self._lanes[CLIENT], self._protocol_error(ProtocolViolation(PROTOCOL_VIOLATION, detail),
+                                                                     CLIENT, b""), ending=True)
+
+    def shutdown(self) -> list[Command]:
+        """The proxy is stopping."""
+        if self.is_closed:
+            return []
+        return self._run(self._lanes[CLIENT], self.end_with(
+            Ending("shutdown", "shutdown", "the proxy is shutting down")), ending=True)
+
+    # --- driving handlers ------------------------------------------------------------------
+
+    def _resume(self, command: Command, result: Any, error: BaseException | None) -> list[Command]:
+        for lane in self._lanes.values():
+            if lane.waiting_for is command and lane.paused is not None:
+                if isinstance(command, StartTLS) and command.side == CLIENT and isinstance(result, TLSInfo):
+                    self.client_tls = result
+                handler, lane.paused, lane.waiting_for = lane.paused, None, None
+                if self.is_closed:
+                    handler.close()
+                    return []
+                return self._run(lane, handler, value=result, error=error)
+        return []
+
+    def _run(self, lane: _Lane, handler: Steps, *, value: Any = None, error: BaseException | None = None,
+             ending: bool = False) -> list[Command]:
+        """Drive a handler until it finishes or blocks, then the inputs queued behind it."""
+        out: list[Command] = []
+        while True:
+            if self._step(lane, handler, value, error, ending, out) or self.is_closed:
+                break
+            if not lane.queue:
+                break
+            data = lane.input = lane.queue.popleft()
+            handler = self.front.client_data(data) if lane.side == CLIENT else self.front.server_data(data)
+            value = error = None
+        return out
+
+    def _step(self, lane: _Lane, handler: Steps, value: Any, error: BaseException | None, ending: bool,
+              out: list[Command]) -> bool:
+        """Run one handler; True when it is paused on a blocking command."""
+        try:
+            while True:
+                command = handler.throw(error) if error is not None else handler.send(value)
+                value = error = None
+                if type(command) is Send:
+                    if command.side == CLIENT:
+                        self.counters.server_bytes += len(command.data)
+                out.append(command)
+                if command.blocking:
+                    lane.paused, lane.waiting_for = handler, command
+                    return True
+                if type(command) is Close:
+                    handler.close()
+                    return False
+        except StopIteration:
+            return False
+        except RecorderUnavailable as exc:
+            out += self._fail_closed(exc)
+        except Exception as exc:  # noqa: BLE001 - one connection's failure must never reach the proxy
+            out += self._drive_ending(lane, self._failure(exc, lane, ending))
+        return False
+
+    def _drive_ending(self, lane: _Lane, handler: Steps) -> list[Command]:
+        out: list[Command] = []
+        try:
+            for command in handler:
+                if type(command) is Send and command.side == CLIENT:
+                    self.counters.server_bytes += len(command.data)
+                out.append(command)
+        except RecorderUnavailable as exc:
+            out += self._fail_closed(exc)
+        return out
+
+    def _failure(self, exc: Exception, lane: _Lane, ending: bool) -> Steps:
+        """The ending for what a handler raised."""
+        side = lane.side
+        if isinstance(exc, ProtocolViolation):
+            return self._protocol_error(exc, side, lane.input, tell=not (ending and side == CLIENT))
+        if isinstance(exc, TLSFailed):
+            return self._protocol_error(ProtocolViolation(PROTOCOL_VIOLATION, f"TLS handshake failed: {exc}"),
+                                        CLIENT, b"", tell=False)
+        if isinstance(exc, UpstreamUnavailable):
+            return self.upstream_unavailable(exc.detail)
+        log.exception("session %s: internal error in the %s front end", self.session_id, self.protocol_name)
+        return self._protocol_error(ProtocolViolation("XX000", f"internal error: {type(exc).__name__}"),
+                                    side, b"")
+
+    # --- recording --------------------------------------------------------------------------
+
+    def record(self, kind: str, body: dict) -> None:
+        """Record one event; before SessionStart it waits in the backlog."""
+        if self._backlog is not None:
+            self._backlog.append((kind, body))
+        else:
+            self._emit(kind, body)
+
+    def record_messages(self, direction: Side, messages: list[records.Record], count: int) -> None:
+        """A Frames event of `count` protocol messages in one direction."""
+        if direction == CLIENT:
+            self.counters.client_messages += count
+        else:
+            self.counters.server_messages += count
+        self.record("frames", {"direction": direction, "messages": messages})
+
+    def say(self, said: Said) -> Send:
+        """What the proxy itself tells the client: recorded as the proxy's, counted, sent."""
+        self.record_messages(SERVER, said.records, said.count)
+        return Send(CLIENT, said.data)
+
+    def _emit(self, kind: str, body: dict) -> None:
+        try:
+            self.recording.record(kind, body)
+        except RecorderUnavailable as error:
+            if not self.settings.fail_open:
+                raise
+            self.recording_failures += 1
+            if self.recording_failures == 1:
+                log.error("session %s: FAIL OPEN: relaying although events are not recorded: %s",
+                          self.session_id, error)
+
+    def open(self, identity: Identity | None) -> None:
+        """Record SessionStart, then the backlog."""
+        if self._backlog is None:
+            return
+        backlog, self._backlog = self._backlog, None
+        attributes = dict(self.attributes)
+        if self.client_tls is not None:
+            attributes["tls"] = self.client_tls.version
+        self._emit("session_start", records.session_start(
+            identity=identity.to_avro() if identity is not None else None,
+            source_address=self.source_address,
+            client_cert_fingerprint=self.client_tls.peer_cert_sha256 if self.client_tls else None,
+            target=self.settings.name,
+            upstream=self.upstream,
+            protocol=self.protocol_name,
+            client_application=self.client_application,
+            attributes=attributes,
+        ))
+        for kind, body in backlog:
+            self._emit(kind, body)
+
+    def not_a_session(self) -> None:
+        """This connection is not a session (a PostgreSQL CancelRequest): nothing is recorded."""
+        self._not_a_session = True
+
+    # --- identity ---------------------------------------------------------------------------
+
+    def authenticate(self, token: str, user: str | None) -> Generator[Command, Any, Identity | None]:
+        """Verify the token and bind it to the protocol's user; None: refused (the session has ended)."""
+        result = yield VerifyToken(token)
+        if isinstance(result, AuthenticationError):
+            yield from self.deny(str(result.reason_code), result.message)
+            return None
+        assert isinstance(result, Identity)
+        if result.username != user:
+            yield from self.deny("user_mismatch", f"the token is for {result.username!r}, the user is {user!r}",
+                                 {"token_subject": result.subject, "token_issuer": result.issuer})
+            return None
+        self.identity = result
+        self.open(result)
+        if self._policy is not None:
+            self.gate = PolicyGate(self._policy, result, self.settings.name)
+        return result
+
+    def deny(self, reason_code: str, detail: str, attributes: dict[str, str] | None = None,
+             said: Said | None = None) -> Steps:
+        """Refuse the login: PolicyDecision (authentication, deny), the client's error, SessionEnd(auth_failed)."""
+        self.open(None)
+        self.record("policy_decision", records.authentication_denied(f"{reason_code}: {detail}", attributes or {}))
+        yield from self.end_with(Ending("auth_failed", reason_code, detail), said)
+
+    def ready(self) -> SetTimer:
+        """The session is established: the startup deadline no longer applies."""
+        self._ready = True
+        return SetTimer(STARTUP_TIMER, None)
+
+    # --- policy -----------------------------------------------------------------------------
+
+    def check(self, operation: Operation) -> Generator[Command, Any, Verdict]:
+        """The policy's verdict on one operation; a hold waits here, with its lane, for the reviewers."""
+        gate = self.gate
+        if gate is None:
+            return ALLOWED
+        decision = gate.decide(operation)
+        if decision.action == "allow":
+            return ALLOWED
+        rule = decision.rule or ""
+        if decision.action == "block":
+            self.record("policy_decision", records.decision(rule, "block", decision.message, operation.text))
+            return Verdict(False, decision.message, rule)
+        assert self._policy is not None and self.identity is not None
+        request = ApprovalRequest.new(
+            session_id=self.session_id, requester=self.identity.to_avro(), target=self.settings.name,
+            statement=operation.text, rule=rule, reason=decision.message, approvers=decision.approvers,
+            timeout=gate.hold_timeout, proxy_key_id=self._policy.proxy_key_id)
+        self.record("policy_decision", records.decision(
+            rule, "hold", decision.message, operation.text, request_id=request.request_id,
+            attributes={"approvers": ",".join(request.approvers), "expires_at": request.expires_at}))
+        notice = self.front.hold_notice(request, decision)
+        if notice is not None:
+            yield self.say(notice)
+        outcome = yield AwaitApproval(request)
+        expired = outcome.decision == "expired"
+        reason = f"no decision by {request.expires_at}" if expired else outcome.reason
+        self.record("policy_decision", records.decision(
+            rule, "approve" if outcome.approved else "deny", reason, operation.text,
+            request_id=request.request_id, approver=outcome.approver,
+            attributes={"expired": "true"} if expired else None))
+        if outcome.approved:
+            return ALLOWED
+        who = ("nobody approved it in time" if expired
+               else f"denied by {outcome.approver['subject']}" if outcome.approver else "denied")
+        return Verdict(False, f"request {request.request_id}: {who}: {reason}", rule)
+
+    # --- endings ----------------------------------------------------------------------------
+
+    def upstream_unavailable(self, detail: str) -> Steps:
+        log.warning("session %s: target %s unavailable: %s", self.session_id, self.upstream, detail)
+        yield from self.end_with(Ending("upstream_unavailable", "upstream_unavailable",
+                                        f"the target {self.settings.name!r} is unavailable"))
+
+    def _protocol_error(self, error: ProtocolViolation, side: Side, sample: bytes, tell: bool = True) -> Steps:
+        """A peer broke the protocol: ProtocolError event, the client's error, SessionEnd(protocol_error)."""
+        text = error.message if side == CLIENT else f"the target broke the protocol: {error.message}"
+        log.warning("session %s from %s: protocol error (%s): %s", self.session_id, self.source_address, side, text)
+        self.record("protocol_error", records.protocol_error(error.code, text, sample))
+        ending = Ending("protocol_error", error.code or PROTOCOL_VIOLATION, text)
+        yield from self.end_with(ending, None if tell else _SILENT)
+
+    def end_with(self, ending: Ending, said: Said | None = None) -> Steps:
+        """Tell the client why (`said`, or the front end's goodbye), then end."""
+        if said is None:
+            said = self.front.goodbye(ending)
+        if said is not None and said is not _SILENT:
+            yield self.say(said)
+        yield from self.end(ending.reason)
+
+    def end(self, reason: str) -> Steps:
+        """Record SessionEnd (unless this never was a session), say goodbye to the target, close."""
+        if self.is_closed:
+            return
+        self._record_unrelayed()
+        if self._backlog is not None and (self._not_a_session or self.counters.client_bytes == 0):
+            self._backlog = None
+        else:
+            self.open(None)
+            duration_us = (self._clock() - self._started_ns) // 1000
+            self._emit("session_end", records.session_end(reason, duration_us, self.counters))
+        yield from self._close(reason)
+
+    def _record_unrelayed(self) -> None:
+        """Bytes queued behind a paused handler when the session ends: never relayed, still evidence."""
+        for lane in self._lanes.values():
+            if lane.queue:
+                data = b"".join(lane.queue)
+                lane.queue.clear()
+                self.record("frames", records.frames(lane.side, [records.raw_message(
+                    "unrelayed", data, {"reason": "the session ended while this waited"})]))
+
+    def _close(self, reason: str) -> Steps:
+        if self.is_closed:
+            return
+        goodbye = self.front.farewell_upstream(reason)
+        self.is_closed = True
+        for lane in self._lanes.values():
+            if lane.paused is not None:
+                lane.paused.close()
+                lane.paused = lane.waiting_for = None
+        self.front.closed()
+        if goodbye is not None:
+            yield Send(SERVER, goodbye)
+        yield Close(reason)
+
+    def _fail_closed(self, error: RecorderUnavailable) -> list[Command]:
+        """Fail closed: nothing more is relayed or recorded; the client learns why."""
+        log.error("session %s: FAIL CLOSED: %s", self.session_id, error)
+        said = self.front.goodbye(Ending("recorder_failure", "recorder_failure",
+                                         "the session cannot be recorded, so it is closed (fail closed)"))
+        out: list[Command] = [Send(CLIENT, said.data)] if said is not None else []
+        self._backlog = None
+        self._lanes[CLIENT].queue.clear()
+        self._lanes[SERVER].queue.clear()
+        return out + list(self._close("recorder_failure"))
+
+
+_SILENT = Said(b"", [], 0)  # end_with: the client cannot be told (it is gone, or its TLS failed)

@@ -1,0 +1,384 @@
+"""The PostgreSQL front end: its protocol state machine on the proxy core.
+
+Phases: startup (SSLRequest / GSSENCRequest / CancelRequest / StartupMessage)
+→ password (the proxy asked for the OIDC token as a cleartext password) →
+verifying (the core checks the token) → connecting (the proxy logs in to the
+target with the credentials it holds) → relay.
+
+Everything protocol-neutral — identity binding, the backlog before
+SessionStart, fail closed, holds, the startup deadline, the end — is the
+core's `Session`; this module only speaks PostgreSQL. A statement that the
+policy holds is a paused handler: `verdict = yield from session.check(...)`
+waits there for the reviewers, and what the client sends after it waits
+behind it in the core.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from ingest.protocols.postgres import messages as m
+from ingest.protocols.postgres.protocol import PROTOCOL_VIOLATION, Message, MessageReader, violation
+from ingest.recorder import RecorderUnavailable
+from proxy.approvals import ApprovalRequest
+from proxy.core.commands import CLIENT, SERVER, OpenUpstream, Send, SendOnce, StartTLS
+from proxy.core.frontend import Ending, FrontEnd, Protocol, Said, Steps
+from proxy.core.session import Session
+from proxy.policy import Decision
+from proxy.settings import ProxySettings
+
+from . import recording as rec
+from .cancel import CancelKeys, CancelTarget
+from .policy_layer import StatementPolicy
+from .settings import PostgresSettings
+from .upstream_auth import UpstreamAuthError, UpstreamLogin
+
+log = logging.getLogger(__name__)
+
+AUTH_FAILED = "28P01"
+INVALID_AUTHORIZATION = "28000"
+CONNECTION_FAILURE = "08006"
+FEATURE_NOT_SUPPORTED = "0A000"
+ADMIN_SHUTDOWN = "57P01"
+_LOGIN_REFUSED_CLASS = "28"
+_NOT_FORWARDED = frozenset({"user", "database"})
+# The core's endings as PostgreSQL errors (auth_failed and protocol_error carry their own codes).
+_ENDING_CODES = {"shutdown": ADMIN_SHUTDOWN, "recorder_failure": ADMIN_SHUTDOWN,
+                 "upstream_unavailable": CONNECTION_FAILURE, "identity_expired": INVALID_AUTHORIZATION}
+
+
+class PostgresProtocol(Protocol):
+    """One PostgreSQL listener: its settings and the cancel keys of its live sessions."""
+
+    name = "postgres"
+
+    def __init__(self, settings: PostgresSettings) -> None:
+        self.settings = settings
+        self.listener = settings.listener
+        self.cancel_keys = CancelKeys()
+
+    @classmethod
+    def from_settings(cls, proxy: ProxySettings, fail_open: bool) -> "PostgresProtocol":
+        return cls(PostgresSettings.from_config(proxy, fail_open))
+
+    def front_end(self, session: Session) -> "PostgresFrontEnd":
+        return PostgresFrontEnd(session, self)
+
+
+def _error(code: str, text: str, severity: str = "FATAL") -> Message:
+    return Message("ErrorResponse", m.error_response(severity=severity, code=code, message=text))
+
+
+def _said(messages: list[Message]) -> Said:
+    """Messages the proxy itself sends the client, recorded as the proxy's."""
+    return Said(b"".join(x.data for x in messages), [rec.message_record(x, rec.PROXY_ORIGIN) for x in messages],
+                len(messages))
+
+
+class PostgresFrontEnd(FrontEnd):
+    def __init__(self, session: Session, protocol: PostgresProtocol) -> None:
+        super().__init__(session)
+        settings = protocol.settings
+        self.settings = settings
+        self.cancel_keys = protocol.cancel_keys
+        self.phase = "startup"
+        self.parameters: dict[str, str] = {}
+        self._client = MessageReader("client", max_message_size=settings.max_client_message)
+        self._upstream = MessageReader("server", max_message_size=settings.max_server_message)
+        self._login = UpstreamLogin(settings.upstream.user, settings.upstream.password)
+        self._upstream_open = False
+        self._upstream_key: m.BackendKeyData | None = None
+        self._greeting: list[Message] = []  # the target's ParameterStatus/Notice before ReadyForQuery
+        self._early: list[Message] = []  # client messages sent before the session was ready
+        self._cancel_key: int | None = None
+        self._policy: StatementPolicy | None = None
+        session.upstream = settings.upstream.describe()
+
+    @property
+    def user(self) -> str | None:
+        return self.parameters.get("user")
+
+    # --- client side ---------------------------------------------------------------------
+
+    def client_data(self, data: bytes) -> Steps:
+        if self.phase == "relay":
+            yield from self._relay_client(data)
+            return
+        for message in self._client.feed(data):
+            if self.phase == "startup":
+                yield from self._startup_packet(message)
+            elif self.phase == "password":
+                yield from self._password(message)
+            else:
+                self._keep_early(message)
+            if self.session.is_closed:
+                return
+
+    def client_closed(self) -> Steps:
+        self._client.eof()  # a message cut off by the close is a protocol error
+        yield from self.session.end("client_disconnect")
+
+    def _startup_packet(self, message: Message) -> Steps:
+        if message.type == "CancelRequest":
+            yield from self._cancel(m.decode_cancel_request(message.payload))
+            return
+        self.session.record_messages(CLIENT, rec.message_records([message]), 0)
+        if message.type == "StartupMessage":
+            yield from self._startup_message(m.decode_startup_message(message.payload))
+        elif message.type == "SSLRequest" and self.session.settings.tls is not None and self.session.client_tls is None:
+            yield self.session.say(_said([Message("EncryptionResponse", m.SSL_ALLOWED)]))
+            yield StartTLS(CLIENT, self.session.settings.tls)
+        else:
+            yield self.session.say(_said([Message("EncryptionResponse", m.ENCRYPTION_DENIED)]))
+
+    def _startup_message(self, startup: m.StartupMessage) -> Steps:
+        self.parameters = startup.parameters
+        session = self.session
+        session.client_application = self.parameters.get("application_name")
+        session.attributes = dict(self.parameters)
+        if not self.user:
+            yield from self._refuse_login("missing_user", "no PostgreSQL user name specified in startup packet",
+                                          INVALID_AUTHORIZATION)
+            return
+        if startup.parameters.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+            yield from self._refuse_login("replication_refused", "replication connections are not relayed",
+                                          FEATURE_NOT_SUPPORTED)
+            return
+        said: list[Message] = []
+        options = [name for name in startup.parameters if name.startswith("_pq_.")]
+        if startup.protocol_version[1] > 0 or options:
+            said.append(Message("NegotiateProtocolVersion", m.negotiate_protocol_version(0, options)))
+        said.append(Message("AuthenticationRequest", m.authentication_cleartext_password()))
+        self.phase = "password"
+        yield session.say(_said(said))
+
+    def _refuse_login(self, reason_code: str, detail: str, code: str) -> Steps:
+        yield from self.session.deny(reason_code, detail, said=_said([_error(code, f"custody: {detail}")]))
+
+    def _password(self, message: Message) -> Steps:
+        session = self.session
+        if message.type == "Terminate":
+            session.record_messages(CLIENT, rec.message_records([message]), 0)
+            yield from session.end("client_terminate")
+            return
+        if message.type != "PasswordMessage":
+            raise violation(f"expected a password message (the OIDC access token), got {message.type}")
+        session.record_messages(CLIENT, rec.message_records([message]), 0)  # redacted: the token is not recorded
+        token = m.decode_password_message(message.payload).password
+        self.phase = "verifying"
+        identity = yield from session.authenticate(token, self.user)
+        if identity is None:
+            return
+        if session.gate is not None:
+            self._policy = StatementPolicy(session.gate)
+        self.phase = "connecting"
+        upstream = self.settings.upstream
+        yield OpenUpstream(upstream.host, upstream.port)
+        self._upstream_open = True
+        parameters = {"user": upstream.user, "database": upstream.database}
+        parameters.update(
+            (name, value) for name, value in self.parameters.items()
+            if name not in _NOT_FORWARDED and not name.startswith("_pq_.")
+        )
+        yield Send(SERVER, m.startup_message(parameters))
+
+    def _keep_early(self, message: Message) -> None:
+        """A client message sent before ReadyForQuery: relayed once the session is ready."""
+        self._early.append(message)
+        if sum(len(early.data) for early in self._early) > self.settings.max_client_message:
+            raise violation("too much data sent before authentication completed")
+
+    def _cancel(self, request: m.CancelRequest) -> Steps:
+        """A connection that only cancels another session's query: not a session of its own."""
+        self.session.not_a_session()
+        target = self.cancel_keys.lookup(request.process_id, request.secret)
+        if target is None:
+            log.warning("proxy %s: CancelRequest from %s with an unknown key ignored",
+                        self.session.settings.name, self.session.source_address)
+        elif target.front_end.note_cancel(request.process_id, request.secret, self.session.source_address):
+            yield SendOnce(target.host, target.port, m.cancel_request(target.process_id, target.secret))
+        yield from self.session.end("cancel")
+
+    def note_cancel(self, process_id: int, secret: bytes, source_address: str) -> bool:
+        """Record in this session that a client cancelled its query; False: do not forward (fail closed)."""
+        if self.session.is_closed:
+            return False
+        request = Message("CancelRequest", m.cancel_request(process_id, secret))
+        record = rec.message_record(request, {"source_address": source_address})
+        try:
+            self.session.record_messages(CLIENT, [record], 0)
+        except RecorderUnavailable:
+            log.error("session %s: cancel from %s not recorded, so not forwarded", self.session.session_id,
+                      source_address)
+            return False
+        return True
+
+    # --- upstream login ------------------------------------------------------------------
+
+    def server_data(self, data: bytes) -> Steps:
+        if self.phase == "relay":
+            yield from self._relay_server(data)
+            return
+        messages = self._upstream.feed(data)
+        for index, message in enumerate(messages):
+            kind = message.type
+            if kind == "AuthenticationRequest":
+                try:
+                    reply = self._login.respond(m.decode_authentication(message.payload))
+                except UpstreamAuthError as error:
+                    yield from self.session.upstream_unavailable(str(error))
+                    return
+                if reply is not None:
+                    yield Send(SERVER, reply)
+            elif kind == "ErrorResponse":
+                yield from self._login_refused(m.decode_error_response(message.payload))
+                return
+            elif kind == "BackendKeyData":
+                self._upstream_key = m.decode_backend_key_data(message.payload)
+            elif kind in ("ParameterStatus", "NoticeResponse"):
+                self._greeting.append(message)
+            elif kind == "ReadyForQuery":
+                yield from self._ready(message)
+                rest = messages[index + 1:]
+                if rest and not self.session.is_closed:
+                    yield from self._forward_server(rest, None)
+                return
+            elif kind != "NegotiateProtocolVersion":
+                raise violation(f"unexpected {kind} from the target during login")
+
+    def server_closed(self) -> Steps:
+        if self.phase != "relay":
+            yield from self.session.upstream_unavailable("the target closed the connection during login")
+            return
+        self._upstream.eof()
+        yield from self.session.end("server_disconnect")
+
+    def _ready(self, ready_for_query: Message) -> Steps:
+        """Logged in: greet the client as PostgreSQL would, but with the proxy's own cancel key."""
+        ours = [Message("AuthenticationRequest", m.authentication_ok())]
+        if self._upstream_key is not None:
+            upstream, key = self.settings.upstream, self._upstream_key
+            target = CancelTarget(upstream.host, upstream.port, key.process_id, key.secret, self)
+            process_id, secret = self.cancel_keys.issue(target)
+            self._cancel_key = process_id
+            ours.append(Message("BackendKeyData", m.backend_key_data(process_id, secret)))
+        theirs = [*self._greeting, ready_for_query]
+        records = [rec.message_record(x, rec.PROXY_ORIGIN) for x in ours] + rec.message_records(theirs)
+        said = ours + theirs
+        yield self.session.say(Said(b"".join(x.data for x in said), records, len(said)))
+        yield self.session.ready()
+        self.phase = "relay"
+        early, self._early = self._early, []
+        if early:
+            yield from self._forward_client(early, None)
+
+    def _login_refused(self, error: m.ErrorResponse) -> Steps:
+        """The target refused our login: its reason, unless it is about the proxy's credentials."""
+        log.warning("session %s: the target refused the proxy's login: %s %s", self.session.session_id,
+                    error.code, error.message)
+        if error.code.startswith(_LOGIN_REFUSED_CLASS):
+            yield from self.session.upstream_unavailable(f"the target refused the proxy's login ({error.code})")
+            return
+        said = _said([_error(error.code or CONNECTION_FAILURE, error.message)])
+        yield from self.session.end_with(Ending("upstream_unavailable", error.code, error.message), said)
+
+    # --- relay: the hot path -------------------------------------------------------------
+
+    def _relay_client(self, data: bytes) -> Steps:
+        reader = self._client
+        whole = not reader.buffered
+        messages = reader.feed(data)
+        if messages:
+            yield from self._forward_client(messages, data if whole and not reader.buffered else None)
+
+    def _forward_client(self, messages: list[Message], raw: bytes | None) -> Steps:
+        """Record, then relay: `raw` is the messages' bytes when the read held exactly them."""
+        self.session.record_messages(CLIENT, rec.message_records(messages), len(messages))
+        if self._policy is not None:
+            yield from self._gate_client(messages)
+        else:
+            yield Send(SERVER, raw if raw is not None else b"".join([x.data for x in messages]))
+        if messages[-1].type == "Terminate":
+            yield from self.session.end("client_terminate")
+
+    def _gate_client(self, messages: list[Message]) -> Steps:
+        """Relay what the policy lets through, in order; a held statement waits here for its verdict."""
+        policy = self._policy
+        assert policy is not None
+        passed: list[bytes] = []
+        for message in messages:
+            operation = policy.operation(message)
+            if operation is None:
+                passed.append(message.data)
+                continue
+            if passed:
+                yield Send(SERVER, b"".join(passed))
+                passed = []
+            verdict = yield from self.session.check(operation)
+            yield Send(SERVER, message.data if verdict.allowed else policy.refuse(message, verdict.reason))
+        if passed:
+            yield Send(SERVER, b"".join(passed))
+
+    def _relay_server(self, data: bytes) -> Steps:
+        reader = self._upstream
+        whole = not reader.buffered
+        messages = reader.feed(data)
+        if messages:
+            yield from self._forward_server(messages, data if whole and not reader.buffered else None)
+
+    def _forward_server(self, messages: list[Message], raw: bytes | None) -> Iterator[Send]:
+        if any(x.type == "NotificationResponse" for x in messages):
+            messages, raw = self._proxy_pids(messages), None
+        shown = self._policy.server(messages) if self._policy is not None else None
+        if shown is None:
+            records = rec.message_records(messages)
+        else:
+            messages, records = shown
+            raw = None
+        self.session.record_messages(SERVER, records, len(messages))
+        yield Send(CLIENT, raw if raw is not None else b"".join([x.data for x in messages]))
+
+    def _proxy_pids(self, messages: list[Message]) -> list[Message]:
+        """A NOTIFY from one of this listener's sessions names its proxy pid, as its client knows it."""
+        upstream = self.settings.upstream
+        out = []
+        for message in messages:
+            if message.type == "NotificationResponse":
+                note = m.decode_notification_response(message.payload)
+                proxy_pid = self.cancel_keys.proxy_pid(upstream.host, upstream.port, note.process_id)
+                if proxy_pid is not None:
+                    message = Message(message.type, m.notification_response(proxy_pid, note.channel, note.payload))
+            out.append(message)
+        return out
+
+    # --- what only PostgreSQL can say ----------------------------------------------------
+
+    def goodbye(self, ending: Ending) -> Said:
+        if ending.reason == "auth_failed":
+            return _said([_error(AUTH_FAILED,
+                                 f'password authentication failed for user "{self.user}": {ending.code}')])
+        if ending.reason == "protocol_error":
+            code = ending.code if len(ending.code) == 5 else PROTOCOL_VIOLATION  # a SQLSTATE, or ours
+        else:
+            code = _ENDING_CODES.get(ending.reason, ADMIN_SHUTDOWN)
+        return _said([_error(code, f"custody: {ending.text}")])
+
+    def farewell_upstream(self, reason: str) -> bytes | None:
+        if self._upstream_open and reason not in ("server_disconnect", "client_terminate"):
+            return m.TERMINATE
+        return None
+
+    def hold_notice(self, request: ApprovalRequest, decision: Decision) -> Said:
+        notice = m.notice_response(
+            severity="NOTICE", code="00000",
+            message=f"custody: {decision.message}; waiting for approval, request {request.request_id}",
+            detail=f"may approve: members of {', '.join(request.approvers)} other than you; "
+                   f"denied unless approved by {request.expires_at}",
+            hint=f"a reviewer runs: custody approvals approve {request.request_id} --reason ...")
+        return _said([Message("NoticeResponse", notice)])
+
+    def closed(self) -> None:
+        if self._cancel_key is not None:
+            self.cancel_keys.release(self._cancel_key)
+            self._cancel_key = None
