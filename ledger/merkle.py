@@ -3,8 +3,8 @@
 Pure functions over 32-byte SHA-256 hashes, no I/O. The ledger appends one
 leaf per accepted event to a `CompactTree` (it keeps only the perfect-subtree
 roots, so memory is O(log n) however long the log grows); the query side
-generates inclusion and consistency proofs from the stored leaf hashes; an
-auditor re-checks them with `verify_inclusion` and `verify_consistency`,
+generates inclusion and consistency proofs from the stored leaf hashes (with
+`MerkleLevels` when a bundle needs millions of them); an auditor re-checks them with `verify_inclusion` and `verify_consistency`,
 which follow RFC 9162 §2.1.3.2 and §2.1.4.2 step by step so that a
 `--verbose` CLI can print every hash it computes.
 
@@ -113,22 +113,44 @@ def _mth(hashes: Sequence[bytes]) -> bytes:
     return node_hash(_mth(hashes[:k]), _mth(hashes[k:]))
 
 
+MTH = Callable[[int, int], bytes]
+"""MTH(D[lo:hi]) of a range of one tree: how a proof generator gets the subtree hashes it needs."""
+
+
+def _range_path(index: int, lo: int, hi: int, mth: MTH) -> list[bytes]:
+    """PATH(index - lo, D[lo:hi]), each sibling subtree hashed by `mth`."""
+    path: list[bytes] = []
+    while hi - lo > 1:
+        k = _split(hi - lo)
+        if index < lo + k:
+            path.append(mth(lo + k, hi))
+            hi = lo + k
+        else:
+            path.append(mth(lo, lo + k))
+            lo += k
+    return path[::-1]
+
+
+def _range_subproof(m: int, lo: int, hi: int, complete: bool, mth: MTH) -> list[bytes]:
+    """SUBPROOF(m, D[lo:hi], b); `complete` is b: D[lo:lo+m] is a subtree the verifier knows."""
+    if m == hi - lo:
+        return [] if complete else [mth(lo, hi)]
+    k = _split(hi - lo)
+    if m <= k:
+        return _range_subproof(m, lo, lo + k, complete, mth) + [mth(lo + k, hi)]
+    return _range_subproof(m - k, lo + k, hi, False, mth) + [mth(lo, lo + k)]
+
+
+def _slice_mth(hashes: Sequence[bytes]) -> MTH:
+    return lambda lo, hi: _mth(hashes[lo:hi])
+
+
 def inclusion_proof(index: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
     """Return PATH(index, D[n]): the audit path proving leaf `index` is in the tree."""
     _check_hashes(leaf_hashes, "leaf hash")
     if not 0 <= index < len(leaf_hashes):
         raise MerkleError(f"index {index} is out of range for a tree of {len(leaf_hashes)}")
-    return _path(index, leaf_hashes)
-
-
-def _path(index: int, hashes: Sequence[bytes]) -> list[bytes]:
-    n = len(hashes)
-    if n == 1:
-        return []
-    k = _split(n)
-    if index < k:
-        return _path(index, hashes[:k]) + [_mth(hashes[k:])]
-    return _path(index - k, hashes[k:]) + [_mth(hashes[:k])]
+    return _range_path(index, 0, len(leaf_hashes), _slice_mth(leaf_hashes))
 
 
 def consistency_proof(m: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
@@ -143,18 +165,57 @@ def consistency_proof(m: int, leaf_hashes: Sequence[bytes]) -> list[bytes]:
         raise MerkleError(f"old size {m} is out of range for a tree of {n}")
     if m == 0:
         return []
-    return _subproof(m, leaf_hashes, complete=True)
+    return _range_subproof(m, 0, n, True, _slice_mth(leaf_hashes))
 
 
-def _subproof(m: int, hashes: Sequence[bytes], complete: bool) -> list[bytes]:
-    """SUBPROOF(m, D[n], b); `complete` is b: D[0:m] is a subtree the verifier knows."""
-    n = len(hashes)
-    if m == n:
-        return [] if complete else [_mth(hashes)]
-    k = _split(n)
-    if m <= k:
-        return _subproof(m, hashes[:k], complete) + [_mth(hashes[k:])]
-    return _subproof(m - k, hashes[k:], complete=False) + [_mth(hashes[:k])]
+class MerkleLevels:
+    """Every level of one tree in memory, for many proofs over it (a bundle proves each of millions of events).
+
+    `inclusion_proof` and `consistency_proof` above rehash O(n) leaves per
+    proof. Level k here holds the perfect, aligned subtree hashes of leaves
+    [i·2^k, (i+1)·2^k), so MTH of any range the RFC 9162 recursion asks for
+    costs O(log n) node hashes, for the tree of every size up to `size`.
+    """
+
+    def __init__(self, leaf_hashes: list[bytes]):
+        _check_hashes(leaf_hashes, "leaf hash")
+        self.levels: list[list[bytes]] = [leaf_hashes]
+        while len(self.levels[-1]) > 1:
+            below = self.levels[-1]
+            self.levels.append([node_hash(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)])
+
+    @property
+    def size(self) -> int:
+        return len(self.levels[0])
+
+    def mth(self, lo: int, hi: int) -> bytes:
+        """MTH(D[lo:hi]) for the ranges RFC 9162 recursion produces."""
+        width = hi - lo
+        if width == 0:
+            return EMPTY_ROOT
+        level = width.bit_length() - 1
+        if width == 1 << level and lo % width == 0:
+            return self.levels[level][lo >> level]
+        k = _split(width)
+        return node_hash(self.mth(lo, lo + k), self.mth(lo + k, hi))
+
+    def root(self, size: int) -> bytes:
+        """MTH(D[0:size]): the root of the tree when it had `size` leaves."""
+        return self.mth(0, size)
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        """PATH(index, D[0:size])."""
+        if not 0 <= index < size <= self.size:
+            raise MerkleError(f"no leaf {index} in a tree of {size} (of {self.size} known leaves)")
+        return _range_path(index, 0, size, self.mth)
+
+    def consistency_proof(self, m: int, n: int) -> list[bytes]:
+        """PROOF(m, D[0:n])."""
+        if not 0 <= m <= n <= self.size:
+            raise MerkleError(f"no consistency proof from {m} to {n} (of {self.size} known leaves)")
+        if m in (0, n):
+            return []
+        return _range_subproof(m, 0, n, True, self.mth)
 
 
 # Proof verification (RFC 9162 §2.1.3.2, §2.1.4.2) ----------------------------
@@ -388,12 +449,4 @@ def extension_proof(old: CompactTree, appended: Sequence[bytes]) -> list[bytes]:
     def mth(lo: int, hi: int) -> bytes:
         return _mth(appended[lo - m : hi - m]) if lo >= m else known[(lo, hi)]
 
-    def subproof(size: int, lo: int, hi: int, complete: bool) -> list[bytes]:
-        if size == hi - lo:
-            return [] if complete else [mth(lo, hi)]
-        k = _split(hi - lo)
-        if size <= k:
-            return subproof(size, lo, lo + k, complete) + [mth(lo + k, hi)]
-        return subproof(size - k, lo + k, hi, False) + [mth(lo, lo + k)]
-
-    return subproof(m, 0, n, True)
+    return _range_subproof(m, 0, n, True, mth)

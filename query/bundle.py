@@ -46,7 +46,6 @@ from ledger import merkle
 from ledger.seals import SEALS_DIR, Seal
 from ledger.segments import SCHEMA as SEGMENT_SCHEMA
 from query import dsse
-from query.proofs import MerkleLevels
 
 PREDICATE_TYPE = "https://custody.dev/chain-of-custody/v1"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -123,7 +122,7 @@ def _segment_paths(ledger_dir: Path, chain: list[Seal]) -> list[Path]:
     return [ledger_dir / s.segment["path"] for s in chain if s.segment]
 
 
-def _partition_leaves(ledger_dir: Path, chain: list[Seal]) -> MerkleLevels:
+def _partition_leaves(ledger_dir: Path, chain: list[Seal]) -> merkle.MerkleLevels:
     """Recompute every leaf hash of a partition from its sealed segments, in leaf order."""
     hashes: dict[int, bytes] = {}
     for path in _segment_paths(ledger_dir, chain):
@@ -131,7 +130,7 @@ def _partition_leaves(ledger_dir: Path, chain: list[Seal]) -> MerkleLevels:
         for index, salt, event in zip(*(table.column(c).to_pylist() for c in ("leaf_index", "salt", "event"))):
             hashes[index] = merkle.event_leaf_hash(salt, event)
     leaves = [hashes[i] for i in range(len(hashes))]
-    levels = MerkleLevels(leaves)
+    levels = merkle.MerkleLevels(leaves)
     newest = chain[-1]
     if levels.size != newest.tree_size or levels.root(levels.size) != newest.root:
         raise BundleError(f"partition {newest.partition}: segments do not reproduce the newest seal's tree "

@@ -28,7 +28,6 @@ from ledger.settings import LedgerSettings
 from query import dsse
 from query.bundle import EVENTS, MANIFEST, Scope, _covering, export_bundle, transfer
 from query.bundle_verify import verify_bundle
-from query.proofs import MerkleLevels
 
 
 class Evidence:
@@ -256,17 +255,6 @@ def test_transfers_extend_the_chain_of_custody_without_breaking_signatures(evide
 def test_dsse_pae_matches_the_spec_example():
     assert dsse.pae("http://example.com/HelloWorld", b"hello world") == \
         b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
-
-
-def test_merkle_levels_agree_with_the_reference_implementation():
-    leaves = [merkle.leaf_hash(bytes([i])) for i in range(37)]
-    levels = MerkleLevels(leaves)
-    for size in range(1, 38):
-        assert levels.root(size) == merkle.root(leaves[:size])
-        for i in range(size):
-            merkle.verify_inclusion(leaves[i], i, size, levels.inclusion_proof(i, size), levels.root(size))
-        for m in range(1, size + 1):
-            merkle.verify_consistency(m, size, levels.root(m), levels.root(size), levels.consistency_proof(m, size))
 
 
 def test_an_auditor_reads_the_bundle_with_sql_sessions_and_replay(evidence, bundle):

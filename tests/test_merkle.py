@@ -20,6 +20,7 @@ from ledger.merkle import (
     ConsistencyProofError,
     InclusionProofError,
     MerkleError,
+    MerkleLevels,
     consistency_proof,
     event_leaf,
     inclusion_proof,
@@ -365,6 +366,22 @@ def test_consistency_trace_labels_old_and_new_steps() -> None:
     verify_consistency(6, 8, PREFIX_ROOTS[5], PREFIX_ROOTS[7], REFERENCE_CONSISTENCY[(6, 8)], trace=lines.append)
     assert all(line.startswith(("old: SHA256(0x01 | ", "new: SHA256(0x01 | ")) for line in lines[:-1])
     assert lines[-1] == f"recomputed old root {PREFIX_ROOTS[5].hex()} and new root {PREFIX_ROOTS[7].hex()} match"
+
+
+# Many proofs over one tree --------------------------------------------------------
+
+
+def test_merkle_levels_agree_with_the_leaf_list_functions():
+    leaves = [leaf_hash(bytes([i])) for i in range(37)]
+    levels = MerkleLevels(leaves)
+    for size in range(1, 38):
+        assert levels.root(size) == root(leaves[:size])
+        for i in range(size):
+            assert levels.inclusion_proof(i, size) == inclusion_proof(i, leaves[:size])
+            verify_inclusion(leaves[i], i, size, levels.inclusion_proof(i, size), levels.root(size))
+        for m in range(1, size + 1):
+            assert levels.consistency_proof(m, size) == consistency_proof(m, leaves[:size])
+            verify_consistency(m, size, levels.root(m), levels.root(size), levels.consistency_proof(m, size))
 
 
 # Compact tree ---------------------------------------------------------------------
