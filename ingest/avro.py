@@ -65,5 +65,37 @@ class Schema:
         return record
 
 
+class SchemaVersions:
+    """Every published writer schema of one record, keyed by fingerprint; decodes to the current one.
+
+    schemas/README.md's evolution rule: events written with any earlier version
+    stay readable. A reader looks the writer schema up by the fingerprint in the
+    bytes and resolves it to `current` (new fields get their defaults).
+    """
+
+    def __init__(self, current: Schema, *earlier: Schema):
+        self.current = current
+        self.by_fingerprint = {s.fingerprint: s for s in (current, *earlier)}
+
+    def writer(self, data: bytes) -> Schema:
+        """The writer schema named by `data`'s single-object header."""
+        if data[:2] != MAGIC:
+            raise DecodeError("not an Avro single-object encoding (no C3 01 marker)")
+        schema = self.by_fingerprint.get(data[2:HEADER_LEN])
+        if schema is None:
+            known = ", ".join(fp.hex() for fp in self.by_fingerprint)
+            raise DecodeError(f"schema fingerprint {data[2:HEADER_LEN].hex()} is none of {known}")
+        return schema
+
+    def decode(self, data: bytes) -> dict[str, Any]:
+        """`data` as a record of the current schema, whichever published version wrote it."""
+        writer = self.writer(data)
+        return writer.decode(data, None if writer is self.current else self.current)
+
+
 ENVELOPE = Schema.from_json(schemas.load_json("event.avsc"))
+"""custody.Envelope as written now (contract v2)."""
+ENVELOPE_V1 = Schema.from_json(schemas.load_json("event.v1.avsc"))
+"""custody.Envelope contract v1: no per-message direction, channel, offset or operation fields."""
+ENVELOPES = SchemaVersions(ENVELOPE, ENVELOPE_V1)
 SIGNED_EVENT = Schema.from_json(schemas.load_json("signed_event.avsc"))

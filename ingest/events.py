@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ingest.avro import ENVELOPE, SIGNED_EVENT, DecodeError
+from ingest.avro import ENVELOPE, ENVELOPES, SIGNED_EVENT, DecodeError
 from ingest.keys import PrivateKey
 
 ZERO_HASH = bytes(32)
@@ -111,9 +111,13 @@ def sign_envelope(envelope: dict[str, Any], key: PrivateKey) -> SignedEvent:
 
 
 def open_event(value: bytes) -> SignedEvent:
-    """Decode a Kafka value into its parts, without verifying anything yet."""
+    """Decode a Kafka value into its parts, without verifying anything yet.
+
+    The envelope may be of any published schema version (looked up by its fingerprint); it is
+    returned as a record of the current one. `envelope_bytes` stay the writer's, as signed.
+    """
     outer = SIGNED_EVENT.decode(value)
-    envelope = ENVELOPE.decode(outer["envelope"])
+    envelope = ENVELOPES.decode(outer["envelope"])
     # Same shape as the producer's envelope: logical types back to their plain values.
     envelope["event_id"], envelope["session_id"] = str(envelope["event_id"]), str(envelope["session_id"])
     envelope["ts"] = datetime_to_micros(envelope["ts"])

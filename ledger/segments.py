@@ -35,6 +35,14 @@ MESSAGE = pa.struct([
     ("rows", pa.int64()),
     ("error_code", pa.string()),
     ("error_message", pa.string()),
+    # contract v2 (null in events written before it, and in segments written before it)
+    ("direction", pa.string()),
+    ("channel", pa.string()),
+    ("offset_us", pa.int64()),
+    ("operation", pa.string()),
+    ("text", pa.string()),
+    ("objects", pa.list_(pa.string())),
+    ("outcome", pa.string()),
 ])
 
 HASH = pa.binary(32)
