@@ -13,6 +13,7 @@ from __future__ import annotations
 from html import escape
 from typing import Any
 
+from ingest.protocols.render import Renderer
 from query.render import describe, offset, who
 from query.replay import Replay
 
@@ -37,11 +38,13 @@ ol.timeline{list-style:none;margin:0 32px 32px;padding:0 0 0 18px;border-left:3p
 table{border-collapse:collapse;margin-top:8px;font-family:ui-monospace,SFMono-Regular,Menlo,monospace;font-size:12px}
 th,td{border:1px solid #d8dce3;padding:3px 8px;text-align:left}th{background:#eef0f4}
 tr.masked td{background:#fff6d6}.null{color:#8a93a5;font-style:italic}
+.where{display:inline-block;padding:0 6px;border-radius:4px;background:#eef0f4;color:#3b4354;font-size:11px;margin-left:6px}
 .badge{display:inline-block;padding:0 6px;border-radius:4px;background:#fff6d6;color:#7a5a00;font-size:11px;margin-left:6px}
 """
 
-COLOURS = {"START": "#2f6fde", "SQL": "#1d2330", "CLIENT": "#8a93a5", "RESULT": "#1f9d55", "ERROR": "#d64545",
-           "POLICY": "#e08a00", "PROTOCOL": "#b4236b", "END": "#2f6fde"}
+COLOURS = {"START": "#2f6fde", "SQL": "#1d2330", "CLIENT": "#8a93a5", "SERVER": "#5b6475", "RESULT": "#1f9d55",
+           "ERROR": "#d64545", "POLICY": "#e08a00", "PROTOCOL": "#b4236b", "END": "#2f6fde"}
+OTHER = "#8a93a5"  # a marker of some protocol's renderer that has no colour of its own
 LEGEND = ("SQL", "RESULT", "ERROR", "POLICY", "PROTOCOL")
 
 
@@ -57,21 +60,29 @@ def _rows_table(step: dict[str, Any]) -> str:
     return f"<table><tr>{head}</tr>{''.join(body)}</table>{tail}"
 
 
-def _card(step: dict[str, Any]) -> str:
-    marker, head, detail = describe(step)
+def _card(step: dict[str, Any], renderer: Renderer) -> str:
+    marker, head, detail = describe(step, renderer)
     rows = _rows_table(step) if step.get("columns") is not None else ""
     badge = '<span class="badge">masked values</span>' if step.get("masked_rows") else ""
     lines = "".join(f'<div class="detail">{escape(line)}</div>' for line in detail)
-    return (f'<li class="step" style="--c:{COLOURS[marker]}"><span class="when">{escape(offset(step["offset_s"]))} '
-            f'· #{step["seq"]}</span><span class="kind">{marker}</span>{badge}'
+    return (f'<li class="step" style="--c:{COLOURS.get(marker, OTHER)}"><span class="when">'
+            f'{escape(offset(step["offset_s"]))} · #{step["seq"]}</span><span class="kind">{escape(marker)}</span>'
+            f'{_where(step)}{badge}'
             f'<div class="head">{escape(head)}</div>{lines}{rows}</li>')
 
 
-def _axis(replay: Replay) -> str:
+def _where(step: dict[str, Any]) -> str:
+    """A Frames step's direction, as a badge (its channel is a detail line, from `describe`)."""
+    if "direction" not in step:
+        return ""
+    return f'<span class="where" data-direction="{escape(step["direction"])}">{escape(step["direction"])}</span>'
+
+
+def _axis(replay: Replay, renderer: Renderer) -> str:
     total = max((s["offset_s"] for s in replay.steps), default=0) or 1
     ticks = []
     for step in replay.steps:
-        marker = describe(step)[0]
+        marker = describe(step, renderer)[0]
         if marker in LEGEND:
             left = 1 + 98 * step["offset_s"] / total
             ticks.append(f'<div class="tick" title="{escape(marker)} {escape(offset(step["offset_s"]))}" '
@@ -87,10 +98,11 @@ def render_html(replay: Replay) -> str:
             f"{start['client_application'] or 'unknown client'}) · " if start else "")
     meta += replay.started.strftime("%Y-%m-%d %H:%M:%S UTC")
     verdict = "ok" if replay.verification.ok else "bad"
-    cards = "".join(_card(s) for s in replay.steps)
+    renderer = replay.renderer
+    cards = "".join(_card(s, renderer) for s in replay.steps)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'">'
             f"<style>{CSS}</style></head><body><header><h1>{escape(title)}</h1>"
             f'<div class="meta">{escape(meta)}</div></header>'
             f'<div class="verdict {verdict}">{escape(replay.verification.line)}</div>'
-            f'{_axis(replay)}<ol class="timeline">{cards}</ol></body></html>\n')
+            f'{_axis(replay, renderer)}<ol class="timeline">{cards}</ol></body></html>\n')

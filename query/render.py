@@ -2,6 +2,8 @@
 
 Text reads top to bottom like the session happened: the verification line
 first, who connected where, then one block per step with its time offset.
+What a protocol's messages say comes from its renderer (beside its codec,
+`ingest.protocols.<name>.render`); this module lays out the rest.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from ingest.protocols.render import GENERIC, Renderer
 from query.replay import Replay
 
 _INDENT = " " * 18
@@ -48,24 +51,6 @@ def table(columns: list[str], rows: list[list[str | None]], masked: set[int], la
     return [line + "   " + label if i - 2 in masked else line.rstrip() for i, line in enumerate(lines)]
 
 
-def _diagnostics(step: dict[str, Any]) -> list[str]:
-    lines = [f"{e['severity'] or 'ERROR'} {e['code']}: {e['message']}" for e in step["errors"]]
-    return lines + [f"{n['severity'] or 'NOTICE'} {n['code']}: {n['message']}" for n in step["notices"]]
-
-
-def _result(step: dict[str, Any]) -> tuple[str, list[str]]:
-    """Headline: the command tags, else the error; details: the other diagnostics."""
-    tags = ", ".join(t for t in step["command_tags"] if t)
-    diagnostics = _diagnostics(step)
-    if tags:
-        head = tags
-    elif diagnostics:
-        head, diagnostics = diagnostics[0], diagnostics[1:]
-    else:
-        head = " ".join(step["messages"])
-    return head, diagnostics
-
-
 def result_rows(step: dict[str, Any]) -> list[str]:
     """The rows a result step shows, as text lines (none for other steps)."""
     if step.get("columns") is None:
@@ -87,34 +72,39 @@ def _policy(step: dict[str, Any]) -> tuple[str, list[str]]:
     return head, body
 
 
-def describe(step: dict[str, Any]) -> tuple[str, str, list[str]]:
-    """(marker, headline, detail lines) of one step."""
+def _channel(step: dict[str, Any]) -> list[str]:
+    """Where a Frames step was, when the protocol has channels: the marker already says the direction."""
+    return [f"{step.get('direction')}, channel {step['channel']}"] if step.get("channel") is not None else []
+
+
+def describe(step: dict[str, Any], renderer: Renderer = GENERIC) -> tuple[str, str, list[str]]:
+    """(marker, headline, detail lines) of one step: the session's steps here, its Frames steps by
+    the protocol's renderer (`Replay.renderer`), the generic one when that does not know them."""
     kind = step["step"]
     if kind == "start":
         return "START", f"{who(step['identity'])} from {step['source_address']} to {step['target']}", [
             f"{step['protocol']} via {step['client_application'] or 'unknown client'}, upstream {step['upstream']}"]
-    if kind == "statement":
-        params = [f"parameters: {json.dumps(step['parameters'], ensure_ascii=False)}"] if step["parameters"] else []
-        return "SQL", step["statement"] if step["statement"] is not None else "(prepared statement)", params
-    if kind == "client":
-        return "CLIENT", " ".join(step["messages"]), []
-    if kind in ("result", "error"):
-        head, body = _result(step)
-        return ("ERROR" if kind == "error" else "RESULT"), head, body
     if kind == "policy":
         head, body = _policy(step)
         return "POLICY", head, body
     if kind == "protocol_error":
         return "PROTOCOL", f"{step['code']} {step['message']}", [f"sample: {step['sample']!r}"]
-    return "END", f"{step['reason']} after {offset(step['duration_us'] / 1e6)[1:]}", [
-        f"client {step['client_bytes']:,} B in {step['client_messages']} messages, "
-        f"server {step['server_bytes']:,} B in {step['server_messages']} messages"]
+    if kind == "end":
+        return "END", f"{step['reason']} after {offset(step['duration_us'] / 1e6)[1:]}", [
+            f"client {step['client_bytes']:,} B in {step['client_messages']} messages, "
+            f"server {step['server_bytes']:,} B in {step['server_messages']} messages"]
+    described = renderer.describe(step) or GENERIC.describe(step)
+    if described is None:  # a step of another renderer's kind: say what is known
+        described = step.get("direction", "").upper() or "FRAMES", " ".join(step.get("messages", [])), []
+    marker, head, body = described
+    return marker, head, _channel(step) + body
 
 
 def render_text(replay: Replay) -> str:
     lines = [replay.verification.line, ""]
+    renderer = replay.renderer
     for step in replay.steps:
-        marker, head, body = describe(step)
+        marker, head, body = describe(step, renderer)
         lines.append(f"{offset(step['offset_s']):>10} {marker:<7}{head}")
         lines += [_INDENT + line for line in body + result_rows(step)]
     return "\n".join(lines) + "\n"

@@ -5,12 +5,15 @@ each is opened from its exact signed bytes, its signature checked against the
 keyring and its place in the session's chain checked, so the replay's first
 line can say whether what follows is authentic and complete. Steps are plain
 dicts (JSON as is); `query.render` and `query.html` only lay them out.
+
+Frames are the protocol's business: each run of messages of one direction and
+channel becomes one step, built by the renderer of the session's protocol
+(`ingest.protocols.renderer`, beside its codec; a generic one for protocols
+without). Query decodes no protocol itself.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -18,11 +21,12 @@ from typing import Any
 import duckdb
 from nacl.public import PrivateKey, SealedBox
 
+from ingest import protocols
 from ingest.errors import CustodyError
 from ingest.events import SignedEvent, micros_to_datetime, open_event
 from ingest.keys import Keyring
+from ingest.protocols.render import Renderer, Reveal
 from ingest.verify import Rejection, SessionChains, check_signature
-from query import pgwire
 
 DEFAULT_ROWS = 10
 _UUID_LENGTH = 36
@@ -63,10 +67,15 @@ class Replay:
     verification: Verification
     started: datetime
     steps: list[dict[str, Any]]
+    protocol: str | None = None  # SessionStart's; picks the renderer that describes the Frames steps
+
+    @property
+    def renderer(self) -> Renderer:
+        return protocols.renderer(self.protocol)
 
     def to_json(self) -> dict[str, Any]:
         return {"verification": self.verification.to_json(), "started": self.started.isoformat(),
-                "steps": self.steps}
+                "protocol": self.protocol, "steps": self.steps}
 
 
 # --- loading -----------------------------------------------------------------------------------------
@@ -123,71 +132,28 @@ def _start(body: dict[str, Any]) -> dict[str, Any]:
             "client_application": body.get("client_application"), "attributes": body.get("attributes", {})}
 
 
-def _client(messages: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the client sent: the statement (Query, or Parse + Bind) with its parameters, or just message types."""
-    statement = next((m["statement"] for m in messages if m.get("statement") is not None), None)
-    parameters = next((m["parameters"] for m in messages if m.get("parameters") is not None), None)
-    step = {"step": "statement" if statement is not None or parameters is not None else "client",
-            "messages": [m["type"] for m in messages]}
-    if step["step"] == "statement":
-        step.update(statement=statement, parameters=parameters)
-    return step
-
-
-def _diagnostic(m: dict[str, Any]) -> dict[str, Any]:
-    attributes = m.get("attributes") or {}
-    return {"severity": attributes.get("severity_nonlocalized") or attributes.get("severity"),
-            "code": m.get("error_code") or attributes.get("code"),
-            "message": m.get("error_message") or attributes.get("message"),
-            **{k: attributes[k] for k in ("detail", "hint") if k in attributes}}
-
-
-def _columns(m: dict[str, Any]) -> list[str]:
-    recorded = (m.get("attributes") or {}).get("columns")
-    return json.loads(recorded) if recorded else pgwire.row_description_names(m["data"])
-
-
-Reveal = Callable[[bytes], bytes]
-
-
 def custodian_reveal(key: PrivateKey) -> Reveal:
     """Opens `sealed_original`s: the sealed boxes masking left for whoever holds the custodian key."""
     return SealedBox(key).decrypt
 
 
-def _revealed(m: dict[str, Any], reveal: Reveal | None) -> dict[str, Any]:
-    if reveal is None or m.get("sealed_original") is None:
-        return m
-    return {**m, "data": reveal(m["sealed_original"])}
+def runs(body: dict[str, Any]) -> list[tuple[int, str, str | None, list[dict[str, Any]]]]:
+    """A Frames body as (offset_us, direction, channel, messages) runs, in the order they were read.
 
-
-def _server(messages: list[dict[str, Any]], max_rows: int, reveal: Reveal | None = None) -> dict[str, Any]:
-    """What came back: columns, the first rows (as the client saw them, or the originals when revealing), tags, errors, notices."""
-    step: dict[str, Any] = {"step": "result", "columns": None, "rows": [], "masked_rows": [], "row_count": 0,
-                            "command_tags": [], "errors": [], "notices": [], "messages": [m["type"] for m in messages],
-                            "revealed": reveal is not None}
-    for m in (_revealed(x, reveal) for x in messages):
-        kind = m["type"]
-        if kind == "RowDescription":
-            step["columns"] = _columns(m)
-        elif kind == "DataRow":
-            for row in pgwire.split_messages(m["data"]):  # a record may hold a run of rows of one read
-                if step["row_count"] < max_rows:
-                    if m.get("sealed_original") is not None:
-                        step["masked_rows"].append(len(step["rows"]))
-                    step["rows"].append(pgwire.data_row_values(row))
-                step["row_count"] += 1
-        elif kind == "CommandComplete":
-            step["command_tags"].append(m.get("command_tag"))
-        elif kind == "ErrorResponse":
-            step["errors"].append(_diagnostic(m))
-        elif kind == "NoticeResponse":
-            step["notices"].append(_diagnostic(m))
-        elif kind == "ReadyForQuery":
-            step["transaction_status"] = (m.get("attributes") or {}).get("transaction_status")
-    if step["errors"] and not step["command_tags"] and not step["row_count"]:
-        step["step"] = "error"
-    return step
+    Each message's own `direction` (null: the Frames' direction), `channel` and
+    `offset_us` (contract v2) place it; consecutive messages of one direction
+    and channel make one run. A v1 Frames is one run.
+    """
+    default = body["direction"]
+    placed = sorted(enumerate(body["messages"]), key=lambda im: (im[1].get("offset_us") or 0, im[0]))
+    out: list[tuple[int, str, str | None, list[dict[str, Any]]]] = []
+    for _, message in placed:
+        direction, channel = message.get("direction") or default, message.get("channel")
+        if out and out[-1][1] == direction and out[-1][2] == channel:
+            out[-1][3].append(message)
+        else:
+            out.append((message.get("offset_us") or 0, direction, channel, [message]))
+    return out
 
 
 def _policy(body: dict[str, Any]) -> dict[str, Any]:
@@ -205,12 +171,11 @@ def _end(body: dict[str, Any]) -> dict[str, Any]:
     return {"step": "end", **body}
 
 
-def step_for(event: SignedEvent, max_rows: int, reveal: Reveal | None = None) -> dict[str, Any]:
+def step_for(event: SignedEvent) -> dict[str, Any]:
+    """The step of a non-Frames event (Frames go through the protocol's renderer, see `frame_steps`)."""
     kind, body = event.kind, event.body
     if kind == "session_start":
         return _start(body)
-    if kind == "frames":
-        return _client(body["messages"]) if body["direction"] == "client" else _server(body["messages"], max_rows, reveal)
     if kind == "policy_decision":
         return _policy(body)
     if kind == "protocol_error":
@@ -218,15 +183,39 @@ def step_for(event: SignedEvent, max_rows: int, reveal: Reveal | None = None) ->
     return _end(body)
 
 
+def frame_steps(body: dict[str, Any], renderer: Renderer, max_rows: int,
+                reveal: Reveal | None = None) -> list[tuple[int, dict[str, Any]]]:
+    """(offset_us, step) for each run of a Frames body, each step saying its direction and channel."""
+    return [(offset_us, {"direction": direction, "channel": channel,
+                         **renderer.step(direction, messages, max_rows=max_rows, reveal=reveal)})
+            for offset_us, direction, channel, messages in runs(body)]
+
+
+def session_protocol(events: list[SignedEvent]) -> str | None:
+    return next((e.body.get("protocol") for e in events if e.kind == "session_start"), None)
+
+
 def replay_session(con: duckdb.DuckDBPyConnection, session: str, keyring: Keyring,
                    max_rows: int = DEFAULT_ROWS, reveal: Reveal | None = None) -> Replay:
     """The verified, step-by-step story of one session (`session` may be a unique id prefix).
 
-    With `reveal` (see `custodian_reveal`), masked rows show their sealed originals.
+    Frames are shown by the renderer of the session's protocol (its SessionStart
+    says which; `ingest.protocols.renderer`). With `reveal` (see
+    `custodian_reveal`), masked rows show their sealed originals.
     """
     session_id = resolve_session(con, session)
     verification, events = verify_events(session_id, load_events(con, session_id), keyring)
+    protocol = session_protocol(events)
+    renderer = protocols.renderer(protocol)
     started = events[0].envelope["ts"]
-    steps = [{"seq": e.seq, "ts": micros_to_datetime(e.envelope["ts"]).isoformat(),
-              "offset_s": (e.envelope["ts"] - started) / 1e6, **step_for(e, max_rows, reveal)} for e in events]
-    return Replay(verification, micros_to_datetime(started), steps)
+    timed = []
+    for e in events:
+        ts = e.envelope["ts"]
+        placed = (frame_steps(e.body, renderer, max_rows, reveal) if e.kind == "frames" else [(0, step_for(e))])
+        timed += [(ts + offset_us, {"seq": e.seq, "ts": micros_to_datetime(ts + offset_us).isoformat(),
+                                    "offset_s": (ts + offset_us - started) / 1e6, **step})
+                  for offset_us, step in placed]
+    # A v2 Frames may gather several reads and be written after an event that followed its first
+    # read (a hold, say): steps go by when they happened, ties (and all of v1) in seq order.
+    timed.sort(key=lambda at_step: at_step[0])
+    return Replay(verification, micros_to_datetime(started), [step for _, step in timed], protocol)

@@ -26,11 +26,11 @@ from typing import Any
 from ingest.consumer import Record
 from ingest.events import SessionChain, datetime_to_micros, uuid7
 from ingest.keys import Keyring, add_to_keyring, generate_key_file, load_key_file
+from ingest.protocols.postgres import messages as w
 from ledger.merkle import SALT_SIZE
 from ledger.service import PartitionWriter
 from ledger.settings import LedgerSettings
 from ledger.state import PartitionState
-from query import pgwire as w
 
 ORIGIN = "custody.example/ledger/demo"
 TOPIC = "custody.events"
@@ -69,7 +69,7 @@ def result(columns: list[str], rows: list[list[str | None]], tag: str, masked: s
                    attributes={"columns": json.dumps(columns), "type_oids": json.dumps([w.TEXT_OID] * len(columns))})]
     for row in rows:
         sealed = rng.randbytes(48 + 8 * len(row)) if masked and rng else None
-        out.append(message("DataRow", w.data_row(row), sealed_original=sealed))
+        out.append(message("DataRow", w.data_row([None if v is None else v.encode() for v in row]), sealed_original=sealed))
     return out + [complete(tag)]
 
 
@@ -84,12 +84,12 @@ def ready(status: str = "I") -> dict[str, Any]:
 
 
 def error(code: str, text: str) -> dict[str, Any]:
-    return message("ErrorResponse", w.error_response(code, text), error_code=code, error_message=text,
+    return message("ErrorResponse", w.error_response(severity="ERROR", code=code, message=text), error_code=code, error_message=text,
                    attributes={"severity": "ERROR", "severity_nonlocalized": "ERROR"})
 
 
 def notice(code: str, text: str) -> dict[str, Any]:
-    return message("NoticeResponse", w.notice_response(code, text),
+    return message("NoticeResponse", w.notice_response(severity="NOTICE", code=code, message=text),
                    attributes={"severity": "NOTICE", "severity_nonlocalized": "NOTICE", "code": code, "message": text})
 
 
@@ -120,10 +120,10 @@ def _extended(rng: random.Random) -> list[tuple[int, str, dict]]:
     params = [str(rng.randint(1000, 9999)), rng.choice(["paid", "open", "shipped"])]
     rows = [[str(rng.randint(10_000, 99_999)), f"{rng.randint(5, 900)}.{rng.randint(0, 99):02d}", params[1]]
             for _ in range(rng.randint(0, 3))]
-    client = frames("client", message("Parse", w.parse(sql), statement=sql, attributes={"statement_name": ""}),
-                    message("Bind", w.bind(params), parameters=params, attributes={"portal": "", "statement_name": ""}),
+    client = frames("client", message("Parse", w.parse("", sql), statement=sql, attributes={"statement_name": ""}),
+                    message("Bind", w.bind([p.encode() for p in params]), parameters=params, attributes={"portal": "", "statement_name": ""}),
                     message("Execute", w.execute(), attributes={"portal": "", "max_rows": "0"}),
-                    message("Sync", w.sync()))
+                    message("Sync", w.SYNC))
     server = frames("server", message("ParseComplete", b"1\0\0\0\4"), message("BindComplete", b"2\0\0\0\4"),
                     *result(["id", "total", "status"], rows, f"SELECT {len(rows)}"), ready())
     return [(0, *client), (rng.randint(500, 12_000), *server)]

@@ -485,6 +485,28 @@ def test_query_round_trip(sql: str) -> None:
     assert m.decode_query(only("client", m.query(sql)).payload) == m.Query(sql)
 
 
+@given(protocol_text, protocol_text, st.lists(st.integers(0, 2**32 - 1), max_size=8))
+def test_parse_round_trip(name: str, sql: str, oids: list[int]) -> None:
+    message = only("client", m.parse(name, sql, oids))
+    assert message.type == "Parse" and m.decode_parse(message.payload) == m.Parse(name, sql, tuple(oids))
+
+
+@given(st.lists(st.none() | st.text(max_size=20), max_size=8), protocol_text, protocol_text)
+def test_extended_query_encoders_round_trip(parameters: list[str | None], statement: str, portal: str) -> None:
+    encoded = [None if p is None else p.encode() for p in parameters]
+    data = m.bind(encoded, statement, portal) + m.execute(portal, 5) + m.SYNC
+    bind, execute, sync = pg.split_run("client", {"data": data})
+    assert m.decode_bind(bind.payload) == m.Bind(portal, statement, (), tuple(parameters), ())
+    assert m.decode_execute(execute.payload) == m.Execute(portal, 5) and sync.type == "Sync"
+
+
+def test_result_encoders_round_trip() -> None:
+    described = only("server", m.row_description(["id", m.FieldDescription("n", 16384, 2, 23, 4, -1, 1)]))
+    assert m.decode_row_description(described.payload).fields == (
+        m.FieldDescription("id", 0, 0, m.TEXT_OID, -1, -1, 0), m.FieldDescription("n", 16384, 2, 23, 4, -1, 1))
+    assert m.decode_command_complete(only("server", m.command_complete("SELECT 3")).payload).rows == 3
+
+
 @given(protocol_text)
 def test_password_message_round_trip(password: str) -> None:
     message = only("client", m.password_message(password))

@@ -8,10 +8,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from custody.cli import main
+from ingest import protocols
 from ingest.keys import Keyring
-from ledger.segments import SCHEMA
+from ingest.protocols import ProtocolViolation
 from ingest.protocols.postgres import messages as pg
-from query import open_ledger, pgwire
+from ingest.protocols.postgres.records import split_run
+from ledger.segments import SCHEMA
+from query import open_ledger
 from query.filters import SessionFilter, parse_time
 from query.replay import replay_session
 from query.sample import build_demo_ledger
@@ -52,28 +55,23 @@ def session_with(con, where: str) -> str:
     return scalar(con, f"SELECT session_id FROM statements WHERE {where} ORDER BY ts LIMIT 1")["session_id"]
 
 
-# --- the PostgreSQL reader agrees with the proxy's codec -----------------------------------------
+# --- replay reads PostgreSQL through the proxy's own codec --------------------------------------
 
 
-def test_pgwire_reads_what_the_proxy_encodes():
-    row = pg.data_row([b"42", None, "Zoë".encode()])
-    assert pgwire.data_row_values(row) == ["42", None, "Zoë"]
-    described = pgwire.row_description(["id", "email"])
-    assert [f.name for f in pg.decode_row_description(described[5:]).fields] == ["id", "email"]
-    assert pgwire.row_description_names(described) == ["id", "email"]
-    assert pg.decode_bind(pgwire.bind(["7", None])[5:]).parameters == ("7", None)
-    assert pg.decode_error_response(pgwire.error_response("42P01", "nope")[5:]).code == "42P01"
-    with pytest.raises(pgwire.WireError):
-        pgwire.data_row_values(row[:-2])
-
-
-def test_a_recorded_run_of_rows_splits_back_into_its_messages():
+def test_replay_reads_recorded_rows_with_the_codec_the_proxy_records_with():
     """The proxy folds the DataRows of one read into one record; replay shows every row of it."""
-    rows = [pgwire.data_row([str(i), f"name {i}"]) for i in range(3)]
-    assert pgwire.split_messages(b"".join(rows)) == rows
-    assert [pgwire.data_row_values(r) for r in pgwire.split_messages(b"".join(rows))][2] == ["2", "name 2"]
-    with pytest.raises(pgwire.WireError, match="claims"):
-        pgwire.split_messages(b"".join(rows)[:-1])
+    rows = [pg.data_row([str(i).encode(), None if i == 1 else f"Zoë {i}".encode()]) for i in range(3)]
+    messages = [{"type": "RowDescription", "data": pg.row_description(["id", "name"]), "attributes": {}},
+                {"type": "DataRow", "data": b"".join(rows), "attributes": {"messages": "3"}},
+                {"type": "CommandComplete", "data": pg.command_complete("SELECT 3"), "command_tag": "SELECT 3"}]
+    step = protocols.renderer("postgres").step("server", messages, max_rows=2, reveal=None)
+    assert step["columns"] == ["id", "name"] and step["rows"] == [["0", "Zoë 0"], ["1", None]]
+    assert step["row_count"] == 3 and step["command_tags"] == ["SELECT 3"] and "undecodable" not in step
+    assert [m.payload for m in split_run("server", messages[1])] == [r[5:] for r in rows]
+    with pytest.raises(ProtocolViolation, match="incomplete message"):
+        split_run("server", {"data": b"".join(rows)[:-1]})
+    torn = protocols.renderer("postgres").step("server", [{**messages[1], "data": rows[0][:-1]}], max_rows=9, reveal=None)
+    assert torn["rows"] == [] and torn["undecodable"][0].startswith("DataRow: incomplete message")
 
 
 # --- views -----------------------------------------------------------------------------------------

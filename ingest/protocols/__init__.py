@@ -7,6 +7,12 @@ import `ingest`: no new arrow, and query never re-implements a protocol.
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .render import Renderer
+
 
 class ProtocolViolation(Exception):
     """A peer broke its wire protocol. Every codec raises this (or a subclass)
@@ -22,4 +28,20 @@ class ProtocolViolation(Exception):
         self.message = message
 
 
-__all__ = ["ProtocolViolation"]
+# protocol (SessionStart.protocol) -> the module whose RENDERER shows its messages in a replay.
+# Imported on first use, so a proxy that never replays never loads them.
+RENDERERS: dict[str, str] = {"postgres": "ingest.protocols.postgres.render"}
+
+
+def renderer(protocol: str | None) -> Renderer:
+    """The replay renderer of `protocol`; the generic one (type, direction,
+    channel, bytes) for a protocol without its own, or an unknown one."""
+    module = RENDERERS.get(protocol or "")
+    if module is None:
+        from .render import GENERIC
+
+        return GENERIC
+    return importlib.import_module(module).RENDERER
+
+
+__all__ = ["RENDERERS", "ProtocolViolation", "renderer"]

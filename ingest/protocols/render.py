@@ -1,0 +1,73 @@
+"""What recorded messages look like in a replay step, for any protocol.
+
+A replay (query/replay.py) walks a session's events; each run of consecutive
+recorded `Message` records (schemas/event.avsc) of one direction and one
+channel becomes one step, built by the session's protocol renderer. A step
+is a plain dict (JSON as is) with a `step` kind; query adds `seq`, `ts`,
+`offset_s`, `direction` and `channel`. The renderer also says how its own step
+kinds read as text (`describe`), so the layouts in query (text, HTML) stay
+protocol-neutral: a step with `columns`, `rows`, `masked_rows` and `row_count`
+is shown as a table whatever the protocol.
+
+`GenericRenderer` serves every protocol that has no renderer of its own: it
+shows each message's type and size and the first bytes of the first.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+Record = dict[str, Any]
+Step = dict[str, Any]
+Reveal = Callable[[bytes], bytes]
+"""Opens a message's `sealed_original` (the custodian's key); None: show what the client saw."""
+Description = tuple[str, str, list[str]]
+"""(marker, headline, detail lines); the marker is a short upper-case word (SQL, RESULT, CLIENT, SERVER...)."""
+
+PREVIEW_BYTES = 16
+
+
+class Renderer(Protocol):
+    protocol: str
+
+    def step(self, direction: str, messages: list[Record], *, max_rows: int, reveal: Reveal | None) -> Step:
+        """One step from a run of recorded messages of one direction and channel, in order."""
+        ...
+
+    def describe(self, step: Step) -> Description | None:
+        """How a step this renderer built reads as text; None for kinds it does not know."""
+        ...
+
+
+def first_bytes(data: bytes) -> str:
+    """`51 00 00 00 0b …`: the first bytes in hex."""
+    return data[:PREVIEW_BYTES].hex(" ") + (" …" if len(data) > PREVIEW_BYTES else "")
+
+
+def byte_summary(data: bytes) -> str:
+    """`12 B: 51 00 00 00 0b …`, the size and the first bytes in hex."""
+    return f"{len(data):,} B" + (f": {first_bytes(data)}" if data else "")
+
+
+class GenericRenderer:
+    """Type, direction, channel and a byte summary: for protocols without a renderer."""
+
+    protocol = "*"
+
+    def step(self, direction: str, messages: list[Record], *, max_rows: int, reveal: Reveal | None) -> Step:
+        sizes = [len(m.get("data") or b"") for m in messages]
+        first = next((m.get("data") for m in messages if m.get("data")), b"")
+        return {"step": "messages", "messages": [m["type"] for m in messages], "sizes": sizes,
+                "bytes": sum(sizes), "preview": first_bytes(first)}
+
+    def describe(self, step: Step) -> Description | None:
+        if step["step"] != "messages":
+            return None
+        marker = {"client": "CLIENT", "server": "SERVER"}.get(step.get("direction") or "", "FRAMES")
+        head = ", ".join(f"{kind} ({size:,} B)" for kind, size in zip(step["messages"], step["sizes"]))
+        detail = [f"{step['bytes']:,} B in {len(step['sizes'])} messages"] if len(step["sizes"]) > 1 else []
+        return marker, head or "(no messages)", detail + ([f"first bytes: {step['preview']}"] if step["preview"] else [])
+
+
+GENERIC = GenericRenderer()
