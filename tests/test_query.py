@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow.parquet as pq
 import pytest
 
+import events_factory
+from conftest import make_key
 from custody.cli import main
 from ingest import protocols
-from ingest.keys import Keyring
+from ingest.consumer import Record
+from ingest.events import SessionChain
+from ingest.keys import Keyring, TrustedKey
 from ingest.protocols import ProtocolViolation
 from ingest.protocols.postgres import messages as pg
 from ingest.protocols.postgres.records import split_run
+from ingest.records import frames_body
 from ledger.segments import SCHEMA
+from ledger.service import PartitionWriter
+from ledger.settings import LedgerSettings
+from ledger.state import recover
 from query import open_ledger
+from query.html import render_html
 from query.filters import SessionFilter, parse_time
+from query.render import render_text
 from query.replay import replay_session
 from query.sample import build_demo_ledger
 from query.sql import QueryError, run_query
@@ -284,3 +295,68 @@ def test_replay_says_when_a_session_does_not_verify(capsys, demo, tmp_path):
 def test_replay_of_an_unknown_session_is_one_line(capsys, demo):
     code, _, err = run(capsys, "replay", "ffffffff", "--config", str(demo.config))
     assert code == 2 and err == "error: no session starts with 'ffffffff'\n"
+
+
+# --- contract v2: one Frames, both directions, several channels ------------------------------------
+
+
+def ledger_of(tmp_path, bodies: list[tuple[str, dict]]):
+    """A sealed one-session ledger of these event bodies, and its keyring."""
+    proxy_key, ledger_key = make_key("proxy"), make_key("ledger")
+    trust = Keyring([TrustedKey(proxy_key.key_id, "proxy", proxy_key.public_key),
+                     TrustedKey(ledger_key.key_id, "ledger", ledger_key.public_key)])
+    chain = SessionChain(proxy_key, "v2-proxy")
+    root = tmp_path / "ledger"
+    settings = LedgerSettings(dir=root, origin="custody.test/replay", segment_max_events=100,
+                              segment_max_bytes=1 << 24, segment_max_seconds=60.0, idle_seal_seconds=60.0)
+    writer = PartitionWriter(root, settings, "t.events", recover(root, 0), trust, ledger_key)
+    for offset, (kind, body) in enumerate(bodies):
+        event = chain.event(kind, body)
+        writer.add(Record("t.events", 0, offset, event.session_id.encode(), event.value), os.urandom(32))
+    writer.seal()
+    return open_ledger(root), trust, event.session_id
+
+
+def test_replay_orders_and_attributes_each_message_by_its_own_direction_channel_and_offset(tmp_path):
+    """A protocol without a renderer: each run is shown with its type, direction, channel and bytes."""
+    ssh = {**events_factory.session_start(), "protocol": "ssh", "target": "bastion", "client_application": "OpenSSH"}
+    mixed = frames_body([  # recorded out of read order: the offsets say when each was read
+        {"type": "data", "data": b"a\nb\n", "direction": "server", "channel": "0", "offset_us": 400},
+        {"type": "exec", "data": b"ls /tmp", "direction": "client", "channel": "0", "offset_us": 0},
+        {"type": "data", "data": b"tail -f log", "direction": "client", "channel": "1", "offset_us": 600},
+        {"type": "exit-status", "data": b"\0\0\0\0", "direction": "server", "channel": "0", "offset_us": 500},
+        {"type": "data", "data": b"x" * 40, "direction": "server", "channel": "1", "offset_us": 900}])
+    con, trust, session = ledger_of(tmp_path, [("session_start", ssh), ("frames", mixed),
+                                               ("session_end", events_factory.session_end())])
+    replay = replay_session(con, session, trust)
+    assert replay.verification.ok and replay.protocol == "ssh"
+    frames = [s for s in replay.steps if s["seq"] == 1]
+    assert [(s["direction"], s["channel"], s["messages"]) for s in frames] == [
+        ("client", "0", ["exec"]), ("server", "0", ["data", "exit-status"]), ("client", "1", ["data"]),
+        ("server", "1", ["data"])]
+    assert [round((s["offset_s"] - frames[0]["offset_s"]) * 1e6) for s in frames] == [0, 400, 600, 900]
+    assert frames[1]["sizes"] == [4, 4] and frames[3]["preview"] == "78 " * 15 + "78 …"
+    text = render_text(replay)
+    lines = [line.strip() for line in text.splitlines()]
+    exec_at = next(i for i, line in enumerate(lines) if line.endswith("CLIENT exec (7 B)"))
+    assert lines[exec_at + 1:exec_at + 3] == ["client, channel 0", "first bytes: 6c 73 20 2f 74 6d 70"]
+    assert [line.split()[1] for line in lines if " CLIENT " in f" {line} " or " SERVER " in f" {line} "] == [
+        "CLIENT", "SERVER", "CLIENT", "SERVER"]
+    assert "server, channel 1" in text and 'data-direction="server"' in render_html(replay)
+
+
+def test_a_postgres_frames_with_both_directions_replays_as_statement_then_result(tmp_path):
+    both = frames_body([
+        {"type": "Query", "data": pg.query("SELECT 1"), "statement": "SELECT 1", "offset_us": 0},
+        {"type": "CommandComplete", "data": pg.command_complete("SELECT 1"), "command_tag": "SELECT 1",
+         "direction": "server", "offset_us": 250},
+        {"type": "ReadyForQuery", "data": pg.ready_for_query("I"), "attributes": {"transaction_status": "I"},
+         "direction": "server", "offset_us": 260}], "client")
+    assert both["direction"] == "mixed"
+    con, trust, session = ledger_of(tmp_path, [("session_start", events_factory.session_start()), ("frames", both),
+                                               ("session_end", events_factory.session_end())])
+    steps = [s for s in replay_session(con, session, trust).steps if s["seq"] == 1]
+    assert [(s["step"], s["direction"], s["channel"]) for s in steps] == [("statement", "client", None),
+                                                                          ("result", "server", None)]
+    assert steps[0]["statement"] == "SELECT 1" and steps[1]["command_tags"] == ["SELECT 1"]
+    assert steps[1]["transaction_status"] == "I"
