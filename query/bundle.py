@@ -46,6 +46,7 @@ from ledger import merkle
 from ledger.seals import SEALS_DIR, Seal
 from ledger.segments import SCHEMA as SEGMENT_SCHEMA
 from query import dsse
+from query.views import MESSAGES_TYPE
 
 PREDICATE_TYPE = "https://custody.dev/chain-of-custody/v1"
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
@@ -142,7 +143,9 @@ def _select(ledger_dir: Path, seals: dict[int, list[Seal]], scope: Scope) -> pa.
     paths = [str(p) for chain in seals.values() for p in _segment_paths(ledger_dir, chain)]
     predicate, params = scope.predicate()
     con = duckdb.connect()
-    con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet({paths!r})")
+    # by name, cast to the current messages type: segments from before contract v2 lack its message fields
+    con.execute(f"CREATE VIEW events AS SELECT * REPLACE (CAST(messages AS {MESSAGES_TYPE}) AS messages) "
+                f"FROM read_parquet({paths!r}, union_by_name = true)")
     try:
         return con.sql(
             f"SELECT * FROM events WHERE session_id IN (SELECT DISTINCT session_id FROM events WHERE {predicate}) "

@@ -1,4 +1,5 @@
-"""DuckDB views over a ledger directory: `events`, `sessions`, `statements`, `violations`, `approvals`, `seals`.
+"""DuckDB views over a ledger directory: `events`, `frames`, `sessions`, `statements`, `activity`, `violations`,
+`approvals`, `seals`.
 
 Only what the seals cover is queried: the segment list is taken from the seal
 files, so a segment a crashed ledger left behind (and will rewrite) never
@@ -26,7 +27,7 @@ import pyarrow as pa
 from ingest.errors import CustodyError
 from ingest.events import open_event
 from ledger.seals import SEALS_DIR, MalformedSealError, Seal
-from ledger.segments import SCHEMA
+from ledger.segments import MESSAGE, SCHEMA
 
 
 class LedgerNotFound(CustodyError):
@@ -70,7 +71,112 @@ def _sql_list(paths: list[Path]) -> str:
     return "[" + ", ".join("'" + str(p).replace("'", "''") + "'" for p in paths) + "]"
 
 
-EVENTS_EMPTY = "SELECT * FROM _empty_segment"
+def _sql_type(value: pa.DataType) -> str:
+    """DuckDB's name for the few Arrow types of a segment's `messages`."""
+    if pa.types.is_struct(value):
+        return "STRUCT(" + ", ".join(f'"{f.name}" {_sql_type(f.type)}' for f in value) + ")"
+    if pa.types.is_list(value):
+        return _sql_type(value.value_type) + "[]"
+    return {pa.string(): "VARCHAR", pa.int64(): "BIGINT"}[value]
+
+
+MESSAGES_TYPE = _sql_type(pa.list_(MESSAGE))
+"""The `messages` column as written now; segments from before contract v2 are cast to it (new fields NULL)."""
+
+# Each message's `direction` is its effective one: its own (contract v2), else its Frames event's.
+EVENTS = """
+CREATE VIEW events AS
+SELECT * REPLACE (list_transform(CAST(messages AS {messages_type}),
+                                 lambda m: struct_update(m, direction := coalesce(m.direction, direction))) AS messages)
+FROM {source}
+"""
+
+# One row per recorded message, at its own time (the event's ts + offset_us).
+FRAMES = """
+CREATE VIEW frames AS
+WITH unnested AS (
+    SELECT session_id, seq, ts, subject, email, groups, target, protocol,
+           unnest(messages) AS m, generate_subscripts(messages, 1) AS message_no
+    FROM events
+    WHERE kind = 'frames'
+)
+SELECT session_id, seq, CAST(message_no AS BIGINT) AS message_no,
+       ts + to_microseconds(coalesce(m.offset_us, 0)) AS ts,
+       subject, email, groups, target, protocol,
+       m.direction AS direction, m.channel AS channel, m.offset_us AS offset_us, m.type AS type,
+       m.statement AS statement, m.parameters AS parameters, m.command_tag AS command_tag, m.rows AS rows,
+       m.error_code AS error_code, m.error_message AS error_message,
+       m.operation AS operation, m.text AS text, m.objects AS objects, m.outcome AS outcome
+FROM unnested
+"""
+
+# One row per operation, across protocols. An operation starts at a message with `operation` set (contract v2) or,
+# in PostgreSQL events from before v2, at a client message with statement text; it owns the messages of its
+# session and channel up to the next one (outcome: `error` if any says error, else `ok` if any says ok; before v2,
+# an ErrorResponse or a CommandComplete) and the policy decisions of its session up to the next one. The windows
+# are partitioned by the identity columns too (constant per session) so that identity, target and protocol
+# filters reach the Parquet scan.
+ACTIVITY = """
+CREATE VIEW activity AS
+WITH steps AS (
+    SELECT session_id, seq, message_no, ts, subject, email, groups, target, protocol, channel,
+           coalesce(operation, CASE WHEN protocol = 'postgres' AND direction = 'client' AND statement IS NOT NULL
+                                    THEN 'statement' END) AS operation,
+           coalesce(text, statement) AS text, objects,
+           coalesce(outcome, CASE WHEN protocol = 'postgres' AND direction = 'server'
+                                  THEN CASE WHEN error_code IS NOT NULL THEN 'error'
+                                            WHEN command_tag IS NOT NULL THEN 'ok' END END) AS outcome,
+           error_code, error_message,
+           NULL::VARCHAR AS policy_action, NULL::VARCHAR AS policy_rule, NULL::VARCHAR AS policy_reason,
+           NULL::VARCHAR AS approver_subject
+    FROM frames
+    WHERE operation IS NOT NULL OR outcome IS NOT NULL
+       OR (protocol = 'postgres' AND (statement IS NOT NULL OR error_code IS NOT NULL OR command_tag IS NOT NULL))
+    UNION ALL
+    SELECT session_id, seq, 0 AS message_no, ts, subject, email, groups, target, protocol, NULL AS channel,
+           NULL AS operation, NULL AS text, NULL AS objects, NULL AS outcome, NULL AS error_code,
+           NULL AS error_message, policy_action, policy_rule, policy_reason, approver_subject
+    FROM events
+    WHERE kind = 'policy_decision'
+), started AS (
+    SELECT *,
+           sum(CASE WHEN operation IS NOT NULL THEN 1 ELSE 0 END)
+               OVER (PARTITION BY session_id, subject, email, target, protocol ORDER BY seq, message_no
+                     ROWS UNBOUNDED PRECEDING) AS session_no
+    FROM steps
+), assigned AS (
+    SELECT *,
+           CASE WHEN message_no = 0 OR operation IS NOT NULL THEN session_no
+                ELSE max(CASE WHEN operation IS NOT NULL THEN session_no END)
+                         OVER (PARTITION BY session_id, subject, email, target, protocol, channel
+                               ORDER BY seq, message_no ROWS UNBOUNDED PRECEDING) END AS operation_no
+    FROM started
+), grouped AS (
+    SELECT session_id, operation_no, subject, email, target, protocol,
+           any_value(seq) FILTER (operation IS NOT NULL) AS seq,
+           any_value(ts) FILTER (operation IS NOT NULL) AS ts,
+           any_value(groups) AS groups,
+           any_value(channel) FILTER (operation IS NOT NULL) AS channel,
+           any_value(operation) FILTER (operation IS NOT NULL) AS operation,
+           any_value(text) FILTER (operation IS NOT NULL) AS text,
+           any_value(objects) FILTER (operation IS NOT NULL) AS objects,
+           CASE WHEN bool_or(outcome = 'error') THEN 'error' WHEN bool_or(outcome = 'ok') THEN 'ok' END AS outcome,
+           arg_min(error_code, (seq, message_no)) FILTER (outcome = 'error') AS error_code,
+           arg_min(error_message, (seq, message_no)) FILTER (outcome = 'error') AS error_message,
+           max(ts) FILTER (outcome IS NOT NULL) AS ended,
+           arg_max(policy_action, seq) FILTER (policy_action IS NOT NULL) AS policy_action,
+           arg_max(policy_rule, seq) FILTER (policy_action IS NOT NULL) AS policy_rule,
+           arg_max(policy_reason, seq) FILTER (policy_action IS NOT NULL) AS policy_reason,
+           arg_max(approver_subject, seq) FILTER (policy_action IS NOT NULL) AS approver_subject
+    FROM assigned
+    WHERE operation_no > 0
+    GROUP BY session_id, operation_no, subject, email, target, protocol
+)
+SELECT ts, session_id, CAST(operation_no AS BIGINT) AS operation_no, seq, subject, email, groups, protocol, target,
+       channel, operation, text, objects, outcome, error_code, error_message, ended - ts AS duration,
+       policy_action, policy_rule, policy_reason, approver_subject
+FROM grouped
+"""
 
 # The ledger puts a session's identity on every one of its rows, so grouping by it is free and lets DuckDB push
 # identity and target filters down into the Parquet scan.
@@ -82,8 +188,10 @@ WITH per_session AS (
            min(ts) AS started,
            max(ts) FILTER (kind = 'session_end') AS ended,
            count(*) AS events,
-           count(*) FILTER (kind = 'frames' AND direction = 'client' AND statement IS NOT NULL) AS statements,
-           count(*) FILTER (kind = 'frames' AND direction = 'server' AND error_code IS NOT NULL) AS errors,
+           count(*) FILTER (kind = 'frames' AND statement IS NOT NULL AND len(list_filter(
+               messages, lambda m: m.direction = 'client' AND m.statement IS NOT NULL)) > 0) AS statements,
+           count(*) FILTER (kind = 'frames' AND error_code IS NOT NULL AND len(list_filter(
+               messages, lambda m: m.direction = 'server' AND m.error_code IS NOT NULL)) > 0) AS errors,
            count(*) FILTER (kind = 'protocol_error' OR policy_action IN ('block', 'deny')) AS violations,
            any_value(end_reason) FILTER (kind = 'session_end') AS end_reason,
            any_value(event) FILTER (kind = 'session_end') AS end_event,
@@ -193,11 +301,12 @@ SELECT * FROM (SELECT NULL::INTEGER AS partition, NULL::INTEGER AS number, NULL 
 
 
 def _create_events(con: duckdb.DuckDBPyConnection, segments: list[Path]) -> None:
-    if segments:
-        con.execute(f"CREATE VIEW events AS SELECT * FROM read_parquet({_sql_list(segments)})")
+    if segments:  # by name: segments from before contract v2 lack the new message fields
+        source = f"read_parquet({_sql_list(segments)}, union_by_name = true)"
     else:  # a ledger that has sealed nothing yet: the same columns, no rows
         con.register("_empty_segment", SCHEMA.empty_table())
-        con.execute(f"CREATE VIEW events AS {EVENTS_EMPTY}")
+        source = "_empty_segment"
+    con.execute(EVENTS.format(messages_type=MESSAGES_TYPE, source=source))
 
 
 def open_ledger(ledger_dir: str | Path, threads: int | None = None) -> duckdb.DuckDBPyConnection:
@@ -215,7 +324,7 @@ def open_files(segments: list[Path], seals: list[Path], threads: int | None = No
     con.create_function("event_body", _event_body_udf, [duckdb.sqltype("BLOB")], duckdb.sqltype("VARCHAR"),
                         type="arrow", side_effects=False)
     _create_events(con, segments)
-    for ddl in (SESSIONS, STATEMENTS, VIOLATIONS, APPROVALS):
+    for ddl in (FRAMES, SESSIONS, STATEMENTS, ACTIVITY, VIOLATIONS, APPROVALS):
         con.execute(ddl)
     if seals:
         con.execute(SEALS.format(files=_sql_list(seals), seal_type=SEAL_TYPE))

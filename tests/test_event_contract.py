@@ -6,19 +6,31 @@ from __future__ import annotations
 import copy
 import io
 import json
+import os
 import time
 from importlib import resources
 
 import avro.io
 import avro.schema
 import fastavro
+import pytest
 
 from ingest import kafka
 from fastavro.schema import to_parsing_canonical_form
 
-from ingest.avro import ENVELOPE, HEADER_LEN, MAGIC, SIGNED_EVENT, Schema
-from ingest.events import ZERO_HASH, SessionChain, open_event
-from events_factory import ALL_KINDS
+from conftest import make_key
+from custody.config import LedgerSettings
+from events_factory import ALL_KINDS, frames, result_frames
+from ingest.avro import ENVELOPE, ENVELOPE_V1, ENVELOPES, HEADER_LEN, MAGIC, SIGNED_EVENT, Schema
+from ingest.consumer import Record
+from ingest.events import _BODY_TYPES, ZERO_HASH, SessionChain, SignedEvent, now_micros, open_event, uuid7
+from ingest.keys import Keyring, TrustedKey
+from ingest.records import frames_body, message_direction
+from ingest.verify import EventVerifier, Rejection
+from ledger.service import PartitionWriter
+from ledger.state import recover
+from ledger.verify import verify_ledger
+from query import open_ledger
 
 
 def avsc(name: str) -> str:
@@ -129,5 +141,126 @@ def test_schema_evolution_both_ways(proxy_key):
 
 
 def test_schemas_are_valid_for_the_avro_package():
-    for name in ("event.avsc", "signed_event.avsc"):
+    for name in ("event.avsc", "event.v1.avsc", "signed_event.avsc"):
         avro.schema.parse(avsc(name))
+
+
+# --- contract v2 against v1 (schemas/event.v1.avsc) --------------------------------------------------
+
+V2_MESSAGE_FIELDS = ("direction", "channel", "offset_us", "operation", "text", "objects", "outcome")
+
+
+def mixed_frames() -> dict:
+    """One v2 Frames event: a command on channel 0 and its answer, both directions."""
+    return frames_body([
+        {"type": "exec", "data": b"ls", "direction": "client", "channel": "0", "offset_us": 0,
+         "operation": "command", "text": "ls /tmp", "objects": ["/tmp"]},
+        {"type": "data", "data": b"a\nb\n", "direction": "server", "channel": "0", "offset_us": 850},
+        {"type": "exit-status", "data": b"\0", "direction": "server", "channel": "0", "offset_us": 900,
+         "outcome": "ok", "error_code": "0"}])
+
+
+def sign_v1(key, session_id: str, seq: int, prev_hash: bytes, kind: str, body: dict) -> SignedEvent:
+    """An event exactly as a v1 producer wrote it: the envelope encoded with the v1 schema, signed over those bytes."""
+    envelope = {"event_id": uuid7(), "session_id": session_id, "seq": seq, "ts": now_micros(), "producer": "pg-proxy-v1",
+                "key_id": key.key_id, "prev_hash": prev_hash, "kind": kind, "body": (_BODY_TYPES[kind], body)}
+    envelope_bytes = ENVELOPE_V1.encode(envelope)
+    signature = key.sign(envelope_bytes)
+    value = SIGNED_EVENT.encode({"envelope": envelope_bytes, "signature": signature})
+    return SignedEvent(value, envelope_bytes, signature, envelope)
+
+
+def test_v1_and_v2_fingerprints_are_published():
+    table = resources.files("schemas").joinpath("README.md").read_text()
+    assert ENVELOPE_V1.fingerprint.hex() == "2a731cde7a10977b"  # v1's, as published before v2
+    for schema in (ENVELOPE, ENVELOPE_V1, SIGNED_EVENT):
+        assert f"`{schema.fingerprint.hex()}`" in table
+    assert set(ENVELOPES.by_fingerprint) == {ENVELOPE.fingerprint, ENVELOPE_V1.fingerprint}
+    canonical = to_parsing_canonical_form(json.loads(avsc("event.v1.avsc"))).encode()
+    assert ENVELOPE_V1.fingerprint == crc64_avro(canonical).to_bytes(8, "little")
+
+
+def test_v2_adds_only_optional_message_fields_at_the_end():
+    def message_fields(name):
+        body = next(f for f in json.loads(avsc(name))["fields"] if f["name"] == "body")["type"]
+        frames = next(b for b in body if b["name"] == "Frames")
+        return frames["fields"][1]["type"]["items"]["fields"]
+    v1, v2 = message_fields("event.v1.avsc"), message_fields("event.avsc")
+    assert v2[:len(v1)] == v1
+    assert tuple(f["name"] for f in v2[len(v1):]) == V2_MESSAGE_FIELDS
+    assert all(f["type"][0] == "null" and f["default"] is None for f in v2[len(v1):])
+
+
+def test_a_reader_on_the_v1_schema_reads_v2_events_and_never_files_a_server_message_under_client(proxy_key):
+    event = SessionChain(proxy_key, "p").event("frames", mixed_frames())
+    assert event.envelope_bytes[2:HEADER_LEN] == ENVELOPE.fingerprint
+    for old in (ENVELOPE.decode(event.envelope_bytes, reader=ENVELOPE_V1),
+                avro.io.DatumReader(avro.schema.parse(avsc("event.avsc")), avro.schema.parse(avsc("event.v1.avsc")))
+                .read(avro.io.BinaryDecoder(io.BytesIO(event.envelope_bytes[HEADER_LEN:])))):
+        body = old["body"]
+        assert body["direction"] == "mixed"
+        assert [m["type"] for m in body["messages"]] == ["exec", "data", "exit-status"]
+        assert not any(field in m for m in body["messages"] for field in V2_MESSAGE_FIELDS)
+    # one direction: the Frames' direction is that direction, as a v1 reader expects
+    assert frames_body([{"type": "Query", "data": b""}], "client")["direction"] == "client"
+    assert frames_body([{"type": "a", "data": b"", "direction": "server"}])["direction"] == "server"
+    both = frames_body([{"type": "a", "data": b""}, {"type": "b", "data": b"", "direction": "server"}], "client")
+    assert both["direction"] == "mixed" and [m["direction"] for m in both["messages"]] == ["client", "server"]
+    assert [message_direction(both, m) for m in both["messages"]] == ["client", "server"]
+
+
+def test_a_v2_reader_reads_v1_events_with_the_defaults(proxy_key):
+    event = sign_v1(proxy_key, uuid7(), 0, ZERO_HASH, "frames", ALL_KINDS["frames"])
+    assert event.envelope_bytes[2:HEADER_LEN] == ENVELOPE_V1.fingerprint
+    opened = open_event(event.value)
+    assert opened.envelope_bytes == event.envelope_bytes  # the writer's bytes, as signed
+    message = opened.body["messages"][0]
+    assert message["statement"] == "SELECT 1"
+    assert {field: message[field] for field in V2_MESSAGE_FIELDS} == dict.fromkeys(V2_MESSAGE_FIELDS)
+    assert opened.body["direction"] == "client"
+
+
+def test_an_unknown_schema_fingerprint_is_malformed(proxy_key):
+    event = SessionChain(proxy_key, "p").event("frames", ALL_KINDS["frames"])
+    forged = event.envelope_bytes[:2] + bytes(8) + event.envelope_bytes[HEADER_LEN:]
+    value = SIGNED_EVENT.encode({"envelope": forged, "signature": proxy_key.sign(forged)})
+    with pytest.raises(Rejection, match="malformed: schema fingerprint 0000000000000000 is none of"):
+        EventVerifier(Keyring([TrustedKey(proxy_key.key_id, "proxy", proxy_key.public_key)])).check(value)
+
+
+def test_v1_events_verify_and_go_through_the_ledger_beside_v2_events(tmp_path, proxy_key):
+    """A session begun by a v1 proxy and continued by a v2 one: signatures over each writer's bytes, one chain."""
+    ledger_key = make_key("ledger")
+    keyring = Keyring([TrustedKey(proxy_key.key_id, "proxy", proxy_key.public_key),
+                       TrustedKey(ledger_key.key_id, "ledger", ledger_key.public_key)])
+    session_id, v1_events, prev = uuid7(), [], ZERO_HASH
+    for seq, (kind, body) in enumerate([("session_start", ALL_KINDS["session_start"]),
+                                        ("frames", frames("SELECT count(*) FROM orders")),
+                                        ("frames", result_frames(1))]):
+        v1_events.append(sign_v1(proxy_key, session_id, seq, prev, kind, body))
+        prev = v1_events[-1].hash
+    chain = SessionChain(proxy_key, "pg-proxy-v2", session_id)
+    chain._seq, chain._prev_hash = len(v1_events), prev  # the upgraded proxy continues the session's chain
+    v2_events = [chain.event("frames", mixed_frames()), chain.event("session_end", ALL_KINDS["session_end"])]
+
+    verifier = EventVerifier(keyring)
+    for event in v1_events + v2_events:
+        assert verifier.check(event.value, session_id.encode()).seq == event.seq
+
+    root = tmp_path / "ledger"
+    settings = LedgerSettings(dir=root, origin="custody.test/v1", segment_max_events=100, segment_max_bytes=1 << 24,
+                              segment_max_seconds=60.0, idle_seal_seconds=60.0)
+    writer = PartitionWriter(root, settings, "t.events", recover(root, 0), keyring, ledger_key)
+    for offset, event in enumerate(v1_events + v2_events):
+        assert writer.add(Record("t.events", 0, offset, session_id.encode(), event.value), os.urandom(32)) is None
+    writer.seal()
+    report = verify_ledger(root, keyring, "custody.test/v1")
+    assert report.ok, [p.line for p in report.problems]
+
+    con = open_ledger(root)
+    frames_rows = con.sql("SELECT seq, direction, operation, outcome FROM frames ORDER BY seq, message_no").fetchall()
+    assert frames_rows == [(1, "client", None, None), (2, "server", None, None), (3, "client", "command", None),
+                           (3, "server", None, None), (3, "server", None, "ok")]
+    activity = con.sql("SELECT operation_no, operation, text, outcome FROM activity ORDER BY operation_no").fetchall()
+    # the v1 statement's operation is derived from its SQL-named fields; the v2 command names its own
+    assert activity == [(1, "statement", "SELECT count(*) FROM orders", "ok"), (2, "command", "ls /tmp", "ok")]

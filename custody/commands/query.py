@@ -1,4 +1,4 @@
-"""`custody sql`, `custody sessions` and `custody replay`.
+"""`custody sql`, `custody sessions`, `custody activity` and `custody replay`.
 
 Each reads a ledger directory, from `--ledger DIR` or the config's `[ledger] dir`;
 `replay` also needs the keyring (`--keyring FILE` or `[keys] keyring`) to say
@@ -16,6 +16,7 @@ from nacl.public import PrivateKey
 from custody.config import config_option, load_config
 from ingest.errors import CustodyError
 from ingest.keys import Keyring
+from query.activity import ActivityFilter
 from query.filters import SessionFilter, parse_time
 from query.html import render_html
 from query.output import FORMATS, write_result
@@ -66,7 +67,7 @@ def sql(statement: str, config_path: str | None, ledger_path: str | None, bundle
         output: str | None) -> None:
     """Run one read-only SQL query over the ledger's views.
 
-    Views: events, sessions, statements, violations, approvals, seals (see query/README.md).
+    Views: events, frames, sessions, statements, activity, violations, approvals, seals (see query/README.md).
     """
     con = connect(config_path, ledger_path, bundle_path)
     write_result(run_query(con, statement), fmt, Path(output) if output else None)
@@ -91,6 +92,29 @@ def sessions(config_path: str | None, ledger_path: str | None, bundle_path: str 
     """List sessions, newest first."""
     query = SessionFilter(identity, target, parse_time(since) if since else None,
                           parse_time(until) if until else None, with_violations, limit or None)
+    con = connect(config_path, ledger_path, bundle_path)
+    write_result(run_query(con, *query.query()), fmt, Path(output) if output else None)
+
+
+@click.command("activity")
+@config_option
+@ledger_option
+@bundle_option
+@click.option("--identity", "--subject", "identity", help="Subject or email of the caller.")
+@click.option("--target", help="Target (proxy) name.")
+@click.option("--protocol", help="postgres, ssh, http, kubernetes, mysql.")
+@click.option("--since", help="At or after: ISO 8601, or relative like 24h, 7d.")
+@click.option("--until", help="Before: ISO 8601, or relative like 1h.")
+@click.option("--limit", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="The first N operations in time order; 0 for all.")
+@format_option
+@output_option
+def activity(config_path: str | None, ledger_path: str | None, bundle_path: str | None, identity: str | None,
+             target: str | None, protocol: str | None, since: str | None, until: str | None, limit: int, fmt: str,
+             output: str | None) -> None:
+    """Every operation across protocols (statements, commands, requests), oldest first, with outcome and policy."""
+    query = ActivityFilter(identity, target, protocol, parse_time(since) if since else None,
+                           parse_time(until) if until else None, limit or None)
     con = connect(config_path, ledger_path, bundle_path)
     write_result(run_query(con, *query.query()), fmt, Path(output) if output else None)
 
@@ -142,4 +166,4 @@ def replay(session: str, config_path: str | None, ledger_path: str | None, bundl
         raise SystemExit(1)
 
 
-commands: list[click.Command] = [sql, sessions, replay]
+commands: list[click.Command] = [sql, sessions, activity, replay]
