@@ -6,7 +6,9 @@ querying two databases, with result rows (some masked), errors, notices,
 statements blocked by policy, holds that were approved or expired, a failed
 authentication and a protocol violation. Events go through
 `ledger.service.PartitionWriter` (verify, Merkle leaves, segments, seals), the
-path a real ledger takes minus Kafka. Content is deterministic for a seed;
+path a real ledger takes minus Kafka. Messages carry the contract-v2 operation
+fields as the PostgreSQL front end fills them (`operation`, `text`, `objects`
+on Query/Parse, `outcome` on CommandComplete/ErrorResponse). Content is deterministic for a seed;
 event and session ids are UUIDv7s and so are not.
 """
 
@@ -58,6 +60,11 @@ def message(type_: str, data: bytes, **fields: Any) -> dict[str, Any]:
     return {"type": type_, "data": data, **fields}
 
 
+def statement_fields(sql: str, tables: list[str]) -> dict[str, Any]:
+    """The SQL-named and (contract v2) protocol-neutral fields of a message that starts a statement."""
+    return {"statement": sql, "operation": "statement", "text": sql, "objects": tables}
+
+
 def frames(direction: str, *messages: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     return "frames", {"direction": direction, "messages": list(messages)}
 
@@ -76,7 +83,7 @@ def result(columns: list[str], rows: list[list[str | None]], tag: str, masked: s
 def complete(tag: str) -> dict[str, Any]:
     words = tag.split()
     rows = int(words[-1]) if len(words) > 1 and words[-1].isdigit() else None
-    return message("CommandComplete", w.command_complete(tag), command_tag=tag, rows=rows)
+    return message("CommandComplete", w.command_complete(tag), command_tag=tag, rows=rows, outcome="ok")
 
 
 def ready(status: str = "I") -> dict[str, Any]:
@@ -84,7 +91,7 @@ def ready(status: str = "I") -> dict[str, Any]:
 
 
 def error(code: str, text: str) -> dict[str, Any]:
-    return message("ErrorResponse", w.error_response(severity="ERROR", code=code, message=text), error_code=code, error_message=text,
+    return message("ErrorResponse", w.error_response(severity="ERROR", code=code, message=text), error_code=code, error_message=text, outcome="error",
                    attributes={"severity": "ERROR", "severity_nonlocalized": "ERROR"})
 
 
@@ -93,8 +100,8 @@ def notice(code: str, text: str) -> dict[str, Any]:
                    attributes={"severity": "NOTICE", "severity_nonlocalized": "NOTICE", "code": code, "message": text})
 
 
-def simple_query(sql: str) -> tuple[str, dict[str, Any]]:
-    return frames("client", message("Query", w.query(sql), statement=sql))
+def simple_query(sql: str, tables: list[str]) -> tuple[str, dict[str, Any]]:
+    return frames("client", message("Query", w.query(sql), **statement_fields(sql, tables)))
 
 
 def decision(rule: str, action: str, reason: str, statement: str, request_id: str | None = None,
@@ -110,7 +117,7 @@ def _select(rng: random.Random) -> list[tuple[int, str, dict]]:
     ids = sorted(rng.sample(range(1000, 9999), rng.randint(1, 4)))
     sql = f"SELECT id, email, plan FROM customers WHERE id IN ({', '.join(map(str, ids))})"
     rows = [[str(i), f"{rng.choice('abcdefgh')}***@example.com", rng.choice(["free", "pro", "enterprise"])] for i in ids]
-    return [(0, *simple_query(sql)),
+    return [(0, *simple_query(sql, ["customers"])),
             (rng.randint(800, 30_000), *frames("server", *result(["id", "email", "plan"], rows, f"SELECT {len(rows)}",
                                                                   masked={1}, rng=rng), ready()))]
 
@@ -120,7 +127,7 @@ def _extended(rng: random.Random) -> list[tuple[int, str, dict]]:
     params = [str(rng.randint(1000, 9999)), rng.choice(["paid", "open", "shipped"])]
     rows = [[str(rng.randint(10_000, 99_999)), f"{rng.randint(5, 900)}.{rng.randint(0, 99):02d}", params[1]]
             for _ in range(rng.randint(0, 3))]
-    client = frames("client", message("Parse", w.parse("", sql), statement=sql, attributes={"statement_name": ""}),
+    client = frames("client", message("Parse", w.parse("", sql), **statement_fields(sql, ["orders"]), attributes={"statement_name": ""}),
                     message("Bind", w.bind([p.encode() for p in params]), parameters=params, attributes={"portal": "", "statement_name": ""}),
                     message("Execute", w.execute(), attributes={"portal": "", "max_rows": "0"}),
                     message("Sync", w.SYNC))
@@ -131,25 +138,26 @@ def _extended(rng: random.Random) -> list[tuple[int, str, dict]]:
 
 def _update(rng: random.Random) -> list[tuple[int, str, dict]]:
     sql = f"UPDATE orders SET status = 'shipped' WHERE id = {rng.randint(10_000, 99_999)}"
-    return [(0, *simple_query(sql)), (rng.randint(1_000, 40_000), *frames("server", complete("UPDATE 1"), ready()))]
+    return [(0, *simple_query(sql, ["orders"])), (rng.randint(1_000, 40_000), *frames("server", complete("UPDATE 1"), ready()))]
 
 
 def _error(rng: random.Random) -> list[tuple[int, str, dict]]:
     table = rng.choice(["custmers", "order_items_old", "payments_2019"])
-    return [(0, *simple_query(f"SELECT * FROM {table} LIMIT 10")),
+    return [(0, *simple_query(f"SELECT * FROM {table} LIMIT 10", [table])),
             (rng.randint(300, 3_000), *frames("server", error("42P01", f'relation "{table}" does not exist'), ready()))]
 
 
 def _notice(rng: random.Random) -> list[tuple[int, str, dict]]:
-    return [(0, *simple_query("DROP TABLE IF EXISTS tmp_export")),
+    return [(0, *simple_query("DROP TABLE IF EXISTS tmp_export", ["tmp_export"])),
             (rng.randint(300, 3_000), *frames("server", notice("00000", 'table "tmp_export" does not exist, skipping'),
                                                complete("DROP TABLE"), ready()))]
 
 
 def _block(rng: random.Random) -> list[tuple[int, str, dict]]:
-    sql = rng.choice(["DROP TABLE customers", "TRUNCATE payments", "ALTER ROLE app SUPERUSER"])
+    sql, tables = rng.choice([("DROP TABLE customers", ["customers"]), ("TRUNCATE payments", ["payments"]),
+                              ("ALTER ROLE app SUPERUSER", [])])
     reason = f"{sql.split()[0]} is not allowed on production"
-    return [(0, *simple_query(sql)),
+    return [(0, *simple_query(sql, tables)),
             (rng.randint(100, 800), *decision("block-ddl", "block", reason, sql)),
             (rng.randint(100, 800), *frames("server", error("42501", f"blocked by policy block-ddl: {reason}"), ready()))]
 
@@ -164,7 +172,7 @@ def _hold(rng: random.Random, approved: bool) -> list[tuple[int, str, dict]]:
     else:
         end = [(300 * SECOND, *decision("approve-bulk-delete", "deny", "approval expired after 300 s", sql, request)),
                (rng.randint(100, 800), *frames("server", error("42501", "approval request expired"), ready()))]
-    return [(0, *simple_query(sql)),
+    return [(0, *simple_query(sql, ["orders"])),
             (rng.randint(100, 800), *decision("approve-bulk-delete", "hold", "bulk DELETE needs approval", sql, request)),
             *end]
 
