@@ -17,6 +17,7 @@ from typing import Any, Iterator
 
 from ingest.consumer import Record
 from ingest.events import SignedEvent, micros_to_datetime
+from ingest.sessions import SessionIdentity
 from ingest.verify import Rejection
 
 SCHEMA_ID = "custody.violation/v1"
@@ -30,33 +31,31 @@ POLICY_CATEGORY = {"block": ("policy_block", "medium"), "deny": ("approval_denie
 EXPIRED = ("approval_expired", "low")
 """A hold nobody decided in time is recorded as a denial with attributes {"expired": "true"}."""
 
-Identity = tuple  # the ledger's identity columns: subject, email, groups, issuer, source_address, target, ...
-
 
 def _iso(when: datetime) -> str:
     return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
-def _who(identity: Identity | None) -> dict[str, Any] | None:
-    if not identity or identity[0] is None:
+def _who(identity: SessionIdentity | None) -> dict[str, Any] | None:
+    if identity is None or identity.subject is None:
         return None
-    subject, email, groups, issuer = identity[:4]
-    return {"subject": subject, "email": email, "groups": list(groups or []), "issuer": issuer}
+    return {"subject": identity.subject, "email": identity.email, "groups": list(identity.groups or []),
+            "issuer": identity.issuer}
 
 
 def _document(*, id: str, time: datetime, severity: str, category: str, reason: str, detail: str | None,
-              identity: Identity | None, session_id: str | None, event_id: str | None, statement: str | None = None,
+              identity: SessionIdentity | None, session_id: str | None, event_id: str | None, statement: str | None = None,
               rule: str | None = None, action: str | None = None, source: str | None = None) -> dict[str, Any]:
     return {
         "schema": SCHEMA_ID, "id": id, "time": _iso(time), "severity": severity, "category": category,
         "reason": reason, "detail": detail, "identity": _who(identity),
-        "source_address": identity[4] if identity else None, "target": identity[5] if identity else None,
+        "source_address": identity.source_address if identity else None, "target": identity.target if identity else None,
         "statement": statement, "rule": rule, "action": action,
         "session_id": session_id, "event_id": event_id, "source": source,
     }
 
 
-def from_event(event: SignedEvent, identity: Identity | None) -> dict[str, Any] | None:
+def from_event(event: SignedEvent, identity: SessionIdentity | None) -> dict[str, Any] | None:
     """The violation an accepted event records, if it records one."""
     body, when = event.body, micros_to_datetime(event.envelope["ts"])
     common = dict(id=event.event_id, time=when, identity=identity, session_id=event.session_id, event_id=event.event_id)
@@ -76,7 +75,7 @@ def from_event(event: SignedEvent, identity: Identity | None) -> dict[str, Any] 
                      statement=body.get("statement"), rule=body["rule"], action=body["action"], **common)
 
 
-def from_quarantine(record: Record, rejection: Rejection, identity: Identity | None) -> dict[str, Any]:
+def from_quarantine(record: Record, rejection: Rejection, identity: SessionIdentity | None) -> dict[str, Any]:
     """Every quarantined message is a violation; its identity is the claimed session's, when known."""
     event = rejection.event
     source = f"{record.topic}/{record.partition}@{record.offset}"

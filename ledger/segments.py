@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ingest.events import SignedEvent
+from ingest.sessions import SessionIdentity
 from ledger.durable import write_atomic
 
 ROW_GROUP_ROWS = 16_384
@@ -60,7 +61,8 @@ SCHEMA = pa.schema([
     ("key_id", pa.string()),
     ("prev_hash", HASH),
     ("event_hash", HASH),
-    # Identity of the session, carried from its SessionStart onto every row.
+    # Identity of the session (ingest.sessions.SessionIdentity, in its field order), carried from its SessionStart
+    # onto every row.
     ("subject", pa.string()),
     ("email", pa.string()),
     ("groups", pa.list_(pa.string())),
@@ -89,23 +91,10 @@ SCHEMA = pa.schema([
     ("event", pa.binary()),
 ])
 
-IDENTITY_COLUMNS = ("subject", "email", "groups", "issuer", "source_address", "target", "protocol",
-                    "client_application")
-Identity = tuple
-"""Values of IDENTITY_COLUMNS for one session, in that order."""
-
-NO_IDENTITY: Identity = (None,) * len(IDENTITY_COLUMNS)
 
 _BODY_COLUMNS = ("direction", "messages", "statement", "command_tag", "rows", "error_code", "error_message",
                  "policy_rule", "policy_action", "policy_reason", "approver_subject", "end_reason")
 _NO_BODY = (None,) * len(_BODY_COLUMNS)
-
-
-def session_identity(body: dict[str, Any]) -> Identity:
-    """The identity columns of a session, from its SessionStart body."""
-    who = body.get("identity") or {}
-    return (who.get("subject"), who.get("email"), who.get("groups"), who.get("issuer"), body["source_address"],
-            body["target"], body["protocol"], body.get("client_application"))
 
 
 def _first(messages: list[dict[str, Any]], key: str) -> Any:
@@ -148,7 +137,7 @@ class SegmentBuilder:
         return len(self._columns["leaf_index"])
 
     def add(self, leaf_index: int, offset: int, event: SignedEvent, event_hash: bytes, salt: bytes,
-            identity: Identity) -> None:
+            identity: SessionIdentity) -> None:
         e = event.envelope
         kind = e["kind"]
         row = (leaf_index, self.partition, offset, e["event_id"], e["session_id"], e["seq"], e["ts"], kind,

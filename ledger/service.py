@@ -29,12 +29,13 @@ from ingest.consumer import Quarantine, Quarantined, Record, verify_record
 from ingest.errors import CustodyError
 from ingest.events import micros_to_datetime, now_micros
 from ingest.keys import Keyring, KeyLookupError, PrivateKey, load_key_file
+from ingest.sessions import NO_IDENTITY, SessionIdentity
 from ingest.settings import KafkaSettings, KeySettings
 from ingest.verify import EventVerifier
 from ledger.durable import write_atomic
 from ledger.merkle import SALT_SIZE, event_leaf_hash, extension_proof
 from ledger.seals import Seal, seal_record, seal_relpath, segment_relpath, sign_seal
-from ledger.segments import NO_IDENTITY, SegmentBuilder, session_identity, write_segment
+from ledger.segments import SegmentBuilder, write_segment
 from ledger.settings import LedgerSettings
 from ledger.state import PartitionLock, PartitionState, prune_snapshots, recover, write_snapshot
 
@@ -83,7 +84,7 @@ class PartitionWriter:
         e = event.envelope
         session_id, ts = e["session_id"], e["ts"]
         if e["kind"] == "session_start":
-            identity = self.state.identities[session_id] = session_identity(e["body"])
+            identity = self.state.identities[session_id] = SessionIdentity.from_session_start(e["body"])
         elif e["kind"] == "session_end":
             identity = self.state.identities.pop(session_id, NO_IDENTITY)
         else:

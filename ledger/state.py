@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ingest.errors import CustodyError
+from ingest.sessions import SessionIdentity
 from ingest.verify import ChainPosition, SessionChains
 from ledger.durable import TMP_SUFFIX, remove_durably, write_atomic
 from ledger.merkle import CompactTree
 from ledger.seals import SEALS_DIR, SEGMENTS_DIR, Seal, partition_name, seal_relpath
-from ledger.segments import Identity
 
 STATE_VERSION = 1
 STATE_DIR = "state"
@@ -47,7 +47,7 @@ class PartitionState:
     tree: CompactTree = field(default_factory=CompactTree)
     next_offset: int = 0
     chains: SessionChains = field(default_factory=SessionChains)
-    identities: dict[str, Identity] = field(default_factory=dict)
+    identities: dict[str, SessionIdentity] = field(default_factory=dict)
     """Identity columns of sessions still open (their SessionEnd not yet sealed)."""
 
     @property
@@ -79,7 +79,7 @@ class PartitionState:
             tree=CompactTree.from_bytes(base64.b64decode(document["tree"])),
             next_offset=document["next_offset"],
             chains=chains,
-            identities={sid: tuple(identity) for sid, identity in document["identities"].items()},
+            identities={sid: SessionIdentity(*identity) for sid, identity in document["identities"].items()},
         )
 
 
