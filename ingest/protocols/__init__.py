@@ -3,6 +3,10 @@
 They live under `ingest/` because both the proxy (which speaks the protocols)
 and query (which replays what was recorded) import them, and both already
 import `ingest`: no new arrow, and query never re-implements a protocol.
+
+Here: the `ProtocolViolation` every codec raises, and the registry of replay
+renderers (`renderer(protocol)`): each protocol's `render` module beside its
+codec, and `render.GENERIC` for protocols without one.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """PostgreSQL wire protocol, sans I/O: framing (`protocol`), message bodies
-(`messages`), the recording fields of each message (`summary`) and recorded
-runs back into messages (`records`).
+(`messages`), the recording fields of each message (`summary`), recorded
+runs back into messages (`records`), and how recorded messages read in a
+replay (`render`, loaded by `ingest.protocols.renderer`).
 
 The proxy (`proxy.postgres`) speaks through it and query replays through it;
 everything here takes bytes and returns values, so it is tested without a
