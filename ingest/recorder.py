@@ -4,24 +4,40 @@ sends them in a process of its own.
 Signing, Avro encoding, the spool and the Kafka client cost far more CPU per
 event than relaying a frame does; in the proxy's process they competed with the
 relay for the interpreter lock, which put them on the relay's critical path
-after all. So a proxy's `SessionRecording.record(kind, body)` only puts the
-body on a bounded inter-process queue, and a child process (`_recorder_main`)
-holds the session chains, the proxy key, the spool and the producer.
+after all. So a proxy's `SessionRecording.record(kind, body)` only appends the
+body to a local batch, handed to a child process (`_recorder_main`) once per
+turn of the proxy's event loop: one pickle and one pipe write for all the
+events of that turn, not one per frame. The child holds the session chains,
+the proxy key, the spool and the producer.
+
+Load slows sessions down, it never ends them. The events handed over but not
+yet recorded by the child are the recorder's backlog; above `max_queue` the
+recorder tells its pressure listeners to stop reading from the clients (the
+relay slows, TCP pushes back), and below half of it to read again.
+
+Adaptive batching. The child takes everything that waits when it wakes up and
+folds each session's consecutive Frames events into one event (contract v2:
+each message keeps its own direction and its offset in µs after the event's
+`ts`), bounded in messages and bytes. At low load one event waits and is
+written at once; under load, events per second stop growing while frames per
+second go on growing, and so signing, Kafka and the ledger keep up.
 
 `record` raises `RecorderUnavailable`, and the proxy must not relay the frame
-(fail closed), when the queue is full, when the recorder has failed (spool full
-or unwritable; a full spool recovers once the broker drains it), or when an
-earlier event of the same session could not be recorded (that session ends).
+(fail closed), only when recording is impossible: the recorder has failed
+(spool full or unwritable; a full spool recovers once the broker drains it),
+the recorder process is gone or stuck (its backlog passed `HARD_LIMIT` times
+`max_queue`), or an earlier event of the same session could not be recorded.
 
-Window of loss: events still on the queue when the proxy's process or machine
-dies were relayed but not yet spooled. The queue bound (`max_queue`) bounds that
-window; `RecorderStats.max_depth` measures how deep it actually got. When only
-the proxy's process dies, the recorder still spools and delivers what reached it,
-then exits.
+Window of loss: events handed over but not yet spooled when the proxy's
+process or machine dies were relayed but are lost. Back-pressure bounds that
+window; `RecorderStats` reports how large it actually got, in events, frames
+and bytes. When only the proxy's process dies, the recorder still spools and
+delivers what reached it, then exits.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import multiprocessing
@@ -31,10 +47,12 @@ import threading
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from nacl.signing import SigningKey
 
+from ingest.batching import Item, fold
 from ingest.errors import CustodyError
 from ingest.events import SessionChain, now_micros, uuid7
 from ingest.keys import PrivateKey
@@ -49,12 +67,29 @@ class RecorderUnavailable(CustodyError):
     """The event cannot be accepted for recording: do not relay the frame."""
 
 
+HARD_LIMIT = 10  # a backlog this many times max_queue means the recorder is stuck, not busy
+MAX_BATCH = 1000  # events handed over in one piece at most
+MAX_FOLD = 20_000  # events the child takes in at once before recording them
+
+
 @dataclass
 class RecorderStats:
+    """What the recorder did; `max_backlog_*` is the largest window of loss seen (events, frames, bytes)."""
+
     queued: int = 0
     recorded: int = 0
-    max_depth: int = 0
     refused: int = 0
+    throttled: int = 0  # times the recorder asked the proxy to stop reading
+    max_backlog: int = 0
+    max_backlog_frames: int = 0
+    max_backlog_bytes: int = 0
+    frames: int = 0
+    frame_bytes: int = 0
+    events_written: int = 0  # events after folding: what was signed and sent
+
+    @property
+    def max_depth(self) -> int:
+        return self.max_backlog
 
 
 @dataclass(frozen=True)
@@ -62,6 +97,17 @@ class SpoolOptions:
     dir: Path
     max_bytes: int = 1 << 30
     fsync_interval: float = 0.005
+
+
+PressureListener = Callable[[bool], None]
+
+
+def _weight(kind: str, body: dict[str, Any]) -> tuple[int, int]:
+    """Frames and bytes of one event, for the window-of-loss figures."""
+    if kind != "frames":
+        return 0, 0
+    messages = body["messages"]
+    return len(messages), sum(len(message["data"]) for message in messages)
 
 
 class Recorder:
@@ -72,13 +118,18 @@ class Recorder:
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads and an event loop
         self.max_queue = max_queue
         self.stats = RecorderStats()
-        self._requests = context.Queue(maxsize=max_queue)
+        self._requests = context.Queue()
         self._replies = context.Queue()
         self._failure: str | None = None
         self._sessions: weakref.WeakValueDictionary[str, SessionRecording] = weakref.WeakValueDictionary()
         self._flushes: dict[int, threading.Event] = {}
         self._flush_results: dict[int, bool] = {}
         self._tokens = itertools.count()
+        self._lock = threading.Lock()
+        self._batch: list[tuple[str, str, dict[str, Any], int]] = []
+        self._acked = (0, 0, 0)  # events, frames, bytes the child has recorded
+        self._pressure_listeners: list[PressureListener] = []
+        self._throttling = False
         self._process = context.Process(
             target=_recorder_main, name="custody-recorder", daemon=True,
             args=(self._requests, self._replies, kafka, spool, key.key_id, bytes(key.signing_key), producer_name))
@@ -91,6 +142,18 @@ class Recorder:
         self._sessions[session.session_id] = session
         return session
 
+    def on_pressure(self, listener: PressureListener) -> None:
+        """Call `listener(True)` when the proxy should stop reading, `listener(False)` when it may read again.
+
+        Called from the thread that recorded (True) or from the recorder's reply thread (False).
+        """
+        self._pressure_listeners.append(listener)
+
+    @property
+    def backlog(self) -> int:
+        """Events handed over (or about to be) that the child has not recorded yet."""
+        return self.stats.queued - self._acked[0]
+
     def _put(self, session: "SessionRecording", kind: str, body: dict[str, Any]) -> None:
         if self._failure is not None:
             self.stats.refused += 1
@@ -98,33 +161,79 @@ class Recorder:
         if not self._process.is_alive():
             self.stats.refused += 1
             raise RecorderUnavailable(f"recorder process exited with code {self._process.exitcode}")
+        stats = self.stats
+        if stats.queued - self._acked[0] >= self.max_queue * HARD_LIMIT:
+            stats.refused += 1
+            raise RecorderUnavailable(f"the recorder is stuck: {self.backlog} events wait, none recorded lately")
+        frames, size = _weight(kind, body)
+        with self._lock:
+            self._batch.append((session.session_id, kind, body, now_micros()))
+            first = len(self._batch) == 1
+            full = len(self._batch) >= MAX_BATCH
+        stats.queued += 1
+        stats.frames += frames
+        stats.frame_bytes += size
+        self._note_backlog()
+        if full:
+            self._hand_over()
+        elif first:
+            self._hand_over_soon()
+
+    def _hand_over_soon(self) -> None:
+        """On an event loop: once this turn of the loop is done; elsewhere: now."""
         try:
-            self._requests.put_nowait(("event", session.session_id, kind, body, now_micros()))
-        except queue.Full:
-            self.stats.refused += 1
-            raise RecorderUnavailable(f"recorder queue full ({self.max_queue} events waiting)") from None
-        self.stats.queued += 1
-        self.stats.max_depth = max(self.stats.max_depth, self._requests.qsize())
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._hand_over()
+        else:
+            loop.call_soon(self._hand_over)
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            batch, self._batch = self._batch, []
+        if batch:
+            self._requests.put(("events", batch))
+
+    def _note_backlog(self) -> None:
+        stats, (events, frames, size) = self.stats, self._acked
+        backlog = stats.queued - events
+        if backlog > stats.max_backlog:
+            stats.max_backlog = backlog
+            stats.max_backlog_frames = max(stats.max_backlog_frames, stats.frames - frames)
+            stats.max_backlog_bytes = max(stats.max_backlog_bytes, stats.frame_bytes - size)
+        if backlog >= self.max_queue and not self._throttling:
+            self._throttling = True
+            stats.throttled += 1
+            self._tell_pressure(True)
+
+    def _tell_pressure(self, pressing: bool) -> None:
+        for listener in self._pressure_listeners:
+            listener(pressing)
 
     def _listen(self) -> None:
-        """Replies from the child: failures, recoveries, lost sessions, flushes, counts."""
+        """Replies from the child: failures, recoveries, lost sessions, flushes, progress."""
         while (reply := self._replies.get()) is not None:
             what = reply[0]
-            if what == "failed":
+            if what == "recorded":
+                self._acked = reply[1]
+                self.stats.recorded, self.stats.events_written = reply[1][0], reply[2]
+                if self._throttling and self.backlog <= self.max_queue // 2:
+                    self._throttling = False
+                    self._tell_pressure(False)
+            elif what == "failed":
                 self._failure = reply[1]
             elif what == "recovered":
                 self._failure = None
             elif what == "broken":
                 if (session := self._sessions.get(reply[1])) is not None:
                     session.broken = True
-            elif what == "recorded":
-                self.stats.recorded = reply[1]
             elif what == "flushed":
                 self._flush_results[reply[1]] = reply[2]
                 self._flushes.pop(reply[1]).set()
 
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until every event queued so far is spooled and delivered (tests, shutdown)."""
+        """Wait until every event recorded so far is spooled and delivered (tests, shutdown)."""
+        self._hand_over()
         token, done = next(self._tokens), threading.Event()
         self._flushes[token] = done
         self._requests.put(("flush", token, timeout))
@@ -132,6 +241,7 @@ class Recorder:
 
     def close(self, timeout: float = 10.0) -> None:
         """Deliver what can be delivered within `timeout`; the rest stays in the spool for next time."""
+        self._hand_over()
         if self._process.is_alive():
             self._requests.put(("stop", timeout))
             self._process.join(timeout + 10)
@@ -170,7 +280,19 @@ class _Child:
         self.chains: dict[str, SessionChain] = {}
         self.broken: set[str] = set()
         self.failed_full = False
-        self.recorded = 0
+        self.recorded = (0, 0, 0)  # events, frames, bytes as handed over by the proxy
+        self.written = 0  # events after folding
+
+    def events(self, batch: list[Item]) -> None:
+        """One or more hand-overs: fold what waits together, record it, tell the proxy how far it got."""
+        events, frames, size = self.recorded
+        for _, kind, body, _ in batch:
+            count, weight = _weight(kind, body)
+            frames, size = frames + count, size + weight
+        for session_id, kind, body, ts in fold(batch):
+            self.event(session_id, kind, body, ts)
+        self.recorded = (events + len(batch), frames, size)
+        self.replies.put(("recorded", self.recorded, self.written))
 
     def event(self, session_id: str, kind: str, body: dict[str, Any], ts: int) -> None:
         if session_id in self.broken:
@@ -180,7 +302,7 @@ class _Child:
             chain = self.chains[session_id] = SessionChain(self.key, self.producer_name, session_id)
         try:
             self.producer.send(chain.event(kind, body, ts_micros=ts))
-            self.recorded += 1
+            self.written += 1
         except SpoolFull as exc:
             self.failed_full = True
             self.fail(session_id, f"spool full: {exc}")
@@ -207,7 +329,19 @@ class _Child:
         if self.failed_full and spool.pending_bytes < spool.max_bytes * 0.9:
             self.failed_full = False
             self.replies.put(("recovered",))
-        self.replies.put(("recorded", self.recorded))
+
+
+def _take_waiting(requests, batch: list[Item]) -> tuple[list[Item], tuple | None]:
+    """Add to `batch` the events that already wait behind it; also the first other request met, if any."""
+    while len(batch) < MAX_FOLD:
+        try:
+            request = requests.get_nowait()
+        except queue.Empty:
+            break
+        if request[0] != "events":
+            return batch, request
+        batch += request[1]
+    return batch, None
 
 
 def _recorder_main(requests, replies, kafka: KafkaSettings, spool: SpoolOptions, key_id: str, seed: bytes,
@@ -224,10 +358,13 @@ def _recorder_main(requests, replies, kafka: KafkaSettings, spool: SpoolOptions,
             else:
                 child.idle()
                 continue
+        if request[0] == "events":
+            batch, request = _take_waiting(requests, request[1])
+            child.events(batch)
+            if request is None:
+                continue
         what = request[0]
-        if what == "event":
-            child.event(*request[1:])
-        elif what == "flush":
+        if what == "flush":
             _, token, timeout = request
             replies.put(("flushed", token, child.producer.wait_delivered(timeout=timeout)))
         elif what == "stop":

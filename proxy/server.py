@@ -60,16 +60,26 @@ class ProxyService:
         self.recorder = Recorder(config.kafka, spool, key, name, max_queue=options.max_queue)
         policies = [policy_runtime(config, p, key) for p in served]
         self.approvals = ApprovalGateway(config.kafka, self.verifier, key) if any(policies) else None
-        self.proxies = [Listener(protocol, self.verifier, self.recorder, policy, self.approvals)
+        identity = config.identity
+        assert identity is not None  # token_verifier refused a config without [identity]
+        leeway = identity.leeway_seconds if identity.end_sessions_on_expiry else None
+        self.proxies = [Listener(protocol, self.verifier, self.recorder, policy, self.approvals, leeway)
                         for protocol, policy in zip(protocols, policies)]
 
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.recorder.on_pressure(lambda pressing: loop.call_soon_threadsafe(self._throttle, pressing))
         for proxy in self.proxies:
             try:
                 await proxy.start()
             except OSError as exc:
                 raise CustodyError(f"proxy {proxy.settings.name}: cannot listen on "
                                    f"{proxy.settings.listen_host}:{proxy.settings.listen_port}: {exc.strerror}") from None
+
+    def _throttle(self, pressing: bool) -> None:
+        """The recorder is behind: no listener reads until it catches up (load slows sessions, never ends them)."""
+        for proxy in self.proxies:
+            proxy.throttle(pressing)
 
     async def stop(self) -> None:
         for proxy in self.proxies:
@@ -97,7 +107,8 @@ def token_verifier(config: ServiceConfig) -> TokenVerifier:
         raise ConfigError(f"{config.path}: [identity] is required: callers are identified by OIDC token")
     identity = config.identity
     return TokenVerifier(issuer=identity.issuer, audience=identity.audience, jwks=identity.jwks,
-                         username_claim=identity.username_claim, groups_claim=identity.groups_claim)
+                         username_claim=identity.username_claim, groups_claim=identity.groups_claim,
+                         leeway=identity.leeway_seconds)
 
 
 def policy_runtime(config: ServiceConfig, proxy: ProxySettings, key: PrivateKey) -> PolicyRuntime | None:

@@ -137,10 +137,9 @@ class EventLog:
 
 
 def messages(events: list[SignedEvent], direction: str | None = None) -> list[dict]:
-    """The Message records of a session's Frames events, in order."""
-    return [message for event in events if event.kind == "frames"
-            and (direction is None or event.body["direction"] == direction)
-            for message in event.body["messages"]]
+    """The Message records of a session's Frames events, in order; a message's own direction wins (contract v2)."""
+    return [message for event in events if event.kind == "frames" for message in event.body["messages"]
+            if direction is None or (message.get("direction") or event.body["direction"]) == direction]
 
 
 def statements(events: list[SignedEvent]) -> list[str]:

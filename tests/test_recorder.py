@@ -12,6 +12,22 @@ from ingest.recorder import Recorder, RecorderUnavailable, SpoolOptions
 from ingest.verify import EventVerifier
 
 
+def consume_sessions(kafka_settings, keyring, group: str, sessions: int, timeout: float = 30) -> list:
+    """Verified events until `sessions` SessionEnds arrived."""
+    consumer = EventConsumer(kafka_settings, EventVerifier(keyring), group_id=group)
+    outcomes, deadline = [], time.monotonic() + timeout
+    while sum(o.event.kind == "session_end" for o in outcomes if isinstance(o, Accepted)) < sessions \
+            and time.monotonic() < deadline:
+        outcomes.extend(consumer.poll(0.5))
+    consumer.close()
+    assert all(isinstance(o, Accepted) for o in outcomes)
+    return [o.event for o in outcomes]
+
+
+def statements_of(events) -> list[str]:
+    return [m["statement"] for e in events if e.kind == "frames" for m in e.body["messages"]]
+
+
 def test_recorded_sessions_arrive_signed_and_in_order(kafka_settings, proxy_key, keyring, tmp_path):
     recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "proxy-test")
     sessions = [recorder.open_session() for _ in range(3)]
@@ -24,25 +40,60 @@ def test_recorded_sessions_arrive_signed_and_in_order(kafka_settings, proxy_key,
     assert recorder.flush(timeout=30)
     recorder.close()
 
-    consumer = EventConsumer(kafka_settings, EventVerifier(keyring), group_id="recorder-test")
-    outcomes, deadline = [], time.monotonic() + 30
-    while len(outcomes) < 26 and time.monotonic() < deadline:
-        outcomes.extend(consumer.poll(0.5))
-    consumer.close()
-    assert all(isinstance(o, Accepted) for o in outcomes) and len(outcomes) == 26
-    first = [o.event for o in outcomes if o.event.session_id == sessions[0].session_id]
-    assert [e.kind for e in first][0] == "session_start" and first[-1].kind == "session_end"
-    assert [m["statement"] for e in first[1:-1] for m in e.body["messages"]] == [f"SELECT {i}" for i in range(0, 20, 3)]
+    events = consume_sessions(kafka_settings, keyring, "recorder-test", 3)
+    first = [e for e in events if e.session_id == sessions[0].session_id]
+    assert [e.seq for e in first] == list(range(len(first)))
+    assert first[0].kind == "session_start" and first[-1].kind == "session_end"
+    assert statements_of(first) == [f"SELECT {i}" for i in range(0, 20, 3)]
+    assert recorder.stats.recorded == 26 and recorder.stats.frames == 20
 
 
-def test_full_queue_refuses_the_frame(kafka_settings, proxy_key, tmp_path):
-    recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "p", max_queue=5)
+def test_frames_that_wait_together_become_one_event_and_keep_their_order(kafka_settings, proxy_key, keyring,
+                                                                          tmp_path):
+    """Under load one event carries many frames: events/s stop growing, frames/s do not."""
+    recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "proxy-test")
     session = recorder.open_session()
-    with pytest.raises(RecorderUnavailable, match="queue full"):
-        for _ in range(100_000):
-            session.record("frames", frames())
-    assert recorder.stats.refused == 1
+    session.record("session_start", session_start())
+    for i in range(3000):
+        session.record("frames", frames(f"SELECT {i}"))
+    session.record("session_end", session_end())
+    assert recorder.flush(timeout=30)
     recorder.close()
+    events = consume_sessions(kafka_settings, keyring, "folding-test", 1)
+    assert statements_of(events) == [f"SELECT {i}" for i in range(3000)]
+    assert len(events) < 1000 and recorder.stats.events_written == len(events)
+    folded = max((e for e in events if e.kind == "frames"), key=lambda e: len(e.body["messages"]))
+    offsets = [m.get("offset_us") or 0 for m in folded.body["messages"]]
+    assert offsets == sorted(offsets) and offsets[-1] > 0
+
+
+def test_a_backlog_slows_the_proxy_down_instead_of_refusing(kafka_settings, proxy_key, tmp_path):
+    recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "p", max_queue=20)
+    pressure: list[bool] = []
+    recorder.on_pressure(pressure.append)
+    session = recorder.open_session()
+    for _ in range(5000):  # a proxy stops reading when told; this one stops recording
+        session.record("frames", frames())
+        if pressure:
+            break
+    assert pressure == [True] and recorder.stats.refused == 0 and recorder.backlog >= 20
+    assert recorder.flush(timeout=30)
+    deadline = time.monotonic() + 10
+    while pressure[-1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pressure[-1] is False and recorder.stats.throttled >= 1
+    assert recorder.stats.max_backlog >= 20 and recorder.stats.max_backlog_frames >= 20
+    recorder.close()
+
+
+def test_a_dead_recorder_process_refuses_the_frame(kafka_settings, proxy_key, tmp_path):
+    recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "p")
+    recorder._process.kill()
+    recorder._process.join(10)
+    with pytest.raises(RecorderUnavailable, match="recorder process exited"):
+        recorder.open_session().record("frames", frames())
+    assert recorder.stats.refused == 1
+    recorder.close(timeout=0.1)
 
 
 def test_spool_failure_fails_closed_and_ends_the_session(proxy_key, tmp_path, kafka_settings):
@@ -93,8 +144,9 @@ def test_when_the_proxy_process_dies_the_recorder_still_delivers_what_reached_it
     assert process.returncode == -signal.SIGKILL, process.stderr
 
     consumer = EventConsumer(kafka_settings, EventVerifier(keyring), group_id="doomed-test")
-    outcomes, deadline = [], time.monotonic() + 40
-    while len(outcomes) < 50 and time.monotonic() < deadline:
-        outcomes.extend(consumer.poll(0.5))
+    events, deadline = [], time.monotonic() + 40
+    while len(statements_of(events)) < 49 and time.monotonic() < deadline:
+        events.extend(o.event for o in consumer.poll(0.5) if isinstance(o, Accepted))
     consumer.close()
-    assert [o.event.seq for o in outcomes if isinstance(o, Accepted)] == list(range(50))
+    assert [e.seq for e in events] == list(range(len(events))) and events[0].kind == "session_start"
+    assert statements_of(events) == [f"SELECT {i}" for i in range(49)]

@@ -15,8 +15,8 @@ from ingest.settings import ConfigError
 @click.command()
 @config_option
 @click.option("--max-queue", type=click.IntRange(min=1), default=10_000, show_default=True,
-              help="Events the recorder may hold before refusing frames (fail closed); "
-                   "also the most a proxy crash can lose.")
+              help="Events the recorder may fall behind by before the proxy stops reading from "
+                   "clients (back-pressure: sessions slow down, none is ended); bounds what a proxy crash can lose.")
 @click.option("--producer-name", default=None, help="This instance's name in events (default: HOST/proxy).")
 def proxy(config_path: str | None, max_queue: int, producer_name: str | None) -> None:
     """Serve every [[proxy]] of the config until SIGINT/SIGTERM."""
@@ -32,7 +32,7 @@ def proxy(config_path: str | None, max_queue: int, producer_name: str | None) ->
         await service.start()
         for p in service.proxies:
             host, port = p.address
-            click.echo(f"proxy {p.settings.name}: postgres on {host}:{port} -> {p.settings.upstream.describe()}")
+            click.echo(f"proxy {p.settings.name}: {p.protocol.name} on {host}:{port} -> {p.protocol.upstream}")
         try:
             await stop.wait()
         finally:
@@ -43,8 +43,10 @@ def proxy(config_path: str | None, max_queue: int, producer_name: str | None) ->
     finally:
         service.close()
         stats = service.recorder.stats
-        click.echo(f"recorder: {stats.recorded}/{stats.queued} events recorded, {stats.refused} refused, "
-                   f"deepest queue {stats.max_depth} of {max_queue} (the most a crash could have lost)")
+        click.echo(f"recorder: {stats.recorded}/{stats.queued} events recorded as {stats.events_written} "
+                   f"({stats.frames} frames), {stats.refused} refused, throttled {stats.throttled} times; "
+                   f"largest backlog {stats.max_backlog} events / {stats.max_backlog_frames} frames / "
+                   f"{stats.max_backlog_bytes} bytes (the most a crash could have lost)")
 
 
 @click.group()

@@ -71,6 +71,15 @@ class FrontEnd:
         """The client connected (a protocol whose server speaks first greets here)."""
         yield from ()
 
+    @property
+    def is_idle(self) -> bool:
+        """Nothing in flight: the core may end the session now (its identity expired).
+
+        A protocol whose operations take time says False while one runs, and
+        yields from `session.between_operations()` when it completes.
+        """
+        return True
+
     def client_data(self, data: bytes) -> Steps:
         raise NotImplementedError
 
@@ -110,6 +119,7 @@ class Protocol:
 
     name: ClassVar[str]
     listener: "ListenerSettings"
+    upstream: str  # where it connects, for events and logs: never credentials
 
     @classmethod
     def from_settings(cls, proxy: "ProxySettings", fail_open: bool) -> "Protocol":

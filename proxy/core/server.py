@@ -15,6 +15,7 @@ import hashlib
 import logging
 import socket
 import ssl
+import threading
 from typing import Any, Protocol
 
 from ingest.recorder import Recorder
@@ -44,6 +45,8 @@ log = logging.getLogger(__name__)
 
 READ_BUFFER = 256 * 1024
 SEND_ONCE_TIMEOUT = 5.0
+_PEER_FULL = "peer write buffer full"
+_RECORDER_BEHIND = "recorder behind"
 
 
 class Approvals(Protocol):
@@ -56,13 +59,23 @@ class Listener:
     """One `[[proxy]]` entry: accepts clients and gives each a Session of its protocol."""
 
     def __init__(self, protocol: FrontEndProtocol, verifier: TokenVerifier, recorder: Recorder,
-                 policy: PolicyRuntime | None = None, approvals: Approvals | None = None) -> None:
+                 policy: PolicyRuntime | None = None, approvals: Approvals | None = None,
+                 identity_leeway: float | None = 30.0) -> None:
+        """`identity_leeway`: a session ends this long after its token's exp (None: it does not end then)."""
         self.protocol, self.verifier, self.recorder = protocol, verifier, recorder
+        self.identity_leeway = identity_leeway
         self.policy, self.approvals = policy, approvals
         self.settings = protocol.listener
         self.connections: set[ClientConnection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.throttled = False
+
+    def throttle(self, pressing: bool) -> None:
+        """Back-pressure from the recorder: every session of this listener stops (or goes on) reading."""
+        self.throttled = pressing
+        for connection in list(self.connections):
+            connection.throttle(pressing)
 
     @property
     def address(self) -> tuple[str, int]:
@@ -118,15 +131,47 @@ def _tls_info(transport: asyncio.BaseTransport) -> TLSInfo:
     return TLSInfo(ssl_object.version() or "unknown", hashlib.sha256(der).hexdigest() if der else None)
 
 
+_buffers = threading.local()
+
+
+def _read_buffer() -> memoryview:
+    """One receive buffer per event loop thread, shared by all its connections.
+
+    Safe because a BufferedProtocol's read is get_buffer, recv_into,
+    buffer_updated with no other callback between them, and buffer_updated
+    copies the bytes out. Per connection it would cost 256 KiB of an idle
+    session's memory on each side.
+    """
+    view = getattr(_buffers, "view", None)
+    if view is None:
+        view = _buffers.view = memoryview(bytearray(READ_BUFFER))
+    return view
+
+
 class _Receiver(asyncio.BufferedProtocol):
-    """One receive buffer, reused for every read of one connection."""
+    """Reads into the thread's shared buffer; reading pauses while any reason to pause holds."""
+
+    transport: asyncio.Transport | None
 
     def __init__(self) -> None:
-        self._buffer = bytearray(READ_BUFFER)
-        self._view = memoryview(self._buffer)
+        self._view = _read_buffer()
+        self._paused_for: set[str] = set()
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return self._view
+
+    def pause_reading(self, reason: str) -> None:
+        """Stop reading (`reason`: the peer's write buffer is full, the recorder is behind)."""
+        if not self._paused_for and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused_for.add(reason)
+
+    def resume_reading(self, reason: str) -> None:
+        if reason not in self._paused_for:
+            return
+        self._paused_for.discard(reason)
+        if not self._paused_for and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
 
 class ClientConnection(_Receiver):
@@ -152,8 +197,11 @@ class ClientConnection(_Receiver):
             recording=listener.recorder.open_session(),
             source_address=_address(transport.get_extra_info("peername")),
             policy=listener.policy,
+            identity_leeway=listener.identity_leeway,
         )
         listener.connections.add(self)
+        if listener.throttled:
+            self.pause_reading(_RECORDER_BEHIND)
         self.run(self.session.start())
 
     def buffer_updated(self, nbytes: int) -> None:
@@ -170,11 +218,20 @@ class ClientConnection(_Receiver):
 
     def pause_writing(self) -> None:
         if self.upstream is not None:
-            self.upstream.pause_reading()
+            self.upstream.pause_reading(_PEER_FULL)
 
     def resume_writing(self) -> None:
         if self.upstream is not None:
-            self.upstream.resume_reading()
+            self.upstream.resume_reading(_PEER_FULL)
+
+    def throttle(self, pressing: bool) -> None:
+        """The recorder is behind (or caught up): both sides stop (or go on) reading."""
+        for side in (self, self.upstream):
+            if side is not None:
+                if pressing:
+                    side.pause_reading(_RECORDER_BEHIND)
+                else:
+                    side.resume_reading(_RECORDER_BEHIND)
 
     # --- commands ------------------------------------------------------------------
 
@@ -261,8 +318,8 @@ class ClientConnection(_Receiver):
             assert self.transport is not None
             self.transport.pause_reading()  # nothing may be read in plaintext once TLS is agreed
             self._held_writes = self._held_writes or []  # nor written: TLS data can arrive before start_tls returns
-        elif self.upstream is not None:
-            self.upstream.pause_reading()
+        elif self.upstream is not None and self.upstream.transport is not None:
+            self.upstream.transport.pause_reading()
         self._spawn(self._tls_handshake(command))
 
     async def _tls_handshake(self, command: StartTLS) -> None:
@@ -326,6 +383,8 @@ class UpstreamConnection(_Receiver):
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.client.listener.throttled:
+            self.pause_reading(_RECORDER_BEHIND)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.client.run(self.client.session.data("server", self._view[:nbytes].tobytes()))
@@ -340,24 +399,14 @@ class UpstreamConnection(_Receiver):
             self.client.run(self.client.session.closed("server"))
 
     def pause_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.pause_reading()
+        self.client.pause_reading(_PEER_FULL)
 
     def resume_writing(self) -> None:
-        if self.client.transport is not None:
-            self.client.transport.resume_reading()
+        self.client.resume_reading(_PEER_FULL)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
-
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
 
     def close(self) -> None:
         if self.transport is not None:
