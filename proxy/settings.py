@@ -23,6 +23,8 @@ class IdentitySettings:
     username_claim: str
     groups_claim: str
     dev_signing_key: Path | None
+    leeway_seconds: float = 30.0  # clock skew allowed on exp/nbf; a session also ends this long after exp
+    end_sessions_on_expiry: bool = True
 
     @classmethod
     def from_table(cls, t: Table) -> IdentitySettings | None:
@@ -36,6 +38,8 @@ class IdentitySettings:
             username_claim=t.str("username_claim", "sub"),
             groups_claim=t.str("groups_claim", "groups"),
             dev_signing_key=t.path("dev_signing_key", None),
+            leeway_seconds=t.float("leeway_seconds", 30.0),
+            end_sessions_on_expiry=t.bool("end_sessions_on_expiry", True),
         )
 
 

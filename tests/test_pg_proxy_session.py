@@ -39,7 +39,7 @@ class FakeRecording:
 
 def protocol(**keys) -> PostgresProtocol:
     raw = {"name": "db", "protocol": "postgres", "listen": "127.0.0.1:0",
-           "upstream": "postgresql://svc@db.internal:5433/app", **keys}
+           "upstream": "postgresql://svc@db.internal:5433/app", "upstream_tls": "disable", **keys}
     table = Table(Path("/x/custody.toml"), "proxy.0", raw)
     return PostgresProtocol.from_settings(ProxySettings.from_table(table), False)
 

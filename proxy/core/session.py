@@ -67,6 +67,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STARTUP_TIMER = "startup"
+IDENTITY_TIMER = "identity"
+CORE_ATTRIBUTES = ("tls", "upstream_tls", "upstream_cert_sha256", "token_exp")  # SessionStart facts only the core sets
 PROTOCOL_VIOLATION = "08P01"
 
 
@@ -100,7 +102,9 @@ class Session:
         source_address: str,
         policy: PolicyRuntime | None = None,
         clock: Callable[[], int] = time.monotonic_ns,
+        identity_leeway: float | None = 30.0,
     ) -> None:
+        """`identity_leeway`: seconds after the token's `exp` at which the session ends; None: it does not."""
         self.settings: ListenerSettings = protocol.listener
         self.protocol_name = protocol.name
         self.recording = recording
@@ -110,6 +114,7 @@ class Session:
         self.gate: PolicyGate | None = None
         self.recording_failures = 0
         self.client_tls: TLSInfo | None = None
+        self.upstream_tls: TLSInfo | None = None  # from OpenUpstream(tls=...) or StartTLS(SERVER, ...)
         # What SessionStart says besides identity; the front end fills these before `authenticate`.
         self.upstream = ""
         self.client_application: str | None = None
@@ -121,6 +126,8 @@ class Session:
         self._backlog: list[tuple[str, dict]] | None = []  # None once SessionStart is recorded
         self._not_a_session = False
         self._ready = False
+        self._identity_leeway = identity_leeway
+        self._identity_expired = False
         self._lanes = {CLIENT: _Lane(CLIENT), SERVER: _Lane(SERVER)}
         self.front = protocol.front_end(self)
 
@@ -185,8 +192,11 @@ class Session:
     def _resume(self, command: Command, result: Any, error: BaseException | None) -> list[Command]:
         for lane in self._lanes.values():
             if lane.waiting_for is command and lane.paused is not None:
-                if isinstance(command, StartTLS) and command.side == CLIENT and isinstance(result, TLSInfo):
-                    self.client_tls = result
+                if isinstance(result, TLSInfo):
+                    if isinstance(command, StartTLS) and command.side == CLIENT:
+                        self.client_tls = result
+                    else:  # StartTLS(SERVER) or OpenUpstream with TLS
+                        self.upstream_tls = result
                 handler, lane.paused, lane.waiting_for = lane.paused, None, None
                 if self.is_closed:
                     handler.close()
@@ -296,9 +306,13 @@ class Session:
         if self._backlog is None:
             return
         backlog, self._backlog = self._backlog, None
-        attributes = dict(self.attributes)
+        attributes = {k: v for k, v in self.attributes.items() if k not in CORE_ATTRIBUTES}  # a client cannot claim them
         if self.client_tls is not None:
             attributes["tls"] = self.client_tls.version
+        if self.upstream_tls is not None:
+            attributes["upstream_tls"] = self.upstream_tls.version
+            if self.upstream_tls.peer_cert_sha256 is not None:
+                attributes["upstream_cert_sha256"] = self.upstream_tls.peer_cert_sha256
         self._emit("session_start", records.session_start(
             identity=identity.to_avro() if identity is not None else None,
             source_address=self.source_address,
@@ -318,8 +332,14 @@ class Session:
 
     # --- identity ---------------------------------------------------------------------------
 
-    def authenticate(self, token: str, user: str | None) -> Generator[Command, Any, Identity | None]:
-        """Verify the token and bind it to the protocol's user; None: refused (the session has ended)."""
+    def authenticate(self, token: str, user: str | None, *,
+                     start: bool = True) -> Generator[Command, Any, Identity | None]:
+        """Verify the token and bind it to the protocol's user; None: refused (the session has ended).
+
+        SessionStart is recorded here unless `start` is False: then the front
+        end calls `open(identity)` itself once the facts SessionStart carries
+        are known (the upstream's TLS), and any ending before that records it.
+        """
         result = yield VerifyToken(token)
         if isinstance(result, AuthenticationError):
             yield from self.deny(str(result.reason_code), result.message)
@@ -330,7 +350,8 @@ class Session:
                                  {"token_subject": result.subject, "token_issuer": result.issuer})
             return None
         self.identity = result
-        self.open(result)
+        if start:
+            self.open(result)
         if self._policy is not None:
             self.gate = PolicyGate(self._policy, result, self.settings.name)
         return result
@@ -388,9 +409,10 @@ class Session:
     # --- endings ----------------------------------------------------------------------------
 
     def upstream_unavailable(self, detail: str) -> Steps:
+        """The target cannot be reached or refused the proxy: the client's error (recorded as the proxy's) says why."""
         log.warning("session %s: target %s unavailable: %s", self.session_id, self.upstream, detail)
         yield from self.end_with(Ending("upstream_unavailable", "upstream_unavailable",
-                                        f"the target {self.settings.name!r} is unavailable"))
+                                        f"the target {self.settings.name!r} is unavailable: {detail}"))
 
     def _protocol_error(self, error: ProtocolViolation, side: Side, sample: bytes, tell: bool = True) -> Steps:
         """A peer broke the protocol: ProtocolError event, the client's error, SessionEnd(protocol_error)."""
@@ -416,7 +438,7 @@ class Session:
         if self._backlog is not None and (self._not_a_session or self.counters.client_bytes == 0):
             self._backlog = None
         else:
-            self.open(None)
+            self.open(self.identity)  # None unless authenticated (a deferred SessionStart keeps its identity)
             duration_us = (self._clock() - self._started_ns) // 1000
             self._emit("session_end", records.session_end(reason, duration_us, self.counters))
         yield from self._close(reason)

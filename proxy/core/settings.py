@@ -1,4 +1,5 @@
-"""The protocol-neutral part of one `[[proxy]]` entry: where to listen, TLS to clients, deadlines, fail mode.
+"""The protocol-neutral part of one `[[proxy]]` entry: where to listen, TLS to clients and to the target,
+deadlines, fail mode.
 
 Read once at start-up, so that a wrong key is a one-line error naming the
 file, table and key before any client connects. Each front end reads its own
@@ -7,6 +8,7 @@ keys (the upstream URL, message size limits…) from the same table.
 
 from __future__ import annotations
 
+import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,3 +76,90 @@ def client_tls_context(t: Table) -> ssl.SSLContext | None:
     elif require_cert:
         raise t.error("require_client_cert", "needs client_ca")
     return context
+
+
+UPSTREAM_TLS_MODES = ("disable", "require", "verify-ca", "verify-full")
+
+
+@dataclass(frozen=True)
+class UpstreamTLS:
+    """TLS from the proxy to the target (`[[proxy]] upstream_tls`), with libpq's sslmode meanings.
+
+    * `disable`: plaintext.
+    * `require`: TLS, the certificate is not checked (anyone in the path can pose as the target).
+    * `verify-ca`: TLS, the certificate must chain to `upstream_ca` (or the system's trust store).
+    * `verify-full`: as verify-ca, and it must name the host the proxy connects to (SAN DNS name or IP).
+
+    The default is `verify-full`, except for a loopback target (`disable`). Any
+    protocol uses it: those that start TLS in-protocol (PostgreSQL's SSLRequest)
+    yield `StartTLS(SERVER, context, server_hostname)`, the others pass it to
+    `OpenUpstream`.
+    """
+
+    mode: str
+    context: ssl.SSLContext | None
+    server_hostname: str | None
+
+    @property
+    def enabled(self) -> bool:
+        return self.context is not None
+
+    @classmethod
+    def from_table(cls, t: Table, host: str) -> "UpstreamTLS":
+        """From `upstream_tls`, `upstream_ca`, `upstream_client_cert`/`_key`; `host` is where the proxy connects."""
+        default = "disable" if is_loopback(host) else "verify-full"
+        mode = t.str("upstream_tls", default)
+        if mode not in UPSTREAM_TLS_MODES:
+            raise t.error("upstream_tls", f"expected one of {', '.join(UPSTREAM_TLS_MODES)}, got {mode!r}")
+        ca = t.path("upstream_ca", None)
+        cert, key = t.path("upstream_client_cert", None), t.path("upstream_client_key", None)
+        if mode == "disable":
+            for name, value in (("upstream_ca", ca), ("upstream_client_cert", cert), ("upstream_client_key", key)):
+                if value is not None:
+                    raise t.error(name, 'has no effect with upstream_tls = "disable"')
+            return cls(mode, None, None)
+        if key is not None and cert is None:
+            raise t.error("upstream_client_key", "needs upstream_client_cert")
+        if mode == "require":
+            if ca is not None:  # libpq would quietly verify then; say what is meant instead
+                raise t.error("upstream_ca", 'is not used with upstream_tls = "require"; use "verify-ca" or '
+                                             '"verify-full" to check the target\'s certificate')
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        else:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            if ca is None:
+                context.load_default_certs(ssl.Purpose.SERVER_AUTH)  # the system's trust store
+            else:
+                try:
+                    context.load_verify_locations(Path(ca))
+                except (OSError, ssl.SSLError) as exc:
+                    raise t.error("upstream_ca", f"cannot load {ca}: {exc}") from None
+            context.verify_mode = ssl.CERT_REQUIRED
+            context.check_hostname = mode == "verify-full"
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert is not None:
+            try:
+                context.load_cert_chain(Path(cert), Path(key) if key else None)
+            except (OSError, ssl.SSLError) as exc:
+                raise t.error("upstream_client_cert", f"cannot load {cert} / {key}: {exc}") from None
+        return cls(mode, context, host)
+
+
+def is_loopback(host: str) -> bool:
+    """localhost, 127.0.0.0/8 or ::1: a target on this machine."""
+    if host.lower() in ("localhost", "localhost."):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def string_list(t: Table, key: str) -> tuple[str, ...]:
+    """An optional list of non-empty strings (absent: empty)."""
+    value = t.raw.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
+        raise t.error(key, f"expected a list of non-empty strings, got {value!r}")
+    return tuple(value)

@@ -2,8 +2,14 @@
 
 Phases: startup (SSLRequest / GSSENCRequest / CancelRequest / StartupMessage)
 → password (the proxy asked for the OIDC token as a cleartext password) →
-verifying (the core checks the token) → connecting (the proxy logs in to the
-target with the credentials it holds) → relay.
+verifying (the core checks the token) → upstream_tls (the proxy asked the
+target for TLS with SSLRequest, as libpq does; `upstream_tls`) → connecting
+(the proxy logs in to the target with the credentials it holds) → relay.
+
+SessionStart is recorded once the upstream link is up (TCP, and TLS when
+configured), so that it carries the target's TLS version and certificate
+beside the client's; an ending before that (the target unreachable, its
+certificate refused) records it with the identity, then SessionEnd.
 
 Everything protocol-neutral — identity binding, the backlog before
 SessionStart, fail closed, holds, the startup deadline, the end — is the
@@ -22,7 +28,8 @@ from ingest.protocols.postgres import messages as m
 from ingest.protocols.postgres.protocol import PROTOCOL_VIOLATION, Message, MessageReader, violation
 from ingest.recorder import RecorderUnavailable
 from proxy.approvals import ApprovalRequest
-from proxy.core.commands import CLIENT, SERVER, OpenUpstream, Send, SendOnce, StartTLS
+from proxy.core import records
+from proxy.core.commands import CLIENT, SERVER, OpenUpstream, Send, SendOnce, StartTLS, TLSFailed
 from proxy.core.frontend import Ending, FrontEnd, Protocol, Said, Steps
 from proxy.core.session import Session
 from proxy.policy import Decision
@@ -167,7 +174,7 @@ class PostgresFrontEnd(FrontEnd):
         session.record_messages(CLIENT, rec.message_records([message]), 0)  # redacted: the token is not recorded
         token = m.decode_password_message(message.payload).password
         self.phase = "verifying"
-        identity = yield from session.authenticate(token, self.user)
+        identity = yield from session.authenticate(token, self.user, start=False)
         if identity is None:
             return
         if session.gate is not None:
@@ -176,12 +183,41 @@ class PostgresFrontEnd(FrontEnd):
         upstream = self.settings.upstream
         yield OpenUpstream(upstream.host, upstream.port)
         self._upstream_open = True
+        if self.settings.upstream_tls.enabled:
+            self.phase = "upstream_tls"
+            yield Send(SERVER, m.SSL_REQUEST)  # the answer is one byte: server_data's upstream_tls phase
+            return
+        yield from self._start_upstream()
+
+    def _start_upstream(self) -> Steps:
+        """The upstream link is up: record SessionStart, then log in to the target."""
+        self.session.open(self.session.identity)
+        self.phase = "connecting"
+        upstream = self.settings.upstream
         parameters = {"user": upstream.user, "database": upstream.database}
         parameters.update(
             (name, value) for name, value in self.parameters.items()
             if name not in _NOT_FORWARDED and not name.startswith("_pq_.")
         )
         yield Send(SERVER, m.startup_message(parameters))
+
+    def _upstream_tls(self, data: bytes) -> Steps:
+        """The target's one-byte answer to SSLRequest: 'S' starts TLS, anything else is a refusal."""
+        tls = self.settings.upstream_tls
+        if data[:1] != m.SSL_ALLOWED:
+            answer = "does not offer TLS" if data[:1] == m.ENCRYPTION_DENIED else f"answered SSLRequest with {data[:1]!r}"
+            yield from self.session.upstream_unavailable(
+                f'the target {answer}, and upstream_tls = "{tls.mode}" requires it')
+            return
+        if len(data) > 1:  # bytes after 'S' would be taken as if they came over TLS (CVE-2021-23214)
+            raise violation("the target sent data after agreeing to TLS, before the handshake")
+        try:
+            yield StartTLS(SERVER, tls.context, tls.server_hostname)
+        except TLSFailed as error:
+            yield from self.session.upstream_unavailable(
+                f'TLS with the target failed (upstream_tls = "{tls.mode}"): {error}')
+            return
+        yield from self._start_upstream()
 
     def _keep_early(self, message: Message) -> None:
         """A client message sent before ReadyForQuery: relayed once the session is ready."""
@@ -219,6 +255,9 @@ class PostgresFrontEnd(FrontEnd):
     def server_data(self, data: bytes) -> Steps:
         if self.phase == "relay":
             yield from self._relay_server(data)
+            return
+        if self.phase == "upstream_tls":
+            yield from self._upstream_tls(data)
             return
         messages = self._upstream.feed(data)
         for index, message in enumerate(messages):

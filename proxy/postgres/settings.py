@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
 from ingest.settings import Table
-from proxy.core.settings import ListenerSettings
+from proxy.core.settings import ListenerSettings, UpstreamTLS, string_list
 from proxy.settings import ProxySettings
 
 DEFAULT_MAX_CLIENT_MESSAGE = 16 << 20
@@ -27,15 +27,17 @@ class Upstream:
     user: str
     password: str | None
 
-    def describe(self) -> str:
+    def describe(self, database: str | None = None) -> str:
         """host:port/database, for events: never the user or the password."""
-        return f"{self.host}:{self.port}/{self.database}"
+        return f"{self.host}:{self.port}/{database or self.database}"
 
 
 @dataclass(frozen=True)
 class PostgresSettings:
     listener: ListenerSettings
     upstream: Upstream
+    upstream_tls: UpstreamTLS
+    databases: tuple[str, ...]  # what the client's `database` may pick besides upstream.database; empty: ignored
     max_client_message: int
     max_server_message: int
 
@@ -46,9 +48,12 @@ class PostgresSettings:
     @classmethod
     def from_config(cls, proxy: ProxySettings, default_fail_open: bool = False) -> "PostgresSettings":
         t = proxy.table
+        upstream = _upstream(t, proxy.upstream)
         return cls(
             listener=ListenerSettings.from_settings(proxy, default_fail_open),
-            upstream=_upstream(t, proxy.upstream),
+            upstream=upstream,
+            upstream_tls=UpstreamTLS.from_table(t, upstream.host),
+            databases=string_list(t, "databases"),
             max_client_message=t.int("max_message_bytes", DEFAULT_MAX_CLIENT_MESSAGE, minimum=1024),
             max_server_message=t.int("max_server_message_bytes", DEFAULT_MAX_SERVER_MESSAGE, minimum=1024),
         )
