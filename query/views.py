@@ -188,10 +188,10 @@ WITH per_session AS (
            min(ts) AS started,
            max(ts) FILTER (kind = 'session_end') AS ended,
            count(*) AS events,
-           count(*) FILTER (kind = 'frames' AND statement IS NOT NULL AND len(list_filter(
-               messages, lambda m: m.direction = 'client' AND m.statement IS NOT NULL)) > 0) AS statements,
-           count(*) FILTER (kind = 'frames' AND error_code IS NOT NULL AND len(list_filter(
-               messages, lambda m: m.direction = 'server' AND m.error_code IS NOT NULL)) > 0) AS errors,
+           coalesce(sum(len(list_filter(messages, lambda m: m.direction = 'client' AND m.statement IS NOT NULL)))
+               FILTER (kind = 'frames' AND statement IS NOT NULL), 0) AS statements,
+           coalesce(sum(len(list_filter(messages, lambda m: m.direction = 'server' AND m.error_code IS NOT NULL)))
+               FILTER (kind = 'frames' AND error_code IS NOT NULL), 0) AS errors,
            count(*) FILTER (kind = 'protocol_error' OR policy_action IN ('block', 'deny')) AS violations,
            any_value(end_reason) FILTER (kind = 'session_end') AS end_reason,
            any_value(event) FILTER (kind = 'session_end') AS end_event,
@@ -207,28 +207,43 @@ SELECT session_id, subject, email, groups, issuer, source_address, target, proto
 FROM per_session
 """
 
-# A statement starts at a client Frames event carrying statement text (Query, Parse) and owns every event of
-# its session up to the next one: the Bind with its parameters, policy decisions, the server's answer.
+# A statement starts at a client message carrying statement text (Query, Parse) and owns every message of its
+# session up to the next one, in recorded order (seq, then position in a folded event): the Bind with its
+# parameters, the server's answer; and the policy decisions recorded after it.
 STATEMENTS = """
 CREATE VIEW statements AS
-WITH numbered AS (
-    SELECT *,
-           sum(CASE WHEN kind = 'frames' AND direction = 'client' AND statement IS NOT NULL THEN 1 ELSE 0 END)
-               OVER (PARTITION BY session_id ORDER BY seq ROWS UNBOUNDED PRECEDING) AS statement_no,
-           CASE WHEN direction = 'client'
-                THEN list_filter(list_transform(messages, lambda m: m.parameters), lambda p: p IS NOT NULL)[1]
-           END AS bind_parameters
+WITH steps AS (
+    SELECT session_id, seq, message_no, ts, subject, target, direction, statement, parameters, command_tag, rows,
+           error_code, error_message, NULL::VARCHAR AS policy_rule, NULL::VARCHAR AS policy_action,
+           NULL::VARCHAR AS policy_reason, NULL::VARCHAR AS approver_subject
+    FROM frames
+    WHERE statement IS NOT NULL OR parameters IS NOT NULL OR command_tag IS NOT NULL OR rows IS NOT NULL
+       OR error_code IS NOT NULL OR direction = 'server'
+    UNION ALL
+    SELECT session_id, seq, 0 AS message_no, ts, subject, target, NULL AS direction, NULL AS statement,
+           NULL AS parameters, NULL AS command_tag, NULL AS rows, NULL AS error_code, NULL AS error_message,
+           policy_rule, policy_action, policy_reason, approver_subject
     FROM events
+    WHERE kind = 'policy_decision'
+), numbered AS (
+    SELECT *,
+           sum(CASE WHEN direction = 'client' AND statement IS NOT NULL THEN 1 ELSE 0 END)
+               OVER (PARTITION BY session_id ORDER BY seq, message_no ROWS UNBOUNDED PRECEDING) AS statement_no
+    FROM steps
 ), grouped AS (
     SELECT session_id, statement_no,
            min(seq) AS seq, min(ts) AS ts,
            any_value(subject) AS subject, any_value(target) AS target,
-           arg_min(statement, seq) FILTER (direction = 'client' AND statement IS NOT NULL) AS statement,
-           arg_min(bind_parameters, seq) FILTER (bind_parameters IS NOT NULL) AS parameters,
-           arg_min(command_tag, seq) FILTER (direction = 'server' AND command_tag IS NOT NULL) AS command_tag,
+           arg_min(statement, (seq, message_no)) FILTER (direction = 'client' AND statement IS NOT NULL) AS statement,
+           arg_min(parameters, (seq, message_no)) FILTER (direction = 'client' AND parameters IS NOT NULL)
+               AS parameters,
+           arg_min(command_tag, (seq, message_no)) FILTER (direction = 'server' AND command_tag IS NOT NULL)
+               AS command_tag,
            sum(rows) FILTER (direction = 'server') AS rows,
-           arg_min(error_code, seq) FILTER (direction = 'server' AND error_code IS NOT NULL) AS error_code,
-           arg_min(error_message, seq) FILTER (direction = 'server' AND error_code IS NOT NULL) AS error_message,
+           arg_min(error_code, (seq, message_no)) FILTER (direction = 'server' AND error_code IS NOT NULL)
+               AS error_code,
+           arg_min(error_message, (seq, message_no)) FILTER (direction = 'server' AND error_code IS NOT NULL)
+               AS error_message,
            max(ts) FILTER (direction = 'server') AS answered,
            arg_max(policy_rule, seq) FILTER (policy_action IS NOT NULL) AS policy_rule,
            arg_max(policy_action, seq) FILTER (policy_action IS NOT NULL) AS policy_action,
