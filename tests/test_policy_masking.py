@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import struct
 
 import pytest
@@ -11,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from nacl.public import PrivateKey
 
-from proxy.policy.detectors import DETECTORS, Scanner, mask_text
+from proxy.policy.detectors import DETECTORS, Scanner, luhn_ok, mask_text
 from proxy.policy.masking import MaskPlan, RowMasker, mask_fields, open_sealed, seal_original
 
 ALL = tuple(DETECTORS)
@@ -220,3 +221,119 @@ def test_every_detector_needs_digits_or_a_marker_so_the_scanner_can_reject_text_
 @pytest.mark.parametrize("text", ["-1234567.25", "2024-01-15 10:00:00.123456+05:30", "550e8400-e29b-41d4-a716-446655440000"])
 def test_plain_numbers_dates_and_uuids_are_left_alone(text):
     assert Scanner(ALL).mask(text) == (text, ())
+
+
+# --- the fast paths give the answers of the plain algorithm -----------------------------
+
+# The card pattern as first written (lookbehind first); DETECTORS' is reordered for speed, same matches.
+ORIGINAL_CARD = re.compile(
+    r"(?<![\d-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -]?)\d{6}\2\d{4,5})(?![\d-])"
+)
+PLAIN = re.compile(
+    r"-?\d{1,12}(?:\.\d{1,12})?"
+    r"|\d{4}-\d\d-\d\d(?:[ T]\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:[+-]\d\d(?::\d\d)?|Z)?)?"
+    r"|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+)
+
+
+def reference_find(text):
+    """Every detector's pattern on the whole text, no gates: what the Scanner's shortcuts must not change."""
+    if len(text) < 6 or PLAIN.fullmatch(text):
+        return []
+    candidates = []
+    for index, detector in enumerate(DETECTORS.values()):
+        pattern = ORIGINAL_CARD if detector.kind == "credit_card" else detector.pattern
+        candidates += [(mt.start(), -mt.end(), index, mt, detector) for mt in pattern.finditer(text) if detector.is_valid(mt)]
+    candidates.sort(key=lambda c: c[:3])
+    chosen, covered = [], 0
+    for start, negative_end, _, mt, detector in candidates:
+        if start >= covered:
+            chosen.append((start, -negative_end, mt, detector))
+            covered = -negative_end
+    return chosen
+
+
+def reference_mask(text):
+    found = reference_find(text)
+    if not found:
+        return text, []
+    pieces, cursor = [], 0
+    for start, end, mt, detector in found:
+        pieces += [text[cursor:start], detector.placeholder(mt)]
+        cursor = end
+    masked = "".join(pieces + [text[cursor:]])
+    spans = [(d.kind, s, e) for s, e, _, d in found]
+    leftover = reference_find(masked)
+    if leftover:
+        kind = leftover[0][3].kind
+        return f"[MASKED:{kind}]", spans + [(kind, 0, len(text))]
+    return masked, spans
+
+
+EDGE_FRAGMENTS = FINDINGS + ["4111-1111-1111-1111", "378282246310005", "(415)555-2671", "415 555 2671", "+1 415 555 2671",
+                             "x@y.co", "a.b@c-d.example", "DE89370400440532013000", "GB82 WEST 1234 5698 7654 32",
+                             "-----BEGIN RSA PRIVATE KEY-----\nabc\n", "\u0664\u0661\u0661\u0661" * 4, "\xe9", "A", "Z9"]
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(EDGE_FRAGMENTS), st.sampled_from(GLUE), st.text(max_size=12),
+                          st.text(alphabet="0123456789 -+.()@AKIeyJ", max_size=24)), max_size=8).map("".join))
+def test_scanner_gives_what_every_pattern_on_the_whole_text_gives(text):
+    masked, findings = mask_text(text, ALL)
+    assert (masked, [(f.kind, f.start, f.end) for f in findings]) == reference_mask(text)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="0123456789 -x", max_size=40))
+def test_reordered_card_pattern_matches_what_the_original_matches(text):
+    card = DETECTORS["credit_card"].pattern
+    assert [mt.span() for mt in card.finditer(text)] == [mt.span() for mt in ORIGINAL_CARD.finditer(text)]
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(FINDINGS), st.sampled_from(GLUE), st.binary(max_size=6)), max_size=6)
+       .map(lambda parts: b"".join(p if isinstance(p, bytes) else p.encode() for p in parts)))
+def test_mask_bytes_is_mask_on_the_decoded_text(value):
+    masked, kinds = Scanner(ALL).mask_bytes(value)
+    text_masked, findings = Scanner(ALL).mask(value.decode("utf-8", "surrogateescape"))
+    assert masked == text_masked.encode("utf-8", "surrogateescape")
+    assert kinds == tuple(f.kind for f in findings)
+    assert (masked is value) == (not kinds)
+
+
+@pytest.mark.parametrize("digits", ["4111111111111111", "4111111111111112", "79927398713", "0", "18", "\u0664\u0661\u0661"])
+def test_luhn_fast_path_agrees_with_the_loop(digits):
+    total = 0
+    for position, ch in enumerate(reversed(digits)):
+        value = ord(ch) - 48
+        total += (value * 2 - 9 if value > 4 else value * 2) if position % 2 else value
+    assert luhn_ok(digits) == (total % 10 == 0)
+
+
+def test_mask_values_is_mask_row_without_findings_and_none_when_unchanged():
+    masker = RowMasker(PLAN, ["id", "email", "Customer_SSN", "note"], formats=[0, 0, 0, 1])
+    row = [b"42", b"alice@example.com", b"123-45-6789", b"bob@example.com"]
+    assert masker.mask_values(row) == masker.mask_row(row).value == [b"42", b"a***@example.com", b"[MASKED:column]",
+                                                                      b"bob@example.com"]
+    assert masker.mask_values([b"1", b"Widget", None, b"x"]) is None
+
+
+def test_result_masker_passes_unchanged_rows_through_and_rebuilds_changed_ones():
+    from ingest.protocols.postgres import messages as m
+    from ingest.protocols.postgres.protocol import Message, ProtocolViolation
+    from proxy.postgres.result_masking import ResultMasker
+
+    body = struct.pack("!h", 2) + b"".join(name + b"\0" + struct.pack("!IhIhih", 0, 0, 25, -1, -1, 0)
+                                           for name in (b"id", b"contact"))
+    description = Message("RowDescription", b"T" + struct.pack("!I", len(body) + 4) + body)
+    plain = Message("DataRow", m.data_row([b"1", b"nothing to see"]))
+    secret = Message("DataRow", m.data_row([b"2", b"mail carol@example.com"]))
+    with_null = Message("DataRow", m.data_row([None, b"dave@example.com"]))
+    out, changed = ResultMasker(PLAN).mask([description, plain, secret, with_null])
+    assert changed == [False, False, True, True]
+    assert out[0] is description and out[1] is plain
+    assert out[2].data == m.data_row([b"2", b"mail c***@example.com"])
+    assert out[3].data == m.data_row([None, b"d***@example.com"])
+    truncated = Message("DataRow", plain.data[:-3])
+    with pytest.raises(ProtocolViolation):
+        ResultMasker(PLAN).mask([description, truncated])

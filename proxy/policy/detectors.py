@@ -6,11 +6,19 @@ decodes), so that ids, timestamps and amounts are not masked by accident: a
 masked value is a value the client can no longer use, so a false positive is
 a bug, not caution.
 
-This runs on every DataRow value, so the scanner first skips values that
-cannot hold a finding: too short, or PostgreSQL's rendering of a number,
-date, timestamp or uuid. A detector's pattern then only runs on text that has
-what every finding of its kind has: enough digits (counted once, in C), or a
-marker such as "@", "eyJ", "AKIA". Most values never reach a pattern.
+This runs on every DataRow value, so a detector's pattern only runs on text
+that has what every finding of its kind has: enough characters and digits,
+or a marker such as an "@" between an address's characters, "eyJ", "AKIA",
+an upper-case letter (IBAN). Those features are read off the value's bytes
+with a handful of C-level calls (`bytes.translate`, `in`), before the value
+is even decoded, and looked up in a table the Scanner builds once: most
+values never reach a pattern, and a masked value's re-check (see
+`Scanner.mask`) usually stops at the table. Values that PostgreSQL prints
+for numbers, dates, timestamps and uuids are skipped before the
+digit-counting detectors run.
+
+Every gate is a necessary condition of a valid finding, never a guess, so
+gating decides only how fast the answer comes, not what it is.
 """
 
 from __future__ import annotations
@@ -19,15 +27,15 @@ import base64
 import binascii
 import json
 import re
-import sys
+from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from operator import itemgetter
 
 __all__ = ["DETECTORS", "Finding", "Scanner", "UnknownDetectorError", "mask_text", "scanner_for"]
 
-_MIN_FINDING_LENGTH = 6  # the shortest finding of any detector ("a@b.co")
-_WITHOUT_DIGITS = str.maketrans("", "", "0123456789")
+_DIGIT_BYTES = b"0123456789"
 # How PostgreSQL prints integers, numerics (at most 12 digits a side: no room for a
 # 13-digit card), dates, timestamps and uuids: none of these can hold a finding.
 _PLAIN_VALUE = re.compile(
@@ -35,6 +43,9 @@ _PLAIN_VALUE = re.compile(
     r"|\d{4}-\d\d-\d\d(?:[ T]\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:[+-]\d\d(?::\d\d)?|Z)?)?"
     r"|[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 )
+
+
+_PLAIN_FIRST = frozenset("-0123456789abcdef")  # how every _PLAIN_VALUE starts
 
 
 class UnknownDetectorError(ValueError):
@@ -50,12 +61,38 @@ class Finding:
     end: int
 
 
+# Features of a value's bytes that detectors need (one bit each), besides length and digit count.
+_AT = 1  # an "@" with an address character on each side and a "." after it (email)
+_DASH = 2  # a "-" (SSN)
+_EYJ = 4  # "eyJ" and a "." (JWT: a base64url JSON header, then a dot)
+_AWS = 8  # "AKIA" or "ASIA"
+_PEM = 16  # "PRIVATE KEY"
+_UPPER = 32  # maybe an ASCII upper-case letter (IBAN's country code): `not bytes.islower()`
+_FEATURES = 64
+_EMAIL_LOCAL = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
+_EMAIL_DOMAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+
+
+def _has_address_at(raw: bytes) -> bool:
+    """An "@" that an email finding could be built around: `x@y` then a "." later on."""
+    at = raw.find(64)
+    while at >= 0:
+        if at and raw[at - 1] in _EMAIL_LOCAL and raw[at + 1 : at + 2] and raw[at + 1] in _EMAIL_DOMAIN \
+                and raw.find(46, at + 2) > 0:
+            return True
+        at = raw.find(64, at + 1)
+    return False
+
+
 @dataclass(frozen=True, slots=True)
 class _Detector:
     """A pattern, its validator and placeholder, and what a text needs before the pattern is worth running.
 
-    Every detector needs some digits or one of its markers; that is what lets
-    the scanner turn most text away before looking at any detector.
+    `min_length`, `min_digits` (ASCII digits), `feature` (one of the feature
+    bits above) and `possible` are necessary conditions of a valid finding;
+    every detector needs some digits or a marker, which is what lets the
+    scanner turn most text away before looking at any detector.
+    `needs_any_of` names the markers `feature` stands for.
     """
 
     kind: str
@@ -65,13 +102,8 @@ class _Detector:
     min_length: int
     min_digits: int = 0
     needs_any_of: tuple[str, ...] = ()
-
-    def could_match(self, text: str, digits: int) -> bool:
-        return (
-            len(text) >= self.min_length
-            and digits >= self.min_digits
-            and (not self.needs_any_of or any(needle in text for needle in self.needs_any_of))
-        )
+    feature: int = 0
+    possible: Callable[[str], bool] | None = None  # a quick test on the text the pattern needs to pass
 
 
 def _digits(text: str) -> str:
@@ -89,10 +121,12 @@ def _always(match: re.Match[str]) -> bool:
 
 # --- credit cards: brand prefix + length, then Luhn -------------------------
 
+# Starts with a plain \d (the "not after a digit or -" check follows it) so that the regex engine
+# skips to the next digit in C instead of trying the lookbehind at every character.
 _CARD = re.compile(
-    r"(?<![\d-])(?:"
-    r"\d{4}([ -]?)\d{4}\1\d{4}\1\d{1,7}"  # 4-4-4-x (Visa, Mastercard, Discover, JCB, UnionPay)
-    r"|\d{4}([ -]?)\d{6}\2\d{4,5}"  # 4-6-5 (Amex) and 4-6-4 (Diners)
+    r"\d(?<![\d-]\d)\d{3}(?:"
+    r"([ -]?)\d{4}\1\d{4}\1\d{1,7}"  # 4-4-4-x (Visa, Mastercard, Discover, JCB, UnionPay)
+    r"|([ -]?)\d{6}\2\d{4,5}"  # 4-6-5 (Amex) and 4-6-4 (Diners)
     r")(?![\d-])"
 )
 _CARD_BRANDS = (  # (prefix range low, high, allowed lengths)
@@ -111,8 +145,15 @@ _CARD_BRANDS = (  # (prefix range low, high, allowed lengths)
 )
 
 
+# Luhn doubles every second digit from the right and sums the digits of the result: 0246813579.
+_DOUBLED = bytes.maketrans(b"0123456789", b"0246813579")
+
+
 def luhn_ok(digits: str) -> bool:
     """The Luhn mod-10 check every payment card number satisfies."""
+    if digits.isascii() and digits.isdigit():  # the usual case, in C; the loop gives the same total
+        raw = digits.encode()
+        return (sum(raw[::-2]) + sum(raw[-2::-2].translate(_DOUBLED)) - 48 * len(raw)) % 10 == 0
     total = 0
     for position, ch in enumerate(reversed(digits)):
         value = ord(ch) - 48
@@ -122,14 +163,35 @@ def luhn_ok(digits: str) -> bool:
     return total % 10 == 0
 
 
+def _brand_ok(digits: str) -> bool:
+    return any(low <= digits[: len(low)] <= high and len(digits) in lengths for low, high, lengths in _CARD_BRANDS)
+
+
+# For ASCII digits, `_brand_ok` depends only on the length and the first four digits: tabled once.
+_BRAND_PREFIXES = {
+    length: frozenset(p for p in (f"{n:04d}" for n in range(10_000)) if _brand_ok(p + "0" * (length - 4)))
+    for length in sorted({length for _, _, lengths in _CARD_BRANDS for length in lengths})
+}
+
+
+def _card_digits(match: re.Match[str]) -> str:
+    """The digits of a card match, which holds only digits and its " " or "-" separators."""
+    return match.group().replace(" ", "").replace("-", "")
+
+
 def _card_valid(match: re.Match[str]) -> bool:
-    digits = _digits(match.group())
-    brand_ok = any(low <= digits[: len(low)] <= high and len(digits) in lengths for low, high, lengths in _CARD_BRANDS)
-    return brand_ok and luhn_ok(digits)
+    digits = _card_digits(match)
+    if digits.isascii():  # all 0-9: the brand is in the table, and luhn_ok's loop is done in C
+        prefixes = _BRAND_PREFIXES.get(len(digits))
+        if prefixes is None or digits[:4] not in prefixes:
+            return False
+        raw = digits.encode()
+        return (sum(raw[::-2]) + sum(raw[-2::-2].translate(_DOUBLED)) - 48 * len(raw)) % 10 == 0
+    return _brand_ok(digits) and luhn_ok(digits)
 
 
 def _card_placeholder(match: re.Match[str]) -> str:
-    return "**** **** **** " + _digits(match.group())[-4:]
+    return "**** **** **** " + _card_digits(match)[-4:]
 
 
 # --- IBAN: ISO 13616, mod-97 == 1 -------------------------------------------
@@ -181,6 +243,15 @@ _PHONE = re.compile(
 )
 
 
+# What every phone match contains, found much faster than the pattern itself: a "+" (E.164), or
+# the North American exchange and line after their separator (after ")", " ", "." or "-").
+_PHONE_HINT = re.compile(r"[ .)-][2-9]\d\d[ .-]\d{4}(?![\w-])")
+
+
+def _phone_possible(text: str) -> bool:
+    return "+" in text or _PHONE_HINT.search(text) is not None
+
+
 def _phone_valid(match: re.Match[str]) -> bool:
     return 8 <= len(_digits(match.group())) <= 15
 
@@ -211,20 +282,31 @@ DETECTORS: dict[str, _Detector] = {
     detector.kind: detector
     for detector in (
         # Order is priority when two findings overlap at the same start.
-        _Detector("private_key", _PRIVATE_KEY, _always, _opaque("private_key"), 27, needs_any_of=("PRIVATE KEY",)),
-        _Detector("jwt", _JWT, _jwt_valid, _opaque("jwt"), 10, needs_any_of=("eyJ",)),
-        _Detector("aws_access_key", _AWS_KEY, _always, _opaque("aws_access_key"), 20, needs_any_of=("AKIA", "ASIA")),
-        _Detector("iban", _IBAN, lambda m: iban_ok(m.group()), _opaque("iban"), 15, min_digits=2),
+        _Detector("private_key", _PRIVATE_KEY, _always, _opaque("private_key"), 27, needs_any_of=("PRIVATE KEY",),
+                  feature=_PEM),
+        _Detector("jwt", _JWT, _jwt_valid, _opaque("jwt"), 10, needs_any_of=("eyJ",), feature=_EYJ),
+        _Detector("aws_access_key", _AWS_KEY, _always, _opaque("aws_access_key"), 20, needs_any_of=("AKIA", "ASIA"),
+                  feature=_AWS),
+        _Detector("iban", _IBAN, lambda m: iban_ok(m.group()), _opaque("iban"), 15, min_digits=2, feature=_UPPER),
         _Detector("credit_card", _CARD, _card_valid, _card_placeholder, 13, min_digits=13),
-        _Detector("email", _EMAIL, _always, _email_placeholder, 6, needs_any_of=("@",)),
-        _Detector("us_ssn", _SSN, _ssn_valid, _ssn_placeholder, 11, min_digits=9, needs_any_of=("-",)),
-        _Detector("phone", _PHONE, _phone_valid, _opaque("phone"), 9, min_digits=8),
+        _Detector("email", _EMAIL, _always, _email_placeholder, 6, needs_any_of=("@",), feature=_AT),
+        _Detector("us_ssn", _SSN, _ssn_valid, _ssn_placeholder, 11, min_digits=9, needs_any_of=("-",), feature=_DASH),
+        _Detector("phone", _PHONE, _phone_valid, _opaque("phone"), 9, min_digits=8, possible=_phone_possible),
     )
 }
 
+# (start, -end, priority): earliest first, then longest, then the detector listed first.
+_ORDER = itemgetter(0, 1, 2)
+_Run = tuple[tuple[int, _Detector], ...]  # the detectors worth running on a value, with their priority
+_NO_RUN: tuple[_Run, bool] = ((), False)
+
 
 class Scanner:
-    """A fixed set of detectors, resolved once (per mask plan), applied to many values."""
+    """A fixed set of detectors, resolved once (per mask plan), applied to many values.
+
+    Immutable once built, and nothing it calls keeps state: one Scanner may
+    serve any number of sessions and threads at once.
+    """
 
     def __init__(self, kinds: Iterable[str]):
         wanted = set(kinds)
@@ -232,32 +314,95 @@ class Scanner:
         if unknown:
             raise UnknownDetectorError(f"unknown detector {sorted(unknown)[0]!r}; known: {', '.join(DETECTORS)}")
         self.detectors = tuple(d for kind, d in DETECTORS.items() if kind in wanted)
-        self._fewest_digits = min((d.min_digits for d in self.detectors if d.min_digits), default=sys.maxsize)
-        self._markers = tuple(marker for d in self.detectors if not d.min_digits for marker in d.needs_any_of)
+        self._features = 0
+        for detector in self.detectors:
+            self._features |= detector.feature
+        # Which detectors may run, by (how many length thresholds, how many digit thresholds the value
+        # reaches, its feature bits); each entry is (detectors with priority, whether to skip plain values).
+        self._lengths = tuple(sorted({d.min_length for d in self.detectors}))
+        self._digit_counts = tuple(sorted({d.min_digits for d in self.detectors if d.min_digits}))
+        self.shortest = self._lengths[0] if self._lengths else 1 << 62  # no finding is shorter (in bytes too)
+        stride = (len(self._digit_counts) + 1) * _FEATURES
+        # Offsets into the table by a value's length and by its digit count (the last entry covers all beyond).
+        self._by_length = tuple(bisect_right(self._lengths, n) * stride for n in range((self._lengths or (0,))[-1] + 1))
+        self._by_digits = tuple(bisect_right(self._digit_counts, n) * _FEATURES
+                                for n in range((self._digit_counts or (0,))[-1] + 1))
+        self._table = tuple(
+            self._entry(length_rank, digit_rank, features)
+            for length_rank in range(len(self._lengths) + 1)
+            for digit_rank in range(len(self._digit_counts) + 1)
+            for features in range(_FEATURES)
+        )
 
-    def _find(self, text: str) -> list[tuple[Finding, re.Match[str], _Detector]]:
-        """Validated, non-overlapping findings in text order (earliest first, then longest)."""
-        if len(text) < _MIN_FINDING_LENGTH or _PLAIN_VALUE.fullmatch(text):
+    def _entry(self, length_rank: int, digit_rank: int, features: int) -> tuple[_Run, bool]:
+        length = self._lengths[length_rank - 1] if length_rank else 0
+        digits = self._digit_counts[digit_rank - 1] if digit_rank else 0
+        run = tuple(
+            (index, d) for index, d in enumerate(self.detectors)
+            if d.min_length <= length and d.min_digits <= digits and d.feature & features == d.feature
+        )
+        # PostgreSQL's numbers, dates, timestamps and uuids hold no finding. Only the digit-counting
+        # detectors need to be told: the others' markers never occur in such a value.
+        return run, any(d.min_digits for _, d in run)
+
+    def _run_for(self, raw: bytes) -> tuple[_Run, bool]:
+        """The detectors whose necessary conditions `raw` (a value's UTF-8 bytes) meets."""
+        size = len(raw)
+        if size < self.shortest:
+            return _NO_RUN
+        digits = size - len(raw.translate(None, _DIGIT_BYTES))
+        wanted, features = self._features, 0
+        # Single bytes are looked up as ints: `b"@" in raw` would first try (and fail) to read b"@" as one.
+        if wanted & _AT and 64 in raw and _has_address_at(raw):
+            features |= _AT
+        if wanted & _DASH and 45 in raw:
+            features |= _DASH
+        if not raw.islower():  # an upper-case letter, or no letter at all; every other marker has one
+            features |= _UPPER & wanted
+            if wanted & _EYJ and raw.find(b"eyJ") >= 0 and 46 in raw:
+                features |= _EYJ
+            if wanted & _AWS and (raw.find(b"AKIA") >= 0 or raw.find(b"ASIA") >= 0):
+                features |= _AWS
+            if wanted & _PEM and raw.find(b"PRIVATE KEY") >= 0:
+                features |= _PEM
+        return self._table[self._by_length[size if size < len(self._by_length) else -1]
+                           + self._by_digits[digits if digits < len(self._by_digits) else -1] + features]
+
+    @staticmethod
+    def _find(text: str, run: _Run, skip_plain: bool) -> list[tuple[int, int, int, re.Match[str], _Detector]]:
+        """Validated, non-overlapping findings of `run` in text order (earliest first, then longest)."""
+        if skip_plain and text[0] in _PLAIN_FIRST and _PLAIN_VALUE.fullmatch(text):
             return []
-        digits = len(text) - len(text.translate(_WITHOUT_DIGITS))
-        if digits < self._fewest_digits and not any(marker in text for marker in self._markers):
-            return []
-        candidates = [
-            (match.start(), -match.end(), index, match, detector)
-            for index, detector in enumerate(self.detectors)
-            if detector.could_match(text, digits)
-            for match in detector.pattern.finditer(text)
-            if detector.is_valid(match)
-        ]
-        if not candidates:
-            return []
-        candidates.sort(key=lambda c: c[:3])
+        candidates = []
+        for index, detector in run:
+            if detector.possible is not None and not detector.possible(text):
+                continue
+            is_valid = detector.is_valid
+            for match in detector.pattern.finditer(text):
+                if is_valid is _always or is_valid(match):
+                    candidates.append((match.start(), -match.end(), index, match, detector))
+        if len(candidates) < 2:
+            return candidates
+        candidates.sort(key=_ORDER)
         chosen, covered_until = [], 0
-        for start, negative_end, _, match, detector in candidates:
-            if start >= covered_until:
-                chosen.append((Finding(detector.kind, start, -negative_end), match, detector))
-                covered_until = -negative_end
+        for candidate in candidates:
+            if candidate[0] >= covered_until:
+                chosen.append(candidate)
+                covered_until = -candidate[1]
         return chosen
+
+    @staticmethod
+    def _replace(text: str, found: list[tuple[int, int, int, re.Match[str], _Detector]]) -> str:
+        if len(found) == 1:
+            start, negative_end, _, match, detector = found[0]
+            return text[:start] + detector.placeholder(match) + text[-negative_end:]
+        pieces, cursor = [], 0
+        for start, negative_end, _, match, detector in found:
+            pieces.append(text[cursor:start])
+            pieces.append(detector.placeholder(match))
+            cursor = -negative_end
+        pieces.append(text[cursor:])
+        return "".join(pieces)
 
     def mask(self, text: str) -> tuple[str, tuple[Finding, ...]]:
         """`text` with every finding replaced by its placeholder, and the findings (spans in `text`).
@@ -269,26 +414,48 @@ class Scanner:
         then the whole text is masked instead, so the output never holds a
         detectable value.
         """
-        found = self._find(text)
+        run, skip_plain = self._run_for(text.encode("utf-8", "surrogatepass"))
+        found = self._find(text, run, skip_plain) if run else ()
         if not found:
             return text, ()
-        pieces, cursor = [], 0
-        for finding, match, detector in found:
-            pieces.append(text[cursor : finding.start])
-            pieces.append(detector.placeholder(match))
-            cursor = finding.end
-        pieces.append(text[cursor:])
-        masked = "".join(pieces)
-        findings = tuple(f for f, _, _ in found)
-        leftover = self._find(masked)
+        masked = self._replace(text, found)
+        findings = tuple(Finding(detector.kind, start, -negative_end) for start, negative_end, _, _, detector in found)
+        run, skip_plain = self._run_for(masked.encode("utf-8", "surrogatepass"))
+        leftover = self._find(masked, run, skip_plain) if run else ()
         if leftover:
-            return f"[MASKED:{leftover[0][0].kind}]", findings + (Finding(leftover[0][0].kind, 0, len(text)),)
+            kind = leftover[0][4].kind
+            return f"[MASKED:{kind}]", findings + (Finding(kind, 0, len(text)),)
         return masked, findings
+
+    def mask_bytes(self, value: bytes) -> tuple[bytes, tuple[str, ...]]:
+        """`mask` for a value's bytes (UTF-8; others survive via surrogateescape): masked bytes and finding kinds.
+
+        The same answer as `mask` on the decoded text, without decoding the
+        values that no detector could match, and without Finding objects.
+        Returns `value` itself when nothing was found.
+        """
+        run, skip_plain = self._run_for(value)
+        if not run:
+            return value, ()
+        text = value.decode("utf-8", "surrogateescape")
+        found = self._find(text, run, skip_plain)
+        if not found:
+            return value, ()
+        masked = self._replace(text, found)
+        out = masked.encode("utf-8", "surrogateescape")
+        kinds = (found[0][4].kind,) if len(found) == 1 else tuple([candidate[4].kind for candidate in found])
+        run, skip_plain = self._run_for(out)
+        if run:
+            leftover = self._find(masked, run, skip_plain)
+            if leftover:
+                kind = leftover[0][4].kind
+                return f"[MASKED:{kind}]".encode(), kinds + (kind,)
+        return out, kinds
 
 
 @lru_cache(maxsize=64)
 def scanner_for(kinds: frozenset[str]) -> Scanner:
-    """The shared Scanner for a set of detector names."""
+    """The shared Scanner for a set of detector names (Scanners are immutable: safe to share across threads)."""
     return Scanner(kinds)
 
 

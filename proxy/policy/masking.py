@@ -9,6 +9,10 @@ are not UTF-8 survive unchanged through `surrogateescape`.
 The client only ever sees masked values. The originals travel in the evidence
 only as sealed boxes (`seal_original`) to the evidence custodian's public key,
 so analysts see what the client saw and only the custodian can reveal more.
+
+Nothing here keeps state between calls, and what it shares (Scanners, compiled
+patterns, tables) is immutable: a RowMasker or MaskPlan may be used from any
+thread.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ __all__ = [
 
 COLUMN_PLACEHOLDER = b"[MASKED:column]"
 TEXT_FORMAT, BINARY_FORMAT = 0, 1
+_SCAN, _PASS, _HIDE_TEXT, _HIDE_BINARY = range(4)  # what RowMasker does with a column's values
 _STRUCTURAL_FIELDS = frozenset("SVCPpFLR")  # severity, code, position, source file/line/routine: never data
 
 T = TypeVar("T")
@@ -69,14 +74,6 @@ class Masked(Generic[T]):
         return bool(self.findings)
 
 
-def _mask_bytes(scanner: Scanner, value: bytes) -> tuple[bytes, tuple[str, ...]]:
-    text = value.decode("utf-8", "surrogateescape")
-    masked, findings = scanner.mask(text)
-    if not findings:
-        return value, ()
-    return masked.encode("utf-8", "surrogateescape"), tuple(f.kind for f in findings)
-
-
 def _format_of(formats: Sequence[int], index: int) -> int:
     """Protocol rule: no format codes = all text, one = all columns, otherwise one per column."""
     if not formats:
@@ -101,14 +98,19 @@ class RowMasker:
             (plan.masks_column(name), _format_of(formats, index) == BINARY_FORMAT)
             for index, name in enumerate(column_names)
         )
+        # What to do with each column's values, decided once: scan, hide whole, or pass (binary).
+        self._actions = tuple(
+            (_HIDE_BINARY if binary else _HIDE_TEXT) if whole else (_PASS if binary else _SCAN)
+            for whole, binary in self.columns
+        )
 
     def _mask_value(self, index: int, value: bytes) -> tuple[bytes | None, tuple[str, ...]]:
-        whole, binary = self.columns[index] if index < len(self.columns) else (False, False)
-        if whole:
-            return (None if binary else COLUMN_PLACEHOLDER), ("column",)
-        if binary:
+        action = self._actions[index] if index < len(self._actions) else _SCAN
+        if action == _SCAN:
+            return self.scanner.mask_bytes(value)
+        if action == _PASS:
             return value, ()
-        return _mask_bytes(self.scanner, value)
+        return (None if action == _HIDE_BINARY else COLUMN_PLACEHOLDER), ("column",)
 
     def mask_row(self, values: Sequence[bytes | None]) -> Masked[list[bytes | None]]:
         """One DataRow's values (None = SQL NULL) with findings hidden; encode the result as a new DataRow."""
@@ -122,6 +124,34 @@ class RowMasker:
             out.append(masked)
             findings.extend((index, kind) for kind in kinds)
         return Masked(out, tuple(findings))
+
+    def mask_values(self, values: Sequence[bytes | None]) -> list[bytes | None] | None:
+        """`mask_row(values).value` without the findings, or None when nothing changed (the hot path).
+
+        The caller keeps an unchanged row's bytes as they are; values that
+        masking leaves alone are the caller's own objects.
+        """
+        actions, known, mask_bytes = self._actions, len(self._actions), self.scanner.mask_bytes
+        shortest = self.scanner.shortest
+        out = None
+        for index, value in enumerate(values):
+            if value is None:
+                continue
+            action = actions[index] if index < known else _SCAN
+            if action == _SCAN:
+                if len(value) < shortest:
+                    continue
+                masked, kinds = mask_bytes(value)
+                if not kinds:
+                    continue
+            elif action == _PASS:
+                continue
+            else:
+                masked = None if action == _HIDE_BINARY else COLUMN_PLACEHOLDER
+            if out is None:
+                out = list(values)
+            out[index] = masked
+        return out
 
     def mask_copy_row(self, line: bytes) -> Masked[bytes]:
         """One COPY text-format row (tab-separated, `\\N` for NULL, backslash escapes, trailing newline).
