@@ -23,7 +23,11 @@ What the core owns, so that no front end repeats it:
   is relayed) or fail open (logged, relayed anyway);
 * policy: decisions on operations, one hold at a time and what queues
   behind it, the reviewers' outcome (`check`);
-* the startup deadline, the counters, and exactly one SessionEnd.
+* the startup deadline, the counters, and exactly one SessionEnd;
+* a session ends with its identity: when the token's `exp` plus the
+  verifier's leeway passes, the session ends (`identity_expired`) as soon as
+  the front end is between operations (`FrontEnd.is_idle`, or the front end
+  calls `between_operations`), so a statement in flight finishes first.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
+from datetime import datetime, timezone
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -174,6 +179,8 @@ class Session:
         return self._resume(command, None, error)
 
     def timer(self, name: str) -> list[Command]:
+        if name == IDENTITY_TIMER:
+            return self._identity_expires()
         if self.is_closed or name != STARTUP_TIMER or self._ready:
             return []
         detail = f"startup did not complete within {self.settings.startup_timeout:g} s (phase {self.front.phase})"
@@ -313,6 +320,8 @@ class Session:
             attributes["upstream_tls"] = self.upstream_tls.version
             if self.upstream_tls.peer_cert_sha256 is not None:
                 attributes["upstream_cert_sha256"] = self.upstream_tls.peer_cert_sha256
+        if identity is not None:
+            attributes["token_exp"] = _utc(identity.expires_at)
         self._emit("session_start", records.session_start(
             identity=identity.to_avro() if identity is not None else None,
             source_address=self.source_address,
@@ -350,6 +359,9 @@ class Session:
                                  {"token_subject": result.subject, "token_issuer": result.issuer})
             return None
         self.identity = result
+        if self._identity_leeway is not None:
+            left = (result.expires_at - datetime.now(timezone.utc)).total_seconds() + self._identity_leeway
+            yield SetTimer(IDENTITY_TIMER, max(0.0, left))
         if start:
             self.open(result)
         if self._policy is not None:
@@ -414,6 +426,29 @@ class Session:
         yield from self.end_with(Ending("upstream_unavailable", "upstream_unavailable",
                                         f"the target {self.settings.name!r} is unavailable: {detail}"))
 
+    # --- identity expiry ----------------------------------------------------------------------
+
+    def _identity_expires(self) -> list[Command]:
+        """The token's exp plus leeway passed: end now if the front end is idle, else at its next idle point."""
+        if self.is_closed or self.identity is None:
+            return []
+        self._identity_expired = True
+        if not self.front.is_idle:
+            log.info("session %s: identity expired; ending once the operation in flight completes", self.session_id)
+            return []
+        return self._run(self._lanes[CLIENT], self.end_with(self._expiry_ending()), ending=True)
+
+    def between_operations(self) -> Steps:
+        """The front end is between operations (PostgreSQL: ReadyForQuery, nothing pending): an expired identity ends here."""
+        if self._identity_expired and not self.is_closed:
+            yield from self.end_with(self._expiry_ending())
+
+    def _expiry_ending(self) -> Ending:
+        assert self.identity is not None
+        return Ending("identity_expired", "identity_expired",
+                      f"the token of {self.identity.username} expired at {_utc(self.identity.expires_at)} "
+                      f"(leeway {self._identity_leeway:g} s): reconnect with a new token")
+
     def _protocol_error(self, error: ProtocolViolation, side: Side, sample: bytes, tell: bool = True) -> Steps:
         """A peer broke the protocol: ProtocolError event, the client's error, SessionEnd(protocol_error)."""
         text = error.message if side == CLIENT else f"the target broke the protocol: {error.message}"
@@ -476,6 +511,11 @@ class Session:
         self._lanes[CLIENT].queue.clear()
         self._lanes[SERVER].queue.clear()
         return out + list(self._close("recorder_failure"))
+
+
+def _utc(when: datetime) -> str:
+    """ISO-8601 UTC, as approvals write times: 2026-05-20T10:00:00Z."""
+    return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 _SILENT = Said(b"", [], 0)  # end_with: the client cannot be told (it is gone, or its TLS failed)

@@ -50,6 +50,8 @@ FEATURE_NOT_SUPPORTED = "0A000"
 ADMIN_SHUTDOWN = "57P01"
 _LOGIN_REFUSED_CLASS = "28"
 _NOT_FORWARDED = frozenset({"user", "database"})
+_SYNC_POINTS = frozenset({"Query", "Sync", "FunctionCall"})  # each is answered with one ReadyForQuery
+_EXTENDED = frozenset({"Parse", "Bind", "Describe", "Execute", "Close", "Flush"})  # in flight until a Sync
 # The core's endings as PostgreSQL errors (auth_failed and protocol_error carry their own codes).
 _ENDING_CODES = {"shutdown": ADMIN_SHUTDOWN, "recorder_failure": ADMIN_SHUTDOWN,
                  "upstream_unavailable": CONNECTION_FAILURE, "identity_expired": INVALID_AUTHORIZATION}
@@ -100,11 +102,18 @@ class PostgresFrontEnd(FrontEnd):
         self._early: list[Message] = []  # client messages sent before the session was ready
         self._cancel_key: int | None = None
         self._policy: StatementPolicy | None = None
+        self._pending = 0  # sync points sent to the target whose ReadyForQuery has not come back
+        self._unsynced = False  # extended-protocol messages sent since the last Sync
         session.upstream = settings.upstream.describe()
 
     @property
     def user(self) -> str | None:
         return self.parameters.get("user")
+
+    @property
+    def is_idle(self) -> bool:
+        """Every statement sent has been answered (ReadyForQuery): an expired identity may end the session now."""
+        return self._pending == 0 and not self._unsynced
 
     # --- client side ---------------------------------------------------------------------
 
@@ -311,6 +320,8 @@ class PostgresFrontEnd(FrontEnd):
         early, self._early = self._early, []
         if early:
             yield from self._forward_client(early, None)
+        if self.is_idle:
+            yield from self.session.between_operations()
 
     def _login_refused(self, error: m.ErrorResponse) -> Steps:
         """The target refused our login: its reason, unless it is about the proxy's credentials."""
@@ -333,6 +344,12 @@ class PostgresFrontEnd(FrontEnd):
 
     def _forward_client(self, messages: list[Message], raw: bytes | None) -> Steps:
         """Record, then relay: `raw` is the messages' bytes when the read held exactly them."""
+        for message in messages:
+            if message.type in _SYNC_POINTS:
+                self._pending += 1
+                self._unsynced = False
+            elif message.type in _EXTENDED:
+                self._unsynced = True
         self.session.record_messages(CLIENT, rec.message_records(messages), len(messages))
         if self._policy is not None:
             yield from self._gate_client(messages)
@@ -377,6 +394,12 @@ class PostgresFrontEnd(FrontEnd):
             raw = None
         self.session.record_messages(SERVER, records, len(messages))
         yield Send(CLIENT, raw if raw is not None else b"".join([x.data for x in messages]))
+        if self._pending:
+            answered = sum(1 for x in messages if x.type == "ReadyForQuery")
+            if answered:
+                self._pending = max(0, self._pending - answered)
+                if self.is_idle:
+                    yield from self.session.between_operations()
 
     def _proxy_pids(self, messages: list[Message]) -> list[Message]:
         """A NOTIFY from one of this listener's sessions names its proxy pid, as its client knows it."""
