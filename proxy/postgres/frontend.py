@@ -48,6 +48,7 @@ INVALID_AUTHORIZATION = "28000"
 CONNECTION_FAILURE = "08006"
 FEATURE_NOT_SUPPORTED = "0A000"
 ADMIN_SHUTDOWN = "57P01"
+INVALID_CATALOG_NAME = "3D000"
 _LOGIN_REFUSED_CLASS = "28"
 _NOT_FORWARDED = frozenset({"user", "database"})
 _SYNC_POINTS = frozenset({"Query", "Sync", "FunctionCall"})  # each is answered with one ReadyForQuery
@@ -102,6 +103,7 @@ class PostgresFrontEnd(FrontEnd):
         self._early: list[Message] = []  # client messages sent before the session was ready
         self._cancel_key: int | None = None
         self._policy: StatementPolicy | None = None
+        self.database = settings.upstream.database  # the target database this session logs in to
         self._pending = 0  # sync points sent to the target whose ReadyForQuery has not come back
         self._unsynced = False  # extended-protocol messages sent since the last Sync
         session.upstream = settings.upstream.describe()
@@ -186,8 +188,14 @@ class PostgresFrontEnd(FrontEnd):
         identity = yield from session.authenticate(token, self.user, start=False)
         if identity is None:
             return
+        database = self._choose_database()
+        if database is None:
+            yield from self._refuse_database()
+            return
+        self.database = database
+        session.upstream = self.settings.upstream.describe(database)
         if session.gate is not None:
-            self._policy = StatementPolicy(session.gate)
+            self._policy = StatementPolicy(session.gate, database)
         self.phase = "connecting"
         upstream = self.settings.upstream
         yield OpenUpstream(upstream.host, upstream.port)
@@ -203,12 +211,36 @@ class PostgresFrontEnd(FrontEnd):
         self.session.open(self.session.identity)
         self.phase = "connecting"
         upstream = self.settings.upstream
-        parameters = {"user": upstream.user, "database": upstream.database}
+        parameters = {"user": upstream.user, "database": self.database}
         parameters.update(
             (name, value) for name, value in self.parameters.items()
             if name not in _NOT_FORWARDED and not name.startswith("_pq_.")
         )
         yield Send(SERVER, m.startup_message(parameters))
+
+    def _choose_database(self) -> str | None:
+        """The database to log in to: the configured one, or one of `databases` the client named; None: refused.
+
+        Without `databases` the client's choice is recorded but not used. A
+        client that names no database (libpq then sends the user name) gets
+        the configured one.
+        """
+        default, allowed = self.settings.upstream.database, self.settings.databases
+        asked = self.parameters.get("database") or ""
+        if not allowed or asked in ("", default) or (asked == self.user and asked not in allowed):
+            return default
+        return asked if asked in allowed else None
+
+    def _refuse_database(self) -> Steps:
+        """A database not in `databases`: PolicyDecision (databases, deny), FATAL 3D000, SessionEnd(policy)."""
+        session, asked = self.session, self.parameters.get("database", "")
+        choices = ", ".join(dict.fromkeys((self.settings.upstream.database, *self.settings.databases)))
+        detail = f'database "{asked}" is not served by target {self.settings.name!r} (choose one of: {choices})'
+        session.open(session.identity)
+        session.record("policy_decision", records.decision("databases", "deny", detail, None,
+                                                           attributes={"database": asked}))
+        yield from session.end_with(Ending("policy", INVALID_CATALOG_NAME, detail),
+                                    _said([_error(INVALID_CATALOG_NAME, f"custody: {detail}")]))
 
     def _upstream_tls(self, data: bytes) -> Steps:
         """The target's one-byte answer to SSLRequest: 'S' starts TLS, anything else is a refusal."""

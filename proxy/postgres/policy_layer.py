@@ -54,8 +54,10 @@ def refusal_error(reason: str) -> bytes:
 class StatementPolicy:
     """One session's statements under policy: which are operations, their stand-ins, the masked results."""
 
-    def __init__(self, gate: PolicyGate, marker: Callable[[], str] = lambda: secrets.token_hex(8)) -> None:
+    def __init__(self, gate: PolicyGate, database: str | None = None,
+                 marker: Callable[[], str] = lambda: secrets.token_hex(8)) -> None:
         self.gate = gate
+        self._attributes = {"database": database} if database is not None else {}  # rules match it
         self._marker = marker
         self._refusals: OrderedDict[str, bytes] = OrderedDict()  # marker -> the error the client gets
         plan = gate.mask_plan
@@ -64,7 +66,7 @@ class StatementPolicy:
     def operation(self, message: Message) -> Operation | None:
         """The operation a Query or Parse asks for; None: not a statement, relay it."""
         sql = statement_text(message)
-        return None if sql is None else Operation("postgres", "statement", sql)
+        return None if sql is None else Operation("postgres", "statement", sql, attributes=self._attributes)
 
     def refuse(self, message: Message, reason: str) -> bytes:
         """What to send the target instead of `message`; the client will get 42501 with `reason`."""
