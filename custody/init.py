@@ -41,6 +41,8 @@ jwks = "keys/dev-idp.jwks.json"
 username_claim = "sub"
 groups_claim = "groups"
 dev_signing_key = "keys/dev-idp.key"
+# leeway_seconds = 30                # clock skew allowed on exp/nbf; a session also ends this long after its token's exp
+# end_sessions_on_expiry = true      # false: sessions outlive their tokens
 
 [ledger]
 dir = "ledger"
@@ -61,6 +63,12 @@ listen = "127.0.0.1:{proxy_port}"
 upstream = "postgresql://postgres@127.0.0.1:5432/postgres"
 policy = "policies/default.toml"                  # reloaded on change; see `custody policy test`
 # upstream_password_env = "CUSTODY_PG_PASSWORD"   # or upstream_password_file; absent = trust
+# upstream_tls = "verify-full"     # disable | require | verify-ca | verify-full (libpq sslmode meanings);
+#                                  # default verify-full, but disable for a loopback target like this one
+# upstream_ca = "certs/db-ca.pem"  # the CA of the target's certificate (default: the system's trust store)
+# upstream_client_cert = "certs/proxy.crt"   # with upstream_client_key: when the target wants a client certificate
+# upstream_client_key = "certs/proxy.key"
+# databases = ["app", "analytics"] # the client's database may pick one of these; the upstream URL's is the default
 """
 
 

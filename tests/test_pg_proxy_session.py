@@ -242,3 +242,29 @@ def test_md5_and_missing_password():
         UpstreamLogin("svc", None).respond(m.AuthenticationRequest("MD5Password", salt=salt))
     with pytest.raises(UpstreamAuthError, match="does not support"):
         UpstreamLogin("svc", "pw").respond(m.AuthenticationRequest("GSS"))
+
+
+def test_startup_parameters_cannot_claim_what_only_the_core_records():
+    session, recording = new_session()
+    session.start()
+    session.data("client", m.startup_message({"user": "alice@example.com", "upstream_tls": "TLSv1.3",
+                                              "upstream_cert_sha256": "00" * 32, "tls": "TLSv1.3", "token_exp": "x"}))
+    verify = only(session.data("client", m.password_message("t")), VerifyToken)
+    session.completed(only(session.completed(verify, ALICE), OpenUpstream), None)
+    [start] = [body for kind, body in recording.events if kind == "session_start"]
+    assert start["attributes"]["token_exp"] == "2030-01-01T00:00:00Z"
+    assert not {"upstream_tls", "upstream_cert_sha256", "tls"} & set(start["attributes"])
+
+
+def test_a_target_that_sends_bytes_after_agreeing_to_tls_is_a_protocol_error():
+    session, recording = new_session(protocol(upstream_tls="require"))
+    session.start()
+    session.data("client", m.startup_message({"user": "alice@example.com"}))
+    verify = only(session.data("client", m.password_message("t")), VerifyToken)
+    opened = session.completed(only(session.completed(verify, ALICE), OpenUpstream), None)
+    assert sent(opened, "server") == m.SSL_REQUEST
+    assert not [kind for kind, _ in recording.events]  # SessionStart waits for the upstream's TLS
+    out = session.data("server", b"S" + m.ready_for_query("I"))  # injected plaintext before the handshake
+    assert any(isinstance(c, Close) for c in out)
+    kinds = [kind for kind, _ in recording.events]
+    assert kinds[0] == "session_start" and "protocol_error" in kinds and kinds[-1] == "session_end"
