@@ -25,7 +25,6 @@ from proxy.approvals_gateway import ApprovalGateway
 from proxy.identity import TokenVerifier
 from proxy.core.policy import PolicyRuntime
 from proxy.core.registry import FRONT_ENDS, protocol_for
-from proxy.core.server import Listener
 from proxy.policy import PolicyHolder
 from proxy.settings import ProxySettings, ServiceConfig
 
@@ -63,7 +62,7 @@ class ProxyService:
         identity = config.identity
         assert identity is not None  # token_verifier refused a config without [identity]
         leeway = identity.leeway_seconds if identity.end_sessions_on_expiry else None
-        self.proxies = [Listener(protocol, self.verifier, self.recorder, policy, self.approvals, leeway)
+        self.proxies = [protocol.make_listener(self.verifier, self.recorder, policy, self.approvals, leeway)
                         for protocol, policy in zip(protocols, policies)]
 
     async def start(self) -> None:

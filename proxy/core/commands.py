@@ -36,10 +36,15 @@ class Command:
 
 @dataclass(frozen=True, slots=True)
 class Send(Command):
-    """Write bytes to one side (the upstream side: once it is open)."""
+    """Write bytes to one side (the upstream side: once it is open).
+
+    `channel`: where the protocol multiplexes streams (SSH channels), which
+    one, as the front end and its adapter agree; None where there is one.
+    """
 
     side: Side
     data: bytes
+    channel: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,6 +23,11 @@ if TYPE_CHECKING:
     from proxy.policy import Decision
     from proxy.settings import ProxySettings
 
+    from ingest.recorder import Recorder
+    from proxy.identity import TokenVerifier
+
+    from .policy import PolicyRuntime
+    from .server import Approvals, Listener
     from .session import Session
     from .settings import ListenerSettings
 
@@ -86,6 +91,14 @@ class FrontEnd:
     def server_data(self, data: bytes) -> Steps:
         raise NotImplementedError
 
+    def client_event(self, item: Any) -> Steps:
+        """A protocol event from the client that is not bytes (`Session.event`; asyncssh's channel requests…)."""
+        raise NotImplementedError
+
+    def server_event(self, item: Any) -> Steps:
+        """A protocol event from the target that is not bytes."""
+        raise NotImplementedError
+
     def client_closed(self) -> Steps:
         """The client closed its side: by default the session ends."""
         yield from self.session.end("client_disconnect")
@@ -127,3 +140,16 @@ class Protocol:
 
     def front_end(self, session: "Session") -> FrontEnd:
         raise NotImplementedError
+
+    def make_listener(self, verifier: "TokenVerifier", recorder: "Recorder", policy: "PolicyRuntime | None",
+                      approvals: "Approvals | None", identity_leeway: float | None) -> "Listener":
+        """What accepts this protocol's clients: by default the byte adapter, `proxy.core.server.Listener`.
+
+        A protocol whose library owns its sockets and framing (asyncssh)
+        returns its own glue instead, with the same face (`start`, `stop`,
+        `throttle`, `settings`, `address`), which feeds the core's `Session`
+        and carries out its commands.
+        """
+        from .server import Listener
+
+        return Listener(self, verifier, recorder, policy, approvals, identity_leeway)

@@ -95,7 +95,16 @@ class _Lane:
         self.input = b""  # the bytes the running handler was given: a protocol error's sample
         self.paused: Generator[Command, Any, Any] | None = None
         self.waiting_for: Command | None = None
-        self.queue: deque[bytes] = deque()
+        self.queue: deque[bytes | Event] = deque()
+
+
+class Event:
+    """A protocol event that is not raw bytes (`Session.event`): its front end's item, and the bytes it carried."""
+
+    __slots__ = ("item", "data")
+
+    def __init__(self, item: Any, data: bytes) -> None:
+        self.item, self.data = item, data
 
 
 class Session:
@@ -120,8 +129,8 @@ class Session:
         self.recording_failures = 0
         self.client_tls: TLSInfo | None = None
         self.upstream_tls: TLSInfo | None = None  # from OpenUpstream(tls=...) or StartTLS(SERVER, ...)
-        # What SessionStart says besides identity; the front end fills these before `authenticate`.
-        self.upstream = ""
+        self.upstream = protocol.upstream
+        # What SessionStart says besides identity and upstream; the front end fills these before `authenticate`.
         self.client_application: str | None = None
         self.attributes: dict[str, str] = {}
         self.is_closed = False
@@ -159,6 +168,27 @@ class Session:
             return []
         lane.input = data
         handler = self.front.client_data(data) if side == CLIENT else self.front.server_data(data)
+        return self._run(lane, handler)
+
+    def event(self, side: Side, item: Any, data: bytes = b"") -> list[Command]:
+        """A protocol event from one side that is not a byte stream: the front end's `client_event`/`server_event`.
+
+        For protocols whose library owns the sockets and parses the framing
+        (asyncssh: a channel opened, an exec request, channel data with its
+        channel id, a window change). It runs in that side's lane like bytes
+        do, queued behind a paused handler; `data` is the payload it carries,
+        counted as the client's bytes and kept as the protocol error's sample.
+        """
+        if self.is_closed:
+            return []
+        if side == CLIENT:
+            self.counters.client_bytes += len(data)
+        lane = self._lanes[side]
+        if lane.paused is not None:
+            lane.queue.append(Event(item, data))
+            return []
+        lane.input = data
+        handler = self.front.client_event(item) if side == CLIENT else self.front.server_event(item)
         return self._run(lane, handler)
 
     def closed(self, side: Side) -> list[Command]:
@@ -220,8 +250,13 @@ class Session:
                 break
             if not lane.queue:
                 break
-            data = lane.input = lane.queue.popleft()
-            handler = self.front.client_data(data) if lane.side == CLIENT else self.front.server_data(data)
+            data = lane.queue.popleft()
+            if type(data) is Event:
+                lane.input, item = data.data, data.item
+                handler = self.front.client_event(item) if lane.side == CLIENT else self.front.server_event(item)
+            else:
+                lane.input = data
+                handler = self.front.client_data(data) if lane.side == CLIENT else self.front.server_data(data)
             value = error = None
         return out
 
@@ -259,7 +294,19 @@ class Session:
                 out.append(command)
         except RecorderUnavailable as exc:
             out += self._fail_closed(exc)
+        except Exception:  # noqa: BLE001 - the ending itself failed: still close, never propagate
+            log.exception("session %s: internal error while ending", self.session_id)
+            out += self._close("protocol_error")
         return out
+
+    def _hook(self, hook: Callable[..., Any], *args: Any) -> Any:
+        """Call a front end's ending hook (goodbye, farewell, closed); its failure must not stop the end."""
+        try:
+            return hook(*args)
+        except Exception:  # noqa: BLE001
+            log.exception("session %s: internal error in the %s front end's %s", self.session_id,
+                          self.protocol_name, getattr(hook, "__name__", hook))
+            return None
 
     def _failure(self, exc: Exception, lane: _Lane, ending: bool) -> Steps:
         """The ending for what a handler raised."""
@@ -460,7 +507,7 @@ class Session:
     def end_with(self, ending: Ending, said: Said | None = None) -> Steps:
         """Tell the client why (`said`, or the front end's goodbye), then end."""
         if said is None:
-            said = self.front.goodbye(ending)
+            said = self._hook(self.front.goodbye, ending)
         if said is not None and said is not _SILENT:
             yield self.say(said)
         yield from self.end(ending.reason)
@@ -482,7 +529,7 @@ class Session:
         """Bytes queued behind a paused handler when the session ends: never relayed, still evidence."""
         for lane in self._lanes.values():
             if lane.queue:
-                data = b"".join(lane.queue)
+                data = b"".join(x.data if type(x) is Event else x for x in lane.queue)
                 lane.queue.clear()
                 self.record("frames", records.frames(lane.side, [records.raw_message(
                     "unrelayed", data, {"reason": "the session ended while this waited"})]))
@@ -490,13 +537,13 @@ class Session:
     def _close(self, reason: str) -> Steps:
         if self.is_closed:
             return
-        goodbye = self.front.farewell_upstream(reason)
+        goodbye = self._hook(self.front.farewell_upstream, reason)
         self.is_closed = True
         for lane in self._lanes.values():
             if lane.paused is not None:
                 lane.paused.close()
                 lane.paused = lane.waiting_for = None
-        self.front.closed()
+        self._hook(self.front.closed)
         if goodbye is not None:
             yield Send(SERVER, goodbye)
         yield Close(reason)
@@ -504,8 +551,8 @@ class Session:
     def _fail_closed(self, error: RecorderUnavailable) -> list[Command]:
         """Fail closed: nothing more is relayed or recorded; the client learns why."""
         log.error("session %s: FAIL CLOSED: %s", self.session_id, error)
-        said = self.front.goodbye(Ending("recorder_failure", "recorder_failure",
-                                         "the session cannot be recorded, so it is closed (fail closed)"))
+        said = self._hook(self.front.goodbye, Ending(
+            "recorder_failure", "recorder_failure", "the session cannot be recorded, so it is closed (fail closed)"))
         out: list[Command] = [Send(CLIENT, said.data)] if said is not None else []
         self._backlog = None
         self._lanes[CLIENT].queue.clear()

@@ -66,6 +66,7 @@ class PostgresProtocol(Protocol):
     def __init__(self, settings: PostgresSettings) -> None:
         self.settings = settings
         self.listener = settings.listener
+        self.upstream = settings.upstream.describe()
         self.cancel_keys = CancelKeys()
 
     @classmethod
@@ -106,7 +107,6 @@ class PostgresFrontEnd(FrontEnd):
         self.database = settings.upstream.database  # the target database this session logs in to
         self._pending = 0  # sync points sent to the target whose ReadyForQuery has not come back
         self._unsynced = False  # extended-protocol messages sent since the last Sync
-        session.upstream = settings.upstream.describe()
 
     @property
     def user(self) -> str | None:
