@@ -39,12 +39,13 @@ USER = "alice@example.com"
 # --- the bare relay: the floor a Python proxy can reach ------------------------------
 
 
-def run_relay(port: int) -> None:
-    """Moves bytes both ways with BufferedProtocol and a preallocated buffer; nothing else."""
+def run_relay(port: int, target: tuple[str, int] = DIRECT) -> None:
+    """Moves bytes both ways with BufferedProtocol and one preallocated buffer; nothing else."""
+    shared = memoryview(bytearray(256 * 1024))
 
     class Side(asyncio.BufferedProtocol):
         def __init__(self, peer=None):
-            self.buffer = memoryview(bytearray(256 * 1024))
+            self.buffer = shared
             self.peer, self.transport, self.pending = peer, None, []
 
         def connection_made(self, transport):
@@ -71,7 +72,7 @@ def run_relay(port: int) -> None:
             super().connection_made(transport)
             self.peer = Side(self)
             loop = asyncio.get_running_loop()
-            loop.create_task(loop.create_connection(lambda: self.peer, *DIRECT))
+            loop.create_task(loop.create_connection(lambda: self.peer, *target))
 
     async def main():
         server = await asyncio.get_running_loop().create_server(Client, "127.0.0.1", port)
@@ -227,9 +228,10 @@ def main() -> None:
     parser.add_argument("--idle-sessions", type=int, default=50)
     parser.add_argument("--max-queue", type=int, default=10_000)
     parser.add_argument("--relay", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--relay-target", type=int, default=DIRECT[1], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.relay:
-        return run_relay(args.relay)
+        return run_relay(args.relay, (DIRECT[0], args.relay_target))
 
     from ingest.broker import DevBroker
 

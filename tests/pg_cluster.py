@@ -27,7 +27,8 @@ def _bin(name: str) -> str | None:
 
 
 class Cluster:
-    def __init__(self, *, tls: dict[str, Path] | None = None, listen: tuple[str, ...] = ("127.0.0.1",)) -> None:
+    def __init__(self, *, tls: dict[str, Path] | None = None, listen: tuple[str, ...] = ("127.0.0.1",),
+                 max_connections: int = 30) -> None:
         initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
         if initdb is None or pg_ctl is None:
             pytest.skip("initdb/pg_ctl not found (PostgreSQL server binaries are needed for a second cluster)")
@@ -42,6 +43,7 @@ class Cluster:
         self.data = self.directory / "data"
         self._tls = tls
         self._listen = listen
+        self._max_connections = max_connections
 
     def _as_postgres(self, *args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["runuser", "-u", "postgres", "--", *args], capture_output=True, text=True,
@@ -52,7 +54,7 @@ class Cluster:
         self._as_postgres(self.initdb, "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync",
                           "-E", "UTF8", "--locale=C")
         conf = [f"port = {self.port}", f"listen_addresses = '{','.join(self._listen)}'",
-                f"unix_socket_directories = '{self.directory}'", "fsync = off", "max_connections = 30"]
+                f"unix_socket_directories = '{self.directory}'", "fsync = off", f"max_connections = {self._max_connections}"]
         hba = ["local all all trust"]
         if self._tls is not None:
             for name in ("server_cert", "server_key", "ca"):
