@@ -36,11 +36,15 @@ Steps = Generator[Command, Any, Any]
 
 @dataclass(frozen=True, slots=True)
 class Said:
-    """Bytes the proxy itself sends the client, with their records (marked as the proxy's)."""
+    """Bytes the proxy itself sends the client, with their records (marked as the proxy's).
+
+    `channel`: on which of the client's channels, for a protocol that has several (`Send.channel`).
+    """
 
     data: bytes
     records: list[Record]
     count: int = 1
+    channel: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -342,7 +342,7 @@ class Session:
     def say(self, said: Said) -> Send:
         """What the proxy itself tells the client: recorded as the proxy's, counted, sent."""
         self.record_messages(SERVER, said.records, said.count)
-        return Send(CLIENT, said.data)
+        return Send(CLIENT, said.data, said.channel)
 
     def _emit(self, kind: str, body: dict) -> None:
         try:
