@@ -452,6 +452,24 @@ class Scanner:
                 return f"[MASKED:{kind}]".encode(), kinds + (kind,)
         return out, kinds
 
+    def masked_or_none(self, value: bytes) -> bytes | None:
+        """`mask_bytes(value)[0]` when something was found, else None: the per-value hot path, no tuples built."""
+        run, skip_plain = self._run_for(value)
+        if not run:
+            return None
+        text = value.decode("utf-8", "surrogateescape")
+        found = self._find(text, run, skip_plain)
+        if not found:
+            return None
+        masked = self._replace(text, found)
+        out = masked.encode("utf-8", "surrogateescape")
+        run, skip_plain = self._run_for(out)
+        if run:
+            leftover = self._find(masked, run, skip_plain)
+            if leftover:
+                return f"[MASKED:{leftover[0][4].kind}]".encode()
+        return out
+
 
 @lru_cache(maxsize=64)
 def scanner_for(kinds: frozenset[str]) -> Scanner:

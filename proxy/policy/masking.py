@@ -131,9 +131,14 @@ class RowMasker:
         The caller keeps an unchanged row's bytes as they are; values that
         masking leaves alone are the caller's own objects.
         """
-        actions, known, mask_bytes = self._actions, len(self._actions), self.scanner.mask_bytes
+        out = list(values)
+        return out if self.mask_in_place(out) else None
+
+    def mask_in_place(self, values: list[bytes | None]) -> bool:
+        """`mask_values` on a list the caller owns, replaced value by value; whether anything changed."""
+        actions, known, masked_or_none = self._actions, len(self._actions), self.scanner.masked_or_none
         shortest = self.scanner.shortest
-        out = None
+        changed = False
         for index, value in enumerate(values):
             if value is None:
                 continue
@@ -141,17 +146,16 @@ class RowMasker:
             if action == _SCAN:
                 if len(value) < shortest:
                     continue
-                masked, kinds = mask_bytes(value)
-                if not kinds:
+                masked = masked_or_none(value)
+                if masked is None:
                     continue
             elif action == _PASS:
                 continue
             else:
                 masked = None if action == _HIDE_BINARY else COLUMN_PLACEHOLDER
-            if out is None:
-                out = list(values)
-            out[index] = masked
-        return out
+            values[index] = masked
+            changed = True
+        return changed
 
     def mask_copy_row(self, line: bytes) -> Masked[bytes]:
         """One COPY text-format row (tab-separated, `\\N` for NULL, backslash escapes, trailing newline).

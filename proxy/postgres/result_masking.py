@@ -93,17 +93,22 @@ def _data_row_values(payload: bytes) -> list[bytes | None]:
 
 
 def _data_row(count: bytes, values: list[bytes | None]) -> bytes:
-    """A whole DataRow message; `count` is the original's Int16 column count (masking keeps every column)."""
+    """A whole DataRow message; `count` is the original's Int16 column count (masking keeps every column).
+
+    Built in a bytearray, which the garbage collector does not track (a list of
+    parts per row would make it run more often over a large result).
+    """
     pack = _INT32.pack
-    parts = [count]
+    out = bytearray(b"D\0\0\0\0")
+    out += count
     for value in values:
         if value is None:
-            parts.append(_NULL)
+            out += _NULL
         else:
-            parts.append(pack(len(value)))
-            parts.append(value)
-    body = b"".join(parts)
-    return b"D" + pack(len(body) + 4) + body
+            out += pack(len(value))
+            out += value
+    out[1:5] = pack(len(out) - 1)
+    return bytes(out)
 
 
 class ResultMasker:
@@ -151,13 +156,13 @@ class ResultMasker:
         for message in messages:
             if message.type == "DataRow":  # the hot path, inline: one row per call into the masker
                 data = message.data
-                values = self._rows.mask_values(_data_row_values(data[5:]))
-                if values is None:
-                    out.append(message)
-                    changed.append(False)
-                else:
+                values = _data_row_values(data[5:])
+                if self._rows.mask_in_place(values):
                     out.append(Message("DataRow", _data_row(data[5:7], values)))
                     changed.append(True)
+                else:
+                    out.append(message)
+                    changed.append(False)
                 continue
             masked = self._mask(message)
             out.append(masked)
@@ -167,8 +172,8 @@ class ResultMasker:
     def _mask(self, message: Message) -> Message:
         kind = message.type
         if kind == "DataRow":
-            values = self._rows.mask_values(_data_row_values(message.payload))
-            return message if values is None else Message(kind, _data_row(message.payload[:2], values))
+            values = _data_row_values(message.payload)
+            return Message(kind, _data_row(message.payload[:2], values)) if self._rows.mask_in_place(values) else message
         if kind == "CopyData":
             if self._copy is None:
                 return message
