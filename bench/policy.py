@@ -1,6 +1,7 @@
 """Policy cost: µs per statement for the check, and masking throughput through the real proxy.
 
     .venv/bin/python bench/policy.py [--rows 100000]
+    .venv/bin/python bench/policy.py --micro [--rows 100000]   # the masker alone: no PostgreSQL, no network
 
 1. `Policy.decide` on the default policy, per statement: a mix of simple and
    nested statements, first uncached (distinct texts), then cached (the
@@ -11,11 +12,19 @@
    as a `dba` (exempt: no masking) — rows/s each, best of three.
 
 Needs the machine's PostgreSQL (127.0.0.1:5432, trust) and starts a dev broker.
+
+`--micro`: the same rows (one RowDescription, then DataRow messages as
+PostgreSQL sends them) through `ResultMasker.mask` under the default policy's
+plan for `dev`, against a same-run baseline of an unmasked pass (the codec
+decodes and re-encodes every DataRow: the least any rewrite costs) — rows
+per CPU second of this process (so other load on the machine does not count),
+best of five, interleaved, and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import struct
 import sys
 import tempfile
 import time
@@ -26,9 +35,10 @@ import psycopg
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[0:1] = [str(ROOT), str(ROOT / "tests")]  # not bench/, whose ingest.py would shadow the package
 
-from ingest.broker import DevBroker  # noqa: E402
-from pg_fixtures import DIRECT, start_proxy  # noqa: E402
+from ingest.protocols.postgres import messages as m  # noqa: E402
+from ingest.protocols.postgres.protocol import Message  # noqa: E402
 from proxy.policy import Operation, Policy  # noqa: E402
+from proxy.postgres.result_masking import ResultMasker  # noqa: E402
 
 TABLE = "custody_bench_policy"
 STATEMENTS = [
@@ -67,13 +77,64 @@ def rows_per_second(dsn: str, rows: int) -> float:
     return best
 
 
+def bench_rows(rows: int) -> list[Message]:
+    """What PostgreSQL sends for `SELECT id, email, note, ssn FROM TABLE` (text format; id int4, the rest text)."""
+    def field(name: str, type_oid: int) -> bytes:
+        return name.encode() + b"\0" + struct.pack("!IhIhih", 0, 0, type_oid, -1, -1, 0)
+
+    body = struct.pack("!h", 4) + field("id", 23) + field("email", 25) + field("note", 25) + field("ssn", 25)
+    messages = [Message("RowDescription", b"T" + struct.pack("!I", len(body) + 4) + body)]
+    for i in range(1, rows + 1):
+        values = [str(i).encode(), f"user{i}@mail.example".encode(),
+                  f"paid with 4111 1111 1111 1111 on order {i}".encode(), f"123-45-{i % 10000:04d}".encode()]
+        messages.append(Message("DataRow", m.data_row(values)))
+    return messages
+
+
+def bench_masker(policy: Policy, rows: int, repeats: int = 5) -> tuple[float, float]:
+    """Masked and unmasked rows per CPU second of the masker alone (best of `repeats`, interleaved)."""
+    plan = policy.masking_for("eve@example.com", ("dev",), "local-postgres")
+    assert plan is not None
+    messages = bench_rows(rows)
+    data_rows = messages[1:]
+    masked_out, changed = ResultMasker(plan).mask(messages)
+    assert all(changed[1:]), "every bench row has something to mask"
+    sample = m.decode_data_row(masked_out[1].payload).values
+    assert b"4111 1111" not in sample[2] and sample[3] == b"[MASKED:column]", sample
+
+    def unmasked() -> None:
+        for message in data_rows:
+            m.data_row(m.decode_data_row(message.payload).values)
+
+    best_masked = best_unmasked = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()
+        ResultMasker(plan).mask(messages)
+        best_masked = min(best_masked, time.process_time() - start)
+        start = time.process_time()
+        unmasked()
+        best_unmasked = min(best_unmasked, time.process_time() - start)
+    return rows / best_masked, rows / best_unmasked
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--statements", type=int, default=5_000)
+    parser.add_argument("--micro", action="store_true", help="the masker alone over DataRow messages, no network")
     args = parser.parse_args()
 
     policy = Policy.load(ROOT / "proxy" / "policies" / "default.toml")
+    if args.micro:
+        masked, unmasked = bench_masker(policy, args.rows)
+        print(f"{args.rows:,} DataRows, 3 sensitive columns, ResultMasker.mask alone (no network, rows per CPU second):")
+        print(f"  unmasked pass (decode + re-encode): {unmasked:,.0f} rows/s")
+        print(f"  masked   (dev plan):                {masked:,.0f} rows/s  ({masked / unmasked:.0%} of unmasked)")
+        return
+
+    from ingest.broker import DevBroker  # the proxy run needs PostgreSQL and a broker; --micro neither
+    from pg_fixtures import DIRECT, start_proxy
+
     uncached, cached = bench_decide(policy, args.statements)
     print(f"policy check: {uncached:.1f} µs/statement (distinct texts), {cached:.1f} µs/statement (repeated text)")
 
