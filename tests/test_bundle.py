@@ -242,6 +242,57 @@ def test_every_tampering_is_caught_with_its_own_message(evidence, bundle, tmp_pa
     assert any(expected in p for p in found), found
 
 
+def verify_lines(path: Path, keyring: Keyring, jobs: int, trace: bool = False) -> tuple[list[str], str, bool, list[str]]:
+    steps: list[str] = []
+    report = verify_bundle(path, keyring, trace=steps.append if trace else None, jobs=jobs)
+    return report.problems, report.summary(), report.ok, steps
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of 3 events, so that a test bundle is several chunks and --jobs 2 really uses two workers."""
+    import query.bundle_verify
+    monkeypatch.setattr(query.bundle_verify, "CHUNK_EVENTS", 3)
+
+
+def test_jobs_1_and_jobs_2_give_the_same_report_and_proof_steps(evidence, tmp_path, small_chunks):
+    out = tmp_path / "alice.custody"
+    evidence.export(out, Scope(identity="alice@example.com"))
+    one, two = verify_lines(out, evidence.keyring, 1, trace=True), verify_lines(out, evidence.keyring, 2, trace=True)
+    assert one == two
+    assert one[0] == [] and one[2] and "SHA256(0x01 | " in "".join(one[3])
+
+
+def test_a_tampered_event_is_reported_the_same_way_by_jobs_1_and_2(evidence, bundle, small_chunks):
+    def change(rows):
+        for index in (1, 7):  # two chunks apart
+            event = bytearray(rows[index]["event"])
+            event[event.index(b"secret")] ^= 0x01
+            rows[index]["event"] = bytes(event)
+        rows[4]["tree_size"] -= 1
+        rows[5]["event"] = b"not avro"
+    rewrite(bundle, lambda files: edit_events(files, change))
+    one, two = verify_lines(bundle, evidence.keyring, 1), verify_lines(bundle, evidence.keyring, 2)
+    assert one == two
+    problems, summary, ok, _ = one
+    assert not ok and summary.startswith("6/10 events valid")
+    events = [p for p in problems if p.startswith("Event ")]
+    assert [p.split(" INVALID: ")[1].split(" ")[0] for p in events] == [
+        "bad_signature:", "inclusion", "signed", "bad_signature:"]
+    assert "inclusion proof is for tree size" in events[1] and "signed bytes do not decode" in events[2]
+    assert any(p.startswith("Session ") and "INCOMPLETE" in p for p in problems)
+
+
+def test_the_cli_takes_jobs(evidence, bundle):
+    runs = [subprocess.run([sys.executable, "-m", "custody", "bundle", "verify", str(bundle), "--trust", str(evidence.trust),
+                            "--jobs", jobs], capture_output=True, text=True) for jobs in ("1", "2")]
+    assert [r.returncode for r in runs] == [0, 0], runs[1].stderr
+    assert runs[0].stdout == runs[1].stdout and runs[0].stderr == runs[1].stderr == ""
+    zero = subprocess.run([sys.executable, "-m", "custody", "bundle", "verify", str(bundle), "--trust", str(evidence.trust),
+                           "--jobs", "0"], capture_output=True, text=True)
+    assert zero.returncode == 2 and "--jobs" in zero.stderr
+
+
 def test_transfers_extend_the_chain_of_custody_without_breaking_signatures(evidence, bundle):
     transfer(bundle, to="external-auditor@example.com", reason="annual audit", key=evidence.exporter, by="compliance")
     transfer(bundle, to="court-clerk", reason="subpoena 42", key=evidence.exporter)

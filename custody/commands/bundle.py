@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import click
+from rich.console import Console
 from rich.progress import Progress
 
 from custody.config import config_option, load_config
@@ -56,9 +59,18 @@ def export(sessions, identity, target, since, until, where, case, purpose, recip
 @click.option("--trust", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Keyring of the public keys you trust (proxy, ledger, exporter).")
 @click.option("--verbose", is_flag=True, help="Print every proof step.")
-def verify(file: Path, trust: Path, verbose: bool) -> None:
+@click.option("--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="the machine's cores",
+              help="Processes checking events; 1 checks them in this process. The report is the same either way.")
+def verify(file: Path, trust: Path, verbose: bool, jobs: int) -> None:
     """Check a bundle offline: signatures, proofs, checkpoints, completeness, custody history."""
-    report = verify_bundle(file, Keyring.load(trust), trace=click.echo if verbose else None)
+    trace = click.echo if verbose else None
+    if sys.stderr.isatty():
+        with Progress(console=Console(stderr=True), transient=True) as progress:
+            task = progress.add_task("verifying events", total=None)
+            report = verify_bundle(file, Keyring.load(trust), trace=trace, jobs=jobs,
+                                   progress=lambda done, total: progress.update(task, completed=done, total=total))
+    else:
+        report = verify_bundle(file, Keyring.load(trust), trace=trace, jobs=jobs)
     for problem in report.problems:
         click.echo(problem)
     for record in report.transfers:
