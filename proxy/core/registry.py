@@ -16,6 +16,8 @@ from .frontend import Protocol
 
 FRONT_ENDS: dict[str, str] = {
     "postgres": "proxy.postgres.frontend:PostgresProtocol",
+    "http": "proxy.http.frontend:HttpProtocol",
+    "kubernetes": "proxy.http.frontend:KubernetesProtocol",
 }
 
 
