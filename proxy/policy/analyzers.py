@@ -68,9 +68,18 @@ def postgres(operation: Operation) -> tuple[Part, ...]:
     return _statement_parts(sql)
 
 
+def mysql(operation: Operation) -> tuple[Part, ...]:
+    """Every statement of a MySQL COM_QUERY / COM_STMT_PREPARE text, nested ones included (`mysql_sql`)."""
+    if operation.kind != "statement":
+        return ()
+    from .mysql_sql import analyze_mysql  # sqlglot loads only where MySQL is decided
+
+    return tuple(part for top in analyze_mysql(operation.text) for part in _walk(top, 0))
+
+
 ANALYZERS: dict[str, Analyzer] = {
     "postgres": postgres,
-    # "mysql": mysql,            sqlglot's MySQL dialect, into StatementInfo parts
+    "mysql": mysql,  # sqlglot's MySQL dialect, into StatementInfo parts (proxy.policy.mysql_sql)
     # "ssh": ssh,                shell-quoted argv; `sh -c '…'` and `;`/`&&` lists as parts of their own
     # "kubernetes": kubernetes,  verb, resource, namespace and name from the API path
 }
