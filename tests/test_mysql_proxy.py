@@ -127,3 +127,143 @@ def test_pymysql_text_queries_same_as_direct_and_recorded(proxy, target):
     assert token_records and all(m["data"] == b"" and m["attributes"]["redacted"] == "token" for m in token_records)
     assert not any(proxy.token().encode()[:40] in e.value for e in events)
     assert not any(target.password.encode() in e.value for e in events)
+
+
+def test_connector_prepared_statements_over_tls_record_bound_values(proxy, target):
+    app = new_app("connector")
+    conn = connector(proxy, target, app)
+    try:
+        cur = conn.cursor(prepared=True)
+        cur.execute("SELECT id, name, born, score FROM people WHERE id = %s AND name <> %s", (1, "zed"))
+        assert cur.fetchall() == [(1, "alice", dt.date(1990, 5, 17), decimal.Decimal("12.50"))]
+        cur.execute("INSERT INTO people (id, name, born, score) VALUES (%s, %s, %s, %s)",
+                    (20, "dave", dt.date(2001, 2, 3), decimal.Decimal("1.25")))
+        cur.execute("DELETE FROM people WHERE id = %s", (20,))
+        assert cur.rowcount == 1
+        cur.close()
+    finally:
+        conn.close()
+    events = proxy.events.session(app)
+    assert events[0].body["attributes"]["tls"].startswith("TLS")
+    executes = client_records(events, "COM_STMT_EXECUTE")
+    assert [(m["statement"], m["parameters"]) for m in executes] == [
+        ("SELECT id, name, born, score FROM people WHERE id = ? AND name <> ?", ["1", "zed"]),
+        ("INSERT INTO people (id, name, born, score) VALUES (?, ?, ?, ?)", ["20", "dave", "2001-02-03", "1.25"]),
+        ("DELETE FROM people WHERE id = ?", ["20"]),
+    ]
+    assert executes[0]["attributes"]["parameter_types"] == '["TINY UNSIGNED", "STRING"]'  # types as bound
+    prepares = client_records(events, "COM_STMT_PREPARE")
+    assert [m["operation"] for m in prepares] == ["prepare"] * 3
+    assert [m["attributes"]["params"] for m in server_records(events, "PrepareOK")] == ["2", "4", "1"]
+    assert server_records(events, "BinaryRow")
+
+
+def test_mariadb_cli_with_the_cleartext_plugin(proxy, target):
+    host, port = proxy.address(PLAIN)
+    user = f"cli-{uuid.uuid4().hex[:8]}@example.com"
+    result = subprocess.run(
+        ["mariadb", "-h", host, "-P", str(port), "-u", user, "--skip-ssl",  # MariaDB's client allows cleartext
+         "-D", target.database, "-N", "-B", "-e", "SELECT name FROM people ORDER BY id; SELECT 6 * 7"],
+        env={**os.environ, "MYSQL_PWD": proxy.token(user)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["alice", "bob", "42"]
+    (events,) = proxy.events.find(lambda start: (start["identity"] or {}).get("subject") == user)
+    assert "SELECT 6 * 7" in [m["statement"] for m in client_records(events, "COM_QUERY")]
+
+
+def test_blocked_drop_gets_1142_and_the_session_goes_on(proxy, target):
+    app = new_app("block")
+    with connect(proxy, target, user=EVE, groups=("dev",), app=app) as conn, conn.cursor() as cur:
+        for statement in ("DROP TABLE people", "/*!50000 DROP TABLE people */", "TRUNCATE people"):
+            with pytest.raises(pymysql.err.OperationalError) as refused:
+                cur.execute(statement)
+            assert refused.value.args[0] == 1142 and "custody: " in refused.value.args[1]
+            cur.execute("SELECT 42")
+            assert cur.fetchone() == (42,)
+    with target.direct() as direct, direct.cursor() as cur:
+        cur.execute("SELECT count(*) FROM people")
+        assert cur.fetchone() == (2,)
+    events = proxy.events.session(app)
+    blocks = [e.body for e in events if e.kind == "policy_decision"]
+    assert [(d["rule"], d["action"]) for d in blocks] == [("block-drop", "block"), ("block-drop", "block"),
+                                                         ("block-truncate", "block")]
+    refusals = [m for m in server_records(events, "ERR") if m["attributes"].get("origin") == "proxy"]
+    assert [(m["error_code"], m["attributes"]["errno"]) for m in refusals] == [("42000", "1142")] * 3
+
+
+def test_masked_columns_and_detectors_in_text_and_binary_rows(proxy, target):
+    app = new_app("mask")
+    with connect(proxy, target, user=EVE, groups=("dev",), app=app) as conn, conn.cursor() as cur:
+        cur.execute("SELECT id, note, password, password AS p FROM people ORDER BY id")
+        text_rows = cur.fetchall()
+    conn = connector(proxy, target, new_app("mask-bin"), user=EVE, groups=("dev",))
+    try:
+        cur = conn.cursor(prepared=True)
+        cur.execute("SELECT id, note, password FROM people WHERE id > ? ORDER BY id", (0,))
+        binary_rows = cur.fetchall()
+    finally:
+        conn.close()
+    assert text_rows == ((1, "paid with **** **** **** 1111.", "[MASKED:column]", "[MASKED:column]"),
+                         (2, "mail A***@mail.example", "[MASKED:column]", "[MASKED:column]"))
+    assert [tuple(r) for r in binary_rows] == [row[:3] for row in text_rows]
+    events = proxy.events.session(app)
+    assert not any(b"hunter2-secret" in e.value or b"4111 1111 1111 1111" in e.value for e in events)
+    assert any(m.get("sealed_original") for m in server_records(events, "TextRow"))
+
+
+class Held:
+    """A statement run in a thread of its own, since it waits for a reviewer."""
+
+    def __init__(self, proxy, target, sql: str):
+        self.app, self.error = new_app("hold"), None
+        self.conn = connect(proxy, target, user=EVE, groups=("dev",), app=self.app)
+        self.thread = threading.Thread(target=self._run, args=(sql,))
+        self.thread.start()
+
+    def _run(self, sql: str) -> None:
+        try:
+            with self.conn.cursor() as cur:
+                cur.execute(sql)
+        except pymysql.err.MySQLError as exc:
+            self.error = exc
+
+    def finish(self) -> None:
+        self.thread.join(20)
+        assert not self.thread.is_alive()
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT 1")
+        self.conn.close()
+
+
+def _request_for(proxy, sql: str, timeout: float = 10) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for request_id, request in read_approvals(proxy.config).requests.items():
+            if request.statement == sql:
+                return request_id
+        time.sleep(0.1)
+    raise AssertionError(f"no approval request for {sql}")
+
+
+def test_held_statement_approved_then_one_denied(proxy, target):
+    sql = "UPDATE people SET name = name"
+    held = Held(proxy, target, sql)
+    request_id = _request_for(proxy, sql)
+    ok = custody(proxy, "approvals", "approve", request_id, "--reason", "INC-7", "--token", proxy.token(BOB, ("dba",)))
+    assert ok.exit_code == 0, ok.output
+    held.finish()
+    assert held.error is None
+    steps = [e.body for e in proxy.events.session(held.app) if e.kind == "policy_decision"]
+    assert [(d["action"], d["rule"]) for d in steps] == [("hold", "hold-unfiltered-writes"),
+                                                        ("approve", "hold-unfiltered-writes")]
+
+    sql = "DELETE FROM people"
+    held = Held(proxy, target, sql)
+    request_id = _request_for(proxy, sql)
+    denied = custody(proxy, "approvals", "deny", request_id, "--reason", "no", "--token", proxy.token(BOB, ("dba",)))
+    assert denied.exit_code == 0, denied.output
+    held.finish()
+    assert held.error is not None and held.error.args[0] == 1142 and f"denied by {BOB}" in held.error.args[1]
+    with target.direct() as direct, direct.cursor() as cur:
+        cur.execute("SELECT count(*) FROM people")
+        assert cur.fetchone() == (2,)
