@@ -9,7 +9,9 @@ dicts (JSON as is); `query.render` and `query.html` only lay them out.
 Frames are the protocol's business: each run of messages of one direction and
 channel becomes one step, built by the renderer of the session's protocol
 (`ingest.protocols.renderer`, beside its codec; a generic one for protocols
-without). Query decodes no protocol itself.
+without), which may then fold steps that are one thing to a reader
+(`arrange`: PostgreSQL's login, an extended-protocol statement with its
+result). Query decodes no protocol itself.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from ingest import protocols
 from ingest.errors import CustodyError
 from ingest.events import SignedEvent, micros_to_datetime, open_event
 from ingest.keys import Keyring
-from ingest.protocols.render import Renderer, Reveal
+from ingest.protocols.render import Entry, Renderer, Reveal, arrange
 from ingest.verify import Rejection, SessionChains, check_signature
 
 DEFAULT_ROWS = 10
@@ -186,8 +188,13 @@ def step_for(event: SignedEvent) -> dict[str, Any]:
 def frame_steps(body: dict[str, Any], renderer: Renderer, max_rows: int,
                 reveal: Reveal | None = None) -> list[tuple[int, dict[str, Any]]]:
     """(offset_us, step) for each run of a Frames body, each step saying its direction and channel."""
+    return [(offset_us, step) for offset_us, step, _ in _frame_entries(body, renderer, max_rows, reveal)]
+
+
+def _frame_entries(body: dict[str, Any], renderer: Renderer, max_rows: int,
+                   reveal: Reveal | None) -> list[tuple[int, dict[str, Any], list[dict[str, Any]]]]:
     return [(offset_us, {"direction": direction, "channel": channel,
-                         **renderer.step(direction, messages, max_rows=max_rows, reveal=reveal)})
+                         **renderer.step(direction, messages, max_rows=max_rows, reveal=reveal)}, messages)
             for offset_us, direction, channel, messages in runs(body)]
 
 
@@ -211,11 +218,14 @@ def replay_session(con: duckdb.DuckDBPyConnection, session: str, keyring: Keyrin
     timed = []
     for e in events:
         ts = e.envelope["ts"]
-        placed = (frame_steps(e.body, renderer, max_rows, reveal) if e.kind == "frames" else [(0, step_for(e))])
-        timed += [(ts + offset_us, {"seq": e.seq, "ts": micros_to_datetime(ts + offset_us).isoformat(),
-                                    "offset_s": (ts + offset_us - started) / 1e6, **step})
-                  for offset_us, step in placed]
+        placed = (_frame_entries(e.body, renderer, max_rows, reveal) if e.kind == "frames"
+                  else [(0, step_for(e), None)])
+        timed += [(ts + offset_us, Entry({"seq": e.seq, "ts": micros_to_datetime(ts + offset_us).isoformat(),
+                                          "offset_s": (ts + offset_us - started) / 1e6, **step}, messages))
+                  for offset_us, step, messages in placed]
     # A v2 Frames may gather several reads and be written after an event that followed its first
     # read (a hold, say): steps go by when they happened, ties (and all of v1) in seq order.
-    timed.sort(key=lambda at_step: at_step[0])
-    return Replay(verification, micros_to_datetime(started), [step for _, step in timed], protocol)
+    timed.sort(key=lambda at_entry: at_entry[0])
+    # Then the protocol's renderer may fold steps that are one thing to a reader (PostgreSQL's login).
+    steps = arrange(renderer, [entry for _, entry in timed], max_rows=max_rows, reveal=reveal)
+    return Replay(verification, micros_to_datetime(started), steps, protocol)

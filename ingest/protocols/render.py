@@ -9,6 +9,13 @@ kinds read as text (`describe`), so the layouts in query (text, HTML) stay
 protocol-neutral: a step with `columns`, `rows`, `masked_rows` and `row_count`
 is shown as a table whatever the protocol.
 
+A renderer may then `arrange` the session's steps in order, so that a replay
+reads like the session rather than like its reads: PostgreSQL folds the login
+exchange into one step, and an extended-protocol statement (Parse, Bind,
+Execute, Sync) with what came back into another. It is given every step with
+the messages a Frames step was built from (None for the session's own steps:
+start, policy, end), and returns the steps to show.
+
 `GenericRenderer` serves every protocol that has no renderer of its own: it
 shows each message's type and size and the first bytes of the first.
 """
@@ -16,7 +23,7 @@ shows each message's type and size and the first bytes of the first.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 Record = dict[str, Any]
 Step = dict[str, Any]
@@ -26,6 +33,13 @@ Description = tuple[str, str, list[str]]
 """(marker, headline, detail lines); the marker is a short upper-case word (SQL, RESULT, CLIENT, SERVER...)."""
 
 PREVIEW_BYTES = 16
+
+
+class Entry(NamedTuple):
+    """One step of a replay before `arrange`, and the recorded messages a Frames step was built from."""
+
+    step: Step
+    messages: list[Record] | None  # None: a step of the session's own (start, policy, protocol error, end)
 
 
 class Renderer(Protocol):
@@ -38,6 +52,14 @@ class Renderer(Protocol):
     def describe(self, step: Step) -> Description | None:
         """How a step this renderer built reads as text; None for kinds it does not know."""
         ...
+
+
+def arrange(renderer: Renderer, entries: list[Entry], *, max_rows: int, reveal: Reveal | None) -> list[Step]:
+    """The steps to show: the renderer's `arrange` when it has one (it is optional), else the steps as built."""
+    method = getattr(renderer, "arrange", None)
+    if method is None:
+        return [entry.step for entry in entries]
+    return method(entries, max_rows=max_rows, reveal=reveal)
 
 
 def first_bytes(data: bytes) -> str:
