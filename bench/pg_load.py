@@ -28,8 +28,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[0:1] = [str(ROOT), str(Path(__file__).resolve().parent)]  # ROOT first: bench/ingest.py must not shadow
 
 from pg_proxy import USER, free_port, wait_port  # noqa: E402
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(Path(__file__).resolve().parent)]
+sys.path[0:1] = [str(ROOT), str(ROOT / "tests"), str(Path(__file__).resolve().parent)]  # bench/ingest.py last
 
 from pg_proxy import USER, dsn, free_port, rss_kib, wait_port  # noqa: E402
 

@@ -24,6 +24,7 @@ best of five, interleaved, and their ratio.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import struct
 import sys
 import tempfile
@@ -154,6 +155,7 @@ def main() -> None:
             assert "4111 1111" not in sample[1] and sample[2] == "[MASKED:column]", sample
             unmasked = rows_per_second(clear_dsn, args.rows)
             masked = rows_per_second(masked_dsn, args.rows)
+            idle_p99, busy_p99 = p99_beside_masking(masked_dsn, clear_dsn, args.statements)
         finally:
             proxy.background.stop(60)
     with psycopg.connect(DIRECT, autocommit=True) as direct:
@@ -161,6 +163,34 @@ def main() -> None:
     print(f"{args.rows:,}-row result, 3 sensitive columns, through the proxy (recorded):")
     print(f"  unmasked (dba, exempt): {unmasked:,.0f} rows/s")
     print(f"  masked   (dev):         {masked:,.0f} rows/s  ({masked / unmasked:.0%} of unmasked)")
+    print(f"another session's SELECT 1 p99: {idle_p99:.0f} µs idle, {busy_p99:.0f} µs while masked results stream "
+          f"({busy_p99 / idle_p99:.1f}x; goal <= 2x)")
+
+
+def p99_beside_masking(masked_dsn: str, clear_dsn: str, queries: int) -> tuple[float, float]:
+    """SELECT 1 p99 of one session, idle and while another process streams masked results without pause."""
+    sys.path.append(str(Path(__file__).resolve().parent))  # last: bench/ingest.py must not shadow the package
+    from pg_proxy import latency
+
+    idle = latency(clear_dsn, queries)[1]
+    streamer = subprocess.Popen([sys.executable, "-c", STREAM_FOREVER, masked_dsn, TABLE])
+    try:
+        time.sleep(1.0)
+        busy = latency(clear_dsn, queries)[1]
+    finally:
+        streamer.kill()
+        streamer.wait()
+    return idle, busy
+
+
+STREAM_FOREVER = """
+import sys, psycopg
+with psycopg.connect(sys.argv[1]) as conn:
+    while True:
+        with conn.cursor() as cur:
+            for _ in cur.stream(f"SELECT id, email, note, ssn FROM {sys.argv[2]}"):
+                pass
+"""
 
 
 if __name__ == "__main__":

@@ -11,9 +11,11 @@ events of that turn, not one per frame. The child holds the session chains,
 the proxy key, the spool and the producer.
 
 Load slows sessions down, it never ends them. The events handed over but not
-yet recorded by the child are the recorder's backlog; above `max_queue` the
-recorder tells its pressure listeners to stop reading from the clients (the
-relay slows, TCP pushes back), and below half of it to read again.
+yet recorded by the child are the recorder's backlog. Above `max_queue` the
+recorder tells its pressure listeners to stop reading from the sessions it is
+behind on (`Pressure.HEAVY`: those that recorded the most since the last
+time; the relay slows, TCP pushes back); above twice that, from every session
+(`Pressure.ALL`); below half of it, to read again (`Pressure.NONE`).
 
 Adaptive batching. The child takes everything that waits when it wakes up and
 folds each session's consecutive Frames events into one event (contract v2:
@@ -38,6 +40,7 @@ delivers what reached it, then exits.
 from __future__ import annotations
 
 import asyncio
+import enum
 import itertools
 import logging
 import multiprocessing
@@ -99,7 +102,13 @@ class SpoolOptions:
     fsync_interval: float = 0.005
 
 
-PressureListener = Callable[[bool], None]
+class Pressure(enum.IntEnum):
+    NONE = 0  # read again
+    HEAVY = 1  # stop reading from the sessions that recorded the most lately
+    ALL = 2  # stop reading from every session
+
+
+PressureListener = Callable[[Pressure], None]
 
 
 def _weight(kind: str, body: dict[str, Any]) -> tuple[int, int]:
@@ -129,7 +138,7 @@ class Recorder:
         self._batch: list[tuple[str, str, dict[str, Any], int]] = []
         self._acked = (0, 0, 0)  # events, frames, bytes the child has recorded
         self._pressure_listeners: list[PressureListener] = []
-        self._throttling = False
+        self._pressure = Pressure.NONE
         self._process = context.Process(
             target=_recorder_main, name="custody-recorder", daemon=True,
             args=(self._requests, self._replies, kafka, spool, key.key_id, bytes(key.signing_key), producer_name))
@@ -143,9 +152,9 @@ class Recorder:
         return session
 
     def on_pressure(self, listener: PressureListener) -> None:
-        """Call `listener(True)` when the proxy should stop reading, `listener(False)` when it may read again.
+        """Call `listener(level)` when the proxy should stop reading from some or all sessions, or read again.
 
-        Called from the thread that recorded (True) or from the recorder's reply thread (False).
+        Called from the thread that recorded (HEAVY, ALL) or from the recorder's reply thread (NONE).
         """
         self._pressure_listeners.append(listener)
 
@@ -201,14 +210,16 @@ class Recorder:
             stats.max_backlog = backlog
             stats.max_backlog_frames = max(stats.max_backlog_frames, stats.frames - frames)
             stats.max_backlog_bytes = max(stats.max_backlog_bytes, stats.frame_bytes - size)
-        if backlog >= self.max_queue and not self._throttling:
-            self._throttling = True
+        level = Pressure.ALL if backlog >= 2 * self.max_queue else Pressure.HEAVY if backlog >= self.max_queue \
+            else Pressure.NONE
+        if level > self._pressure:
+            self._pressure = level
             stats.throttled += 1
-            self._tell_pressure(True)
+            self._tell_pressure(level)
 
-    def _tell_pressure(self, pressing: bool) -> None:
+    def _tell_pressure(self, level: Pressure) -> None:
         for listener in self._pressure_listeners:
-            listener(pressing)
+            listener(level)
 
     def _listen(self) -> None:
         """Replies from the child: failures, recoveries, lost sessions, flushes, progress."""
@@ -217,9 +228,9 @@ class Recorder:
             if what == "recorded":
                 self._acked = reply[1]
                 self.stats.recorded, self.stats.events_written = reply[1][0], reply[2]
-                if self._throttling and self.backlog <= self.max_queue // 2:
-                    self._throttling = False
-                    self._tell_pressure(False)
+                if self._pressure and self.backlog <= self.max_queue // 2:
+                    self._pressure = Pressure.NONE
+                    self._tell_pressure(Pressure.NONE)
             elif what == "failed":
                 self._failure = reply[1]
             elif what == "recovered":
@@ -258,11 +269,13 @@ class SessionRecording:
     def __init__(self, recorder: Recorder, session_id: str):
         self.recorder, self.session_id = recorder, session_id
         self.broken = False
+        self.recent = 0  # events recorded since the proxy last looked (whom to slow down first)
 
     def record(self, kind: str, body: dict[str, Any]) -> None:
         """Accept one event for recording, or raise RecorderUnavailable (do not relay)."""
         if self.broken:
             raise RecorderUnavailable(f"session {self.session_id}: an earlier event could not be recorded")
+        self.recent += 1
         self.recorder._put(self, kind, body)
 
 

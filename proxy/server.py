@@ -19,7 +19,7 @@ from nacl.public import PublicKey
 
 from ingest.errors import CustodyError
 from ingest.keys import PrivateKey, load_key_file
-from ingest.recorder import Recorder, SpoolOptions
+from ingest.recorder import Pressure, Recorder, SpoolOptions
 from ingest.settings import ConfigError
 from proxy.approvals_gateway import ApprovalGateway
 from proxy.identity import TokenVerifier
@@ -67,7 +67,7 @@ class ProxyService:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self.recorder.on_pressure(lambda pressing: loop.call_soon_threadsafe(self._throttle, pressing))
+        self.recorder.on_pressure(lambda level: loop.call_soon_threadsafe(self._throttle, level))
         for proxy in self.proxies:
             try:
                 await proxy.start()
@@ -75,10 +75,10 @@ class ProxyService:
                 raise CustodyError(f"proxy {proxy.settings.name}: cannot listen on "
                                    f"{proxy.settings.listen_host}:{proxy.settings.listen_port}: {exc.strerror}") from None
 
-    def _throttle(self, pressing: bool) -> None:
-        """The recorder is behind: no listener reads until it catches up (load slows sessions, never ends them)."""
+    def _throttle(self, level: Pressure) -> None:
+        """The recorder is behind: the sessions it is behind on wait until it catches up (load slows, never ends)."""
         for proxy in self.proxies:
-            proxy.throttle(pressing)
+            proxy.throttle(level)
 
     async def stop(self) -> None:
         for proxy in self.proxies:

@@ -754,3 +754,24 @@ def test_a_failing_ending_hook_still_ends_the_session_once(hook):
     assert recording.kinds()[-1] == "session_end"
     assert [body["reason"] for body in recording.of("session_end")] == ["shutdown"]
     assert session.is_closed and session.closed(CLIENT) == []
+
+
+# --- back-pressure behind a paused handler ------------------------------------------------
+
+
+def test_a_lane_that_queues_too_much_stops_reading_its_side_until_it_drains(policy):
+    """A client pipelining megabytes behind a held command is slowed down (TCP), not buffered without bound."""
+    from proxy.core.commands import ReadControl
+    from proxy.core.session import LANE_QUEUE_BYTES
+
+    session, _ = make(policy)
+    login(session)
+    wait, _ = held(session)
+    chunk = b"x" * 4095 + b"\n"
+    outs = [session.data(CLIENT, chunk) for _ in range(LANE_QUEUE_BYTES // len(chunk) + 2)]
+    pauses = [c for out in outs for c in out]
+    assert pauses == [ReadControl(CLIENT, True)]
+    approve = ApprovalOutcome(wait.request.request_id, "approve", BOB.to_avro(), "fine")
+    out = session.completed(wait, approve)
+    assert ReadControl(CLIENT, False) in out
+    assert sum(1 for c in out if isinstance(c, Send) and c.data == chunk) == len(outs)

@@ -8,7 +8,7 @@ import pytest
 
 from events_factory import frames, session_end, session_start
 from ingest.consumer import Accepted, EventConsumer
-from ingest.recorder import Recorder, RecorderUnavailable, SpoolOptions
+from ingest.recorder import Pressure, Recorder, RecorderUnavailable, SpoolOptions
 from ingest.verify import EventVerifier
 
 
@@ -69,19 +69,22 @@ def test_frames_that_wait_together_become_one_event_and_keep_their_order(kafka_s
 
 def test_a_backlog_slows_the_proxy_down_instead_of_refusing(kafka_settings, proxy_key, tmp_path):
     recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "p", max_queue=20)
-    pressure: list[bool] = []
+    pressure: list[Pressure] = []
     recorder.on_pressure(pressure.append)
     session = recorder.open_session()
     for _ in range(5000):  # a proxy stops reading when told; this one stops recording
         session.record("frames", frames())
         if pressure:
             break
-    assert pressure == [True] and recorder.stats.refused == 0 and recorder.backlog >= 20
+    assert pressure == [Pressure.HEAVY] and recorder.stats.refused == 0 and recorder.backlog >= 20
+    for _ in range(20):  # a proxy that goes on recording after HEAVY is told to stop reading from everyone
+        session.record("frames", frames())
+    assert pressure[-1] is Pressure.ALL
     assert recorder.flush(timeout=30)
     deadline = time.monotonic() + 10
     while pressure[-1] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert pressure[-1] is False and recorder.stats.throttled >= 1
+    assert pressure[-1] is Pressure.NONE and recorder.stats.throttled >= 2
     assert recorder.stats.max_backlog >= 20 and recorder.stats.max_backlog_frames >= 20
     recorder.close()
 

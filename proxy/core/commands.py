@@ -101,6 +101,25 @@ class SetTimer(Command):
 
 
 @dataclass(frozen=True, slots=True)
+class Cede(Command):
+    """Let the event loop serve other sessions once before going on: long CPU work (masking) in slices.
+
+    Completes on the loop's next turn. Blocking, so what arrives meanwhile
+    from the same side queues behind it, in order.
+    """
+
+    blocking: ClassVar[bool] = True
+
+
+@dataclass(frozen=True, slots=True)
+class ReadControl(Command):
+    """Stop (or resume) reading from one side: its lane queues more than the session should hold."""
+
+    side: Side
+    paused: bool
+
+
+@dataclass(frozen=True, slots=True)
 class SendOnce(Command):
     """Open a short connection, send `data`, close: owned by the listener, so it outlives this session."""
 

@@ -18,16 +18,18 @@ import ssl
 import threading
 from typing import Any, Protocol
 
-from ingest.recorder import Recorder
+from ingest.recorder import Pressure, Recorder
 from proxy.approvals import ApprovalOutcome, ApprovalRequest
 from proxy.identity import AuthenticationError, TokenVerifier
 
 from .commands import (
     CLIENT,
     AwaitApproval,
+    Cede,
     Close,
     Command,
     OpenUpstream,
+    ReadControl,
     Send,
     SendOnce,
     SetTimer,
@@ -47,6 +49,7 @@ READ_BUFFER = 256 * 1024
 SEND_ONCE_TIMEOUT = 5.0
 _PEER_FULL = "peer write buffer full"
 _RECORDER_BEHIND = "recorder behind"
+_LANE_FULL = "session queue full"
 
 
 class Approvals(Protocol):
@@ -71,11 +74,18 @@ class Listener:
         self._tasks: set[asyncio.Task] = set()
         self.throttled = False
 
-    def throttle(self, pressing: bool) -> None:
-        """Back-pressure from the recorder: every session of this listener stops (or goes on) reading."""
-        self.throttled = pressing
-        for connection in list(self.connections):
+    def throttle(self, level: Pressure) -> None:
+        """Back-pressure from the recorder: the sessions it is behind on stop reading (all of them at ALL)."""
+        self.throttled = level is Pressure.ALL
+        connections, heavy = list(self.connections), []
+        if level is Pressure.HEAVY:
+            recent = [connection.session.recording.recent for connection in connections]
+            average = sum(recent) / max(len(recent), 1)
+            heavy = [c for c, count in zip(connections, recent) if count >= average and count > 0]
+        for connection in connections:
+            pressing = level is Pressure.ALL or (level is Pressure.HEAVY and connection in heavy)
             connection.throttle(pressing)
+            connection.session.recording.recent = 0
 
     @property
     def address(self) -> tuple[str, int]:
@@ -258,8 +268,18 @@ class ClientConnection(_Receiver):
                 self._spawn(self._await_approval(command))
             elif kind is SendOnce:
                 self.listener.send_once(command)
+            elif kind is Cede:
+                asyncio.get_running_loop().call_soon(self._ceded, command)
+            elif kind is ReadControl:
+                side = self if command.side == CLIENT else self.upstream
+                if side is not None:
+                    (side.pause_reading if command.paused else side.resume_reading)(_LANE_FULL)
             else:
                 raise TypeError(f"no adapter for command {command!r}")
+
+    def _ceded(self, command: Cede) -> None:
+        if not self._closed:
+            self.run(self.session.completed(command))
 
     def _write_client(self, data: bytes) -> None:
         if self._held_writes is not None:

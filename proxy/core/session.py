@@ -53,6 +53,7 @@ from .commands import (
     Close,
     Command,
     OpenUpstream,
+    ReadControl,
     Send,
     SetTimer,
     Side,
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 STARTUP_TIMER = "startup"
+LANE_QUEUE_BYTES = 1 << 20  # input a paused lane holds before the side is no longer read (back-pressure)
 IDENTITY_TIMER = "identity"
 CORE_ATTRIBUTES = ("tls", "upstream_tls", "upstream_cert_sha256", "token_exp")  # SessionStart facts only the core sets
 PROTOCOL_VIOLATION = "08P01"
@@ -88,7 +90,7 @@ class Recording(Protocol):
 class _Lane:
     """One side's handlers: the one paused on a blocking command, and the inputs queued behind it."""
 
-    __slots__ = ("side", "paused", "waiting_for", "queue", "input")
+    __slots__ = ("side", "paused", "waiting_for", "queue", "input", "queued_bytes", "reading_paused")
 
     def __init__(self, side: Side) -> None:
         self.side = side
@@ -96,6 +98,8 @@ class _Lane:
         self.paused: Generator[Command, Any, Any] | None = None
         self.waiting_for: Command | None = None
         self.queue: deque[bytes | Event] = deque()
+        self.queued_bytes = 0
+        self.reading_paused = False  # the adapter was told to stop reading this side (ReadControl)
 
 
 class Event:
@@ -164,8 +168,7 @@ class Session:
             self.counters.client_bytes += len(data)
         lane = self._lanes[side]
         if lane.paused is not None:
-            lane.queue.append(data)
-            return []
+            return self._enqueue(lane, data, len(data))
         lane.input = data
         handler = self.front.client_data(data) if side == CLIENT else self.front.server_data(data)
         return self._run(lane, handler)
@@ -185,8 +188,7 @@ class Session:
             self.counters.client_bytes += len(data)
         lane = self._lanes[side]
         if lane.paused is not None:
-            lane.queue.append(Event(item, data))
-            return []
+            return self._enqueue(lane, Event(item, data), len(data))
         lane.input = data
         handler = self.front.client_event(item) if side == CLIENT else self.front.server_event(item)
         return self._run(lane, handler)
@@ -241,6 +243,15 @@ class Session:
                 return self._run(lane, handler, value=result, error=error)
         return []
 
+    def _enqueue(self, lane: _Lane, entry: bytes | Event, size: int) -> list[Command]:
+        """Queue an input behind the lane's paused handler; past LANE_QUEUE_BYTES, stop reading that side."""
+        lane.queue.append(entry)
+        lane.queued_bytes += size
+        if lane.queued_bytes > LANE_QUEUE_BYTES and not lane.reading_paused:
+            lane.reading_paused = True
+            return [ReadControl(lane.side, True)]
+        return []
+
     def _run(self, lane: _Lane, handler: Steps, *, value: Any = None, error: BaseException | None = None,
              ending: bool = False) -> list[Command]:
         """Drive a handler until it finishes or blocks, then the inputs queued behind it."""
@@ -251,6 +262,10 @@ class Session:
             if not lane.queue:
                 break
             data = lane.queue.popleft()
+            lane.queued_bytes -= len(data.data) if type(data) is Event else len(data)
+            if lane.reading_paused and lane.queued_bytes <= LANE_QUEUE_BYTES // 2:
+                lane.reading_paused = False
+                out.append(ReadControl(lane.side, False))
             if type(data) is Event:
                 lane.input, item = data.data, data.item
                 handler = self.front.client_event(item) if lane.side == CLIENT else self.front.server_event(item)
@@ -555,8 +570,9 @@ class Session:
             "recorder_failure", "recorder_failure", "the session cannot be recorded, so it is closed (fail closed)"))
         out: list[Command] = [Send(CLIENT, said.data)] if said is not None else []
         self._backlog = None
-        self._lanes[CLIENT].queue.clear()
-        self._lanes[SERVER].queue.clear()
+        for lane in self._lanes.values():
+            lane.queue.clear()
+            lane.queued_bytes = 0
         return out + list(self._close("recorder_failure"))
 
 

@@ -22,14 +22,13 @@ behind it in the core.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 
 from ingest.protocols.postgres import messages as m
 from ingest.protocols.postgres.protocol import PROTOCOL_VIOLATION, Message, MessageReader, violation
 from ingest.recorder import RecorderUnavailable
 from proxy.approvals import ApprovalRequest
 from proxy.core import records
-from proxy.core.commands import CLIENT, SERVER, OpenUpstream, Send, SendOnce, StartTLS, TLSFailed
+from proxy.core.commands import CLIENT, SERVER, Cede, OpenUpstream, Send, SendOnce, StartTLS, TLSFailed
 from proxy.core.frontend import Ending, FrontEnd, Protocol, Said, Steps
 from proxy.core.session import Session
 from proxy.policy import Decision
@@ -51,6 +50,12 @@ ADMIN_SHUTDOWN = "57P01"
 INVALID_CATALOG_NAME = "3D000"
 _LOGIN_REFUSED_CLASS = "28"
 _NOT_FORWARDED = frozenset({"user", "database"})
+# What Custody does not relay, and what to use instead (the client's error, the evidence, the log).
+GSSENC_REFUSED = ("custody: GSSAPI encryption is not supported; connect with sslmode=require/prefer (TLS) "
+                  "and the OIDC token as password")
+REPLICATION_REFUSED = ("replication connections are not relayed by Custody; connect to the target directly "
+                       "with a replication role")
+MASK_SLICE = 32  # messages masked between two turns of the event loop (~0.5 ms at 60k rows/s)
 _SYNC_POINTS = frozenset({"Query", "Sync", "FunctionCall"})  # each is answered with one ReadyForQuery
 _EXTENDED = frozenset({"Parse", "Bind", "Describe", "Execute", "Close", "Flush"})  # in flight until a Sync
 # The core's endings as PostgreSQL errors (auth_failed and protocol_error carry their own codes).
@@ -107,6 +112,7 @@ class PostgresFrontEnd(FrontEnd):
         self.database = settings.upstream.database  # the target database this session logs in to
         self._pending = 0  # sync points sent to the target whose ReadyForQuery has not come back
         self._unsynced = False  # extended-protocol messages sent since the last Sync
+        self._refused_gssenc = False  # answered a GSSENCRequest with 'N'
 
     @property
     def user(self) -> str | None:
@@ -135,6 +141,10 @@ class PostgresFrontEnd(FrontEnd):
 
     def client_closed(self) -> Steps:
         self._client.eof()  # a message cut off by the close is a protocol error
+        if self.phase == "startup" and self._refused_gssenc:
+            # gssencmode=require: libpq hangs up on our 'N' and shows its own words (since CVE-2024-10977 it
+            # reads no server text before the handshake), so the refusal and its reason are in the evidence.
+            self.session.record("policy_decision", records.decision("gssapi", "deny", GSSENC_REFUSED, None))
         yield from self.session.end("client_disconnect")
 
     def _startup_packet(self, message: Message) -> Steps:
@@ -147,6 +157,13 @@ class PostgresFrontEnd(FrontEnd):
         elif message.type == "SSLRequest" and self.session.settings.tls is not None and self.session.client_tls is None:
             yield self.session.say(_said([Message("EncryptionResponse", m.SSL_ALLOWED)]))
             yield StartTLS(CLIENT, self.session.settings.tls)
+        elif message.type == "GSSENCRequest":
+            # 'N', as PostgreSQL answers without GSSAPI: gssencmode=prefer goes on with TLS or plain text.
+            log.info("session %s from %s: %s", self.session.session_id, self.session.source_address, GSSENC_REFUSED)
+            self._refused_gssenc = True
+            said = _said([Message("EncryptionResponse", m.ENCRYPTION_DENIED)])
+            said.records[0]["attributes"]["refused"] = GSSENC_REFUSED
+            yield self.session.say(said)
         else:
             yield self.session.say(_said([Message("EncryptionResponse", m.ENCRYPTION_DENIED)]))
 
@@ -158,10 +175,6 @@ class PostgresFrontEnd(FrontEnd):
         if not self.user:
             yield from self._refuse_login("missing_user", "no PostgreSQL user name specified in startup packet",
                                           INVALID_AUTHORIZATION)
-            return
-        if startup.parameters.get("replication", "false").lower() not in ("false", "off", "no", "0"):
-            yield from self._refuse_login("replication_refused", "replication connections are not relayed",
-                                          FEATURE_NOT_SUPPORTED)
             return
         said: list[Message] = []
         options = [name for name in startup.parameters if name.startswith("_pq_.")]
@@ -187,6 +200,9 @@ class PostgresFrontEnd(FrontEnd):
         self.phase = "verifying"
         identity = yield from session.authenticate(token, self.user, start=False)
         if identity is None:
+            return
+        if self.parameters.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+            yield from self._refuse_replication()
             return
         database = self._choose_database()
         if database is None:
@@ -230,6 +246,17 @@ class PostgresFrontEnd(FrontEnd):
         if not allowed or asked in ("", default) or (asked == self.user and asked not in allowed):
             return default
         return asked if asked in allowed else None
+
+    def _refuse_replication(self) -> Steps:
+        """A replication connection (replication=true/database), refused once the caller is known:
+        PolicyDecision (replication, deny), FATAL 0A000 saying what to use instead, SessionEnd(policy)."""
+        session = self.session
+        session.open(session.identity)
+        session.record("policy_decision", records.decision(
+            "replication", "deny", REPLICATION_REFUSED, None,
+            attributes={"replication": self.parameters.get("replication", "")}))
+        yield from session.end_with(Ending("policy", FEATURE_NOT_SUPPORTED, REPLICATION_REFUSED),
+                                    _said([_error(FEATURE_NOT_SUPPORTED, f"custody: {REPLICATION_REFUSED}")]))
 
     def _refuse_database(self) -> Steps:
         """A database not in `databases`: PolicyDecision (databases, deny), FATAL 3D000, SessionEnd(policy)."""
@@ -415,23 +442,33 @@ class PostgresFrontEnd(FrontEnd):
         if messages:
             yield from self._forward_server(messages, data if whole and not reader.buffered else None)
 
-    def _forward_server(self, messages: list[Message], raw: bytes | None) -> Iterator[Send]:
+    def _forward_server(self, messages: list[Message], raw: bytes | None) -> Steps:
         if any(x.type == "NotificationResponse" for x in messages):
             messages, raw = self._proxy_pids(messages), None
-        shown = self._policy.server(messages) if self._policy is not None else None
-        if shown is None:
-            records = rec.message_records(messages)
+        policy = self._policy
+        if policy is None or not policy.changes_results():
+            self.session.record_messages(SERVER, rec.message_records(messages), len(messages))
+            yield Send(CLIENT, raw if raw is not None else b"".join([x.data for x in messages]))
         else:
-            messages, records = shown
-            raw = None
-        self.session.record_messages(SERVER, records, len(messages))
-        yield Send(CLIENT, raw if raw is not None else b"".join([x.data for x in messages]))
+            yield from self._forward_masked(policy, messages)
         if self._pending:
             answered = sum(1 for x in messages if x.type == "ReadyForQuery")
             if answered:
                 self._pending = max(0, self._pending - answered)
                 if self.is_idle:
                     yield from self.session.between_operations()
+
+    def _forward_masked(self, policy: StatementPolicy, messages: list[Message]) -> Steps:
+        """Mask in slices, ceding the event loop between them, so that one large masked result does not
+        stall every other session; each slice is recorded, then relayed, in order."""
+        for start in range(0, len(messages), MASK_SLICE):
+            if start:
+                yield Cede()
+            part = messages[start:start + MASK_SLICE]
+            shown = policy.server(part)
+            out, records = shown if shown is not None else (part, rec.message_records(part))
+            self.session.record_messages(SERVER, records, len(out))
+            yield Send(CLIENT, b"".join([x.data for x in out]))
 
     def _proxy_pids(self, messages: list[Message]) -> list[Message]:
         """A NOTIFY from one of this listener's sessions names its proxy pid, as its client knows it."""

@@ -94,6 +94,10 @@ class StatementPolicy:
                 self._masker.replan(plan)
         return self._masker
 
+    def changes_results(self) -> bool:
+        """Whether server messages may be rewritten (a mask applies, or a refusal's stand-in is being answered)."""
+        return bool(self._refusals) or self._current_masker() is not None
+
     def server(self, messages: list[Message]) -> tuple[list[Message], list[rec.Record]] | None:
         """What the client may see of these server messages, and their records; None: all unchanged."""
         masker = self._current_masker()
