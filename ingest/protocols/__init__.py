@@ -34,7 +34,7 @@ class ProtocolViolation(Exception):
 
 # protocol (SessionStart.protocol) -> the module whose RENDERER shows its messages in a replay.
 # Imported on first use, so a proxy that never replays never loads them.
-RENDERERS: dict[str, str] = {"postgres": "ingest.protocols.postgres.render"}
+RENDERERS: dict[str, str] = {"postgres": "ingest.protocols.postgres.render", "mysql": "ingest.protocols.mysql.render"}
 
 
 def renderer(protocol: str | None) -> Renderer:
