@@ -69,6 +69,17 @@ policy = "policies/default.toml"                  # reloaded on change; see `cus
 # upstream_client_cert = "certs/proxy.crt"   # with upstream_client_key: when the target wants a client certificate
 # upstream_client_key = "certs/proxy.key"
 # databases = ["app", "analytics"] # the client's database may pick one of these; the upstream URL's is the default
+
+# An SSH target: clients log in with their OIDC token as the password, for the user named in the token.
+# [[proxy]]
+# name = "bastion"
+# protocol = "ssh"
+# listen = "127.0.0.1:2222"
+# upstream = "ssh://deploy@10.0.0.5:22"            # as whom the proxy logs in to the target
+# upstream_key_file = "keys/deploy_ed25519"        # or upstream_password_file / upstream_password_env
+# upstream_host_key = "ssh-ed25519 AAAA..."        # the target's host key, pinned (ssh-keyscan, then check it)
+# host_key_file = "keys/ssh_host_ed25519"          # the proxy's own host key, written by `custody init`
+# policy = "policies/default.toml"
 """
 
 
@@ -79,6 +90,17 @@ def write_custodian_keypair(directory: Path) -> None:
     with os.fdopen(fd, "w") as out:
         out.write(base64.b64encode(bytes(private)).decode() + "\n")
     (directory / "custodian.pub").write_text(base64.b64encode(bytes(private.public_key)).decode() + "\n")
+
+
+def write_ssh_host_key(path: Path) -> None:
+    """The SSH proxy's own host key (OpenSSH format, mode 0600) and its .pub beside it, for clients to pin."""
+    import asyncssh
+
+    key = asyncssh.generate_private_key("ssh-ed25519", comment="custody ssh proxy")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(key.export_private_key())
+    path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
 
 
 def initialise(directory: Path, proxy_port: int = 6432, broker_port: int = 9192) -> Path:
@@ -94,6 +116,7 @@ def initialise(directory: Path, proxy_port: int = 6432, broker_port: int = 9192)
         add_to_keyring(keys / "keyring.toml", generate_key_file(keys / f"{role}.key", role), role)
     write_custodian_keypair(keys)
     create_dev_idp(keys / "dev-idp.key", keys / "dev-idp.jwks.json")
+    write_ssh_host_key(keys / "ssh_host_ed25519")
     policies = directory / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "default.toml").write_text(resources.files("proxy").joinpath("policies/default.toml").read_text())

@@ -93,9 +93,21 @@ def kube(verb: str, resource: str, path: str) -> Operation:
 
 # --- decided on the operation's own fields: no analyzer for ssh or kubernetes -------------------
 
-def test_ssh_and_kubernetes_have_no_analyzer_so_they_are_one_part():
-    assert "ssh" not in analyzers.ANALYZERS and "kubernetes" not in analyzers.ANALYZERS
-    assert analyzers.parts(ssh("ls")) == (Part(),)
+def test_the_ssh_analyzer_reads_a_command_line_with_shell_quoting_into_its_simple_commands():
+    found = analyzers.parts(ssh("""sudo 'rm' "-rf" / ; X=1 ls /tmp > /tmp/out && bash -c 'cat $(echo /etc/shadow)'"""))
+    assert found[0] == Part()  # the line as sent
+    texts = [(p.operation.text, p.operation.objects, p.depth) for p in found[1:]]
+    assert texts[:3] == [("rm -rf /", ("/",), 0), ("ls /tmp", ("/tmp", "/tmp/out"), 0),
+                         ("bash -c 'cat $(echo /etc/shadow)'", ("cat $(echo /etc/shadow)",), 0)]
+    assert ("echo /etc/shadow", ("/etc/shadow",), 2) in texts
+    assert analyzers.parts(ssh("")) == (Part(),)
+    with pytest.raises(analyzers.AnalysisError):
+        analyzers.parts(ssh("echo 'unclosed"))
+
+
+def test_a_quoted_or_wrapped_rm_rf_is_still_rm_rf(policy):
+    assert decide(policy, ssh("sudo -u root env A=1 'rm' \"-rf\" /var/lib/x")).rule == "block-ssh-rm-rf"
+    assert decide(policy, ssh("sh -c 'cd / && rm -rf var'")).rule == "block-ssh-rm-rf"
 
 
 @pytest.mark.parametrize("command, action", [

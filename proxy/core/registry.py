@@ -16,6 +16,7 @@ from .frontend import Protocol
 
 FRONT_ENDS: dict[str, str] = {
     "postgres": "proxy.postgres.frontend:PostgresProtocol",
+    "ssh": "proxy.ssh.frontend:SSHProtocol",
     "mysql": "proxy.mysql.frontend:MysqlProtocol",
     "http": "proxy.http.frontend:HttpProtocol",
     "kubernetes": "proxy.http.frontend:KubernetesProtocol",

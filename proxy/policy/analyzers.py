@@ -21,11 +21,13 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+import os.path
+import shlex
 
-from .operation import Operation
+from .operation import AnalysisError, Operation
 from .sql import _CACHE_MAX_TEXT, StatementInfo, analyze
 
-__all__ = ["ANALYZERS", "Analyzer", "Part", "parts", "postgres"]
+__all__ = ["ANALYZERS", "Analyzer", "Part", "command_objects", "parts", "postgres", "shell_objects", "ssh"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,10 +79,149 @@ def mysql(operation: Operation) -> tuple[Part, ...]:
     return tuple(part for top in analyze_mysql(operation.text) for part in _walk(top, 0))
 
 
+class ShellError(AnalysisError):
+    what = "shell command"
+
+
+_OPERATORS = frozenset({";", "&&", "||", "|", "&", "|&", ";;", "(", ")", "&>"})
+_REDIRECTS = frozenset({">", ">>", "<", "<<", "<<<", ">|", "&>", "&>>", "<>"})
+_SHELLS = frozenset({"sh", "bash", "dash", "zsh", "ksh", "ash", "busybox"})
+_WRAPPERS = frozenset({"sudo", "env", "nohup", "exec", "command", "time", "nice", "doas", "xargs", "timeout",
+                       "stdbuf", "setsid", "chroot", "su"})
+_MAX_DEPTH = 4
+
+
+def _words(text: str) -> list[str]:
+    """Shell words and operators, with POSIX quoting rules (quotes removed, backslash escapes applied)."""
+    # A newline ends a command as `;` does (inside quotes too: this is analysis only, never what runs).
+    lexer = shlex.shlex(text.replace("\n", ";"), posix=True, punctuation_chars=";&|()<>")
+    lexer.whitespace_split = True
+    lexer.commenters = "#"
+    try:
+        return list(lexer)
+    except ValueError as exc:  # an unclosed quote or a trailing escape
+        raise ShellError(f"{exc}: {text[:200]!r}") from None
+
+
+def _is_path(word: str) -> bool:
+    return word.startswith(("/", "./", "../", "~")) or ("/" in word and not word.startswith("-")) or word in (".", "..")
+
+
+def command_objects(argv: list[str]) -> tuple[str, ...]:
+    """The paths a simple command names: arguments that look like paths (`/etc/x`, `./y`, `a/b`, `~`)."""
+    return tuple(dict.fromkeys(word for word in argv[1:] if _is_path(word)))
+
+
+def shell_objects(text: str) -> tuple[str, ...]:
+    """The paths a command line names: every simple command's path-like arguments and redirection targets."""
+    found: list[str] = []
+    for argv, targets in _simple_commands(text):
+        found.extend(command_objects(_unwrap(argv)))
+        found.extend(targets)
+    return tuple(dict.fromkeys(found))
+
+
+def _unwrap(argv: list[str]) -> list[str]:
+    """`sudo -u x env A=1 nohup rm …` is `rm …`: leading assignments and wrapper commands (and their options) go."""
+    while argv:
+        if "=" in argv[0] and not argv[0].startswith("=") and argv[0].split("=", 1)[0].isidentifier():
+            argv = argv[1:]
+        elif os.path.basename(argv[0]) in _WRAPPERS and len(argv) > 1:
+            argv = argv[1:]
+            while argv and argv[0].startswith("-"):
+                argv = argv[1:]
+            if argv and argv[0].isdigit() and len(argv) > 1:  # timeout 5 cmd, nice -n 5 handled above
+                argv = argv[1:]
+        else:
+            break
+    return argv
+
+
+def _simple_commands(text: str) -> list[tuple[list[str], list[str]]]:
+    """The simple commands of a command line split at `;`, `&&`, `||`, `|`, `&`: (argv, redirect targets)."""
+    out: list[tuple[list[str], list[str]]] = []
+    argv: list[str] = []
+    targets: list[str] = []
+    words = _words(text)
+    i = 0
+    while i < len(words):
+        word = words[i]
+        if word in _REDIRECTS or (word[:1] in "<>" and word.strip("<>&|") == ""):
+            if i + 1 < len(words):
+                targets.append(words[i + 1])
+            i += 2
+            continue
+        if word in _OPERATORS or word.strip(";&|()") == "":
+            if argv or targets:
+                out.append((argv, targets))
+            argv, targets = [], []
+        else:
+            argv.append(word)
+        i += 1
+    if argv or targets:
+        out.append((argv, targets))
+    return out
+
+
+def _substitutions(text: str) -> list[str]:
+    """What `$(…)` and backticks run (best effort: outermost, balanced parentheses)."""
+    found: list[str] = []
+    i = 0
+    while True:
+        start = text.find("$(", i)
+        if start < 0:
+            break
+        depth, j = 1, start + 2
+        while j < len(text) and depth:
+            depth += {"(": 1, ")": -1}.get(text[j], 0)
+            j += 1
+        found.append(text[start + 2:j - 1])
+        i = j
+    parts = text.split("`")
+    found.extend(parts[k] for k in range(1, len(parts) - 1, 2))
+    return found
+
+
+def _shell_parts(operation: Operation, text: str, depth: int) -> list[Part]:
+    found: list[Part] = []
+    for argv, targets in _simple_commands(text):
+        argv = _unwrap(argv)
+        objects = command_objects(argv) + tuple(targets)
+        if argv or objects:
+            normal = shlex.join(argv)
+            found.append(Part(operation=Operation(operation.protocol, operation.kind, normal, objects,
+                                                  operation.attributes), depth=depth))
+        if depth < _MAX_DEPTH and len(argv) >= 3 and os.path.basename(argv[0]) in _SHELLS:
+            script = next((argv[k + 1] for k, w in enumerate(argv[:-1]) if w.startswith("-") and "c" in w[1:]),
+                          None)
+            if script is not None:
+                found.extend(_shell_parts(operation, script, depth + 1))
+    if depth < _MAX_DEPTH:
+        for inner in _substitutions(text):
+            found.extend(_shell_parts(operation, inner, depth + 1))
+    return found
+
+
+def ssh(operation: Operation) -> tuple[Part, ...]:
+    """An SSH exec command line as the shell would read it: the line as sent, then every simple command.
+
+    Each simple command (split at `;`, `&&`, `||`, `|`, `&`) is a part whose
+    text is its argv re-quoted canonically (`'rm' "-rf" /` reads `rm -rf /`),
+    without leading `VAR=value` assignments and wrappers such as `sudo`,
+    `env`, `nohup`; its objects are the arguments that look like paths and
+    redirection targets. `sh -c '…'`, `$(…)` and backticks are parsed again
+    as parts of their own (nested). Best effort: a shell can always build a
+    command at run time (`eval`, variables), which no parser sees.
+    """
+    if operation.kind != "command" or not operation.text.strip():
+        return ()
+    return (Part(), *_shell_parts(operation, operation.text, 0))
+
+
 ANALYZERS: dict[str, Analyzer] = {
     "postgres": postgres,
+    "ssh": ssh,
     "mysql": mysql,  # sqlglot's MySQL dialect, into StatementInfo parts (proxy.policy.mysql_sql)
-    # "ssh": ssh,                shell-quoted argv; `sh -c '…'` and `;`/`&&` lists as parts of their own
     # "kubernetes": kubernetes,  verb, resource, namespace and name from the API path
 }
 """Protocol name → its analyzer. A protocol not listed is decided on the operation's own fields."""

@@ -1,0 +1,9 @@
+"""SSH's codecs and replay renderer, shared by the proxy (which relays SSH) and query (which replays it).
+
+* `sftp` — the SFTP protocol (draft-ietf-secsh-filexfer-02, version 3, as
+  OpenSSH speaks it), sans-I/O: framing, request and response decoding,
+  status replies, and the `Transfers` that follow handles to paths and hash
+  the file bytes that go through.
+* `render` — how recorded SSH messages read in a replay, and the asciicast
+  v2 export of a terminal session.
+"""

@@ -1,0 +1,463 @@
+"""The SSH front end: its protocol state machine on the proxy core.
+
+asyncssh terminates SSH on both sides (`proxy.ssh.server` is the glue); what
+reaches this module are SSH's events (`proxy.ssh.events`) in the order they
+happened, through the core's lanes (`Session.event`). Phases: startup → the
+client's password or keyboard-interactive answer is its OIDC token for the
+SSH user = the token's username claim (`session.authenticate`) → connecting
+(the proxy logs in to the target with its own credential, the target's host
+key pinned) → relay.
+
+Recorded: every channel's requests, data, EOF and close both ways with the
+channel id (`Message.channel`); pty-req and window-change sizes, env, exec
+command lines (operation `command`), exit status (outcome); SFTP decoded per
+packet (`ingest.protocols.ssh.sftp`), with the file bytes in the packets'
+data and each closed file's size and SHA-256; forwarded connections
+(operation `forward`).
+
+Policy: an exec or shell request is an operation (`ssh`, `command`, the
+command line; the analyzer `proxy.policy.analyzers.ssh` reads it with shell
+quoting rules); SFTP open (upload/download), remove, rename, mkdir, rmdir,
+setstat and symlink are `transfer` operations on their paths; a direct-tcpip
+channel is a `forward` to host:port, refused unless a rule allows it. A
+blocked exec gets the reason on stderr and exit status 126; a refused SFTP
+request gets SSH_FX_PERMISSION_DENIED and the session goes on; a hold waits
+for the reviewers (the client sees a notice on stderr).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ingest.protocols import ProtocolViolation
+from ingest.protocols.ssh import sftp
+from proxy.approvals import ApprovalRequest
+from proxy.core import records
+from proxy.core.commands import CLIENT, SERVER, Send
+from proxy.core.frontend import Ending, FrontEnd, Protocol, Said, Steps
+from proxy.core.session import Session
+from proxy.policy import Decision
+from proxy.policy.analyzers import shell_objects
+from proxy.policy.operation import AnalysisError, Operation
+from proxy.settings import ProxySettings
+
+from . import events as ev
+from .settings import SSHSettings
+
+log = logging.getLogger(__name__)
+
+BLOCKED_STATUS = 126  # "command found but not executable", as a shell says of a command it may not run
+FAILED_STATUS = 1
+FORWARD_CLOSED_RULE = "forwarding-closed-by-default"
+
+
+class SSHProtocol(Protocol):
+    """One SSH listener: its settings (the target, the proxy's credential and host keys)."""
+
+    name = "ssh"
+
+    def __init__(self, settings: SSHSettings) -> None:
+        self.settings = settings
+        self.listener = settings.listener
+        self.upstream = settings.upstream.describe()
+
+    @classmethod
+    def from_settings(cls, proxy: ProxySettings, fail_open: bool) -> "SSHProtocol":
+        return cls(SSHSettings.from_config(proxy, fail_open))
+
+    def front_end(self, session: Session) -> "SSHFrontEnd":
+        return SSHFrontEnd(session, self.settings)
+
+    def make_listener(self, verifier, recorder, policy, approvals, identity_leeway):
+        """asyncssh owns its sockets: the SSH glue, not the byte adapter."""
+        from .server import SSHListener
+
+        return SSHListener(self, verifier, recorder, policy, approvals, identity_leeway)
+
+
+def message(kind: str, channel: int | None, data: bytes = b"", attributes: dict[str, str] | None = None,
+            **fields: Any) -> records.Record:
+    """One `Message` record of an SSH session; `channel` is the proxy's id of the client's channel."""
+    record: records.Record = {"type": kind, "data": data, "attributes": attributes or {},
+                              "channel": None if channel is None else str(channel)}
+    record.update(fields)
+    return record
+
+
+def _size_attributes(size: tuple[int, int, int, int]) -> dict[str, str]:
+    return {"columns": str(size[0]), "rows": str(size[1]), "width_px": str(size[2]), "height_px": str(size[3])}
+
+
+@dataclass
+class _Channel:
+    id: int
+    kind: str  # exec | shell | subsystem | forward
+    text: str = ""
+    open: bool = False  # the target's side is open
+    reader: sftp.PacketReader | None = None  # SFTP: the client's packets
+    replies: sftp.PacketReader | None = None  # SFTP: the target's packets
+    transfers: sftp.Transfers | None = None
+    operations: dict[int, str] = field(default_factory=dict)  # SFTP request id -> operation, for its outcome
+    closing: dict[int, bytes] = field(default_factory=dict)  # SFTP close request id -> handle
+
+
+class SSHFrontEnd(FrontEnd):
+    def __init__(self, session: Session, settings: SSHSettings) -> None:
+        super().__init__(session)
+        self.settings = settings
+        self.phase = "startup"
+        self.user: str | None = None
+        self.channels: dict[int, _Channel] = {}
+        self._notice_channel: int | None = None  # where a hold notice goes
+
+    @property
+    def is_idle(self) -> bool:
+        """No channel open: an expired identity may end the session now."""
+        return not self.channels
+
+    # --- events ------------------------------------------------------------------------------
+
+    def client_event(self, item: Any) -> Steps:
+        kind = type(item)
+        if kind is ev.ChannelData:
+            yield from self._client_data(item)
+        elif kind is ev.Login:
+            yield from self._login(item)
+        elif kind is ev.ChannelStart:
+            yield from self._start(item)
+        elif kind is ev.WindowChange:
+            self._record(CLIENT, message("window-change", item.channel, attributes=_size_attributes(item.size)))
+            if self._open(item.channel):
+                yield ev.Resize(item.channel, item.size)
+        elif kind is ev.Signal:
+            self._record(CLIENT, message("signal", item.channel, attributes={"signal": item.name}))
+            if self._open(item.channel):
+                yield ev.SendSignal(item.channel, item.name)
+        elif kind is ev.Break:
+            self._record(CLIENT, message("break", item.channel, attributes={"msec": str(item.msec)}))
+            if self._open(item.channel):
+                yield ev.SendBreak(item.channel, item.msec)
+        elif kind is ev.ChannelEof:
+            self._record(CLIENT, message("eof", item.channel))
+            if self._open(item.channel):
+                yield ev.SendEof(SERVER, item.channel)
+        elif kind is ev.ChannelClosed:
+            yield from self._closed(CLIENT, item.channel)
+        elif kind is ev.ForwardOpen:
+            yield from self._forward(item)
+        else:
+            raise TypeError(f"unknown SSH client event {item!r}")
+
+    def server_event(self, item: Any) -> Steps:
+        kind = type(item)
+        channel = self.channels.get(getattr(item, "channel", -1))
+        if channel is None:
+            return  # the client's side already went: nothing to relay (asyncssh reports late events)
+        if kind is ev.ChannelData:
+            yield from self._server_data(channel, item)
+        elif kind is ev.ExitStatus:
+            failed = item.status != 0
+            self._record(SERVER, message("exit-status", item.channel, attributes={"status": str(item.status)},
+                                         outcome="error" if failed else "ok",
+                                         error_code=str(item.status) if failed else None))
+            yield ev.Exit(item.channel, status=item.status)
+        elif kind is ev.ExitSignal:
+            self._record(SERVER, message("exit-signal", item.channel, outcome="error", error_code=item.signal,
+                                         error_message=item.message or None,
+                                         attributes={"signal": item.signal, "core_dumped": str(item.core_dumped).lower()}))
+            yield ev.Exit(item.channel, signal=item.signal, core_dumped=item.core_dumped, message=item.message)
+        elif kind is ev.ChannelEof:
+            self._record(SERVER, message("eof", item.channel))
+            yield ev.SendEof(CLIENT, item.channel)
+        elif kind is ev.ChannelClosed:
+            yield from self._closed(SERVER, item.channel)
+        else:
+            raise TypeError(f"unknown SSH server event {item!r}")
+
+    def server_closed(self) -> Steps:
+        if self.phase != "relay":
+            yield from self.session.upstream_unavailable("the target closed the connection during login")
+            return
+        yield from self.session.end("server_disconnect")
+
+    # --- login ----------------------------------------------------------------------------------
+
+    def _login(self, login: ev.Login) -> Steps:
+        session = self.session
+        if self.phase != "startup":
+            raise ProtocolViolation("ssh_auth", "a second authentication attempt after the first was decided")
+        self.user = login.user
+        session.client_application = login.client_version
+        session.attributes = {"user": login.user, "auth_method": login.method}
+        # The token is the password: never recorded.
+        self._record(CLIENT, message("userauth-request", None, attributes={
+            "user": login.user, "method": login.method, "redacted": "token"}))
+        self.phase = "verifying"
+        identity = yield from session.authenticate(login.token, login.user, start=False)
+        if identity is None:
+            return  # refused and ended; the glue answers the attempt when it closes
+        self.phase = "connecting"
+        try:
+            fingerprint = yield ev.ConnectTarget()
+        except ev.HostKeyRefused as refused:
+            # Nobody can tell a changed key from an impostor in the path: a protocol error (a violation).
+            session.record("protocol_error", records.protocol_error("host_key_not_verified", refused.detail, b""))
+            yield from session.upstream_unavailable(refused.detail)
+            return
+        session.attributes["upstream_host_key"] = str(fingerprint)
+        session.open(identity)
+        yield ev.LoginResult(True)
+        yield session.ready()
+        self.phase = "relay"
+
+    # --- channels ---------------------------------------------------------------------------------
+
+    def _record(self, direction: str, record: records.Record, count: int = 1) -> None:
+        self.session.record_messages(direction, [record], count)
+
+    def _open(self, channel_id: int) -> bool:
+        channel = self.channels.get(channel_id)
+        return channel is not None and channel.open
+
+    def _attributes(self, **more: str) -> dict[str, str]:
+        return {"user": self.user or "", "target_user": self.settings.upstream.user, **more}
+
+    def _start(self, start: ev.ChannelStart) -> Steps:
+        ch = start.channel
+        channel = self.channels[ch] = _Channel(ch, start.kind)
+        self._record(CLIENT, message("channel-open", ch, attributes={"type": "session"}))
+        if start.term is not None:
+            self._record(CLIENT, message("pty-req", ch, attributes={
+                "term": start.term, **_size_attributes(start.size or (0, 0, 0, 0)), "modes": str(len(start.modes))}))
+        for name, value in start.env.items():
+            self._record(CLIENT, message("env", ch, attributes={"name": name, "value": value}))
+        if start.kind == "subsystem":
+            name = start.subsystem or ""
+            self._record(CLIENT, message("subsystem", ch, attributes={"subsystem": name}))
+            if name == "sftp":
+                channel.reader = sftp.PacketReader(self.settings.max_sftp_packet)
+                channel.replies = sftp.PacketReader(max(self.settings.max_sftp_packet, 1 << 20) + 1024)
+                channel.transfers = sftp.Transfers()
+        else:
+            text = start.command if start.kind == "exec" else "shell"
+            channel.text = text or ""
+            attributes = self._attributes(request=start.kind, **({"term": start.term} if start.term else {}))
+            objects = _objects(text or "") if start.kind == "exec" else ()
+            self._record(CLIENT, message(start.kind, ch, (text or "").encode() if start.kind == "exec" else b"",
+                                         attributes={"request": start.kind}, operation="command",
+                                         text=text, objects=list(objects)))
+            self._notice_channel = ch
+            verdict = yield from self.session.check(Operation("ssh", "command", text or "", objects, attributes))
+            self._notice_channel = None
+            if not verdict.allowed:
+                yield from self._refuse_channel(ch, f"custody: {verdict.reason}", BLOCKED_STATUS)
+                return
+        try:
+            yield ev.OpenChannel(start)
+        except ev.ChannelRefused as refused:
+            yield from self._refuse_channel(ch, f"custody: the target refused the channel: {refused}", FAILED_STATUS)
+            return
+        if ch in self.channels:
+            channel.open = True
+
+    def _refuse_channel(self, ch: int, text: str, status: int) -> Steps:
+        """The proxy's own stderr line and exit status for a request that does not run."""
+        yield self.session.say(Said((text + "\r\n").encode(), [
+            message("data", ch, (text + "\r\n").encode(), {"stream": "stderr", **records.PROXY_ORIGIN})],
+            channel=ev.channel_name(ch, stderr=True)))
+        self._record(SERVER, message("exit-status", ch, attributes={"status": str(status), **records.PROXY_ORIGIN},
+                                     outcome="error", error_code=str(status), error_message=text))
+        yield ev.Exit(ch, status=status)
+
+    def _closed(self, side: str, ch: int) -> Steps:
+        channel = self.channels.pop(ch, None)
+        if channel is None:
+            return
+        self._record(side, message("close", ch))
+        other = SERVER if side == CLIENT else CLIENT
+        if other == CLIENT or channel.open:
+            yield ev.CloseChannel(other, ch)
+        if self.is_idle:
+            yield from self.session.between_operations()
+
+    def _client_data(self, item: ev.ChannelData) -> Steps:
+        channel = self.channels.get(item.channel)
+        if channel is None:
+            return
+        if channel.reader is not None:
+            yield from self._sftp_requests(channel, item.data)
+            return
+        self._record(CLIENT, message("data", item.channel, item.data))
+        if channel.open:
+            yield Send(SERVER, item.data, ev.channel_name(item.channel))
+
+    def _server_data(self, channel: _Channel, item: ev.ChannelData) -> Steps:
+        if channel.replies is not None and not item.stderr:
+            yield from self._sftp_replies(channel, item.data)
+            return
+        self._record(SERVER, message("data", channel.id, item.data, {"stream": "stderr"} if item.stderr else None))
+        yield Send(CLIENT, item.data, ev.channel_name(channel.id, item.stderr))
+
+    # --- SFTP ---------------------------------------------------------------------------------------
+
+    def _sftp_requests(self, channel: _Channel, data: bytes) -> Steps:
+        assert channel.reader is not None and channel.transfers is not None
+        passed: list[bytes] = []
+        for raw in channel.reader.feed(data):
+            packet = sftp.decode(raw)
+            operation = self._sftp_operation(channel, packet)
+            record = _sftp_record(packet, channel.id)
+            if operation is not None:
+                record.update(operation="transfer", text=operation.text, objects=list(operation.objects))
+            self._record(CLIENT, record)
+            if operation is not None:
+                if passed:
+                    yield Send(SERVER, b"".join(passed), ev.channel_name(channel.id))
+                    passed = []
+                verdict = yield from self.session.check(operation)
+                if not verdict.allowed:
+                    reply = sftp.status(packet.id, sftp.PERMISSION_DENIED, f"custody: {verdict.reason}")
+                    yield self.session.say(Said(reply, [message(
+                        "sftp:status", channel.id, reply, {"code": "permission_denied", "request_id": str(packet.id),
+                                                           **records.PROXY_ORIGIN},
+                        outcome="error", error_code="permission_denied", error_message=verdict.reason)],
+                        channel=ev.channel_name(channel.id)))
+                    continue
+                channel.operations[packet.id] = operation.text
+            if packet.type == sftp.CLOSE:
+                channel.closing[packet.id] = packet.fields["handle"]
+            channel.transfers.request(packet)
+            passed.append(raw)
+        if passed:
+            yield Send(SERVER, b"".join(passed), ev.channel_name(channel.id))
+
+    def _sftp_operation(self, channel: _Channel, packet: sftp.Packet) -> Operation | None:
+        """An SFTP request that moves or changes files, as policy sees it; None for reads, stats, listings."""
+        f = packet.fields
+        if packet.type == sftp.OPEN:
+            mode = sftp.open_mode(f["pflags"])
+            return Operation("ssh", "transfer", f"sftp {mode} {f['path']}", (f["path"],),
+                             self._attributes(subsystem="sftp", sftp="open", direction=mode,
+                                              flags=sftp.flag_names(f["pflags"])))
+        name = sftp.CHANGES.get(packet.type)
+        if name is None and packet.type == sftp.EXTENDED and "path" in f and "rename" in f["extension"]:
+            name = "rename"
+        if name is None:
+            return None
+        paths = [p for p in (f.get("path"), f.get("new_path"), f.get("target")) if p]
+        if packet.type == sftp.FSETSTAT:
+            paths = [channel.transfers.path_of(f["handle"]) or "?"] if channel.transfers else ["?"]
+        return Operation("ssh", "transfer", f"sftp {name} {' '.join(paths)}", tuple(paths),
+                         self._attributes(subsystem="sftp", sftp=name))
+
+    def _sftp_replies(self, channel: _Channel, data: bytes) -> Steps:
+        assert channel.replies is not None and channel.transfers is not None
+        for raw in channel.replies.feed(data):
+            packet = sftp.decode(raw)
+            record = _sftp_record(packet, channel.id)
+            channel.transfers.response(packet)
+            if packet.id is not None and packet.type in (sftp.STATUS, sftp.HANDLE):
+                handle = channel.closing.pop(packet.id, None)
+                if handle is not None:
+                    done = channel.transfers.close(handle)
+                    if done is not None:
+                        record["attributes"].update({"path": done.path, "direction": done.mode, "size": str(done.size),
+                                                     "sha256": done.sha256, "complete": str(done.complete).lower()})
+                        record["objects"] = [done.path]
+                if channel.operations.pop(packet.id, None) is not None:
+                    failed = packet.type == sftp.STATUS and packet.fields["code"] != sftp.OK
+                    record["outcome"] = "error" if failed else "ok"
+                    if failed:
+                        record["error_code"] = sftp.STATUS_NAMES.get(packet.fields["code"], str(packet.fields["code"]))
+                        record["error_message"] = packet.fields.get("message") or None
+            self._record(SERVER, record)
+        yield Send(CLIENT, data, ev.channel_name(channel.id))
+
+    # --- forwarding ------------------------------------------------------------------------------------
+
+    def _forward(self, item: ev.ForwardOpen) -> Steps:
+        ch = item.channel
+        destination = f"{item.host}:{item.port}"
+        channel = self.channels[ch] = _Channel(ch, "forward", destination)
+        self._record(CLIENT, message("direct-tcpip", ch, attributes={
+            "host": item.host, "port": str(item.port), "origin": f"{item.origin_host}:{item.origin_port}"},
+            operation="forward", text=destination, objects=[destination]))
+        operation = Operation("ssh", "forward", destination, (destination,),
+                              self._attributes(host=item.host, port=str(item.port), direction="local"))
+        gate = self.session.gate
+        if gate is None or gate.decide(operation).rule is None:
+            # Closed by default: only a rule that names forwarding opens it.
+            reason = "port forwarding is refused unless a policy rule allows it"
+            self.session.record("policy_decision", records.decision(FORWARD_CLOSED_RULE, "block", reason, destination))
+            yield from self._refuse_forward(channel, reason)
+            return
+        verdict = yield from self.session.check(operation)
+        if not verdict.allowed:
+            yield from self._refuse_forward(channel, verdict.reason)
+            return
+        try:
+            yield ev.OpenChannel(item)
+        except ev.ChannelRefused as refused:
+            yield from self._refuse_forward(channel, f"the target refused: {refused}")
+            return
+        channel.open = True
+        self._record(SERVER, message("open-confirmation", ch, outcome="ok"))
+
+    def _refuse_forward(self, channel: _Channel, reason: str) -> Steps:
+        self.channels.pop(channel.id, None)
+        self._record(SERVER, message("open-failure", channel.id, attributes={"reason": reason, **records.PROXY_ORIGIN},
+                                     outcome="error", error_code="administratively_prohibited", error_message=reason))
+        yield ev.CloseChannel(CLIENT, channel.id)
+
+    # --- what only SSH can say ---------------------------------------------------------------------
+
+    def goodbye(self, ending: Ending) -> Said:
+        """A line for the client (an auth banner before login, the disconnect reason after)."""
+        if ending.reason == "auth_failed":
+            text = f"custody: authentication failed for {self.user!r}: {ending.code}"
+        else:
+            text = f"custody: {ending.text}"
+        return Said((text + "\r\n").encode(), [message("disconnect", None, (text + "\r\n").encode(),
+                                                       {"reason": ending.reason, **records.PROXY_ORIGIN})])
+
+    def hold_notice(self, request: ApprovalRequest, decision: Decision) -> Said | None:
+        ch = self._notice_channel
+        if ch is None:
+            return None
+        text = (f"custody: {decision.message}; waiting for approval, request {request.request_id} "
+                f"(a reviewer runs: custody approvals approve {request.request_id} --reason ...; "
+                f"denied unless approved by {request.expires_at})\r\n").encode()
+        return Said(text, [message("data", ch, text, {"stream": "stderr", **records.PROXY_ORIGIN})],
+                    channel=ev.channel_name(ch, stderr=True))
+
+
+def _objects(command: str) -> tuple[str, ...]:
+    """The paths an exec command line names, as the SSH analyzer reads them (none if it cannot be read)."""
+    try:
+        return shell_objects(command)
+    except AnalysisError:
+        return ()
+
+
+def _sftp_record(packet: sftp.Packet, channel: int) -> records.Record:
+    """An SFTP packet as a Message record: its wire bytes (file data included) and its decoded fields."""
+    f = packet.fields
+    attributes: dict[str, str] = {}
+    if packet.id is not None:
+        attributes["request_id"] = str(packet.id)
+    for key in ("path", "new_path", "target", "extension", "offset", "length", "version"):
+        if key in f:
+            attributes[key] = str(f[key])
+    if "pflags" in f:
+        attributes["flags"] = sftp.flag_names(f["pflags"])
+    if "handle" in f:
+        attributes["handle"] = f["handle"].hex()
+    if packet.type == sftp.STATUS:
+        attributes["code"] = sftp.STATUS_NAMES.get(f["code"], str(f["code"]))
+        if f.get("message"):
+            attributes["message"] = f["message"]
+    if packet.type == sftp.NAME:
+        attributes["names"] = str(len(f["names"]))
+    return message(f"sftp:{packet.name}", channel, packet.raw, attributes)

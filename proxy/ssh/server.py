@@ -1,0 +1,525 @@
+"""The SSH glue: asyncssh on both sides, driving the core's `Session`.
+
+asyncssh owns its sockets and the SSH transport (key exchange, ciphers,
+channels, windows), so the byte adapter `proxy.core.server` does not fit.
+This module turns asyncssh's callbacks into `proxy.ssh.events` items fed to
+`Session.event` (client side: the proxy's asyncssh server; server side: its
+asyncssh client connection to the target) and carries out the commands the
+session returns — the core's (`Send`, `Close`, `SetTimer`, `VerifyToken`,
+`AwaitApproval`) and SSH's (`ConnectTarget`, `OpenChannel`, `Exit`…).
+Nothing here decides anything: identity, recording, policy and endings are
+the session's and the front end's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import asyncssh
+
+from ingest.recorder import Recorder
+from proxy.core.commands import (
+    CLIENT,
+    SERVER,
+    AwaitApproval,
+    Close,
+    Command,
+    Send,
+    SetTimer,
+    UpstreamUnavailable,
+    VerifyToken,
+)
+from proxy.core.policy import PolicyRuntime
+from proxy.core.server import Approvals, _address
+from proxy.core.session import Session
+from proxy.identity import AuthenticationError, TokenVerifier
+
+from . import events as ev
+
+log = logging.getLogger(__name__)
+
+_STDERR = asyncssh.EXTENDED_DATA_STDERR
+
+
+class SSHListener:
+    """One `[[proxy]] protocol = "ssh"`: the proxy's SSH server; a Session per client connection."""
+
+    def __init__(self, protocol: Any, verifier: TokenVerifier, recorder: Recorder,
+                 policy: PolicyRuntime | None = None, approvals: Approvals | None = None,
+                 identity_leeway: float | None = 30.0) -> None:
+        self.protocol, self.verifier, self.recorder = protocol, verifier, recorder
+        self.policy, self.approvals, self.identity_leeway = policy, approvals, identity_leeway
+        self.settings = protocol.listener
+        self.ssh = protocol.settings
+        self.connections: set[ClientConnection] = set()
+        self._server: asyncssh.SSHAcceptor | None = None
+        self.throttled = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        assert self._server is not None
+        return self._server.sockets[0].getsockname()[:2]
+
+    async def start(self) -> None:
+        self._server = await asyncssh.create_server(
+            lambda: ClientConnection(self), self.settings.listen_host, self.settings.listen_port,
+            server_host_keys=[self.ssh.host_key], encoding=None, line_editor=False,
+            agent_forwarding=False, x11_forwarding=False, allow_scp=False, sftp_factory=None,
+            login_timeout=self.settings.startup_timeout * 2, reuse_address=True, backlog=1024)
+        log.info("proxy %s (ssh) listening on %s:%s", self.settings.name, *self.address)
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for connection in list(self.connections):
+            connection.run(connection.session.shutdown())
+        if self._server is not None:
+            await self._server.wait_closed()
+
+    def throttle(self, pressing: bool) -> None:
+        """The recorder is behind: every channel stops reading (both sides) until it catches up."""
+        self.throttled = pressing
+        for connection in list(self.connections):
+            connection.throttle(pressing)
+
+
+class ClientConnection(asyncssh.SSHServer):
+    """One client: asyncssh's server-side callbacks in, the session's commands out."""
+
+    def __init__(self, listener: SSHListener) -> None:
+        self.listener = listener
+        self.conn: asyncssh.SSHServerConnection | None = None
+        self.session: Session
+        self.upstream: asyncssh.SSHClientConnection | None = None
+        self.client_channels: dict[int, ServerChannelSession] = {}
+        self.upstream_channels: dict[int, asyncssh.SSHClientChannel | asyncssh.SSHTCPChannel] = {}
+        self._next_channel = 0
+        self._login: asyncio.Future | None = None
+        self._refused_forwards: dict[int, str] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._closed = False
+        self._farewell = ""
+
+    # --- asyncssh server callbacks -------------------------------------------------------------
+
+    def connection_made(self, conn: asyncssh.SSHServerConnection) -> None:
+        self.conn = conn
+        listener = self.listener
+        self.session = Session(protocol=listener.protocol, recording=listener.recorder.open_session(),
+                               source_address=_address(conn.get_extra_info("peername")), policy=listener.policy,
+                               identity_leeway=listener.identity_leeway)
+        listener.connections.add(self)
+        self.run(self.session.start())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed:
+            self.run(self.session.closed(CLIENT))
+        self._shutdown()
+
+    def begin_auth(self, username: str) -> bool:
+        return True
+
+    def password_auth_supported(self) -> bool:
+        return True
+
+    async def validate_password(self, username: str, password: str) -> bool:
+        return await self._authenticate(username, password, "password")
+
+    def kbdint_auth_supported(self) -> bool:
+        return True
+
+    def get_kbdint_challenge(self, username: str, lang: str, submethods: str):
+        return "Custody", "Your OIDC access token is your password.", "", [("Token: ", False)]
+
+    async def validate_kbdint_response(self, username: str, responses: list[str]) -> bool:
+        return await self._authenticate(username, responses[0] if responses else "", "keyboard-interactive")
+
+    def session_requested(self) -> "ServerChannelSession":
+        return ServerChannelSession(self, self._new_channel())
+
+    def connection_requested(self, dest_host: str, dest_port: int, orig_host: str, orig_port: int):
+        """direct-tcpip: the front end decides at once (or holds); a refusal is the channel's open failure."""
+        channel = self._new_channel()
+        self.run(self.session.event(CLIENT, ev.ForwardOpen(channel, dest_host, dest_port, orig_host, orig_port)))
+        refused = self._refused_forwards.pop(channel, None)
+        if refused is not None or self._closed:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, refused or "closed")
+        return ForwardChannelSession(self, channel)
+
+    def _new_channel(self) -> int:
+        channel, self._next_channel = self._next_channel, self._next_channel + 1
+        return channel
+
+    async def _authenticate(self, username: str, token: str, method: str) -> bool:
+        if self._closed or self._login is not None:
+            return False
+        self._login = asyncio.get_running_loop().create_future()
+        version = self.conn.get_extra_info("client_version") if self.conn is not None else None
+        # The event's bytes (counted, a protocol error's sample) are the user name: never the token.
+        self.run(self.session.event(CLIENT, ev.Login(username, token, method, version), username.encode()))
+        return await self._login
+
+    def _answer_login(self, accepted: bool) -> None:
+        if self._login is not None and not self._login.done():
+            self._login.set_result(accepted)
+
+    def throttle(self, pressing: bool) -> None:
+        for channel in list(self.client_channels.values()):
+            channel.pause(pressing)
+        for upstream in list(self.upstream_channels.values()):
+            if pressing:
+                upstream.pause_reading()
+            else:
+                upstream.resume_reading()
+
+    # --- commands ---------------------------------------------------------------------------------
+
+    def run(self, commands: list[Command]) -> None:
+        """Carry out the session's commands, in order."""
+        for command in commands:
+            kind = type(command)
+            if kind is Send:
+                self._send(command)
+            elif kind is Close:
+                self._close(command.reason)
+            elif kind is SetTimer:
+                self._set_timer(command.name, command.seconds)
+            elif kind is VerifyToken:
+                self._spawn(self._verify(command))
+            elif kind is AwaitApproval:
+                self._spawn(self._await_approval(command))
+            elif kind is ev.ConnectTarget:
+                self._spawn(self._connect(command))
+            elif kind is ev.LoginResult:
+                self._answer_login(command.accepted)
+            elif kind is ev.OpenChannel:
+                self._spawn(self._open_channel(command))
+            elif kind is ev.SendEof:
+                self._channel_call(command.side, command.channel, "write_eof")
+            elif kind is ev.CloseChannel:
+                if command.side == CLIENT and command.channel not in self.client_channels:
+                    self._refused_forwards[command.channel] = "refused by policy"
+                self._channel_call(command.side, command.channel, "close")
+            elif kind is ev.Exit:
+                self._exit(command)
+            elif kind is ev.Resize:
+                self._channel_call(SERVER, command.channel, "change_terminal_size", *command.size)
+            elif kind is ev.SendSignal:
+                self._channel_call(SERVER, command.channel, "send_signal", command.name)
+            elif kind is ev.SendBreak:
+                self._channel_call(SERVER, command.channel, "send_break", command.msec)
+            else:
+                raise TypeError(f"no SSH adapter for command {command!r}")
+
+    def _send(self, command: Send) -> None:
+        if command.channel is None:  # the proxy's own line for the whole connection
+            text = command.data.decode("utf-8", "replace")
+            if self._login is not None and not self._login.done() and self.conn is not None:
+                try:
+                    self.conn.send_auth_banner(text)
+                except (asyncssh.Error, OSError):
+                    pass
+            self._farewell = text.strip()
+            return
+        stderr = command.channel.endswith(ev.STDERR)
+        channel = int(command.channel[:-len(ev.STDERR)] if stderr else command.channel)
+        if command.side == CLIENT:
+            target = self.client_channels.get(channel)
+            if target is not None:
+                target.write(command.data, stderr)
+        else:
+            upstream = self.upstream_channels.get(channel)
+            if upstream is not None and not upstream.is_closing():
+                upstream.write(command.data)
+
+    def _channel_call(self, side: str, channel: int, method: str, *args: Any) -> None:
+        target: Any = self.client_channels.get(channel) if side == CLIENT else self.upstream_channels.get(channel)
+        if target is None:
+            return
+        chan = target.chan if side == CLIENT else target
+        if chan is None:
+            return
+        try:
+            getattr(chan, method)(*args)
+        except (asyncssh.Error, OSError, BrokenPipeError) as exc:
+            log.debug("ssh %s channel %s: %s failed: %s", side, channel, method, exc)
+
+    def _exit(self, command: ev.Exit) -> None:
+        target = self.client_channels.get(command.channel)
+        if target is None or target.chan is None:
+            return
+        try:
+            if command.signal is not None:
+                target.chan.exit_with_signal(command.signal, command.core_dumped, command.message)
+            else:
+                target.chan.exit(command.status if command.status is not None else 255)
+        except (asyncssh.Error, OSError) as exc:
+            log.debug("ssh channel %s: exit failed: %s", command.channel, exc)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _set_timer(self, name: str, seconds: float | None) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        if seconds is not None and not self._closed:
+            self._timers[name] = asyncio.get_running_loop().call_later(seconds, self._timer_fired, name)
+
+    def _timer_fired(self, name: str) -> None:
+        self._timers.pop(name, None)
+        self.run(self.session.timer(name))
+
+    async def _verify(self, command: VerifyToken) -> None:
+        try:
+            result: Any = await asyncio.to_thread(self.listener.verifier.verify, command.token)
+        except AuthenticationError as error:
+            result = error
+        self.run(self.session.completed(command, result))
+
+    async def _await_approval(self, command: AwaitApproval) -> None:
+        assert self.listener.approvals is not None, "a policy without an approvals gateway"
+        outcome = await self.listener.approvals.decide(command.request)
+        self.run(self.session.completed(command, outcome))
+
+    async def _connect(self, command: ev.ConnectTarget) -> None:
+        upstream = self.listener.ssh.upstream
+        try:
+            conn = await asyncio.wait_for(asyncssh.connect(
+                upstream.host, upstream.port, username=upstream.user,
+                client_keys=[upstream.key] if upstream.key is not None else (), password=upstream.password,
+                known_hosts=([upstream.host_key], [], []), agent_path=None, config=None,
+                preferred_auth="publickey" if upstream.key is not None else "password,keyboard-interactive",
+                client_factory=lambda: TargetConnection(self)), self.listener.settings.connect_timeout)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            self.run(self.session.failed(command, ev.HostKeyRefused(
+                f"the target's host key is not the pinned upstream_host_key "
+                f"({upstream.host_key.get_fingerprint()}): {exc}")))
+            return
+        except (OSError, asyncio.TimeoutError, asyncssh.Error) as exc:
+            self.run(self.session.failed(command, UpstreamUnavailable(f"{type(exc).__name__}: {exc}")))
+            return
+        if self._closed:
+            conn.close()
+            return
+        self.upstream = conn
+        key = conn.get_server_host_key()
+        self.run(self.session.completed(command, key.get_fingerprint() if key is not None else ""))
+
+    async def _open_channel(self, command: ev.OpenChannel) -> None:
+        start = command.start
+        channel_id = start.channel
+        conn = self.upstream
+        try:
+            if conn is None:
+                raise ev.ChannelRefused("the target is not connected")
+            if isinstance(start, ev.ForwardOpen):
+                chan, _ = await conn.create_connection(lambda: TargetChannelSession(self, channel_id),
+                                                       start.host, start.port)
+            else:
+                options: dict[str, Any] = {"encoding": None, "env": start.env or ()}
+                if start.term is not None:
+                    options.update(term_type=start.term, term_size=start.size or (), term_modes=start.modes or ())
+                else:
+                    options["request_pty"] = False
+                if start.kind == "exec":
+                    options["command"] = start.command
+                elif start.kind == "subsystem":
+                    options["subsystem"] = start.subsystem
+                chan, _ = await conn.create_session(lambda: TargetChannelSession(self, channel_id), **options)
+        except (asyncssh.ChannelOpenError, asyncssh.Error, OSError, ev.ChannelRefused) as exc:
+            reason = getattr(exc, "reason", None) or str(exc)
+            self.run(self.session.failed(command, ev.ChannelRefused(reason)))
+            return
+        if self._closed:
+            chan.close()
+            return
+        self.upstream_channels[channel_id] = chan
+        if self.listener.throttled:
+            chan.pause_reading()
+        self.run(self.session.completed(command, None))
+
+    def _close(self, reason: str) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._answer_login(False)
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.conn is not None:
+            text = self._farewell or f"custody: session ended ({reason})"
+            try:
+                self.conn.disconnect(asyncssh.DISC_BY_APPLICATION, text)
+            except (asyncssh.Error, OSError):
+                self.conn.abort()
+        self.listener.connections.discard(self)
+
+    def _shutdown(self) -> None:
+        self._close("client_disconnect")
+        for task in self._tasks:
+            task.cancel()
+
+
+class ServerChannelSession(asyncssh.SSHServerSession):
+    """A client's session channel: its requests and data, as events of the client lane."""
+
+    def __init__(self, owner: ClientConnection, channel: int) -> None:
+        self.owner, self.id = owner, channel
+        self.chan: asyncssh.SSHServerChannel | None = None
+        self.kind = "shell"
+        self.command: str | None = None
+        self.subsystem: str | None = None
+        self.term: str | None = None
+        self.size: tuple[int, int, int, int] | None = None
+        self.modes: dict[int, int] = {}
+        self._paused_by: set[str] = set()
+
+    def connection_made(self, chan: asyncssh.SSHServerChannel) -> None:
+        self.chan = chan
+        self.owner.client_channels[self.id] = self
+
+    def pty_requested(self, term_type: str, term_size: tuple[int, int, int, int], term_modes: dict) -> bool:
+        self.term, self.size, self.modes = term_type, tuple(term_size), dict(term_modes)
+        return True
+
+    def shell_requested(self) -> bool:
+        self.kind = "shell"
+        return True
+
+    def exec_requested(self, command: str) -> bool:
+        self.kind, self.command = "exec", command
+        return True
+
+    def subsystem_requested(self, subsystem: str) -> bool:
+        self.kind, self.subsystem = "subsystem", subsystem
+        return True
+
+    def session_started(self) -> None:
+        assert self.chan is not None
+        env = {_text(k): _text(v) for k, v in self.chan.get_environment_bytes().items()}
+        command = self.command.decode("utf-8", "surrogateescape") if isinstance(self.command, bytes) else self.command
+        start = ev.ChannelStart(self.id, self.kind, command=command, subsystem=self.subsystem, term=self.term,
+                                size=self.size, modes=self.modes, env=env)
+        self.owner.run(self.owner.session.event(CLIENT, start))
+        if self.owner.listener.throttled:
+            self.pause(True)
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self.owner.run(self.owner.session.event(CLIENT, ev.ChannelData(self.id, data, datatype == _STDERR), data))
+
+    def eof_received(self) -> bool:
+        self.owner.run(self.owner.session.event(CLIENT, ev.ChannelEof(self.id)))
+        return True  # half-open: the target's output still comes back
+
+    def terminal_size_changed(self, width: int, height: int, pixwidth: int, pixheight: int) -> None:
+        self.owner.run(self.owner.session.event(CLIENT, ev.WindowChange(self.id, (width, height, pixwidth, pixheight))))
+
+    def signal_received(self, signal: str) -> None:
+        self.owner.run(self.owner.session.event(CLIENT, ev.Signal(self.id, signal)))
+
+    def break_received(self, msec: int) -> bool:
+        self.owner.run(self.owner.session.event(CLIENT, ev.Break(self.id, msec)))
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.client_channels.pop(self.id, None)
+        if not self.owner._closed:
+            self.owner.run(self.owner.session.event(CLIENT, ev.ChannelClosed(self.id)))
+
+    def write(self, data: bytes, stderr: bool) -> None:
+        if self.chan is None or self.chan.is_closing():
+            return
+        if stderr:
+            self.chan.write_stderr(data)
+        else:
+            self.chan.write(data)
+
+    def pause(self, pressing: bool, reason: str = "recorder") -> None:
+        if self.chan is None:
+            return
+        if pressing:
+            if not self._paused_by:
+                self.chan.pause_reading()
+            self._paused_by.add(reason)
+        elif reason in self._paused_by:
+            self._paused_by.discard(reason)
+            if not self._paused_by:
+                self.chan.resume_reading()
+
+    def pause_writing(self) -> None:  # the client reads slowly: so does the proxy from the target
+        upstream = self.owner.upstream_channels.get(self.id)
+        if upstream is not None:
+            upstream.pause_reading()
+
+    def resume_writing(self) -> None:
+        upstream = self.owner.upstream_channels.get(self.id)
+        if upstream is not None:
+            upstream.resume_reading()
+
+
+class ForwardChannelSession(ServerChannelSession, asyncssh.SSHTCPSession):
+    """A client's direct-tcpip channel: data, EOF and close only."""
+
+    def session_started(self) -> None:
+        pass
+
+
+class TargetConnection(asyncssh.SSHClient):
+    def __init__(self, owner: ClientConnection) -> None:
+        self.owner = owner
+        self.conn: asyncssh.SSHClientConnection | None = None
+
+    def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        # Only once logged in: a connect that fails reports itself through ConnectTarget.
+        if not self.owner._closed and self.owner.upstream is self.conn:
+            self.owner.run(self.owner.session.closed(SERVER))
+
+
+class TargetChannelSession(asyncssh.SSHClientSession, asyncssh.SSHTCPSession):
+    """The target's side of one channel: its data, exit and close, as events of the server lane."""
+
+    def __init__(self, owner: ClientConnection, channel: int) -> None:
+        self.owner, self.id = owner, channel
+
+    def data_received(self, data: bytes, datatype: Any) -> None:
+        self.owner.run(self.owner.session.event(SERVER, ev.ChannelData(self.id, data, datatype == _STDERR)))
+
+    def eof_received(self) -> bool:
+        self.owner.run(self.owner.session.event(SERVER, ev.ChannelEof(self.id)))
+        return True
+
+    def exit_status_received(self, status: int) -> None:
+        self.owner.run(self.owner.session.event(SERVER, ev.ExitStatus(self.id, status)))
+
+    def exit_signal_received(self, signal: str, core_dumped: bool, msg: str, lang: str) -> None:
+        self.owner.run(self.owner.session.event(SERVER, ev.ExitSignal(self.id, signal, core_dumped, msg)))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.owner.upstream_channels.pop(self.id, None)
+        if not self.owner._closed:
+            self.owner.run(self.owner.session.event(SERVER, ev.ChannelClosed(self.id)))
+
+    def pause_writing(self) -> None:  # the target reads slowly: so does the proxy from the client
+        channel = self.owner.client_channels.get(self.id)
+        if channel is not None:
+            channel.pause(True, "target")
+
+    def resume_writing(self) -> None:
+        channel = self.owner.client_channels.get(self.id)
+        if channel is not None:
+            channel.pause(False, "target")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value

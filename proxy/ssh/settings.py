@@ -1,0 +1,108 @@
+"""The SSH keys of one `[[proxy]]` entry with `protocol = "ssh"` (the rest is the core's).
+
+    upstream = "ssh://USER@HOST:PORT"          # as whom the proxy logs in to the target
+    upstream_key_file = "keys/deploy_ed25519"  # or upstream_password_file / upstream_password_env
+    upstream_host_key = "ssh-ed25519 AAAA..."  # the target's host key, pinned (or upstream_host_key_file)
+    host_key_file = "keys/ssh_host_ed25519"    # the proxy's own host key (`custody init` writes one)
+
+Read once at start-up, so that a wrong key is a one-line error naming the
+file, table and key before any client connects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import asyncssh
+
+from ingest.settings import Table
+from proxy.core.settings import ListenerSettings
+from proxy.settings import ProxySettings
+
+DEFAULT_MAX_SFTP_PACKET = 1 << 20  # OpenSSH's sftp-server refuses packets over 256 KiB; 1 MiB is generous
+
+
+@dataclass(frozen=True)
+class SSHUpstream:
+    """Where and as whom the proxy logs in; the client never learns the credential."""
+
+    host: str
+    port: int
+    user: str
+    key: asyncssh.SSHKey | None
+    password: str | None
+    host_key: asyncssh.SSHKey  # pinned: any other key is refused
+
+    def describe(self) -> str:
+        """user@host:port, for events: never the credential."""
+        return f"{self.user}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class SSHSettings:
+    listener: ListenerSettings
+    upstream: SSHUpstream
+    host_key: asyncssh.SSHKey
+    max_sftp_packet: int
+
+    @property
+    def name(self) -> str:
+        return self.listener.name
+
+    @classmethod
+    def from_config(cls, proxy: ProxySettings, default_fail_open: bool = False) -> "SSHSettings":
+        t = proxy.table
+        return cls(
+            listener=ListenerSettings.from_settings(proxy, default_fail_open),
+            upstream=_upstream(t, proxy.upstream),
+            host_key=_private_key(t, "host_key_file", t.path("host_key_file")),
+            max_sftp_packet=t.int("max_sftp_packet_bytes", DEFAULT_MAX_SFTP_PACKET, minimum=34000),
+        )
+
+
+def _private_key(t: Table, key: str, path: Path) -> asyncssh.SSHKey:
+    try:
+        return asyncssh.read_private_key(str(path))
+    except (OSError, asyncssh.KeyImportError) as exc:
+        raise t.error(key, f"cannot read the private key {path}: {exc}") from None
+
+
+def _upstream(t: Table, url: str) -> SSHUpstream:
+    parts = urlsplit(url)
+    if parts.scheme != "ssh" or not parts.hostname or not parts.username:
+        raise t.error("upstream", f"expected ssh://user@host:port, got {url!r}")
+    if parts.password is not None:
+        raise t.error("upstream", "secrets are never inline; use upstream_key_file or upstream_password_file/_env")
+    try:
+        port = parts.port or 22
+    except ValueError:
+        raise t.error("upstream", f"invalid port in {url!r}") from None
+    key_file = t.path("upstream_key_file", None)
+    password = t.secret("upstream_password")
+    if key_file is None and password is None:
+        raise t.error("upstream_key_file", "the proxy needs a credential for the target: "
+                                           "upstream_key_file, or upstream_password_file / upstream_password_env")
+    key = _private_key(t, "upstream_key_file", key_file) if key_file is not None else None
+    return SSHUpstream(parts.hostname, port, unquote(parts.username), key, password, _host_key(t))
+
+
+def _host_key(t: Table) -> asyncssh.SSHKey:
+    """`upstream_host_key` (an OpenSSH public key line) or `upstream_host_key_file`: required, it is pinned."""
+    text = t.str("upstream_host_key", None)
+    key_name = "upstream_host_key"
+    if text is None:
+        path = t.path("upstream_host_key_file", None)
+        if path is None:
+            raise t.error("upstream_host_key", "the target's host key is pinned, so it is required "
+                                               "(an OpenSSH public key line, or upstream_host_key_file)")
+        key_name = "upstream_host_key_file"
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise t.error(key_name, f"cannot read {path}: {exc.strerror}") from None
+    try:
+        return asyncssh.import_public_key(text.strip())
+    except (asyncssh.KeyImportError, ValueError) as exc:
+        raise t.error(key_name, f"not an OpenSSH public key: {exc}") from None

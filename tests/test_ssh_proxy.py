@@ -1,0 +1,183 @@
+"""The SSH proxy with the real OpenSSH clients (ssh, sftp, scp) and a real sshd started by the test: what
+the client did works as direct, and the events say exactly what was done, both ways, per channel.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from custody.cli import cli
+from pg_fixtures import EventLog, messages, start_proxy
+from ssh_fixtures import Client, new_user, ssh_proxy_entry, start_sshd
+
+SSH_POLICY = '''
+hold_timeout_seconds = 30
+
+[[rule]]
+name = "block-rm-rf-root"
+action = "block"
+message = "rm -rf of / is not allowed through Custody"
+protocols = ["ssh"]
+operations = ["command"]
+text = '^rm -(rf|fr|r -f|f -r) /+$'
+
+[[rule]]
+name = "hold-shutdown"
+action = "hold"
+message = "shutdown-like commands need approval by dba"
+protocols = ["ssh"]
+operations = ["command"]
+text = '^touch /tmp/custody-held-'
+approvers = ["dba"]
+
+[[rule]]
+name = "block-upload-to-etc"
+action = "block"
+message = "uploads to /etc are not allowed through Custody"
+protocols = ["ssh"]
+operations = ["transfer"]
+objects = ["/etc/*"]
+attributes = { direction = ["upload"] }
+'''
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(broker, tmp_path_factory, sshd):
+    directory = tmp_path_factory.mktemp("custody")
+    (directory / "policies").mkdir()
+    (directory / "policies" / "ssh.toml").write_text(SSH_POLICY)
+    wrong = start_sshd(tmp_path_factory.mktemp("other-sshd"))  # only for a host key that is not the target's
+    wrong.stop()
+    running = start_proxy(directory, broker, extra_proxies=ssh_proxy_entry(sshd) + ssh_proxy_entry(
+        sshd, name="impostor-ssh", host_key=wrong.host_key_pub))
+    running.events = EventLog.open(running)
+    host_pub = (directory / "keys" / "ssh_host_ed25519.pub").read_text().strip()
+    running.client = Client(tmp_path_factory.mktemp("client"), *running.address(1), host_pub)
+    running.impostor_client = Client(tmp_path_factory.mktemp("client2"), *running.address(2), host_pub)
+    yield running
+    running.events.close()
+    running.background.stop()
+
+
+def session_of(proxy, user: str, timeout: float = 20.0):
+    found = proxy.events.find(lambda start: start["protocol"] == "ssh" and start["attributes"].get("user") == user,
+                              timeout)
+    assert len(found) == 1, (f"expected one SSH session of {user}, got {len(found)}: " + repr(
+        [[(e.kind, e.body.get("attributes") or e.body.get("reason")) for e in events]
+                                      for events in proxy.events.sessions.values()][-3:]))
+    events = found[0]
+    assert [e.seq for e in events] == list(range(len(events)))
+    return events
+
+
+def channel_bytes(events, kind: str, direction: str, stderr: bool = False) -> bytes:
+    return b"".join(m["data"] for m in messages(events, direction)
+                    if m["type"] == kind and (m["attributes"].get("stream") == "stderr") == stderr)
+
+
+def test_exec_output_stdin_and_exit_status_are_relayed_and_recorded(proxy):
+    user = new_user()
+    token = proxy.token(user, ("dev",))
+    result = proxy.client.ssh(user, token, "cat; echo out-$((6*7)); echo err >&2; exit 3", input=b"from-stdin\n")
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == b"from-stdin\nout-42\n"
+    assert result.stderr == b"err\n"
+
+    events = session_of(proxy, user)
+    start = events[0].body
+    assert start["identity"]["subject"] == user and start["target"] == "local-ssh"
+    assert start["upstream"].endswith(f"127.0.0.1:{proxy.config.proxies[1].table.raw['upstream'].rsplit(':', 1)[1]}")
+    assert start["attributes"]["upstream_host_key"].startswith("SHA256:")
+    assert start["client_application"].startswith("SSH-2.0-OpenSSH")
+    execs = [m for m in messages(events, "client") if m["type"] == "exec"]
+    assert [(m["operation"], m["text"]) for m in execs] == [("command", "cat; echo out-$((6*7)); echo err >&2; exit 3")]
+    channel = execs[0]["channel"]
+    assert all(m["channel"] == channel for m in messages(events) if m["type"] in ("data", "eof", "exit-status"))
+    assert channel_bytes(events, "data", "client") == b"from-stdin\n"
+    assert channel_bytes(events, "data", "server") == b"from-stdin\nout-42\n"
+    assert channel_bytes(events, "data", "server", stderr=True) == b"err\n"
+    exit_status = next(m for m in messages(events, "server") if m["type"] == "exit-status")
+    assert (exit_status["attributes"]["status"], exit_status["outcome"], exit_status["error_code"]) == ("3", "error", "3")
+    login = next(m for m in messages(events, "client") if m["type"] == "userauth-request")
+    assert login["data"] == b"" and login["attributes"]["redacted"] == "token"
+    assert not any(token.encode()[:40] in e.value for e in events)
+    assert events[-1].body["reason"] == "client_disconnect"
+
+
+def test_blocked_command_gets_the_reason_on_stderr_and_exit_126(proxy):
+    user = new_user()
+    result = proxy.client.ssh(user, proxy.token(user, ("dev",)), "sudo", "'rm'", '"-rf"', "/")
+    assert result.returncode == 126
+    assert b"custody: rm -rf of / is not allowed through Custody" in result.stderr
+    events = session_of(proxy, user)
+    decisions = [e.body for e in events if e.kind == "policy_decision"]
+    assert [(d["rule"], d["action"]) for d in decisions] == [("block-rm-rf-root", "block")]
+    assert decisions[0]["statement"] == "sudo 'rm' \"-rf\" /"
+    exit_status = next(m for m in messages(events, "server") if m["type"] == "exit-status")
+    assert exit_status["attributes"] == {"status": "126", "origin": "proxy"} and exit_status["outcome"] == "error"
+
+
+def test_held_command_runs_once_a_reviewer_approves(proxy, tmp_path):
+    user, marker = new_user(), f"/tmp/custody-held-{time.time_ns()}"
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(result=proxy.client.ssh(
+        user, proxy.token(user, ("dev",)), f"touch {marker} && echo done")))
+    thread.start()
+    deadline = time.monotonic() + 20
+    request_id = None
+    while request_id is None:
+        assert time.monotonic() < deadline, "no hold"
+        proxy.events.poll(0.2)
+        for events in proxy.events.sessions.values():
+            if events[0].kind == "session_start" and events[0].body["attributes"].get("user") == user:
+                request_id = next((e.body["request_id"] for e in events if e.kind == "policy_decision"), None)
+    runner = CliRunner()
+    approved = runner.invoke(cli, ["approvals", "approve", request_id, "--reason", "CHG-7", "--token",
+                                   proxy.token("bob@example.com", ("dba",)), "--config", str(proxy.config.path)])
+    assert approved.exit_code == 0, approved.output
+    thread.join(40)
+    result = outcome["result"]
+    assert result.returncode == 0 and result.stdout == b"done\n", result.stderr
+    assert b"waiting for approval, request " + request_id.encode() in result.stderr
+    events = session_of(proxy, user)
+    assert [(e.body["action"], e.body["rule"]) for e in events if e.kind == "policy_decision"] == [
+        ("hold", "hold-shutdown"), ("approve", "hold-shutdown")]
+
+
+def test_bad_token_and_wrong_user_are_refused(proxy):
+    user = new_user()
+    result = proxy.client.ssh(user, "not-a-token", "true")
+    assert result.returncode == 255
+    other = new_user()
+    wrong = proxy.client.ssh(other, proxy.token(new_user(), ("dev",)), "true")
+    assert wrong.returncode == 255
+    for who, reason in ((user, "malformed"), (other, "user_mismatch")):
+        events = session_of(proxy, who)
+        assert events[0].body["identity"] is None
+        denial = next(e.body for e in events if e.kind == "policy_decision")
+        assert (denial["rule"], denial["action"]) == ("authentication", "deny")
+        assert events[-1].body["reason"] == "auth_failed", denial
+    denial = next(e.body for e in session_of(proxy, other) if e.kind == "policy_decision")
+    assert denial["reason"].startswith("user_mismatch")
+
+
+def test_a_target_whose_host_key_is_not_the_pinned_one_is_refused(proxy):
+    user = new_user()
+    result = proxy.impostor_client.ssh(user, proxy.token(user, ("dev",)), "echo should-not-run")
+    assert result.returncode == 255 and b"should-not-run" not in result.stdout
+    events = session_of(proxy, user)
+    error = next(e.body for e in events if e.kind == "protocol_error")
+    assert error["code"] == "host_key_not_verified" and "pinned upstream_host_key" in error["message"]
+    assert events[-1].body["reason"] == "upstream_unavailable"
