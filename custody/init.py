@@ -80,6 +80,21 @@ policy = "policies/default.toml"                  # reloaded on change; see `cus
 # upstream_host_key = "ssh-ed25519 AAAA..."        # the target's host key, pinned (ssh-keyscan, then check it)
 # host_key_file = "keys/ssh_host_ed25519"          # the proxy's own host key, written by `custody init`
 # policy = "policies/default.toml"
+
+# The machine's MariaDB/MySQL: clients send their OIDC token as the password (the proxy switches them to
+# mysql_clear_password, taken only over TLS or from loopback): `mariadb -h 127.0.0.1 -P 3307 -u alice@example.com -p`,
+# PyMySQL as is, mysql-connector with auth_plugin="mysql_clear_password" (it wants TLS: set tls_cert/tls_key).
+# [[proxy]]
+# name = "local-mysql"
+# protocol = "mysql"
+# listen = "127.0.0.1:3307"
+# upstream = "mysql://root@127.0.0.1:3306/mysql"   # as whom the proxy logs in, and the default schema
+# policy = "policies/default.toml"
+# upstream_password_env = "CUSTODY_MYSQL_PASSWORD" # or upstream_password_file; absent = no password
+# tls_cert = "certs/proxy.crt"                      # with tls_key (and client_ca): TLS from clients (SSL request)
+# tls_key = "certs/proxy.key"
+# upstream_tls = "verify-full"                      # as for PostgreSQL; default disable for a loopback target
+# databases = ["shop"]                              # the client's schema (handshake, COM_INIT_DB) may pick these
 """
 
 
