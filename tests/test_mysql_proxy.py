@@ -267,3 +267,17 @@ def test_held_statement_approved_then_one_denied(proxy, target):
     with target.direct() as direct, direct.cursor() as cur:
         cur.execute("SELECT count(*) FROM people")
         assert cur.fetchone() == (2,)
+
+
+def test_proxy_logs_in_upstream_with_client_ed25519(broker, tmp_path):
+    target = make_target("ed25519")
+    running = start_proxy(tmp_path / "custody", broker, extra_proxies=proxy_entry(target))
+    try:
+        host, port = running.address(PLAIN)
+        with pymysql.connect(host=host, port=port, user="alice@example.com", password=running.token(),
+                             database=target.database, program_name=new_app("ed25519")) as conn, conn.cursor() as cur:
+            cur.execute("SELECT current_user()")
+            assert cur.fetchone() == (f"{target.user}@127.0.0.1",)
+    finally:
+        running.background.stop()
+        target.drop()
