@@ -29,6 +29,9 @@ def md5_password(user: str, password: str, salt: bytes) -> str:
     return "md5" + hashlib.md5(inner.encode() + salt).hexdigest()
 
 
+_KERBEROS = frozenset({"GSS", "GSSContinue", "SSPI"})
+
+
 class UpstreamLogin:
     """One login attempt: feed each AuthenticationRequest, send back what it returns."""
 
@@ -42,7 +45,10 @@ class UpstreamLogin:
         """The message to send upstream, or None when there is nothing to send (Ok, SASLFinal)."""
         handler = getattr(self, f"_on_{request.method}", None)
         if handler is None:
-            raise UpstreamAuthError(f"the target asks for {request.method} authentication, which the proxy does not support")
+            instead = ("; give the proxy's upstream user a password (scram-sha-256 in pg_hba.conf) or a trust/cert "
+                       "line for the proxy's address" if request.method in _KERBEROS else "")
+            raise UpstreamAuthError(
+                f"the target asks for {request.method} authentication, which the proxy does not support{instead}")
         return handler(request)
 
     def _secret(self) -> str:
