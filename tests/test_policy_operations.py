@@ -142,8 +142,17 @@ def test_kubernetes_delete_on_secrets_by_attributes(policy, verb, resource, acti
 
 
 def test_every_attribute_named_must_be_present(policy):
-    no_resource = Operation("kubernetes", "request", "DELETE /api/v1/namespaces/x/secrets/y", attributes={"verb": "delete"})
+    # Not a request line, so the Kubernetes analyzer cannot tell the resource: the rule needs one.
+    no_resource = Operation("kubernetes", "request", "delete the secret y", attributes={"verb": "delete"})
     assert decide(policy, no_resource).action == "allow"
+
+
+def test_the_kubernetes_analyzer_reads_verb_and_resource_off_the_request_line(policy):
+    # As the API server's RequestInfo does: what the front end did not set is read from the path.
+    bare = Operation("kubernetes", "request", "DELETE /api/v1/namespaces/x/secrets/y")
+    assert decide(policy, bare).action == "hold"
+    assert decide(policy, Operation("kubernetes", "request", "DELETE /api/v1/namespaces/x/secrets")).action == "hold"
+    assert decide(policy, Operation("kubernetes", "request", "GET /api/v1/namespaces/x/secrets/y")).action == "allow"
 
 
 def test_objects_match_shell_patterns_any_of_them(policy):

@@ -45,7 +45,7 @@ from ingest.protocols import ProtocolViolation
 from ingest.protocols.http import records as rec
 from ingest.protocols.kubernetes.requestinfo import RequestInfo, request_info
 from proxy.approvals import ApprovalRequest
-from proxy.core.commands import CLIENT, SERVER, OpenUpstream, Send, VerifyToken
+from proxy.core.commands import CLIENT, SERVER, OpenUpstream, Send, StartTLS, VerifyToken
 from proxy.core.frontend import Ending, FrontEnd, Protocol, Said, Steps
 from proxy.core.records import PROXY_ORIGIN
 from proxy.core.session import Session
@@ -145,6 +145,13 @@ class HttpFrontEnd(FrontEnd):
         return self.exchange is None and self.tunnel is None
 
     # --- client side ---------------------------------------------------------------------
+
+    def started(self) -> Steps:
+        """HTTPS to clients (tls_cert): the handshake comes first, before any byte is read."""
+        if self.session.settings.tls is not None:
+            self.phase = "tls"
+            yield StartTLS(CLIENT, self.session.settings.tls)
+            self.phase = "request"
 
     def client_data(self, data: bytes) -> Steps:
         if self.tunnel is not None:

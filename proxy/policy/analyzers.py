@@ -24,6 +24,8 @@ from functools import lru_cache
 import os.path
 import shlex
 
+from ingest.protocols.kubernetes.requestinfo import request_info
+
 from .operation import AnalysisError, Operation
 from .sql import _CACHE_MAX_TEXT, StatementInfo, analyze
 
@@ -218,11 +220,28 @@ def ssh(operation: Operation) -> tuple[Part, ...]:
     return (Part(), *_shell_parts(operation, operation.text, 0))
 
 
+def kubernetes(operation: Operation) -> tuple[Part, ...]:
+    """verb, API group/version, resource, subresource, namespace and name of a Kubernetes API request.
+
+    Read from the request line (`operation.text`, or `attributes["request"]` for an exec, whose text
+    is its command) with the API server's own rules (`ingest.protocols.kubernetes.requestinfo`), so
+    `attributes = { verb = ["delete"], resource = ["secrets"] }` means what an RBAC rule would. The
+    attributes the front end already set win; an operation that is not a request line has no parts.
+    """
+    method, _, target = (operation.attributes.get("request") or operation.text).partition(" ")
+    if not target.startswith("/") or not method.isalpha():
+        return ()
+    info = request_info(method, target)
+    attributes = {**info.attributes(), **operation.attributes}
+    return (Part(operation=Operation(operation.protocol, operation.kind, operation.text,
+                                     operation.objects or info.objects, attributes)),)
+
+
 ANALYZERS: dict[str, Analyzer] = {
     "postgres": postgres,
     "ssh": ssh,
     "mysql": mysql,  # sqlglot's MySQL dialect, into StatementInfo parts (proxy.policy.mysql_sql)
-    # "kubernetes": kubernetes,  verb, resource, namespace and name from the API path
+    "kubernetes": kubernetes,  # verb, resource, namespace and name from the API path
 }
 """Protocol name → its analyzer. A protocol not listed is decided on the operation's own fields."""
 

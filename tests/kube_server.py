@@ -1,0 +1,411 @@
+"""A Kubernetes API *test stand-in*: no API server can be installed from the reachable registries, so the
+Kubernetes proxy tests run the real kubectl binaries against this small server, which speaks the
+documented wire protocol for what they use:
+
+* discovery: `/version`, `/api` (APIVersions), `/apis` (an empty APIGroupList), `/api/v1`
+  (APIResourceList) — the legacy discovery documents kubectl falls back to;
+* JSON get, list (a `meta.k8s.io/v1` Table when the client asks for one, as kubectl does), delete
+  and `?watch=true` (a chunked stream of watch events) of pods, secrets and configmaps in memory;
+* `pods/NAME/exec` over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`: one byte of stream
+  number before each message; status JSON on stream 3) and over SPDY/3.1 (streams by `streamtype`,
+  `X-Stream-Protocol-Version` negotiation), running a pretend `echo ARGS` and `cat`;
+* `pods/NAME/portforward` over SPDY/3.1 (`portforward.k8s.io`): each data stream echoes what it gets.
+
+It is not an API server: no admission, no RBAC, no resourceVersion semantics beyond a counter, no
+field selectors, no protobuf. It checks the bearer token it expects (the proxy's upstream credential)
+and answers 401 otherwise, so tests see that the proxy injects its credential and never the client's.
+The SPDY side uses the codec under test (`ingest.protocols.kubernetes.spdy`); what validates it is
+kubectl's own Go implementation (moby/spdystream) on the other end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import copy
+import json
+import ssl
+import threading
+from urllib.parse import parse_qs, urlsplit
+
+import h11
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, Ping, Request, TextMessage
+
+from ingest.protocols.kubernetes import spdy
+
+NOW = "2026-01-01T00:00:00Z"
+WS_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
+SPDY_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io")
+SUCCESS = {"metadata": {}, "status": "Success"}
+
+RESOURCES = [
+    {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod", "shortNames": ["po"],
+     "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]},
+    {"name": "pods/exec", "singularName": "", "namespaced": True, "kind": "PodExecOptions", "verbs": ["create", "get"]},
+    {"name": "pods/attach", "singularName": "", "namespaced": True, "kind": "PodAttachOptions", "verbs": ["create", "get"]},
+    {"name": "pods/portforward", "singularName": "", "namespaced": True, "kind": "PodPortForwardOptions",
+     "verbs": ["create", "get"]},
+    {"name": "pods/log", "singularName": "", "namespaced": True, "kind": "Pod", "verbs": ["get"]},
+    {"name": "secrets", "singularName": "secret", "namespaced": True, "kind": "Secret",
+     "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]},
+    {"name": "configmaps", "singularName": "configmap", "namespaced": True, "kind": "ConfigMap", "shortNames": ["cm"],
+     "verbs": ["create", "delete", "deletecollection", "get", "list", "patch", "update", "watch"]},
+    {"name": "namespaces", "singularName": "namespace", "namespaced": False, "kind": "Namespace", "shortNames": ["ns"],
+     "verbs": ["create", "delete", "get", "list", "patch", "update", "watch"]},
+]
+KINDS = {r["name"]: r["kind"] for r in RESOURCES}
+
+
+def _meta(name: str, namespace: str, uid: int) -> dict:
+    return {"name": name, "namespace": namespace, "uid": f"00000000-0000-0000-0000-{uid:012d}",
+            "resourceVersion": str(uid), "creationTimestamp": NOW}
+
+
+def initial_objects() -> dict[str, dict[str, dict]]:
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+    pods = {name: {"kind": "Pod", "apiVersion": "v1", "metadata": _meta(name, "default", i + 1),
+                   "spec": {"containers": [{"name": "app", "image": "busybox"}]},
+                   "status": {"phase": "Running", "containerStatuses": [{"name": "app", "ready": True, "restartCount": 0}]}}
+            for i, name in enumerate(["web-1", "web-2"])}
+    secrets = {
+        "db-creds": {"kind": "Secret", "apiVersion": "v1", "metadata": _meta("db-creds", "default", 10), "type": "Opaque",
+                     "data": {"password": b64("hunter2-secret"), "contact": b64("ops.lead@example.org"),
+                              "note": b64("rotated monthly")}},
+        "old-token": {"kind": "Secret", "apiVersion": "v1", "metadata": _meta("old-token", "default", 11),
+                      "type": "Opaque", "data": {"token": b64("abc")}},
+    }
+    configmaps = {"app-config": {"kind": "ConfigMap", "apiVersion": "v1", "metadata": _meta("app-config", "default", 20),
+                                 "data": {"mode": "production"}}}
+    return {"pods": pods, "secrets": secrets, "configmaps": configmaps}
+
+
+def _status(code: int, reason: str, message: str) -> dict:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
+            "reason": reason, "code": code}
+
+
+class KubeServer:
+    """Runs on its own event loop thread; `url` is where it listens."""
+
+    def __init__(self, token: str, tls: "ssl.SSLContext | None" = None) -> None:
+        self.token = token
+        self.tls = tls
+        self.objects = initial_objects()
+        self.requests: list[tuple[str, str, str | None]] = []  # (method, target, authorization) as received
+        self.execs: list[dict] = []
+        self.loop = asyncio.new_event_loop()
+        self._server: asyncio.AbstractServer | None = None
+        self.port = 0
+        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self._version = 100
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> "KubeServer":
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        self._server = await asyncio.start_server(self._connection, "127.0.0.1", 0, ssl=self.tls)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            assert self._server is not None
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+
+    # --- HTTP -----------------------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    conn.receive_data(data)
+                    if not data:
+                        return
+                    continue
+                if isinstance(event, h11.ConnectionClosed) or event is h11.PAUSED:
+                    return
+                if not isinstance(event, h11.Request):
+                    continue
+                body = b""
+                while True:
+                    more = conn.next_event()
+                    if more is h11.NEED_DATA:
+                        conn.receive_data(await reader.read(65536))
+                    elif isinstance(more, h11.Data):
+                        body += more.data
+                    else:
+                        break
+                upgraded = await self._handle(conn, event, body, reader, writer)
+                if upgraded or conn.our_state is h11.MUST_CLOSE:
+                    return
+                conn.start_next_cycle()
+        except (ConnectionError, h11.ProtocolError, asyncio.IncompleteReadError):
+            return
+        finally:
+            writer.close()
+
+    async def _respond(self, conn: h11.Connection, writer: asyncio.StreamWriter, status: int, document: dict) -> None:
+        body = json.dumps(document).encode()
+        writer.write(conn.send(h11.Response(status_code=status, headers=[
+            ("Content-Type", "application/json"), ("Content-Length", str(len(body)))])))
+        writer.write(conn.send(h11.Data(data=body)) + conn.send(h11.EndOfMessage()))
+        await writer.drain()
+
+    async def _handle(self, conn, request: h11.Request, body: bytes, reader, writer) -> bool:
+        headers = {k.decode().lower(): v.decode() for k, v in request.headers}
+        target = request.target.decode()
+        method = request.method.decode()
+        self.requests.append((method, target, headers.get("authorization")))
+        if headers.get("authorization") != f"Bearer {self.token}":
+            await self._respond(conn, writer, 401, _status(401, "Unauthorized", "Unauthorized"))
+            return False
+        url = urlsplit(target)
+        query = parse_qs(url.query)
+        parts = [p for p in url.path.split("/") if p]
+        if url.path == "/version":
+            await self._respond(conn, writer, 200, {"major": "1", "minor": "32", "gitVersion": "v1.32.0-custody-test",
+                                                    "platform": "linux/amd64"})
+        elif url.path == "/api":
+            await self._respond(conn, writer, 200, {"kind": "APIVersions", "versions": ["v1"],
+                                                    "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0",
+                                                                                    "serverAddress": "127.0.0.1"}]})
+        elif url.path == "/apis":
+            await self._respond(conn, writer, 200, {"kind": "APIGroupList", "apiVersion": "v1", "groups": []})
+        elif url.path == "/api/v1":
+            await self._respond(conn, writer, 200, {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": "v1",
+                                                    "resources": RESOURCES})
+        elif len(parts) >= 5 and parts[:3] == ["api", "v1", "namespaces"]:
+            namespace, resource, rest = parts[3], parts[4], parts[5:]
+            return await self._resource(conn, request, headers, query, namespace, resource, rest, reader, writer)
+        else:
+            await self._respond(conn, writer, 404, _status(404, "NotFound", f"the server could not find {url.path}"))
+        return False
+
+    def _table(self, resource: str, items: list[dict]) -> dict:
+        if resource == "pods":
+            columns = ["Name", "Ready", "Status", "Restarts", "Age"]
+            rows = [[o["metadata"]["name"], "1/1", o["status"]["phase"], 0, "1d"] for o in items]
+        elif resource == "secrets":
+            columns = ["Name", "Type", "Data", "Age"]
+            rows = [[o["metadata"]["name"], o["type"], len(o.get("data", {})), "1d"] for o in items]
+        else:
+            columns = ["Name", "Data", "Age"]
+            rows = [[o["metadata"]["name"], len(o.get("data", {})), "1d"] for o in items]
+        return {"kind": "Table", "apiVersion": "meta.k8s.io/v1", "metadata": {"resourceVersion": str(self._version)},
+                "columnDefinitions": [{"name": c, "type": "string", "format": "name" if c == "Name" else "",
+                                       "description": "", "priority": 0} for c in columns],
+                "rows": [{"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
+                                                     "metadata": o["metadata"]}} for cells, o in zip(rows, items)]}
+
+    async def _resource(self, conn, request, headers, query, namespace, resource, rest, reader, writer) -> bool:
+        store = self.objects.get(resource)
+        method = request.method.decode()
+        if store is None or namespace != "default":
+            await self._respond(conn, writer, 404, _status(404, "NotFound", f"{resource} not found"))
+            return False
+        if rest and len(rest) == 2 and resource == "pods" and rest[1] in ("exec", "attach", "portforward"):
+            return await self._stream(conn, request, headers, query, rest[0], rest[1], reader, writer)
+        if not rest:
+            items = list(store.values())
+            if query.get("watch", [""])[0] in ("1", "true"):
+                await self._watch(conn, reader, writer, resource, items)
+                return True
+            if "as=Table" in headers.get("accept", ""):
+                await self._respond(conn, writer, 200, self._table(resource, items))
+            else:
+                await self._respond(conn, writer, 200, {"kind": f"{KINDS[resource]}List", "apiVersion": "v1",
+                                                        "metadata": {"resourceVersion": str(self._version)},
+                                                        "items": items})
+            return False
+        name = rest[0]
+        item = store.get(name)
+        if item is None:
+            await self._respond(conn, writer, 404, _status(404, "NotFound", f'{resource} "{name}" not found'))
+        elif method == "DELETE":
+            del store[name]
+            self._version += 1
+            await self._respond(conn, writer, 200, item)
+        else:
+            await self._respond(conn, writer, 200, item)
+        return False
+
+    async def _watch(self, conn, reader, writer, resource: str, items: list[dict]) -> None:
+        """ADDED for what exists, a MODIFIED a moment later, then open until the client goes (at most 30 s)."""
+        writer.write(conn.send(h11.Response(status_code=200, headers=[("Content-Type", "application/json"),
+                                                                      ("Transfer-Encoding", "chunked")])))
+        for item in items:
+            writer.write(conn.send(h11.Data(data=json.dumps({"type": "ADDED", "object": item}).encode() + b"\n")))
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        if items:
+            changed = copy.deepcopy(items[0])
+            changed["metadata"]["resourceVersion"] = str(self._version + 1)
+            writer.write(conn.send(h11.Data(data=json.dumps({"type": "MODIFIED", "object": changed}).encode() + b"\n")))
+            await writer.drain()
+        try:  # open until the client goes (a read at EOF), at most 30 s; then the stream ends cleanly
+            await asyncio.wait_for(reader.read(65536), 30)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        if not writer.is_closing():
+            writer.write(conn.send(h11.EndOfMessage()))
+
+    # --- exec / portforward -----------------------------------------------------------------
+
+    def _run(self, command: list[str], stdin: bytes) -> bytes:
+        if command[:1] == ["echo"]:
+            return (" ".join(command[1:]) + "\n").encode()
+        if command[:1] == ["cat"]:
+            return stdin
+        return f"{command[0] if command else ''}: not found\n".encode()
+
+    async def _stream(self, conn, request, headers, query, pod, kind, reader, writer) -> bool:
+        upgrade = headers.get("upgrade", "").lower()
+        record = {"pod": pod, "kind": kind, "transport": upgrade, "command": query.get("command", []),
+                  "query": query}
+        self.execs.append(record)
+        if upgrade == "websocket":
+            await self._websocket(conn, request, query, record, reader, writer)
+            return True
+        if upgrade.startswith("spdy/3.1"):
+            offered = [v.decode().strip() for k, v in request.headers if k.lower() == b"x-stream-protocol-version"]
+            offered = [p.strip() for v in offered for p in v.split(",")]
+            choices = ("portforward.k8s.io",) if kind == "portforward" else SPDY_PROTOCOLS
+            chosen = next((p for p in offered if p in choices), None)
+            if chosen is None:
+                await self._respond(conn, writer, 403, _status(403, "Forbidden", f"no supported protocol in {offered}"))
+                return False
+            writer.write(conn.send(h11.InformationalResponse(status_code=101, headers=[
+                ("Connection", "Upgrade"), ("Upgrade", "SPDY/3.1"), ("X-Stream-Protocol-Version", chosen)])))
+            await writer.drain()
+            record["protocol"] = chosen
+            await self._spdy(conn.trailing_data[0], query, record, kind, reader, writer)
+            return True
+        await self._respond(conn, writer, 400, _status(400, "BadRequest", "Upgrade request required"))
+        return False
+
+    async def _websocket(self, conn, request, query, record, reader, writer) -> None:
+        ws = WSConnection(ConnectionType.SERVER)
+        ws.initiate_upgrade_connection(list(request.headers), request.target)
+        offered = []
+        stdin_wanted = query.get("stdin", [""])[0] in ("1", "true")
+        for event in ws.events():
+            if isinstance(event, Request):
+                offered = event.subprotocols
+        chosen = next((p for p in offered if p in WS_PROTOCOLS), None)
+        record["protocol"] = chosen
+        writer.write(ws.send(AcceptConnection(subprotocol=chosen)))
+        await writer.drain()
+        stdin = b""
+        pending = bytes(conn.trailing_data[0])
+        done = not stdin_wanted
+        while not done:
+            if pending:
+                ws.receive_data(pending)
+                pending = b""
+            else:
+                data = await reader.read(65536)
+                ws.receive_data(data or None)
+                if not data:
+                    return
+            for event in ws.events():
+                if isinstance(event, BytesMessage) and event.data:
+                    channel, payload = event.data[0], bytes(event.data[1:])
+                    if channel == 0:
+                        stdin += payload
+                    elif channel == 255 and payload[:1] == b"\x00":  # v5: the client closed stdin
+                        done = True
+                elif isinstance(event, Ping):
+                    writer.write(ws.send(event.response()))
+                elif isinstance(event, CloseConnection):
+                    return
+                elif isinstance(event, TextMessage):
+                    pass
+            if chosen == "v4.channel.k8s.io" and stdin.endswith(b"\x04"):
+                done = True
+        output = self._run(record["command"], stdin)
+        record["stdin"] = stdin
+        # client-go registers its streams after the handshake returns: a process starts later than that.
+        await asyncio.sleep(0.3)
+        writer.write(ws.send(BytesMessage(data=b"\x01" + output)))
+        writer.write(ws.send(BytesMessage(data=b"\x03" + json.dumps(SUCCESS).encode())))
+        writer.write(ws.send(CloseConnection(code=1000)))
+        await writer.drain()
+        try:
+            await asyncio.wait_for(reader.read(65536), 2)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+
+    async def _spdy(self, early: bytes, query, record, kind, reader, writer) -> None:
+        frames_in, frames_out = spdy.FrameReader(), spdy.FrameWriter()
+        streams: dict[str, int] = {}
+        stdin = b""
+        flags = {name: query.get(name, [""])[0] in ("1", "true") for name in ("stdin", "stdout", "stderr", "tty")}
+        expected = {"error"} | {name for name in ("stdin", "stdout", "stderr") if flags[name]}
+        if flags["tty"]:
+            expected.add("resize")
+        stdin_done = not flags["stdin"]
+        pending = early
+        forwards: dict[int, str] = {}
+        while True:
+            data = pending or await reader.read(65536)
+            pending = b""
+            if not data:
+                return
+            for frame, _ in frames_in.feed(data):
+                if isinstance(frame, spdy.SynStream):
+                    streamtype = spdy.header(frame.headers, "streamtype") or ""
+                    streams[streamtype] = frame.stream_id
+                    writer.write(frames_out.syn_reply(frame.stream_id, []))
+                    if kind == "portforward":
+                        forwards[frame.stream_id] = streamtype
+                elif isinstance(frame, spdy.Ping):
+                    writer.write(frames_out.ping(frame.ping_id))
+                elif isinstance(frame, spdy.DataFrame):
+                    if kind == "portforward" and forwards.get(frame.stream_id) == "data":
+                        if frame.data:
+                            record.setdefault("forwarded", b"")
+                            record["forwarded"] += frame.data
+                            writer.write(frames_out.data(frame.stream_id, b"echo:" + frame.data))
+                        if frame.fin:
+                            writer.write(frames_out.data(frame.stream_id, b"", fin=True))
+                    elif frame.stream_id == streams.get("stdin"):
+                        stdin += frame.data
+                        stdin_done = stdin_done or frame.fin
+                elif isinstance(frame, spdy.GoAway):
+                    return
+            await writer.drain()
+            if kind == "portforward":
+                continue
+            if expected <= set(streams) and stdin_done:
+                break
+        output = self._run(record["command"], stdin)
+        record["stdin"] = stdin
+        if "stdout" in streams:
+            writer.write(frames_out.data(streams["stdout"], output) + frames_out.data(streams["stdout"], b"", fin=True))
+        if "stderr" in streams:
+            writer.write(frames_out.data(streams["stderr"], b"", fin=True))
+        status = json.dumps(SUCCESS).encode() if record.get("protocol") == "v4.channel.k8s.io" else b""
+        writer.write(frames_out.data(streams["error"], status) + frames_out.data(streams["error"], b"", fin=True))
+        await writer.drain()
+        try:  # let the client close its streams, then end the connection as the kubelet does
+            await asyncio.wait_for(reader.read(65536), 1)
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+        writer.write(frames_out.goaway(max(streams.values(), default=0)))
+        await writer.drain()

@@ -1,0 +1,236 @@
+"""The Kubernetes proxy with the real kubectl binaries against the Kubernetes API test stand-in
+(tests/kube_server.py): discovery, get/list as Tables, masked Secrets, a blocked `delete secret`, a held
+`delete` that a reviewer approves, a bad token, a watch recorded as it streams, and `kubectl exec` over
+WebSocket (kubectl 1.32, v5.channel.k8s.io) and over SPDY/3.1 (kubectl 1.28) recorded per channel.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from custody.commands.approvals import approvals_group, read_approvals
+from kube_server import KubeServer
+from pg_fixtures import EventLog, make_tls, messages, start_proxy
+
+KUBECTL = "/usr/bin/kubectl"
+KUBECTL_SPDY = "/usr/lib/google-cloud-sdk/bin/kubectl.1.28"
+UPSTREAM_TOKEN = "cluster-sa-" + uuid.uuid4().hex[:8]
+POLICY_RULES = """
+[[rule]]
+name = "block-secret-deletes"
+action = "block"
+message = "deleting secrets is not allowed through Custody"
+protocols = ["kubernetes"]
+attributes = { verb = ["delete", "deletecollection"], resource = ["secrets"] }
+
+[[rule]]
+name = "hold-configmap-deletes"
+action = "hold"
+message = "deleting a configmap needs approval by dba"
+protocols = ["kubernetes"]
+attributes = { verb = ["delete"], resource = ["configmaps"] }
+approvers = ["dba"]
+"""
+
+
+@pytest.fixture(scope="module")
+def tls(tmp_path_factory):
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def kube():
+    with KubeServer(UPSTREAM_TOKEN) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(broker, tmp_path_factory, kube, tls):
+    directory = tmp_path_factory.mktemp("custody")
+    (directory / "cluster.token").write_text(UPSTREAM_TOKEN + "\n")
+    extra = f"""
+[[proxy]]
+name = "test-cluster"
+protocol = "kubernetes"
+listen = "127.0.0.1:0"
+upstream = "{kube.url}"
+upstream_bearer_file = "cluster.token"
+tls_cert = "{tls['server_cert']}"
+tls_key = "{tls['server_key']}"
+policy = "policies/default.toml"
+"""
+    running = start_proxy(directory, broker, extra_proxies=extra)
+    policy = directory / "policies" / "default.toml"
+    policy.write_text(policy.read_text().replace("hold_timeout_seconds = 300", "hold_timeout_seconds = 20")
+                      + POLICY_RULES)
+    time.sleep(1.2)  # the policy holder looks at the file at most once a second
+    running.events = EventLog.open(running)
+    yield running
+    running.events.close()
+    running.background.stop()
+
+
+class Kubectl:
+    """kubectl with its own kubeconfig (the dev token as the user's token) and cache, as one subject."""
+
+    def __init__(self, proxy, tls, tmp_path: Path, groups=("dev",), token: str | None = None) -> None:
+        self.subject = f"k-{uuid.uuid4().hex[:8]}@example.com"
+        host, port = proxy.address(1)
+        ca = base64.b64encode(Path(tls["ca"]).read_bytes()).decode()
+        self.dir = tmp_path / self.subject
+        self.dir.mkdir()
+        token = token if token is not None else proxy.token(self.subject, groups)
+        (self.dir / "config").write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: custody, cluster: {{server: "https://{host}:{port}", certificate-authority-data: "{ca}"}}}}]
+users: [{{name: me, user: {{token: "{token}"}}}}]
+contexts: [{{name: custody, context: {{cluster: custody, user: me, namespace: default}}}}]
+current-context: custody
+""")
+
+    def __call__(self, *args: str, binary: str = KUBECTL, timeout: float = 60) -> subprocess.CompletedProcess:
+        env = {**os.environ, "KUBECONFIG": str(self.dir / "config"), "HOME": str(self.dir)}
+        return subprocess.run([binary, "--cache-dir", str(self.dir / "cache"), *args], capture_output=True,
+                              text=True, env=env, timeout=timeout)
+
+
+def sessions(proxy, subject: str, at_least: int = 1) -> list[list]:
+    deadline = time.monotonic() + 20
+    while True:
+        found = proxy.events.find(lambda start: (start["identity"] or {}).get("subject") == subject, timeout=1)
+        if len(found) >= at_least or time.monotonic() > deadline:
+            return found
+        time.sleep(0.2)
+
+
+def all_messages(found: list[list], direction: str | None = None) -> list[dict]:
+    return [m for events in found for m in messages(events, direction)]
+
+
+def test_get_and_list_with_kubectl_decoded_into_verbs_and_the_credential_injected(proxy, kube, tls, tmp_path):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    got = kubectl("get", "pods")
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.split("\n")[0].split() == ["NAME", "READY", "STATUS", "RESTARTS", "AGE"]
+    assert "web-1" in got.stdout and "Running" in got.stdout
+    # The target saw only the proxy's credential, never the client's token.
+    assert {auth for _, _, auth in kube.requests} == {f"Bearer {UPSTREAM_TOKEN}"}
+
+    found = sessions(proxy, kubectl.subject)
+    assert all(events[0].body["protocol"] == "kubernetes" for events in found)
+    requests = [m for m in all_messages(found, "client") if m["type"] == "Request"]
+    listing = next(m for m in requests if m["text"].startswith("GET /api/v1/namespaces/default/pods"))
+    attributes = listing["attributes"]
+    assert (attributes["verb"], attributes["resource"], attributes["namespace"], attributes["version"]) == (
+        "list", "pods", "default", "v1")
+    assert attributes["kubectl_command"] == "kubectl get" and listing["objects"] == ["pods"]
+    assert any(m["text"].startswith("GET /api?") or m["text"].startswith("GET /api/v1") for m in requests)
+
+
+def test_secret_data_is_masked_base64_inside(proxy, tls, tmp_path):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    got = kubectl("get", "secret", "db-creds", "-o", "json")
+    assert got.returncode == 0, got.stderr
+    data = {k: base64.b64decode(v).decode() for k, v in json.loads(got.stdout)["data"].items()}
+    assert data["password"] == "[MASKED:column]" and "ops.lead" not in data["contact"]
+    assert data["note"] == "rotated monthly"
+    dba = Kubectl(proxy, tls, tmp_path, groups=("dba",))
+    clear = json.loads(dba("get", "secret", "db-creds", "-o", "json").stdout)["data"]
+    assert base64.b64decode(clear["password"]) == b"hunter2-secret"
+
+
+def test_delete_secret_is_blocked_with_a_status_and_never_reaches_the_cluster(proxy, kube, tls, tmp_path):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    got = kubectl("delete", "secret", "db-creds", "--wait=false")
+    assert got.returncode != 0
+    assert "Error from server (Forbidden)" in got.stderr and "deleting secrets is not allowed" in got.stderr
+    assert not any(method == "DELETE" for method, _, _ in kube.requests)
+    assert "db-creds" in kube.objects["secrets"]
+    found = sessions(proxy, kubectl.subject)
+    decisions = [e.body for events in found for e in events if e.kind == "policy_decision"]
+    assert [(d["action"], d["rule"], d["statement"]) for d in decisions] == [
+        ("block", "block-secret-deletes", "DELETE /api/v1/namespaces/default/secrets/db-creds")]
+
+
+def test_held_delete_runs_once_a_dba_approves(proxy, kube, tls, tmp_path):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(run=kubectl("delete", "configmap", "app-config",
+                                                                        "--wait=false")))
+    thread.start()
+    deadline = time.monotonic() + 20
+    request = None
+    while request is None:
+        assert time.monotonic() < deadline, "no approval request"
+        pending = read_approvals(proxy.config).pending()
+        request = next((r for r in pending if r.requester.get("subject") == kubectl.subject), None)
+        time.sleep(0.3)
+    assert request.statement == "DELETE /api/v1/namespaces/default/configmaps/app-config"
+    assert "app-config" in kube.objects["configmaps"]  # still held
+    approved = CliRunner().invoke(approvals_group, ["approve", request.request_id, "--reason", "CHG-7",
+                                        "--token", proxy.token("bob@example.com", ("dba",)),
+                                        "--config", str(proxy.config.path)])
+    assert approved.exit_code == 0, approved.output
+    thread.join(30)
+    assert result["run"].returncode == 0, result["run"].stderr
+    assert 'configmap "app-config" deleted' in result["run"].stdout
+    assert "app-config" not in kube.objects["configmaps"]
+
+
+def test_a_bad_token_is_401(proxy, tls, tmp_path):
+    kubectl = Kubectl(proxy, tls, tmp_path, token="not-a-token")
+    got = kubectl("get", "pods")
+    assert got.returncode != 0 and ("Unauthorized" in got.stderr or "credentials" in got.stderr)
+
+
+def test_watch_events_are_recorded_as_they_stream(proxy, tls, tmp_path):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    env = {**os.environ, "KUBECONFIG": str(kubectl.dir / "config"), "HOME": str(kubectl.dir)}
+    watch = subprocess.Popen([KUBECTL, "--cache-dir", str(kubectl.dir / "cache"), "get", "pods", "-w",
+                              "--output-watch-events"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=env)
+    time.sleep(3)
+    proxy.flush()
+    # The watch is still open, and its events are already in the evidence.
+    deadline, streamed = time.monotonic() + 15, []
+    while not streamed and time.monotonic() < deadline:
+        proxy.events.poll(0.5)
+        streamed = [m for events in proxy.events.sessions.values()
+                    if events and events[0].kind == "session_start"
+                    and (events[0].body["identity"] or {}).get("subject") == kubectl.subject
+                    for m in messages(events, "server") if m["type"] == "Data" and b'"MODIFIED"' in m["data"]]
+    assert watch.poll() is None  # still watching
+    watch.terminate()
+    out, _ = watch.communicate(10)
+    assert "MODIFIED" in out and "web-1" in out
+    assert streamed, "the watch's events were not recorded while it was open"
+
+
+@pytest.mark.parametrize("binary,transport", [(KUBECTL, "websocket"), (KUBECTL_SPDY, "spdy/3.1")],
+                         ids=["kubectl-1.32-websocket", "kubectl-1.28-spdy"])
+def test_exec_is_relayed_and_recorded_per_channel(proxy, kube, tls, tmp_path, binary, transport):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    got = kubectl("exec", "web-1", "--", "echo", "hi", binary=binary)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == "hi\n"
+    assert kube.execs[-1]["transport"] == transport and kube.execs[-1]["command"] == ["echo", "hi"]
+
+    found = sessions(proxy, kubectl.subject, at_least=2)
+    records = all_messages(found)
+    command = next(m for m in records if m.get("operation") == "command")
+    assert command["text"] == "echo hi" and command["attributes"]["verb"] == "exec"
+    assert command["attributes"]["name"] == "web-1" and command["objects"] == ["pods/web-1/exec"]
+    stdout = b"".join(m["data"] for m in records if m.get("channel") == "1" and m["type"].endswith(("binary", "data")))
+    assert stdout == b"hi\n"
+    status = b"".join(m["data"] for m in records if m.get("channel") == "3")
+    assert json.loads(status)["status"] == "Success"
