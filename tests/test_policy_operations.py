@@ -171,15 +171,16 @@ def test_attribute_patterns_are_shell_patterns_compared_exactly(policy, host, ac
 
 
 def test_text_is_searched_not_anchored_and_flags_are_inline(policy):
-    assert decide(policy, Operation("mysql", "statement", "  Delete from t")).rule == "mysql-read-only"
+    assert decide(policy, Operation("mysql", "statement", "  Insert into t values (1)")).rule == "mysql-read-only"
     assert decide(policy, Operation("mysql", "statement", "SELECT 'delete'")).action == "allow"
 
 
 # --- statement matchers read the analysis, and only the analysis ----------------------------------
 
 def test_statement_matchers_never_match_an_operation_without_statement_analysis(policy):
-    # "no-postgres-deletes" has only statement matchers and no protocols: the mysql text is not analyzed (yet)
-    assert decide(policy, Operation("mysql", "statement", "TRUNCATE t")).action == "allow"
+    # "no-postgres-deletes" has only statement matchers and no protocols: it reads any protocol's SQL analysis,
+    # MySQL's too (sqlglot), but never an operation that has none
+    assert decide(policy, Operation("mysql", "statement", "TRUNCATE t")).rule == "no-postgres-deletes"
     assert decide(policy, Operation("ssh", "command", "DELETE FROM t")).action == "allow"
     assert decide(policy, Operation("postgres", "transfer", "DELETE FROM t")).action == "allow"  # only statements are SQL
 
