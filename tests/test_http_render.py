@@ -1,0 +1,31 @@
+"""The HTTP/Kubernetes replay renderer on recorded records: request and response steps with JSON
+pretty-printed and masked bodies as the client saw them, exec streams by channel name."""
+
+from ingest.protocols import renderer
+from ingest.protocols.http import records as rec
+
+
+def test_request_response_and_exec_streams_read_as_steps():
+    r = renderer("kubernetes")
+    assert r is renderer("http")
+    request = rec.request_record("GET", "/api/v1/namespaces/default/secrets/x", "1.1",
+                                 [(b"Host", b"k"), (b"Authorization", b"Bearer t0ken")], operation="request",
+                                 text="GET /api/v1/namespaces/default/secrets/x", objects=("secrets/x",),
+                                 attributes={"verb": "get"})
+    step = r.step("client", [request], max_rows=10, reveal=None)
+    marker, head, detail = r.describe(step)
+    assert (marker, head) == ("REQUEST", "GET /api/v1/namespaces/default/secrets/x")
+    assert "Authorization: [REDACTED]" in detail and "t0ken" not in str(step)
+
+    response = rec.response_record(200, b"OK", "1.1", [(b"Content-Type", b"application/json")])
+    body = rec.data_record(b'{"kind":"Secret","data":{"password":"W01BU0tFRDpjb2x1bW5d"}}', sealed_original=b"x",
+                           attributes={"masked": "column"})
+    marker, head, detail = r.describe(r.step("server", [response, body], max_rows=10, reveal=None))
+    assert (marker, head) == ("RESPONSE", "HTTP/1.1 200 OK")
+    assert '"kind": "Secret"' in "\n".join(detail) and "masked: column" in detail
+    revealed = r.step("server", [response, body], max_rows=10, reveal=lambda sealed: b'{"clear":1}')
+    assert '"clear": 1' in revealed["body"]
+
+    stdout = [rec.frame_record("ws.binary", b"hi\n", "1")]
+    marker, head, detail = r.describe(r.step("server", stdout, max_rows=10, reveal=None))
+    assert (marker, head, detail) == ("STREAM", "stdout (1 frames)", ["hi"])
