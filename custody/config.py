@@ -19,6 +19,7 @@ import click
 
 from ingest.settings import ConfigError, KafkaSettings, KeySettings, SpoolSettings, Table
 from ledger.settings import LedgerSettings
+from proxy.login import LoginSettings
 from proxy.settings import IdentitySettings, ProxySettings
 
 DEFAULT_CONFIG = "custody.toml"
@@ -33,6 +34,7 @@ class Config:
     ledger: LedgerSettings
     spool: SpoolSettings
     proxies: tuple[ProxySettings, ...]
+    login: LoginSettings | None = None  # [login]: `custody login` / `custody token`
 
     @property
     def base_dir(self) -> Path:
@@ -58,14 +60,16 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     proxies = raw.get("proxy", [])
     if not isinstance(proxies, list):
         raise ConfigError(f"{source}: [[proxy]] must be an array of tables")
+    identity = IdentitySettings.from_table(_table(source, raw, "identity"))
     config = Config(
         path=source,
         kafka=KafkaSettings.from_table(_table(source, raw, "kafka")),
         keys=KeySettings.from_table(_table(source, raw, "keys")),
-        identity=IdentitySettings.from_table(_table(source, raw, "identity")),
+        identity=identity,
         ledger=LedgerSettings.from_table(_table(source, raw, "ledger")),
         spool=SpoolSettings.from_table(_table(source, raw, "spool")),
         proxies=tuple(ProxySettings.from_table(Table(source, f"proxy.{i}", p)) for i, p in enumerate(proxies)),
+        login=LoginSettings.from_table(_table(source, raw, "login"), identity.issuer if identity else None),
     )
     names = [p.name for p in config.proxies]
     if len(names) != len(set(names)):

@@ -1,4 +1,4 @@
-"""`custody proxy` and `custody token issue`."""
+"""`custody proxy`, `custody login` / `logout`, `custody token` and `custody token issue`."""
 
 from __future__ import annotations
 
@@ -49,9 +49,75 @@ def proxy(config_path: str | None, max_queue: int, producer_name: str | None) ->
                    f"{stats.max_backlog_bytes} bytes (the most a crash could have lost)")
 
 
-@click.group()
-def token() -> None:
-    """OIDC access tokens for the proxies."""
+def _login_settings(config_path: str | None):
+    config = load_config(config_path)
+    if config.login is None:
+        raise ConfigError(f"{config.path}: [login] is not set: name your identity provider's client_id there "
+                          "(issuer, scopes, audience: see the README's Identity section)")
+    return config.login
+
+
+@click.command()
+@click.option("--flow", type=click.Choice(["device", "code"]), default=None,
+              help="device: enter a code on any device (RFC 8628); code: a browser on this machine "
+                   "(authorization code + PKCE, loopback redirect). Default: [login] flow.")
+@click.option("--no-browser", is_flag=True, help="Print the URL instead of opening a browser.")
+@click.option("--timeout", type=click.FloatRange(min=1), default=300, show_default=True,
+              help="Seconds to wait for the browser (code flow).")
+@config_option
+def login(flow: str | None, no_browser: bool, timeout: float, config_path: str | None) -> None:
+    """Log in to the configured OIDC provider; the tokens are cached (0600) for `custody token`."""
+    import webbrowser
+
+    from proxy.login import TokenCache, code_flow, device_flow, discover
+
+    settings = _login_settings(config_path)
+    discovery = discover(settings)
+    flow = flow or settings.flow
+
+    def show(code) -> None:
+        click.echo(f"To log in, open {code.verification_uri} and enter the code {code.user_code}", err=True)
+        if code.verification_uri_complete:
+            click.echo(f"  (or open {code.verification_uri_complete})", err=True)
+
+    def open_url(url: str) -> None:
+        if no_browser or not webbrowser.open(url):
+            click.echo(f"Open this URL in a browser on this machine to log in:\n  {url}", err=True)
+
+    if flow == "device":
+        tokens = device_flow(settings, discovery, show)
+    else:
+        tokens = code_flow(settings, discovery, open_url, timeout)
+    TokenCache(settings.token_cache).put(settings.cache_key, tokens)
+    click.echo(f"custody: logged in to {settings.issuer}; token cached in {settings.token_cache}", err=True)
+
+
+@click.command()
+@config_option
+def logout(config_path: str | None) -> None:
+    """Forget the cached tokens of the configured identity provider and client."""
+    from proxy.login import TokenCache
+
+    settings = _login_settings(config_path)
+    TokenCache(settings.token_cache).put(settings.cache_key, None)
+    click.echo(f"custody: tokens for {settings.issuer} removed from {settings.token_cache}", err=True)
+
+
+@click.group(invoke_without_command=True)
+@click.option("--min-valid", type=click.FloatRange(min=0), default=30, show_default=True,
+              help="Refresh first when the cached token has fewer seconds left than this.")
+@config_option
+@click.pass_context
+def token(ctx: click.Context, min_valid: float, config_path: str | None) -> None:
+    """Print the access token `custody login` cached, refreshed when needed: PGPASSWORD=$(custody token) psql ...
+
+    `custody token issue` mints a dev-only token instead.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from proxy.login import current_token
+
+    click.echo(current_token(_login_settings(config_path), min_valid))
 
 
 @token.command("issue")
@@ -79,4 +145,4 @@ def issue(subject: str, groups: str, email: str | None, ttl: int, config_path: s
                err=True)
 
 
-commands: list[click.Command] = [proxy, token]
+commands: list[click.Command] = [proxy, token, login, logout]
