@@ -775,3 +775,16 @@ def test_a_lane_that_queues_too_much_stops_reading_its_side_until_it_drains(poli
     out = session.completed(wait, approve)
     assert ReadControl(CLIENT, False) in out
     assert sum(1 for c in out if isinstance(c, Send) and c.data == chunk) == len(outs)
+
+
+def test_what_the_target_says_before_its_open_completes_waits_for_the_handler_that_opened_it():
+    """A target that speaks first (MySQL's greeting, an SSH banner) can be heard before OpenUpstream completes."""
+    session, recording = make()
+    session.start()
+    verify = only(session.data(CLIENT, LOGIN), VerifyToken)
+    open_upstream = only(session.completed(verify, ALICE), OpenUpstream)
+    assert session.data(SERVER, b"banner 1\n") == [] and session.data(SERVER, b"banner 2\n") == []
+    out = session.completed(open_upstream, None)
+    assert out[0] == SetTimer("startup", None)
+    assert [c for c in out if isinstance(c, Send) and c.side == CLIENT] == [
+        Send(CLIENT, b"banner 1\n"), Send(CLIENT, b"banner 2\n")]

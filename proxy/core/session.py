@@ -90,7 +90,7 @@ class Recording(Protocol):
 class _Lane:
     """One side's handlers: the one paused on a blocking command, and the inputs queued behind it."""
 
-    __slots__ = ("side", "paused", "waiting_for", "queue", "input", "queued_bytes", "reading_paused")
+    __slots__ = ("side", "paused", "waiting_for", "queue", "input", "queued_bytes", "reading_paused", "opening")
 
     def __init__(self, side: Side) -> None:
         self.side = side
@@ -100,6 +100,7 @@ class _Lane:
         self.queue: deque[bytes | Event] = deque()
         self.queued_bytes = 0
         self.reading_paused = False  # the adapter was told to stop reading this side (ReadControl)
+        self.opening = False  # the server side while its OpenUpstream has not completed: what it says waits
 
 
 class Event:
@@ -167,7 +168,7 @@ class Session:
         if side == CLIENT:
             self.counters.client_bytes += len(data)
         lane = self._lanes[side]
-        if lane.paused is not None:
+        if lane.paused is not None or lane.opening:
             return self._enqueue(lane, data, len(data))
         lane.input = data
         handler = self.front.client_data(data) if side == CLIENT else self.front.server_data(data)
@@ -187,7 +188,7 @@ class Session:
         if side == CLIENT:
             self.counters.client_bytes += len(data)
         lane = self._lanes[side]
-        if lane.paused is not None:
+        if lane.paused is not None or lane.opening:
             return self._enqueue(lane, Event(item, data), len(data))
         lane.input = data
         handler = self.front.client_event(item) if side == CLIENT else self.front.server_event(item)
@@ -240,7 +241,15 @@ class Session:
                 if self.is_closed:
                     handler.close()
                     return []
-                return self._run(lane, handler, value=result, error=error)
+                out = self._run(lane, handler, value=result, error=error)
+                server = self._lanes[SERVER]
+                if type(command) is OpenUpstream and server.opening:
+                    # A target that speaks first (MySQL, SSH) may have spoken before the open completed;
+                    # its words are handled only now, after the handler that opened it read on.
+                    server.opening = False
+                    if not self.is_closed and server.queue:
+                        out += self._run(server, _nothing())
+                return out
         return []
 
     def _enqueue(self, lane: _Lane, entry: bytes | Event, size: int) -> list[Command]:
@@ -288,6 +297,8 @@ class Session:
                 out.append(command)
                 if command.blocking:
                     lane.paused, lane.waiting_for = handler, command
+                    if type(command) is OpenUpstream:
+                        self._lanes[SERVER].opening = True
                     return True
                 if type(command) is Close:
                     handler.close()
@@ -579,6 +590,11 @@ class Session:
 def _utc(when: datetime) -> str:
     """ISO-8601 UTC, as approvals write times: 2026-05-20T10:00:00Z."""
     return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _nothing() -> Steps:
+    """A handler with nothing to do: `_run` then handles what waits in the lane."""
+    yield from ()
 
 
 _SILENT = Said(b"", [], 0)  # end_with: the client cannot be told (it is gone, or its TLS failed)
