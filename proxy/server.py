@@ -64,6 +64,9 @@ class ProxyService:
         leeway = identity.leeway_seconds if identity.end_sessions_on_expiry else None
         self.proxies = [protocol.make_listener(self.verifier, self.recorder, policy, self.approvals, leeway)
                         for protocol, policy in zip(protocols, policies)]
+        custodian = custodian_key(config)  # input redaction seals what clients send to it, policy or not
+        for listener in self.proxies:
+            listener.custodian_key = custodian
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -108,6 +111,18 @@ def token_verifier(config: ServiceConfig) -> TokenVerifier:
     return TokenVerifier(issuer=identity.issuer, audience=identity.audience, jwks=identity.jwks,
                          username_claim=identity.username_claim, groups_claim=identity.groups_claim,
                          leeway=identity.leeway_seconds)
+
+
+def custodian_key(config: ServiceConfig) -> PublicKey | None:
+    """The custodian's public key (`custody init` writes it), or None when it cannot be read (logged: input
+    redaction then keeps no originals; a proxy with a policy refuses to start without it, see `policy_runtime`)."""
+    path = config.keys.custodian_public_key
+    try:
+        return PublicKey(base64.b64decode(path.read_text(encoding="utf-8").strip(), validate=True))
+    except (OSError, ValueError, TypeError) as exc:
+        log.warning("[keys] custodian_public_key %s unusable (%s): redacted client secrets are dropped, not sealed",
+                    path, exc)
+        return None
 
 
 def policy_runtime(config: ServiceConfig, proxy: ProxySettings, key: PrivateKey) -> PolicyRuntime | None:

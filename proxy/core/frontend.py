@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from proxy.identity import TokenVerifier
 
     from .policy import PolicyRuntime
+    from .redaction import Redactor
     from .server import Approvals, Listener
     from .session import Session
     from .settings import ListenerSettings
@@ -75,6 +76,7 @@ class FrontEnd:
         self.session = session
 
     phase: str = "startup"  # named in the startup-timeout message
+    redactor: "Redactor | None" = None  # where this protocol's client messages carry secrets (proxy.core.redaction)
 
     def started(self) -> Steps:
         """The client connected (a protocol whose server speaks first greets here)."""

@@ -61,6 +61,8 @@ class Approvals(Protocol):
 class Listener:
     """One `[[proxy]]` entry: accepts clients and gives each a Session of its protocol."""
 
+    custodian_key = None  # [keys] custodian_public_key (nacl PublicKey): input redaction seals to it without a policy
+
     def __init__(self, protocol: FrontEndProtocol, verifier: TokenVerifier, recorder: Recorder,
                  policy: PolicyRuntime | None = None, approvals: Approvals | None = None,
                  identity_leeway: float | None = 30.0) -> None:
@@ -208,6 +210,7 @@ class ClientConnection(_Receiver):
             source_address=_address(transport.get_extra_info("peername")),
             policy=listener.policy,
             identity_leeway=listener.identity_leeway,
+            custodian_key=listener.custodian_key,
         )
         listener.connections.add(self)
         if listener.throttled:

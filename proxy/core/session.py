@@ -24,6 +24,9 @@ What the core owns, so that no front end repeats it:
 * policy: decisions on operations, one hold at a time and what queues
   behind it, the reviewers' outcome (`check`);
 * the startup deadline, the counters, and exactly one SessionEnd;
+* input redaction: each client record passes the front end's `redactor`
+  (`proxy.core.redaction`) before it is recorded, its original sealed to
+  the custodian key; what is relayed is untouched;
 * a session ends with its identity: when the token's `exp` plus the
   verifier's leeway passes, the session ends (`identity_expired`) as soon as
   the front end is between operations (`FrontEnd.is_idle`, or the front end
@@ -39,13 +42,15 @@ from datetime import datetime, timezone
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
+from nacl.public import SealedBox
+
 from ingest.protocols import ProtocolViolation
 from ingest.recorder import RecorderUnavailable
 from proxy.approvals import ApprovalRequest
 from proxy.identity import AuthenticationError, Identity
 from proxy.policy.operation import Operation
 
-from . import records
+from . import records, redaction
 from .commands import (
     CLIENT,
     SERVER,
@@ -68,6 +73,8 @@ from .policy import PolicyGate, PolicyRuntime
 from .settings import ListenerSettings
 
 if TYPE_CHECKING:
+    from nacl.public import PublicKey
+
     from .frontend import Protocol as FrontEndProtocol
 
 log = logging.getLogger(__name__)
@@ -122,6 +129,7 @@ class Session:
         policy: PolicyRuntime | None = None,
         clock: Callable[[], int] = time.monotonic_ns,
         identity_leeway: float | None = 30.0,
+        custodian_key: "PublicKey | None" = None,
     ) -> None:
         """`identity_leeway`: seconds after the token's `exp` at which the session ends; None: it does not."""
         self.settings: ListenerSettings = protocol.listener
@@ -140,6 +148,10 @@ class Session:
         self.attributes: dict[str, str] = {}
         self.is_closed = False
         self._policy = policy
+        # What input redaction seals the client's secrets to (proxy.core.redaction): the policy's key, or the
+        # [keys] custodian_public_key the listener was given without a policy; None: originals are not kept.
+        key = policy.custodian_key if policy is not None else custodian_key
+        self._seal: Callable[[bytes], bytes] | None = SealedBox(key).encrypt if key is not None else None
         self._clock = clock
         self._started_ns = clock()
         self._backlog: list[tuple[str, dict]] | None = []  # None once SessionStart is recorded
@@ -361,6 +373,8 @@ class Session:
         """A Frames event of `count` protocol messages in one direction."""
         if direction == CLIENT:
             self.counters.client_messages += count
+            if self.front.redactor is not None:  # the client's secrets leave the evidence (proxy.core.redaction)
+                messages = redaction.redact_messages(self.front.redactor, messages, self._seal)
         else:
             self.counters.server_messages += count
         self.record("frames", {"direction": direction, "messages": messages})

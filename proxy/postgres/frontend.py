@@ -37,6 +37,7 @@ from proxy.settings import ProxySettings
 from . import recording as rec
 from .cancel import CancelKeys, CancelTarget
 from .policy_layer import StatementPolicy
+from .redaction import PostgresRedactor
 from .settings import PostgresSettings
 from .upstream_auth import UpstreamAuthError, UpstreamLogin
 
@@ -113,6 +114,7 @@ class PostgresFrontEnd(FrontEnd):
         self._pending = 0  # sync points sent to the target whose ReadyForQuery has not come back
         self._unsynced = False  # extended-protocol messages sent since the last Sync
         self._refused_gssenc = False  # answered a GSSENCRequest with 'N'
+        self.redactor = PostgresRedactor(session)  # role passwords, keys, detector findings: not kept in clear
 
     @property
     def user(self) -> str | None:

@@ -38,21 +38,53 @@ from ..render import Description, Entry, Record, Reveal, Step, byte_summary
 from . import messages as m
 from .protocol import ProtocolViolation
 from .records import split_run
+from .summary import summarize
 
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "replace")
 
 
-def _client(messages: list[Record]) -> Step:
+_REDACTABLE = frozenset({"Query", "Parse", "Bind"})
+
+
+def _revealed_client(x: Record, reveal: Reveal | None) -> Record:
+    """A client record whose secrets input redaction sealed: with `reveal`, as the client sent it."""
+    if reveal is None or x.get("sealed_original") is None or x["type"] not in _REDACTABLE:
+        return x
+    data = reveal(x["sealed_original"])
+    (message,) = split_run("client", {"data": data})
+    fields = summarize(message)
+    return {**x, "data": data, "statement": fields["statement"], "parameters": fields["parameters"],
+            "revealed": True}
+
+
+def _redacted(messages: list[Record]) -> list[str]:
+    """What input redaction removed from these client records (tokens are not statements: left out)."""
+    kinds = []
+    for x in messages:
+        if x["type"] in _REDACTABLE:
+            kinds += [k for k in ((x.get("attributes") or {}).get("redacted") or "").split(",") if k]
+    return list(dict.fromkeys(kinds))
+
+
+def _client(messages: list[Record], reveal: Reveal | None = None) -> Step:
     """What the client sent: the statement (Query, or Parse + Bind) with its parameters, or just message types."""
+    messages = [_revealed_client(x, reveal) for x in messages]
     statement = next((x["statement"] for x in messages if x.get("statement") is not None), None)
     parameters = next((x["parameters"] for x in messages if x.get("parameters") is not None), None)
     step: Step = {"step": "statement" if statement is not None or parameters is not None else "client",
                   "messages": [x["type"] for x in messages]}
     if step["step"] == "statement":
         step.update(statement=statement, parameters=parameters)
+        step.update(_redaction(messages))
     return step
+
+
+def _redaction(messages: list[Record]) -> Step:
+    """`redacted` kinds and whether they are `revealed`, for a statement step (nothing when nothing was)."""
+    kinds = _redacted(messages)
+    return {"redacted": kinds, "revealed": any(x.get("revealed") for x in messages)} if kinds else {}
 
 
 def _diagnostic(x: Record) -> dict[str, Any]:
@@ -237,7 +269,7 @@ def _extended(client: list[Record], prepared: dict[str, tuple[str | None, list[i
     else:
         sql, oids = prepared.get(name, (None, []))
     return {"step": "statement", "statement": sql, "parameters": bind.get("parameters"),
-            "values": _values(bind, oids), "messages": types}
+            "values": _values(bind, oids), "messages": types, **_redaction(client)}
 
 
 def _remember(entry: Entry, prepared: dict[str, tuple[str | None, list[int]]]) -> None:
@@ -268,7 +300,8 @@ def arrange(entries: list[Entry], max_rows: int, reveal: Reveal | None) -> list[
         if entry.messages is not None:
             logged_in = True
             _remember(entry, prepared)
-        statement = _extended(entry.messages, prepared) if _frames(entry, "client") else None
+        statement = (_extended([_revealed_client(x, reveal) for x in entry.messages], prepared)
+                     if _frames(entry, "client") else None)
         if statement is not None:
             j, server = i + 1, []
             while j < len(entries) and _frames(entries[j], "server"):
@@ -308,6 +341,10 @@ def _statement_description(step: Step) -> Description:
     sql = step["statement"] if step["statement"] is not None else "(prepared statement)"
     shown = step.get("values", step["parameters"])
     detail = [f"parameters: {json.dumps(shown, ensure_ascii=False)}"] if shown else []
+    if step.get("redacted"):
+        kinds = ", ".join(step["redacted"])
+        detail.append(f"[revealed] {kinds}: as the client sent it" if step.get("revealed")
+                      else f"[redacted] {kinds}: the original is sealed to the custodian key")
     if "command_tags" not in step:
         return "SQL", sql, detail
     head, diagnostics = _result(step)
@@ -321,7 +358,7 @@ class PostgresRenderer:
     protocol = "postgres"
 
     def step(self, direction: str, messages: list[Record], *, max_rows: int, reveal: Reveal | None) -> Step:
-        return _client(messages) if direction == "client" else _server(messages, max_rows, reveal)
+        return _client(messages, reveal) if direction == "client" else _server(messages, max_rows, reveal)
 
     def arrange(self, entries: list[Entry], *, max_rows: int, reveal: Reveal | None) -> list[Step]:
         return arrange(entries, max_rows, reveal)

@@ -1,0 +1,70 @@
+"""Input redaction: secrets a client sends are not kept in clear in the evidence.
+
+A password in `ALTER ROLE … PASSWORD '…'`, a key passed to an encryption
+function, a card number in a bound parameter: the target must get them as
+sent, but the evidence — the broker, the spool, the sealed segments, every
+analyst's replay — must not hold them in clear. So before the session records
+a client `Message`, it hands the record to its front end's `Redactor`
+(`FrontEnd.redactor`), which knows where the protocol carries secrets
+(PostgreSQL: proxy/postgres/redaction.py; MySQL, SSH and Kubernetes front
+ends bring their own). What the redactor returns replaces the record —
+decoded fields *and* the wire bytes in `data`, rebuilt with a marker
+(`[REDACTED:password]`) — and the original bytes are sealed to the evidence
+custodian's key in `sealed_original`, as masked results are, so `custody
+replay --reveal --custodian-key` shows what the client sent. Without a
+custodian key the original is not kept at all, and `attributes.original`
+says so. The bytes relayed to the target are never touched: only the
+evidence is redacted.
+
+`attributes.redacted` names what was removed (`password`, `key`, a detector
+kind such as `credit_card`), as it already does for tokens and cancel keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+from .records import Record
+
+MARKER = "[REDACTED:{}]"
+NOT_KEPT = "not kept: no custodian key to seal it to"
+
+Seal = Callable[[bytes], bytes]
+
+
+def marker(kind: str) -> str:
+    return MARKER.format(kind)
+
+
+class Redactor(Protocol):
+    """A protocol's knowledge of where its client messages carry secrets."""
+
+    def redact(self, record: Record) -> tuple[Record, tuple[str, ...]] | None:
+        """The record with its secrets replaced (fields and `data`) and the kinds removed; None: nothing to hide."""
+        ...
+
+
+def redact_messages(redactor: Redactor, messages: list[Record], seal: Seal | None) -> list[Record]:
+    """The client records as they may be kept: redacted where the redactor says, the originals sealed.
+
+    Returns `messages` itself when nothing was redacted (the common case costs one call per record).
+    """
+    out: list[Record] | None = None
+    for index, record in enumerate(messages):
+        found = redactor.redact(record)
+        if found is None:
+            continue
+        redacted, kinds = found
+        attributes = {**(redacted.get("attributes") or {}), "redacted": ",".join(dict.fromkeys(kinds))}
+        original = record.get("data") or b""
+        if seal is not None:
+            redacted["sealed_original"] = seal(bytes(original))
+        else:
+            redacted["sealed_original"] = None
+            attributes["original"] = NOT_KEPT
+        redacted["attributes"] = attributes
+        if out is None:
+            out = list(messages)
+        out[index] = redacted
+    return messages if out is None else out
