@@ -137,7 +137,7 @@ class Client:
     def sftp(self, user: str, token: str, batch: str, timeout: float = 60) -> subprocess.CompletedProcess:
         script = self.directory / f"batch-{uuid.uuid4().hex[:8]}"
         script.write_text(batch)
-        return subprocess.run(["sftp", *self.options(), "-o", f"User={user}", "-P", str(self.port), "-b", str(script),
+        return subprocess.run(["sftp", *self.options(), "-o", "BatchMode=no", "-o", f"User={user}", "-P", str(self.port), "-b", str(script),
                                self.host], env=self.env(token), capture_output=True, timeout=timeout,
                               stdin=subprocess.DEVNULL)
 

@@ -181,3 +181,61 @@ def test_a_target_whose_host_key_is_not_the_pinned_one_is_refused(proxy):
     error = next(e.body for e in events if e.kind == "protocol_error")
     assert error["code"] == "host_key_not_verified" and "pinned upstream_host_key" in error["message"]
     assert events[-1].body["reason"] == "upstream_unavailable"
+
+
+def test_sftp_put_and_get_keep_the_file_bytes_and_hashes_in_the_evidence(proxy, tmp_path):
+    user = new_user()
+    payload = bytes(range(256)) * 1200 + b"tail"  # 307,204 bytes: several 32 KiB SFTP writes and reads
+    local, back, remote = tmp_path / "up.bin", tmp_path / "down.bin", f"/tmp/custody-sftp-{time.time_ns()}.bin"
+    local.write_bytes(payload)
+    result = proxy.client.sftp(user, proxy.token(user, ("dev",)),
+                               f"put {local} {remote}\nget {remote} {back}\nrm {remote}\nput {local} /etc/custody-x\n")
+    assert result.returncode != 0, result  # the last command was refused
+    assert back.exists(), result
+    assert back.read_bytes() == payload
+    assert b"Permission denied" in result.stderr or b"permission denied" in result.stderr.lower()
+
+    events = session_of(proxy, user)
+    digest = hashlib.sha256(payload).hexdigest()
+    client, server = messages(events, "client"), messages(events, "server")
+    assert any(m["type"] == "subsystem" and m["attributes"]["subsystem"] == "sftp" for m in client)
+    written = b"".join(m["data"][m["data"].index(b"\0\0\0") :] for m in client if m["type"] == "sftp:write")
+    assert payload[:4096] in written  # the uploaded bytes are in the recorded packets
+    closes = [m["attributes"] for m in server if m["attributes"].get("sha256")]
+    assert [(c["path"], c["direction"], c["size"], c["sha256"], c["complete"]) for c in closes] == [
+        (remote, "upload", str(len(payload)), digest, "true"), (remote, "download", str(len(payload)), digest, "true")]
+    transfers = [(m["text"], m["objects"]) for m in client if m["operation"] == "transfer"]
+    assert transfers == [(f"sftp upload {remote}", [remote]), (f"sftp download {remote}", [remote]),
+                         (f"sftp remove {remote}", [remote]), ("sftp upload /etc/custody-x", ["/etc/custody-x"])]
+    decisions = [(e.body["rule"], e.body["action"]) for e in events if e.kind == "policy_decision"]
+    assert decisions == [("block-upload-to-etc", "block")]
+    denied = [m for m in server if m["type"] == "sftp:status" and m["attributes"].get("origin") == "proxy"]
+    assert len(denied) == 1 and denied[0]["error_code"] == "permission_denied"
+
+
+def test_scp_over_sftp_and_legacy_scp_are_transfers_with_their_bytes(proxy, tmp_path):
+    user = new_user()
+    token = proxy.token(user, ("dev",))
+    payload = b"scp payload\n" * 5000
+    local, back, remote = tmp_path / "a.txt", tmp_path / "b.txt", f"/tmp/custody-scp-{time.time_ns()}.txt"
+    local.write_bytes(payload)
+    up = proxy.client.scp(user, token, str(local), proxy.client.target(remote))  # the default: SFTP underneath
+    assert up.returncode == 0, up.stderr
+    down = proxy.client.scp(user, token, "-O", proxy.client.target(remote), str(back))  # legacy: exec scp -f
+    assert down.returncode == 0, down.stderr
+    assert back.read_bytes() == payload
+    refused = proxy.client.scp(user, token, "-O", str(local), proxy.client.target("/etc/custody-scp"))
+    assert refused.returncode != 0 and b"uploads to /etc are not allowed" in refused.stderr
+
+    sessions = proxy.events.find(lambda s: s["protocol"] == "ssh" and s["attributes"].get("user") == user)
+    while len(sessions) < 3:
+        sessions = proxy.events.find(lambda s: s["protocol"] == "ssh" and s["attributes"].get("user") == user)
+    sessions.sort(key=lambda events: events[0].ts)
+    first, legacy, blocked = sessions
+    digest = hashlib.sha256(payload).hexdigest()
+    assert [m["attributes"]["sha256"] for m in messages(first, "server") if m["attributes"].get("sha256")] == [digest]
+    execs = [m for m in messages(legacy, "client") if m["type"] == "exec"]
+    assert [(m["operation"], m["text"], m["objects"]) for m in execs] == [("transfer", f"scp -f {remote}", [remote])]
+    assert payload in channel_bytes(legacy, "data", "server")
+    assert [(e.body["rule"], e.body["action"]) for e in blocked if e.kind == "policy_decision"] == [
+        ("block-upload-to-etc", "block")]

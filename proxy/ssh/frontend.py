@@ -245,11 +245,15 @@ class SSHFrontEnd(FrontEnd):
             channel.text = text or ""
             attributes = self._attributes(request=start.kind, **({"term": start.term} if start.term else {}))
             objects = _objects(text or "") if start.kind == "exec" else ()
+            kind, scp = "command", _legacy_scp(text or "") if start.kind == "exec" else None
+            if scp is not None:  # `scp -O`: the file bytes are this channel's data
+                kind, objects = "transfer", scp[1]
+                attributes.update(subsystem="scp", direction=scp[0])
             self._record(CLIENT, message(start.kind, ch, (text or "").encode() if start.kind == "exec" else b"",
-                                         attributes={"request": start.kind}, operation="command",
+                                         attributes={"request": start.kind}, operation=kind,
                                          text=text, objects=list(objects)))
             self._notice_channel = ch
-            verdict = yield from self.session.check(Operation("ssh", "command", text or "", objects, attributes))
+            verdict = yield from self.session.check(Operation("ssh", kind, text or "", objects, attributes))
             self._notice_channel = None
             if not verdict.allowed:
                 yield from self._refuse_channel(ch, f"custody: {verdict.reason}", BLOCKED_STATUS)
@@ -439,6 +443,25 @@ def _objects(command: str) -> tuple[str, ...]:
         return shell_objects(command)
     except AnalysisError:
         return ()
+
+
+def _legacy_scp(command: str) -> tuple[str, tuple[str, ...]] | None:
+    """`scp -t PATH` (the client uploads) or `scp -f PATH` (it downloads): (direction, paths); else None."""
+    import shlex
+
+    try:
+        argv = shlex.split(command)
+    except ValueError:
+        return None
+    if not argv or argv[0].rsplit("/", 1)[-1] != "scp":
+        return None
+    flags = [a for a in argv[1:] if a.startswith("-")]
+    paths = tuple(a for a in argv[1:] if not a.startswith("-") and a != "--")
+    if any("t" in f for f in flags):
+        return "upload", paths
+    if any("f" in f for f in flags):
+        return "download", paths
+    return None
 
 
 def _sftp_record(packet: sftp.Packet, channel: int) -> records.Record:
