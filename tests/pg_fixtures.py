@@ -31,13 +31,17 @@ DIRECT = "host=127.0.0.1 port=5432 user=postgres dbname=postgres"
 
 def write_config(directory: Path, bootstrap: str, topic_prefix: str, extra_proxies: str = "",
                  proxy_keys: str = "", replace: dict[str, str] | None = None) -> Path:
-    """`custody init` into `directory`, then point it at the test broker and listen on a free port."""
+    """`custody init` into `directory`, then point it at the test broker and listen on a free port.
+
+    Each `replace` key is replaced once, where it first stands: the PostgreSQL
+    entry, which comes before the commented examples of the other protocols.
+    """
     config = initialise(directory, proxy_port=0)
     text = config.read_text()
     text = text.replace('bootstrap = "embedded"', f'bootstrap = "{bootstrap}"')
     text = text.replace('topic_prefix = "custody."', f'topic_prefix = "{topic_prefix}"')
     for old, new in (replace or {}).items():
-        text = text.replace(old, new)
+        text = text.replace(old, new, 1)
     text += proxy_keys + extra_proxies
     config.write_text(text)
     return config
