@@ -9,11 +9,20 @@ of this code.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+try:  # fastavro's reader without schemaless_reader's per-call re-parse of the schema (most of its cost)
+    from fastavro._read import _default_named_schemas, _read_data
+    from fastavro._read import parse_schema as _parse_for_read
+except ImportError:  # pragma: no cover - a fastavro without the Cython reader
+    _read_data = None
+
+_READ_OPTIONS = {"return_record_name": False, "return_record_name_override": False, "handle_unicode_errors": "strict",
+                 "return_named_type": False, "return_named_type_override": False}
 
 import schemas
 
@@ -31,13 +40,15 @@ class Schema:
 
     parsed: Any
     fingerprint: bytes
+    plain: Any = field(default=None, compare=False, repr=False)
+    """The same schema without logical types (same canonical form, same bytes): strings, longs."""
 
     @classmethod
     def from_json(cls, schema_json: dict[str, Any]) -> "Schema":
         parsed = fastavro.parse_schema(schema_json)
         # fastavro's hex is already the little-endian byte order the spec puts on the wire.
         fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(parsed), "CRC-64-AVRO"))
-        return cls(parsed, fp)
+        return cls(parsed, fp, fastavro.parse_schema(_without_logical_types(schema_json)))
 
     def encode(self, record: dict[str, Any]) -> bytes:
         buf = io.BytesIO()
@@ -63,6 +74,71 @@ class Schema:
         if buf.tell() != len(data):
             raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after the Avro body")
         return record
+
+    def plain_decoder(self) -> Callable[[bytes], dict[str, Any]]:
+        """A decoder of `data` written with this schema that leaves logical types as written (uuid: the string,
+        timestamp-micros: the long), and parses the schema once instead of per call. Same checks as `decode`."""
+        schema, expected = self.plain, MAGIC + self.fingerprint
+        if _read_data is None:  # pragma: no cover
+            return lambda data: Schema(schema, self.fingerprint).decode(data)
+        named = _default_named_schemas()
+        parsed = _parse_for_read(schema, named["writer"])
+
+        def decode(data: bytes) -> dict[str, Any]:
+            if data[:HEADER_LEN] != expected:
+                self.decode(data)  # raises the DecodeError that says why
+            buf = io.BytesIO(data)
+            buf.seek(HEADER_LEN)
+            try:
+                record = _read_data(buf, parsed, named, None, _READ_OPTIONS)
+            except Exception as exc:
+                raise DecodeError(f"Avro body does not decode: {type(exc).__name__}: {exc}") from None
+            if buf.tell() != len(data):
+                raise DecodeError(f"{len(data) - buf.tell()} trailing bytes after the Avro body")
+            return record
+
+        return decode
+
+
+def _without_logical_types(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {k: _without_logical_types(v) for k, v in schema.items() if k != "logicalType"}
+    if isinstance(schema, list):
+        return [_without_logical_types(v) for v in schema]
+    return schema
+
+
+def read_bytes_field(data: bytes, pos: int) -> tuple[bytes, int]:
+    """One Avro `bytes` value at `pos` (zig-zag varint length, then the bytes) and the position after it."""
+    if pos + 1 < len(data):  # the common lengths: one or two varint bytes (< 8 KiB)
+        b = data[pos]
+        if b < 0x80:
+            n, pos = b, pos + 1
+        elif data[pos + 1] < 0x80:
+            n, pos = (b & 0x7F) | data[pos + 1] << 7, pos + 2
+        else:
+            n = -1
+        if n >= 0:
+            length = (n >> 1) ^ -(n & 1)
+            end = pos + length
+            if 0 <= length and end <= len(data):
+                return data[pos:end], end
+            raise DecodeError(f"Avro body does not decode: a {length}-byte value at {pos} overruns {len(data)} bytes")
+    n = shift = 0
+    while True:
+        if pos >= len(data) or shift > 63:
+            raise DecodeError("Avro body does not decode: truncated length")
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+    length = (n >> 1) ^ -(n & 1)
+    end = pos + length
+    if length < 0 or end > len(data):
+        raise DecodeError(f"Avro body does not decode: a {length}-byte value at {pos} overruns {len(data)} bytes")
+    return data[pos:end], end
 
 
 class SchemaVersions:
@@ -91,6 +167,19 @@ class SchemaVersions:
         """`data` as a record of the current schema, whichever published version wrote it."""
         writer = self.writer(data)
         return writer.decode(data, None if writer is self.current else self.current)
+
+    def decode_plain(self, data: bytes) -> tuple[dict[str, Any], bool]:
+        """`data` decoded, and whether logical types are left as written (`Schema.plain_decoder`): true when
+        the current schema wrote it (the fast path, one parse of the schema per process), else it is
+        `decode`d with resolution to the current schema, logical types converted."""
+        if data[2:HEADER_LEN] == self.current.fingerprint:
+            decoder = self._plain
+            if decoder is None:
+                decoder = self._plain = self.current.plain_decoder()
+            return decoder(data), True
+        return self.decode(data), False
+
+    _plain = None
 
 
 ENVELOPE = Schema.from_json(schemas.load_json("event.avsc"))

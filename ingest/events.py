@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import threading
 import time
 import uuid
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ingest.avro import ENVELOPE, ENVELOPES, SIGNED_EVENT, DecodeError
+from ingest.avro import ENVELOPE, ENVELOPES, HEADER_LEN, MAGIC, SIGNED_EVENT, DecodeError, read_bytes_field
 from ingest.keys import PrivateKey
 
 ZERO_HASH = bytes(32)
@@ -110,20 +111,55 @@ def sign_envelope(envelope: dict[str, Any], key: PrivateKey) -> SignedEvent:
     return SignedEvent(value, envelope_bytes, signature, envelope)
 
 
+_SIGNED_EVENT_HEADER = MAGIC + SIGNED_EVENT.fingerprint
+_MICROS_RANGE = range(datetime_to_micros(datetime.min.replace(tzinfo=timezone.utc)),
+                      datetime_to_micros(datetime.max.replace(tzinfo=timezone.utc)) + 1)
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").fullmatch
+
+
+def _uuid_string(value: str) -> str:
+    """What the uuid logical type reads, `str(UUID(value))`, without building a UUID in the common case."""
+    if _CANONICAL_UUID(value):
+        return value
+    try:
+        return str(uuid.UUID(value))
+    except ValueError as exc:
+        raise DecodeError(f"Avro body does not decode: ValueError: {exc}") from None
+
+
+def _open_signed(value: bytes) -> tuple[bytes, bytes]:
+    """The envelope bytes and signature of a SignedEvent value: two Avro `bytes` after the header."""
+    if value[:HEADER_LEN] != _SIGNED_EVENT_HEADER:
+        SIGNED_EVENT.decode(value)  # raises the DecodeError that says why
+    envelope, pos = read_bytes_field(value, HEADER_LEN)
+    signature, pos = read_bytes_field(value, pos)
+    if pos != len(value):
+        raise DecodeError(f"{len(value) - pos} trailing bytes after the Avro body")
+    return envelope, signature
+
+
 def open_event(value: bytes) -> SignedEvent:
     """Decode a Kafka value into its parts, without verifying anything yet.
 
     The envelope may be of any published schema version (looked up by its fingerprint); it is
     returned as a record of the current one. `envelope_bytes` stay the writer's, as signed.
+    One decode per event: the outer record is two length-prefixed byte strings, read by hand;
+    the envelope of the current schema is read with its logical types left as the producer
+    wrote them (the uuid strings, the µs timestamp), which is the shape returned anyway.
     """
-    outer = SIGNED_EVENT.decode(value)
-    envelope = ENVELOPES.decode(outer["envelope"])
-    # Same shape as the producer's envelope: logical types back to their plain values.
-    envelope["event_id"], envelope["session_id"] = str(envelope["event_id"]), str(envelope["session_id"])
-    envelope["ts"] = datetime_to_micros(envelope["ts"])
+    envelope_bytes, signature = _open_signed(value)
+    envelope, plain = ENVELOPES.decode_plain(envelope_bytes)
+    if plain:
+        envelope["event_id"] = _uuid_string(envelope["event_id"])
+        envelope["session_id"] = _uuid_string(envelope["session_id"])
+        if envelope["ts"] not in _MICROS_RANGE:
+            raise DecodeError(f"Avro body does not decode: timestamp {envelope['ts']} µs is out of range")
+    else:  # an earlier schema, resolved: logical types back to their plain values
+        envelope["event_id"], envelope["session_id"] = str(envelope["event_id"]), str(envelope["session_id"])
+        envelope["ts"] = datetime_to_micros(envelope["ts"])
     if envelope["kind"] not in KINDS:
         raise DecodeError(f"unknown event kind {envelope['kind']!r}")
-    return SignedEvent(value, outer["envelope"], outer["signature"], envelope)
+    return SignedEvent(value, envelope_bytes, signature, envelope)
 
 
 class SessionChain:

@@ -18,12 +18,17 @@ is quarantined with `Rejection.reason`, a stable machine-readable code:
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator
 
+from nacl.bindings import crypto_sign_open
 from nacl.exceptions import BadSignatureError
 
 from ingest.avro import DecodeError
-from ingest.events import ZERO_HASH, SignedEvent, open_event
+from ingest.events import ZERO_HASH, SignedEvent, datetime_to_micros, open_event
 from ingest.keys import Keyring, KeyLookupError
 
 REASONS = ("malformed", "key_mismatch", "unknown_key", "wrong_role", "key_not_yet_valid", "key_revoked",
@@ -51,15 +56,54 @@ def check_key(event: SignedEvent, kafka_key: bytes | None) -> None:
         raise Rejection("key_mismatch", f"Kafka key {kafka_key[:64]!r} is not session {event.session_id}", event)
 
 
-def check_signature(event: SignedEvent, keyring: Keyring) -> None:
+def signing_key(event: SignedEvent, keyring: Keyring) -> bytes:
+    """The public key that may have signed `event` (trusted, proxy role, valid at its time), or the Rejection."""
     try:
-        verify_key = keyring.key_for(event.key_id, event.ts, role="proxy")
+        return bytes(keyring.key_for(event.key_id, event.ts, role="proxy"))
     except KeyLookupError as exc:
         raise Rejection(exc.reason, str(exc), event) from None
+
+
+def signature_valid(event: SignedEvent, public_key: bytes) -> bool:
+    """Ed25519 over the envelope's exact bytes (libsodium; the GIL is released while it runs)."""
+    if len(event.signature) != 64:
+        return False
     try:
-        verify_key.verify(event.envelope_bytes, event.signature)
+        crypto_sign_open(event.signature + event.envelope_bytes, public_key)
     except (BadSignatureError, ValueError):
-        raise Rejection("bad_signature", f"signature by {event.key_id} does not verify", event) from None
+        return False
+    return True
+
+
+def bad_signature(event: SignedEvent) -> Rejection:
+    return Rejection("bad_signature", f"signature by {event.key_id} does not verify", event)
+
+
+def check_signature(event: SignedEvent, keyring: Keyring) -> None:
+    if not signature_valid(event, signing_key(event, keyring)):
+        raise bad_signature(event)
+
+
+def _signatures_valid(pairs: list[tuple[SignedEvent, bytes]]) -> list[bool]:
+    return [signature_valid(event, public_key) for event, public_key in pairs]
+
+
+CHUNK = 128
+"""Signatures per task handed to the verify threads: large enough that the hand-off is noise, small enough
+that the first results come back while later ones are still being decoded."""
+
+_pool: Executor | None = None
+_pool_lock = threading.Lock()
+
+
+def verify_pool() -> Executor:
+    """Threads that check signatures while the caller's thread decodes and builds rows (libsodium runs
+    without the GIL), one per core."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max(1, os.cpu_count() or 1), thread_name_prefix="custody-verify")
+        return _pool
 
 
 RECENT_WINDOW = 1024
@@ -139,6 +183,29 @@ class EventVerifier:
     def __init__(self, keyring: Keyring, chains: SessionChains | None = None):
         self.keyring = keyring
         self.chains = chains or SessionChains()
+        self._keys: dict[str, tuple] = {}
+
+    def _public_key(self, event: SignedEvent) -> bytes:
+        """`signing_key`, with each trusted key's validity kept in µs beside its bytes: no datetime and no
+        VerifyKey per event. Kept per TrustedKey object, so a revocation (which replaces it) is seen at once."""
+        key_id = event.envelope["key_id"]
+        try:
+            trusted = self.keyring.get(key_id)
+        except KeyLookupError as exc:
+            raise Rejection(exc.reason, str(exc), event) from None
+        entry = self._keys.get(key_id)
+        if entry is None or entry[0] is not trusted:
+            try:
+                bounds = tuple(None if t is None else datetime_to_micros(t)
+                               for t in (trusted.not_before, trusted.not_after))
+            except TypeError:  # naive datetimes: leave every check to the keyring
+                bounds = None
+            entry = self._keys[key_id] = (trusted, trusted.role == "proxy" and bounds, trusted.public_key)
+        _, bounds, public_key = entry
+        ts = event.envelope["ts"]
+        if bounds and (bounds[0] is None or ts >= bounds[0]) and (bounds[1] is None or ts <= bounds[1]):
+            return public_key
+        return signing_key(event, self.keyring)  # the keyring says why not (or, for naive bounds, whether)
 
     def check(self, value: bytes, kafka_key: bytes | None = None) -> SignedEvent:
         """The accepted event; raises Rejection. Accepting advances the session's chain."""
@@ -148,3 +215,53 @@ class EventVerifier:
         self.chains.check(event)
         self.chains.accept(event)
         return event
+
+    def check_many(self, records: Iterable[tuple[bytes, bytes | None]],
+                   pool: Executor | None = None) -> Iterator[SignedEvent | Rejection]:
+        """`check` of each (value, Kafka key) in order, each outcome the accepted event or its Rejection.
+
+        The same checks in the same order per event, so the same outcomes; but the signatures are checked by
+        `pool` (default `verify_pool()`), a chunk at a time, while this thread decodes the next chunk, and the
+        outcomes are yielded as their chunk comes back, so the caller's work on them overlaps the rest.
+        """
+        pool = pool or verify_pool()
+        pending: list[tuple[list, object]] = []  # (per record: event / Rejection / (event, key) to verify, future)
+        chunk: list = []
+        pairs: list[tuple[SignedEvent, bytes]] = []
+
+        def submit() -> None:
+            nonlocal chunk, pairs
+            pending.append((chunk, pool.submit(_signatures_valid, pairs) if pairs else None))
+            chunk, pairs = [], []
+
+        for value, kafka_key in records:
+            try:
+                event = decode(value)
+                check_key(event, kafka_key)
+                pair = (event, self._public_key(event))
+            except Rejection as rejection:
+                chunk.append(rejection)
+            else:
+                chunk.append(pair)
+                pairs.append(pair)
+                if len(pairs) >= CHUNK:
+                    submit()
+        if chunk:
+            submit()
+        for items, future in pending:
+            valid = iter(future.result() if future is not None else ())
+            for item in items:
+                if isinstance(item, Rejection):
+                    yield item
+                    continue
+                event = item[0]
+                if not next(valid):
+                    yield bad_signature(event)
+                    continue
+                try:
+                    self.chains.check(event)
+                except Rejection as rejection:
+                    yield rejection
+                    continue
+                self.chains.accept(event)
+                yield event

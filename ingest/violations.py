@@ -57,6 +57,8 @@ def _document(*, id: str, time: datetime, severity: str, category: str, reason: 
 
 def from_event(event: SignedEvent, identity: SessionIdentity | None) -> dict[str, Any] | None:
     """The violation an accepted event records, if it records one."""
+    if event.kind not in ("protocol_error", "policy_decision"):  # most events: decide before building anything
+        return None
     body, when = event.body, micros_to_datetime(event.envelope["ts"])
     common = dict(id=event.event_id, time=when, identity=identity, session_id=event.session_id, event_id=event.event_id)
     if event.kind == "protocol_error":

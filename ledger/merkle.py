@@ -79,6 +79,16 @@ def event_leaf_hash(salt: bytes, event_bytes: bytes) -> bytes:
     return leaf_hash(event_leaf(salt, event_bytes))
 
 
+def event_leaf_hashes(salts: bytes, event_digests: Sequence[bytes]) -> list[bytes]:
+    """`event_leaf_hash` of many events at once, from their SHA-256 digests (already taken for the session
+    chain) and their salts concatenated (SALT_SIZE bytes each, in order)."""
+    if len(salts) != SALT_SIZE * len(event_digests):
+        raise MerkleError(f"{len(salts)} bytes of salt for {len(event_digests)} events, expected {SALT_SIZE} each")
+    sha256, view = hashlib.sha256, memoryview(salts)
+    return [sha256(b"\x00" + view[i * SALT_SIZE:(i + 1) * SALT_SIZE] + digest).digest()
+            for i, digest in enumerate(event_digests)]
+
+
 def _check_hash(value: bytes, what: str, error: type[MerkleError]) -> None:
     if len(value) != HASH_SIZE:
         raise error(f"{what} is {len(value)} bytes, expected {HASH_SIZE}")
@@ -395,6 +405,19 @@ class CompactTree:
             carry >>= 1
         self._nodes.append(node)
         self._size += 1
+
+    def extend(self, leaf_hashes: Sequence[bytes]) -> None:
+        """Append many leaf hashes, in order."""
+        _check_hashes(leaf_hashes, "leaf hash")
+        nodes, size, sha256 = self._nodes, self._size, hashlib.sha256
+        for node in leaf_hashes:
+            carry = size
+            while carry & 1:
+                node = sha256(b"\x01" + nodes.pop() + node).digest()
+                carry >>= 1
+            nodes.append(node)
+            size += 1
+        self._size = size
 
     def root(self) -> bytes:
         """Return the Merkle tree hash of all leaves appended so far."""

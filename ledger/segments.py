@@ -97,15 +97,23 @@ _BODY_COLUMNS = ("direction", "messages", "statement", "command_tag", "rows", "e
 _NO_BODY = (None,) * len(_BODY_COLUMNS)
 
 
-def _first(messages: list[dict[str, Any]], key: str) -> Any:
-    return next((m[key] for m in messages if m.get(key) is not None), None)
-
-
 def _frames_columns(body: dict[str, Any]) -> tuple:
+    """One pass over the messages (a folded event may carry thousands) for the first statement, command tag,
+    error code and message, and the sum of row counts."""
     messages = body["messages"]
-    counted = [m["rows"] for m in messages if m.get("rows") is not None]
-    return (body["direction"], messages, _first(messages, "statement"), _first(messages, "command_tag"),
-            sum(counted) if counted else None, _first(messages, "error_code"), _first(messages, "error_message"),
+    statement = command_tag = error_code = error_message = rows = None
+    for m in messages:
+        if m.get("rows") is not None:
+            rows = (rows or 0) + m["rows"]
+        if statement is None:
+            statement = m.get("statement")
+        if command_tag is None:
+            command_tag = m.get("command_tag")
+        if error_code is None:
+            error_code = m.get("error_code")
+        if error_message is None:
+            error_message = m.get("error_message")
+    return (body["direction"], messages, statement, command_tag, rows, error_code, error_message,
             None, None, None, None, None)
 
 
@@ -125,31 +133,30 @@ def _body_columns(kind: str, body: dict[str, Any]) -> tuple:
 
 
 class SegmentBuilder:
-    """Collects one segment's rows column by column, so a segment is one `pa.table` call, not N row objects."""
+    """Collects one segment's rows, one tuple each; `table` turns them into columns in one transposition and
+    one `pa.array` per column, so a segment is one `pa.table` call, not N row objects."""
 
     def __init__(self, partition: int):
         self.partition = partition
-        self._columns: dict[str, list] = {name: [] for name in SCHEMA.names}
-        self._append = [self._columns[name].append for name in SCHEMA.names]
+        self._rows: list[tuple] = []
         self.nbytes = 0
 
     def __len__(self) -> int:
-        return len(self._columns["leaf_index"])
+        return len(self._rows)
 
     def add(self, leaf_index: int, offset: int, event: SignedEvent, event_hash: bytes, salt: bytes,
             identity: SessionIdentity) -> None:
         e = event.envelope
         kind = e["kind"]
-        row = (leaf_index, self.partition, offset, e["event_id"], e["session_id"], e["seq"], e["ts"], kind,
-               e["producer"], e["key_id"], e["prev_hash"], event_hash, *identity, *_body_columns(kind, e["body"]),
-               salt, event.value)
-        for append, value in zip(self._append, row):
-            append(value)
+        self._rows.append((leaf_index, self.partition, offset, e["event_id"], e["session_id"], e["seq"], e["ts"],
+                           kind, e["producer"], e["key_id"], e["prev_hash"], event_hash, *identity,
+                           *_body_columns(kind, e["body"]), salt, event.value))
         self.nbytes += len(event.value) + 200  # the decoded columns cost about as much again as small events
 
     def table(self) -> pa.Table:
         """The rows as a table in the contract's order: by session, then seq."""
-        arrays = [pa.array(self._columns[f.name], type=f.type) for f in SCHEMA]
+        columns = list(zip(*self._rows)) if self._rows else [()] * len(SCHEMA)
+        arrays = [pa.array(column, type=f.type) for column, f in zip(columns, SCHEMA)]
         return pa.Table.from_arrays(arrays, schema=SCHEMA).sort_by(SORT_KEYS)
 
 

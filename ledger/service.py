@@ -31,9 +31,9 @@ from ingest.events import micros_to_datetime, now_micros
 from ingest.keys import Keyring, KeyLookupError, PrivateKey, load_key_file
 from ingest.sessions import NO_IDENTITY, SessionIdentity
 from ingest.settings import KafkaSettings, KeySettings
-from ingest.verify import EventVerifier
+from ingest.verify import EventVerifier, Rejection
 from ledger.durable import write_atomic
-from ledger.merkle import SALT_SIZE, event_leaf_hash, extension_proof
+from ledger.merkle import SALT_SIZE, event_leaf_hashes, extension_proof
 from ledger.seals import Seal, seal_record, seal_relpath, segment_relpath, sign_seal
 from ledger.segments import SegmentBuilder, write_segment
 from ledger.settings import LedgerSettings
@@ -70,33 +70,69 @@ class PartitionWriter:
 
     def add(self, record: Record, salt: bytes) -> Quarantined | None:
         """Verify and take one record; a rejected one is returned for quarantine and never becomes a leaf."""
+        outcome = verify_record(self.verifier, record)
+        rejected = self.add_batch([record], salt, [outcome.rejection if isinstance(outcome, Quarantined)
+                                                   else outcome.event])
+        return rejected[0] if rejected else None
+
+    def add_batch(self, records: list, salts: bytes, outcomes=None) -> list[Quarantined]:
+        """Verify and take records of this partition in offset order (`salts`: SALT_SIZE bytes each); the
+        rejected ones are returned for quarantine and never become leaves. A record is a `Record` or anything
+        with its fields (kafka-python's ConsumerRecord: no copy per message).
+
+        Signatures are checked by the verify threads while this thread decodes and builds rows
+        (`EventVerifier.check_many`); each event is decoded once and hashed once (by the chain, whose digest
+        is also the leaf's), and the leaves are hashed in one go.
+        """
+        if not records:
+            return []
         if self.opened_at is None:
             self.opened_at = time.monotonic()
-        self.state.next_offset = record.offset + 1
-        outcome = verify_record(self.verifier, record)
-        if isinstance(outcome, Quarantined):
-            self.quarantined += 1
-            claimed = outcome.rejection.event
-            self.violations.append(violations.from_quarantine(
-                record, outcome.rejection, self.state.identities.get(claimed.session_id) if claimed else None))
-            return outcome
-        event = outcome.event
-        e = event.envelope
-        session_id, ts = e["session_id"], e["ts"]
-        if e["kind"] == "session_start":
-            identity = self.state.identities[session_id] = SessionIdentity.from_session_start(e["body"])
-        elif e["kind"] == "session_end":
-            identity = self.state.identities.pop(session_id, NO_IDENTITY)
-        else:
-            identity = self.state.identities.get(session_id, NO_IDENTITY)
-        if (violation := violations.from_event(event, identity)) is not None:
-            self.violations.append(violation)
-        event_hash = self.state.chains.sessions[session_id].last_hash  # hashed once, by the verifier's accept
-        self.builder.add(self.state.tree.size + len(self.leaves), record.offset, event, event_hash, salt, identity)
-        self.leaves.append(event_leaf_hash(salt, event.value))
-        first, last = self.time_range or (ts, ts)
-        self.time_range = (min(first, ts), max(last, ts))
-        return None
+        if outcomes is None:
+            outcomes = self.verifier.check_many((r.value, r.key) for r in records)
+        rejected: list[Quarantined] = []
+        identities, chains, builder = self.state.identities, self.state.chains.sessions, self.builder
+        first_leaf = self.state.tree.size + len(self.leaves)
+        digests: list[bytes] = []
+        taken_salts: list[bytes] = []
+        first_ts = last_ts = None
+        for i, (record, outcome) in enumerate(zip(records, outcomes)):
+            if isinstance(outcome, Rejection):
+                self.quarantined += 1
+                if not isinstance(record, Record):
+                    record = Record(record.topic, record.partition, record.offset, record.key, record.value)
+                claimed = outcome.event
+                self.violations.append(violations.from_quarantine(
+                    record, outcome, identities.get(claimed.session_id) if claimed else None))
+                rejected.append(Quarantined(record, outcome))
+                continue
+            e = outcome.envelope
+            session_id, ts, kind = e["session_id"], e["ts"], e["kind"]
+            if kind == "session_start":
+                identity = identities[session_id] = SessionIdentity.from_session_start(e["body"])
+            elif kind == "session_end":
+                identity = identities.pop(session_id, NO_IDENTITY)
+            else:
+                identity = identities.get(session_id, NO_IDENTITY)
+            if (violation := violations.from_event(outcome, identity)) is not None:
+                self.violations.append(violation)
+            event_hash = chains[session_id].last_hash  # hashed once, by the verifier's accept
+            salt = salts[i * SALT_SIZE:(i + 1) * SALT_SIZE]
+            builder.add(first_leaf + len(digests), record.offset, outcome, event_hash, salt, identity)
+            digests.append(event_hash)
+            taken_salts.append(salt)
+            if first_ts is None:
+                first_ts = last_ts = ts
+            elif ts < first_ts:
+                first_ts = ts
+            elif ts > last_ts:
+                last_ts = ts
+        self.state.next_offset = records[-1].offset + 1
+        if digests:
+            self.leaves += event_leaf_hashes(b"".join(taken_salts), digests)
+            first, last = self.time_range or (first_ts, last_ts)
+            self.time_range = (min(first, first_ts), max(last, last_ts))
+        return rejected
 
     def due(self, now: float) -> bool:
         """Roll over by events, bytes or age; with nothing new for the idle interval, seal anyway."""
@@ -116,8 +152,7 @@ class PartitionWriter:
             segment = {"path": path, "sha256": written.sha256.hex(), "bytes": written.size}
         proof = extension_proof(state.tree, self.leaves)
         first_leaf = state.tree.size
-        for leaf in self.leaves:
-            state.tree.append(leaf)
+        state.tree.extend(self.leaves)
         record = seal_record(
             origin=self.settings.origin, partition=state.partition, number=number, key_id=self.key.key_id,
             sealed_at_us=now_micros(), previous=state.last_seal, segment=segment, first_leaf=first_leaf,
@@ -226,12 +261,8 @@ class LedgerService:
         batches = self.consumer.poll(timeout_ms=int(timeout * 1000))
         for tp, messages in batches.items():
             writer = self.writers[tp.partition]
-            salts = os.urandom(SALT_SIZE * len(messages))
-            for i, m in enumerate(messages):
-                record = Record(tp.topic, tp.partition, m.offset, m.key, m.value)
-                rejected = writer.add(record, salts[i * SALT_SIZE:(i + 1) * SALT_SIZE])
-                if rejected:
-                    self.quarantine.send(rejected.record, rejected.rejection)
+            for rejected in writer.add_batch(messages, os.urandom(SALT_SIZE * len(messages))):
+                self.quarantine.send(rejected.record, rejected.rejection)
         now = time.monotonic()
         for writer in list(self.writers.values()):
             if writer.due(now):
