@@ -23,7 +23,7 @@ def producer(settings: KafkaSettings, **overrides: Any) -> KafkaProducer:
         "enable_idempotence": True,
         "compression_type": "zstd",
         "linger_ms": 5,
-        "batch_size": 256 * 1024,
+        "batch_size": 1024 * 1024,  # bench/ingest.py: 1 MiB zstd batches beat 256 KiB for 300 B and 4 KiB messages
         "max_request_size": 8 * 1024 * 1024,
         "request_timeout_ms": 5000,
         "max_block_ms": 5000,
