@@ -118,6 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     """The `custody` program. Given `argv` it runs in process (tests): it returns on success and raises
     SystemExit otherwise, as before; as the program itself (no `argv`) it ends the process through `leave`."""
     if argv is None:
+        from custody.lifeline import adopt
+
+        adopt()  # a child of `custody up` dies with it, however it dies
         leave(run(argv))
     code = run(argv)
     if code:

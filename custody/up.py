@@ -6,6 +6,13 @@ proxy's relay for the interpreter lock. Their output is prefixed with their
 name. Ctrl-C stops them in the order that loses nothing: proxies first (they
 end sessions and drain their spools), then the ledger (it seals what it read),
 then the broker.
+
+Stopping is bounded (`STOP_BOUNDS`, `stop_bound()`): each child gets SIGTERM and
+its time; a proxy that overruns is killed alone, so that its recorder process
+still spools what it holds (within `ingest.recorder.ORPHAN_BOUND`), and then
+whatever is left of a child's process group is killed. The children die with
+the supervisor however it dies, SIGKILL included (`custody.lifeline`), within
+the same bounds.
 """
 
 from __future__ import annotations
@@ -22,9 +29,22 @@ from dataclasses import dataclass, field
 import click
 
 from custody.config import Config, config_option, load_config
+from custody.lifeline import Lifeline
+from ingest.recorder import ORPHAN_BOUND
 from ingest.errors import CustodyError
 
 COLOURS = {"broker": "blue", "ledger": "magenta", "proxy": "cyan"}
+
+# Seconds each child has to stop after SIGTERM (from `custody up` stopping, or on its own once the supervisor is
+# gone) before it is killed. The ledger is crash-safe and the dev broker keeps nothing, so killing them loses nothing;
+# a killed proxy's recorder still has ORPHAN_BOUND seconds to spool what it holds.
+STOP_BOUNDS = {"proxy": 10.0, "ledger": 10.0, "broker": 5.0}
+GROUP_GRACE = 2.0  # for what a child leaves behind in its process group (Tansu) after it exited
+
+
+def stop_bound() -> float:
+    """The longest `custody up` takes to stop: every child's bound, a proxy's recorder's and the grace periods."""
+    return sum(STOP_BOUNDS.values()) + ORPHAN_BOUND + GROUP_GRACE * len(STOP_BOUNDS)
 
 
 @dataclass
@@ -62,17 +82,41 @@ def wait_for_port(address: str, child: Child, timeout: float = 30.0) -> None:
         time.sleep(0.1)
 
 
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def _reap_group(pgid: int, grace: float) -> None:
+    """Give the rest of process group `pgid` `grace` seconds to end, then kill it."""
+    deadline = time.monotonic() + grace
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            try:
+                os.killpg(pgid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            return
+        time.sleep(0.05)
+
+
 class Stack:
     """Start, watch and stop the children for one config."""
 
     def __init__(self, config: Config, debug: bool = False):
         self.config, self.debug = config, debug
         self.children: list[Child] = []
+        self.lifeline = Lifeline()
 
     def _spawn(self, name: str, args: list[str]) -> Child:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.lifeline.child_env(STOP_BOUNDS[name])}
         process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   text=True, env=env, start_new_session=True)
+                                   text=True, env=env, start_new_session=True, pass_fds=self.lifeline.pass_fds)
         child = Child(name, process)
         self.children.append(child)
         return child
@@ -100,16 +144,23 @@ class Stack:
     def failed(self) -> Child | None:
         return next((c for c in self.children if c.process.poll() is not None), None)
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self) -> None:
+        """Stop every child, newest first, within `stop_bound()` seconds in all."""
         for child in reversed(self.children):
-            if child.process.poll() is None:
-                os.killpg(child.process.pid, signal.SIGTERM)  # the child's whole group: the broker's Tansu too
+            process = child.process
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)  # the child alone: it stops its own children (Tansu, recorder)
                 try:
-                    child.process.wait(timeout)
+                    process.wait(STOP_BOUNDS[child.name])
                 except subprocess.TimeoutExpired:
-                    child.process.kill()
-                    child.process.wait()
+                    click.echo(f"custody up: {child.name} did not stop within {STOP_BOUNDS[child.name]:.0f}s; killing it",
+                               err=True)
+                    process.kill()
+                    process.wait()
+            # What is left of its process group: a recorder still spooling, a Tansu its broker could not stop.
+            _reap_group(process.pid, ORPHAN_BOUND if child.name == "proxy" else GROUP_GRACE)
             child.pump.join(timeout=2)
+        self.lifeline.close()
 
     def __enter__(self) -> "Stack":
         try:
@@ -127,7 +178,13 @@ class Stack:
 @config_option
 @click.pass_context
 def up(ctx: click.Context, config_path: str | None) -> None:
-    """Run the stack of the config (dev broker, ledger, proxies) until Ctrl-C."""
+    """Run the stack of the config (dev broker, ledger, proxies) until Ctrl-C or SIGTERM.
+
+    Stopping takes at most {bound:.0f} s: proxies first ({proxy:.0f} s; a proxy's recorder then has
+    {recorder:.0f} s more to spool what it holds), the ledger ({ledger:.0f} s, it seals what it read), the broker
+    ({broker:.0f} s); what is still running after its time is killed. If `custody up` itself dies, even by
+    SIGKILL, its children stop on their own within the same bounds.
+    """
     config = load_config(config_path)
     stack = Stack(config, debug=bool(ctx.find_root().obj and ctx.find_root().obj.get("debug")))
     stopping = threading.Event()
@@ -142,3 +199,6 @@ def up(ctx: click.Context, config_path: str | None) -> None:
                     raise CustodyError(f"{dead.name} exited with code {dead.process.returncode}; stopping the stack")
         except KeyboardInterrupt:
             click.echo("custody up: stopping (proxies, then ledger, then broker)", err=True)
+
+
+up.help = up.help.format(bound=stop_bound(), recorder=ORPHAN_BOUND, **STOP_BOUNDS)

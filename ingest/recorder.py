@@ -33,8 +33,13 @@ the recorder process is gone or stuck (its backlog passed `HARD_LIMIT` times
 Window of loss: events handed over but not yet spooled when the proxy's
 process or machine dies were relayed but are lost. Back-pressure bounds that
 window; `RecorderStats` reports how large it actually got, in events, frames
-and bytes. When only the proxy's process dies, the recorder still spools and
-delivers what reached it, then exits.
+and bytes. When only the proxy's process dies (however: SIGKILL too), the
+recorder notices at once (a watchdog thread on multiprocessing's parent
+sentinel, not only when it is idle), spools what reached it and hands the spool
+to Kafka within `ORPHAN_BOUND` seconds, then exits; events still waiting after
+that are lost and logged. `close(timeout)` is bounded the same way by its
+`timeout`. The recorder ignores SIGINT and SIGTERM: signals to the proxy's
+process group must not cut it short, the proxy decides when it stops.
 """
 
 from __future__ import annotations
@@ -44,9 +49,12 @@ import enum
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.connection
+import os
 import queue
 import signal
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +81,8 @@ class RecorderUnavailable(CustodyError):
 HARD_LIMIT = 10  # a backlog this many times max_queue means the recorder is stuck, not busy
 MAX_BATCH = 1000  # events handed over in one piece at most
 MAX_FOLD = 20_000  # events the child takes in at once before recording them
+ORPHAN_BOUND = 10.0  # seconds the recorder takes, once its proxy's process is gone, to spool and deliver what it holds
+FINISH_SLICE = 500  # events recorded at a time while finishing, so that the bound is kept to within one slice
 
 
 @dataclass
@@ -129,6 +139,8 @@ class Recorder:
         self.stats = RecorderStats()
         self._requests = context.Queue()
         self._replies = context.Queue()
+        self._stopping = context.Event()
+        self._stop_within = context.Value("d", ORPHAN_BOUND, lock=False)  # the bound of a `close`, for the child
         self._failure: str | None = None
         self._sessions: weakref.WeakValueDictionary[str, SessionRecording] = weakref.WeakValueDictionary()
         self._flushes: dict[int, threading.Event] = {}
@@ -141,7 +153,8 @@ class Recorder:
         self._pressure = Pressure.NONE
         self._process = context.Process(
             target=_recorder_main, name="custody-recorder", daemon=True,
-            args=(self._requests, self._replies, kafka, spool, key.key_id, bytes(key.signing_key), producer_name))
+            args=(self._requests, self._replies, self._stopping, self._stop_within, kafka, spool, key.key_id, bytes(key.signing_key),
+                  producer_name))
         self._process.start()
         self._listener = threading.Thread(target=self._listen, name="custody-recorder-replies", daemon=True)
         self._listener.start()
@@ -251,13 +264,16 @@ class Recorder:
         return done.wait(timeout + 5) and self._flush_results.pop(token, False)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Deliver what can be delivered within `timeout`; the rest stays in the spool for next time."""
+        """Spool what was handed over and deliver what can be, within `timeout` (the recorder process is killed
+        a few seconds after that at the latest); what is spooled but not delivered stays in the spool for next time."""
         self._hand_over()
         if self._process.is_alive():
+            self._stop_within.value = timeout
+            self._stopping.set()  # seen between two batches, however long the backlog
             self._requests.put(("stop", timeout))
-            self._process.join(timeout + 10)
+            self._process.join(timeout + 5)
         if self._process.is_alive():
-            self._process.terminate()
+            self._process.kill()  # it ignores SIGTERM
             self._process.join()
         self._replies.put(None)
         self._listener.join(timeout=5)
@@ -357,20 +373,82 @@ def _take_waiting(requests, batch: list[Item]) -> tuple[list[Item], tuple | None
     return batch, None
 
 
-def _recorder_main(requests, replies, kafka: KafkaSettings, spool: SpoolOptions, key_id: str, seed: bytes,
-                   producer_name: str) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the proxy decides when recording stops (`stop`)
-    child = _Child(replies, kafka, spool, PrivateKey(key_id, SigningKey(seed)), producer_name)
-    parent = multiprocessing.parent_process()
+def _watch_parent(sentinel, orphaned: threading.Event) -> None:
+    """Set `orphaned` the moment the proxy's process is gone, however busy the recorder is."""
+    multiprocessing.connection.wait([sentinel])
+    orphaned.set()
+
+
+class _NoReplies:
+    """Where replies go once nobody reads them."""
+
+    def put(self, *_: Any) -> None:
+        pass
+
+
+def _wait_delivered(child: _Child, timeout: float, *stop_waiting: Any) -> bool:
+    """Wait until everything spooled is delivered, at most `timeout`, and no longer once one of the events is set."""
+    deadline = time.monotonic() + timeout
+    while not child.producer.wait_delivered(timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline or any(e.is_set() for e in stop_waiting):
+            return False
+    return True
+
+
+def _finish(child: _Child, requests, bound: float, *, orphaned: bool) -> None:
+    """Spool what was handed over and hand the spool to Kafka, within `bound` seconds; then the caller exits."""
+    deadline = time.monotonic() + bound
+    if orphaned:  # nobody reads the replies: never wait for their pipe at exit
+        child.replies.cancel_join_thread()
+        child.replies = _NoReplies()
+        threading.Timer(bound + 5, os._exit, (1,)).start()  # whatever hangs (a disk, Kafka), the process ends
+    left = False
     while True:
+        if time.monotonic() >= deadline:
+            left = True
+            break
+        try:
+            request = requests.get(timeout=0.05)
+        except queue.Empty:
+            break  # what the proxy handed over (before its "stop", or before it died) has all been read
+        if request[0] != "events":
+            continue
+        batch = request[1]
+        for i in range(0, len(batch), FINISH_SLICE):
+            if time.monotonic() >= deadline:
+                left = True
+                log.error("recorder: %d events handed over were not spooled within %.0fs of stopping; they are lost",
+                          len(batch) - i, bound)
+                break
+            child.events(batch[i:i + FINISH_SLICE])
+        if left:
+            break
+    if left:
+        log.error("recorder: stopped after %.0fs with events still waiting; they are lost", bound)
+    child.producer.close(timeout=max(0.5, (deadline - time.monotonic()) / 2))  # it waits, then joins its drainer
+    child.idle()
+
+
+def _recorder_main(requests, replies, stopping, stop_within, kafka: KafkaSettings, spool: SpoolOptions, key_id: str, seed: bytes,
+                   producer_name: str) -> None:
+    for signum in (signal.SIGINT, signal.SIGTERM):  # the proxy decides when recording stops (`stop`), or its death
+        signal.signal(signum, signal.SIG_IGN)
+    child = _Child(replies, kafka, spool, PrivateKey(key_id, SigningKey(seed)), producer_name)
+    orphaned = threading.Event()
+    threading.Thread(target=_watch_parent, args=(multiprocessing.parent_process().sentinel, orphaned),
+                     name="custody-recorder-parent", daemon=True).start()
+    while True:
+        if orphaned.is_set():  # the proxy's process died: what reached us is spooled and delivered, then stop
+            _finish(child, requests, ORPHAN_BOUND, orphaned=True)
+            return
+        if stopping.is_set():  # the proxy is closing: what it handed over before its "stop" is ours to spool
+            _finish(child, requests, stop_within.value, orphaned=False)
+            return
         try:
             request = requests.get(timeout=_Child.RECOVERY_CHECK)
         except queue.Empty:
-            if not parent.is_alive():  # the proxy's process died: what reached us is delivered, then stop
-                request = ("stop", 10.0)
-            else:
-                child.idle()
-                continue
+            child.idle()
+            continue
         if request[0] == "events":
             batch, request = _take_waiting(requests, request[1])
             child.events(batch)
@@ -379,8 +457,7 @@ def _recorder_main(requests, replies, kafka: KafkaSettings, spool: SpoolOptions,
         what = request[0]
         if what == "flush":
             _, token, timeout = request
-            replies.put(("flushed", token, child.producer.wait_delivered(timeout=timeout)))
+            replies.put(("flushed", token, _wait_delivered(child, timeout, orphaned, stopping)))
         elif what == "stop":
-            child.producer.close(timeout=request[1])
-            child.idle()
+            _finish(child, requests, request[1], orphaned=orphaned.is_set())
             return

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
 import click
 
 from custody.config import config_option, load_config
-from ingest.broker import DevBroker
+from ingest.broker import BrokerError, DevBroker
 from ingest.keys import ROLES, Keyring, add_to_keyring, generate_key_file
 
 
@@ -82,9 +84,14 @@ def broker(listen: str | None, config_path: str | None) -> None:
     """Run the development Kafka broker (Tansu, memory storage) in the foreground."""
     listen = listen or load_config(config_path).kafka.embedded_listen
     dev = DevBroker(listen).start()
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # `custody up` stops it with SIGTERM: Tansu goes too
+        signal.signal(signum, lambda *_: stop.set())
     click.echo(f"dev broker listening on {dev.bootstrap} (memory storage; Ctrl-C stops it)")
     try:
-        dev.wait()
+        while not stop.wait(0.2):
+            if not dev.running:
+                raise BrokerError(f"dev broker exited with code {dev.wait()}")
     finally:
         dev.stop()
 
