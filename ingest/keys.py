@@ -1,9 +1,10 @@
 """Ed25519 key files and the keyring of trusted public keys.
 
-One private key per role (proxy, ledger, exporter) so that a stolen proxy key
-cannot forge seals. The keyring lists every public key a verifier trusts, with
-its role and validity window: rotation adds a key; revocation sets `not_after`,
-after which events signed by that key are rejected.
+One private key per role (proxy, ledger, exporter, witness) so that a stolen
+proxy key cannot forge seals, nor a ledger key a witness's cosignature. The
+keyring lists every public key a verifier trusts, with its role and validity
+window: rotation adds a key; revocation sets `not_after`, after which events
+signed by that key are rejected.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from nacl.signing import SigningKey, VerifyKey
 
 from ingest.errors import CustodyError
 
-ROLES = ("proxy", "ledger", "exporter")
+ROLES = ("proxy", "ledger", "exporter", "witness")
 
 
 class KeyFileError(CustodyError):

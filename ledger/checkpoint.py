@@ -415,3 +415,179 @@ def open_checkpoint(note: bytes, verifiers: Sequence[Verifier], *, origin: str) 
     if checkpoint.origin != origin:
         raise CheckpointOriginError(f"checkpoint origin {checkpoint.origin!r} is not the expected {origin!r}")
     return checkpoint, opened
+
+
+# Cosignatures ----------------------------------------------------------------
+#
+# c2sp.org/tlog-cosignature: a witness's statement that, as of its timestamp, the
+# checkpoint is the largest consistent tree it has seen for the origin. A
+# cosignature is a note signature line whose bytes are key ID (4) || timestamp
+# (u64, big-endian) || Ed25519 signature (64) over "cosignature/v1\ntime <t>\n"
+# followed by the checkpoint's note text. Its key ID uses the type byte 0x04, so a
+# witness key can never be mistaken for a log key (0x01) and vice versa.
+
+COSIGNATURE_ALGORITHM = 0x04
+"""Signature type byte for Ed25519 cosignatures (c2sp.org/tlog-cosignature) in key IDs and vkeys."""
+COSIGNATURE_HEADER = "cosignature/v1\n"
+_TIMESTAMP_SIZE = 8
+_ED25519_SIGNATURE_SIZE = 64
+_MAX_TIMESTAMP = 2**63 - 1
+
+
+class MalformedCosignatureError(NoteError):
+    """A signature line of a cosigner's name and key ID is not a timestamped Ed25519 signature."""
+
+
+def cosignature_key_id(name: str, public_key: bytes) -> bytes:
+    """SHA-256(name || 0x0A || 0x04 || public_key)[:4], the Ed25519 cosignature key ID."""
+    return hashlib.sha256(name.encode() + b"\n" + bytes([COSIGNATURE_ALGORITHM]) + public_key).digest()[:KEY_ID_SIZE]
+
+
+def cosigned_message(checkpoint_text: str, timestamp: int) -> bytes:
+    """The bytes a cosigner signs: the header line, the time line, then the whole checkpoint note text."""
+    if not 0 <= timestamp <= _MAX_TIMESTAMP:
+        raise MalformedCosignatureError(f"timestamp {timestamp} is not within 0..2^63-1")
+    if not checkpoint_text.endswith("\n"):
+        raise MalformedNoteError("checkpoint text does not end with a newline")
+    return f"{COSIGNATURE_HEADER}time {timestamp}\n{checkpoint_text}".encode()
+
+
+@dataclass(frozen=True)
+class Cosignature:
+    """One parsed cosignature: who (name, key ID), when (POSIX seconds) and the signature."""
+
+    name: str
+    key_id: bytes
+    timestamp: int
+    signature: bytes
+
+    @classmethod
+    def from_note_signature(cls, sig: NoteSignature) -> Cosignature:
+        if len(sig.signature) != _TIMESTAMP_SIZE + _ED25519_SIGNATURE_SIZE:
+            raise MalformedCosignatureError(
+                f"cosignature by {sig.name}+{sig.key_id.hex()} is {len(sig.signature)} bytes after the key ID, "
+                f"expected {_TIMESTAMP_SIZE} (timestamp) + {_ED25519_SIGNATURE_SIZE} (Ed25519)")
+        timestamp = int.from_bytes(sig.signature[:_TIMESTAMP_SIZE], "big")
+        if timestamp > _MAX_TIMESTAMP:
+            raise MalformedCosignatureError(f"cosignature by {sig.name}: timestamp {timestamp} exceeds 2^63-1")
+        return cls(sig.name, sig.key_id, timestamp, sig.signature[_TIMESTAMP_SIZE:])
+
+    @classmethod
+    def parse_line(cls, line: str) -> Cosignature:
+        """Parse one signature line (with or without its newline)."""
+        return cls.from_note_signature(_parse_signature_line(1, line.removesuffix("\n")))
+
+    @property
+    def note_signature(self) -> NoteSignature:
+        return NoteSignature(self.name, self.key_id, self.timestamp.to_bytes(_TIMESTAMP_SIZE, "big") + self.signature)
+
+    @property
+    def line(self) -> str:
+        """The signature line, without its newline."""
+        return self.note_signature.line
+
+
+@dataclass(frozen=True)
+class CosignatureVerifier:
+    """A witness's named Ed25519 public key, checking cosignatures (not log signatures: type byte 0x04)."""
+
+    name: str
+    verify_key: nacl.signing.VerifyKey = field(repr=False, compare=False)
+    public_key: bytes = field(init=False, repr=False)
+    key_id: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        problem = _name_problem(self.name)
+        if problem is not None:
+            raise MalformedKeyError(problem)
+        object.__setattr__(self, "public_key", bytes(self.verify_key))
+        object.__setattr__(self, "key_id", cosignature_key_id(self.name, self.public_key))
+
+    @classmethod
+    def parse(cls, vkey: str) -> CosignatureVerifier:
+        """Parse `<name>+<hex key ID>+<base64(0x04 || public key)>`."""
+        fields = vkey.split("+", 2)
+        if len(fields) != 3 or not _KEY_ID_HEX.fullmatch(fields[1]):
+            raise MalformedKeyError(f"cosigner key {vkey!r} is not <name>+<8 hex key ID>+<key>")
+        try:
+            raw = _decode_base64(fields[2])
+        except ValueError as e:
+            raise MalformedKeyError(f"cosigner key {e}") from None
+        if len(raw) != 1 + _HASH_SIZE or raw[0] != COSIGNATURE_ALGORITHM:
+            raise MalformedKeyError("cosigner key is not 0x04 (Ed25519 cosignature/v1) and 32 key bytes")
+        verifier = cls(fields[0], nacl.signing.VerifyKey(raw[1:]))
+        if verifier.key_id.hex() != fields[1]:
+            raise MalformedKeyError(f"key ID {fields[1]} does not match cosigner key {fields[0]}+{verifier.key_id.hex()}")
+        return verifier
+
+    @property
+    def vkey(self) -> str:
+        encoded = base64.b64encode(bytes([COSIGNATURE_ALGORITHM]) + self.public_key).decode()
+        return f"{self.name}+{self.key_id.hex()}+{encoded}"
+
+    def matches(self, sig: NoteSignature | Cosignature) -> bool:
+        return sig.name == self.name and sig.key_id == self.key_id
+
+    def verify(self, checkpoint_text: str, cosignature: Cosignature) -> bool:
+        try:
+            self.verify_key.verify(cosigned_message(checkpoint_text, cosignature.timestamp), cosignature.signature)
+        except (nacl.exceptions.CryptoError, NoteError):
+            return False
+        return True
+
+
+@dataclass(frozen=True)
+class Cosigner:
+    """A witness's named Ed25519 private key; its repr hides the key."""
+
+    name: str
+    signing_key: nacl.signing.SigningKey = field(repr=False, compare=False)
+
+    @property
+    def verifier(self) -> CosignatureVerifier:
+        return CosignatureVerifier(self.name, self.signing_key.verify_key)
+
+    @property
+    def key_id(self) -> bytes:
+        return self.verifier.key_id
+
+    def cosign(self, checkpoint_text: str, timestamp: int) -> Cosignature:
+        signature = self.signing_key.sign(cosigned_message(checkpoint_text, timestamp)).signature
+        return Cosignature(self.name, self.key_id, timestamp, signature)
+
+
+@dataclass(frozen=True)
+class WitnessedNote:
+    """A note's text and the valid cosignatures on it from trusted witnesses, one per witness (the newest)."""
+
+    text: str
+    cosignatures: tuple[tuple[CosignatureVerifier, Cosignature], ...]
+
+
+def open_cosignatures(note: bytes, witnesses: Sequence[CosignatureVerifier]) -> WitnessedNote:
+    """The cosignatures on `note` from trusted `witnesses`, each verified; lines of other keys are ignored.
+
+    As with log signatures, a line that names a trusted witness but does not verify makes the note invalid
+    (InvalidSignatureError): it is a forgery, not an absence.
+    """
+    text, signatures = _split_note(note)
+    found: dict[bytes, tuple[CosignatureVerifier, Cosignature]] = {}
+    for sig in signatures:
+        witness = next((w for w in witnesses if w.matches(sig)), None)
+        if witness is None:
+            continue
+        cosignature = Cosignature.from_note_signature(sig)
+        if not witness.verify(text, cosignature):
+            raise InvalidSignatureError(f"invalid cosignature for witness {sig.name}+{sig.key_id.hex()}")
+        known = found.get(witness.public_key)
+        if known is None or cosignature.timestamp > known[1].timestamp:
+            found[witness.public_key] = (witness, cosignature)
+    return WitnessedNote(text, tuple(found.values()))
+
+
+def add_signature_lines(note: bytes, lines: Sequence[str]) -> bytes:
+    """`note` with more signature lines appended (e.g. a witness's response to add-checkpoint), no duplicates."""
+    text = note.decode()
+    present = set(text.split("\n"))
+    extra = "".join(f"{line}\n" for line in (l.removesuffix("\n") for l in lines) if line and line not in present)
+    return (text + extra).encode()
