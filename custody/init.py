@@ -15,7 +15,7 @@ import click
 from nacl.public import PrivateKey as BoxPrivateKey
 
 from ingest.errors import CustodyError
-from ingest.keys import add_to_keyring, generate_key_file
+from ingest.keys import PrivateKey, add_to_keyring, generate_key_file
 
 CONFIG_TEMPLATE = """\
 # Custody configuration, written by `custody init`. Paths are relative to this file.
@@ -46,7 +46,7 @@ dev_signing_key = "keys/dev-idp.key"
 
 [ledger]
 dir = "ledger"
-origin = "custody.example/ledger/dev"
+origin = "{origin}"   # this ledger's name in its checkpoints, unique (from the ledger key's id); production: your domain
 segment_max_events = 100000
 segment_max_seconds = 5
 idle_seal_seconds = 60
@@ -118,6 +118,14 @@ def write_ssh_host_key(path: Path) -> None:
     path.with_name(path.name + ".pub").write_bytes(key.export_public_key())
 
 
+def ledger_origin(ledger_key: PrivateKey) -> str:
+    """A checkpoint origin no other deployment has: the hash part of the ledger key's id (`ledger+<16 hex>`).
+
+    C2SP tlog-checkpoint origins are schema-less URLs without spaces or '+', which the key id's hex part keeps.
+    """
+    return f"custody.example/ledger/{ledger_key.key_id.rpartition('+')[2]}"
+
+
 def initialise(directory: Path, proxy_port: int = 6432, broker_port: int = 9192) -> Path:
     """Create the starter directory; refuses to touch one that already has a config."""
     from proxy.devidp import create_dev_idp
@@ -127,15 +135,18 @@ def initialise(directory: Path, proxy_port: int = 6432, broker_port: int = 9192)
         raise CustodyError(f"{config} already exists; refusing to overwrite (use another directory)")
     keys = directory / "keys"
     keys.mkdir(parents=True, exist_ok=True)
+    generated = {}
     for role in ("proxy", "ledger", "exporter"):
-        add_to_keyring(keys / "keyring.toml", generate_key_file(keys / f"{role}.key", role), role)
+        generated[role] = generate_key_file(keys / f"{role}.key", role)
+        add_to_keyring(keys / "keyring.toml", generated[role], role)
     write_custodian_keypair(keys)
     create_dev_idp(keys / "dev-idp.key", keys / "dev-idp.jwks.json")
     write_ssh_host_key(keys / "ssh_host_ed25519")
     policies = directory / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "default.toml").write_text(resources.files("proxy").joinpath("policies/default.toml").read_text())
-    config.write_text(CONFIG_TEMPLATE.format(proxy_port=proxy_port, broker_port=broker_port))
+    config.write_text(CONFIG_TEMPLATE.format(proxy_port=proxy_port, broker_port=broker_port,
+                                             origin=ledger_origin(generated["ledger"])))
     return config
 
 
