@@ -227,9 +227,13 @@ def test_scp_over_sftp_and_legacy_scp_are_transfers_with_their_bytes(proxy, tmp_
     refused = proxy.client.scp(user, token, "-O", str(local), proxy.client.target("/etc/custody-scp"))
     assert refused.returncode != 0 and b"uploads to /etc are not allowed" in refused.stderr
 
-    sessions = proxy.events.find(lambda s: s["protocol"] == "ssh" and s["attributes"].get("user") == user)
-    while len(sessions) < 3:
+    deadline = time.monotonic() + 20
+    while True:
         sessions = proxy.events.find(lambda s: s["protocol"] == "ssh" and s["attributes"].get("user") == user)
+        if len(sessions) == 3 or time.monotonic() > deadline:
+            break
+        proxy.events.poll()
+    assert len(sessions) == 3, [[e.kind for e in events] for events in sessions]
     sessions.sort(key=lambda events: events[0].ts)
     first, legacy, blocked = sessions
     digest = hashlib.sha256(payload).hexdigest()
