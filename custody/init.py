@@ -51,6 +51,11 @@ segment_max_events = 100000
 segment_max_seconds = 5
 idle_seal_seconds = 60
 
+[witness]
+key = "keys/witness.key"       # its own key (keyring role witness); production: on other hosts, run by other parties
+listen = "127.0.0.1:{witness_port}"    # C2SP tlog-witness add-checkpoint (custody.seals feeds it too)
+state_dir = "witness"
+
 [spool]
 dir = "spool"
 max_bytes = 1073741824
@@ -136,7 +141,7 @@ def initialise(directory: Path, proxy_port: int = 6432, broker_port: int = 9192)
     keys = directory / "keys"
     keys.mkdir(parents=True, exist_ok=True)
     generated = {}
-    for role in ("proxy", "ledger", "exporter"):
+    for role in ("proxy", "ledger", "exporter", "witness"):
         generated[role] = generate_key_file(keys / f"{role}.key", role)
         add_to_keyring(keys / "keyring.toml", generated[role], role)
     write_custodian_keypair(keys)
@@ -146,6 +151,7 @@ def initialise(directory: Path, proxy_port: int = 6432, broker_port: int = 9192)
     policies.mkdir(exist_ok=True)
     (policies / "default.toml").write_text(resources.files("proxy").joinpath("policies/default.toml").read_text())
     config.write_text(CONFIG_TEMPLATE.format(proxy_port=proxy_port, broker_port=broker_port,
+                                             witness_port=9380 if broker_port == 9192 else 0,  # 0: any free port
                                              origin=ledger_origin(generated["ledger"])))
     return config
 

@@ -1,7 +1,8 @@
 """`custody up`: the whole stack from one config, as supervised child processes.
 
-The dev broker (when `[kafka] bootstrap = "embedded"`), the ledger and the
-proxies each run in their own process, so that sealing never competes with a
+The dev broker (when `[kafka] bootstrap = "embedded"`), one witness (when its
+key exists: `custody init` makes one), the ledger and the proxies each run in
+their own process, so that sealing never competes with a
 proxy's relay for the interpreter lock. Their output is prefixed with their
 name. Ctrl-C stops them in the order that loses nothing: proxies first (they
 end sessions and drain their spools), then the ledger (it seals what it read),
@@ -33,12 +34,12 @@ from custody.lifeline import Lifeline
 from ingest.recorder import ORPHAN_BOUND
 from ingest.errors import CustodyError
 
-COLOURS = {"broker": "blue", "ledger": "magenta", "proxy": "cyan"}
+COLOURS = {"broker": "blue", "witness": "green", "ledger": "magenta", "proxy": "cyan"}
 
 # Seconds each child has to stop after SIGTERM (from `custody up` stopping, or on its own once the supervisor is
 # gone) before it is killed. The ledger is crash-safe and the dev broker keeps nothing, so killing them loses nothing;
 # a killed proxy's recorder still has ORPHAN_BOUND seconds to spool what it holds.
-STOP_BOUNDS = {"proxy": 10.0, "ledger": 10.0, "broker": 5.0}
+STOP_BOUNDS = {"proxy": 10.0, "ledger": 10.0, "witness": 5.0, "broker": 5.0}
 GROUP_GRACE = 2.0  # for what a child leaves behind in its process group (Tansu) after it exited
 
 
@@ -135,6 +136,11 @@ class Stack:
             from ingest.kafka import ensure_topics
 
             ensure_topics(kafka)
+        witness = self.config.witness
+        if witness is not None and os.path.exists(witness.key):  # one witness in development (`custody init` keys)
+            child = self._custody("witness", "witness")
+            if witness.listen and not witness.listen.endswith(":0"):
+                wait_for_port(witness.listen, child)
         self._custody("ledger", "ledger")
         if self.config.proxies:
             proxy = self._custody("proxy", "proxy")

@@ -27,3 +27,29 @@ class LedgerSettings:
             segment_max_seconds=t.float("segment_max_seconds", 5.0, minimum=0.01),
             idle_seal_seconds=t.float("idle_seal_seconds", 60.0, minimum=0.01),
         )
+
+
+@dataclass(frozen=True)
+class WitnessSettings:
+    """`[witness]`: a witness's key, state, HTTP listener, and the ledgers it witnesses."""
+
+    key: Path
+    state_dir: Path
+    listen: str
+    """host:port of the C2SP add-checkpoint endpoint; empty for none."""
+    logs: tuple[str, ...]
+    """Ledger origins it witnesses (their partitions `<origin>/p<N>` are the logs); default: `[ledger] origin`."""
+    group: str
+
+    @classmethod
+    def from_table(cls, t: Table, ledger_origin: str) -> WitnessSettings:
+        logs = t._get("logs", [ledger_origin])
+        if not isinstance(logs, list) or not all(isinstance(x, str) and x for x in logs):
+            raise t.error("logs", "must be a list of ledger origins")
+        return cls(
+            key=t.path("key", "keys/witness.key"),
+            state_dir=t.path("state_dir", "witness"),
+            listen=t._get("listen", "127.0.0.1:9380") or "",
+            logs=tuple(logs),
+            group=t.str("group", "custody-witness"),
+        )

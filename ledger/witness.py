@@ -37,7 +37,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from ingest import kafka
 from ingest.errors import CustodyError
+from ingest.keys import Keyring, PrivateKey
+from ingest.settings import KafkaSettings
 from ledger import checkpoint, merkle
 from ledger.durable import write_atomic
 from ledger.seals import Seal
@@ -401,3 +404,83 @@ def serve(witness: Witness, host: str, port: int) -> ThreadingHTTPServer:
             self._reply(404, b"not found\n")
 
     return ThreadingHTTPServer((host, port), Handler)
+
+
+# --- a witness for Custody ledgers: keys from the keyring, fed over custody.seals ------------------
+
+
+def custody_log_keys(keyring: Keyring, ledger_origins: Sequence[str]) -> LogKeys:
+    """Origins `<ledger origin>/p<N>` of the configured ledgers, each trusting every ledger key of the keyring
+    under the origin as note key name (as the ledger signs its checkpoints)."""
+    pattern = re.compile("(?:" + "|".join(re.escape(o) for o in ledger_origins) + r")/p(0|[1-9][0-9]*)")
+
+    def keys(origin: str) -> list[checkpoint.Verifier] | None:
+        if not pattern.fullmatch(origin):
+            return None
+        return [checkpoint.Verifier.from_key(origin, k.verify_key) for k in keyring if k.role == "ledger"]
+
+    return keys
+
+
+def cosigner_for(key: PrivateKey) -> checkpoint.Cosigner:
+    """A witness key's cosigner: its name is the key's name (the key id before `+`), as verifiers derive it."""
+    return checkpoint.Cosigner(key.key_id.split("+")[0], key.signing_key)
+
+
+def cosignature_verifiers(keyring: Keyring) -> list[checkpoint.CosignatureVerifier]:
+    """Every `witness` key of the keyring as a cosignature verifier, named as `cosigner_for` names it."""
+    return [checkpoint.CosignatureVerifier(k.key_id.split("+")[0], k.verify_key) for k in keyring if k.role == "witness"]
+
+
+class SealFeed:
+    """Reads `custody.seals` as its own consumer group, cosigns each new seal, publishes the cosignatures to
+    `custody.cosignatures` and refusals to `custody.violations`; offsets are committed after the state is durable."""
+
+    def __init__(self, witness: Witness, settings: KafkaSettings, group_id: str = "custody-witness"):
+        from ledger.cosignatures import COSIGNATURES_TOPIC
+
+        self.witness, self.settings = witness, settings
+        kafka.ensure_topics(settings, ("seals", COSIGNATURES_TOPIC, "violations"))
+        self.cosignatures_topic, self.violations_topic = settings.topic(COSIGNATURES_TOPIC), settings.topic("violations")
+        self.producer = kafka.producer(settings)
+        self.consumer = kafka.consumer(settings, settings.topic("seals"), group_id=group_id)
+        witness.on_violation = self._publish_violation
+        self.cosigned = 0
+        self.refused = 0
+
+    def _publish_violation(self, document: dict[str, Any]) -> None:
+        self.producer.send(self.violations_topic, key=document["source"].encode(), value=json.dumps(document).encode())
+
+    def step(self, timeout: float = 0.2) -> int:
+        from ledger.cosignatures import message
+
+        batches = self.consumer.poll(timeout_ms=int(timeout * 1000))
+        done = 0
+        for messages in batches.values():
+            for m in messages:
+                try:
+                    seal = Seal.from_bytes(m.value)
+                except CustodyError as exc:
+                    log.warning("custody.seals offset %d: %s", m.offset, exc)
+                    continue
+                try:
+                    cosignature = self.witness.add_seal(seal)
+                except Refused as exc:
+                    self.refused += 1
+                    log.warning("witness: seal %s of %s refused: %s", seal.number, seal.record["origin"], exc)
+                    continue
+                if cosignature is not None:
+                    self.producer.send(self.cosignatures_topic, key=f"p{seal.partition}".encode(),
+                                       value=message(seal.record["origin"], seal.partition, seal.number,
+                                                     seal.tree_size, cosignature.line))
+                    self.cosigned += 1
+                    done += 1
+        if batches:
+            self.producer.flush(timeout=10)
+            self.consumer.commit()
+        return done
+
+    def close(self) -> None:
+        self.producer.flush(timeout=10)
+        self.producer.close(timeout=5)
+        self.consumer.close(autocommit=False)
