@@ -184,3 +184,44 @@ class SpoolSettings:
             fail_open=t.bool("fail_open", False),
             fsync_interval_ms=t.int("fsync_interval_ms", 5, minimum=0),
         )
+
+
+SYSLOG_SCHEMES = ("udp", "tcp", "tls")
+
+
+@dataclass(frozen=True)
+class SocSettings:
+    """`[soc]`: violations and activity in OCSF (ingest/ocsf.py) and the optional syslog sink (ingest/syslog.py)."""
+    ocsf: bool = False
+    activity: bool = False
+    syslog: str | None = None
+    syslog_format: str = "ocsf"
+    syslog_ca: Path | None = None
+    syslog_cert: Path | None = None
+    syslog_key: Path | None = None
+    syslog_app_name: str = "custody"
+    syslog_group: str = "custody-syslog"
+
+    @property
+    def topics(self) -> tuple[str, ...]:
+        """What the ledger publishes besides custody.violations."""
+        return (("violations.ocsf",) if self.ocsf or self.activity else ()) + (("activity.ocsf",) if self.activity else ())
+
+    def sink_topics(self) -> tuple[str, ...]:
+        """What the syslog sink reads: the OCSF topics, or custody.violations in Custody's own shape."""
+        if self.syslog_format == "custody":
+            return ("violations",)
+        return self.topics or ("violations.ocsf",)
+
+    @classmethod
+    def from_table(cls, t: Table) -> SocSettings:
+        syslog = t.str("syslog", None)
+        if syslog is not None and (syslog.split("://", 1)[0] not in SYSLOG_SCHEMES or "://" not in syslog):
+            raise t.error("syslog", f"expected udp://host:port, tcp://host:port or tls://host:port, got {syslog!r}")
+        fmt = t.str("syslog_format", "ocsf")
+        if fmt not in ("ocsf", "custody"):
+            raise t.error("syslog_format", f"expected ocsf or custody, got {fmt!r}")
+        return cls(ocsf=t.bool("ocsf", False), activity=t.bool("activity", False), syslog=syslog,
+                   syslog_format=fmt, syslog_ca=t.path("syslog_ca", None), syslog_cert=t.path("syslog_cert", None),
+                   syslog_key=t.path("syslog_key", None), syslog_app_name=t.str("syslog_app_name", "custody"),
+                   syslog_group=t.str("syslog_group", "custody-syslog"))

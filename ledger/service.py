@@ -24,15 +24,14 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
-from ingest import kafka, violations
+from ingest import kafka, ocsf, violations
 from ingest.consumer import Quarantine, Quarantined, Record, verify_record
 from ingest.errors import CustodyError
 from ingest.events import micros_to_datetime, now_micros
 from ingest.keys import Keyring, KeyLookupError, PrivateKey, load_key_file
 from ingest.sessions import NO_IDENTITY, SessionIdentity
-from ingest.settings import KafkaSettings, KeySettings
+from ingest.settings import KafkaSettings, KeySettings, SocSettings
 from ingest.verify import EventVerifier, Rejection
-from ledger.cosignatures import Collector
 from ledger.durable import write_atomic
 from ledger.merkle import SALT_SIZE, event_leaf_hashes, extension_proof
 from ledger.seals import Seal, seal_record, seal_relpath, segment_relpath, sign_seal
@@ -57,6 +56,7 @@ class PartitionWriter:
                  keyring: Keyring, key: PrivateKey):
         self.dir, self.settings, self.topic, self.state, self.key = ledger_dir, settings, topic, state, key
         self.verifier = EventVerifier(keyring, state.chains)
+        self.ocsf: ocsf.Renderer | None = None  # [soc] on: OCSF documents, rendered after each seal
         self.last_sealed_at = time.monotonic()
         self._reset()
 
@@ -117,6 +117,8 @@ class PartitionWriter:
                 identity = identities.get(session_id, NO_IDENTITY)
             if (violation := violations.from_event(outcome, identity)) is not None:
                 self.violations.append(violation)
+            if self.ocsf is not None:
+                self.ocsf.take(outcome, identity, first_leaf + len(digests))
             event_hash = chains[session_id].last_hash  # hashed once, by the verifier's accept
             salt = salts[i * SALT_SIZE:(i + 1) * SALT_SIZE]
             builder.add(first_leaf + len(digests), record.offset, outcome, event_hash, salt, identity)
@@ -193,18 +195,20 @@ class LedgerService:
     """A consumer-group member that seals the partitions it is assigned (or, pinned, the partitions it is given)."""
 
     def __init__(self, kafka_settings: KafkaSettings, settings: LedgerSettings, key: PrivateKey, keyring: Keyring,
-                 group_id: str = GROUP_ID, instance_id: str | None = None, partitions: list[int] | None = None):
+                 group_id: str = GROUP_ID, instance_id: str | None = None, partitions: list[int] | None = None,
+                 soc: SocSettings | None = None):
         self.kafka_settings, self.settings, self.key, self.keyring = kafka_settings, settings, key, keyring
         self.dir = ledger_dir(settings)
         self.topic = kafka_settings.topic("events")
         self.seals_topic = kafka_settings.topic("seals")
         self.violations_topic = kafka_settings.topic("violations")
+        self.soc = soc if soc is not None and soc.topics else None
         self.writers: dict[int, PartitionWriter] = {}
         self.locks: dict[int, PartitionLock] = {}
-        kafka.ensure_topics(kafka_settings, ("events", "quarantine", "seals", "violations"))
+        kafka.ensure_topics(kafka_settings, ("events", "quarantine", "seals", "violations",
+                                             *(self.soc.topics if self.soc else ())))
         self.quarantine = Quarantine(kafka_settings)
         self.publisher = kafka.producer(kafka_settings)
-        self.cosignatures = Collector(kafka_settings, self.dir, owned=lambda p: p in self.writers)  # witnesses' cosignatures, kept beside the seals
         # check_crcs=False: kafka-python's CRC-32C is pure Python and would cost more than the signature check,
         # which (with the chain's SHA-256) already proves every byte; a corrupt record is quarantined, not lost.
         self.consumer: KafkaConsumer = kafka.consumer(kafka_settings, group_id=group_id, group_instance_id=instance_id,
@@ -220,7 +224,7 @@ class LedgerService:
     @classmethod
     def from_settings(cls, kafka_settings: KafkaSettings, settings: LedgerSettings, keys: KeySettings,
                       group_id: str = GROUP_ID, instance_id: str | None = None,
-                      partitions: list[int] | None = None) -> "LedgerService":
+                      partitions: list[int] | None = None, soc: SocSettings | None = None) -> "LedgerService":
         """The service with the configured ledger key, refused early when the keyring would not trust its seals."""
         key = load_key_file(keys.ledger_key)
         keyring = Keyring.load(keys.keyring)
@@ -228,7 +232,7 @@ class LedgerService:
             keyring.key_for(key.key_id, micros_to_datetime(now_micros()), role="ledger")
         except KeyLookupError as exc:
             raise LedgerConfigError(f"{keys.ledger_key}: {exc}; the ledger's seals would not verify") from None
-        return cls(kafka_settings, settings, key, keyring, group_id, instance_id, partitions)
+        return cls(kafka_settings, settings, key, keyring, group_id, instance_id, partitions, soc)
 
     @property
     def sealed_leaves(self) -> int:
@@ -243,6 +247,8 @@ class LedgerService:
         self.locks[tp.partition] = lock
         state = recover(self.dir, tp.partition)
         self.writers[tp.partition] = PartitionWriter(self.dir, self.settings, self.topic, state, self.keyring, self.key)
+        if self.soc is not None:
+            self.writers[tp.partition].ocsf = ocsf.Renderer(activity=self.soc.activity)
         self.consumer.seek(tp, state.next_offset)
         if state.last_seal:  # it may have been made durable just before a crash, and never published
             self._publish(state.last_seal)
@@ -269,7 +275,6 @@ class LedgerService:
         for writer in list(self.writers.values()):
             if writer.due(now):
                 self._seal(writer)
-        self.cosignatures.poll()
 
     def run(self, stop: threading.Event) -> None:
         try:
@@ -289,6 +294,13 @@ class LedgerService:
         for violation in pending:  # after the seal: a violation always points at sealed evidence
             self.publisher.send(self.violations_topic, key=(violation["session_id"] or "").encode(),
                                 value=violations.encode(violation))
+        if writer.ocsf is not None:  # the same moment, in OCSF (ingest/ocsf.py)
+            evidence = ocsf.Evidence(self.settings.origin, seal.partition, seal.number, seal.tree_size)
+            findings, activity = writer.ocsf.sealed(pending, evidence)
+            for topic, docs in (("violations.ocsf", findings), ("activity.ocsf", activity)):
+                for doc in docs:
+                    self.publisher.send(self.kafka_settings.topic(topic), value=ocsf.encode(doc),
+                                        key=(doc["metadata"].get("correlation_uid") or "").encode())
         tp = TopicPartition(self.topic, writer.state.partition)
         try:
             self.consumer.commit({tp: OffsetAndMetadata(seal.next_offset, "", -1)})
@@ -306,5 +318,4 @@ class LedgerService:
         self.publisher.flush(timeout=10)
         self.publisher.close(timeout=5)
         self.quarantine.close()
-        self.cosignatures.close()
         self.consumer.close(autocommit=False)

@@ -39,7 +39,8 @@ def ledger(group: str, instance: str | None, partitions: str | None, config_path
         pinned = [int(p) for p in partitions.split(",")] if partitions else None
     except ValueError:
         raise click.BadParameter(f"{partitions!r} is not a comma-separated list of numbers", param_hint="--partitions")
-    service = LedgerService.from_settings(config.kafka, config.ledger, config.keys, group, instance, pinned)
+    service = LedgerService.from_settings(config.kafka, config.ledger, config.keys, group, instance, pinned,
+                                          config.soc)
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
