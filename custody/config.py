@@ -18,7 +18,7 @@ from typing import Any
 import click
 
 from ingest.settings import ConfigError, KafkaSettings, KeySettings, SocSettings, SpoolSettings, Table
-from ledger.settings import LedgerSettings
+from ledger.settings import LedgerSettings, WitnessSettings
 from proxy.login import LoginSettings
 from proxy.settings import IdentitySettings, ProxySettings
 
@@ -35,6 +35,7 @@ class Config:
     spool: SpoolSettings
     proxies: tuple[ProxySettings, ...]
     login: LoginSettings | None = None  # [login]: `custody login` / `custody token`
+    witness: WitnessSettings | None = None  # [witness]: `custody witness` (and the one `custody up` runs)
     soc: SocSettings = SocSettings()  # [soc]: OCSF topics and the syslog sink
 
     @property
@@ -62,15 +63,17 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
     if not isinstance(proxies, list):
         raise ConfigError(f"{source}: [[proxy]] must be an array of tables")
     identity = IdentitySettings.from_table(_table(source, raw, "identity"))
+    ledger = LedgerSettings.from_table(_table(source, raw, "ledger"))
     config = Config(
         path=source,
         kafka=KafkaSettings.from_table(_table(source, raw, "kafka")),
         keys=KeySettings.from_table(_table(source, raw, "keys")),
         identity=identity,
-        ledger=LedgerSettings.from_table(_table(source, raw, "ledger")),
+        ledger=ledger,
         spool=SpoolSettings.from_table(_table(source, raw, "spool")),
         proxies=tuple(ProxySettings.from_table(Table(source, f"proxy.{i}", p)) for i, p in enumerate(proxies)),
         login=LoginSettings.from_table(_table(source, raw, "login"), identity.issuer if identity else None),
+        witness=WitnessSettings.from_table(_table(source, raw, "witness"), ledger.origin),
         soc=SocSettings.from_table(_table(source, raw, "soc")),
     )
     names = [p.name for p in config.proxies]

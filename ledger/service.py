@@ -32,6 +32,7 @@ from ingest.keys import Keyring, KeyLookupError, PrivateKey, load_key_file
 from ingest.sessions import NO_IDENTITY, SessionIdentity
 from ingest.settings import KafkaSettings, KeySettings, SocSettings
 from ingest.verify import EventVerifier, Rejection
+from ledger.cosignatures import Collector
 from ledger.durable import write_atomic
 from ledger.merkle import SALT_SIZE, event_leaf_hashes, extension_proof
 from ledger.seals import Seal, seal_record, seal_relpath, segment_relpath, sign_seal
@@ -209,6 +210,7 @@ class LedgerService:
                                              *(self.soc.topics if self.soc else ())))
         self.quarantine = Quarantine(kafka_settings)
         self.publisher = kafka.producer(kafka_settings)
+        self.cosignatures = Collector(kafka_settings, self.dir, owned=lambda p: p in self.writers)  # witnesses' cosignatures, kept beside the seals
         # check_crcs=False: kafka-python's CRC-32C is pure Python and would cost more than the signature check,
         # which (with the chain's SHA-256) already proves every byte; a corrupt record is quarantined, not lost.
         self.consumer: KafkaConsumer = kafka.consumer(kafka_settings, group_id=group_id, group_instance_id=instance_id,
@@ -275,6 +277,7 @@ class LedgerService:
         for writer in list(self.writers.values()):
             if writer.due(now):
                 self._seal(writer)
+        self.cosignatures.poll()
 
     def run(self, stop: threading.Event) -> None:
         try:
@@ -318,4 +321,5 @@ class LedgerService:
         self.publisher.flush(timeout=10)
         self.publisher.close(timeout=5)
         self.quarantine.close()
+        self.cosignatures.close()
         self.consumer.close(autocommit=False)
