@@ -80,6 +80,8 @@ class RecorderUnavailable(CustodyError):
 
 HARD_LIMIT = 10  # a backlog this many times max_queue means the recorder is stuck, not busy
 MAX_BATCH = 1000  # events handed over in one piece at most
+HAND_OVER_DELAY = 0.002  # seconds an event waits in the proxy's batch before it goes to the recorder process
+ACK_INTERVAL = 0.01  # seconds between two progress replies to the proxy under load
 MAX_FOLD = 20_000  # events the child takes in at once before recording them
 ORPHAN_BOUND = 10.0  # seconds the recorder takes, once its proxy's process is gone, to spool and deliver what it holds
 FINISH_SLICE = 500  # events recorded at a time while finishing, so that the bound is kept to within one slice
@@ -202,13 +204,19 @@ class Recorder:
             self._hand_over_soon()
 
     def _hand_over_soon(self) -> None:
-        """On an event loop: once this turn of the loop is done; elsewhere: now."""
+        """On an event loop: HAND_OVER_DELAY later, with all that was recorded meanwhile; elsewhere: now.
+
+        The relay does not wait for it (record-before-relay means accepted for
+        recording). Waking the queue's feeder thread once per batch rather than
+        once per loop turn keeps it from taking the interpreter lock from the
+        relay at every socket write.
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             self._hand_over()
         else:
-            loop.call_soon(self._hand_over)
+            loop.call_later(HAND_OVER_DELAY, self._hand_over)
 
     def _hand_over(self) -> None:
         with self._lock:
@@ -310,6 +318,7 @@ class _Child:
         self.broken: set[str] = set()
         self.failed_full = False
         self.recorded = (0, 0, 0)  # events, frames, bytes as handed over by the proxy
+        self.acked, self.acked_at = self.recorded, 0.0
         self.written = 0  # events after folding
 
     def events(self, batch: list[Item]) -> None:
@@ -321,6 +330,15 @@ class _Child:
         for session_id, kind, body, ts in fold(batch):
             self.event(session_id, kind, body, ts)
         self.recorded = (events + len(batch), frames, size)
+        self.acknowledge(force=False)
+
+    def acknowledge(self, force: bool = True) -> None:
+        """Tell the proxy how far recording got: at most every ACK_INTERVAL under load (each reply wakes a
+        thread in the proxy, which takes the interpreter lock from its relay), and whenever it is idle."""
+        now = time.monotonic()
+        if self.recorded == self.acked or (not force and now - self.acked_at < ACK_INTERVAL):
+            return
+        self.acked, self.acked_at = self.recorded, now
         self.replies.put(("recorded", self.recorded, self.written))
 
     def event(self, session_id: str, kind: str, body: dict[str, Any], ts: int) -> None:
@@ -426,6 +444,7 @@ def _finish(child: _Child, requests, bound: float, *, orphaned: bool) -> None:
     if left:
         log.error("recorder: stopped after %.0fs with events still waiting; they are lost", bound)
     child.producer.close(timeout=max(0.5, (deadline - time.monotonic()) / 2))  # it waits, then joins its drainer
+    child.acknowledge()
     child.idle()
 
 
@@ -445,8 +464,9 @@ def _recorder_main(requests, replies, stopping, stop_within, kafka: KafkaSetting
             _finish(child, requests, stop_within.value, orphaned=False)
             return
         try:
-            request = requests.get(timeout=_Child.RECOVERY_CHECK)
+            request = requests.get(timeout=ACK_INTERVAL if child.recorded != child.acked else _Child.RECOVERY_CHECK)
         except queue.Empty:
+            child.acknowledge()
             child.idle()
             continue
         if request[0] == "events":
@@ -457,6 +477,7 @@ def _recorder_main(requests, replies, stopping, stop_within, kafka: KafkaSetting
         what = request[0]
         if what == "flush":
             _, token, timeout = request
+            child.acknowledge()
             replies.put(("flushed", token, _wait_delivered(child, timeout, orphaned, stopping)))
         elif what == "stop":
             _finish(child, requests, request[1], orphaned=orphaned.is_set())
