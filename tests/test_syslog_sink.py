@@ -127,3 +127,32 @@ def test_rsyslog_receives_everything_across_a_10s_outage(kafka_settings, tmp_pat
         receiver.stop()
     ids = [d["metadata"]["uid"] for *_, d in receiver.received()]
     assert set(ids) == {f"v-{n}" for n in range(120)}, "nothing lost, nothing foreign (duplicates de-duplicate by id)"
+
+
+def test_custody_violations_forward_and_tail_ocsf(kafka_settings, tmp_path):
+    """The commands: `custody violations forward --syslog tcp://…` to rsyslog, `tail --format ocsf` prints them."""
+    port = free_port()
+    receiver = Rsyslog(tmp_path / "rsyslog", port)
+    receiver.start()
+    config = tmp_path / "custody.toml"
+    config.write_text(f'[kafka]\nbootstrap = "{kafka_settings.bootstrap}"\ntopic_prefix = "{kafka_settings.topic_prefix}"\n'
+                      f'[soc]\nocsf = true\nsyslog_group = "cli-{port}"\n')
+    kafka.ensure_topics(kafka_settings, ("violations.ocsf",))
+    publish(kafka_settings, [finding(n) for n in range(5)])
+    import os
+    import sys
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    tail = subprocess.run([sys.executable, "-m", "custody", "violations", "tail", "--format", "ocsf", "--config",
+                           str(config)], capture_output=True, text=True, timeout=60, env=env)
+    assert tail.returncode == 0, tail.stderr
+    assert sorted(json.loads(line)["metadata"]["uid"] for line in tail.stdout.splitlines()) == [f"v-{n}" for n in range(5)]
+    forward = subprocess.Popen([sys.executable, "-m", "custody", "violations", "forward", "--syslog",
+                                f"tcp://127.0.0.1:{port}", "--config", str(config)], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for(lambda: len(receiver.received()) >= 5, 30, "forward did not deliver")
+    finally:
+        forward.send_signal(signal.SIGTERM)
+        forward.wait(20)
+        receiver.stop()
+    assert {d["metadata"]["uid"] for *_, d in receiver.received()} == {f"v-{n}" for n in range(5)}

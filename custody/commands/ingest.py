@@ -103,19 +103,22 @@ def violations() -> None:
 
 @violations.command("tail")
 @click.option("--follow", "-f", is_flag=True, help="Keep waiting for new violations.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "ocsf"]), default="table", show_default=True,
+              help="ocsf: the OCSF documents of custody.violations.ocsf ([soc] ocsf = true), JSON lines.")
+@click.option("--activity", is_flag=True, help="With --format ocsf: custody.activity.ocsf instead.")
 @config_option
-def tail(follow: bool, fmt: str, config_path: str | None) -> None:
+def tail(follow: bool, fmt: str, activity: bool, config_path: str | None) -> None:
     """Print violations from the start of the topic (JSON lines, or a table)."""
     from ingest import kafka
     from ingest.violations import encode, tail as read
 
     settings = load_config(config_path).kafka
-    kafka.ensure_topics(settings, ("violations",))
-    consumer = kafka.consumer(settings, settings.topic("violations"), group_id=None)
+    topic = ("activity.ocsf" if activity else "violations.ocsf") if fmt == "ocsf" else "violations"
+    kafka.ensure_topics(settings, (topic,))
+    consumer = kafka.consumer(settings, settings.topic(topic), group_id=None)
     try:
         for v in read(consumer, follow):
-            if fmt == "json":
+            if fmt in ("json", "ocsf"):
                 click.echo(encode(v))
             else:
                 who = (v["identity"] or {}).get("subject", "-")
@@ -123,6 +126,35 @@ def tail(follow: bool, fmt: str, config_path: str | None) -> None:
                            f"{v['target'] or '-':16}  {v['reason']}: {v['statement'] or v['detail'] or ''}")
     finally:
         consumer.close()
+
+
+@violations.command("forward")
+@click.option("--syslog", "url", default=None, metavar="URL",
+              help="udp://host:port, tcp://host:port or tls://host:port (default: [soc] syslog).")
+@click.option("--format", "fmt", type=click.Choice(["ocsf", "custody"]), default=None,
+              help="OCSF documents (the OCSF topics) or Custody's own shape (custody.violations); default [soc].")
+@click.option("--ca", type=click.Path(dir_okay=False), default=None, help="TLS: the receiver's CA (default: [soc]).")
+@config_option
+def forward(url: str | None, fmt: str | None, ca: str | None, config_path: str | None) -> None:
+    """Forward violations (and activity) to a syslog receiver, RFC 5424, until stopped; resumes where it left off."""
+    import dataclasses
+    import signal
+    import threading
+
+    from ingest.syslog import Destination, SyslogSink
+
+    config = load_config(config_path)
+    soc = dataclasses.replace(config.soc, **({"syslog_format": fmt} if fmt else {}))
+    url = url or soc.syslog
+    if not url:
+        raise click.UsageError("no receiver: pass --syslog tcp://host:port or set [soc] syslog")
+    destination = Destination.parse(url, Path(ca) if ca else soc.syslog_ca, soc.syslog_cert, soc.syslog_key)
+    sink = SyslogSink(config.kafka, soc, destination)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    click.echo(f"forwarding {', '.join(soc.sink_topics())} to {destination} (Ctrl-C stops)", err=True)
+    sink.run(stop)
 
 
 commands: list[click.Command] = [keys, broker, violations]
