@@ -136,15 +136,17 @@ RENDERERS = {"text": render_text, "json": render_json, "html": render_html}
 @bundle_option
 @click.option("--keyring", type=click.Path(dir_okay=False), default=None,
               help="Trusted keys (default: the config's [keys] keyring).")
-@click.option("--format", "fmt", type=click.Choice(tuple(RENDERERS)), default="text", show_default=True)
+@click.option("--format", "fmt", type=click.Choice((*RENDERERS, "asciicast")), default="text", show_default=True)
 @click.option("--rows", type=click.IntRange(min=0), default=DEFAULT_ROWS, show_default=True,
               help="Result rows shown per statement.")
 @click.option("--reveal", is_flag=True, help="Show the originals of masked rows (needs --custodian-key).")
+@click.option("--input", "with_input", is_flag=True,
+              help="asciicast: include the client's keystrokes as \"i\" events (they may hold secrets).")
 @click.option("--custodian-key", type=click.Path(dir_okay=False, exists=True), default=None,
               help="The evidence custodian's private key (base64, as custody init writes keys/custodian.key).")
 @output_option
 def replay(session: str, config_path: str | None, ledger_path: str | None, bundle_path: str | None,
-           keyring: str | None, fmt: str, rows: int, reveal: bool, custodian_key: str | None,
+           keyring: str | None, fmt: str, rows: int, reveal: bool, with_input: bool, custodian_key: str | None,
            output: str | None) -> None:
     """Replay SESSION (an id or a unique prefix) step by step; the first line says whether it verified.
 
@@ -156,7 +158,12 @@ def replay(session: str, config_path: str | None, ledger_path: str | None, bundl
     trusted = Keyring.load(keyring_path(config_path, keyring))
     con = connect(config_path, ledger_path, bundle_path)
     story = replay_session(con, session, trusted, max_rows=rows, reveal=opener)
-    text = RENDERERS[fmt](story)
+    if fmt == "asciicast":  # a terminal session (SSH) for asciinema: output, resizes, policy markers
+        from ingest.protocols.ssh.render import asciicast
+
+        text = asciicast(story.steps, include_input=with_input, title=f"custody session {story.verification.session_id}")
+    else:
+        text = RENDERERS[fmt](story)
     if output:
         Path(output).write_text(text, encoding="utf-8")
         click.echo(story.verification.line, err=True)

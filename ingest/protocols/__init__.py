@@ -35,7 +35,8 @@ class ProtocolViolation(Exception):
 # protocol (SessionStart.protocol) -> the module whose RENDERER shows its messages in a replay.
 # Imported on first use, so a proxy that never replays never loads them.
 RENDERERS: dict[str, str] = {"postgres": "ingest.protocols.postgres.render", "mysql": "ingest.protocols.mysql.render",
-                             "http": "ingest.protocols.http.render", "kubernetes": "ingest.protocols.http.render"}
+                             "http": "ingest.protocols.http.render", "kubernetes": "ingest.protocols.http.render",
+                             "ssh": "ingest.protocols.ssh.render"}
 
 
 def renderer(protocol: str | None) -> Renderer:

@@ -1,0 +1,132 @@
+"""End to end: an interactive shell (a real PTY: keystrokes, a window change) and an exec through the SSH
+proxy, sealed by the real ledger; `custody activity` shows them with protocol ssh, `custody replay` reads
+them, and `--format asciicast` writes the terminal with its resizes (keystrokes only with --input).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import struct
+import subprocess
+import termios
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from custody.cli import cli
+from ingest.keys import Keyring, load_key_file
+from ledger.service import LedgerService
+from ledger.settings import LedgerSettings
+from pg_fixtures import EventLog, start_proxy
+from ssh_fixtures import Client, new_user, ssh_proxy_entry, start_sshd
+
+
+def resize(fd: int, rows: int, columns: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+
+
+def read_until(fd: int, needle: bytes, timeout: float = 20) -> bytes:
+    seen, deadline = b"", time.monotonic() + timeout
+    while needle not in seen:
+        assert time.monotonic() < deadline, f"{needle!r} not seen in {seen[-500:]!r}"
+        try:
+            seen += os.read(fd, 65536)
+        except BlockingIOError:
+            time.sleep(0.02)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def sealed(broker, tmp_path_factory):
+    sshd = start_sshd(tmp_path_factory.mktemp("sshd"))
+    directory = tmp_path_factory.mktemp("custody")
+    proxy = start_proxy(directory, broker, extra_proxies=ssh_proxy_entry(sshd, policy="policies/default.toml"))
+    events = EventLog.open(proxy)
+    client = Client(tmp_path_factory.mktemp("client"), *proxy.address(1),
+                    (directory / "keys" / "ssh_host_ed25519.pub").read_text().strip())
+    user = new_user()
+    token = proxy.token(user, ("dev",))
+    try:
+        ran = client.ssh(user, token, "echo exec-$((40+2))")
+        assert ran.returncode == 0 and ran.stdout == b"exec-42\n", ran.stderr
+        master, slave = pty.openpty()
+        resize(slave, 30, 100)
+        shell = subprocess.Popen(["ssh", *client.options(), "-tt", "-p", str(client.port), "-l", user, client.host],
+                                 stdin=slave, stdout=slave, stderr=slave, env=client.env(token), start_new_session=True)
+        os.close(slave)
+        os.set_blocking(master, False)
+        os.write(master, b"export PS1='cus''tody$ '\r")  # the prompt, not the local echo of this line
+        read_until(master, b"custody$ ")
+        resize(master, 40, 120)
+        os.kill(shell.pid, 28)  # SIGWINCH: ssh sends window-change
+        time.sleep(0.3)
+        os.write(master, b"stty size; echo typed-secret-$((1+1))\r")
+        read_until(master, b"typed-secret-2")
+        os.write(master, b"exit 5\r")
+        assert shell.wait(20) == 5
+        os.close(master)
+        sessions = []
+        deadline = time.monotonic() + 30
+        while len(sessions) < 2:
+            assert time.monotonic() < deadline
+            sessions = events.find(lambda s: s["protocol"] == "ssh" and s["attributes"].get("user") == user)
+            events.poll()
+        keys = directory / "keys"
+        settings = LedgerSettings(dir=directory / "ledger", origin="custody.test/ledger", segment_max_events=1000,
+                                  segment_max_bytes=1 << 24, segment_max_seconds=0.3, idle_seal_seconds=3600)
+        service = LedgerService(proxy.kafka, settings, load_key_file(keys / "ledger.key"),
+                                Keyring.load(keys / "keyring.toml"), group_id=f"ssh-{user}")
+        total = sum(len(s) for s in sessions)
+        deadline = time.monotonic() + 60
+        while service.sealed_leaves < total or any(w.opened_at is not None for w in service.writers.values()):
+            assert time.monotonic() < deadline, "the ledger did not seal in time"
+            service.step(0.1)
+        service.close()
+        sessions.sort(key=lambda s: s[0].ts)
+        yield proxy, user, sessions, settings.dir
+    finally:
+        events.close()
+        proxy.background.stop()
+        sshd.stop()
+
+
+def custody(*args: str):
+    result = CliRunner().invoke(cli, list(args))
+    assert result.exit_code == 0, result.output + str(result.exception)
+    return result.output
+
+
+def test_activity_shows_the_ssh_operations(sealed):
+    proxy, user, sessions, ledger = sealed
+    rows = json.loads(custody("activity", "--identity", user, "--protocol", "ssh", "--format", "json",
+                              "--ledger", str(ledger), "--config", str(proxy.config.path)))
+    assert [(r["protocol"], r["operation"], r["text"], r["outcome"]) for r in rows] == [
+        ("ssh", "command", "echo exec-$((40+2))", "ok"), ("ssh", "command", "shell", "error")]
+
+
+def test_replay_and_asciicast_of_the_shell(sealed, tmp_path):
+    proxy, user, sessions, ledger = sealed
+    shell_id = sessions[1][0].session_id
+    text = custody("replay", shell_id, "--ledger", str(ledger), "--config", str(proxy.config.path))
+    assert text.startswith("VERIFIED") and "typed-secret-2" in text and "120x40" in text, text
+    assert "pty-req: term=xterm, columns=100, rows=30" in text
+    assert "exit-status: status=5" in text or "EXIT   5" in text, text
+    cast = tmp_path / "s.cast"
+    custody("replay", shell_id, "--format", "asciicast", "-o", str(cast), "--ledger", str(ledger),
+            "--config", str(proxy.config.path))
+    lines = [json.loads(line) for line in cast.read_text().splitlines()]
+    header, frames = lines[0], lines[1:]
+    assert (header["version"], header["width"], header["height"]) == (2, 100, 30)
+    assert [f[2] for f in frames if f[1] == "r"] == ["120x40"]
+    output = "".join(f[2] for f in frames if f[1] == "o")
+    assert "40 120" in output and "typed-secret-2" in output
+    assert not any(f[1] == "i" for f in frames)
+    assert all(a[0] <= b[0] for a, b in zip(frames, frames[1:]))
+    with_input = custody("replay", shell_id, "--format", "asciicast", "--input", "--ledger", str(ledger),
+                         "--config", str(proxy.config.path))
+    typed = "".join(json.loads(line)[2] for line in with_input.splitlines()[1:] if json.loads(line)[1] == "i")
+    assert "echo typed-secret-$((1+1))" in typed
