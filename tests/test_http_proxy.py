@@ -262,3 +262,29 @@ def test_request_smuggling_shapes_get_400_and_never_reach_nginx(proxy, nginx, re
     # Other connections are unaffected.
     status, _, _ = curl(proxy, url(proxy, "/index.html"))
     assert status == 200
+
+
+def test_a_response_that_ends_before_its_request_body_does_not_stall_the_connection(proxy):
+    """nginx's `return` answers once it has the head; the body comes after the response has ended. The next
+    request on that keep-alive connection must still be relayed (it once hung: the exchange only moved on when
+    the response ended last). Found by tests/system."""
+    host, port = proxy.address(1)
+    token = proxy.token(*DBA)
+    head = (f"POST /upload HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\nContent-Length: 10\r\n"
+            f"User-Agent: early-{uuid.uuid4().hex[:8]}\r\n\r\n").encode()
+    with socket.create_connection((host, port), 10) as sock:
+        sock.sendall(head)
+        first = b""
+        while b"got 10 bytes" not in first:
+            chunk = sock.recv(65536)
+            assert chunk, first
+            first += chunk
+        assert first.startswith(b"HTTP/1.1 200"), first
+        sock.sendall(b"0123456789" + f"GET /index.html HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n"
+                     .encode())
+        second = b""
+        while b"hello from nginx" not in second:
+            chunk = sock.recv(65536)
+            assert chunk, second
+            second += chunk
+        assert second.startswith(b"HTTP/1.1 200"), second

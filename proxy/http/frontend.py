@@ -305,7 +305,9 @@ class HttpFrontEnd(FrontEnd):
             yield Send(SERVER, self.target.send(h11.EndOfMessage(headers=event.headers)))
         else:
             exchange.response_done = True
-            yield from self._next_cycle()
+        # The response may have ended first (nginx's `return` answers on the head alone): then the exchange is
+        # done only now.
+        yield from self._next_cycle()
 
     # --- target side ---------------------------------------------------------------------
 
