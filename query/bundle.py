@@ -10,6 +10,7 @@ A bundle is a zip archive:
     seals/p<P>/<N>.json       the ledger seals that cover the events, and each partition's newest
                               seal, whose checkpoint every inclusion proof is checked against
     consistency.json          RFC 9162 consistency proofs from each covering seal's tree to the newest
+    cosignatures/p<P>/<N>.sig witness cosignature lines (C2SP cosignature/v1) on seal N's checkpoint, N the newest
     keys/keyring.toml         the public keys involved (information only: the auditor verifies
                               against keys they trust, `--trust`)
     custody/transfer-NNNN.dsse.json   chain-of-custody transfers, appended later, each signed
@@ -43,6 +44,7 @@ import pyarrow.parquet as pq
 from ingest.errors import CustodyError
 from ingest.keys import Keyring, PrivateKey
 from ledger import merkle
+from ledger.cosignatures import load as stored_cosignatures
 from ledger.seals import SEALS_DIR, Seal
 from ledger.segments import SCHEMA as SEGMENT_SCHEMA
 from query import dsse
@@ -56,6 +58,7 @@ EVENTS = "events.parquet"
 CONSISTENCY = "consistency.json"
 KEYRING = "keys/keyring.toml"
 TRANSFER_PREFIX = "custody/transfer-"
+COSIGNATURES_PREFIX = "cosignatures/"
 
 BUNDLE_SCHEMA = SEGMENT_SCHEMA.append(pa.field("tree_size", pa.int64())).append(
     pa.field("inclusion_proof", pa.list_(pa.binary(32))))
@@ -203,6 +206,7 @@ def export_bundle(ledger_dir: Path, out: Path, scope: Scope, *, case: str, purpo
     sizes_by_row = [0] * selected.num_rows
     files: dict[str, bytes] = {}
     consistency = []
+    witnessed: dict[str, int] = {}
     part_col, leaf_col = selected.column("partition").to_pylist(), selected.column("leaf_index").to_pylist()
     for n, partition in enumerate(partitions):
         progress("proving", n, len(partitions))
@@ -213,6 +217,10 @@ def export_bundle(ledger_dir: Path, out: Path, scope: Scope, *, case: str, purpo
         for i in rows:
             proofs_by_row[i] = levels.inclusion_proof(leaf_col[i], newest.tree_size)
             sizes_by_row[i] = newest.tree_size
+        lines = _cosignature_lines(ledger_dir, chain)
+        if lines:
+            files[f"{COSIGNATURES_PREFIX}p{partition}/{newest.number:06d}.sig"] = "".join(f"{l}\n" for l in lines).encode()
+        witnessed[str(partition)] = len(lines)
         for seal in _covering(chain, (leaf_col[i] for i in rows)):
             files[f"seals/p{partition}/{seal.number:06d}.json"] = seal.to_bytes()
             if seal is not newest:
@@ -236,7 +244,8 @@ def export_bundle(ledger_dir: Path, out: Path, scope: Scope, *, case: str, purpo
         "scope": scope.to_json(),
         "counts": {"events": selected.num_rows, "sessions": len(sessions), "partitions": len(partitions)},
         "sessions": sessions,
-        "ledger": {"origin": origin, "checkpoints": {str(p): seals[p][-1].tree_size for p in partitions}},
+        "ledger": {"origin": origin, "checkpoints": {str(p): seals[p][-1].tree_size for p in partitions},
+                   "cosignatures": witnessed},
         "tool": {"name": "custody", "version": version("custody")},
     }
     manifest = dsse.sign(_statement(files, predicate), dsse.IN_TOTO_PAYLOAD_TYPE, exporter_key)
@@ -247,6 +256,17 @@ def export_bundle(ledger_dir: Path, out: Path, scope: Scope, *, case: str, purpo
             archive.writestr(name, data)
     tmp.replace(out)
     return predicate
+
+
+def _cosignature_lines(ledger_dir: Path, chain: list[Seal]) -> list[str]:
+    """Witness cosignatures on the newest seal's checkpoint: those stored for it, and for earlier seals of the same
+    tree (idle seals repeat the checkpoint text, which is what a cosignature signs)."""
+    newest, lines = chain[-1], []
+    for seal in reversed(chain):
+        if seal.tree_size != newest.tree_size or seal.root != newest.root:
+            break
+        lines += [line for line in stored_cosignatures(ledger_dir, seal.partition, seal.number) if line not in lines]
+    return lines
 
 
 def _session_summary(selected: pa.Table) -> dict[str, dict[str, Any]]:

@@ -25,7 +25,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import pyarrow as pa
 import pyarrow.ipc  # noqa: F401 - pa.ipc
@@ -38,8 +38,9 @@ from ingest.verify import Rejection, check_signature
 from ledger import checkpoint, merkle
 from ledger.seals import Seal, SealError, checkpoint_verifiers, verify_seal_signature
 from query import dsse
-from query.bundle import (CONSISTENCY, EVENTS, MANIFEST, PREDICATE_TYPE, STATEMENT_TYPE, TRANSFER_PREFIX,
-                          TRANSFER_TYPE)
+from ledger import witnessed as witnessed_checks
+from query.bundle import (CONSISTENCY, COSIGNATURES_PREFIX, EVENTS, MANIFEST, PREDICATE_TYPE, STATEMENT_TYPE,
+                          TRANSFER_PREFIX, TRANSFER_TYPE)
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Report:
     manifest_signer: str | None = None
     predicate: dict[str, Any] = field(default_factory=dict)
     transfers: list[dict[str, Any]] = field(default_factory=list)
+    witnessed: list[str] = field(default_factory=list)
+    """One line per partition: its newest checkpoint and who witnessed it when."""
 
     @property
     def ok(self) -> bool:
@@ -78,9 +81,13 @@ class Bundle:
 
 
 def verify_bundle(path: Path, trust: Keyring, trace: Callable[[str], None] | None = None, *, jobs: int = 1,
-                  progress: Callable[[int, int], None] | None = None) -> Report:
+                  progress: Callable[[int, int], None] | None = None, witnesses: int = 0,
+                  checkpoints: Sequence[bytes] = ()) -> Report:
     """Check everything, each problem one report line. `jobs` > 1 checks the events in that many
-    processes (the report is the same); `progress(done, total)` follows the events."""
+    processes (the report is the same); `progress(done, total)` follows the events. `witnesses`: trusted
+    witness cosignatures required on each partition's newest checkpoint; `checkpoints`: witnessed checkpoints
+    the auditor obtained elsewhere, which the bundle must not be older than (staleness is never judged by the
+    export time the exporter writes)."""
     report = Report()
     bundle = _open(path, report)
     if bundle is None:
@@ -90,6 +97,7 @@ def verify_bundle(path: Path, trust: Keyring, trace: Callable[[str], None] | Non
         _check_files(bundle, statement, report)
         newest = _check_seals(bundle, trust, report)
         _check_consistency(bundle, newest, report)
+        _check_witnesses(bundle, trust, newest, report, witnesses, checkpoints)
         rows = _check_events(bundle, trust, newest, report, trace, jobs, progress)
         _check_sessions(rows, report)
         _check_transfers(bundle, trust, report)
@@ -217,6 +225,41 @@ def _check_consistency(bundle: Bundle, newest: dict[int, Seal], report: Report) 
                                       [bytes.fromhex(h) for h in entry["proof"]])
         except (merkle.MerkleError, ValueError, KeyError) as exc:
             report.problems.append(f"{where} INVALID: {exc}")
+
+
+def _check_witnesses(bundle: Bundle, trust: Keyring, newest: dict[int, Seal], report: Report, required: int,
+                     checkpoints: Sequence[bytes]) -> None:
+    """Each partition's newest checkpoint cosigned by `required` trusted witnesses; no auditor's checkpoint newer."""
+    for partition, seal in sorted(newest.items()):
+        subject = f"Checkpoint p{partition} (seal {seal.number}, tree size {seal.tree_size})"
+        name = f"{COSIGNATURES_PREFIX}p{partition}/{seal.number:06d}.sig"
+        lines = bundle.archive.read(name).decode().splitlines() if name in bundle.names else []
+        try:
+            witnessed = witnessed_checks.open_witnessed(witnessed_checks.with_lines(seal.checkpoint_note, lines), trust,
+                                                        seal.record["origin"])
+            report.witnessed.append(f"{subject} witnessed {witnessed.describe()}")
+            witnessed_checks.check_quorum(witnessed, required, subject)
+        except (witnessed_checks.WitnessedProblem, checkpoint.NoteError) as exc:
+            report.problems.append(str(exc).replace("Checkpoint INVALID", f"{subject} INVALID"))
+    roots = {}
+    for s in _all_seals(bundle):
+        roots.setdefault(s.partition, {})[s.tree_size] = s.root
+    for number, note in enumerate(checkpoints, 1):
+        try:
+            witnessed = witnessed_checks.open_witnessed(note, trust)
+            witnessed_checks.check_quorum(witnessed, max(required, 1), f"Given checkpoint #{number}")
+        except witnessed_checks.WitnessedProblem as exc:
+            report.problems.append(str(exc).replace("Checkpoint INVALID", f"Given checkpoint #{number} INVALID"))
+            continue
+        partition = witnessed.partition
+        seal = newest.get(partition) if partition is not None else None
+        if seal is None or seal.record["origin"] != witnessed.checkpoint.origin:
+            continue  # another log's, or a partition the bundle has nothing of
+        try:
+            witnessed_checks.check_not_stale(witnessed, seal.tree_size, roots.get(partition, {}),
+                                             f"Bundle partition p{partition}")
+        except witnessed_checks.WitnessedProblem as exc:
+            report.problems.append(str(exc))
 
 
 def _all_seals(bundle: Bundle) -> list[Seal]:

@@ -58,19 +58,26 @@ def export(sessions, identity, target, since, until, where, case, purpose, recip
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--trust", type=click.Path(exists=True, dir_okay=False, path_type=Path), required=True,
               help="Keyring of the public keys you trust (proxy, ledger, exporter).")
+@click.option("--witnesses", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Trusted witness cosignatures (keyring role witness) required on each partition's newest checkpoint.")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A witnessed checkpoint obtained elsewhere: the bundle must not be older (stale). Repeatable.")
 @click.option("--verbose", is_flag=True, help="Print every proof step.")
 @click.option("--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="the machine's cores",
               help="Processes checking events; 1 checks them in this process. The report is the same either way.")
-def verify(file: Path, trust: Path, verbose: bool, jobs: int) -> None:
-    """Check a bundle offline: signatures, proofs, checkpoints, completeness, custody history."""
+def verify(file: Path, trust: Path, witnesses: int, checkpoints: tuple[Path, ...], verbose: bool, jobs: int) -> None:
+    """Check a bundle offline: signatures, proofs, checkpoints, witnesses, completeness, custody history."""
     trace = click.echo if verbose else None
+    given = dict(witnesses=witnesses, checkpoints=[p.read_bytes() for p in checkpoints])
     if sys.stderr.isatty():
         with Progress(console=Console(stderr=True), transient=True) as progress:
             task = progress.add_task("verifying events", total=None)
-            report = verify_bundle(file, Keyring.load(trust), trace=trace, jobs=jobs,
+            report = verify_bundle(file, Keyring.load(trust), trace=trace, jobs=jobs, **given,
                                    progress=lambda done, total: progress.update(task, completed=done, total=total))
     else:
-        report = verify_bundle(file, Keyring.load(trust), trace=trace, jobs=jobs)
+        report = verify_bundle(file, Keyring.load(trust), trace=trace, jobs=jobs, **given)
+    for line in report.witnessed:
+        click.echo(line)
     for problem in report.problems:
         click.echo(problem)
     for record in report.transfers:

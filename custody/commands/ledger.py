@@ -16,6 +16,7 @@ from ingest.errors import CustodyError
 from ingest.keys import Keyring
 from ledger.service import GROUP_ID, LedgerService, ledger_dir
 from ledger.verify import LedgerProblem, Report, sealed_event_count, verify_ledger
+from ledger.witnessed import check_ledger
 
 PROGRESS_MIN_EVENTS = 100_000
 """Below this many events verification takes a second or two, and a progress bar is only noise."""
@@ -82,8 +83,14 @@ def _run_verify(root: Path, keyring: Keyring, origin: str | None) -> Report:
               help="Ledger directory (default: the config's [ledger] dir).")
 @click.option("--keyring", "keyring_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Trusted keys (default: the config's [keys] keyring).")
+@click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="A witnessed checkpoint obtained elsewhere (e.g. a witness's GET <origin hash>/checkpoint): the "
+                   "ledger must still hold its tree with its root (catches removed newest seals). Repeatable.")
+@click.option("--witnesses", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Trusted witness cosignatures each --checkpoint needs.")
 @config_option
-def verify(ledger_path: Path | None, keyring_path: Path | None, config_path: str | None) -> None:
+def verify(ledger_path: Path | None, keyring_path: Path | None, checkpoints: tuple[Path, ...], witnesses: int,
+           config_path: str | None) -> None:
     """Check a ledger offline: segment hashes, seal signatures and chain, checkpoints, consistency
     proofs, Merkle roots, every event's signature and session chain, missing or extra files.
 
@@ -93,8 +100,11 @@ def verify(ledger_path: Path | None, keyring_path: Path | None, config_path: str
     if not root.is_dir():
         raise VerifyError(f"{root}: no such ledger directory")
     report = _run_verify(root, keyring, origin)
+    witnessed = check_ledger(root, keyring, [p.read_bytes() for p in checkpoints], witnesses)
+    for line in witnessed:
+        click.echo(line)
     click.echo(report.summary())
-    if not report.ok:
+    if not report.ok or witnessed:
         sys.exit(1)
 
 

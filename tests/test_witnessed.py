@@ -1,0 +1,158 @@
+"""Witnessed checkpoints in bundles and in `custody verify`: N-of-M witness policy, a stale bundle, a rolled-back
+ledger (newest seals deleted), each caught with its own line. A real ledger on the real broker seals the events."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import make_key
+from ingest.keys import Keyring, TrustedKey
+from ingest.settings import KafkaSettings
+from ledger import cosignatures
+from ledger.seals import Seal
+from ledger.service import LedgerService
+from ledger.settings import LedgerSettings
+from ledger.witness import Witness, cosigner_for, custody_log_keys
+from ledger.witnessed import check_ledger
+from query.bundle import Scope, export_bundle
+from query.bundle_verify import verify_bundle
+from test_witness_feed import seal_all, send_session
+
+ORIGIN = "custody.test/ledger/witnessed"
+
+
+class Deployment:
+    def __init__(self, root: Path, settings: KafkaSettings):
+        self.proxy, self.ledger_key, self.exporter = make_key("proxy"), make_key("ledger"), make_key("exporter")
+        self.witness_key = make_key("witness")
+        self.keyring = Keyring([TrustedKey(k.key_id, role, k.public_key) for k, role in
+                                ((self.proxy, "proxy"), (self.ledger_key, "ledger"), (self.exporter, "exporter"),
+                                 (self.witness_key, "witness"))])
+        self.trust = root / "trust.toml"
+        self.keyring.save(self.trust)
+        self.root, self.settings, self.dir = root, settings, root / "ledger"
+        ledger = LedgerSettings(dir=self.dir, origin=ORIGIN, segment_max_events=1000, segment_max_bytes=1 << 24,
+                                segment_max_seconds=0.2, idle_seal_seconds=3600)
+        self.service = LedgerService(settings, ledger, self.ledger_key, self.keyring, group_id=f"g{uuid.uuid4().hex[:6]}")
+        self.witness = Witness(root / "witness", cosigner_for(self.witness_key), custody_log_keys(self.keyring, [ORIGIN]))
+        self.events = 0
+
+    def seal_session(self, statements: int) -> None:
+        self.events += send_session(self.settings, self.proxy, statements)
+        seal_all(self.service, self.events)
+
+    def witness_all(self) -> None:
+        for path in sorted((self.dir / "seals" / "p0").glob("*.json")):
+            seal = Seal.load(path)
+            cosignature = self.witness.add_seal(seal)
+            if cosignature is not None:
+                cosignatures.store(self.dir, 0, seal.number, cosignature.line)
+
+    def latest_note(self) -> bytes:
+        return self.witness.latest(f"{ORIGIN}/p0").note
+
+    def export(self, out: Path) -> Path:
+        export_bundle(self.dir, out, Scope(where="seq >= 0"), case="C-16", purpose="audit", recipient=None,
+                      exporter_key=self.exporter, keyring=self.keyring, origin=ORIGIN)
+        return out
+
+
+@pytest.fixture(scope="module")
+def deployment(broker, tmp_path_factory):
+    settings = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix=f"v{uuid.uuid4().hex[:8]}.",
+                             embedded_listen=broker.bootstrap, partitions=1)
+    d = Deployment(tmp_path_factory.mktemp("witnessed"), settings)
+    yield d
+    d.service.close()
+    d.witness.close()
+
+
+def test_bundle_needs_n_witnesses_and_says_when_it_was_witnessed(deployment, tmp_path):
+    deployment.seal_session(3)
+    unwitnessed = deployment.export(tmp_path / "unwitnessed.custody")
+    report = verify_bundle(unwitnessed, deployment.keyring, witnesses=1)
+    assert report.problems == ["Checkpoint p0 (seal 1, tree size 5) NOT WITNESSED: 0 of 1 required trusted witness "
+                               "cosignatures on tree size 5"]
+    assert verify_bundle(unwitnessed, deployment.keyring).ok  # no policy, no requirement
+
+    deployment.witness_all()
+    witnessed = deployment.export(tmp_path / "witnessed.custody")
+    report = verify_bundle(witnessed, deployment.keyring, witnesses=1)
+    assert report.ok, report.problems
+    assert len(report.witnessed) == 1
+    assert report.witnessed[0].startswith("Checkpoint p0 (seal 1, tree size 5) witnessed by witness at 20")
+    report = verify_bundle(witnessed, deployment.keyring, witnesses=2)  # 1 of M trusted is not 2
+    assert report.problems == ["Checkpoint p0 (seal 1, tree size 5) NOT WITNESSED: 1 of 2 required trusted witness "
+                               "cosignatures on tree size 5"]
+    untrusting = Keyring([k for k in deployment.keyring if k.role != "witness"])
+    assert "0 of 1 required" in verify_bundle(witnessed, untrusting, witnesses=1).problems[0]
+
+    result = subprocess.run([sys.executable, "-m", "custody", "bundle", "verify", str(witnessed), "--trust",
+                             str(deployment.trust), "--witnesses", "1", "--jobs", "1"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "witnessed by witness at" in result.stdout
+
+
+def test_stale_bundle_is_caught_against_a_later_witnessed_checkpoint(deployment, tmp_path):
+    deployment.seal_session(2)
+    deployment.witness_all()
+    old = deployment.export(tmp_path / "old.custody")
+    old_size = deployment.witness.latest(f"{ORIGIN}/p0").size
+    deployment.seal_session(2)  # later events, sealed and witnessed after the export
+    deployment.witness_all()
+    later = deployment.latest_note()
+    later_size = deployment.witness.latest(f"{ORIGIN}/p0").size
+    report = verify_bundle(old, deployment.keyring, witnesses=1, checkpoints=[later])
+    assert len(report.problems) == 1
+    assert report.problems[0].startswith(f"Bundle partition p0 STALE: the bundle's newest checkpoint has tree size "
+                                         f"{old_size}, but tree size {later_size} was witnessed by witness at ")
+    assert report.problems[0].endswith(": events sealed after it are not in the bundle")
+    fresh = deployment.export(tmp_path / "fresh.custody")
+    assert verify_bundle(fresh, deployment.keyring, witnesses=1, checkpoints=[later]).ok
+
+
+def test_rollback_newest_seals_deleted_is_caught_by_verify_checkpoint(deployment, tmp_path):
+    deployment.seal_session(2)
+    deployment.witness_all()
+    witnessed_note = tmp_path / "witnessed.checkpoint"
+    witnessed_note.write_bytes(deployment.latest_note())
+    copy = tmp_path / "ledger"
+    shutil.copytree(deployment.dir, copy)
+    assert check_ledger(copy, deployment.keyring, [witnessed_note.read_bytes()]) == []
+    seals = sorted((copy / "seals" / "p0").glob("*.json"))
+    newest = Seal.load(seals[-1])
+    for path in seals[-2:]:  # the insider removes the newest seals (and their segments): still a consistent chain
+        seal = Seal.load(path)
+        path.unlink()
+        if seal.segment:
+            (copy / seal.segment["path"]).unlink()
+    shorter = Seal.load(seals[-3])
+    problems = check_ledger(copy, deployment.keyring, [witnessed_note.read_bytes()])
+    assert len(problems) == 1
+    assert problems[0].startswith(f"Partition p0 ROLLED BACK: the newest seal has tree size {shorter.tree_size}, "
+                                  f"but tree size {newest.tree_size} was witnessed by witness at ")
+
+    result = subprocess.run([sys.executable, "-m", "custody", "verify", "--ledger", str(copy), "--keyring",
+                             str(deployment.trust), "--checkpoint", str(witnessed_note)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Partition p0 ROLLED BACK" in result.stdout
+    plain = subprocess.run([sys.executable, "-m", "custody", "verify", "--ledger", str(copy), "--keyring",
+                            str(deployment.trust)], capture_output=True, text=True)
+    assert plain.returncode == 0, plain.stdout  # without the witnessed checkpoint, nothing can tell
+
+
+def test_checkpoint_of_another_origin_or_key_is_refused(deployment, tmp_path):
+    other = make_key("ledger")
+    from ledger import checkpoint
+
+    cp = checkpoint.Checkpoint(f"{ORIGIN}/p0", 10_000, b"\x01" * 32)
+    forged = checkpoint.sign_checkpoint(cp, [checkpoint.Signer.from_key(f"{ORIGIN}/p0", other.signing_key)])
+    problems = check_ledger(deployment.dir, deployment.keyring, [forged])
+    assert problems == [f"Given checkpoint #1 INVALID: note has no signature from a trusted key (signed by "
+                        f"{ORIGIN}/p0+{checkpoint.key_id(f'{ORIGIN}/p0', other.public_key).hex()})"]
