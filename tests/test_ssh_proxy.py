@@ -243,3 +243,14 @@ def test_scp_over_sftp_and_legacy_scp_are_transfers_with_their_bytes(proxy, tmp_
     assert payload in channel_bytes(legacy, "data", "server")
     assert [(e.body["rule"], e.body["action"]) for e in blocked if e.kind == "policy_decision"] == [
         ("block-upload-to-etc", "block")]
+
+
+def test_port_forwarding_is_refused_unless_a_rule_allows_it(proxy, sshd):
+    user = new_user()
+    result = proxy.client.ssh(user, proxy.token(user, ("dev",)), extra=("-W", f"127.0.0.1:{sshd.port}"))
+    assert result.returncode == 255 and b"stdio forwarding failed" in result.stderr, result.stderr
+    events = session_of(proxy, user)
+    opened = next(m for m in messages(events, "client") if m["type"] == "direct-tcpip")
+    assert (opened["operation"], opened["text"]) == ("forward", f"127.0.0.1:{sshd.port}")
+    assert [(e.body["rule"], e.body["action"]) for e in events if e.kind == "policy_decision"] == [
+        ("forwarding-closed-by-default", "block")]
