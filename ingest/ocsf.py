@@ -382,7 +382,8 @@ def activity(op: Operation, evidence: Evidence | None) -> dict[str, Any]:
         if method in SSH_AUTH:
             doc.update(auth_type_id=SSH_AUTH[method][0], auth_type=SSH_AUTH[method][1])
         doc["protocol_ver"] = "2.0"
-        actor["process"] = {"cmd_line": text, "name": (text.split(None, 1) or [op.kind])[0]}
+        # OCSF's process needs pid, uid or cpid: the proxy sees no pid, so the operation's id is its uid
+        actor["process"] = {"uid": uid, "cmd_line": text, "name": (text.split(None, 1) or [op.kind])[0]}
     _action(doc, POLICY_ACTION.get(policy.get("action"), POLICY_ACTION["allow"]))
     doc["unmapped"] = _link(op.session_id, op.event_id, op.leaf, evidence, message_index=op.message_no,
                             target=identity.target, protocol=protocol, operation=op.kind, objects=op.objects or None,

@@ -8,6 +8,7 @@ from functools import cache
 from pathlib import Path
 
 import jsonschema
+from kafka import TopicPartition
 
 from ingest import kafka, ocsf
 from ingest.keys import Keyring, load_key_file
@@ -38,8 +39,17 @@ def seal(kafka_settings: KafkaSettings, keys: Path, ledger_dir: Path, leaves: in
                               segment_max_bytes=1 << 24, segment_max_seconds=0.3, idle_seal_seconds=3600)
     service = LedgerService(kafka_settings, settings, load_key_file(keys / "ledger.key"),
                             Keyring.load(keys / "keyring.toml"), group_id=group, soc=soc)
+    topic = kafka_settings.topic("events")
+    partitions = service.consumer.partitions_for_topic(topic) or set()
+    ends = service.consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
+
+    def behind() -> bool:  # every record already on the topic sealed, not just `leaves` of them
+        return any(end and (tp.partition not in service.writers
+                            or service.writers[tp.partition].state.next_offset < end) for tp, end in ends.items())
+
     deadline = time.monotonic() + 40
-    while service.sealed_leaves < leaves or any(w.opened_at is not None for w in service.writers.values()):
+    while (service.sealed_leaves < leaves or behind()
+           or any(w.opened_at is not None for w in service.writers.values())):
         assert time.monotonic() < deadline, "the ledger did not seal in time"
         service.step(0.1)
     service.close()

@@ -1,0 +1,294 @@
+"""OCSF from real sessions of MySQL, HTTP, Kubernetes and SSH (issue 18; PostgreSQL is in test_ocsf.py): each
+session goes through the real proxy to its real target (MariaDB, Debian's nginx, the Kubernetes API stand-in with
+the real kubectl, OpenSSH's sshd with the real ssh client), is sealed by the real ledger with [soc] on, and every
+document read back from custody.violations.ocsf / custody.activity.ocsf validates against the carried OCSF 1.8.0
+schema; the class-specific fields are asserted."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import pymysql
+import pytest
+
+from kube_server import KubeServer
+from mysql_fixtures import make_target, proxy_entry
+from nginx_server import Nginx
+from ocsf_fixtures import read_topic, seal, validate
+from pg_fixtures import EventLog, make_tls, start_proxy
+from ssh_fixtures import Client, new_user, ssh_proxy_entry, start_sshd
+
+KUBECTL = "/usr/bin/kubectl"
+
+
+def sealed_documents(proxy, tmp_path: Path, sessions: int) -> tuple[list[dict], list[dict]]:
+    """Wait for `sessions` complete sessions, seal everything on the topic, read both OCSF topics back, validated."""
+    events = proxy.events
+    deadline = time.monotonic() + 30
+    while len(found := events.find(lambda start: True, timeout=1)) < sessions:
+        assert time.monotonic() < deadline, f"{len(found)} of {sessions} sessions ended"
+    seal(proxy.kafka, proxy.directory / "keys", tmp_path / "ledger", sum(len(s) for s in found),
+         f"ocsf-{uuid.uuid4().hex[:8]}")
+    activity, findings = read_topic(proxy.kafka, "activity.ocsf"), read_topic(proxy.kafka, "violations.ocsf")
+    for doc in activity + findings:
+        validate(doc)
+    uids = [d["metadata"]["uid"] for d in activity + findings]
+    assert len(set(uids)) == len(uids), "ids are unique"
+    return activity, findings
+
+
+def linked(doc: dict, subject: str | None = None) -> dict:
+    """The link to the sealed evidence is complete; returns it."""
+    link = doc["unmapped"]["custody"]
+    assert link["session_id"] == doc["metadata"]["correlation_uid"] and link["event_id"]
+    assert link["ledger"]["origin"] == "custody.test/ledger" and link["ledger"]["checkpoint_size"] >= 1
+    if subject is not None:
+        assert doc["actor"]["user"]["uid"] == subject
+    return link
+
+
+def failed_logons(findings: list[dict]) -> list[dict]:
+    return [d for d in findings if d["class_uid"] == 3002 and d["status_id"] == 2]
+
+
+def blocks(findings: list[dict]) -> list[dict]:
+    return [d for d in findings if d["class_uid"] == 2004]
+
+
+@pytest.fixture
+def events_of():
+    opened = []
+
+    def open_(proxy):
+        proxy.events = EventLog.open(proxy)
+        opened.append(proxy)
+        return proxy
+    yield open_
+    for proxy in opened:
+        proxy.events.close()
+        proxy.background.stop()
+
+
+def test_mysql_session_in_ocsf(broker, tmp_path, events_of):
+    target = make_target()
+    try:
+        with target.direct() as conn, conn.cursor() as cur:
+            cur.execute("CREATE TABLE accounts (id INT PRIMARY KEY, owner VARCHAR(50))")
+            cur.execute("INSERT INTO accounts VALUES (1, 'alice')")
+        proxy = events_of(start_proxy(tmp_path / "custody", broker, extra_proxies=proxy_entry(target)))
+        host, port = proxy.address(1)
+        who = "eve@example.com"
+        with pymysql.connect(host=host, port=port, user=who, password=proxy.token(who, groups=("dev",)),
+                             database=target.database, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute("SELECT owner FROM accounts WHERE id = 1")
+            assert cur.fetchall() == (("alice",),)
+            with pytest.raises(pymysql.MySQLError):
+                cur.execute("DROP TABLE accounts")
+        with pytest.raises(pymysql.MySQLError):
+            pymysql.connect(host=host, port=port, user=who, password="not-a-token", database=target.database)
+        activity, findings = sealed_documents(proxy, tmp_path, 2)
+    finally:
+        target.drop()
+
+    logon = next(d for d in activity if d["class_uid"] == 3002)
+    assert logon["status_id"] == 1 and logon["user"]["uid"] == who and logon["dst_endpoint"]["svc_name"] == "mysql"
+    assert logon["user"]["account"]["name"] == who and logon["auth_protocol_id"] == 4
+    statements = {d["query_info"]["query_string"]: d for d in activity if d["class_uid"] == 6005}
+    select = statements["SELECT owner FROM accounts WHERE id = 1"]
+    assert (select["activity_id"], select["status_id"], select["database"]["type"]) == (1, 1, "MySQL")
+    assert select["database"]["name"] == target.database
+    assert select["src_endpoint"]["ip"] == "127.0.0.1"
+    linked(select, who)
+    drop = statements["DROP TABLE accounts"]
+    assert (drop["activity_id"], drop["status_id"], drop["status_code"]) == (7, 2, "42000")  # SQLSTATE
+    assert (drop["action_id"], drop["disposition_id"]) == (2, 2)
+    assert drop["unmapped"]["custody"]["policy"]["action"] == "block"
+    [block] = blocks(findings)
+    assert block["evidences"][0]["data"]["statement"] == "DROP TABLE accounts"
+    assert block["evidences"][0]["database"] == {"name": target.database, "type_id": 1, "type": "MySQL"}
+    assert block["finding_info"]["related_events"][0]["uid"] == block["unmapped"]["custody"]["event_id"]
+    [refused] = failed_logons(findings)
+    assert refused["status_code"] and refused["user"]["name"] == who and refused["disposition"] == "Unauthorized"
+
+
+POLICY_HTTP = """
+[[rule]]
+name = "block-http-admin-writes"
+action = "block"
+message = "writes under /admin/ are not allowed through Custody"
+protocols = ["http"]
+attributes = { method = ["POST", "PUT", "PATCH", "DELETE"] }
+text = '^\\\\S+ /admin/'
+"""
+
+
+def test_http_session_through_nginx_in_ocsf(broker, tmp_path, events_of):
+    with Nginx(tmp_path / "nginx") as nginx:
+        os.environ["CUSTODY_TEST_OCSF_UPSTREAM"] = "upstream-" + uuid.uuid4().hex[:8]
+        proxy = events_of(start_proxy(tmp_path / "custody", broker, extra_proxies=f"""
+[[proxy]]
+name = "web"
+protocol = "http"
+listen = "127.0.0.1:0"
+upstream = "{nginx.url}"
+upstream_bearer_env = "CUSTODY_TEST_OCSF_UPSTREAM"
+policy = "policies/default.toml"
+"""))
+        policy = proxy.directory / "policies" / "default.toml"
+        policy.write_text(policy.read_text() + POLICY_HTTP.replace("\\\\", "\\"))
+        time.sleep(1.2)  # the policy holder looks at the file at most once a second
+        host, port = proxy.address(1)
+        who = "alice@example.com"
+
+        def curl(path: str, *args: str, token: str | None = None) -> int:
+            out = subprocess.run(["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H",
+                                  f"Authorization: Bearer {token or proxy.token(who, ('dba',))}", *args,
+                                  f"http://{host}:{port}{path}"], capture_output=True, text=True, timeout=30)
+            return int(out.stdout)
+
+        assert curl("/index.html?lang=en") == 200
+        assert curl("/admin/users", "-X", "POST", "-d", "x=1") == 403
+        assert curl("/index.html", token="not-a-token") == 401
+        activity, findings = sealed_documents(proxy, tmp_path, 3)
+
+    logon = next(d for d in activity if d["class_uid"] == 3002)
+    assert logon["status_id"] == 1 and logon["dst_endpoint"] == {"name": "web", "svc_name": "http"}
+    requests = [d for d in activity if d["class_uid"] == 4002]
+    get = next(d for d in requests if d["http_request"]["http_method"] == "GET")
+    assert (get["activity_id"], get["activity_name"], get["status_id"]) == (3, "Get", 1)
+    assert get["http_request"]["url"]["path"] == "/index.html"
+    assert get["http_request"]["url"]["query_string"] == "lang=en"
+    assert get["http_response"]["code"] == 200 and get["http_status"] == 200
+    linked(get, who)
+    post = next(d for d in requests if d["http_request"]["http_method"] == "POST")
+    assert (post["activity_id"], post["http_response"]["code"], post["disposition"]) == (6, 403, "Blocked")
+    assert post["unmapped"]["custody"]["policy"]["rule"] == "block-http-admin-writes"
+    [block] = blocks(findings)
+    assert block["finding_info"]["analytic"]["name"] == "block-http-admin-writes"
+    assert block["evidences"][0]["http_request"]["http_method"] == "POST"
+    assert block["evidences"][0]["http_request"]["url"]["path"] == "/admin/users"
+    [refused] = failed_logons(findings)
+    assert refused["status_code"] and refused["service"]["name"] == "web"
+
+
+POLICY_KUBE = """
+[[rule]]
+name = "block-secret-deletes"
+action = "block"
+message = "deleting secrets is not allowed through Custody"
+protocols = ["kubernetes"]
+attributes = { verb = ["delete", "deletecollection"], resource = ["secrets"] }
+"""
+
+
+def test_kubernetes_session_with_kubectl_in_ocsf(broker, tmp_path, events_of):
+    if not Path(KUBECTL).exists():
+        pytest.skip("kubectl is not installed")
+    tls = make_tls(tmp_path)
+    token = "cluster-sa-" + uuid.uuid4().hex[:8]
+    with KubeServer(token) as kube:
+        (tmp_path / "custody").mkdir()
+        (tmp_path / "custody" / "cluster.token").write_text(token + "\n")
+        proxy = events_of(start_proxy(tmp_path / "custody", broker, extra_proxies=f"""
+[[proxy]]
+name = "test-cluster"
+protocol = "kubernetes"
+listen = "127.0.0.1:0"
+upstream = "{kube.url}"
+upstream_bearer_file = "cluster.token"
+tls_cert = "{tls['server_cert']}"
+tls_key = "{tls['server_key']}"
+policy = "policies/default.toml"
+"""))
+        policy = proxy.directory / "policies" / "default.toml"
+        policy.write_text(policy.read_text() + POLICY_KUBE)
+        time.sleep(1.2)
+        host, port = proxy.address(1)
+        who = f"k-{uuid.uuid4().hex[:8]}@example.com"
+        ca = base64.b64encode(Path(tls["ca"]).read_bytes()).decode()
+
+        def kubectl(*args: str, user_token: str | None = None) -> subprocess.CompletedProcess:
+            home = tmp_path / f"kube-{uuid.uuid4().hex[:6]}"
+            home.mkdir()
+            (home / "config").write_text(f"""apiVersion: v1
+kind: Config
+clusters: [{{name: c, cluster: {{server: "https://{host}:{port}", certificate-authority-data: "{ca}"}}}}]
+users: [{{name: me, user: {{token: "{user_token or proxy.token(who, ('dev',))}"}}}}]
+contexts: [{{name: c, context: {{cluster: c, user: me, namespace: default}}}}]
+current-context: c
+""")
+            env = {**os.environ, "KUBECONFIG": str(home / "config"), "HOME": str(home)}
+            return subprocess.run([KUBECTL, "--cache-dir", str(home / "cache"), *args], capture_output=True,
+                                  text=True, env=env, timeout=60)
+
+        assert kubectl("get", "pods", "web-1").returncode == 0
+        assert kubectl("delete", "secret", "db-creds", "--wait=false").returncode != 0
+        assert kubectl("get", "pods", user_token="not-a-token").returncode != 0
+        deadline = time.monotonic() + 20
+        while not proxy.events.find(lambda s: s["identity"] is None, timeout=1):
+            assert time.monotonic() < deadline, "no refused session"
+        found = proxy.events.find(lambda s: True, timeout=1)
+        activity, findings = sealed_documents(proxy, tmp_path, len(found))
+
+    api = [d for d in activity if d["class_uid"] == 6003]
+    get = next(d for d in api if d["unmapped"]["custody"]["kubernetes"].get("name") == "web-1"
+               and d["unmapped"]["custody"]["kubernetes"]["verb"] == "get")
+    assert (get["activity_id"], get["activity_name"], get["status_id"]) == (2, "Read", 1)
+    assert get["resources"] == [{"type": "pods", "name": "web-1", "namespace": "default",
+                                 "uid": "default/pods/web-1"}]
+    assert get["http_request"]["http_method"] == "GET" and get["http_response"]["code"] == 200
+    assert get["http_request"]["url"]["path"] == "/api/v1/namespaces/default/pods/web-1"
+    assert get["dst_endpoint"] == {"name": "test-cluster", "svc_name": "kubernetes"}
+    linked(get, who)
+    delete = next(d for d in api if d["unmapped"]["custody"]["kubernetes"]["verb"] == "delete")
+    assert (delete["activity_id"], delete["disposition"], delete["http_response"]["code"]) == (4, "Blocked", 403)
+    assert delete["resources"][0]["type"] == "secrets" and delete["resources"][0]["name"] == "db-creds"
+    [block] = blocks(findings)
+    assert block["finding_info"]["analytic"]["uid"] == "block-secret-deletes"
+    assert block["evidences"][0]["http_request"]["url"]["path"] == "/api/v1/namespaces/default/secrets/db-creds"
+    assert failed_logons(findings), "the bad token is an Authentication failure"
+    assert any(d["class_uid"] == 3002 and d["status_id"] == 1 and d["user"]["uid"] == who for d in activity)
+
+
+def test_ssh_session_in_ocsf(broker, tmp_path, events_of):
+    sshd = start_sshd(tmp_path / "sshd")
+    try:
+        proxy = events_of(start_proxy(tmp_path / "custody", broker,
+                                      extra_proxies=ssh_proxy_entry(sshd, policy="policies/default.toml")))
+        client = Client(tmp_path / "client", *proxy.address(1),
+                        (proxy.directory / "keys" / "ssh_host_ed25519.pub").read_text().strip())
+        who = new_user()
+        ran = client.ssh(who, proxy.token(who, ("dev",)), "echo ocsf-$((40+2)); exit 3")
+        assert ran.returncode == 3 and ran.stdout == b"ocsf-42\n", ran.stderr
+        forward = client.ssh(who, proxy.token(who, ("dev",)), extra=("-W", f"127.0.0.1:{sshd.port}"))
+        assert forward.returncode == 255
+        refused = new_user()
+        assert client.ssh(refused, "not-a-token", "true").returncode == 255
+        activity, findings = sealed_documents(proxy, tmp_path, 3)
+    finally:
+        sshd.stop()
+
+    ssh = [d for d in activity if d["class_uid"] == 4007]
+    command = next(d for d in ssh if d["unmapped"]["custody"]["operation"] == "command")
+    assert command["actor"]["process"] == {"uid": command["metadata"]["uid"], "name": "echo",
+                                           "cmd_line": "echo ocsf-$((40+2)); exit 3"}
+    assert (command["activity_id"], command["status_id"], command["status_code"]) == (6, 2, "3")
+    assert command["protocol_ver"] == "2.0" and command["auth_type"] in ("Password", "Keyboard Interactive")
+    assert command["dst_endpoint"] == {"name": "local-ssh", "svc_name": "ssh"}
+    assert command["unmapped"]["custody"]["channel"] is not None
+    linked(command, who)
+    forward_doc = next(d for d in ssh if d["unmapped"]["custody"]["operation"] == "forward")
+    assert forward_doc["disposition"] == "Blocked" and forward_doc["actor"]["process"]["cmd_line"] == \
+        f"127.0.0.1:{sshd.port}"
+    [block] = blocks(findings)
+    assert block["finding_info"]["analytic"]["uid"] == "forwarding-closed-by-default"
+    assert block["evidences"][0]["data"]["statement"] == f"127.0.0.1:{sshd.port}"
+    [bad] = failed_logons(findings)
+    assert bad["user"]["name"] == refused and bad["status_code"] == "malformed"
+    logons = [d for d in activity if d["class_uid"] == 3002]
+    assert len(logons) == 2 and all(d["user"]["uid"] == who and d["user"]["account"]["name"] == who for d in logons)
