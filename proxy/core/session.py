@@ -369,6 +369,11 @@ class Session:
         else:
             self._emit(kind, body)
 
+    @property
+    def seal(self) -> Callable[[bytes], bytes] | None:
+        """What input redaction seals originals to (proxy.core.redaction); None: originals are not kept."""
+        return self._seal
+
     def record_messages(self, direction: Side, messages: list[records.Record], count: int) -> None:
         """A Frames event of `count` protocol messages in one direction."""
         if direction == CLIENT:

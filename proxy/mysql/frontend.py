@@ -43,6 +43,7 @@ from proxy.policy import Decision, Operation
 from proxy.settings import ProxySettings
 
 from .masking import RowMasking
+from .redaction import MysqlRedactor
 from .settings import MysqlSettings
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,11 @@ class MysqlFrontEnd(FrontEnd):
         self._masking: RowMasking | None = None
         self._early: list[Packet] = []
         self._early_server: list[Packet] = []
+        self.redactor = MysqlRedactor(session, self)  # passwords, keys, detector findings: not kept in clear
+
+    @property
+    def conversation(self) -> Conversation | None:
+        return self._conversation
 
     @property
     def is_idle(self) -> bool:
@@ -530,6 +536,8 @@ class MysqlFrontEnd(FrontEnd):
                 out.append(wire)
                 continue
             flush_run()
+            if kind == "PrepareOK" and fields.get("statement"):  # it repeats the prepared SQL: as redacted
+                fields["statement"] = self.redactor.shown(fields["statement"])
             sealed = None
             if kind == "ERR" and masking is not None:
                 shown = masking.error(p)
@@ -544,6 +552,7 @@ class MysqlFrontEnd(FrontEnd):
             out.append(wire)
             due = conversation.due_answers()
             if due:
+                self.redactor.echoed(recs, self.session.seal)
                 self.session.record_messages(SERVER, recs, count)
                 yield Send(CLIENT, b"".join(out))
                 recs, out, count = [], [], 0
@@ -552,6 +561,7 @@ class MysqlFrontEnd(FrontEnd):
                     yield self._say_err(answer, (err.code, err.sqlstate), err.message)
         flush_run()
         if out:
+            self.redactor.echoed(recs, self.session.seal)
             self.session.record_messages(SERVER, recs, count)
             yield Send(CLIENT, b"".join(out))
         if conversation.idle:

@@ -22,11 +22,49 @@ _LOGIN = frozenset({"HandshakeResponse", "AuthSwitchResponse", "SSLRequest"})
 _SERVER_LOGIN = frozenset({"Handshake", "AuthSwitchRequest"})
 
 
-def _client(messages: list[Record]) -> Step:
+_REDACTABLE = frozenset({"COM_QUERY", "COM_STMT_PREPARE", "COM_STMT_EXECUTE", "COM_STMT_SEND_LONG_DATA"})
+
+
+def _revealed_client(x: Record, reveal: Reveal | None) -> Record:
+    """A client record whose secrets input redaction sealed: with `reveal`, as the client sent it.
+
+    An EXECUTE's original is decoded with its recorded parameter count and types; its SQL stays as
+    recorded (the PREPARE's original holds it)."""
+    if reveal is None or x.get("sealed_original") is None or x["type"] not in _REDACTABLE:
+        return x
+    data = reveal(x["sealed_original"])
+    (packet,) = PacketReader("client", 1 << 30).feed(data)
+    out = {**x, "data": data, "revealed": True}
+    try:
+        if x["type"] in ("COM_QUERY", "COM_STMT_PREPARE"):
+            out["statement"] = packet.payload[1:].decode("utf-8", "replace")
+        elif x["type"] == "COM_STMT_EXECUTE" and x.get("parameters") is not None:
+            shown = x["parameters"]
+            names = json.loads((x.get("attributes") or {}).get("parameter_types") or "[]")
+            types = tuple((_TYPE_CODES.get(n.removesuffix(" UNSIGNED"), 253), n.endswith(" UNSIGNED")) for n in names)
+            execute = m.decode_execute(packet.payload, len(shown), types if len(types) == len(shown) else None)
+            out["parameters"] = [v if v is not None else s for v, s in zip(execute.texts(), shown)]
+    except (ProtocolViolation, ValueError):
+        pass
+    return out
+
+
+def _redaction(messages: list[Record]) -> Step:
+    kinds: list[str] = []
+    for x in messages:
+        if x["type"] in _REDACTABLE:
+            kinds += [k for k in ((x.get("attributes") or {}).get("redacted") or "").split(",") if k]
+    kinds = list(dict.fromkeys(kinds))
+    return {"redacted": kinds, "revealed": any(x.get("revealed") for x in messages)} if kinds else {}
+
+
+def _client(messages: list[Record], reveal: Reveal | None = None) -> Step:
+    messages = [_revealed_client(x, reveal) for x in messages]
     for x in messages:
         if x["type"] in ("COM_QUERY", "COM_STMT_EXECUTE", "COM_STMT_PREPARE") and x.get("statement") is not None:
             return {"step": "statement", "messages": [y["type"] for y in messages], "statement": x["statement"],
-                    "parameters": x.get("parameters"), "prepared": x["type"] == "COM_STMT_PREPARE"}
+                    "parameters": x.get("parameters"), "prepared": x["type"] == "COM_STMT_PREPARE",
+                    **_redaction(messages)}
     if all(x["type"] in _LOGIN for x in messages):
         attributes = next((x.get("attributes") or {} for x in messages if x["type"] == "HandshakeResponse"), {})
         return {"step": "login", "messages": [x["type"] for x in messages], "user": attributes.get("user"),
@@ -101,13 +139,17 @@ class MysqlRenderer:
     protocol = "mysql"
 
     def step(self, direction: str, messages: list[Record], *, max_rows: int, reveal: Reveal | None) -> Step:
-        return _client(messages) if direction == "client" else _server(messages, max_rows, reveal)
+        return _client(messages, reveal) if direction == "client" else _server(messages, max_rows, reveal)
 
     def describe(self, step: Step) -> Description | None:
         kind = step["step"]
         if kind == "statement":
             detail = ([f"parameters: {json.dumps(step['parameters'], ensure_ascii=False)}"]
                       if step.get("parameters") else [])
+            if step.get("redacted"):
+                kinds = ", ".join(step["redacted"])
+                detail.append(f"[revealed] {kinds}: as the client sent it" if step.get("revealed")
+                              else f"[redacted] {kinds}: the original is sealed to the custodian key")
             return "SQL", ("PREPARE " if step.get("prepared") else "") + step["statement"], detail
         if kind == "login":
             if step.get("server") is not None or step.get("user") is None:
