@@ -9,7 +9,10 @@ documented wire protocol for what they use:
 * `pods/NAME/exec` over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`: one byte of stream
   number before each message; status JSON on stream 3) and over SPDY/3.1 (streams by `streamtype`,
   `X-Stream-Protocol-Version` negotiation), running a pretend `echo ARGS` and `cat`;
-* `pods/NAME/portforward` over SPDY/3.1 (`portforward.k8s.io`): each data stream echoes what it gets.
+* `pods/NAME/attach`: as exec, echoing stdin (a pretend `cat` as the container's process);
+* `pods/NAME/portforward` over SPDY/3.1 (`portforward.k8s.io`) and over SPDY tunnelled in WebSocket
+  (`SPDY/3.1+portforward.k8s.io`, kubectl 1.30+: the binary messages carry the SPDY byte stream):
+  each data stream answers `echo:` + what it gets, kept in the exec record's `forwarded` per port.
 
 It is not an API server: no admission, no RBAC, no resourceVersion semantics beyond a counter, no
 field selectors, no protobuf. It checks the bearer token it expects (the proxy's upstream credential)
@@ -276,9 +279,12 @@ class KubeServer:
 
     async def _stream(self, conn, request, headers, query, pod, kind, reader, writer) -> bool:
         upgrade = headers.get("upgrade", "").lower()
-        record = {"pod": pod, "kind": kind, "transport": upgrade, "command": query.get("command", []),
-                  "query": query}
+        command = ["cat"] if kind == "attach" else query.get("command", [])
+        record = {"pod": pod, "kind": kind, "transport": upgrade, "command": command, "query": query}
         self.execs.append(record)
+        if upgrade == "websocket" and kind == "portforward":
+            await self._websocket_spdy(conn, request, record, reader, writer)
+            return True
         if upgrade == "websocket":
             await self._websocket(conn, request, query, record, reader, writer)
             return True
@@ -351,7 +357,38 @@ class KubeServer:
         except (asyncio.TimeoutError, ConnectionError):
             pass
 
-    async def _spdy(self, early: bytes, query, record, kind, reader, writer) -> None:
+    async def _websocket_spdy(self, conn, request, record, reader, writer) -> None:
+        """Port-forward tunnelled in WebSocket: SPDY/3.1 bytes in binary messages, both ways."""
+        ws = WSConnection(ConnectionType.SERVER)
+        ws.initiate_upgrade_connection(list(request.headers), request.target)
+        offered = next((e.subprotocols for e in ws.events() if isinstance(e, Request)), [])
+        chosen = next((p for p in offered if p.lower() == "spdy/3.1+portforward.k8s.io"), None)
+        record["protocol"], record["transport"] = chosen, "websocket/spdy"
+        writer.write(ws.send(AcceptConnection(subprotocol=chosen)))
+        await writer.drain()
+        pending = [bytes(conn.trailing_data[0])] if conn.trailing_data[0] else []
+
+        async def read() -> bytes:
+            while True:
+                data = pending.pop() if pending else await reader.read(65536)
+                ws.receive_data(data or None)
+                out = b""
+                for event in ws.events():
+                    if isinstance(event, BytesMessage):
+                        out += bytes(event.data)
+                    elif isinstance(event, Ping):
+                        writer.write(ws.send(event.response()))
+                    elif isinstance(event, CloseConnection):
+                        return b""
+                if out or not data:
+                    return out
+
+        await self._spdy(b"", {}, record, "portforward", reader, writer, read=read,
+                         write=lambda data: writer.write(ws.send(BytesMessage(data=data))))
+
+    async def _spdy(self, early: bytes, query, record, kind, reader, writer, read=None, write=None) -> None:
+        read = read or (lambda: reader.read(65536))
+        write = write or writer.write
         frames_in, frames_out = spdy.FrameReader(), spdy.FrameWriter()
         streams: dict[str, int] = {}
         stdin = b""
@@ -362,8 +399,9 @@ class KubeServer:
         stdin_done = not flags["stdin"]
         pending = early
         forwards: dict[int, str] = {}
+        ports: dict[int, str] = {}
         while True:
-            data = pending or await reader.read(65536)
+            data = pending or await read()
             pending = b""
             if not data:
                 return
@@ -371,19 +409,21 @@ class KubeServer:
                 if isinstance(frame, spdy.SynStream):
                     streamtype = spdy.header(frame.headers, "streamtype") or ""
                     streams[streamtype] = frame.stream_id
-                    writer.write(frames_out.syn_reply(frame.stream_id, []))
+                    write(frames_out.syn_reply(frame.stream_id, []))
                     if kind == "portforward":
                         forwards[frame.stream_id] = streamtype
+                        ports[frame.stream_id] = spdy.header(frame.headers, "port") or ""
                 elif isinstance(frame, spdy.Ping):
-                    writer.write(frames_out.ping(frame.ping_id))
+                    write(frames_out.ping(frame.ping_id))
                 elif isinstance(frame, spdy.DataFrame):
                     if kind == "portforward" and forwards.get(frame.stream_id) == "data":
                         if frame.data:
-                            record.setdefault("forwarded", b"")
-                            record["forwarded"] += frame.data
-                            writer.write(frames_out.data(frame.stream_id, b"echo:" + frame.data))
+                            port = ports.get(frame.stream_id, "")
+                            record.setdefault("forwarded", {}).setdefault(port, b"")
+                            record["forwarded"][port] += frame.data
+                            write(frames_out.data(frame.stream_id, b"echo:" + frame.data))
                         if frame.fin:
-                            writer.write(frames_out.data(frame.stream_id, b"", fin=True))
+                            write(frames_out.data(frame.stream_id, b"", fin=True))
                     elif frame.stream_id == streams.get("stdin"):
                         stdin += frame.data
                         stdin_done = stdin_done or frame.fin
@@ -397,15 +437,15 @@ class KubeServer:
         output = self._run(record["command"], stdin)
         record["stdin"] = stdin
         if "stdout" in streams:
-            writer.write(frames_out.data(streams["stdout"], output) + frames_out.data(streams["stdout"], b"", fin=True))
+            write(frames_out.data(streams["stdout"], output) + frames_out.data(streams["stdout"], b"", fin=True))
         if "stderr" in streams:
-            writer.write(frames_out.data(streams["stderr"], b"", fin=True))
+            write(frames_out.data(streams["stderr"], b"", fin=True))
         status = json.dumps(SUCCESS).encode() if record.get("protocol") == "v4.channel.k8s.io" else b""
-        writer.write(frames_out.data(streams["error"], status) + frames_out.data(streams["error"], b"", fin=True))
+        write(frames_out.data(streams["error"], status) + frames_out.data(streams["error"], b"", fin=True))
         await writer.drain()
         try:  # let the client close its streams, then end the connection as the kubelet does
-            await asyncio.wait_for(reader.read(65536), 1)
+            await asyncio.wait_for(read(), 1)
         except (asyncio.TimeoutError, ConnectionError):
             pass
-        writer.write(frames_out.goaway(max(streams.values(), default=0)))
+        write(frames_out.goaway(max(streams.values(), default=0)))
         await writer.drain()

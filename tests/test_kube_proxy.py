@@ -1,7 +1,9 @@
 """The Kubernetes proxy with the real kubectl binaries against the Kubernetes API test stand-in
 (tests/kube_server.py): discovery, get/list as Tables, masked Secrets, a blocked `delete secret`, a held
 `delete` that a reviewer approves, a bad token, a watch recorded as it streams, and `kubectl exec` over
-WebSocket (kubectl 1.32, v5.channel.k8s.io) and over SPDY/3.1 (kubectl 1.28) recorded per channel.
+WebSocket (kubectl 1.32, v5.channel.k8s.io) and over SPDY/3.1 (kubectl 1.28) recorded per channel;
+`exec -i` and `attach -i` with stdin on both transports; `kubectl port-forward` over SPDY/3.1 (1.28) and
+SPDY tunnelled in WebSocket (1.32), its streams recorded per port and each pod:port under policy.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
+import socket
 import subprocess
 import threading
 import time
@@ -40,6 +44,14 @@ message = "deleting a configmap needs approval by dba"
 protocols = ["kubernetes"]
 attributes = { verb = ["delete"], resource = ["configmaps"] }
 approvers = ["dba"]
+
+[[rule]]
+name = "no-forward-to-9999"
+action = "block"
+message = "port 9999 is not to be forwarded"
+protocols = ["kubernetes"]
+operations = ["forward"]
+objects = ["*:9999"]
 """
 
 
@@ -234,3 +246,103 @@ def test_exec_is_relayed_and_recorded_per_channel(proxy, kube, tls, tmp_path, bi
     assert stdout == b"hi\n"
     status = b"".join(m["data"] for m in records if m.get("channel") == "3")
     assert json.loads(status)["status"] == "Success"
+
+
+BOTH = pytest.mark.parametrize("binary,transport", [(KUBECTL, "websocket"), (KUBECTL_SPDY, "spdy/3.1")],
+                               ids=["kubectl-1.32-websocket", "kubectl-1.28-spdy"])
+
+
+@BOTH
+@pytest.mark.parametrize("verb", ["exec", "attach"])
+def test_stdin_of_exec_and_attach_is_relayed_and_recorded_on_channel_0(proxy, kube, tls, tmp_path, binary,
+                                                                       transport, verb):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    args = ["exec", "-i", "web-1", "--", "cat"] if verb == "exec" else ["attach", "-i", "web-1"]
+    env = {**os.environ, "KUBECONFIG": str(kubectl.dir / "config"), "HOME": str(kubectl.dir)}
+    got = subprocess.run([binary, "--cache-dir", str(kubectl.dir / "cache"), *args], input="line one\nline two\n",
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout.endswith("line one\nline two\n")
+    run = kube.execs[-1]
+    assert (run["kind"], run["transport"], run["stdin"]) == (verb, transport, b"line one\nline two\n")
+
+    records = all_messages(sessions(proxy, kubectl.subject, at_least=2))
+    opened = next(m for m in records if m["type"] == "Request" and f"/{verb}?" in (m["attributes"] or {}).get(
+        "request", m["text"]))
+    assert opened["attributes"]["verb"] == verb
+    stdin = b"".join(m["data"] for m in records if m.get("channel") == "0" and m["type"] != "Request")
+    stdout = b"".join(m["data"] for m in records if m.get("channel") == "1")
+    assert stdin.rstrip(b"\x04") == b"line one\nline two\n" and stdout == b"line one\nline two\n"
+
+
+class PortForward:
+    """`kubectl port-forward pod/NAME :PORT` running; `local` is the port it listens on."""
+
+    def __init__(self, kubectl: Kubectl, binary: str, port: int) -> None:
+        env = {**os.environ, "KUBECONFIG": str(kubectl.dir / "config"), "HOME": str(kubectl.dir)}
+        self.process = subprocess.Popen([binary, "--cache-dir", str(kubectl.dir / "cache"), "port-forward",
+                                         "pod/web-1", f":{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                        text=True, env=env)
+        line = self.process.stdout.readline()
+        found = re.search(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)", line)
+        assert found, (line, self.process.stderr.read() if self.process.poll() is not None else "")
+        self.local = int(found.group(1))
+
+    def exchange(self, payload: bytes, expect: int) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.local), timeout=10) as conn:
+            conn.sendall(payload)
+            got = b""
+            while len(got) < expect:
+                try:
+                    chunk = conn.recv(65536)
+                except ConnectionResetError:  # kubectl drops the local connection when its stream fails
+                    break
+                if not chunk:
+                    break
+                got += chunk
+            return got
+
+    def stop(self) -> tuple[str, str]:
+        if self.process.poll() is None:
+            self.process.terminate()
+        return self.process.communicate(10)
+
+
+@pytest.mark.parametrize("binary,transport", [(KUBECTL, "websocket/spdy"), (KUBECTL_SPDY, "spdy/3.1")],
+                         ids=["kubectl-1.32-spdy-in-websocket", "kubectl-1.28-spdy"])
+def test_port_forward_is_relayed_and_its_streams_recorded_per_port(proxy, kube, tls, tmp_path, binary, transport):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    forward = PortForward(kubectl, binary, 8080)
+    try:
+        assert forward.exchange(b"GET / HTTP/1.0\r\n\r\n", 23) == b"echo:GET / HTTP/1.0\r\n\r\n"
+        assert forward.exchange(b"second", 11) == b"echo:second"  # a second connection, a second stream pair
+    finally:
+        forward.stop()
+    run = next(r for r in reversed(kube.execs) if r["kind"] == "portforward")
+    assert run["transport"] == transport and run["forwarded"] == {"8080": b"GET / HTTP/1.0\r\n\r\nsecond"}
+
+    found = sessions(proxy, kubectl.subject, at_least=1)
+    records = all_messages(found)
+    opened = next(m for m in records if m["type"] == "Request" and "/portforward" in m["text"])
+    assert opened["operation"] == "forward" and opened["attributes"]["verb"] == "portforward"
+    sent = b"".join(m["data"] for m in all_messages(found, "client") if m.get("channel") == "8080/data")
+    answered = b"".join(m["data"] for m in all_messages(found, "server") if m.get("channel") == "8080/data")
+    assert sent == b"GET / HTTP/1.0\r\n\r\nsecond" and answered == b"echo:GET / HTTP/1.0\r\n\r\necho:second"
+    if transport == "websocket/spdy":
+        assert all((m.get("attributes") or {}).get("transport") == "websocket"
+                   for m in records if m["type"].startswith("spdy."))
+
+
+@pytest.mark.parametrize("binary", [KUBECTL, KUBECTL_SPDY], ids=["kubectl-1.32", "kubectl-1.28"])
+def test_port_forward_to_a_blocked_port_never_reaches_the_pod(proxy, kube, tls, tmp_path, binary):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    forward = PortForward(kubectl, binary, 9999)
+    try:
+        assert forward.exchange(b"let me in", 14) == b""
+    finally:
+        forward.stop()
+    assert not any(r["kind"] == "portforward" and "9999" in (r.get("forwarded") or {}) for r in kube.execs)
+    found = sessions(proxy, kubectl.subject)
+    decisions = [e.body for events in found for e in events if e.kind == "policy_decision"]
+    assert [(d["action"], d["rule"], d["statement"]) for d in decisions] == [
+        ("block", "no-forward-to-9999", "web-1:9999")]

@@ -138,6 +138,8 @@ class HttpFrontEnd(FrontEnd):
         self.token: str | None = None
         self.exchange: Exchange | None = None
         self.tunnel: Tunnel | None = None
+        self._tunnel_info: RequestInfo | None = None  # the request that opened the tunnel
+        self._ports: set[str] = set()  # port-forward ports allowed in this tunnel
         self._pumping = False  # a client-event loop is running (perhaps paused on a blocking command)
 
     @property
@@ -156,6 +158,14 @@ class HttpFrontEnd(FrontEnd):
     def client_data(self, data: bytes) -> Steps:
         if self.tunnel is not None:
             records, wire = self.tunnel.client(data)
+            ports = self.tunnel.take_forwards()
+            if ports:  # port-forward streams: recorded, then each new pod:port under policy, then relayed
+                if records:
+                    self.session.record_messages(CLIENT, records, len(records))
+                    records = []
+                for port in ports:
+                    if not (yield from self._forward_allowed(port)):
+                        return
             yield from self._relay_frames(CLIENT, records, wire)
             return
         self.client.receive_data(data)
@@ -286,6 +296,22 @@ class HttpFrontEnd(FrontEnd):
             kind = "forward"
         return Operation(protocol, kind, text, info.objects, attributes)
 
+    def _forward_allowed(self, port: str) -> Steps:
+        """A port-forward stream to `pod:port`: operation kind forward, once per port per tunnel; a block
+        (or a denied hold) ends the tunnel before the stream reaches the target."""
+        if port in self._ports:
+            return True
+        info = self._tunnel_info
+        pod = info.name if info is not None else ""
+        target = f"{pod}:{port}"
+        attributes = {**(info.attributes() if info is not None else {}), "port": port, "transport": self.tunnel.kind}
+        verdict = yield from self.session.check(Operation("kubernetes", "forward", target, (target,), attributes))
+        if not verdict.allowed:
+            yield from self.session.end_with(Ending("policy", "403", f"custody: {verdict.reason}"))
+            return False
+        self._ports.add(port)
+        return True
+
     def _request_body(self, event: h11.Data) -> Steps:
         exchange = self.exchange
         data = bytes(event.data)
@@ -364,6 +390,7 @@ class HttpFrontEnd(FrontEnd):
             self.tunnel = SpdyTunnel(max_frame)
         else:
             self.tunnel = Tunnel()
+        self._tunnel_info = self.exchange.info if self.exchange is not None else None
         yield Send(CLIENT, self.client.send(event))
         self.phase = f"tunnel ({self.tunnel.kind})"
         server_rest, client_rest = self.target.trailing_data[0], self.client.trailing_data[0]
@@ -371,8 +398,7 @@ class HttpFrontEnd(FrontEnd):
             records, wire = self.tunnel.server(bytes(server_rest))
             yield from self._relay_frames(SERVER, records, wire)
         if client_rest:
-            records, wire = self.tunnel.client(bytes(client_rest))
-            yield from self._relay_frames(CLIENT, records, wire)
+            yield from self.client_data(bytes(client_rest))
 
     def _relay_frames(self, side: str, records: list[rec.Record], wire: bytes) -> Steps:
         if records:

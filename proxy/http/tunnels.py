@@ -10,6 +10,11 @@ was not recorded first (record before relay). Frames are relayed unchanged.
   message's first byte is its stream number: it becomes the record's `channel`.
 * SPDY/3.1 (`ingest.protocols.kubernetes.spdy`): each stream's `streamtype` header names its
   channel (stdin 0, stdout 1, stderr 2, error 3, resize 4; port-forward `PORT/data`, `PORT/error`).
+* SPDY tunnelled in WebSocket (`SPDY/3.1+portforward.k8s.io`, kubectl 1.30+'s port-forward): the
+  binary messages carry a SPDY/3.1 byte stream; it is decoded as above and recorded per stream
+  (records `spdy.*` with `transport` = `websocket`), while the WebSocket frames are relayed whole.
+* Port-forward streams: each client SYN_STREAM naming a `port` is collected (`take_forwards()`), so
+  the front end can put `pod:port` under policy before the frame is relayed.
 * Anything else: raw bytes, one record per read.
 """
 
@@ -34,6 +39,10 @@ _WS_NAMES = {Opcode.BINARY: "ws.binary", Opcode.TEXT: "ws.text", Opcode.CLOSE: "
 
 class Tunnel:
     kind = "raw"
+
+    def take_forwards(self) -> list[str]:
+        """The ports the client opened port-forward streams to since the last call."""
+        return []
 
     def client(self, data: bytes) -> tuple[list[Record], bytes]:
         return [frame_record("tunnel", data, None)], data
@@ -64,7 +73,10 @@ def _ws_frame_length(buffer: bytearray | bytes, offset: int) -> int | None:
 
 
 class _WebSocketSide:
-    def __init__(self, from_client: bool, channels: bool, max_frame: int) -> None:
+    def __init__(self, from_client: bool, channels: bool, max_frame: int,
+                 inner: "SpdyTunnel | None" = None) -> None:
+        self.side = "client" if from_client else "server"
+        self.inner = inner  # SPDY/3.1 carried in the binary messages
         self.protocol = FrameProtocol(client=not from_client, extensions=[])
         self.buffer = bytearray()
         self.channels = channels
@@ -93,6 +105,11 @@ class _WebSocketSide:
         out = []
         try:
             for frame in self.protocol.received_frames():
+                if self.inner is not None and frame.opcode in (Opcode.BINARY, Opcode.CONTINUATION):
+                    records = self.inner.feed(self.side, bytes(frame.payload))
+                    out += [{**r, "attributes": {**(r.get("attributes") or {}), "transport": "websocket"}}
+                            for r in records]
+                    continue
                 out.append(self._record(frame))
         except ParseFailed as exc:
             raise ProtocolViolation("400", f"WebSocket: {exc}") from None
@@ -127,8 +144,12 @@ class WebSocketTunnel(Tunnel):
 
     def __init__(self, subprotocol: str | None, max_frame: int) -> None:
         channels = subprotocol in CHANNEL_PROTOCOLS
-        self._client = _WebSocketSide(True, channels, max_frame)
-        self._server = _WebSocketSide(False, channels, max_frame)
+        self.inner = SpdyTunnel(max_frame) if (subprotocol or "").lower().startswith("spdy/3.1+") else None
+        self._client = _WebSocketSide(True, channels, max_frame, self.inner)
+        self._server = _WebSocketSide(False, channels, max_frame, self.inner)
+
+    def take_forwards(self) -> list[str]:
+        return self.inner.take_forwards() if self.inner is not None else []
 
     def client(self, data: bytes) -> tuple[list[Record], bytes]:
         return self._client.feed(data)
@@ -143,6 +164,7 @@ class SpdyTunnel(Tunnel):
     def __init__(self, max_frame: int) -> None:
         self._readers = {"client": spdy.FrameReader(max_frame), "server": spdy.FrameReader(max_frame)}
         self._channels: dict[int, str] = {}
+        self._forwards: list[str] = []
 
     def client(self, data: bytes) -> tuple[list[Record], bytes]:
         return self._feed("client", data)
@@ -150,8 +172,22 @@ class SpdyTunnel(Tunnel):
     def server(self, data: bytes) -> tuple[list[Record], bytes]:
         return self._feed("server", data)
 
+    def take_forwards(self) -> list[str]:
+        ports, self._forwards = self._forwards, []
+        return ports
+
+    def feed(self, side: str, data: bytes) -> list[Record]:
+        """The records of the complete frames in one side's bytes."""
+        return self._feed(side, data)[0]
+
     def _feed(self, side: str, data: bytes) -> tuple[list[Record], bytes]:
         frames = self._readers[side].feed(data)
+        if side == "client":
+            for frame, _ in frames:
+                if isinstance(frame, spdy.SynStream):
+                    port = spdy.header(frame.headers, "port")
+                    if port is not None and port not in self._forwards:
+                        self._forwards.append(port)
         records = [self._record(frame) for frame, _ in frames]
         return records, b"".join(wire for _, wire in frames)
 
