@@ -69,6 +69,26 @@ _connection_ids = itertools.count(1)
 UTF8MB4 = 45
 
 
+def _databases_named(sql: str) -> tuple[list[str], list[str]]:
+    """The databases `USE` switches to, and those that qualify table names, in a statement text.
+
+    What does not parse is left to the policy's `on_parse_error`."""
+    from proxy.policy.mysql_sql import analyze_mysql  # sqlglot: only where `databases` is set
+
+    used: list[str] = []
+    qualified: list[str] = []
+    try:
+        statements = [s for top in analyze_mysql(sql) for s in top.walk()]
+    except Exception:  # noqa: BLE001 - unparseable: the policy decides (on_parse_error)
+        return used, qualified
+    for statement in statements:
+        if statement.kind == "set" and statement.text.lstrip().lower().startswith("use") and statement.tables:
+            used.append(statement.tables[0])
+        else:
+            qualified += [name.rsplit(".", 1)[0] for name in statement.tables if "." in name]
+    return used, list(dict.fromkeys(qualified))
+
+
 class MysqlProtocol(Protocol):
     name = "mysql"
 
@@ -463,6 +483,16 @@ class MysqlFrontEnd(FrontEnd):
                 yield from self._answer(p, ER_DBACCESS_DENIED, f"custody: {detail}")
                 return
         text = fields.get("text")
+        used: list[str] = []
+        if text is not None and kind in ("COM_QUERY", "COM_STMT_PREPARE") and self.settings.databases:
+            used, foreign = _databases_named(text)
+            refused = next((name for name in (*used, *foreign) if not self._allowed_database(name)), None)
+            if refused is not None:
+                detail = f"database '{refused}' is not served by target {self.settings.name!r}"
+                session.record("policy_decision", records.decision("databases", "deny", detail, text,
+                                                                   attributes={"database": refused}))
+                yield from self._answer(p, ER_DBACCESS_DENIED, f"custody: {detail}")
+                return
         if text is not None and kind in ("COM_QUERY", "COM_STMT_PREPARE", "COM_INIT_DB") and session.gate is not None:
             attributes = {"database": self.database or ""}
             if kind == "COM_STMT_PREPARE":
@@ -473,6 +503,8 @@ class MysqlFrontEnd(FrontEnd):
                 return
         if kind == "COM_INIT_DB":
             self.database = fields["attributes"]["database"]
+        elif used and kind == "COM_QUERY":
+            self.database = used[-1]  # what later statements' attributes.database say
         conversation.sent(p)
         yield Send(SERVER, p.data)
 
