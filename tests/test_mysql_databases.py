@@ -8,6 +8,7 @@ the policy's `attributes.database` is the new one.
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 
@@ -98,3 +99,54 @@ def test_use_init_db_and_qualified_names_outside_the_list_are_refused_with_1044(
     assert all(d["attributes"]["database"] == forbidden for d in decisions[:6])
     errors = [m for m in messages(events, "server") if m["type"] == "ERR"]
     assert [m["attributes"]["errno"] for m in errors] == ["1044"] * 6 + ["1142"]
+
+
+def test_kill_query_with_the_proxys_connection_id_cancels_the_right_upstream_query(setup):
+    proxy, target, _, _ = setup
+    app = f"kill-{uuid.uuid4().hex[:10]}"
+    host, port = proxy.address(PLAIN)
+    sleeper = connect(proxy, target, app)
+    killer = connect(proxy, target, app + "-k")
+    outsider = pymysql.connect(host=host, port=port, user="eve@example.com", password=proxy.token(
+        "eve@example.com", groups=("dba",)), database=target.database, autocommit=True, program_name=app + "-e")
+    given = sleeper.thread_id()  # the proxy's id, from its handshake
+    with sleeper.cursor() as cur:
+        cur.execute("SELECT CONNECTION_ID()")
+        (real,) = cur.fetchone()
+    assert real != given
+    outcome: dict = {}
+
+    def sleep() -> None:
+        started = time.monotonic()
+        try:
+            with sleeper.cursor() as cur:
+                cur.execute("SELECT SLEEP(30)")
+                outcome["result"] = cur.fetchone()
+        except pymysql.err.MySQLError as error:
+            outcome["error"] = error.args[0]
+        outcome["seconds"] = time.monotonic() - started
+
+
+    thread = threading.Thread(target=sleep)
+    thread.start()
+    time.sleep(1.0)
+    with outsider.cursor() as cur, pytest.raises(pymysql.err.OperationalError) as error:  # not eve's session
+        cur.execute(f"KILL QUERY {given}")
+    assert error.value.args[0] == 1094
+    with killer.cursor() as cur:
+        with pytest.raises(pymysql.err.OperationalError) as error:
+            cur.execute("KILL QUERY 999999")
+        assert error.value.args[0] == 1094
+        cur.execute(f"KILL QUERY {given}")
+    thread.join(10)
+    assert not thread.is_alive() and outcome["seconds"] < 10
+    assert outcome.get("result") == (1,) or outcome.get("error") == 1317  # SLEEP interrupted
+    with sleeper.cursor() as cur:  # KILL QUERY leaves the connection
+        cur.execute("SELECT 7")
+        assert cur.fetchone() == (7,)
+    for conn in (sleeper, killer, outsider):
+        conn.close()
+    killed = proxy.events.session(app + "-k")
+    kill = next(m for m in messages(killed, "client") if m["type"] == "COM_QUERY" and m["statement"] == f"KILL QUERY {given}")
+    assert kill["attributes"]["kill_session"] == proxy.events.session(app)[0].session_id
+    assert proxy.events.session(app)[0].body["attributes"]["upstream_connection_id"] == str(real)

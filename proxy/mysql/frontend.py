@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import secrets
 from collections.abc import Iterator
 
@@ -56,6 +57,8 @@ ER_NET_ERROR = (1158, COMMUNICATION_ERROR)
 ER_SERVER_SHUTDOWN = (1053, "08S01")
 ER_CONNECTION_KILLED = (1927, "70100")
 ER_UNKNOWN = (1105, "HY000")
+ER_NO_SUCH_THREAD = (1094, "HY000")
+_KILL = re.compile(r"\s*KILL\s+(?:(QUERY|CONNECTION)\s+)?(\d+)\s*;?\s*", re.IGNORECASE)
 _ENDING_ERRORS = {"shutdown": ER_SERVER_SHUTDOWN, "recorder_failure": ER_SERVER_SHUTDOWN,
                   "upstream_unavailable": ER_UNKNOWN, "identity_expired": ER_CONNECTION_KILLED,
                   "protocol_error": ER_NET_ERROR, "policy": ER_DBACCESS_DENIED}
@@ -96,13 +99,14 @@ class MysqlProtocol(Protocol):
         self.settings = settings
         self.listener = settings.listener
         self.upstream = settings.upstream.describe()
+        self.sessions: dict[int, "MysqlFrontEnd"] = {}  # the connection ids this listener gave its clients
 
     @classmethod
     def from_settings(cls, proxy: ProxySettings, fail_open: bool) -> "MysqlProtocol":
         return cls(MysqlSettings.from_config(proxy, fail_open))
 
     def front_end(self, session: Session) -> "MysqlFrontEnd":
-        return MysqlFrontEnd(session, self.settings)
+        return MysqlFrontEnd(session, self.settings, self.sessions)
 
 
 def record(kind: str, data: bytes, fields: dict | None = None, origin: dict[str, str] | None = None) -> dict:
@@ -124,14 +128,17 @@ def _scramble() -> bytes:
 
 
 class MysqlFrontEnd(FrontEnd):
-    def __init__(self, session: Session, settings: MysqlSettings) -> None:
+    def __init__(self, session: Session, settings: MysqlSettings,
+                 sessions: dict[int, "MysqlFrontEnd"] | None = None) -> None:
         super().__init__(session)
         self.settings = settings
+        self._sessions = sessions if sessions is not None else {}
         self.phase = "greeting"
         self._client = PacketReader("client", settings.max_packet)
         self._upstream = PacketReader("server", settings.max_packet)
         self._scramble = _scramble()
         self.connection_id = next(_connection_ids)
+        self._sessions[self.connection_id] = self
         self._offered = m.RELAYED_CAPABILITIES | (m.CLIENT_SSL if session.settings.tls is not None else 0)
         self._response: m.HandshakeResponse | None = None
         self._capabilities = 0  # what the client and the proxy agreed
@@ -464,7 +471,11 @@ class MysqlFrontEnd(FrontEnd):
         session, conversation = self.session, self._conversation
         assert conversation is not None
         kind, fields = conversation.client(p)
+        kill = self._kill(kind, p, fields)
         session.record_messages(CLIENT, [record(kind, p.data, fields)], 1)
+        if isinstance(kill, str):
+            yield from self._answer(p, ER_NO_SUCH_THREAD, kill)
+            return
         if kind == "COM_QUIT":
             yield Send(SERVER, p.data)
             yield from session.end("client_terminate")
@@ -505,8 +516,35 @@ class MysqlFrontEnd(FrontEnd):
             self.database = fields["attributes"]["database"]
         elif used and kind == "COM_QUERY":
             self.database = used[-1]  # what later statements' attributes.database say
+        if isinstance(kill, Packet):
+            p = kill  # the proxy's connection id, as the target knows that session
         conversation.sent(p)
         yield Send(SERVER, p.data)
+
+    def _kill(self, kind: str, p: Packet, fields: dict) -> Packet | str | None:
+        """KILL [QUERY] <id> / COM_PROCESS_KILL with the id the client was given: the command with the target's id.
+
+        Only this listener's sessions of the same identity can be named; a refusal is the error's text."""
+        if kind == "COM_QUERY":
+            match = _KILL.fullmatch(fields.get("text") or "")
+            if match is None:
+                return None
+            which, number = (match.group(1) or "").upper(), int(match.group(2))
+        elif kind == "COM_PROCESS_KILL" and len(p.payload) >= 5:
+            which, number = "", int.from_bytes(p.payload[1:5], "little")
+        else:
+            return None
+        other = self._sessions.get(number)
+        mine = self.session.identity
+        theirs = other.session.identity if other is not None else None
+        handshake = other._server_handshake if other is not None else None
+        if (handshake is None or other is None or other.phase != "relay" or mine is None or theirs is None
+                or theirs.subject != mine.subject):
+            return f"Unknown thread id: {number}"
+        fields.setdefault("attributes", {}).update({"kill_session": other.session.session_id})
+        if kind == "COM_QUERY":
+            return make(0, b"\x03" + f"KILL {which + ' ' if which else ''}{handshake.connection_id}".encode())
+        return make(0, b"\x0c" + handshake.connection_id.to_bytes(4, "little"))
 
     def _answer(self, p: Packet, error: tuple[int, str], message: str) -> Iterator[Send]:
         """The proxy answers a command itself (ERR), in the command's turn."""
@@ -623,6 +661,10 @@ class MysqlFrontEnd(FrontEnd):
         if self._upstream_open and self.phase == "relay" and reason not in ("server_disconnect", "client_terminate"):
             return packet(0, b"\x01")  # COM_QUIT
         return None
+
+    def closed(self) -> None:
+        if self._sessions.get(self.connection_id) is self:
+            del self._sessions[self.connection_id]
 
     def hold_notice(self, request: ApprovalRequest, decision: Decision) -> Said | None:
         """MySQL has no asynchronous notices: the client just waits; reviewers see the request."""
