@@ -1,12 +1,14 @@
 """`custody up`: the whole stack from one config, as supervised child processes.
 
 The dev broker (when `[kafka] bootstrap = "embedded"`), one witness (when its
-key exists: `custody init` makes one), the ledger and the proxies each run in
+key exists: `custody init` makes one), the syslog sink (when `[soc] syslog` names
+a receiver: `custody violations forward`), the ledger and the proxies each run in
 their own process, so that sealing never competes with a
 proxy's relay for the interpreter lock. Their output is prefixed with their
 name. Ctrl-C stops them in the order that loses nothing: proxies first (they
 end sessions and drain their spools), then the ledger (it seals what it read),
-then the broker.
+then the syslog sink (what it has not confirmed it sends again next time), then
+the broker.
 
 Stopping is bounded (`STOP_BOUNDS`, `stop_bound()`): each child gets SIGTERM and
 its time; a proxy that overruns is killed alone, so that its recorder process
@@ -34,12 +36,12 @@ from custody.lifeline import Lifeline
 from ingest.recorder import ORPHAN_BOUND
 from ingest.errors import CustodyError
 
-COLOURS = {"broker": "blue", "witness": "green", "ledger": "magenta", "proxy": "cyan"}
+COLOURS = {"broker": "blue", "witness": "green", "syslog": "yellow", "ledger": "magenta", "proxy": "cyan"}
 
 # Seconds each child has to stop after SIGTERM (from `custody up` stopping, or on its own once the supervisor is
 # gone) before it is killed. The ledger is crash-safe and the dev broker keeps nothing, so killing them loses nothing;
 # a killed proxy's recorder still has ORPHAN_BOUND seconds to spool what it holds.
-STOP_BOUNDS = {"proxy": 10.0, "ledger": 10.0, "witness": 5.0, "broker": 5.0}
+STOP_BOUNDS = {"proxy": 10.0, "ledger": 10.0, "syslog": 5.0, "witness": 5.0, "broker": 5.0}
 GROUP_GRACE = 2.0  # for what a child leaves behind in its process group (Tansu) after it exited
 
 
@@ -141,6 +143,8 @@ class Stack:
             child = self._custody("witness", "witness")
             if witness.listen and not witness.listen.endswith(":0"):
                 wait_for_port(witness.listen, child)
+        if self.config.soc.syslog:  # a consumer group of its own: a receiver that is down never holds up sealing
+            self._custody("syslog", "violations", "forward")
         self._custody("ledger", "ledger")
         if self.config.proxies:
             proxy = self._custody("proxy", "proxy")
@@ -187,8 +191,8 @@ def up(ctx: click.Context, config_path: str | None) -> None:
     """Run the stack of the config (dev broker, ledger, proxies) until Ctrl-C or SIGTERM.
 
     Stopping takes at most {bound:.0f} s: proxies first ({proxy:.0f} s; a proxy's recorder then has
-    {recorder:.0f} s more to spool what it holds), the ledger ({ledger:.0f} s, it seals what it read), the broker
-    ({broker:.0f} s); what is still running after its time is killed. If `custody up` itself dies, even by
+    {recorder:.0f} s more to spool what it holds), the ledger ({ledger:.0f} s, it seals what it read), the syslog
+    sink when [soc] syslog is set ({syslog:.0f} s), the witness ({witness:.0f} s), the broker ({broker:.0f} s); what is still running after its time is killed. If `custody up` itself dies, even by
     SIGKILL, its children stop on their own within the same bounds.
     """
     config = load_config(config_path)

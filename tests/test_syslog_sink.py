@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import ssl
 import subprocess
 import threading
@@ -288,3 +289,57 @@ def test_a_restarted_sink_resumes_after_what_it_confirmed(kafka_settings, tmp_pa
     finally:
         receiver.stop()
     assert sorted(uids(receiver)) == sorted(f"v-{n}" for n in range(45)), "each exactly once"
+
+
+def test_custody_up_runs_the_sink_when_soc_syslog_is_set(tmp_path):
+    """`custody up` with `[soc] syslog = "tcp://…"` starts `custody violations forward` beside the ledger: a real
+    psql-protocol session through the stack's proxy arrives at rsyslogd as OCSF (its logon and its statement);
+    SIGTERM stops the whole stack, the sink with it, within the bound."""
+    import os
+    import sys
+
+    import psycopg
+
+    from custody.init import initialise
+    from custody.up import stop_bound
+    from ingest.broker import free_port as broker_port
+
+    port, proxy_port, kafka_port = free_port(), broker_port(), broker_port()
+    receiver = Rsyslog(tmp_path / "rsyslog", port)
+    receiver.start()
+    config = initialise(tmp_path / "deployment", proxy_port=proxy_port, broker_port=kafka_port)
+    config.write_text(config.read_text() + f'\n[soc]\nocsf = true\nactivity = true\nsyslog = "tcp://127.0.0.1:{port}"\n')
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
+    log = tmp_path / "up.log"
+    up = subprocess.Popen([sys.executable, "-m", "custody", "up", "--config", str(config)], stdout=log.open("wb"),
+                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, env=env)
+    try:
+        def listening() -> bool:
+            assert up.poll() is None, log.read_text()
+            try:
+                socket.create_connection(("127.0.0.1", proxy_port), 0.2).close()
+                return True
+            except OSError:
+                return False
+        wait_for(listening, 60, "custody up did not listen")
+        token = subprocess.run([sys.executable, "-m", "custody", "token", "issue", "--sub", "alice@example.com",
+                                "--groups", "dba", "--config", str(config)], capture_output=True, text=True, env=env,
+                               check=True).stdout.strip()
+        with psycopg.connect(host="127.0.0.1", port=proxy_port, user="alice@example.com", dbname="postgres",
+                             password=token, sslmode="disable", application_name="up-syslog") as conn:
+            conn.execute("SELECT 42")
+        wait_for(lambda: any(d.get("query_info", {}).get("query_string") == "SELECT 42"
+                             for *_, d in receiver.received()), 60, f"nothing forwarded:\n{log.read_text()}")
+        assert "syslog |" in log.read_text() and "forwarding" in log.read_text()
+        got = {(msgid, d["actor"]["user"]["uid"]) for msgid, _, _, d in receiver.received()
+               if d.get("actor", {}).get("user", {}).get("uid")}
+        assert {("OCSF-3002", "alice@example.com"), ("OCSF-6005", "alice@example.com")} <= got
+        started = time.monotonic()
+        up.send_signal(signal.SIGTERM)
+        up.wait(stop_bound() + 5)
+        assert time.monotonic() - started <= stop_bound()
+    finally:
+        if up.poll() is None:
+            os.killpg(up.pid, signal.SIGKILL)
+            up.wait()
+        receiver.stop()
