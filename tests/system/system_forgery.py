@@ -1,0 +1,115 @@
+"""Forgery and replay while the system runs: messages a producer that is not the proxy writes into the events
+topic. Each must be quarantined with its reason, reported as a violation, and be nowhere in the sealed evidence.
+
+  * a whole session signed by a key the keyring does not trust            -> unknown_key (x3)
+  * a sealed event re-sent as it is (a replay)                             -> duplicate, or seq_conflict once
+                                                                             it is older than the verifier's
+                                                                             duplicate window (both rejected)
+  * the same event with its statement altered, its signature kept           -> bad_signature
+  * the same event under another session's Kafka key (copied into it)      -> key_mismatch
+
+Afterwards, on a copy of the sealed ledger: a segment's byte flipped and a seal file swapped between
+partitions, each named by `custody verify` (non-zero exit).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from nacl.signing import SigningKey
+
+from events_factory import frames, session_end, session_start
+from ingest import kafka
+from ingest.events import SessionChain
+from ingest.keys import PrivateKey, key_id_for
+from system_stack import SystemStack, custody
+
+EXPECTED = {"unknown_key": 3, "replay": 1, "bad_signature": 1, "key_mismatch": 1}
+REPLAY = {"duplicate", "seq_conflict"}
+
+
+def inject(stack: SystemStack) -> dict[str, object]:
+    """Write the forgeries into `custody.events`; what was forged, for the checks after the run."""
+    settings = stack.config.kafka
+    signing = SigningKey.generate()
+    intruder = PrivateKey(key_id_for("intruder", bytes(signing.verify_key)), signing)
+    chain = SessionChain(intruder, "intruder-proxy")
+    forged = [chain.event("session_start", session_start("mallory@example.com")),
+              chain.event("frames", frames("SELECT 'forged'")),
+              chain.event("session_end", session_end())]
+    rows = stack.sealed_query("SELECT session_id, event_id, event FROM events WHERE kind = 'frames' AND "
+                              "protocol = 'postgres' AND statement LIKE 'INSERT INTO%' ORDER BY ts LIMIT 1")
+    assert rows, "no sealed PostgreSQL INSERT to copy yet"
+    session_id, event_id, value = rows[0]
+    other = stack.sealed_query(f"SELECT session_id FROM events WHERE session_id <> '{session_id}' LIMIT 1")[0][0]
+    assert b"INSERT INTO" in value
+    altered = value.replace(b"INSERT INTO", b"DELETE FROM", 1)
+    items = [(e.session_id.encode(), e.value) for e in forged]
+    items += [(session_id.encode(), value), (session_id.encode(), altered), (other.encode(), value)]
+    producer = kafka.producer(settings)
+    for key, message in items:
+        producer.send(settings.topic("events"), key=key, value=message)
+    producer.flush()
+    producer.close()
+    return {"forged_session": chain.session_id, "copied_event": event_id, "copied_session": session_id,
+            "altered": altered}
+
+
+def check(stack: SystemStack, forged: dict[str, object]) -> list[str]:
+    """Problems: what the ledger let in, and what it did not report."""
+    problems = []
+    if stack.sql(f"SELECT count(*) AS n FROM events WHERE session_id = '{forged['forged_session']}'")[0]["n"]:
+        problems.append("the untrusted key's session is in the sealed evidence")
+    copies = stack.sql(f"SELECT count(*) AS n FROM events WHERE event_id = '{forged['copied_event']}'")[0]["n"]
+    if copies != 1:
+        problems.append(f"the copied event is sealed {copies} times")
+    if stack.sql("SELECT count(*) AS n FROM events WHERE statement LIKE 'DELETE FROM%'")[0]["n"]:
+        problems.append("the altered event is in the sealed evidence")
+    quarantined = stack.sql("SELECT coalesce(sum(quarantined), 0) AS n FROM seals")[0]["n"]
+    if quarantined != sum(EXPECTED.values()):
+        problems.append(f"seals count {quarantined} quarantined, {sum(EXPECTED.values())} forged")
+    return problems
+
+
+def violations(stack: SystemStack) -> dict[str, int]:
+    """Quarantine violations by reason, as the SOC reads them (`custody violations tail`)."""
+    result = custody("violations", "tail", "--format", "json", "--config", str(stack.config_path), timeout=120)
+    assert result.returncode == 0, result.stderr
+    reasons: dict[str, int] = {}
+    for line in result.stdout.splitlines():
+        document = json.loads(line)
+        if document.get("category") == "quarantine":
+            reason = "replay" if document["reason"] in REPLAY else document["reason"]
+            reasons[reason] = reasons.get(reason, 0) + 1
+    return reasons
+
+
+def tamper_checks(stack: SystemStack, work: Path) -> dict[str, str]:
+    """`custody verify` on copies of the sealed ledger: one with a flipped segment byte, one with two partitions'
+    seals swapped. Each must fail and name what is wrong; the untouched original stays clean."""
+    out = {}
+    flipped = work / "tampered-segment"
+    shutil.copytree(stack.ledger_dir, flipped)
+    segment = sorted((flipped / "segments").glob("p*/*.parquet"))[0]
+    data = bytearray(segment.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    segment.write_bytes(bytes(data))
+    out["segment"] = _verify(stack, flipped)
+
+    swapped = work / "swapped-seals"
+    shutil.copytree(stack.ledger_dir, swapped)
+    seals = sorted((swapped / "seals").iterdir())
+    a, b = seals[0] / "000001.json", seals[1] / "000001.json"
+    a_bytes, b_bytes = a.read_bytes(), b.read_bytes()
+    a.write_bytes(b_bytes)
+    b.write_bytes(a_bytes)
+    out["seals"] = _verify(stack, swapped)
+    return out
+
+
+def _verify(stack: SystemStack, ledger: Path) -> str:
+    result = custody("verify", "--config", str(stack.config_path), "--ledger", str(ledger))
+    lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
+    return f"exit {result.returncode}: " + " | ".join(lines[:3] + lines[-1:])[:700]

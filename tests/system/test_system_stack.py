@@ -1,0 +1,101 @@
+"""The whole system under load and faults: concurrent PostgreSQL sessions of several identities, MySQL, HTTP and
+SSH exec/sftp through `custody up` with two ledger workers in one consumer group; a ledger worker SIGKILLed and
+restarted and the broker hung (SIGSTOP/SIGCONT) while sessions run. At the end the clients' own logs are compared
+with `custody activity` / `custody sql` over the sealed ledger, and `custody verify` must be clean."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import system_forgery
+from system_checker import check, count_by
+from system_run import profile, start_workload
+from system_stack import SystemStack
+
+pytestmark = pytest.mark.system
+
+
+def sealed_closed(stack: SystemStack) -> int:
+    return stack.sealed_query("SELECT count(*) FROM sessions WHERE ended IS NOT NULL")[0][0] if (
+        stack.ledger_dir / "seals").is_dir() else 0
+
+
+def wait_for(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def test_every_client_operation_is_sealed_once_in_order_through_faults(tmp_path, nginx, sshd, mysql_target,
+                                                                        pg_table):
+    prof = profile()
+    stack = SystemStack(tmp_path, mysql_target, nginx, sshd).start()
+    figures: dict[str, object] = {}
+    try:
+        stack.start_worker("w1")
+        workload = start_workload(stack, prof, pg_table, mysql_target, tmp_path)
+        t0 = time.monotonic()
+        at = lambda fraction: time.sleep(max(0.0, prof.seconds * fraction - (time.monotonic() - t0)))  # noqa: E731
+
+        # Fault 1: SIGKILL the second ledger worker once it owns partitions; the first takes them over; the
+        # restarted one (same static member id) resumes their chains from its seals.
+        assert wait_for(lambda: stack.owned("w1"), 30), stack.tail(stack.worker_log("w1").name)
+        at(0.25)
+        figures["w1 owned when killed"] = sorted(stack.owned("w1"))
+        stack.kill_worker("w1")
+        time.sleep(2)
+        stack.start_worker("w1")
+        assert wait_for(lambda: stack.owned("w1"), 60), "the restarted worker never took partitions back"
+        figures["w1 resumed"] = sorted(stack.owned("w1"))
+
+        # Forgery and replay, written into custody.events while sessions run.
+        at(0.4)
+        forged = system_forgery.inject(stack)
+
+        # Fault 2: hang the broker (SIGSTOP) while sessions run; SIGCONT after prof.broker_hang seconds.
+        at(0.5)
+        tansu = stack.broker_pid()
+        os.kill(tansu, signal.SIGSTOP)
+        try:
+            time.sleep(prof.broker_hang)
+        finally:
+            os.kill(tansu, signal.SIGCONT)
+        figures["broker hung s"] = prof.broker_hang
+
+        workload.spawner.join(prof.seconds + 60)
+        running = workload.join(prof.seconds + 120)
+        assert not running, f"clients still running: {[log.tag for log in running]}"
+        failed = [(log.tag, log.failure) for log in workload.logs if log.failure]
+        assert not failed, failed
+        figures["clients s"] = round(time.monotonic() - t0, 1)
+
+        # every session's SessionEnd sealed: then all of its events are (one partition per session, in order)
+        assert stack.wait_sealed(lambda: sealed_closed(stack) >= len(workload.logs), 180), \
+            f"{sealed_closed(stack)}/{len(workload.logs)} sessions sealed closed\n{stack.tail('up.log')}"
+        quarantine = system_forgery.violations(stack)
+    finally:
+        up_code, worker_codes = stack.stop()
+    assert worker_codes == {"w1": 0}, stack.tail(stack.worker_log("w1").name)
+    assert up_code == 0, stack.tail("up.log")
+    recorder = [line for line in stack.tail("up.log", 1 << 30).splitlines() if "proxy | recorder:" in line]
+    figures["recorder"] = recorder[-1].split("recorder: ")[1] if recorder else None
+
+    report = check(stack, workload.logs)
+    report.figures.update(figures, sessions=dict(count_by(workload.logs)), quarantine=quarantine)
+    report.problems += system_forgery.check(stack, forged)
+    if quarantine != system_forgery.EXPECTED:
+        report.problem(f"quarantine violations {quarantine} != {system_forgery.EXPECTED}")
+    tampered = system_forgery.tamper_checks(stack, tmp_path)
+    report.figures["tampered"] = tampered
+    for what, outcome in tampered.items():
+        if not outcome.startswith("exit 1") or "INVALID" not in outcome:
+            report.problem(f"verify missed the tampered {what}: {outcome}")
+    print(report)
+    assert not report.problems, str(report)
