@@ -28,4 +28,12 @@ def test_request_response_and_exec_streams_read_as_steps():
 
     stdout = [rec.frame_record("ws.binary", b"hi\n", "1")]
     marker, head, detail = r.describe(r.step("server", stdout, max_rows=10, reveal=None))
-    assert (marker, head, detail) == ("STREAM", "stdout (1 frames)", ["hi"])
+    assert (marker, head, detail) == ("OUTPUT", "3 B", ["hi"])
+    status = [rec.frame_record("ws.binary", b'{"metadata":{},"status":"Failure","message":"command terminated with '
+                                            b'non-zero exit code","details":{"causes":[{"reason":"ExitCode",'
+                                            b'"message":"2"}]}}', "3")]
+    assert r.describe(r.step("server", status, max_rows=10, reveal=None))[:2] == (
+        "STATUS", "Failure: command terminated with non-zero exit code (exit code 2)")
+    control = [rec.frame_record("spdy.syn_stream", b"", "0"), rec.frame_record("spdy.window_update", b"", "0")]
+    assert r.describe(r.step("client", control, max_rows=10, reveal=None)) == (
+        "FRAMES", "spdy.syn_stream, spdy.window_update (0) (2)", [])

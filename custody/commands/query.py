@@ -8,6 +8,7 @@ whether the session verified. All are read-only.
 from __future__ import annotations
 
 import base64
+import importlib
 from pathlib import Path
 
 import click
@@ -158,9 +159,10 @@ def replay(session: str, config_path: str | None, ledger_path: str | None, bundl
     trusted = Keyring.load(keyring_path(config_path, keyring))
     con = connect(config_path, ledger_path, bundle_path)
     story = replay_session(con, session, trusted, max_rows=rows, reveal=opener)
-    if fmt == "asciicast":  # a terminal session (SSH) for asciinema: output, resizes, policy markers
-        from ingest.protocols.ssh.render import asciicast
-
+    if fmt == "asciicast":  # a terminal session (SSH, kubectl exec/attach) for asciinema: output, resizes, markers
+        asciicast = getattr(importlib.import_module(type(story.renderer).__module__), "asciicast", None)
+        if asciicast is None:
+            raise click.UsageError(f"--format asciicast: a {story.protocol or 'generic'} session is not a terminal")
         text = asciicast(story.steps, include_input=with_input, title=f"custody session {story.verification.session_id}")
     else:
         text = RENDERERS[fmt](story)

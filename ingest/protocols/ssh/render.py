@@ -6,16 +6,16 @@ size, window changes, terminal input and output as text, stderr, exit
 status, and SFTP requests and replies (paths, sizes, a closed file's
 SHA-256). `asciicast(steps, …)` turns the steps of a session's terminal
 channel (the first with a pty) into asciicast v2
-(https://docs.asciinema.org/manual/asciicast/v2/): output as "o", window
+(the shared writer, ingest/protocols/asciicast.py): output as "o", window
 changes as "r", policy decisions as "m" markers, and the client's keystrokes
 as "i" only when asked (they may hold secrets, such as a sudo password).
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from ..asciicast import Event, marker, write
 from ..render import Description, Record, Reveal, Step
 
 _SHOWN = 2000  # characters of terminal text shown per step in the text replay
@@ -111,16 +111,11 @@ def asciicast(steps: list[Step], *, include_input: bool = False, title: str | No
             break
     if channel is None:  # no pty: the first session channel's output, e.g. an exec
         channel = next((s.get("channel") for s in steps if s.get("step") == "ssh" and s.get("channel")), None)
-    header: dict[str, Any] = {"version": 2, "width": width, "height": height}
-    if term:
-        header["env"] = {"TERM": term}
-    if title:
-        header["title"] = title
-    lines = [json.dumps(header)]
+    events: list[Event] = []
     for step in steps:
         at = round(float(step.get("offset_s") or 0.0), 6)
         if step.get("step") == "policy":
-            lines.append(json.dumps([at, "m", f"{step.get('action')}: {step.get('rule')}: {step.get('reason') or ''}"]))
+            events.append(marker(step))
             continue
         if step.get("step") != "ssh" or step.get("channel") != channel:
             continue
@@ -129,8 +124,8 @@ def asciicast(steps: list[Step], *, include_input: bool = False, title: str | No
             if item["type"] == "data":
                 if client and not include_input:
                     continue
-                lines.append(json.dumps([at, "i" if client else "o", item.get("data", "")]))
+                events.append((at, "i" if client else "o", item.get("data", "")))
             elif item["type"] == "window-change":
                 a = item["attributes"]
-                lines.append(json.dumps([at, "r", f"{a.get('columns')}x{a.get('rows')}"]))
-    return "\n".join(lines) + "\n"
+                events.append((at, "r", f"{a.get('columns')}x{a.get('rows')}"))
+    return write(events, width=width, height=height, term=term, title=title)
