@@ -35,6 +35,7 @@ from proxy.policy import Decision
 from proxy.settings import ProxySettings
 
 from . import recording as rec
+from . import cancel
 from .cancel import CancelKeys, CancelTarget
 from .policy_layer import StatementPolicy
 from .redaction import PostgresRedactor
@@ -73,7 +74,8 @@ class PostgresProtocol(Protocol):
         self.settings = settings
         self.listener = settings.listener
         self.upstream = settings.upstream.describe()
-        self.cancel_keys = CancelKeys()
+        replicas = settings.replicas
+        self.cancel_keys = CancelKeys(replicas.replica_id if replicas is not None else None)
 
     @classmethod
     def from_settings(cls, proxy: ProxySettings, fail_open: bool) -> "PostgresProtocol":
@@ -298,20 +300,52 @@ class PostgresFrontEnd(FrontEnd):
     def _cancel(self, request: m.CancelRequest) -> Steps:
         """A connection that only cancels another session's query: not a session of its own."""
         self.session.not_a_session()
-        target = self.cancel_keys.lookup(request.process_id, request.secret)
+        replicas, source, secret = self.settings.replicas, self.session.source_address, request.secret
+        forwarded_by: str | None = None
+        if replicas is not None and cancel.is_forwarded(secret):
+            forwarded = cancel.open_forwarded(replicas.channel, request.process_id, secret)
+            if forwarded is None:
+                log.warning("proxy %s: forwarded cancel from %s not sealed by a replica (forged, altered or "
+                            "replayed): ignored", self.session.settings.name, source)
+                yield from self.session.end("cancel")
+                return
+            forwarded_by = f"replica {forwarded.sender} ({source})"
+            source, secret = forwarded.source_address, forwarded.secret
+        elif replicas is not None and cancel.owner(request.process_id) != replicas.replica_id:
+            yield from self._forward_cancel(request)
+            return
+        target = self.cancel_keys.lookup(request.process_id, secret)
         if target is None:
             log.warning("proxy %s: CancelRequest from %s with an unknown key ignored",
-                        self.session.settings.name, self.session.source_address)
-        elif target.front_end.note_cancel(request.process_id, request.secret, self.session.source_address):
+                        self.session.settings.name, source)
+        elif target.front_end.note_cancel(request.process_id, secret, source, forwarded_by):
             yield SendOnce(target.host, target.port, m.cancel_request(target.process_id, target.secret))
         yield from self.session.end("cancel")
 
-    def note_cancel(self, process_id: int, secret: bytes, source_address: str) -> bool:
+    def _forward_cancel(self, request: m.CancelRequest) -> Steps:
+        """A key another replica issued (the load balancer chose this one): that replica checks it and cancels."""
+        replicas = self.settings.replicas
+        assert replicas is not None
+        owner = cancel.owner(request.process_id)
+        if owner >= len(replicas.peers) or len(request.secret) != cancel.SECRET_BYTES:
+            log.warning("proxy %s: CancelRequest from %s for replica %s, which is not configured: ignored",
+                        self.session.settings.name, self.session.source_address, owner)
+        else:
+            host, port = replicas.peers[owner]
+            key_field = cancel.forwarded_key_field(replicas.channel, replicas.replica_id, request.process_id,
+                                                   request.secret, self.session.source_address)
+            yield SendOnce(host, port, m.cancel_request(request.process_id, key_field))
+        yield from self.session.end("cancel")
+
+    def note_cancel(self, process_id: int, secret: bytes, source_address: str, forwarded_by: str | None = None) -> bool:
         """Record in this session that a client cancelled its query; False: do not forward (fail closed)."""
         if self.session.is_closed:
             return False
         request = Message("CancelRequest", m.cancel_request(process_id, secret))
-        record = rec.message_record(request, {"source_address": source_address})
+        attributes = {"source_address": source_address}
+        if forwarded_by is not None:
+            attributes["forwarded_by"] = forwarded_by
+        record = rec.message_record(request, attributes)
         try:
             self.session.record_messages(CLIENT, [record], 0)
         except RecorderUnavailable:
