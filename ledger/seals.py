@@ -31,7 +31,7 @@ from nacl.exceptions import BadSignatureError
 
 from ingest.errors import CustodyError
 from ingest.keys import Keyring, KeyLookupError, PrivateKey
-from ledger import checkpoint
+from ledger import checkpoint, sessionmap
 
 SEAL_VERSION = 1
 SEAL_CONTEXT = b"custody-seal-v1\n"
@@ -159,9 +159,10 @@ FIRST_SEAL = {"first_seal": True}
 def seal_record(*, origin: str, partition: int, number: int, key_id: str, sealed_at_us: int,
                 previous: Seal | None, segment: dict[str, Any] | None, first_leaf: int, leaf_count: int,
                 time_range: tuple[int, int] | None, topic: str, first_offset: int, next_offset: int,
-                quarantined: int, tree_size: int, root: bytes) -> dict[str, Any]:
-    """The record to sign; `segment` is {path, sha256, bytes} or None for a seal with no new leaves."""
-    return {
+                quarantined: int, tree_size: int, root: bytes, sessions: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The record to sign; `segment` is {path, sha256, bytes} or None for a seal with no new leaves; `sessions` is
+    the session-state map's {count, root} (ledger/sessionmap.py), absent from seals made before it existed."""
+    record = {
         "version": SEAL_VERSION,
         "origin": partition_origin(origin, partition),
         "partition": partition,
@@ -176,12 +177,17 @@ def seal_record(*, origin: str, partition: int, number: int, key_id: str, sealed
         "events": {"accepted": leaf_count, "quarantined": quarantined},
         "tree": {"size": tree_size, "root": root.hex()},
     }
+    if sessions is not None:
+        record["sessions"] = sessions
+    return record
 
 
 def sign_seal(record: dict[str, Any], key: PrivateKey, consistency_proof: list[bytes]) -> Seal:
     """Sign the record and end it with the checkpoint of its tree, signed by the same key."""
     signature = key.sign(SEAL_CONTEXT + canonical_json(record))
-    tree = checkpoint.Checkpoint(record["origin"], record["tree"]["size"], bytes.fromhex(record["tree"]["root"]))
+    extensions = (sessionmap.extension_line(record["sessions"]),) if "sessions" in record else ()
+    tree = checkpoint.Checkpoint(record["origin"], record["tree"]["size"], bytes.fromhex(record["tree"]["root"]),
+                                 extensions)
     signer = checkpoint.Signer.from_key(record["origin"], key.signing_key)
     return Seal(record, signature, checkpoint.sign_checkpoint(tree, [signer]), tuple(consistency_proof))
 

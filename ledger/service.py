@@ -37,6 +37,7 @@ from ledger.durable import write_atomic
 from ledger.merkle import SALT_SIZE, event_leaf_hashes, extension_proof
 from ledger.seals import Seal, seal_record, seal_relpath, segment_relpath, sign_seal
 from ledger.segments import SegmentBuilder, write_segment
+from ledger.sessionmap import seal_field
 from ledger.settings import LedgerSettings
 from ledger.state import PartitionLock, PartitionState, prune_snapshots, recover, write_snapshot
 
@@ -69,6 +70,7 @@ class PartitionWriter:
         self.violations: list[dict] = []
         self.opened_at: float | None = None
         self.time_range: tuple[int, int] | None = None
+        self.touched: set[str] = set()  # sessions whose state the next seal changes
 
     def add(self, record: Record, salt: bytes) -> Quarantined | None:
         """Verify and take one record; a rejected one is returned for quarantine and never becomes a leaf."""
@@ -94,6 +96,7 @@ class PartitionWriter:
             outcomes = self.verifier.check_many((r.value, r.key) for r in records)
         rejected: list[Quarantined] = []
         identities, chains, builder = self.state.identities, self.state.chains.sessions, self.builder
+        touched, ended = self.touched, self.state.ended
         first_leaf = self.state.tree.size + len(self.leaves)
         digests: list[bytes] = []
         taken_salts: list[bytes] = []
@@ -114,8 +117,10 @@ class PartitionWriter:
                 identity = identities[session_id] = SessionIdentity.from_session_start(e["body"])
             elif kind == "session_end":
                 identity = identities.pop(session_id, NO_IDENTITY)
+                ended.add(session_id)
             else:
                 identity = identities.get(session_id, NO_IDENTITY)
+            touched.add(session_id)
             if (violation := violations.from_event(outcome, identity)) is not None:
                 self.violations.append(violation)
             if self.ocsf is not None:
@@ -157,12 +162,14 @@ class PartitionWriter:
         proof = extension_proof(state.tree, self.leaves)
         first_leaf = state.tree.size
         state.tree.extend(self.leaves)
+        for session_id in self.touched:
+            state.session_map.put(session_id, state.session_state(session_id))
         record = seal_record(
             origin=self.settings.origin, partition=state.partition, number=number, key_id=self.key.key_id,
             sealed_at_us=now_micros(), previous=state.last_seal, segment=segment, first_leaf=first_leaf,
             leaf_count=len(self.leaves), time_range=self.time_range, topic=self.topic,
             first_offset=self.first_offset, next_offset=state.next_offset, quarantined=self.quarantined,
-            tree_size=state.tree.size, root=state.tree.root())
+            tree_size=state.tree.size, root=state.tree.root(), sessions=seal_field(state.session_map))
         seal = sign_seal(record, self.key, proof)
         write_snapshot(self.dir, state, number)
         write_atomic(self.dir / seal_relpath(state.partition, number), seal.to_bytes())

@@ -24,6 +24,7 @@ from ingest.sessions import SessionIdentity
 from ingest.verify import ChainPosition, SessionChains
 from ledger.durable import TMP_SUFFIX, remove_durably, write_atomic
 from ledger.merkle import CompactTree
+from ledger.sessionmap import SessionMap, SessionState
 from ledger.seals import SEALS_DIR, SEGMENTS_DIR, Seal, partition_name, seal_relpath
 
 STATE_VERSION = 1
@@ -49,6 +50,14 @@ class PartitionState:
     chains: SessionChains = field(default_factory=SessionChains)
     identities: dict[str, SessionIdentity] = field(default_factory=dict)
     """Identity columns of sessions still open (their SessionEnd not yet sealed)."""
+    ended: set[str] = field(default_factory=set)
+    """Sessions whose SessionEnd was accepted."""
+    session_map: SessionMap = field(default_factory=SessionMap)
+    """Every session's state as of the last seal (ledger/sessionmap.py); rebuilt from `chains` and `ended` on resume."""
+
+    def session_state(self, session_id: str) -> SessionState:
+        position = self.chains.sessions[session_id]
+        return SessionState(position.next_seq - 1, position.last_hash, session_id in self.ended)
 
     @property
     def next_seal_number(self) -> int:
@@ -63,6 +72,7 @@ class PartitionState:
             "tree": base64.b64encode(self.tree.to_bytes()).decode(),
             "sessions": {sid: p.to_json(SNAPSHOT_RECENT) for sid, p in self.chains.sessions.items()},
             "identities": {sid: list(identity) for sid, identity in self.identities.items()},
+            "ended": sorted(self.ended),
         }
         return json.dumps(document, separators=(",", ":")).encode()
 
@@ -73,14 +83,21 @@ class PartitionState:
             raise LedgerStateError(f"state snapshot is for seal {document['seal_number']}, not {last_seal.number}")
         chains = SessionChains()
         chains.sessions = {sid: ChainPosition.from_json(p) for sid, p in document["sessions"].items()}
-        return cls(
+        identities = {sid: SessionIdentity(*identity) for sid, identity in document["identities"].items()}
+        # a snapshot from before session-state maps: a session without identity had its SessionEnd
+        ended = set(document["ended"]) if "ended" in document else {s for s in chains.sessions if s not in identities}
+        state = cls(
             partition=document["partition"],
             last_seal=last_seal,
             tree=CompactTree.from_bytes(base64.b64decode(document["tree"])),
             next_offset=document["next_offset"],
             chains=chains,
-            identities={sid: SessionIdentity(*identity) for sid, identity in document["identities"].items()},
+            identities=identities,
+            ended=ended,
         )
+        for session_id in chains.sessions:
+            state.session_map.put(session_id, state.session_state(session_id))
+        return state
 
 
 def state_relpath(partition: int, number: int) -> str:
@@ -134,6 +151,10 @@ def recover(ledger_dir: Path, partition: int) -> PartitionState:
         raise LedgerStateError(f"{snapshot}: missing; the ledger cannot resume after {seal_relpath(partition, last)}") from None
     if state.tree.size != seal.tree_size or state.tree.root() != seal.root or state.next_offset != seal.next_offset:
         raise LedgerStateError(f"{snapshot}: does not match {seal_relpath(partition, last)}")
+    sessions = seal.record.get("sessions")
+    if sessions is not None and bytes.fromhex(sessions["root"]) != state.session_map.root():
+        raise LedgerStateError(f"{snapshot}: its sessions do not match the session-state root of "
+                               f"{seal_relpath(partition, last)}")
     return state
 
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 
 from ingest.keys import Keyring
 from ingest.verify import Rejection, SessionChains, check_key, check_signature, decode
-from ledger import checkpoint, merkle
+from ledger import checkpoint, merkle, sessionmap
 from ledger.seals import (FIRST_SEAL, SEALS_DIR, SEGMENTS_DIR, MalformedSealError, Seal, SealError,
                           UntrustedSealKeyError, checkpoint_verifiers, partition_origin, seal_relpath,
                           verify_seal_signature)
@@ -69,6 +69,7 @@ class SegmentNotSealed(LedgerProblem): pass
 class MerkleRootMismatch(LedgerProblem): pass
 class RowMismatch(LedgerProblem): pass
 class EventInvalid(LedgerProblem): pass
+class SessionStateMismatch(LedgerProblem): pass
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Report:
     events: int = 0
     events_valid: int = 0
     session_gaps: int = 0
+    notes: list[str] = field(default_factory=list)
+    """What verification could not establish without it being a problem (e.g. seals from before session-state maps)."""
 
     @property
     def ok(self) -> bool:
@@ -173,6 +176,13 @@ def check_checkpoint(seal: Seal, ctx: SealContext) -> None:
     if (tree.size, tree.root_hash) != (seal.tree_size, seal.root):
         raise CheckpointMismatch(subject, f"checkpoint states tree size {tree.size} root {tree.root_hash.hex()[:16]}…, "
                                           f"the seal says {seal.tree_size} root {seal.root.hex()[:16]}…")
+    try:
+        stated = sessionmap.parse_extensions(tree.extensions)
+    except sessionmap.SessionMapError as exc:
+        raise CheckpointInvalid(subject, str(exc)) from None
+    if stated != seal.record.get("sessions"):
+        raise CheckpointMismatch(subject, f"checkpoint states session-state map {stated}, the seal says "
+                                          f"{seal.record.get('sessions')}")
 
 
 def check_consistency(seal: Seal, ctx: SealContext) -> None:
@@ -244,7 +254,7 @@ def check_row_matches_event(row: dict[str, Any], event, subject: str) -> None:
         raise RowMismatch(subject, "session_id, seq or event_hash column does not match the signed event")
 
 
-def check_event(row: dict[str, Any], keyring: Keyring, chains: SessionChains, subject: str) -> None:
+def check_event(row: dict[str, Any], keyring: Keyring, chains: SessionChains, subject: str):
     """Signature by a proxy key valid at the event's time, then the session chain.
 
     On a chain failure the event is still taken as the session's new position,
@@ -264,6 +274,7 @@ def check_event(row: dict[str, Any], keyring: Keyring, chains: SessionChains, su
             chains.accept(event)
         raise EventInvalid(subject, f"{rejection.reason}: {rejection.detail}") from None
     chains.accept(event)
+    return event
 
 
 # --- one partition -------------------------------------------------------------------------
@@ -278,6 +289,10 @@ class PartitionVerifier:
         self.report, self._on_problem, self.on_events = report, on_problem, on_events
         self.tree: merkle.CompactTree | None = merkle.CompactTree()
         self.chains = SessionChains()
+        self.session_map: sessionmap.SessionMap | None = sessionmap.SessionMap()  # None once it cannot be recomputed
+        self.ended: set[str] = set()
+        self.touched: set[str] = set()
+        self.unmapped_seals = 0
 
     def problem(self, problem: LedgerProblem) -> None:
         self.report.problems.append(problem)
@@ -308,8 +323,35 @@ class PartitionVerifier:
             if seal.segment:
                 sealed_segments.add(seal.segment["path"])
                 self.verify_segment(seal)
+            self.verify_session_map(seal, previous, subject)
             previous = seal
         self.find_unsealed_segments(sealed_segments)
+        if self.unmapped_seals:
+            self.report.notes.append(
+                f"Partition p{self.partition}: {self.unmapped_seals} seal(s) from before session-state maps commit to no "
+                f"session states; bundles anchored on them cannot prove a session's tail was not dropped")
+
+    def verify_session_map(self, seal: Seal, previous: Seal | None, subject: str) -> None:
+        """The seal's `sessions` root is the map of every session's state recomputed from the events so far."""
+        stated = seal.record.get("sessions")
+        if stated is None:
+            if previous is not None and previous.record.get("sessions") is not None:
+                self.problem(SessionStateMismatch(subject, "has no session-state map, but the seal before it had one"))
+            else:
+                self.unmapped_seals += 1
+            return
+        if self.session_map is None:
+            return
+        for session_id in self.touched:
+            position = self.chains.sessions[session_id]
+            self.session_map.put(session_id, sessionmap.SessionState(position.next_seq - 1, position.last_hash,
+                                                                     session_id in self.ended))
+        self.touched.clear()
+        root = self.session_map.root()
+        if (stated.get("count"), stated.get("root")) != (self.session_map.count, root.hex()):
+            self.problem(SessionStateMismatch(
+                subject, f"session-state map {stated.get('count')} sessions root {str(stated.get('root'))[:16]}…, "
+                         f"the events give {self.session_map.count} sessions root {root.hex()[:16]}…"))
 
     def verify_seal(self, path: Path, number: int, ctx: SealContext) -> Seal | None:
         """The seal, if it could be read as this partition's seal `number`; each failing check is reported."""
@@ -336,6 +378,7 @@ class PartitionVerifier:
         else:
             self.problem(SegmentMissing(subject, "file is missing"))
             self.tree = None  # later roots cannot be recomputed without these leaves
+            self.session_map = None
         self.report.segments_valid += len(self.report.problems) == problems_before
         self.on_events(seal.record["leaves"]["count"])
 
@@ -361,8 +404,11 @@ class PartitionVerifier:
         rows = ordered.select(["leaf_index", "session_id", "seq", "event_hash", "event"]).to_pylist()
         for row in rows:
             try:
-                check_event(row, self.keyring, self.chains, f"Event {relpath} leaf {row['leaf_index']}")
+                event = check_event(row, self.keyring, self.chains, f"Event {relpath} leaf {row['leaf_index']}")
                 self.report.events_valid += 1
+                self.touched.add(event.session_id)
+                if event.kind == "session_end":
+                    self.ended.add(event.session_id)
             except EventInvalid as problem:
                 self.report.session_gaps += problem.message.startswith("seq_gap")
                 self.problem(problem)

@@ -10,6 +10,8 @@ A bundle is a zip archive:
     seals/p<P>/<N>.json       the ledger seals that cover the events, and each partition's newest
                               seal, whose checkpoint every inclusion proof is checked against
     consistency.json          RFC 9162 consistency proofs from each covering seal's tree to the newest
+    session_states.json       per session: its state (last seq, last event hash, ended) with its proof against the
+                              session-state map of its partition's newest seal (ledger/sessionmap.py)
     cosignatures/p<P>/<N>.sig witness cosignature lines (C2SP cosignature/v1) on seal N's checkpoint, N the newest
     keys/keyring.toml         the public keys involved (information only: the auditor verifies
                               against keys they trust, `--trust`)
@@ -43,7 +45,7 @@ import pyarrow.parquet as pq
 
 from ingest.errors import CustodyError
 from ingest.keys import Keyring, PrivateKey
-from ledger import merkle
+from ledger import merkle, sessionmap
 from ledger.cosignatures import load as stored_cosignatures
 from ledger.seals import SEALS_DIR, Seal
 from ledger.segments import SCHEMA as SEGMENT_SCHEMA
@@ -56,6 +58,7 @@ TRANSFER_TYPE = "application/vnd.custody.transfer+json"
 MANIFEST = "manifest.dsse.json"
 EVENTS = "events.parquet"
 CONSISTENCY = "consistency.json"
+SESSION_STATES = "session_states.json"
 KEYRING = "keys/keyring.toml"
 TRANSFER_PREFIX = "custody/transfer-"
 COSIGNATURES_PREFIX = "cosignatures/"
@@ -126,20 +129,35 @@ def _segment_paths(ledger_dir: Path, chain: list[Seal]) -> list[Path]:
     return [ledger_dir / s.segment["path"] for s in chain if s.segment]
 
 
-def _partition_leaves(ledger_dir: Path, chain: list[Seal]) -> merkle.MerkleLevels:
-    """Recompute every leaf hash of a partition from its sealed segments, in leaf order."""
+def _partition_leaves(ledger_dir: Path, chain: list[Seal]) -> tuple[merkle.MerkleLevels, sessionmap.SessionMap | None]:
+    """Recompute every leaf hash of a partition from its sealed segments, in leaf order, and (when the newest seal
+    has one) the session-state map it signs."""
     hashes: dict[int, bytes] = {}
+    last: dict[str, tuple[int, bytes]] = {}
+    ended: set[str] = set()
+    columns = ("leaf_index", "salt", "event", "session_id", "seq", "event_hash", "kind")
     for path in _segment_paths(ledger_dir, chain):
-        table = pq.read_table(path, columns=["leaf_index", "salt", "event"])
-        for index, salt, event in zip(*(table.column(c).to_pylist() for c in ("leaf_index", "salt", "event"))):
+        table = pq.read_table(path, columns=list(columns))
+        for index, salt, event, session_id, seq, event_hash, kind in zip(*(table.column(c).to_pylist() for c in columns)):
             hashes[index] = merkle.event_leaf_hash(salt, event)
+            if session_id not in last or seq > last[session_id][0]:
+                last[session_id] = (seq, event_hash)
+            if kind == "session_end":
+                ended.add(session_id)
     leaves = [hashes[i] for i in range(len(hashes))]
     levels = merkle.MerkleLevels(leaves)
     newest = chain[-1]
     if levels.size != newest.tree_size or levels.root(levels.size) != newest.root:
         raise BundleError(f"partition {newest.partition}: segments do not reproduce the newest seal's tree "
                           f"(run `custody verify`)")
-    return levels
+    stated = newest.record.get("sessions")
+    if stated is None:
+        return levels, None  # a seal from before session-state maps
+    states = sessionmap.build((sid, sessionmap.SessionState(seq, h, sid in ended)) for sid, (seq, h) in last.items())
+    if states.root().hex() != stated["root"]:
+        raise BundleError(f"partition {newest.partition}: segments do not reproduce the newest seal's session-state "
+                          f"map (run `custody verify`)")
+    return levels, states
 
 
 def _select(ledger_dir: Path, seals: dict[int, list[Seal]], scope: Scope) -> pa.Table:
@@ -207,13 +225,18 @@ def export_bundle(ledger_dir: Path, out: Path, scope: Scope, *, case: str, purpo
     files: dict[str, bytes] = {}
     consistency = []
     witnessed: dict[str, int] = {}
+    states: list[dict[str, Any]] = []
+    session_col = selected.column("session_id").to_pylist()
     part_col, leaf_col = selected.column("partition").to_pylist(), selected.column("leaf_index").to_pylist()
     for n, partition in enumerate(partitions):
         progress("proving", n, len(partitions))
         chain = seals[partition]
-        levels = _partition_leaves(ledger_dir, chain)
+        levels, session_map = _partition_leaves(ledger_dir, chain)
         newest = chain[-1]
         rows = [i for i, p in enumerate(part_col) if p == partition]
+        if session_map is not None:
+            states += [{"session_id": sid, "partition": partition, "seal": newest.number,
+                        "proof": session_map.prove(sid).to_json()} for sid in sorted({session_col[i] for i in rows})]
         for i in rows:
             proofs_by_row[i] = levels.inclusion_proof(leaf_col[i], newest.tree_size)
             sizes_by_row[i] = newest.tree_size
@@ -232,6 +255,8 @@ def export_bundle(ledger_dir: Path, out: Path, scope: Scope, *, case: str, purpo
         "inclusion_proof", pa.array(proofs_by_row, pa.list_(pa.binary(32))))
     files[EVENTS] = _parquet_bytes(table.cast(BUNDLE_SCHEMA))
     files[CONSISTENCY] = json.dumps(consistency, indent=1).encode()
+    if states:
+        files[SESSION_STATES] = json.dumps(states, indent=1).encode()
     key_ids = set(selected.column("key_id").to_pylist()) | {exporter_key.key_id} | {
         Seal.from_bytes(data).record["key_id"] for name, data in files.items() if name.startswith("seals/")}
     files[KEYRING] = _keyring_text(keyring, key_ids).encode()

@@ -35,12 +35,12 @@ from ingest.avro import DecodeError
 from ingest.events import SignedEvent, open_event
 from ingest.keys import Keyring, KeyLookupError
 from ingest.verify import Rejection, check_signature
-from ledger import checkpoint, merkle
+from ledger import checkpoint, merkle, sessionmap
 from ledger.seals import Seal, SealError, checkpoint_verifiers, verify_seal_signature
 from query import dsse
 from ledger import witnessed as witnessed_checks
-from query.bundle import (CONSISTENCY, COSIGNATURES_PREFIX, EVENTS, MANIFEST, PREDICATE_TYPE, STATEMENT_TYPE,
-                          TRANSFER_PREFIX, TRANSFER_TYPE)
+from query.bundle import (CONSISTENCY, COSIGNATURES_PREFIX, EVENTS, MANIFEST, PREDICATE_TYPE, SESSION_STATES,
+                          STATEMENT_TYPE, TRANSFER_PREFIX, TRANSFER_TYPE)
 
 
 @dataclass
@@ -57,6 +57,10 @@ class Report:
     transfers: list[dict[str, Any]] = field(default_factory=list)
     witnessed: list[str] = field(default_factory=list)
     """One line per partition: its newest checkpoint and who witnessed it when."""
+    states_proven: int = 0
+    """Sessions whose events agree with their state proven against the newest seal's session-state map."""
+    notes: list[str] = field(default_factory=list)
+    """What could not be established, without being a problem (e.g. a ledger from before session-state maps)."""
 
     @property
     def ok(self) -> bool:
@@ -66,9 +70,10 @@ class Report:
         signer = f"manifest signed by {self.manifest_signer}" if self.manifest_signer else "manifest NOT verified"
         case = f" (case {self.predicate.get('case')})" if self.predicate.get("case") else ""
         open_note = f" ({self.sessions_open} open at export)" if self.sessions_open else ""
+        proven = f", {self.states_proven} session states proven" if self.states_proven else ""
         return (f"{self.events_valid:,}/{self.events_total:,} events valid, "
                 f"{self.checkpoints_valid}/{self.checkpoints_total} checkpoints valid, "
-                f"{self.sessions_complete} sessions complete{open_note}, {signer}{case}")
+                f"{self.sessions_complete} sessions complete{open_note}{proven}, {signer}{case}")
 
 
 @dataclass
@@ -100,6 +105,7 @@ def verify_bundle(path: Path, trust: Keyring, trace: Callable[[str], None] | Non
         _check_witnesses(bundle, trust, newest, report, witnesses, checkpoints)
         rows = _check_events(bundle, trust, newest, report, trace, jobs, progress)
         _check_sessions(rows, report)
+        _check_session_states(bundle, newest, rows, report)
         _check_transfers(bundle, trust, report)
     return report
 
@@ -318,6 +324,7 @@ class EventFacts(NamedTuple):
     kind: str
     prev_hash: bytes
     hash: bytes
+    partition: int | None = None
 
 
 class Anchor(NamedTuple):
@@ -439,7 +446,7 @@ class EventChecks:
             event = _decoded(row)
         except UndecodableEvent as exc:
             return None, str(exc)
-        facts = EventFacts(event.session_id, event.seq, event.kind, event.prev_hash, event.hash)
+        facts = EventFacts(event.session_id, event.seq, event.kind, event.prev_hash, event.hash, row["partition"])
         try:
             _check_signature(event, self.trust)
             _check_columns(row, facts, event.event_id)
@@ -533,6 +540,90 @@ def _session_problem(session: list[Row]) -> str | None:
     if session[0].event.kind != "session_start":
         return "does not begin with SessionStart"
     return None
+
+
+# --- session states --------------------------------------------------------------------------
+#
+# A bundle's events prove themselves (signatures, chain, inclusion) but not that none were left out at the end:
+# the exporter picks which rows go in. The newest seal of each partition signs, and its checkpoint's extension
+# line states (so the witnesses cosign it), the root of the map of every session's state; each session's proof
+# against that root names its real last seq and last event hash, which the bundle's events must end with.
+
+
+def _session_map_roots(newest: dict[int, Seal], report: Report) -> dict[int, bytes | None]:
+    """Per partition: the session-state root its newest checkpoint states, None for a seal from before the maps."""
+    roots: dict[int, bytes | None] = {}
+    for partition, seal in sorted(newest.items()):
+        subject = f"Checkpoint p{partition} (seal {seal.number}, tree size {seal.tree_size})"
+        try:
+            text = checkpoint.Checkpoint.parse(seal.checkpoint_note.decode().split("\n\n", 1)[0] + "\n")
+            stated = sessionmap.parse_extensions(text.extensions)
+        except (checkpoint.NoteError, sessionmap.SessionMapError, UnicodeDecodeError) as exc:
+            report.problems.append(f"{subject} INVALID: {exc}")
+            continue
+        if stated != seal.record.get("sessions"):
+            report.problems.append(f"{subject} INVALID: its session-state line and the seal's sessions field differ")
+            continue
+        roots[partition] = bytes.fromhex(stated["root"]) if stated else None
+        if stated is None:
+            report.notes.append(f"{subject} is from before session-state maps: the bundle cannot prove that no "
+                                f"session's last events were left out")
+    return roots
+
+
+def _read_state_proofs(bundle: Bundle, report: Report) -> dict[str, dict[str, Any]]:
+    if SESSION_STATES not in bundle.names:
+        return {}
+    try:
+        entries = json.loads(bundle.archive.read(SESSION_STATES))
+        return {entry["session_id"]: entry for entry in entries}
+    except (ValueError, TypeError, KeyError) as exc:
+        report.problems.append(f"File {SESSION_STATES} INVALID: {exc}")
+        return {}
+
+
+def _check_session_states(bundle: Bundle, newest: dict[int, Seal], rows: list[Row], report: Report) -> None:
+    """Each session's events end where its proven state says: same last seq and last event hash (so a SessionEnd
+    the ledger sealed cannot be dropped and the session passed off as open)."""
+    roots = _session_map_roots(newest, report)
+    proofs = _read_state_proofs(bundle, report)
+    last: dict[str, EventFacts] = {}
+    for row in rows:
+        if row.event.session_id not in last or row.event.seq >= last[row.event.session_id].seq:
+            last[row.event.session_id] = row.event
+    for session_id, facts in sorted(last.items()):
+        root = roots.get(facts.partition)
+        if facts.partition not in roots or root is None:
+            continue  # no valid newest seal (reported), or one from before the maps (noted)
+        seal = newest[facts.partition]
+        where = f"the session-state map of p{facts.partition} seal {seal.number} (tree size {seal.tree_size})"
+        entry = proofs.get(session_id)
+        if entry is None:
+            report.problems.append(f"Session {session_id} INCOMPLETE: no proof of its state against {where}, which "
+                                   f"commits to every session's state")
+            continue
+        try:
+            if (entry.get("partition"), entry.get("seal")) != (facts.partition, seal.number):
+                raise sessionmap.SessionMapError(f"the proof is for p{entry.get('partition')} seal {entry.get('seal')}")
+            proven = sessionmap.verify_state(root, session_id, sessionmap.StateProof.from_json(entry.get("proof")))
+        except (sessionmap.SessionMapError, TypeError, AttributeError) as exc:
+            report.problems.append(f"Session {session_id} INVALID: state proof against {where} fails: {exc}")
+            continue
+        if proven is None:
+            report.problems.append(f"Session {session_id} INVALID: {where} proves the ledger sealed no event of it")
+            continue
+        ends = f"the bundle ends at seq {facts.seq}" + (" with its SessionEnd" if facts.kind == "session_end"
+                                                         else " and declares it open at export"
+                                                         if report.predicate.get("sessions", {}).get(session_id, {}).get("open")
+                                                         else " without a SessionEnd")
+        if proven.last_seq != facts.seq or proven.last_hash != facts.hash:
+            missing = (f": seq {facts.seq + 1}..{proven.last_seq} left out"
+                       f"{' (the SessionEnd among them)' if proven.ended else ''}" if proven.last_seq > facts.seq else "")
+            report.problems.append(
+                f"Session {session_id} INCOMPLETE: {where} proves it {proven.describe()} (last event "
+                f"{proven.last_hash.hex()[:16]}…), {ends}{missing}")
+            continue
+        report.states_proven += 1
 
 
 # --- chain of custody ------------------------------------------------------------------------

@@ -80,6 +80,8 @@ def verify(file: Path, trust: Path, witnesses: int, checkpoints: tuple[Path, ...
         click.echo(line)
     for problem in report.problems:
         click.echo(problem)
+    for note in report.notes:
+        click.echo(f"note: {note}")
     for record in report.transfers:
         click.echo(f"custody: #{record['sequence']} {record['at']} {record['from']} -> {record['to']}: {record['reason']}")
     click.echo(report.summary())

@@ -103,6 +103,8 @@ def verify(ledger_path: Path | None, keyring_path: Path | None, checkpoints: tup
     witnessed = check_ledger(root, keyring, [p.read_bytes() for p in checkpoints], witnesses)
     for line in witnessed:
         click.echo(line)
+    for note in report.notes:
+        click.echo(f"note: {note}")
     click.echo(report.summary())
     if not report.ok or witnessed:
         sys.exit(1)
