@@ -4,7 +4,7 @@ documented wire protocol for what they use:
 
 * discovery: `/version`, `/api` (APIVersions), `/apis` (an empty APIGroupList), `/api/v1`
   (APIResourceList) — the legacy discovery documents kubectl falls back to;
-* JSON get, list (a `meta.k8s.io/v1` Table when the client asks for one, as kubectl does), delete
+* JSON get, list (a `meta.k8s.io/v1` Table when the client asks for one, as kubectl does), create, delete
   and `?watch=true` (a chunked stream of watch events) of pods, secrets and configmaps in memory;
 * `pods/NAME/exec` over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`: one byte of stream
   number before each message; status JSON on stream 3) and over SPDY/3.1 (streams by `streamtype`,
@@ -98,6 +98,7 @@ class KubeServer:
         self.objects = initial_objects()
         self.requests: list[tuple[str, str, str | None]] = []  # (method, target, authorization) as received
         self.execs: list[dict] = []
+        self.created: list[dict] = []  # objects created (POST), as the target got them
         self.loop = asyncio.new_event_loop()
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
@@ -195,7 +196,8 @@ class KubeServer:
                                                     "resources": RESOURCES})
         elif len(parts) >= 5 and parts[:3] == ["api", "v1", "namespaces"]:
             namespace, resource, rest = parts[3], parts[4], parts[5:]
-            return await self._resource(conn, request, headers, query, namespace, resource, rest, reader, writer)
+            return await self._resource(conn, request, headers, query, namespace, resource, rest, reader, writer,
+                                         body)
         else:
             await self._respond(conn, writer, 404, _status(404, "NotFound", f"the server could not find {url.path}"))
         return False
@@ -216,7 +218,8 @@ class KubeServer:
                 "rows": [{"cells": cells, "object": {"kind": "PartialObjectMetadata", "apiVersion": "meta.k8s.io/v1",
                                                      "metadata": o["metadata"]}} for cells, o in zip(rows, items)]}
 
-    async def _resource(self, conn, request, headers, query, namespace, resource, rest, reader, writer) -> bool:
+    async def _resource(self, conn, request, headers, query, namespace, resource, rest, reader, writer,
+                        body: bytes = b"") -> bool:
         store = self.objects.get(resource)
         method = request.method.decode()
         if store is None or namespace != "default":
@@ -224,6 +227,14 @@ class KubeServer:
             return False
         if rest and len(rest) == 2 and resource == "pods" and rest[1] in ("exec", "attach", "portforward"):
             return await self._stream(conn, request, headers, query, rest[0], rest[1], reader, writer)
+        if not rest and method == "POST":  # create: stored as sent (kept in `created` too), answered 201
+            item = json.loads(body)  # JSON only: a protobuf body (kubectl create secret generic) is a 500
+            item.setdefault("metadata", {}).update(_meta(item["metadata"]["name"], namespace, self._version))
+            self._version += 1
+            store[item["metadata"]["name"]] = item
+            self.created.append(item)
+            await self._respond(conn, writer, 201, item)
+            return False
         if not rest:
             items = list(store.values())
             if query.get("watch", [""])[0] in ("1", "true"):

@@ -346,3 +346,23 @@ def test_port_forward_to_a_blocked_port_never_reaches_the_pod(proxy, kube, tls, 
     decisions = [e.body for events in found for e in events if e.kind == "policy_decision"]
     assert [(d["action"], d["rule"], d["statement"]) for d in decisions] == [
         ("block", "no-forward-to-9999", "web-1:9999")]
+
+
+def test_a_created_secrets_values_are_redacted_in_the_evidence_and_sealed(proxy, kube, tls, tmp_path):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    manifest = tmp_path / "secret.json"
+    manifest.write_text(json.dumps({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "api-key"},
+                                    "data": {"key": base64.b64encode(b"s3cr3t-v4lue-xyz").decode(),
+                                             "owner": base64.b64encode(b"ops").decode()}}))
+    got = kubectl("create", "--validate=false", "-f", str(manifest))  # JSON (create secret generic sends protobuf: redacted whole)
+    assert got.returncode == 0, got.stderr
+    created = next(o for o in kube.created if o["metadata"]["name"] == "api-key")
+    assert base64.b64decode(created["data"]["key"]) == b"s3cr3t-v4lue-xyz"  # the target got it as sent
+    found = sessions(proxy, kubectl.subject)
+    sent = [m for m in all_messages(found, "client") if m["type"] == "Data" and m["data"]]
+    body = next(m for m in sent if b"api-key" in m["data"])
+    encoded = base64.b64encode(b"s3cr3t-v4lue-xyz")
+    assert not any(encoded in m["data"] or b"s3cr3t" in m["data"] for m in sent)
+    assert json.loads(body["data"])["data"] == {"key": "[REDACTED:secret]", "owner": "[REDACTED:secret]"}
+    assert body["attributes"]["redacted"] == "secret" and body["sealed_original"]
+    assert encoded not in body["sealed_original"]  # sealed to the custodian, not in clear

@@ -55,6 +55,7 @@ from proxy.policy.operation import Operation
 from proxy.settings import ProxySettings
 
 from .masking import BodyMasker, maskable
+from .redaction import HttpRedactor
 from .settings import HttpSettings
 from .tunnels import SpdyTunnel, Tunnel, WebSocketTunnel
 
@@ -141,6 +142,7 @@ class HttpFrontEnd(FrontEnd):
         self._tunnel_info: RequestInfo | None = None  # the request that opened the tunnel
         self._ports: set[str] = set()  # port-forward ports allowed in this tunnel
         self._pumping = False  # a client-event loop is running (perhaps paused on a blocking command)
+        self.redactor = HttpRedactor(session, self)  # Secret data, detector findings in request bodies
 
     @property
     def is_idle(self) -> bool:
