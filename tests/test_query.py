@@ -319,7 +319,7 @@ def ledger_of(tmp_path, bodies: list[tuple[str, dict]]):
 
 def test_replay_orders_and_attributes_each_message_by_its_own_direction_channel_and_offset(tmp_path):
     """A protocol without a renderer: each run is shown with its type, direction, channel and bytes."""
-    ssh = {**events_factory.session_start(), "protocol": "ssh", "target": "bastion", "client_application": "OpenSSH"}
+    ssh = {**events_factory.session_start(), "protocol": "telnet", "target": "bastion", "client_application": "tn"}
     mixed = frames_body([  # recorded out of read order: the offsets say when each was read
         {"type": "data", "data": b"a\nb\n", "direction": "server", "channel": "0", "offset_us": 400},
         {"type": "exec", "data": b"ls /tmp", "direction": "client", "channel": "0", "offset_us": 0},
@@ -329,7 +329,7 @@ def test_replay_orders_and_attributes_each_message_by_its_own_direction_channel_
     con, trust, session = ledger_of(tmp_path, [("session_start", ssh), ("frames", mixed),
                                                ("session_end", events_factory.session_end())])
     replay = replay_session(con, session, trust)
-    assert replay.verification.ok and replay.protocol == "ssh"
+    assert replay.verification.ok and replay.protocol == "telnet"
     frames = [s for s in replay.steps if s["seq"] == 1]
     assert [(s["direction"], s["channel"], s["messages"]) for s in frames] == [
         ("client", "0", ["exec"]), ("server", "0", ["data", "exit-status"]), ("client", "1", ["data"]),
