@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections import Counter
 from pathlib import Path
 
@@ -38,11 +39,12 @@ def folded_frames(seq: int) -> dict:
     return {"direction": "mixed", "messages": messages}
 
 
-def start_worker(config: Path, log, instance: str) -> subprocess.Popen:
-    """`custody ledger` as a static member of the default group, logging (--debug) which partitions it resumes."""
+def start_worker(config: Path, log, instance: str, group: str) -> subprocess.Popen:
+    """`custody ledger` as a static member of `group` (this test's own: no member of another test's group can
+    fence it), logging (--debug) which partitions it resumes."""
     return subprocess.Popen([sys.executable, "-m", "custody", "--debug", "ledger", "--config", str(config),
-                             "--instance", instance], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL)
+                             "--group", group, "--instance", instance], cwd=ROOT, stdout=log,
+                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
 def test_two_worker_processes_seal_every_event_exactly_once(kafka_settings, proxy_key, keyring, tmp_path):
@@ -64,7 +66,8 @@ def test_two_worker_processes_seal_every_event_exactly_once(kafka_settings, prox
     produced = Counter(values)
 
     logs = [tmp_path / f"worker-{i}.log" for i in range(2)]
-    workers = [start_worker(config, open(path, "ab"), f"worker-{i}") for i, path in enumerate(logs)]
+    group = f"ledger-workers-{uuid.uuid4().hex[:8]}"
+    workers = [start_worker(config, open(path, "ab"), f"worker-{i}", group) for i, path in enumerate(logs)]
     tails = lambda: "\n".join(path.read_text(errors="replace")[-1500:] for path in logs)  # noqa: E731
     try:
         deadline = time.monotonic() + 90
