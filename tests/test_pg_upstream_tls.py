@@ -44,7 +44,7 @@ def _entry(name: str, host: str, port: int, mode: str, ca=None) -> str:
     return "\n" + "\n".join(lines) + "\n"
 
 
-FULL, WRONG_CA, WRONG_HOST, VERIFY_CA, REQUIRE_PLAIN, REQUIRE = 1, 2, 3, 4, 5, 6
+FULL, WRONG_CA, WRONG_HOST, VERIFY_CA, REQUIRE_PLAIN, REQUIRE, BOTH = 1, 2, 3, 4, 5, 6, 7
 
 
 @pytest.fixture(scope="module")
@@ -56,6 +56,8 @@ def proxy(broker, tmp_path_factory, cluster, tls, other_ca):
         _entry("tls-verify-ca", "127.0.0.2", cluster.port, "verify-ca", tls["ca"]),
         _entry("tls-require-plain", "127.0.0.1", 5432, "require"),  # the machine's PostgreSQL has ssl = off
         _entry("tls-require", "127.0.0.1", cluster.port, "require"),
+        _entry("tls-both", "127.0.0.1", cluster.port, "verify-full", tls["ca"])
+        + f'tls_cert = "{tls["server_cert"]}"\ntls_key = "{tls["server_key"]}"\n',  # TLS to the client too
     ])
     running = start_proxy(tmp_path_factory.mktemp("custody"), broker, extra_proxies=entries,
                           replace={'policy = "policies/default.toml"': "# no policy"})
@@ -88,6 +90,29 @@ def test_verify_full_relays_over_tls_and_session_start_names_the_target_certific
     assert start["attributes"]["upstream_cert_sha256"] == server_cert_sha256(tls)
     assert "tls" not in start["attributes"]  # the client side was plaintext (sslmode=disable)
     assert events[-1].body["reason"] == "client_terminate"
+
+
+def test_psql_with_sslmode_verify_full_to_the_proxy_and_the_proxy_verified_to_the_target(proxy, tls):
+    """Both legs encrypted and verified: psql checks the proxy's certificate, the proxy checks the target's."""
+    import os
+    import subprocess
+
+    app = new_app("tls-psql")
+    host, port = proxy.address(BOTH)
+    conninfo = (f"host={host} port={port} user=alice@example.com dbname=postgres application_name={app} "
+                f"sslmode=verify-full sslrootcert={tls['ca']}")
+    result = subprocess.run(["psql", conninfo, "-At", "-c",
+                             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()"],
+                            env={**os.environ, "PGPASSWORD": proxy.token()}, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0 and result.stdout.strip() == "t", result.stderr
+    refused = subprocess.run(["psql", conninfo.replace(f"sslrootcert={tls['ca']}", "sslrootcert=/dev/null"),
+                              "-c", "SELECT 1"], env={**os.environ, "PGPASSWORD": proxy.token()},
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode != 0 and "certificate" in refused.stderr.lower()
+    start = proxy.events.session(app)[0].body
+    assert start["attributes"]["tls"].startswith("TLSv1.") and start["attributes"]["upstream_tls"].startswith("TLSv1.")
+    assert start["attributes"]["upstream_cert_sha256"] == server_cert_sha256(tls)
 
 
 def test_verify_ca_does_not_check_the_host_name(proxy, tls):
