@@ -12,6 +12,7 @@ import ipaddress
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import unquote, urlsplit
 
 from ingest.settings import Table
 from proxy.settings import ProxySettings
@@ -163,3 +164,37 @@ def string_list(t: Table, key: str) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
         raise t.error(key, f"expected a list of non-empty strings, got {value!r}")
     return tuple(value)
+
+
+@dataclass(frozen=True)
+class DatabaseUpstream:
+    """Where and as whom a database front end logs in (`postgresql://`, `mysql://` URLs); the client never
+    learns the user or the password."""
+
+    host: str
+    port: int
+    database: str | None
+    user: str
+    password: str | None
+
+    def describe(self, database: str | None = None) -> str:
+        """host:port/database, for events: never the user or the password."""
+        return f"{self.host}:{self.port}/{database or self.database or ''}"
+
+
+def database_upstream(t: Table, url: str, schemes: tuple[str, ...], default_port: int) -> DatabaseUpstream:
+    """SCHEME://user@host:port/database, the password from upstream_password_file/_env (never inline)."""
+    shape = f"{schemes[0]}://user@host:port/database"
+    parts = urlsplit(url)
+    if parts.scheme not in schemes:
+        raise t.error("upstream", f"expected {shape}, got {url!r}")
+    if parts.password is not None:
+        raise t.error("upstream", "secrets are never inline; use upstream_password_file or upstream_password_env")
+    try:
+        port = parts.port or default_port
+    except ValueError:
+        raise t.error("upstream", f"invalid port in {url!r}") from None
+    if not parts.hostname or not parts.username:
+        raise t.error("upstream", f"expected {shape}, got {url!r}")
+    return DatabaseUpstream(parts.hostname, port, unquote(parts.path.lstrip("/")) or None, unquote(parts.username),
+                            t.secret("upstream_password"))

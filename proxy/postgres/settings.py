@@ -6,33 +6,24 @@ one-line error naming the file, table and key before any client connects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from dataclasses import dataclass, replace
 
 from ingest.settings import Table
 from proxy.core.peers import MIN_SECRET_BYTES, PeerChannel
-from proxy.core.settings import ListenerSettings, UpstreamTLS, parse_listen, string_list
+from proxy.core.settings import (
+    DatabaseUpstream,
+    ListenerSettings,
+    UpstreamTLS,
+    database_upstream,
+    parse_listen,
+    string_list,
+)
 from proxy.settings import ProxySettings
 
 from .cancel import MAX_REPLICAS
 
 DEFAULT_MAX_CLIENT_MESSAGE = 16 << 20
 DEFAULT_MAX_SERVER_MESSAGE = 256 << 20
-
-
-@dataclass(frozen=True)
-class Upstream:
-    """Where and as whom the proxy logs in; the client never learns any of it."""
-
-    host: str
-    port: int
-    database: str
-    user: str
-    password: str | None
-
-    def describe(self, database: str | None = None) -> str:
-        """host:port/database, for events: never the user or the password."""
-        return f"{self.host}:{self.port}/{database or self.database}"
 
 
 @dataclass(frozen=True)
@@ -73,7 +64,7 @@ class Replicas:
 @dataclass(frozen=True)
 class PostgresSettings:
     listener: ListenerSettings
-    upstream: Upstream
+    upstream: DatabaseUpstream
     upstream_tls: UpstreamTLS
     databases: tuple[str, ...]  # what the client's `database` may pick besides upstream.database; empty: ignored
     max_client_message: int
@@ -99,18 +90,7 @@ class PostgresSettings:
         )
 
 
-def _upstream(t: Table, url: str) -> Upstream:
-    """postgresql://user@host:port/database; the password comes from upstream_password_file/_env."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("postgres", "postgresql"):
-        raise t.error("upstream", f"expected postgresql://user@host:port/database, got {url!r}")
-    if parts.password is not None:
-        raise t.error("upstream", "secrets are never inline; use upstream_password_file or upstream_password_env")
-    try:
-        port = parts.port or 5432
-    except ValueError:
-        raise t.error("upstream", f"invalid port in {url!r}") from None
-    if not parts.hostname or not parts.username:
-        raise t.error("upstream", f"expected postgresql://user@host:port/database, got {url!r}")
-    database = unquote(parts.path.lstrip("/")) or unquote(parts.username)
-    return Upstream(parts.hostname, port, database, unquote(parts.username), t.secret("upstream_password"))
+def _upstream(t: Table, url: str) -> DatabaseUpstream:
+    """postgresql://user@host:port/database; without a database, PostgreSQL's own default: the user's name."""
+    upstream = database_upstream(t, url, ("postgresql", "postgres"), 5432)
+    return replace(upstream, database=upstream.database or upstream.user)
