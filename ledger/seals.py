@@ -186,6 +186,9 @@ def sign_seal(record: dict[str, Any], key: PrivateKey, consistency_proof: list[b
     """Sign the record and end it with the checkpoint of its tree, signed by the same key."""
     signature = key.sign(SEAL_CONTEXT + canonical_json(record))
     extensions = (sessionmap.extension_line(record["sessions"]),) if "sessions" in record else ()
+    if record.get("rotation"):  # ledger/rotation.py: the handover to the next key, for the witnesses to cosign
+        from ledger.rotation import extension_line
+        extensions += (extension_line(record["rotation"]),)
     tree = checkpoint.Checkpoint(record["origin"], record["tree"]["size"], bytes.fromhex(record["tree"]["root"]),
                                  extensions)
     signer = checkpoint.Signer.from_key(record["origin"], key.signing_key)

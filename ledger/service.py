@@ -35,6 +35,7 @@ from ingest.verify import EventVerifier, Rejection
 from ledger.cosignatures import Collector
 from ledger.durable import write_atomic
 from ledger.merkle import SALT_SIZE, event_leaf_hashes, extension_proof
+from ledger.rotation import chain_key
 from ledger.seals import Seal, seal_record, seal_relpath, segment_relpath, sign_seal
 from ledger.segments import SegmentBuilder, write_segment
 from ledger.sessionmap import seal_field
@@ -255,6 +256,11 @@ class LedgerService:
         lock.acquire()
         self.locks[tp.partition] = lock
         state = recover(self.dir, tp.partition)
+        if state.last_seal and chain_key(state.last_seal.record) != self.key.key_id:
+            lock.release()
+            raise LedgerConfigError(f"partition {tp.partition}: its seal chain is signed by key "
+                                    f"{chain_key(state.last_seal.record)}, not {self.key.key_id}; hand it over with a "
+                                    f"witnessed rotation seal (ledger/rotation.py rotate_partition)")
         self.writers[tp.partition] = PartitionWriter(self.dir, self.settings, self.topic, state, self.keyring, self.key)
         if self.soc is not None:
             self.writers[tp.partition].ocsf = ocsf.Renderer(activity=self.soc.activity)

@@ -32,6 +32,7 @@ from ledger import checkpoint, merkle, sessionmap
 from ledger.seals import (FIRST_SEAL, SEALS_DIR, SEGMENTS_DIR, MalformedSealError, Seal, SealError,
                           UntrustedSealKeyError, checkpoint_verifiers, partition_origin, seal_relpath,
                           verify_seal_signature)
+from ledger.rotation import RotationError, chain_key, check_rotation, with_key
 from ledger.segments import file_sha256, read_segment
 from ledger.state import numbered_files
 
@@ -106,6 +107,8 @@ class SealContext:
     subject: str
     keyring: Keyring
     previous: Seal | None
+    witnesses: int = 1
+    """Trusted witness cosignatures a rotation seal needs."""
 
 
 # --- seal checks ---------------------------------------------------------------------------
@@ -121,6 +124,13 @@ def load_seal(path: Path, subject: str) -> Seal:
 def check_seal_place(seal: Seal, partition: int, number: int, subject: str) -> None:
     if (seal.partition, seal.number) != (partition, number):
         raise SealChainBroken(subject, f"says it is seal {seal.number} of partition {seal.partition}")
+
+
+def check_seal_key(seal: Seal, ctx: SealContext) -> None:
+    """After the first seal, the key is the chain's: the previous seal's, or the one its rotation handed over to."""
+    if ctx.previous is not None and seal.record.get("key_id") != (expected := chain_key(ctx.previous.record)):
+        raise SealUntrustedKey(ctx.subject, f"signed by key {seal.record.get('key_id')}, but the chain's key is "
+                                            f"{expected}: a ledger key takes over only through a witnessed rotation seal")
 
 
 def check_seal_signature(seal: Seal, ctx: SealContext) -> None:
@@ -194,7 +204,7 @@ def check_consistency(seal: Seal, ctx: SealContext) -> None:
         raise ConsistencyProofInvalid(ctx.subject, f"consistency proof from the previous checkpoint: {exc}") from None
 
 
-SEAL_CHECKS = (check_seal_signature, check_seal_link, check_seal_ranges, check_checkpoint, check_consistency)
+SEAL_CHECKS = (check_seal_key, check_seal_signature, check_seal_link, check_seal_ranges, check_checkpoint, check_consistency)
 
 
 # --- segment checks ------------------------------------------------------------------------
@@ -320,6 +330,8 @@ class PartitionVerifier:
             seal = self.verify_seal(seal_files[number], number, SealContext(subject, self.keyring, previous))
             if seal is None:
                 continue
+            if seal.record.get("rotation"):
+                self.verify_rotation(seal, subject)
             if seal.segment:
                 sealed_segments.add(seal.segment["path"])
                 self.verify_segment(seal)
@@ -330,6 +342,31 @@ class PartitionVerifier:
             self.report.notes.append(
                 f"Partition p{self.partition}: {self.unmapped_seals} seal(s) from before session-state maps commit to no "
                 f"session states; bundles anchored on them cannot prove a session's tail was not dropped")
+
+    def verify_rotation(self, seal: Seal, subject: str) -> None:
+        """A rotation seal: the new key signed the handover, and trusted witnesses cosigned its checkpoint. Only
+        then do the seals after it verify under the new key."""
+        from ledger.cosignatures import load as stored_cosignatures
+        from ledger import witnessed as witnessed_checks
+        try:
+            new_key = check_rotation(seal.record)
+        except RotationError as exc:
+            self.problem(SealBadSignature(subject, str(exc)))
+            self.keyring = Keyring([k for k in self.keyring if k.key_id != seal.record["rotation"].get("key_id")])
+            return
+        if seal.record["leaves"]["count"]:
+            self.problem(SealRangeError(subject, "a rotation seal must seal no leaves"))
+        note = witnessed_checks.with_lines(seal.checkpoint_note,
+                                           stored_cosignatures(self.root, seal.partition, seal.number))
+        try:
+            witnessed = witnessed_checks.open_witnessed(note, self.keyring, seal.record["origin"])
+            witnessed_checks.check_quorum(witnessed, 1, f"Rotation to key {new_key.key_id} at {subject}")
+        except (witnessed_checks.WitnessedProblem, checkpoint.NoteError) as exc:
+            self.problem(SealUntrustedKey(subject, f"rotation to key {new_key.key_id} is not witnessed ({exc}); "
+                                                   f"the seals it signs are not trusted"))
+            self.keyring = Keyring([k for k in self.keyring if k.key_id != new_key.key_id])  # even if trusted
+            return
+        self.keyring = with_key(self.keyring, new_key)
 
     def verify_session_map(self, seal: Seal, previous: Seal | None, subject: str) -> None:
         """The seal's `sessions` root is the map of every session's state recomputed from the events so far."""

@@ -244,7 +244,15 @@ def export_bundle(ledger_dir: Path, out: Path, scope: Scope, *, case: str, purpo
         if lines:
             files[f"{COSIGNATURES_PREFIX}p{partition}/{newest.number:06d}.sig"] = "".join(f"{l}\n" for l in lines).encode()
         witnessed[str(partition)] = len(lines)
-        for seal in _covering(chain, (leaf_col[i] for i in rows)):
+        # seal 1 (where the chain's key starts) and every rotation seal (ledger/rotation.py) with its cosignatures:
+        # the key history from a key the auditor trusts to the newest seal's key
+        history = [s for s in chain if s.number == 1 or s.record.get("rotation")]
+        for seal in history:
+            lines = stored_cosignatures(ledger_dir, partition, seal.number)
+            if seal.record.get("rotation") and lines and seal is not newest:
+                files[f"{COSIGNATURES_PREFIX}p{partition}/{seal.number:06d}.sig"] = "".join(f"{l}\n" for l in lines).encode()
+        covering = _covering(chain, (leaf_col[i] for i in rows))
+        for seal in sorted({s.number: s for s in history + covering}.values(), key=lambda s: s.number):
             files[f"seals/p{partition}/{seal.number:06d}.json"] = seal.to_bytes()
             if seal is not newest:
                 consistency.append({"partition": partition, "from_seal": seal.number, "to_seal": newest.number,

@@ -36,6 +36,7 @@ from ingest.events import SignedEvent, open_event
 from ingest.keys import Keyring, KeyLookupError
 from ingest.verify import Rejection, check_signature
 from ledger import checkpoint, merkle, sessionmap
+from ledger.rotation import RotationError, check_rotation, with_key
 from ledger.seals import Seal, SealError, checkpoint_verifiers, verify_seal_signature
 from query import dsse
 from ledger import witnessed as witnessed_checks
@@ -100,9 +101,10 @@ def verify_bundle(path: Path, trust: Keyring, trace: Callable[[str], None] | Non
     with bundle.archive:
         statement = _check_manifest(bundle, trust, report)
         _check_files(bundle, statement, report)
-        newest = _check_seals(bundle, trust, report)
+        keyrings = _check_key_history(bundle, trust, report, witnesses)
+        newest = _check_seals(bundle, keyrings, report)
         _check_consistency(bundle, newest, report)
-        _check_witnesses(bundle, trust, newest, report, witnesses, checkpoints)
+        _check_witnesses(bundle, keyrings, newest, report, witnesses, checkpoints, trust)
         rows = _check_events(bundle, trust, newest, report, trace, jobs, progress)
         _check_sessions(rows, report)
         _check_session_states(bundle, newest, rows, report)
@@ -179,12 +181,63 @@ def _check_files(bundle: Bundle, statement: dict[str, Any], report: Report) -> N
 # --- seals, checkpoints, consistency ----------------------------------------------------------
 
 
-def _check_seals(bundle: Bundle, trust: Keyring, report: Report) -> dict[int, Seal]:
+def _check_key_history(bundle: Bundle, trust: Keyring, report: Report, required: int) -> dict[int, Keyring]:
+    """Per partition, the keys its seals may be signed by: seal 1's (trusted by `trust`), then each key a witnessed
+    rotation seal hands over to (ledger/rotation.py). A seal signed by another key is refused, even one `trust`
+    lists; a rotation's new key is trusted only through it. Returns per partition the keyring to check seals with."""
+    by_partition: dict[int, list[tuple[str, Seal]]] = {}
+    for name in sorted(n for n in bundle.names if n.startswith("seals/")):
+        try:
+            seal = Seal.from_bytes(bundle.archive.read(name))
+            by_partition.setdefault(seal.partition, []).append((name, seal))
+        except SealError:
+            pass  # reported by _check_seals
+    keyrings: dict[int, Keyring] = {}
+    for partition, chain in sorted(by_partition.items()):
+        chain.sort(key=lambda item: item[1].number)
+        keyring = trust
+        if chain[0][1].number != 1 and chain[-1][1].record.get("sessions") is not None:
+            report.problems.append(f"Seals p{partition} INVALID: the bundle lacks seal 1, where the chain's key starts")
+        current = chain[0][1].record.get("key_id")
+        for name, seal in chain:
+            if seal.record.get("key_id") != current:
+                report.problems.append(f"Seal {name} INVALID: signed by key {seal.record.get('key_id')}, but the chain's "
+                                       f"key is {current}: a ledger key takes over only through a witnessed rotation seal")
+            if not seal.record.get("rotation"):
+                continue
+            new_id = seal.record["rotation"].get("key_id") if isinstance(seal.record["rotation"], dict) else None
+            lines_name = f"{COSIGNATURES_PREFIX}p{partition}/{seal.number:06d}.sig"
+            lines = bundle.archive.read(lines_name).decode().splitlines() if lines_name in bundle.names else []
+            try:
+                new_key = check_rotation(seal.record)
+                verify_seal_signature(seal, keyring)
+                witnessed = witnessed_checks.open_witnessed(witnessed_checks.with_lines(seal.checkpoint_note, lines),
+                                                            keyring, seal.record["origin"])
+                witnessed_checks.check_quorum(witnessed, max(required, 1), f"Rotation to key {new_id} at {name}")
+            except (RotationError, SealError, witnessed_checks.WitnessedProblem, checkpoint.NoteError) as exc:
+                report.problems.append(f"Seal {name} INVALID: rotation to key {new_id} not accepted ({exc}); the seals "
+                                       f"it signs are not trusted")
+                keyring = Keyring([k for k in keyring if k.key_id != new_id])
+            else:
+                keyring = with_key(keyring, new_key)
+                report.witnessed.append(f"Rotation p{partition} seal {seal.number}: key {seal.record['key_id']} -> "
+                                        f"{new_id}, witnessed {witnessed.describe()}")
+            current = new_id
+        keyrings[partition] = keyring
+    return keyrings
+
+
+def _check_seals(bundle: Bundle, keyrings: dict[int, Keyring], report: Report) -> dict[int, Seal]:
     """Each seal's signature and its checkpoint's; returns each partition's newest valid seal."""
     newest: dict[int, Seal] = {}
     for name in sorted(n for n in bundle.names if n.startswith("seals/")):
         report.checkpoints_total += 1
-        seal = _valid_seal(name, bundle.archive.read(name), trust, report)
+        data = bundle.archive.read(name)
+        try:
+            trust = keyrings.get(Seal.from_bytes(data).partition, Keyring([]))
+        except SealError:
+            trust = Keyring([])
+        seal = _valid_seal(name, data, trust, report)
         if seal is None:
             continue
         report.checkpoints_valid += 1
@@ -233,10 +286,11 @@ def _check_consistency(bundle: Bundle, newest: dict[int, Seal], report: Report) 
             report.problems.append(f"{where} INVALID: {exc}")
 
 
-def _check_witnesses(bundle: Bundle, trust: Keyring, newest: dict[int, Seal], report: Report, required: int,
-                     checkpoints: Sequence[bytes]) -> None:
+def _check_witnesses(bundle: Bundle, keyrings: dict[int, Keyring], newest: dict[int, Seal], report: Report,
+                     required: int, checkpoints: Sequence[bytes], trust_all: Keyring) -> None:
     """Each partition's newest checkpoint cosigned by `required` trusted witnesses; no auditor's checkpoint newer."""
     for partition, seal in sorted(newest.items()):
+        trust = keyrings[partition]
         subject = f"Checkpoint p{partition} (seal {seal.number}, tree size {seal.tree_size})"
         name = f"{COSIGNATURES_PREFIX}p{partition}/{seal.number:06d}.sig"
         lines = bundle.archive.read(name).decode().splitlines() if name in bundle.names else []
@@ -250,9 +304,11 @@ def _check_witnesses(bundle: Bundle, trust: Keyring, newest: dict[int, Seal], re
     roots = {}
     for s in _all_seals(bundle):
         roots.setdefault(s.partition, {})[s.tree_size] = s.root
+    everything = Keyring(list({(k.key_id, k.role): k for keyring in [trust_all, *keyrings.values()]
+                               for k in keyring}.values()))
     for number, note in enumerate(checkpoints, 1):
         try:
-            witnessed = witnessed_checks.open_witnessed(note, trust)
+            witnessed = witnessed_checks.open_witnessed(note, everything)
             witnessed_checks.check_quorum(witnessed, max(required, 1), f"Given checkpoint #{number}")
         except witnessed_checks.WitnessedProblem as exc:
             report.problems.append(str(exc).replace("Checkpoint INVALID", f"Given checkpoint #{number} INVALID"))

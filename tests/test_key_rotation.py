@@ -1,0 +1,142 @@
+"""Ledger key rotation as a signed, witnessed event (issue 16, item 4): a rotated key continues the same seal
+chain, and its seals verify only through the witnessed rotation seal — not because a keyring lists the key."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from conftest import make_key
+from ingest.keys import Keyring, TrustedKey
+from ingest.settings import KafkaSettings
+from ledger import cosignatures
+from ledger.rotation import rotate_partition
+from ledger.seals import Seal, sign_seal
+from ledger.service import LedgerConfigError, LedgerService
+from ledger.settings import LedgerSettings
+from ledger.verify import verify_ledger
+from ledger.witness import Witness, cosigner_for, custody_log_keys
+from query.bundle import Scope, export_bundle
+from query.bundle_verify import verify_bundle
+from test_witness_feed import seal_all, send_session
+
+ORIGIN = "custody.test/ledger/rotation"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Rotated:
+    """A real ledger sealed by key A, rotated to key B (witnessed), then sealing on with B."""
+
+    def __init__(self, root: Path, settings: KafkaSettings):
+        self.proxy, self.old, self.new = make_key("proxy"), make_key("ledger"), make_key("ledger")
+        self.exporter, self.witness_key = make_key("exporter"), make_key("witness")
+        self.keyring = Keyring([TrustedKey(k.key_id, role, k.public_key) for k, role in
+                                ((self.proxy, "proxy"), (self.old, "ledger"), (self.new, "ledger"),
+                                 (self.exporter, "exporter"), (self.witness_key, "witness"))])
+        self.trust = root / "trust.toml"
+        self.keyring.save(self.trust)
+        self.settings, self.dir = settings, root / "ledger"
+        self.ledger = LedgerSettings(dir=self.dir, origin=ORIGIN, segment_max_events=1000, segment_max_bytes=1 << 24,
+                                     segment_max_seconds=0.2, idle_seal_seconds=3600)
+        self.witness = Witness(root / "witness", cosigner_for(self.witness_key), custody_log_keys(self.keyring, [ORIGIN]))
+        events = send_session(settings, self.proxy, 3)
+        service = self.service(self.old)
+        seal_all(service, events)
+        service.close()
+        with pytest.raises(LedgerConfigError, match="hand it over with a witnessed rotation seal"):
+            self.service(self.new)  # the new key alone does not take the chain over
+        self.rotation = rotate_partition(self.dir, 0, ORIGIN, self.old, self.new)
+        self.witness_all()
+        events += send_session(settings, self.proxy, 2)
+        service = self.service(self.new)
+        seal_all(service, events)
+        service.close()
+        self.witness_all()
+
+    def service(self, key) -> LedgerService:
+        return LedgerService(self.settings, self.ledger, key, self.keyring, group_id=f"g{uuid.uuid4().hex[:6]}",
+                             partitions=[0])
+
+    def witness_all(self) -> None:
+        for path in sorted((self.dir / "seals" / "p0").glob("*.json")):
+            seal = Seal.load(path)
+            cosignature = self.witness.add_seal(seal)
+            if cosignature is not None:
+                cosignatures.store(self.dir, 0, seal.number, cosignature.line)
+
+
+@pytest.fixture(scope="module")
+def rotated(broker, tmp_path_factory):
+    settings = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix=f"r{uuid.uuid4().hex[:8]}.",
+                             embedded_listen=broker.bootstrap, partitions=1)
+    r = Rotated(tmp_path_factory.mktemp("rotated"), settings)
+    yield r
+    r.witness.close()
+
+
+def seals(directory: Path) -> list[Seal]:
+    return [Seal.load(p) for p in sorted((directory / "seals" / "p0").glob("*.json"))]
+
+
+def test_the_rotation_seal_is_signed_by_the_old_key_and_states_the_new_one_for_the_witnesses(rotated):
+    chain = seals(rotated.dir)
+    rotation = rotated.rotation
+    assert rotation.record["key_id"] == rotated.old.key_id and rotation.record["rotation"]["key_id"] == rotated.new.key_id
+    assert f"custody.key-rotation/v1 {rotated.new.key_id} " in rotation.checkpoint_note.decode()
+    assert cosignatures.load(rotated.dir, 0, rotation.number)  # witnessed
+    after = [s for s in chain if s.number > rotation.number]
+    assert after and all(s.record["key_id"] == rotated.new.key_id for s in after)
+    assert all(s.record["key_id"] == rotated.old.key_id for s in chain if s.number <= rotation.number)
+
+
+def test_custody_verify_follows_the_witnessed_rotation(rotated):
+    result = subprocess.run([sys.executable, "-m", "custody", "verify", "--ledger", str(rotated.dir),
+                             "--keyring", str(rotated.trust)], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # the auditor trusts only the original key: the new one is trusted through its rotation
+    only_old = Keyring([k for k in rotated.keyring if k.key_id != rotated.new.key_id])
+    assert verify_ledger(rotated.dir, only_old).problems == []
+
+
+def test_an_unwitnessed_rotation_does_not_hand_the_chain_over(rotated, tmp_path):
+    copy = tmp_path / "ledger"
+    shutil.copytree(rotated.dir, copy)
+    for path in (copy / "cosignatures" / "p0").glob(f"{rotated.rotation.number:06d}.*.sig"):
+        path.unlink()
+    lines = [p.line for p in verify_ledger(copy, rotated.keyring).problems]
+    subject = f"Seal seals/p0/{rotated.rotation.number:06d}.json"
+    assert any(l.startswith(f"{subject} INVALID: rotation to key {rotated.new.key_id} is not witnessed") for l in lines), lines
+    # the new key is in the keyring, yet its seals are refused
+    assert any(f"{rotated.rotation.number + 1:06d}.json INVALID: signed by untrusted key {rotated.new.key_id}" in l
+               for l in lines), lines
+
+
+def test_a_trusted_key_that_signs_without_a_rotation_is_refused(rotated, tmp_path):
+    """The same ledger, but the chain passes to key B with no rotation seal (its record re-signed by B as an
+    ordinary idle seal): B is in the keyring, and still refused."""
+    copy = tmp_path / "ledger"
+    shutil.copytree(rotated.dir, copy)
+    path = copy / "seals" / "p0" / f"{rotated.rotation.number:06d}.json"
+    record = {k: v for k, v in rotated.rotation.record.items() if k != "rotation"}
+    record["key_id"] = rotated.new.key_id
+    forged = sign_seal(record, rotated.new, list(rotated.rotation.consistency_proof))
+    path.write_bytes(forged.to_bytes())
+    lines = [p.line for p in verify_ledger(copy, rotated.keyring).problems]
+    assert any(f"signed by key {rotated.new.key_id}, but the chain's key is {rotated.old.key_id}: a ledger key takes "
+               f"over only through a witnessed rotation seal" in l for l in lines), lines
+
+
+def test_bundles_of_a_rotated_ledger_carry_the_rotation_and_verify(rotated, tmp_path):
+    out = tmp_path / "rotated.custody"
+    export_bundle(rotated.dir, out, Scope(where="seq >= 0"), case="C-16", purpose="audit", recipient=None,
+                  exporter_key=rotated.exporter, keyring=rotated.keyring, origin=ORIGIN)
+    only_old = Keyring([k for k in rotated.keyring if k.key_id != rotated.new.key_id])
+    report = verify_bundle(out, only_old, witnesses=1)
+    assert report.problems == [], report.problems
+    assert report.states_proven == 2
