@@ -223,6 +223,22 @@ class Session:
         """A blocking command failed: `error` is raised where its handler waits."""
         return self._resume(command, None, error)
 
+    def broken(self, side: Side, error: ProtocolViolation, sample: bytes = b"") -> list[Command]:
+        """A peer broke the protocol below the front end, and its connection is gone.
+
+        For libraries that own the framing (asyncssh: garbage before the
+        version string, an oversized packet, a failed key exchange): the
+        adapter learns of it only as the connection's end. An ending, never
+        queued: ProtocolError (with `sample`, the first bytes the peer sent,
+        counted as its bytes), SessionEnd(protocol_error); nothing is said to
+        a client that is gone.
+        """
+        if self.is_closed:
+            return []
+        if side == CLIENT:
+            self.counters.client_bytes += len(sample)
+        return self._run(self._lanes[side], self._protocol_error(error, side, sample, tell=False), ending=True)
+
     def timer(self, name: str) -> list[Command]:
         if name == IDENTITY_TIMER:
             return self._identity_expires()

@@ -20,12 +20,14 @@ from typing import Any
 import asyncssh
 
 from ingest.recorder import Recorder
+from ingest.protocols import ProtocolViolation
 from proxy.core.commands import (
     CLIENT,
     SERVER,
     AwaitApproval,
     Close,
     Command,
+    ReadControl,
     Send,
     SetTimer,
     UpstreamUnavailable,
@@ -41,6 +43,32 @@ from . import events as ev
 log = logging.getLogger(__name__)
 
 _STDERR = asyncssh.EXTENDED_DATA_STDERR
+SAMPLE_BYTES = 256  # the first bytes a client sends, kept as a transport error's sample
+
+# What asyncssh reports as a connection's end when the peer broke SSH itself (not a disconnect of its own):
+# the ProtocolError event's code. Anything else unexpected is a transport error too.
+_TRANSPORT_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
+    (asyncssh.ProtocolNotSupported, "ssh_version_not_supported"),
+    (asyncssh.KeyExchangeFailed, "ssh_key_exchange_failed"),
+    (asyncssh.MACError, "ssh_mac_error"),
+    (asyncssh.CompressionError, "ssh_compression_error"),
+    (asyncssh.ServiceNotAvailable, "ssh_service_not_available"),
+    (asyncssh.ProtocolError, "ssh_protocol_error"),
+)
+# Ends that are the peer's own choice (a disconnect, a dropped TCP connection, a refused login): no error.
+_ORDINARY_ENDS = (asyncssh.ConnectionLost, asyncssh.DisconnectError, OSError)
+
+
+def transport_error(exc: BaseException | None) -> ProtocolViolation | None:
+    """The ProtocolViolation for how asyncssh ended a connection; None for an ordinary end."""
+    if exc is None:
+        return None
+    for kind, code in _TRANSPORT_ERRORS:
+        if isinstance(exc, kind):
+            return ProtocolViolation(code, f"SSH transport: {exc}")
+    if isinstance(exc, _ORDINARY_ENDS):
+        return None
+    return ProtocolViolation("ssh_transport_error", f"SSH transport: {type(exc).__name__}: {exc}")
 
 
 class SSHListener:
@@ -102,6 +130,8 @@ class ClientConnection(asyncssh.SSHServer):
         self._tasks: set[asyncio.Task] = set()
         self._closed = False
         self._farewell = ""
+        self._sample = b""
+        self._upstream_paused: dict[int, set[str]] = {}  # why each target channel is not read
 
     # --- asyncssh server callbacks -------------------------------------------------------------
 
@@ -112,11 +142,33 @@ class ClientConnection(asyncssh.SSHServer):
                                source_address=_address(conn.get_extra_info("peername")), policy=listener.policy,
                                identity_leeway=listener.identity_leeway)
         listener.connections.add(self)
+        self._keep_sample(conn)
         self.run(self.session.start())
+
+    def _keep_sample(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Keep the first bytes the client sends (asyncssh has no hook for them): a transport error's sample.
+
+        asyncssh's connection is the transport's protocol, so its
+        `data_received` is wrapped on this one instance until the sample is
+        full, then the wrapper is gone.
+        """
+        receive = conn.data_received
+
+        def data_received(data: bytes, datatype: Any = None) -> None:
+            self._sample += data[:SAMPLE_BYTES - len(self._sample)]
+            if len(self._sample) >= SAMPLE_BYTES:
+                del conn.data_received  # the class's own again
+            receive(data, datatype)
+
+        conn.data_received = data_received  # type: ignore[method-assign]
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self._closed:
-            self.run(self.session.closed(CLIENT))
+            error = transport_error(exc)
+            if error is not None:
+                self.run(self.session.broken(CLIENT, error, self._sample))
+            else:
+                self.run(self.session.closed(CLIENT))
         self._shutdown()
 
     def begin_auth(self, username: str) -> bool:
@@ -169,11 +221,32 @@ class ClientConnection(asyncssh.SSHServer):
     def throttle(self, pressing: bool) -> None:
         for channel in list(self.client_channels.values()):
             channel.pause(pressing)
-        for upstream in list(self.upstream_channels.values()):
-            if pressing:
+        for channel_id in list(self.upstream_channels):
+            self.pause_upstream(channel_id, pressing, "recorder")
+
+    def pause_upstream(self, channel_id: int, pressing: bool, reason: str) -> None:
+        """Stop (or go on) reading a target channel while any reason holds (recorder, client, lane)."""
+        upstream = self.upstream_channels.get(channel_id)
+        reasons = self._upstream_paused.setdefault(channel_id, set())
+        if upstream is None:
+            return
+        if pressing:
+            if not reasons:
                 upstream.pause_reading()
-            else:
+            reasons.add(reason)
+        elif reason in reasons:
+            reasons.discard(reason)
+            if not reasons:
                 upstream.resume_reading()
+
+    def _read_control(self, command: ReadControl) -> None:
+        """The session's lane for that side holds too much: every channel of that side stops (or goes on) reading."""
+        if command.side == CLIENT:
+            for channel in list(self.client_channels.values()):
+                channel.pause(command.paused, "lane")
+        else:
+            for channel_id in list(self.upstream_channels):
+                self.pause_upstream(channel_id, command.paused, "lane")
 
     # --- commands ---------------------------------------------------------------------------------
 
@@ -187,6 +260,8 @@ class ClientConnection(asyncssh.SSHServer):
                 self._close(command.reason)
             elif kind is SetTimer:
                 self._set_timer(command.name, command.seconds)
+            elif kind is ReadControl:
+                self._read_control(command)
             elif kind is VerifyToken:
                 self._spawn(self._verify(command))
             elif kind is AwaitApproval:
@@ -341,7 +416,7 @@ class ClientConnection(asyncssh.SSHServer):
             return
         self.upstream_channels[channel_id] = chan
         if self.listener.throttled:
-            chan.pause_reading()
+            self.pause_upstream(channel_id, True, "recorder")
         self.run(self.session.completed(command, None))
 
     def _close(self, reason: str) -> None:
@@ -455,14 +530,10 @@ class ServerChannelSession(asyncssh.SSHServerSession):
                 self.chan.resume_reading()
 
     def pause_writing(self) -> None:  # the client reads slowly: so does the proxy from the target
-        upstream = self.owner.upstream_channels.get(self.id)
-        if upstream is not None:
-            upstream.pause_reading()
+        self.owner.pause_upstream(self.id, True, "client")
 
     def resume_writing(self) -> None:
-        upstream = self.owner.upstream_channels.get(self.id)
-        if upstream is not None:
-            upstream.resume_reading()
+        self.owner.pause_upstream(self.id, False, "client")
 
 
 class ForwardChannelSession(ServerChannelSession, asyncssh.SSHTCPSession):
@@ -483,7 +554,9 @@ class TargetConnection(asyncssh.SSHClient):
     def connection_lost(self, exc: Exception | None) -> None:
         # Only once logged in: a connect that fails reports itself through ConnectTarget.
         if not self.owner._closed and self.owner.upstream is self.conn:
-            self.owner.run(self.owner.session.closed(SERVER))
+            error = transport_error(exc)
+            session = self.owner.session
+            self.owner.run(session.broken(SERVER, error) if error is not None else session.closed(SERVER))
 
 
 class TargetChannelSession(asyncssh.SSHClientSession, asyncssh.SSHTCPSession):
@@ -507,6 +580,7 @@ class TargetChannelSession(asyncssh.SSHClientSession, asyncssh.SSHTCPSession):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.owner.upstream_channels.pop(self.id, None)
+        self.owner._upstream_paused.pop(self.id, None)
         if not self.owner._closed:
             self.owner.run(self.owner.session.event(SERVER, ev.ChannelClosed(self.id)))
 
