@@ -23,9 +23,14 @@ kind such as `credit_card`), as it already does for tokens and cancel keys.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+from proxy.policy.detectors import Scanner, scanner_for
 
 from .records import Record
+
+if TYPE_CHECKING:
+    from .session import Session
 
 MARKER = "[REDACTED:{}]"
 NOT_KEPT = "not kept: no custodian key to seal it to"
@@ -35,6 +40,33 @@ Seal = Callable[[bytes], bytes]
 
 def marker(kind: str) -> str:
     return MARKER.format(kind)
+
+
+class MaskDetectors:
+    """The detectors of every `[[mask]]` in the session's current policy, whoever a mask applies to.
+
+    Input redaction protects the evidence, which analysts read, not the
+    caller: so it uses every mask's detectors. Rebuilt when the policy file
+    reloads; `generation` counts the rebuilds, for redactors that cache by it.
+    """
+
+    def __init__(self, session: "Session") -> None:
+        self.session = session
+        self._policy: object | None = None
+        self._scanner: Scanner | None = None
+        self.generation = 0
+
+    def scanner(self) -> Scanner | None:
+        gate = self.session.gate
+        if gate is None:
+            return None
+        policy = gate.runtime.holder.policy
+        if policy is not self._policy:
+            self._policy = policy
+            kinds = frozenset().union(*(mask.detectors for mask in policy.masks))
+            self._scanner = scanner_for(kinds) if kinds else None
+            self.generation += 1
+        return self._scanner
 
 
 class Redactor(Protocol):

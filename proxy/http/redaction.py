@@ -22,8 +22,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from proxy.core.redaction import marker
-from proxy.policy.detectors import Scanner, scanner_for
+from proxy.core.redaction import MaskDetectors, marker
+from proxy.policy.detectors import Scanner
 
 if TYPE_CHECKING:
     from proxy.core.session import Session
@@ -38,19 +38,8 @@ class HttpRedactor:
     def __init__(self, session: "Session", front: "HttpFrontEnd") -> None:
         self.session = session
         self.front = front
-        self._policy = None
-        self._scanner: Scanner | None = None
+        self._detectors = MaskDetectors(session).scanner
 
-    def _detectors(self) -> Scanner | None:
-        gate = self.session.gate
-        if gate is None:
-            return None
-        policy = gate.runtime.holder.policy
-        if policy is not self._policy:
-            self._policy = policy
-            kinds = frozenset().union(*(mask.detectors for mask in policy.masks))
-            self._scanner = scanner_for(kinds) if kinds else None
-        return self._scanner
 
     def redact(self, record: Record) -> tuple[Record, tuple[str, ...]] | None:
         if record.get("type") != "Data" or not record.get("data"):

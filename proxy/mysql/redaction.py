@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from ingest.protocols.mysql import messages as m
 from ingest.protocols.mysql.packets import packet
-from proxy.core.redaction import NOT_KEPT, marker
-from proxy.policy.detectors import Scanner, scanner_for
+from proxy.core.redaction import NOT_KEPT, MaskDetectors, marker
+from proxy.policy.detectors import Scanner
 
 if TYPE_CHECKING:
     from proxy.core.session import Session
@@ -179,20 +179,15 @@ class MysqlRedactor:
         # What the target may echo back (an unaliased expression's column name, an error's "near '…'"): the
         # redacted literals and values of the session's recent commands, and what the evidence shows instead.
         self.echoes: deque[tuple[bytes, bytes]] = deque(maxlen=64)
-        self._policy: object | None = None
-        self._scanner: Scanner | None = None
+        self._masks = MaskDetectors(session)
+        self._generation = 0
 
     def _detectors(self) -> Scanner | None:
-        gate = self.session.gate
-        if gate is None:
-            return None
-        policy = gate.runtime.holder.policy
-        if policy is not self._policy:
-            self._policy = policy
-            kinds = frozenset().union(*(mask.detectors for mask in policy.masks))
-            self._scanner = scanner_for(kinds) if kinds else None
+        scanner = self._masks.scanner()
+        if self._masks.generation != self._generation:  # a reloaded policy: what was worked out is stale
+            self._generation = self._masks.generation
             self._shown.clear()
-        return self._scanner
+        return scanner
 
     def _secrets(self, sql: str) -> tuple[str, tuple[str, ...], frozenset[int], tuple[tuple[str, str], ...]]:
         detectors = self._detectors()

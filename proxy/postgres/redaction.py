@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from pglast.parser import scan
 
 from ingest.protocols.postgres import messages as m
-from proxy.core.redaction import marker
-from proxy.policy.detectors import Scanner, scanner_for
+from proxy.core.redaction import MaskDetectors, marker
+from proxy.policy.detectors import Scanner
 
 if TYPE_CHECKING:
     from proxy.core.session import Session
@@ -112,19 +112,8 @@ class PostgresRedactor:
     def __init__(self, session: "Session") -> None:
         self.session = session
         self._key_params: dict[str, frozenset[int]] = {}  # statement name -> key parameter numbers
-        self._policy: object | None = None
-        self._scanner: Scanner | None = None
+        self._detectors = MaskDetectors(session).scanner
 
-    def _detectors(self) -> Scanner | None:
-        gate = self.session.gate
-        if gate is None:
-            return None
-        policy = gate.runtime.holder.policy
-        if policy is not self._policy:
-            self._policy = policy
-            kinds = frozenset().union(*(mask.detectors for mask in policy.masks))
-            self._scanner = scanner_for(kinds) if kinds else None
-        return self._scanner
 
     def redact(self, record: Record) -> tuple[Record, tuple[str, ...]] | None:
         kind = record["type"]
