@@ -205,6 +205,18 @@ def test_listen_notify_and_notices(proxy):
     assert any(m["type"] == "NoticeResponse" and m["attributes"]["message"] == "custody notice" for m in server)
 
 
+def test_every_execution_of_a_prepared_statement_is_an_operation_with_its_sql(proxy):
+    """psycopg prepares a query after five runs and then sends only Bind/Execute by name."""
+    app = new_app("prepared")
+    with proxy.connect(app, autocommit=True) as conn:
+        for i in range(9):
+            assert conn.execute("SELECT %s::int + 1", (i,)).fetchone() == (i + 1,)
+    client = messages(proxy.events.session(app), "client")
+    executions = [m for m in client if m.get("operation") == "statement"]
+    assert len(executions) == 9 and {m["text"] for m in executions} == {"SELECT $1::int + 1"}
+    assert any(m["type"] == "Bind" for m in executions), "the prepared runs are Binds by name"
+
+
 def test_a_notify_from_another_proxied_session_names_the_pid_its_client_was_given(proxy):
     """psycopg's own notify tests compare Notify.pid with the notifier's BackendKeyData pid."""
     with proxy.connect(new_app("listener"), autocommit=True) as listener, \

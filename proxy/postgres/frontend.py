@@ -112,6 +112,7 @@ class PostgresFrontEnd(FrontEnd):
         self._early: list[Message] = []  # client messages sent before the session was ready
         self._cancel_key: int | None = None
         self._policy: StatementPolicy | None = None
+        self._prepared = rec.PreparedStatements()
         self.database = settings.upstream.database  # the target database this session logs in to
         self._pending = 0  # sync points sent to the target whose ReadyForQuery has not come back
         self._unsynced = False  # extended-protocol messages sent since the last Sync
@@ -445,7 +446,9 @@ class PostgresFrontEnd(FrontEnd):
                 self._unsynced = False
             elif message.type in _EXTENDED:
                 self._unsynced = True
-        self.session.record_messages(CLIENT, rec.message_records(messages), len(messages))
+        records = rec.message_records(messages)
+        self._prepared.annotate(records)
+        self.session.record_messages(CLIENT, records, len(messages))
         if self._policy is not None:
             yield from self._gate_client(messages)
         else:

@@ -89,3 +89,42 @@ def _flush_run(records: list[Record], kind: str, run: list[bytes]) -> None:
         records.append({"type": kind, "data": run[0], "attributes": {}})
     elif run:
         records.append({"type": kind, "data": b"".join(run), "attributes": {"messages": str(len(run))}})
+
+
+class PreparedStatements:
+    """The statements a session prepared by name, so that each later execution of one is an operation with its SQL.
+
+    psycopg prepares a query it ran five times, then sends only Bind/Execute
+    by name: the Bind carries no SQL, so without this the activity and
+    statements views would show one operation where the client ran hundreds.
+    The first Bind after its own Parse is that Parse's execution (the Parse
+    already starts the operation); every other Bind of a named statement
+    starts one, with the statement's SQL.
+    """
+
+    MAX_STATEMENTS = 10_000  # a client that never closes its statements cannot grow this without bound
+
+    def __init__(self) -> None:
+        self._sql: dict[str, str] = {}
+        self._unbound: str | None = None  # a Parse's name until its first Bind
+
+    def annotate(self, records: list[Record]) -> None:
+        for record in records:
+            kind = record["type"]
+            if kind == "Parse":
+                name = record["attributes"].get("statement_name", "")
+                if record.get("statement") is not None:
+                    self._sql.pop(name, None)
+                    self._sql[name] = record["statement"]
+                    if len(self._sql) > self.MAX_STATEMENTS:
+                        del self._sql[next(iter(self._sql))]
+                self._unbound = name
+            elif kind == "Bind":
+                name = record["attributes"].get("statement_name", "")
+                sql = self._sql.get(name) if name and name != self._unbound else None
+                if sql is not None:
+                    record["statement"] = record["text"] = sql
+                    record["operation"] = "statement"
+                self._unbound = None
+            elif kind == "Close" and record["attributes"].get("kind") == "statement":
+                self._sql.pop(record["attributes"].get("name", ""), None)
