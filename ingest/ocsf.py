@@ -402,7 +402,7 @@ class Renderer:
     attributes that findings name (protocol user, database) are kept.
     """
 
-    def __init__(self, activity: bool):
+    def __init__(self, activity: bool, state: dict[str, Any] | None = None):
         self.activity = activity
         self.sessions: dict[str, dict[str, str]] = {}
         self.protocols: dict[str, str] = {}
@@ -410,6 +410,33 @@ class Renderer:
         self.last: dict[str, Operation] = {}
         self.ready: list[Any] = []
         self.ended: list[str] = []
+        if state:
+            self.restore(state)
+
+    def snapshot(self) -> dict[str, Any]:
+        """What a restart needs to render on from the seal being written (the ledger keeps it in that seal's state
+        snapshot): the SessionStart attributes and protocol of the sessions still open, and their operations still
+        open, so one that ends after the restart is rendered, with the session's database and user."""
+        ended = set(self.ended)
+        ops = [op for sid, channels in self.open.items() if sid not in ended for op in channels.values()]
+        open_ids = {id(op) for op in ops}
+        return {"sessions": {s: a for s, a in self.sessions.items() if s not in ended},
+                "protocols": {s: p for s, p in self.protocols.items() if s not in ended},
+                "open": [{**{f: getattr(op, f) for f in Operation.__dataclass_fields__}, "identity": list(op.identity)}
+                         for op in ops],
+                "last": {s: [op.event_id, op.message_no] for s, op in self.last.items() if id(op) in open_ids}}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.sessions.update(state.get("sessions") or {})
+        self.protocols.update(state.get("protocols") or {})
+        by_id: dict[tuple[str, int], Operation] = {}
+        for item in state.get("open") or []:
+            op = Operation(**{**item, "identity": SessionIdentity(*item["identity"])})
+            self.open.setdefault(op.session_id, {})[op.channel] = op
+            by_id[(op.event_id, op.message_no)] = op
+        for session_id, (event_id, message_no) in (state.get("last") or {}).items():
+            if (op := by_id.get((event_id, message_no))) is not None:
+                self.last[session_id] = op
 
     def take(self, event: SignedEvent, identity: SessionIdentity, leaf: int | None) -> None:
         kind, session_id = event.envelope["kind"], event.envelope["session_id"]

@@ -263,7 +263,7 @@ class LedgerService:
                                     f"witnessed rotation seal (ledger/rotation.py rotate_partition)")
         self.writers[tp.partition] = PartitionWriter(self.dir, self.settings, self.topic, state, self.keyring, self.key)
         if self.soc is not None:
-            self.writers[tp.partition].ocsf = ocsf.Renderer(activity=self.soc.activity)
+            self.writers[tp.partition].ocsf = ocsf.Renderer(activity=self.soc.activity, state=state.ocsf)
         self.consumer.seek(tp, state.next_offset)
         if state.last_seal:  # it may have been made durable just before a crash, and never published
             self._publish(state.last_seal)
@@ -305,6 +305,8 @@ class LedgerService:
     def _seal(self, writer: PartitionWriter) -> None:
         self.quarantine.flush()  # a sealed offset range covers its rejects too: they must be safe first
         pending = writer.violations
+        if writer.ocsf is not None:  # kept in the seal's state snapshot: a restart renders on from here
+            writer.state.ocsf = writer.ocsf.snapshot()
         seal = writer.seal()
         self._publish(seal)
         for violation in pending:  # after the seal: a violation always points at sealed evidence

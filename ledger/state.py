@@ -54,6 +54,9 @@ class PartitionState:
     """Sessions whose SessionEnd was accepted."""
     session_map: SessionMap = field(default_factory=SessionMap)
     """Every session's state as of the last seal (ledger/sessionmap.py); rebuilt from `chains` and `ended` on resume."""
+    ocsf: dict = field(default_factory=dict)
+    """The OCSF renderer's state at this seal ([soc] on: ingest/ocsf.py `Renderer.snapshot`): open sessions'
+    attributes and protocol, their open operations."""
 
     def session_state(self, session_id: str) -> SessionState:
         position = self.chains.sessions[session_id]
@@ -71,6 +74,7 @@ class PartitionState:
             "next_offset": self.next_offset,
             "tree": base64.b64encode(self.tree.to_bytes()).decode(),
             "sessions": {sid: p.to_json(SNAPSHOT_RECENT) for sid, p in self.chains.sessions.items()},
+            "ocsf": self.ocsf,
             "identities": {sid: list(identity) for sid, identity in self.identities.items()},
             "ended": sorted(self.ended),
         }
@@ -91,6 +95,7 @@ class PartitionState:
             last_seal=last_seal,
             tree=CompactTree.from_bytes(base64.b64decode(document["tree"])),
             next_offset=document["next_offset"],
+            ocsf=document.get("ocsf") or {},  # absent in a snapshot from before it was kept
             chains=chains,
             identities=identities,
             ended=ended,

@@ -90,3 +90,44 @@ def test_postgres_session_in_ocsf(pg_sealed):
     assert bad and all(d["class_uid"] == 3002 and d["status_id"] == 2 for d in bad)
     assert bad[0]["status_code"] and bad[0]["user"]["name"] == "alice@example.com"
     assert len({d["metadata"]["uid"] for d in activity + findings}) == len(activity + findings), "ids are unique"
+
+
+def test_an_operation_open_across_a_ledger_restart_is_rendered_with_its_session(broker, tmp_path):
+    """The renderer's state is kept in each seal's state snapshot: a statement whose start was sealed before the
+    ledger stopped, and whose outcome comes after it restarted, is rendered once, still with the session's
+    database and protocol user (the SessionStart attributes, sealed before the restart)."""
+    import threading
+    import time
+
+    proxy = start_proxy(tmp_path / "custody", broker)
+    events = EventLog.open(proxy)
+    app = new_app("restart")
+    keys, ledger, group = proxy.directory / "keys", tmp_path / "ledger", f"ocsf-{app}"
+    sleep = "SELECT pg_sleep(15)"
+    try:
+        conn = proxy.connect(application_name=app, autocommit=True)
+        running = threading.Thread(target=conn.execute, args=(sleep,))
+        running.start()
+        deadline = time.monotonic() + 10
+        while not any(m.get("text") == sleep for s in events.sessions.values() for e in s if e.kind == "frames"
+                      for m in e.body["messages"]):
+            assert time.monotonic() < deadline, "the statement was not recorded"
+            events.poll(0.2)
+        seal(proxy.kafka, keys, ledger, 1, group)  # everything so far sealed, the statement still running; stopped
+        assert running.is_alive(), "the statement ended before the first ledger stopped"
+        before = read_topic(proxy.kafka, "activity.ocsf", idle=1.0)
+        running.join(30)
+        conn.close()
+        session = events.session(app)
+        seal(proxy.kafka, keys, ledger, len(session), group)  # a new ledger, resumed from the snapshot
+    finally:
+        events.close()
+        proxy.background.stop()
+    sid = session[0].session_id
+    after = by_session(read_topic(proxy.kafka, "activity.ocsf"), sid)
+    assert not [d for d in by_session(before, sid) if d["class_uid"] == 6005 and d["query_info"]["query_string"] == sleep]
+    [doc] = [d for d in after if d["class_uid"] == 6005 and d["query_info"]["query_string"] == sleep]
+    validate(doc)
+    assert doc["status_id"] == 1 and doc["database"]["name"] == "postgres"
+    assert doc["actor"]["user"]["account"]["name"] == "alice@example.com"
+    assert doc["unmapped"]["custody"]["ledger"]["seal"] > 1 and doc["duration"] >= 3000
