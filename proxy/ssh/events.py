@@ -62,6 +62,20 @@ class ForwardOpen:
 
 
 @dataclass(frozen=True, slots=True)
+class ForwardRequest:
+    """A forwarding the proxy never relays: remote (tcpip-forward, `ssh -R`), agent (`ssh -A`) or X11 (`ssh -X`).
+
+    asyncssh refuses it; the front end records the request and the refusal.
+    """
+
+    kind: str  # remote | agent | x11
+    channel: int | None = None  # the session channel of an agent or X11 request
+    host: str = ""
+    port: int = 0
+    detail: str = ""  # X11: the auth protocol and screen
+
+
+@dataclass(frozen=True, slots=True)
 class WindowChange:
     channel: int
     size: tuple[int, int, int, int]

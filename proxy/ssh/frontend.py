@@ -101,6 +101,8 @@ class _Channel:
     transfers: sftp.Transfers | None = None
     operations: dict[int, str] = field(default_factory=dict)  # SFTP request id -> operation, for its outcome
     closing: dict[int, bytes] = field(default_factory=dict)  # SFTP close request id -> handle
+    client_bytes: int = 0  # channel data from the client (a forward's close records both counts)
+    server_bytes: int = 0
 
 
 class SSHFrontEnd(FrontEnd):
@@ -147,6 +149,8 @@ class SSHFrontEnd(FrontEnd):
             yield from self._closed(CLIENT, item.channel)
         elif kind is ev.ForwardOpen:
             yield from self._forward(item)
+        elif kind is ev.ForwardRequest:
+            self._refused_request(item)
         else:
             raise TypeError(f"unknown SSH client event {item!r}")
 
@@ -279,7 +283,11 @@ class SSHFrontEnd(FrontEnd):
         channel = self.channels.pop(ch, None)
         if channel is None:
             return
-        self._record(side, message("close", ch))
+        totals = None
+        if channel.kind == "forward":  # what went through the forwarded connection, each way
+            totals = {"destination": channel.text, "client_bytes": str(channel.client_bytes),
+                      "server_bytes": str(channel.server_bytes)}
+        self._record(side, message("close", ch, attributes=totals))
         other = SERVER if side == CLIENT else CLIENT
         if other == CLIENT or channel.open:
             yield ev.CloseChannel(other, ch)
@@ -290,6 +298,7 @@ class SSHFrontEnd(FrontEnd):
         channel = self.channels.get(item.channel)
         if channel is None:
             return
+        channel.client_bytes += len(item.data)
         if channel.reader is not None:
             yield from self._sftp_requests(channel, item.data)
             return
@@ -298,6 +307,7 @@ class SSHFrontEnd(FrontEnd):
             yield Send(SERVER, item.data, ev.channel_name(item.channel))
 
     def _server_data(self, channel: _Channel, item: ev.ChannelData) -> Steps:
+        channel.server_bytes += len(item.data)
         if channel.replies is not None and not item.stderr:
             yield from self._sftp_replies(channel, item.data)
             return
@@ -408,6 +418,22 @@ class SSHFrontEnd(FrontEnd):
             return
         channel.open = True
         self._record(SERVER, message("open-confirmation", ch, outcome="ok"))
+
+    def _refused_request(self, item: ev.ForwardRequest) -> None:
+        """Remote, agent and X11 forwarding are never relayed: the request and its refusal, as a block."""
+        if item.kind == "remote":
+            kind, text = "tcpip-forward", f"remote {item.host}:{item.port}"
+            attributes = {"host": item.host, "port": str(item.port)}
+        elif item.kind == "agent":
+            kind, text, attributes = "auth-agent-req", "agent", {}
+        else:
+            kind, text, attributes = "x11-req", "x11", {"x11": item.detail} if item.detail else {}
+        reason = f"{item.kind} forwarding is refused through Custody"
+        self._record(CLIENT, message(kind, item.channel, attributes=attributes, operation="forward", text=text,
+                                     objects=[f"{item.host}:{item.port}"] if item.kind == "remote" else []))
+        self.session.record("policy_decision", records.decision(FORWARD_CLOSED_RULE, "block", reason, text))
+        self._record(SERVER, message("request-failure", item.channel, attributes={"reason": reason, **records.PROXY_ORIGIN},
+                                     outcome="error", error_code="administratively_prohibited", error_message=reason))
 
     def _refuse_forward(self, channel: _Channel, reason: str) -> Steps:
         self.channels.pop(channel.id, None)

@@ -143,7 +143,42 @@ class ClientConnection(asyncssh.SSHServer):
                                identity_leeway=listener.identity_leeway)
         listener.connections.add(self)
         self._keep_sample(conn)
+        self._refuse_agent_and_x11(conn)
         self.run(self.session.start())
+
+    def _refuse_agent_and_x11(self, conn: asyncssh.SSHServerConnection) -> None:
+        """asyncssh refuses agent and X11 forwarding (they are off) without a callback: these say so to the session.
+
+        A session channel asks its connection for the agent listener or the
+        X11 display; on this one instance both record the request and refuse.
+        """
+        async def create_agent_listener() -> bool:
+            self._forward_request(ev.ForwardRequest("agent", self._channel_of(None)))
+            return False
+
+        async def attach_x11_listener(chan: Any, auth_proto: bytes, auth_data: bytes, screen: int) -> None:
+            self._forward_request(ev.ForwardRequest("x11", self._channel_of(chan),
+                                                    detail=f"{_text(auth_proto)} screen {screen}"))
+            return None
+
+        conn.create_agent_listener = create_agent_listener  # type: ignore[method-assign]
+        conn.attach_x11_listener = attach_x11_listener  # type: ignore[method-assign]
+
+    def _channel_of(self, chan: Any) -> int | None:
+        """Our id of a client session channel (None: the newest, which is the one asking for the agent)."""
+        for channel_id, session in sorted(self.client_channels.items(), reverse=True):
+            if chan is None or session.chan is chan:
+                return channel_id
+        return None
+
+    def _forward_request(self, request: ev.ForwardRequest) -> None:
+        if not self._closed:
+            self.run(self.session.event(CLIENT, request))
+
+    def server_requested(self, listen_host: str, listen_port: int) -> bool:
+        """tcpip-forward (remote forwarding, `ssh -R`): refused, and recorded."""
+        self._forward_request(ev.ForwardRequest("remote", host=listen_host, port=listen_port))
+        return False
 
     def _keep_sample(self, conn: asyncssh.SSHServerConnection) -> None:
         """Keep the first bytes the client sends (asyncssh has no hook for them): a transport error's sample.

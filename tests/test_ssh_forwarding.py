@@ -1,0 +1,190 @@
+"""Port forwarding through the SSH proxy with the real OpenSSH client and a real sshd: `ssh -W` and `ssh -L` to a
+local TCP echo server that a policy rule allows, each forwarded connection recorded as its own channel with its
+destination and the bytes each way; destinations no rule allows, remote (`-R`), agent (`-A`) and X11 (`-X`)
+forwarding refused and recorded (PolicyDecision block, forwarding-closed-by-default).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import socketserver
+import subprocess
+import threading
+import time
+
+import pytest
+
+from pg_fixtures import EventLog, messages, start_proxy
+from ssh_fixtures import Client, free_port, new_user, ssh_proxy_entry, start_sshd
+
+
+class _Echo(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        while data := self.request.recv(65536):
+            self.request.sendall(data)
+
+
+class EchoServer(socketserver.ThreadingTCPServer):
+    daemon_threads = allow_reuse_address = True
+
+
+@pytest.fixture(scope="module")
+def echo():
+    server = EchoServer(("127.0.0.1", 0), _Echo)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(broker, tmp_path_factory, sshd, echo):
+    directory = tmp_path_factory.mktemp("custody")
+    (directory / "policies").mkdir()
+    (directory / "policies" / "ssh.toml").write_text(f'''
+[[rule]]
+name = "allow-forward-to-echo"
+action = "allow"
+message = "the echo service may be reached through Custody"
+protocols = ["ssh"]
+operations = ["forward"]
+objects = ["127.0.0.1:{echo}"]
+''')
+    running = start_proxy(directory, broker, extra_proxies=ssh_proxy_entry(sshd))
+    running.events = EventLog.open(running)
+    host_pub = (directory / "keys" / "ssh_host_ed25519.pub").read_text().strip()
+    running.client = Client(tmp_path_factory.mktemp("client"), *running.address(1), host_pub)
+    yield running
+    running.events.close()
+    running.background.stop()
+
+
+def session_of(proxy, user: str):
+    found = proxy.events.find(lambda s: s["protocol"] == "ssh" and s["attributes"].get("user") == user)
+    assert len(found) == 1, f"no session of {user}"
+    return found[0]
+
+
+def forwards(events) -> dict[str, dict]:
+    """Each forwarded channel: its destination, the bytes recorded each way, and its close record's counts."""
+    channels: dict[str, dict] = {}
+    for m in messages(events):
+        if m["type"] == "direct-tcpip":
+            channels[m["channel"]] = {"destination": m["text"], "client": b"", "server": b"", "close": None}
+    for direction in ("client", "server"):
+        for m in messages(events, direction):
+            if m["channel"] in channels and m["type"] == "data":
+                channels[m["channel"]][direction] += m["data"]
+            elif m["channel"] in channels and m["type"] == "close":
+                channels[m["channel"]]["close"] = m["attributes"]
+    return channels
+
+
+def test_ssh_W_to_an_allowed_destination_relays_and_records_the_bytes(proxy, echo):
+    user = new_user()
+    payload = os.urandom(200_000)
+    result = proxy.client.ssh(user, proxy.token(user, ("dev",)), input=payload, extra=("-W", f"127.0.0.1:{echo}"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == payload
+    events = session_of(proxy, user)
+    [channel] = forwards(events).values()
+    assert channel["destination"] == f"127.0.0.1:{echo}"
+    assert channel["client"] == payload and channel["server"] == payload
+    assert channel["close"] == {"destination": f"127.0.0.1:{echo}", "client_bytes": str(len(payload)),
+                                "server_bytes": str(len(payload))}
+    assert any(m["type"] == "open-confirmation" and m["outcome"] == "ok" for m in messages(events, "server"))
+    assert not [e for e in events if e.kind == "policy_decision"]
+
+
+def test_ssh_L_records_each_forwarded_connection_on_its_own_channel(proxy, echo):
+    user = new_user()
+    local = free_port()
+    tunnel = subprocess.Popen(["ssh", *proxy.client.options(), "-N", "-o", "ExitOnForwardFailure=yes",
+                               "-L", f"127.0.0.1:{local}:127.0.0.1:{echo}", "-p", str(proxy.client.port),
+                               "-l", user, proxy.client.host], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=proxy.client.env(proxy.token(user, ("dev",))))
+    sent = [b"first connection " * 1000, b"second " * 3000]
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", local), 1).close()
+                break
+            except OSError:
+                assert tunnel.poll() is None and time.monotonic() < deadline, tunnel.stderr.read()
+                time.sleep(0.1)
+        for data in sent:
+            with socket.create_connection(("127.0.0.1", local), 10) as sock:
+                sock.sendall(data)
+                sock.shutdown(socket.SHUT_WR)
+                back = b""
+                while chunk := sock.recv(65536):
+                    back += chunk
+            assert back == data
+    finally:
+        tunnel.terminate()
+        tunnel.wait(10)
+    events = session_of(proxy, user)
+    channels = [c for c in forwards(events).values() if c["client"]]
+    assert [(c["destination"], c["client"], c["server"]) for c in channels] == [
+        (f"127.0.0.1:{echo}", data, data) for data in sent]
+    assert [c["close"]["client_bytes"] for c in channels] == [str(len(data)) for data in sent]
+    assert [c["close"]["server_bytes"] for c in channels] == [str(len(data)) for data in sent]
+
+
+def test_a_destination_no_rule_allows_is_refused(proxy, sshd):
+    user = new_user()
+    result = proxy.client.ssh(user, proxy.token(user, ("dev",)), extra=("-W", f"127.0.0.1:{sshd.port}"))
+    assert result.returncode == 255 and b"stdio forwarding failed" in result.stderr
+    events = session_of(proxy, user)
+    assert [(e.body["rule"], e.body["action"], e.body["statement"]) for e in events if e.kind == "policy_decision"] \
+        == [("forwarding-closed-by-default", "block", f"127.0.0.1:{sshd.port}")]
+    failure = next(m for m in messages(events, "server") if m["type"] == "open-failure")
+    assert failure["error_code"] == "administratively_prohibited"
+
+
+def test_remote_forwarding_is_refused_and_recorded(proxy, echo):
+    user = new_user()
+    result = proxy.client.ssh(user, proxy.token(user, ("dev",)), "echo ran", extra=(
+        "-o", "ExitOnForwardFailure=yes", "-R", f"127.0.0.1:{free_port()}:127.0.0.1:{echo}"))
+    assert result.returncode == 255 and b"remote port forwarding failed" in result.stderr, result.stderr
+    events = session_of(proxy, user)
+    request = next(m for m in messages(events, "client") if m["type"] == "tcpip-forward")
+    assert request["operation"] == "forward" and request["text"].startswith("remote 127.0.0.1:")
+    assert [(e.body["rule"], e.body["action"]) for e in events if e.kind == "policy_decision"] == [
+        ("forwarding-closed-by-default", "block")]
+    assert any(m["type"] == "request-failure" and m["attributes"]["origin"] == "proxy"
+               for m in messages(events, "server"))
+
+
+def test_agent_and_x11_forwarding_are_refused_and_recorded(proxy, tmp_path):
+    user = new_user()
+    agent_sock = tmp_path / "agent.sock"
+    agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(agent_sock)], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not agent_sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        env = {**proxy.client.env(proxy.token(user, ("dev",))), "SSH_AUTH_SOCK": str(agent_sock), "DISPLAY": ":93"}
+        result = subprocess.run(["ssh", *proxy.client.options(), "-A", "-X", "-p", str(proxy.client.port), "-l",
+                                 user, proxy.client.host, "echo ran; echo ${SSH_AUTH_SOCK:-no-agent}"],
+                                env=env, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    finally:
+        agent.terminate()
+        agent.wait(10)
+    assert result.returncode == 0 and result.stdout == b"ran\nno-agent\n", result.stderr
+    events = session_of(proxy, user)
+    requests = [(m["type"], m["text"]) for m in messages(events, "client") if m["operation"] == "forward"]
+    assert sorted(requests) == [("auth-agent-req", "agent"), ("x11-req", "x11")]
+    assert sorted(e.body["statement"] for e in events if e.kind == "policy_decision") == ["agent", "x11"]
+    exec_channel = next(m["channel"] for m in messages(events, "client") if m["type"] == "exec")
+    assert {m["channel"] for m in messages(events, "client") if m["operation"] == "forward"} == {exec_channel}
