@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
     from .policy import PolicyRuntime
     from .redaction import Redactor
-    from .server import Approvals, Listener
+    from .runner import Approvals
+    from .server import Listener
     from .session import Session
     from .settings import ListenerSettings
 

@@ -16,31 +16,27 @@ import logging
 import socket
 import ssl
 import threading
-from typing import Any, Protocol
+from typing import Any
 
 from ingest.recorder import Pressure, Recorder
-from proxy.approvals import ApprovalOutcome, ApprovalRequest
-from proxy.identity import AuthenticationError, TokenVerifier
+from proxy.identity import TokenVerifier
 
 from .commands import (
     CLIENT,
-    AwaitApproval,
-    Cede,
     Close,
     Command,
     OpenUpstream,
     ReadControl,
     Send,
     SendOnce,
-    SetTimer,
     StartTLS,
     TLSFailed,
     TLSInfo,
     UpstreamUnavailable,
-    VerifyToken,
 )
 from .frontend import Protocol as FrontEndProtocol
 from .policy import PolicyRuntime
+from .runner import Approvals, CommandRunner
 from .session import Session
 
 log = logging.getLogger(__name__)
@@ -50,12 +46,6 @@ SEND_ONCE_TIMEOUT = 5.0
 _PEER_FULL = "peer write buffer full"
 _RECORDER_BEHIND = "recorder behind"
 _LANE_FULL = "session queue full"
-
-
-class Approvals(Protocol):
-    """What a listener needs of `proxy.approvals_gateway.ApprovalGateway`: a held operation's outcome."""
-
-    async def decide(self, request: ApprovalRequest) -> ApprovalOutcome: ...
 
 
 class Listener:
@@ -186,16 +176,14 @@ class _Receiver(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
 
-class ClientConnection(_Receiver):
+class ClientConnection(_Receiver, CommandRunner):
     def __init__(self, listener: Listener) -> None:
-        super().__init__()
+        _Receiver.__init__(self)
+        CommandRunner.__init__(self, listener.verifier, listener.approvals)
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.upstream: UpstreamConnection | None = None
         self.session: Session
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._closed = False
-        self._tasks: set[asyncio.Task] = set()
         self._held_writes: list[bytes] | None = None  # client writes while its TLS handshake runs
 
     # --- socket events ---------------------------------------------------------------
@@ -259,64 +247,24 @@ class ClientConnection(_Receiver):
                     self.upstream.write(command.data)
             elif kind is Close:
                 self._close()
-            elif kind is SetTimer:
-                self._set_timer(command.name, command.seconds)
-            elif kind is VerifyToken:
-                self._spawn(self._verify(command))
             elif kind is OpenUpstream:
-                self._spawn(self._connect(command))
+                self.spawn(self._connect(command))
             elif kind is StartTLS:
                 self._start_tls(command)
-            elif kind is AwaitApproval:
-                self._spawn(self._await_approval(command))
             elif kind is SendOnce:
                 self.listener.send_once(command)
-            elif kind is Cede:
-                asyncio.get_running_loop().call_soon(self._ceded, command)
             elif kind is ReadControl:
                 side = self if command.side == CLIENT else self.upstream
                 if side is not None:
                     (side.pause_reading if command.paused else side.resume_reading)(_LANE_FULL)
-            else:
+            elif not self.run_shared(command):
                 raise TypeError(f"no adapter for command {command!r}")
-
-    def _ceded(self, command: Cede) -> None:
-        if not self._closed:
-            self.run(self.session.completed(command))
 
     def _write_client(self, data: bytes) -> None:
         if self._held_writes is not None:
             self._held_writes.append(data)
         elif self.transport is not None and not self._closed:
             self.transport.write(data)
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _set_timer(self, name: str, seconds: float | None) -> None:
-        old = self._timers.pop(name, None)
-        if old is not None:
-            old.cancel()
-        if seconds is not None and not self._closed:
-            self._timers[name] = asyncio.get_running_loop().call_later(seconds, self._timer_fired, name)
-
-    def _timer_fired(self, name: str) -> None:
-        self._timers.pop(name, None)
-        self.run(self.session.timer(name))
-
-    async def _verify(self, command: VerifyToken) -> None:
-        try:
-            result: Any = await asyncio.to_thread(self.listener.verifier.verify, command.token)
-        except AuthenticationError as error:
-            result = error
-        self.run(self.session.completed(command, result))
-
-    async def _await_approval(self, command: AwaitApproval) -> None:
-        assert self.listener.approvals is not None, "a policy without an approvals gateway"
-        outcome = await self.listener.approvals.decide(command.request)
-        self.run(self.session.completed(command, outcome))
 
     async def _connect(self, command: OpenUpstream) -> None:
         loop = asyncio.get_running_loop()
@@ -343,7 +291,7 @@ class ClientConnection(_Receiver):
             self._held_writes = self._held_writes or []  # nor written: TLS data can arrive before start_tls returns
         elif self.upstream is not None and self.upstream.transport is not None:
             self.upstream.transport.pause_reading()
-        self._spawn(self._tls_handshake(command))
+        self.spawn(self._tls_handshake(command))
 
     async def _tls_handshake(self, command: StartTLS) -> None:
         loop = asyncio.get_running_loop()
@@ -376,9 +324,7 @@ class ClientConnection(_Receiver):
         if self._closed:
             return
         self._closed = True
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        self.cancel_timers()
         if self.transport is not None:
             self.transport.close()
         if self.upstream is not None:
@@ -387,8 +333,7 @@ class ClientConnection(_Receiver):
 
     def _shutdown(self) -> None:
         self._close()
-        for task in self._tasks:
-            task.cancel()
+        self.cancel_tasks()
 
 
 class UpstreamConnection(_Receiver):
