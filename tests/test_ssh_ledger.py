@@ -22,7 +22,17 @@ from ingest.keys import Keyring, load_key_file
 from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
 from pg_fixtures import EventLog, start_proxy
-from ssh_fixtures import Client, new_user, ssh_proxy_entry, start_sshd
+from ssh_fixtures import Client, keygen, new_user, ssh_proxy_entry, start_sshd
+
+BLOCK_RM_RF = '''
+[[rule]]
+name = "block-ssh-rm-rf"
+action = "block"
+message = "rm -rf through Custody is not allowed"
+protocols = ["ssh"]
+operations = ["command"]
+text = '^rm -rf '
+'''
 
 
 def resize(fd: int, rows: int, columns: int) -> None:
@@ -44,13 +54,24 @@ def read_until(fd: int, needle: bytes, timeout: float = 20) -> bytes:
 def sealed(broker, tmp_path_factory):
     sshd = start_sshd(tmp_path_factory.mktemp("sshd"))
     directory = tmp_path_factory.mktemp("custody")
-    proxy = start_proxy(directory, broker, extra_proxies=ssh_proxy_entry(sshd, policy="policies/default.toml"))
+    impostor_key = keygen(tmp_path_factory.mktemp("impostor") / "key")  # a host key that is not the target's
+    proxy = start_proxy(directory, broker, extra_proxies=ssh_proxy_entry(sshd, policy="policies/default.toml")
+                        + ssh_proxy_entry(sshd, name="impostor-ssh", host_key=impostor_key,
+                                          policy="policies/default.toml"))
+    policy = directory / "policies" / "default.toml"
+    policy.write_text(policy.read_text() + BLOCK_RM_RF)
+    time.sleep(1.2)  # reloaded at most once a second
     events = EventLog.open(proxy)
-    client = Client(tmp_path_factory.mktemp("client"), *proxy.address(1),
-                    (directory / "keys" / "ssh_host_ed25519.pub").read_text().strip())
-    user = new_user()
+    host_pub = (directory / "keys" / "ssh_host_ed25519.pub").read_text().strip()
+    client = Client(tmp_path_factory.mktemp("client"), *proxy.address(1), host_pub)
+    user, offender = new_user(), new_user()
     token = proxy.token(user, ("dev",))
     try:
+        blocked = client.ssh(offender, proxy.token(offender, ("dev",)), "rm -rf /srv/data")
+        assert blocked.returncode == 126 and b"rm -rf through Custody is not allowed" in blocked.stderr
+        impostor = Client(tmp_path_factory.mktemp("client2"), *proxy.address(2), host_pub)
+        refused = impostor.ssh(offender, proxy.token(offender, ("dev",)), "echo should-not-run")
+        assert refused.returncode == 255 and b"should-not-run" not in refused.stdout
         ran = client.ssh(user, token, "echo exec-$((40+2))")
         assert ran.returncode == 0 and ran.stdout == b"exec-42\n", ran.stderr
         master, slave = pty.openpty()
@@ -80,14 +101,19 @@ def sealed(broker, tmp_path_factory):
                                   segment_max_bytes=1 << 24, segment_max_seconds=0.3, idle_seal_seconds=3600)
         service = LedgerService(proxy.kafka, settings, load_key_file(keys / "ledger.key"),
                                 Keyring.load(keys / "keyring.toml"), group_id=f"ssh-{user}")
-        total = sum(len(s) for s in sessions)
+        offended: list = []
+        while len(offended) < 2:
+            assert time.monotonic() < deadline
+            offended = events.find(lambda s: s["protocol"] == "ssh" and s["attributes"].get("user") == offender)
+            events.poll()
+        total = sum(len(s) for s in sessions + offended)
         deadline = time.monotonic() + 60
         while service.sealed_leaves < total or any(w.opened_at is not None for w in service.writers.values()):
             assert time.monotonic() < deadline, "the ledger did not seal in time"
             service.step(0.1)
         service.close()
         sessions.sort(key=lambda s: s[0].ts)
-        yield proxy, user, sessions, settings.dir
+        yield proxy, user, sessions, settings.dir, offender
     finally:
         events.close()
         proxy.background.stop()
@@ -101,7 +127,7 @@ def custody(*args: str):
 
 
 def test_activity_shows_the_ssh_operations(sealed):
-    proxy, user, sessions, ledger = sealed
+    proxy, user, sessions, ledger, _ = sealed
     rows = json.loads(custody("activity", "--identity", user, "--protocol", "ssh", "--format", "json",
                               "--ledger", str(ledger), "--config", str(proxy.config.path)))
     assert [(r["protocol"], r["operation"], r["text"], r["outcome"]) for r in rows] == [
@@ -109,7 +135,7 @@ def test_activity_shows_the_ssh_operations(sealed):
 
 
 def test_replay_and_asciicast_of_the_shell(sealed, tmp_path):
-    proxy, user, sessions, ledger = sealed
+    proxy, user, sessions, ledger, _ = sealed
     shell_id = sessions[1][0].session_id
     text = custody("replay", shell_id, "--ledger", str(ledger), "--config", str(proxy.config.path))
     assert text.startswith("VERIFIED") and "typed-secret-2" in text and "120x40" in text, text
@@ -130,3 +156,25 @@ def test_replay_and_asciicast_of_the_shell(sealed, tmp_path):
                          "--config", str(proxy.config.path))
     typed = "".join(json.loads(line)[2] for line in with_input.splitlines()[1:] if json.loads(line)[1] == "i")
     assert "echo typed-secret-$((1+1))" in typed
+
+
+def test_a_blocked_command_and_a_refused_host_key_reach_violations_tail(sealed):
+    proxy, _, _, ledger, offender = sealed
+    config = ("--config", str(proxy.config.path))
+    deadline, mine = time.monotonic() + 30, []
+    while len(mine) < 2:
+        assert time.monotonic() < deadline, f"violations on the topic: {mine}"
+        lines = custody("violations", "tail", "--format", "json", *config).splitlines()
+        mine = [v for v in map(json.loads, lines) if (v.get("identity") or {}).get("subject") == offender]
+    by_target = {v["target"]: v for v in mine}
+    assert sorted(by_target) == ["impostor-ssh", "local-ssh"], mine
+    blocked, refused = by_target["local-ssh"], by_target["impostor-ssh"]
+    assert (blocked["category"], blocked["statement"]) == ("policy_block", "rm -rf /srv/data")
+    assert (blocked["rule"], blocked["action"], blocked["detail"]) == (
+        "block-ssh-rm-rf", "block", "rm -rf through Custody is not allowed")
+    assert (refused["category"], refused["reason"]) == ("protocol_error", "host_key_not_verified")
+    assert "pinned upstream_host_key" in refused["detail"]
+    rows = json.loads(custody("activity", "--identity", offender, "--protocol", "ssh", "--format", "json",
+                              "--ledger", str(ledger), *config))
+    assert [(r["operation"], r["text"], r.get("policy_action")) for r in rows] == [
+        ("command", "rm -rf /srv/data", "block")]
