@@ -2,7 +2,8 @@
 session goes through the real proxy to its real target (MariaDB, Debian's nginx, the Kubernetes API stand-in with
 the real kubectl, OpenSSH's sshd with the real ssh client), is sealed by the real ledger with [soc] on, and every
 document read back from custody.violations.ocsf / custody.activity.ocsf validates against the carried OCSF 1.8.0
-schema; the class-specific fields are asserted."""
+schema; the class-specific fields are asserted; the syslog sink forwards every one of them to rsyslogd, which
+parses each as it was."""
 
 from __future__ import annotations
 
@@ -16,12 +17,15 @@ from pathlib import Path
 import pymysql
 import pytest
 
+from ingest import syslog
+from ingest.settings import SocSettings
 from kube_server import KubeServer
 from mysql_fixtures import make_target, proxy_entry
 from nginx_server import Nginx
 from ocsf_fixtures import read_topic, seal, validate
 from pg_fixtures import EventLog, make_tls, start_proxy
-from ssh_fixtures import Client, new_user, ssh_proxy_entry, start_sshd
+from ssh_fixtures import Client, free_port, new_user, ssh_proxy_entry, start_sshd
+from syslog_fixtures import RSYSLOGD, Rsyslog, RunningSink, uids, wait_for
 
 KUBECTL = "/usr/bin/kubectl"
 
@@ -39,7 +43,29 @@ def sealed_documents(proxy, tmp_path: Path, sessions: int) -> tuple[list[dict], 
         validate(doc)
     uids = [d["metadata"]["uid"] for d in activity + findings]
     assert len(set(uids)) == len(uids), "ids are unique"
+    through_rsyslog(proxy, tmp_path, activity + findings)
     return activity, findings
+
+
+def through_rsyslog(proxy, tmp_path: Path, docs: list[dict]) -> None:
+    """The syslog sink forwards both OCSF topics to rsyslogd (TCP): every document arrives parsed, as it was, with
+    its class as MSGID and its id in the structured data."""
+    if not Path(RSYSLOGD).exists():
+        return
+    port = free_port()
+    receiver = Rsyslog(tmp_path / "rsyslog", port)
+    receiver.start()
+    soc = SocSettings(ocsf=True, activity=True, syslog=f"tcp://127.0.0.1:{port}", syslog_group=f"syslog-{port}")
+    try:
+        with RunningSink(proxy.kafka, soc, syslog.Destination.parse(soc.syslog)):
+            wait_for(lambda: set(uids(receiver)) >= {d["metadata"]["uid"] for d in docs}, 30,
+                     "not every document reached rsyslog")
+    finally:
+        receiver.stop()
+    got = {doc["metadata"]["uid"]: (msgid, sd, doc) for msgid, _, sd, doc in receiver.received()}
+    for doc in docs:
+        msgid, sd, received = got[doc["metadata"]["uid"]]
+        assert msgid == f"OCSF-{doc['class_uid']}" and f'id="{doc["metadata"]["uid"]}"' in sd and received == doc
 
 
 def linked(doc: dict, subject: str | None = None) -> dict:

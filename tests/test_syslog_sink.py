@@ -7,7 +7,6 @@ confirmed (not sent again). Order is not promised (three partitions); de-duplica
 from __future__ import annotations
 
 import json
-import shutil
 import signal
 import socket
 import ssl
@@ -21,66 +20,9 @@ import pytest
 from ingest import kafka, syslog
 from ingest.settings import KafkaSettings, SocSettings
 from ssh_fixtures import free_port
+from syslog_fixtures import RSYSLOGD, Rsyslog, RunningSink, uids, wait_for
 
-RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 pytestmark = pytest.mark.skipif(not Path(RSYSLOGD).exists(), reason="rsyslog is not installed (apt-get install rsyslog)")
-
-
-class Rsyslog:
-    """rsyslogd with a config of its own: `tcp` (imtcp, octet counting), `tls` (imtcp with the OpenSSL stream
-    driver, RFC 5425; `tls` is make_tls's files: the server certificate, and client certificates from the CA
-    required) or `udp` (imudp, RFC 5426); every message written as MSGID, APP-NAME, SD, MSG."""
-
-    def __init__(self, directory: Path, port: int, transport: str = "tcp", tls: dict | None = None):
-        self.dir, self.port, self.out, self.transport = directory, port, directory / "received.log", transport
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / "work").mkdir(exist_ok=True)
-        extra = ""
-        if transport == "udp":
-            inputs = f'module(load="imudp")\ninput(type="imudp" address="127.0.0.1" port="{port}")'
-        elif transport == "tls":
-            extra = (f' DefaultNetstreamDriverCAFile="{tls["ca"]}" DefaultNetstreamDriverCertFile='
-                     f'"{tls["server_cert"]}" DefaultNetstreamDriverKeyFile="{tls["server_key"]}"')
-            inputs = ('module(load="imtcp" StreamDriver.Name="ossl" StreamDriver.Mode="1" '
-                      'StreamDriver.AuthMode="x509/certvalid")\n'
-                      f'input(type="imtcp" address="127.0.0.1" port="{port}")')
-        else:
-            inputs = f'module(load="imtcp")\ninput(type="imtcp" address="127.0.0.1" port="{port}")'
-        (directory / "rsyslog.conf").write_text(f"""
-global(workDirectory="{directory / 'work'}"{extra})
-{inputs}
-template(name="fields" type="list") {{
-  property(name="msgid") constant(value="\\t") property(name="app-name") constant(value="\\t")
-  property(name="structured-data") constant(value="\\t") property(name="msg") constant(value="\\n")
-}}
-*.* action(type="omfile" file="{self.out}" template="fields")
-""")
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen([RSYSLOGD, "-n", "-f", str(self.dir / "rsyslog.conf"), "-i", str(self.dir / "pid")],
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 10
-        listening = ["ss", "-lun" if self.transport == "udp" else "-ltn", f"sport = :{self.port}"]
-        while f":{self.port}" not in subprocess.run(listening, capture_output=True, text=True).stdout:
-            assert self.proc.poll() is None, self.proc.stderr.read().decode()
-            assert time.monotonic() < deadline, "rsyslogd did not listen"
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
-            self.proc = None
-
-    def received(self) -> list[tuple[str, str, str, dict]]:
-        if not self.out.exists():
-            return []
-        out = []
-        for line in self.out.read_text().splitlines():
-            msgid, app, sd, msg = line.split("\t", 3)
-            out.append((msgid, app, sd, json.loads(msg)))
-        return out
 
 
 def finding(n: int) -> dict:
@@ -97,13 +39,6 @@ def publish(settings: KafkaSettings, docs: list[dict]) -> None:
                       value=json.dumps(d).encode())
     producer.flush()
     producer.close()
-
-
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.2)
 
 
 def test_rfc5424_message_and_octet_counting():
@@ -177,28 +112,6 @@ def test_custody_violations_forward_and_tail_ocsf(kafka_settings, tmp_path):
     assert {d["metadata"]["uid"] for *_, d in receiver.received()} == {f"v-{n}" for n in range(5)}
 
 
-class RunningSink:
-    """A SyslogSink on a thread of its own, stopped (its consumer closed) on exit."""
-
-    def __init__(self, kafka_settings: KafkaSettings, soc: SocSettings, destination: syslog.Destination):
-        self.sink = syslog.SyslogSink(kafka_settings, soc, destination, confirm_seconds=1.0)
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.sink.run, args=(self.stop,), daemon=True)
-
-    def __enter__(self) -> syslog.SyslogSink:
-        self.thread.start()
-        return self.sink
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join(15)
-        assert not self.thread.is_alive(), "the sink did not stop"
-
-
-def uids(receiver: Rsyslog) -> list[str]:
-    return [d["metadata"]["uid"] for *_, d in receiver.received()]
-
-
 def test_tls_rfc5425_to_rsyslog_with_a_test_ca_and_a_client_certificate(kafka_settings, tmp_path):
     """rsyslogd's imtcp with the OpenSSL stream driver (rsyslog-openssl) requires a client certificate from the
     test CA; the sink checks rsyslogd's certificate against the same CA and presents its own."""
@@ -225,10 +138,15 @@ def test_tls_rfc5425_to_rsyslog_with_a_test_ca_and_a_client_certificate(kafka_se
         anonymous.close()
         with RunningSink(kafka_settings, soc, destination):
             wait_for(lambda: len(receiver.received()) >= 30, 30, "rsyslog did not get the 30 over TLS")
-            time.sleep(1)
+            time.sleep(2)  # confirmed and committed
+            receiver.stop()  # an outage over TLS: the sink sees the connection go and resends once it is back
+            publish(kafka_settings, [finding(n) for n in range(30, 50)])
+            time.sleep(3)
+            receiver.start()
+            wait_for(lambda: set(uids(receiver)) >= {f"v-{n}" for n in range(50)}, 60, "lost across the TLS outage")
     finally:
         receiver.stop()
-    assert sorted(uids(receiver)) == sorted(f"v-{n}" for n in range(30)), "not v-999: it had no client certificate"
+    assert set(uids(receiver)) == {f"v-{n}" for n in range(50)}, "not v-999: it had no client certificate"
     msgid, app, sd, doc = next(r for r in receiver.received() if r[3]["metadata"]["uid"] == "v-7")
     assert msgid == "OCSF-2004" and app == "custody" and 'id="v-7"' in sd and doc == finding(7)
 
