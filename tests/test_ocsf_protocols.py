@@ -10,12 +10,16 @@ from __future__ import annotations
 import base64
 import os
 import subprocess
+import threading
 import time
 import uuid
 from pathlib import Path
 
 import pymysql
 import pytest
+from click.testing import CliRunner
+
+from custody.commands.approvals import approvals_group, read_approvals
 
 from ingest import syslog
 from ingest.settings import SocSettings
@@ -24,7 +28,8 @@ from mysql_fixtures import make_target, proxy_entry
 from nginx_server import Nginx
 from ocsf_fixtures import read_topic, seal, validate
 from pg_fixtures import EventLog, make_tls, start_proxy
-from ssh_fixtures import Client, free_port, new_user, ssh_proxy_entry, start_sshd
+from conftest import send_raw
+from ssh_fixtures import Client, free_port, keygen, new_user, ssh_proxy_entry, start_sshd
 from syslog_fixtures import RSYSLOGD, Rsyslog, RunningSink, uids, wait_for
 
 KUBECTL = "/usr/bin/kubectl"
@@ -209,6 +214,14 @@ action = "block"
 message = "deleting secrets is not allowed through Custody"
 protocols = ["kubernetes"]
 attributes = { verb = ["delete", "deletecollection"], resource = ["secrets"] }
+
+[[rule]]
+name = "hold-configmap-deletes"
+action = "hold"
+message = "deleting a configmap needs approval by dba"
+protocols = ["kubernetes"]
+attributes = { verb = ["delete"], resource = ["configmaps"] }
+approvers = ["dba"]
 """
 
 
@@ -255,6 +268,21 @@ current-context: c
         assert kubectl("get", "pods", "web-1").returncode == 0
         assert kubectl("delete", "secret", "db-creds", "--wait=false").returncode != 0
         assert kubectl("get", "pods", user_token="not-a-token").returncode != 0
+        held: dict = {}
+        thread = threading.Thread(target=lambda: held.update(run=kubectl("delete", "configmap", "app-config",
+                                                                          "--wait=false")))
+        thread.start()
+        deadline = time.monotonic() + 20
+        while not (pending := [r for r in read_approvals(proxy.config).pending()
+                               if r.requester.get("subject") == who]):
+            assert time.monotonic() < deadline, "no approval request"
+            time.sleep(0.3)
+        denied = CliRunner().invoke(approvals_group, ["deny", pending[0].request_id, "--reason", "not today",
+                                                      "--token", proxy.token("bob@example.com", ("dba",)),
+                                                      "--config", str(proxy.config.path)])
+        assert denied.exit_code == 0, denied.output
+        thread.join(30)
+        assert held["run"].returncode != 0
         deadline = time.monotonic() + 20
         while not proxy.events.find(lambda s: s["identity"] is None, timeout=1):
             assert time.monotonic() < deadline, "no refused session"
@@ -274,18 +302,26 @@ current-context: c
     delete = next(d for d in api if d["unmapped"]["custody"]["kubernetes"]["verb"] == "delete")
     assert (delete["activity_id"], delete["disposition"], delete["http_response"]["code"]) == (4, "Blocked", 403)
     assert delete["resources"][0]["type"] == "secrets" and delete["resources"][0]["name"] == "db-creds"
-    [block] = blocks(findings)
+    block, = [d for d in blocks(findings) if "policy_block" in d["finding_info"]["types"]]
     assert block["finding_info"]["analytic"]["uid"] == "block-secret-deletes"
     assert block["evidences"][0]["http_request"]["url"]["path"] == "/api/v1/namespaces/default/secrets/db-creds"
     assert failed_logons(findings), "the bad token is an Authentication failure"
+    rejected, = [d for d in blocks(findings) if "approval_denied" in d["finding_info"]["types"]]
+    assert rejected["disposition"] == "Rejected" and rejected["finding_info"]["analytic"]["uid"] == "hold-configmap-deletes"
+    assert rejected["evidences"][0]["http_request"]["url"]["path"] == "/api/v1/namespaces/default/configmaps/app-config"
+    held_doc = next(d for d in api if d["unmapped"]["custody"]["kubernetes"].get("resource") == "configmaps")
+    assert held_doc["disposition"] == "Rejected" and held_doc["unmapped"]["custody"]["policy"]["action"] == "deny"
     assert any(d["class_uid"] == 3002 and d["status_id"] == 1 and d["user"]["uid"] == who for d in activity)
 
 
 def test_ssh_session_in_ocsf(broker, tmp_path, events_of):
     sshd = start_sshd(tmp_path / "sshd")
     try:
+        impostor_key = keygen(tmp_path / "impostor-key")  # a host key that is not the target's
         proxy = events_of(start_proxy(tmp_path / "custody", broker,
-                                      extra_proxies=ssh_proxy_entry(sshd, policy="policies/default.toml")))
+                                      extra_proxies=ssh_proxy_entry(sshd, policy="policies/default.toml")
+                                      + ssh_proxy_entry(sshd, name="impostor-ssh", host_key=impostor_key,
+                                                        policy="policies/default.toml")))
         client = Client(tmp_path / "client", *proxy.address(1),
                         (proxy.directory / "keys" / "ssh_host_ed25519.pub").read_text().strip())
         who = new_user()
@@ -295,7 +331,15 @@ def test_ssh_session_in_ocsf(broker, tmp_path, events_of):
         assert forward.returncode == 255
         refused = new_user()
         assert client.ssh(refused, "not-a-token", "true").returncode == 255
-        activity, findings = sealed_documents(proxy, tmp_path, 3)
+        impostor = Client(tmp_path / "client2", *proxy.address(2),
+                          (proxy.directory / "keys" / "ssh_host_ed25519.pub").read_text().strip())
+        assert impostor.ssh(who, proxy.token(who, ("dev",)), "echo should-not-run").returncode == 255
+        found = proxy.events.find(lambda s: s["attributes"].get("user") == who, timeout=20)
+        real = next(e for events in found for e in events if e.kind == "frames")
+        tampered = bytearray(real.value)
+        tampered[-1] ^= 1  # a recorded event altered on the topic: the ledger quarantines it
+        send_raw(proxy.kafka, [(real.session_id.encode(), bytes(tampered)), (b"x", b"not an event at all")])
+        activity, findings = sealed_documents(proxy, tmp_path, 4)
     finally:
         sshd.stop()
 
@@ -311,10 +355,18 @@ def test_ssh_session_in_ocsf(broker, tmp_path, events_of):
     forward_doc = next(d for d in ssh if d["unmapped"]["custody"]["operation"] == "forward")
     assert forward_doc["disposition"] == "Blocked" and forward_doc["actor"]["process"]["cmd_line"] == \
         f"127.0.0.1:{sshd.port}"
-    [block] = blocks(findings)
+    block, = [d for d in blocks(findings) if "policy_block" in d["finding_info"]["types"]]
     assert block["finding_info"]["analytic"]["uid"] == "forwarding-closed-by-default"
     assert block["evidences"][0]["data"]["statement"] == f"127.0.0.1:{sshd.port}"
     [bad] = failed_logons(findings)
     assert bad["user"]["name"] == refused and bad["status_code"] == "malformed"
     logons = [d for d in activity if d["class_uid"] == 3002]
-    assert len(logons) == 2 and all(d["user"]["uid"] == who and d["user"]["account"]["name"] == who for d in logons)
+    assert len(logons) == 3 and all(d["user"]["uid"] == who and d["user"]["account"]["name"] == who for d in logons)
+    host_key, = [d for d in blocks(findings) if "protocol_error" in d["finding_info"]["types"]]
+    assert host_key["finding_info"]["analytic"]["name"] == "host_key_not_verified"
+    assert host_key["disposition"] == "Error" and host_key["evidences"][0]["dst_endpoint"]["name"] == "impostor-ssh"
+    quarantined = [d for d in blocks(findings) if "quarantine" in d["finding_info"]["types"]]
+    assert len(quarantined) == 2 and {d["disposition"] for d in quarantined} == {"Quarantined"}
+    named = next(d for d in quarantined if d["metadata"].get("correlation_uid"))
+    assert named["finding_info"]["related_events"] == [{"uid": real.event_id}]
+    assert all(d["unmapped"]["custody"]["source"].startswith(proxy.kafka.topic("events")) for d in quarantined)
