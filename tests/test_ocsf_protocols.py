@@ -155,6 +155,15 @@ message = "writes under /admin/ are not allowed through Custody"
 protocols = ["http"]
 attributes = { method = ["POST", "PUT", "PATCH", "DELETE"] }
 text = '^\\\\S+ /admin/'
+
+[[rule]]
+name = "hold-report-deletes"
+action = "hold"
+message = "deleting a report needs approval by dba"
+protocols = ["http"]
+attributes = { method = ["DELETE"] }
+text = '^\\\\S+ /reports/'
+approvers = ["dba"]
 """
 
 
@@ -171,7 +180,8 @@ upstream_bearer_env = "CUSTODY_TEST_OCSF_UPSTREAM"
 policy = "policies/default.toml"
 """))
         policy = proxy.directory / "policies" / "default.toml"
-        policy.write_text(policy.read_text() + POLICY_HTTP.replace("\\\\", "\\"))
+        policy.write_text(policy.read_text().replace("hold_timeout_seconds = 300", "hold_timeout_seconds = 2")
+                          + POLICY_HTTP.replace("\\\\", "\\"))
         time.sleep(1.2)  # the policy holder looks at the file at most once a second
         host, port = proxy.address(1)
         who = "alice@example.com"
@@ -185,7 +195,8 @@ policy = "policies/default.toml"
         assert curl("/index.html?lang=en") == 200
         assert curl("/admin/users", "-X", "POST", "-d", "x=1") == 403
         assert curl("/index.html", token="not-a-token") == 401
-        activity, findings = sealed_documents(proxy, tmp_path, 3)
+        assert curl("/reports/q3", "-X", "DELETE") == 403  # held, nobody approves within 2 s: expired
+        activity, findings = sealed_documents(proxy, tmp_path, 4)
 
     logon = next(d for d in activity if d["class_uid"] == 3002)
     assert logon["status_id"] == 1 and logon["dst_endpoint"] == {"name": "web", "svc_name": "http"}
@@ -199,12 +210,16 @@ policy = "policies/default.toml"
     post = next(d for d in requests if d["http_request"]["http_method"] == "POST")
     assert (post["activity_id"], post["http_response"]["code"], post["disposition"]) == (6, 403, "Blocked")
     assert post["unmapped"]["custody"]["policy"]["rule"] == "block-http-admin-writes"
-    [block] = blocks(findings)
+    block, = [d for d in blocks(findings) if "policy_block" in d["finding_info"]["types"]]
     assert block["finding_info"]["analytic"]["name"] == "block-http-admin-writes"
     assert block["evidences"][0]["http_request"]["http_method"] == "POST"
     assert block["evidences"][0]["http_request"]["url"]["path"] == "/admin/users"
     [refused] = failed_logons(findings)
     assert refused["status_code"] and refused["service"]["name"] == "web"
+    expired, = [d for d in blocks(findings) if "approval_expired" in d["finding_info"]["types"]]
+    assert expired["disposition"] == "Rejected" and expired["finding_info"]["analytic"]["uid"] == "hold-report-deletes"
+    assert expired["evidences"][0]["http_request"] == {"http_method": "DELETE",
+                                                       "url": {"path": "/reports/q3", "url_string": "/reports/q3"}}
 
 
 POLICY_KUBE = """
