@@ -11,7 +11,9 @@ events of that turn, not one per frame. The child holds the session chains,
 the proxy key, the spool and the producer.
 
 Load slows sessions down, it never ends them. The events handed over but not
-yet recorded by the child are the recorder's backlog. Above `max_queue` the
+yet recorded by the child are the recorder's backlog, bounded in events
+(`max_queue`) and in frame bytes (`max_queue_bytes`, for bulk transfers whose
+few events are large). Above either bound the
 recorder tells its pressure listeners to stop reading from the sessions it is
 behind on (`Pressure.HEAVY`: those that recorded the most since the last
 time; the relay slows, TCP pushes back); above twice that, from every session
@@ -135,9 +137,9 @@ class Recorder:
     """The proxy-side handle of the recorder process."""
 
     def __init__(self, kafka: KafkaSettings, spool: SpoolOptions, key: PrivateKey, producer_name: str,
-                 max_queue: int = 10_000):
+                 max_queue: int = 10_000, max_queue_bytes: int = 64 << 20):
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads and an event loop
-        self.max_queue = max_queue
+        self.max_queue, self.max_queue_bytes = max_queue, max_queue_bytes  # the backlog's bounds, events and bytes
         self.stats = RecorderStats()
         self._requests = context.Queue()
         self._replies = context.Queue()
@@ -224,15 +226,20 @@ class Recorder:
         if batch:
             self._requests.put(("events", batch))
 
+    @property
+    def backlog_bytes(self) -> int:
+        """Frame bytes handed over that the child has not recorded yet: what a fast bulk transfer piles up."""
+        return self.stats.frame_bytes - self._acked[2]
+
     def _note_backlog(self) -> None:
         stats, (events, frames, size) = self.stats, self._acked
-        backlog = stats.queued - events
+        backlog, backlog_bytes = stats.queued - events, stats.frame_bytes - size
         if backlog > stats.max_backlog:
             stats.max_backlog = backlog
             stats.max_backlog_frames = max(stats.max_backlog_frames, stats.frames - frames)
-            stats.max_backlog_bytes = max(stats.max_backlog_bytes, stats.frame_bytes - size)
-        level = Pressure.ALL if backlog >= 2 * self.max_queue else Pressure.HEAVY if backlog >= self.max_queue \
-            else Pressure.NONE
+        stats.max_backlog_bytes = max(stats.max_backlog_bytes, backlog_bytes)
+        fill = max(backlog / self.max_queue, backlog_bytes / self.max_queue_bytes)
+        level = Pressure.ALL if fill >= 2 else Pressure.HEAVY if fill >= 1 else Pressure.NONE
         if level > self._pressure:
             self._pressure = level
             stats.throttled += 1
@@ -249,7 +256,8 @@ class Recorder:
             if what == "recorded":
                 self._acked = reply[1]
                 self.stats.recorded, self.stats.events_written = reply[1][0], reply[2]
-                if self._pressure and self.backlog <= self.max_queue // 2:
+                if self._pressure and self.backlog <= self.max_queue // 2 \
+                        and self.backlog_bytes <= self.max_queue_bytes // 2:
                     self._pressure = Pressure.NONE
                     self._tell_pressure(Pressure.NONE)
             elif what == "failed":

@@ -153,3 +153,23 @@ def test_when_the_proxy_process_dies_the_recorder_still_delivers_what_reached_it
     consumer.close()
     assert [e.seq for e in events] == list(range(len(events))) and events[0].kind == "session_start"
     assert statements_of(events) == [f"SELECT {i}" for i in range(49)]
+
+
+def test_a_backlog_of_few_large_frames_slows_the_proxy_down_too(kafka_settings, proxy_key, tmp_path):
+    """A bulk transfer's events are few but large: the byte bound throttles it before memory runs away."""
+    recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "p", max_queue=10_000,
+                        max_queue_bytes=1 << 20)
+    pressure: list[Pressure] = []
+    recorder.on_pressure(pressure.append)
+    session = recorder.open_session()
+    for _ in range(200):
+        session.record("frames", frames(payload=b"x" * (64 << 10)))
+        if pressure:
+            break
+    assert pressure == [Pressure.HEAVY] and recorder.backlog < 100 and recorder.backlog_bytes >= 1 << 20
+    assert recorder.flush(timeout=30)
+    deadline = time.monotonic() + 10
+    while pressure[-1] is not Pressure.NONE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pressure[-1] is Pressure.NONE and recorder.stats.max_backlog_bytes >= 1 << 20
+    recorder.close()
