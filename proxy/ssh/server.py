@@ -24,19 +24,17 @@ from ingest.protocols import ProtocolViolation
 from proxy.core.commands import (
     CLIENT,
     SERVER,
-    AwaitApproval,
     Close,
     Command,
     ReadControl,
     Send,
-    SetTimer,
     UpstreamUnavailable,
-    VerifyToken,
 )
 from proxy.core.policy import PolicyRuntime
-from proxy.core.server import Approvals, _address
+from proxy.core.runner import Approvals, CommandRunner
+from proxy.core.server import _address
 from proxy.core.session import Session
-from proxy.identity import AuthenticationError, TokenVerifier
+from proxy.identity import TokenVerifier
 
 from . import events as ev
 
@@ -113,10 +111,11 @@ class SSHListener:
             connection.throttle(pressing)
 
 
-class ClientConnection(asyncssh.SSHServer):
+class ClientConnection(asyncssh.SSHServer, CommandRunner):
     """One client: asyncssh's server-side callbacks in, the session's commands out."""
 
     def __init__(self, listener: SSHListener) -> None:
+        CommandRunner.__init__(self, listener.verifier, listener.approvals)
         self.listener = listener
         self.conn: asyncssh.SSHServerConnection | None = None
         self.session: Session
@@ -126,9 +125,6 @@ class ClientConnection(asyncssh.SSHServer):
         self._next_channel = 0
         self._login: asyncio.Future | None = None
         self._refused_forwards: dict[int, str] = {}
-        self._timers: dict[str, asyncio.TimerHandle] = {}
-        self._tasks: set[asyncio.Task] = set()
-        self._closed = False
         self._farewell = ""
         self._sample = b""
         self._upstream_paused: dict[int, set[str]] = {}  # why each target channel is not read
@@ -293,20 +289,14 @@ class ClientConnection(asyncssh.SSHServer):
                 self._send(command)
             elif kind is Close:
                 self._close(command.reason)
-            elif kind is SetTimer:
-                self._set_timer(command.name, command.seconds)
             elif kind is ReadControl:
                 self._read_control(command)
-            elif kind is VerifyToken:
-                self._spawn(self._verify(command))
-            elif kind is AwaitApproval:
-                self._spawn(self._await_approval(command))
             elif kind is ev.ConnectTarget:
-                self._spawn(self._connect(command))
+                self.spawn(self._connect(command))
             elif kind is ev.LoginResult:
                 self._answer_login(command.accepted)
             elif kind is ev.OpenChannel:
-                self._spawn(self._open_channel(command))
+                self.spawn(self._open_channel(command))
             elif kind is ev.SendEof:
                 self._channel_call(command.side, command.channel, "write_eof")
             elif kind is ev.CloseChannel:
@@ -321,7 +311,7 @@ class ClientConnection(asyncssh.SSHServer):
                 self._channel_call(SERVER, command.channel, "send_signal", command.name)
             elif kind is ev.SendBreak:
                 self._channel_call(SERVER, command.channel, "send_break", command.msec)
-            else:
+            elif not self.run_shared(command):
                 raise TypeError(f"no SSH adapter for command {command!r}")
 
     def _send(self, command: Send) -> None:
@@ -368,34 +358,6 @@ class ClientConnection(asyncssh.SSHServer):
                 target.chan.exit(command.status if command.status is not None else 255)
         except (asyncssh.Error, OSError) as exc:
             log.debug("ssh channel %s: exit failed: %s", command.channel, exc)
-
-    def _spawn(self, coroutine: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _set_timer(self, name: str, seconds: float | None) -> None:
-        old = self._timers.pop(name, None)
-        if old is not None:
-            old.cancel()
-        if seconds is not None and not self._closed:
-            self._timers[name] = asyncio.get_running_loop().call_later(seconds, self._timer_fired, name)
-
-    def _timer_fired(self, name: str) -> None:
-        self._timers.pop(name, None)
-        self.run(self.session.timer(name))
-
-    async def _verify(self, command: VerifyToken) -> None:
-        try:
-            result: Any = await asyncio.to_thread(self.listener.verifier.verify, command.token)
-        except AuthenticationError as error:
-            result = error
-        self.run(self.session.completed(command, result))
-
-    async def _await_approval(self, command: AwaitApproval) -> None:
-        assert self.listener.approvals is not None, "a policy without an approvals gateway"
-        outcome = await self.listener.approvals.decide(command.request)
-        self.run(self.session.completed(command, outcome))
 
     async def _connect(self, command: ev.ConnectTarget) -> None:
         upstream = self.listener.ssh.upstream
@@ -459,9 +421,7 @@ class ClientConnection(asyncssh.SSHServer):
             return
         self._closed = True
         self._answer_login(False)
-        for timer in self._timers.values():
-            timer.cancel()
-        self._timers.clear()
+        self.cancel_timers()
         if self.upstream is not None:
             self.upstream.close()
         if self.conn is not None:
@@ -474,8 +434,7 @@ class ClientConnection(asyncssh.SSHServer):
 
     def _shutdown(self) -> None:
         self._close("client_disconnect")
-        for task in self._tasks:
-            task.cancel()
+        self.cancel_tasks()
 
 
 class ServerChannelSession(asyncssh.SSHServerSession):
