@@ -47,9 +47,11 @@ __all__ = [
     "TokenSet",
     "authorization_url",
     "code_flow",
+    "current_credential",
     "current_token",
     "device_flow",
     "discover",
+    "exec_credential",
     "pkce_challenge",
     "pkce_verifier",
 ]
@@ -492,6 +494,11 @@ def refresh(settings: LoginSettings, tokens: TokenSet, discovery: Discovery | No
 
 def current_token(settings: LoginSettings, min_valid: float = DEFAULT_MIN_VALID) -> str:
     """The cached token, refreshed first when it has less than `min_valid` seconds left (the cache is updated)."""
+    return current_credential(settings, min_valid)[0]
+
+
+def current_credential(settings: LoginSettings, min_valid: float = DEFAULT_MIN_VALID) -> tuple[str, float | None]:
+    """`current_token` and when it expires (Unix seconds; None: the IdP did not say)."""
     cache = TokenCache(settings.token_cache)
     tokens = cache.get(settings.cache_key)
     if tokens is None:
@@ -500,4 +507,31 @@ def current_token(settings: LoginSettings, min_valid: float = DEFAULT_MIN_VALID)
     if not tokens.valid_for(min_valid, time.time(), settings.token):
         tokens = refresh(settings, tokens)
         cache.put(settings.cache_key, tokens)
-    return tokens.token(settings.token)
+    token = tokens.token(settings.token)
+    return token, tokens.expires_at if settings.token == "access_token" else _jwt_exp(token)
+
+
+# --- kubectl's exec credential plugin ------------------------------------------------------------
+
+EXEC_CREDENTIAL_VERSIONS = ("client.authentication.k8s.io/v1", "client.authentication.k8s.io/v1beta1")
+
+
+def exec_credential(token: str, expires_at: float | None, exec_info: str | None = None) -> dict[str, Any]:
+    """The ExecCredential a `client.authentication.k8s.io` exec plugin prints for kubectl.
+
+    `exec_info` is `$KUBERNETES_EXEC_INFO` (the ExecCredential kubectl passes in): its apiVersion is echoed
+    when it is one this writes (v1 otherwise). `expirationTimestamp` (RFC 3339, UTC) tells kubectl when to
+    run the plugin again; without it kubectl keeps the token for the life of the process.
+    """
+    version = EXEC_CREDENTIAL_VERSIONS[0]
+    if exec_info:
+        try:
+            asked = json.loads(exec_info).get("apiVersion")
+        except (ValueError, AttributeError):
+            asked = None
+        if asked in EXEC_CREDENTIAL_VERSIONS:
+            version = asked
+    status: dict[str, Any] = {"token": token}
+    if expires_at is not None:
+        status["expirationTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(int(expires_at)))
+    return {"apiVersion": version, "kind": "ExecCredential", "status": status}

@@ -1,9 +1,12 @@
-"""`custody proxy`, `custody login` / `logout`, `custody token` and `custody token issue`."""
+"""`custody proxy`, `custody login` / `logout`, `custody token`, `custody token issue` and `custody kubeconfig`."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
+import sys
 from datetime import timedelta
 
 import click
@@ -106,18 +109,25 @@ def logout(config_path: str | None) -> None:
 @click.group(invoke_without_command=True)
 @click.option("--min-valid", type=click.FloatRange(min=0), default=30, show_default=True,
               help="Refresh first when the cached token has fewer seconds left than this.")
+@click.option("--format", "output_format", type=click.Choice(["token", "exec-credential"]), default="token",
+              show_default=True, help="exec-credential: a client.authentication.k8s.io ExecCredential (JSON) "
+                                      "with the token and its expirationTimestamp, for kubectl (custody kubeconfig).")
 @config_option
 @click.pass_context
-def token(ctx: click.Context, min_valid: float, config_path: str | None) -> None:
+def token(ctx: click.Context, min_valid: float, output_format: str, config_path: str | None) -> None:
     """Print the access token `custody login` cached, refreshed when needed: PGPASSWORD=$(custody token) psql ...
 
     `custody token issue` mints a dev-only token instead.
     """
     if ctx.invoked_subcommand is not None:
         return
-    from proxy.login import current_token
+    from proxy.login import current_credential, exec_credential
 
-    click.echo(current_token(_login_settings(config_path), min_valid))
+    token, expires_at = current_credential(_login_settings(config_path), min_valid)
+    if output_format == "exec-credential":
+        click.echo(json.dumps(exec_credential(token, expires_at, os.environ.get("KUBERNETES_EXEC_INFO"))))
+    else:
+        click.echo(token)
 
 
 @token.command("issue")
@@ -145,4 +155,92 @@ def issue(subject: str, groups: str, email: str | None, ttl: int, config_path: s
                err=True)
 
 
-commands: list[click.Command] = [proxy, token, login, logout]
+def _plugin_command() -> tuple[str, list[str]]:
+    """How kubectl runs this custody: the `custody` script beside this Python, on PATH, or `python -m custody`."""
+    import shutil
+
+    beside = os.path.join(os.path.dirname(sys.executable), "custody")
+    if os.path.isfile(beside) and os.access(beside, os.X_OK):
+        return beside, []
+    found = shutil.which("custody")
+    if found:
+        return os.path.abspath(found), []
+    return sys.executable, ["-m", "custody"]
+
+
+@click.command()
+@click.option("--proxy", "proxy_name", default=None,
+              help="The [[proxy]] (protocol = \"kubernetes\") to reach; needed when there are several.")
+@click.option("--server", default=None,
+              help="The URL kubectl connects to (default: https:// and the proxy's listen address); needed "
+                   "when it listens on 0.0.0.0, ::, or port 0.")
+@click.option("--certificate-authority", "ca_file", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="PEM file of the CA kubectl verifies the proxy's certificate with (default: the proxy's "
+                   "tls_cert itself, pinned).")
+@click.option("--system-roots", is_flag=True,
+              help="Embed no CA: kubectl verifies the proxy's certificate with the system's roots.")
+@click.option("--namespace", default=None, help="The context's namespace.")
+@click.option("--context", "context_name", default=None, help="The cluster/user/context name (default: the proxy's).")
+@click.option("--output", "-o", "output", default="-", show_default=True,
+              help="File to write (mode 0600), or - for stdout.")
+@config_option
+def kubeconfig(proxy_name: str | None, server: str | None, ca_file: str | None, system_roots: bool,
+               namespace: str | None, context_name: str | None, output: str, config_path: str | None) -> None:
+    """Write a kubeconfig for a Kubernetes proxy whose user runs `custody token` (an exec credential plugin).
+
+    kubectl --kubeconfig FILE get pods then uses the token `custody login` cached, refreshed when needed.
+    """
+    from pathlib import Path
+
+    from proxy.http.kubeconfig import kubeconfig as build, to_yaml
+
+    config = load_config(config_path)
+    _login_settings(config_path)  # the plugin would fail on every kubectl run without [login]
+    clusters = [p for p in config.proxies if p.protocol == "kubernetes"]
+    if proxy_name is not None:
+        chosen = [p for p in clusters if p.name == proxy_name]
+        if not chosen:
+            names = ", ".join(p.name for p in clusters) or "none"
+            raise ConfigError(f"{config.path}: no [[proxy]] named {proxy_name!r} with protocol = \"kubernetes\" "
+                              f"(there are: {names})")
+    elif len(clusters) != 1:
+        raise ConfigError(f"{config.path}: " + ("no [[proxy]] has protocol = \"kubernetes\"" if not clusters else
+                          "several Kubernetes proxies; name one with --proxy: "
+                          + ", ".join(p.name for p in clusters)))
+    else:
+        chosen = clusters
+    settings = chosen[0]
+    tls_cert = settings.table.path("tls_cert", None)
+    if tls_cert is None:
+        raise ConfigError(f"{config.path}: [[proxy]] {settings.name} has no tls_cert: kubectl would send the "
+                          "token in clear; give the proxy tls_cert/tls_key")
+    if server is None:
+        host, _, port = settings.listen.rpartition(":")
+        host = host.strip("[]")
+        if host in ("", "0.0.0.0", "::") or port == "0":
+            raise ConfigError(f"[[proxy]] {settings.name} listens on {settings.listen}: say where kubectl "
+                              "reaches it with --server https://HOST:PORT")
+        server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    if not server.startswith("https://"):
+        raise click.UsageError("--server must be an https:// URL (the token is a credential)")
+    if system_roots and ca_file:
+        raise click.UsageError("--system-roots and --certificate-authority exclude each other")
+    ca_pem = None if system_roots else Path(ca_file or tls_cert).read_bytes()
+    command, args = _plugin_command()
+    args += ["token", "--format", "exec-credential", "--config", str(Path(config.path).resolve())]
+    document = build(context_name or settings.name, server, command, args, ca_pem, namespace,
+                     install_hint="custody is not installed where kubectl looks; log in with `custody login`")
+    text = to_yaml(document)
+    if output == "-":
+        click.echo(text, nl=False)
+        return
+    path = Path(output)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text)
+    click.echo(f"custody: wrote {path} (cluster {server}, user: custody token); "
+               f"kubectl --kubeconfig {path} get pods", err=True)
+
+
+commands: list[click.Command] = [proxy, token, login, logout, kubeconfig]
