@@ -264,3 +264,61 @@ def test_v1_events_verify_and_go_through_the_ledger_beside_v2_events(tmp_path, p
     activity = con.sql("SELECT operation_no, operation, text, outcome FROM activity ORDER BY operation_no").fetchall()
     # the v1 statement's operation is derived from its SQL-named fields; the v2 command names its own
     assert activity == [(1, "statement", "SELECT count(*) FROM orders", "ok"), (2, "command", "ls /tmp", "ok")]
+
+
+def test_hand_written_frames_reader_agrees_with_fastavro(proxy_key):
+    """ingest.avro's reader of the v2 Frames envelope returns fastavro's record, field for field, and takes no
+    bytes fastavro refuses or reads otherwise (damaged, truncated, extended); anything else falls back."""
+    import random
+
+    from ingest.avro import FRAMES_READER_FINGERPRINT, DecodeError, _frames_envelope
+
+    assert ENVELOPE.fingerprint == FRAMES_READER_FINGERPRINT  # a new schema: update the reader (or drop it)
+    rnd, reference = random.Random(11), ENVELOPE.plain_decoder()
+
+    def message() -> dict:
+        m = {"type": rnd.choice(["DataRow", "Query", "ü"]), "data": os.urandom(rnd.choice([0, 5, 70, 300]))}
+        if rnd.random() < .5:
+            m["statement"] = "select ☃ " * rnd.randint(0, 30)
+        if rnd.random() < .3:
+            m["parameters"] = [None, "a", "b" * 100][:rnd.randint(0, 3)]
+        if rnd.random() < .3:
+            m["rows"] = rnd.choice([0, 1, -5, 2**40, 2**63 - 1, -2**63])
+        if rnd.random() < .3:
+            m["command_tag"], m["error_code"], m["error_message"] = "SELECT 1", "42P01", "nope"
+        if rnd.random() < .3:
+            m["attributes"] = {f"k{i}": "v" * i for i in range(rnd.randint(0, 70))}
+        if rnd.random() < .5:
+            m["direction"], m["channel"], m["offset_us"] = "client", "x", rnd.randint(0, 2**50)
+        if rnd.random() < .3:
+            m["operation"], m["text"], m["objects"], m["outcome"] = "read", "t", ["a", "b"][:rnd.randint(0, 2)], "ok"
+        if rnd.random() < .1:
+            m["sealed_original"] = os.urandom(20)
+        return m
+
+    def decoded(data: bytes):
+        try:
+            return reference(data)
+        except DecodeError:
+            return "refused"
+
+    chain = SessionChain(proxy_key, "test")
+    events = [chain.event("frames", {"direction": "server", "messages": [message() for _ in range(rnd.choice([0, 1, 3, 40]))]})
+              for _ in range(150)]
+    for event in events:
+        data = event.envelope_bytes
+        assert _frames_envelope(data) == reference(data)
+        for _ in range(40):
+            damaged = bytearray(data)
+            if (op := rnd.random()) < .5:
+                for _ in range(rnd.randint(1, 3)):
+                    damaged[rnd.randrange(HEADER_LEN, len(damaged))] = rnd.randrange(256)
+            elif op < .75:
+                damaged = damaged[:rnd.randrange(HEADER_LEN, len(damaged))]
+            else:
+                damaged += bytes([rnd.randrange(256)])
+            if (fast := _frames_envelope(bytes(damaged))) is not None:
+                assert fast == decoded(bytes(damaged))
+    end = chain.event("session_end", {"reason": "x", "duration_us": 1, "client_bytes": 1, "server_bytes": 1,
+                                      "client_messages": 1, "server_messages": 1})
+    assert _frames_envelope(end.envelope_bytes) is None and open_event(end.value).body["reason"] == "x"
