@@ -172,6 +172,7 @@ class SyslogSink:
         self.connection: Connection | None = None
         self.unconfirmed: deque[tuple[float, dict[TopicPartition, int]]] = deque()
         self.sent = 0
+        self.failures = 0  # connections lost in a row: the pause before the next attempt grows with them
         self.hostname = socket.gethostname()
 
     def _connect(self) -> Connection:
@@ -204,6 +205,10 @@ class SyslogSink:
             self.connection.close()
         self.connection = None
         self._rewind()
+        # A receiver that takes the connection and drops it (or a UDP port answering "unreachable") must not make
+        # the sink resend the same batch in a tight loop: pause, longer each time, until something is confirmed.
+        self.failures += 1
+        self._stop.wait(min(0.2 * 2 ** (self.failures - 1), self.max_backoff))
 
     def _confirm(self, now: float) -> None:
         if self.connection is None or not self.unconfirmed:
@@ -217,6 +222,7 @@ class SyslogSink:
             offsets.update(self.unconfirmed.popleft()[1])
         if offsets:
             self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+            self.failures = 0
 
     def step(self, timeout: float = 0.5) -> int:
         """One poll, sent; then commit what is confirmed. Returns how many messages were sent."""

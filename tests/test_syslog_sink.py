@@ -261,3 +261,33 @@ def test_custody_up_runs_the_sink_when_soc_syslog_is_set(tmp_path):
             os.killpg(up.pid, signal.SIGKILL)
             up.wait()
         receiver.stop()
+
+
+def test_a_receiver_that_drops_every_connection_is_retried_with_pauses_not_in_a_loop(kafka_settings, tmp_path):
+    """A receiver that accepts and at once closes (a proxy in front of a dead SIEM, a full one): the sink sees each
+    connection go, resends from the committed offset, and pauses longer each time (0.2 s, 0.4 s, … max_backoff)
+    instead of reconnecting and resending the same batch in a tight loop; nothing is committed meanwhile."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    accepted: list[float] = []
+
+    def drop_all() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            accepted.append(time.monotonic())
+            conn.close()
+    threading.Thread(target=drop_all, daemon=True).start()
+    soc = SocSettings(ocsf=True, syslog=f"tcp://127.0.0.1:{port}", syslog_group=f"drop-{port}")
+    kafka.ensure_topics(kafka_settings, ("violations.ocsf",))
+    publish(kafka_settings, [finding(n) for n in range(20)])
+    try:
+        with RunningSink(kafka_settings, soc, syslog.Destination.parse(soc.syslog)) as sink:
+            time.sleep(5)
+            assert 2 <= len(accepted) <= 8, f"{len(accepted)} connections in 5 s"
+            assert all(b - a >= 0.15 for a, b in zip(accepted, accepted[1:])), "no pause between attempts"
+            assert not sink.consumer.committed(next(iter(sink.consumer.assignment()))), "nothing confirmed"
+    finally:
+        server.close()
