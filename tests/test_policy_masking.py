@@ -337,3 +337,38 @@ def test_result_masker_passes_unchanged_rows_through_and_rebuilds_changed_ones()
     truncated = Message("DataRow", plain.data[:-3])
     with pytest.raises(ProtocolViolation):
         ResultMasker(PLAN).mask([description, truncated])
+
+
+# --- the inline hot path (masked_or_none) against mask_bytes, and digits of other scripts --------------------
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(EDGE_FRAGMENTS), st.sampled_from(GLUE), st.binary(max_size=6),
+                          st.text(alphabet="0123456789 -+.()@AKIeyJ\u0664\u0661", max_size=24)), max_size=8)
+       .map(lambda parts: b"".join(p if isinstance(p, bytes) else p.encode() for p in parts)))
+def test_masked_or_none_is_mask_bytes(value):
+    scanner = Scanner(ALL)
+    masked, kinds = scanner.mask_bytes(value)
+    assert scanner.masked_or_none(value) == (masked if kinds else None)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from(["+1 ", "+44 ", "(415) ", "555-", " 2671", "\u0664\u0661\u0661\u0661",
+                                           "\u0664\u0661\u0661", "4111 ", "-", " ", "."]),
+                          st.text(alphabet="0123456789 -+.()\u0664\u0661\u0663", max_size=16)), max_size=8).map("".join))
+def test_digits_of_other_scripts_count_as_digits_in_the_gates(text):
+    # Patterns' \d takes every script's digits; a gate counting only ASCII ones would let such a phone through.
+    masked, findings = mask_text(text, ALL)
+    assert (masked, [(f.kind, f.start, f.end) for f in findings]) == reference_mask(text)
+
+
+def test_a_phone_number_in_arabic_indic_digits_is_masked():
+    text = "+1 \u0664\u0661\u0661\u0661 \u0664\u0661\u0661\u0661"
+    assert mask_text(text, ALL)[0] == "[MASKED:phone]"
+    assert Scanner(ALL).masked_or_none(text.encode()) == b"[MASKED:phone]"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="0123456789 .-)(+x\u0664", max_size=30))
+def test_phone_shape_check_is_a_necessary_condition_of_the_hint(text):
+    from proxy.policy.detectors import _PHONE_HINT, _phone_possible
+    assert _phone_possible(text) == ("+" in text or _PHONE_HINT.search(text) is not None)

@@ -18,7 +18,9 @@ for numbers, dates, timestamps and uuids are skipped before the
 digit-counting detectors run.
 
 Every gate is a necessary condition of a valid finding, never a guess, so
-gating decides only how fast the answer comes, not what it is.
+gating decides only how fast the answer comes, not what it is. (A pattern's
+digit class takes every script's digits: a value that is not all ASCII counts its
+size as its digits.)
 """
 
 from __future__ import annotations
@@ -69,19 +71,13 @@ _AWS = 8  # "AKIA" or "ASIA"
 _PEM = 16  # "PRIVATE KEY"
 _UPPER = 32  # maybe an ASCII upper-case letter (IBAN's country code): `not bytes.islower()`
 _FEATURES = 64
-_EMAIL_LOCAL = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-")
-_EMAIL_DOMAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-")
+# An "@" that an email finding could be built around: `x@y` then a "." later on (one C-level search).
+_ADDRESS_AT = re.compile(rb"[A-Za-z0-9._%+-]@[A-Za-z0-9-][^.]*\.")
 
 
 def _has_address_at(raw: bytes) -> bool:
     """An "@" that an email finding could be built around: `x@y` then a "." later on."""
-    at = raw.find(64)
-    while at >= 0:
-        if at and raw[at - 1] in _EMAIL_LOCAL and raw[at + 1 : at + 2] and raw[at + 1] in _EMAIL_DOMAIN \
-                and raw.find(46, at + 2) > 0:
-            return True
-        at = raw.find(64, at + 1)
-    return False
+    return _ADDRESS_AT.search(raw) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,19 +175,27 @@ def _card_digits(match: re.Match[str]) -> str:
     return match.group().replace(" ", "").replace("-", "")
 
 
+# The same table keyed by the first four digits as bytes.
+_BRAND_PREFIX_BYTES = {length: frozenset(p.encode() for p in prefixes) for length, prefixes in _BRAND_PREFIXES.items()}
+
+
 def _card_valid(match: re.Match[str]) -> bool:
-    digits = _card_digits(match)
-    if digits.isascii():  # all 0-9: the brand is in the table, and luhn_ok's loop is done in C
-        prefixes = _BRAND_PREFIXES.get(len(digits))
-        if prefixes is None or digits[:4] not in prefixes:
+    group = match.group()
+    if group.isascii():  # all 0-9: the brand is in the table, and luhn_ok's loop is done in C
+        raw = group.encode().translate(None, b" -")
+        prefixes = _BRAND_PREFIX_BYTES.get(len(raw))
+        if prefixes is None or raw[:4] not in prefixes:
             return False
-        raw = digits.encode()
         return (sum(raw[::-2]) + sum(raw[-2::-2].translate(_DOUBLED)) - 48 * len(raw)) % 10 == 0
+    digits = _card_digits(match)
     return _brand_ok(digits) and luhn_ok(digits)
 
 
 def _card_placeholder(match: re.Match[str]) -> str:
-    return "**** **** **** " + _card_digits(match)[-4:]
+    last = match.group()[-4:]
+    if " " in last or "-" in last:  # a last group of fewer than four digits
+        last = _card_digits(match)[-4:]
+    return "**** **** **** " + last
 
 
 # --- IBAN: ISO 13616, mod-97 == 1 -------------------------------------------
@@ -248,8 +252,19 @@ _PHONE = re.compile(
 _PHONE_HINT = re.compile(r"[ .)-][2-9]\d\d[ .-]\d{4}(?![\w-])")
 
 
+# ASCII text's shape for `_PHONE_HINT`: a digit is "d", a separator (" ", ".", "-", ")") "s", anything else "x".
+_PHONE_SHAPE = bytes(
+    ord("d") if byte in b"0123456789" else ord("s") if byte in b" .-)" else ord("x") for byte in range(256)
+)
+
+
 def _phone_possible(text: str) -> bool:
-    return "+" in text or _PHONE_HINT.search(text) is not None
+    if "+" in text:
+        return True
+    if text.isascii():  # what _PHONE_HINT needs, found by one translate and find in C: "sdddsdddd"
+        if text.encode().translate(_PHONE_SHAPE).find(b"sdddsdddd") < 0:
+            return False
+    return _PHONE_HINT.search(text) is not None
 
 
 def _phone_valid(match: re.Match[str]) -> bool:
@@ -350,7 +365,9 @@ class Scanner:
         size = len(raw)
         if size < self.shortest:
             return _NO_RUN
-        digits = size - len(raw.translate(None, _DIGIT_BYTES))
+        # ASCII digits; a pattern's digit class also takes other scripts' digits, which UTF-8 writes in two bytes or more:
+        # for a value that is not all ASCII, its size is what bounds its digits.
+        digits = size - len(raw.translate(None, _DIGIT_BYTES)) if raw.isascii() else size
         wanted, features = self._features, 0
         # Single bytes are looked up as ints: `b"@" in raw` would first try (and fail) to read b"@" as one.
         if wanted & _AT and 64 in raw and _has_address_at(raw):
@@ -377,10 +394,13 @@ class Scanner:
         for index, detector in run:
             if detector.possible is not None and not detector.possible(text):
                 continue
-            is_valid = detector.is_valid
-            for match in detector.pattern.finditer(text):
+            search, is_valid = detector.pattern.search, detector.is_valid
+            match = search(text)
+            while match is not None:  # finditer, without building an iterator (see masked_or_none)
+                end = match.end()
                 if is_valid is _always or is_valid(match):
-                    candidates.append((match.start(), -match.end(), index, match, detector))
+                    candidates.append((match.start(), -end, index, match, detector))
+                match = search(text, end)
         if len(candidates) < 2:
             return candidates
         candidates.sort(key=_ORDER)
@@ -453,23 +473,83 @@ class Scanner:
         return out, kinds
 
     def masked_or_none(self, value: bytes) -> bytes | None:
-        """`mask_bytes(value)[0]` when something was found, else None: the per-value hot path, no tuples built."""
-        run, skip_plain = self._run_for(value)
+        """`mask_bytes(value)[0]` when something was found, else None: the per-value hot path.
+
+        `_run_for` and the common cases of `_find` and `_replace`, inline: no tuples built for a value
+        the gate turns away, and none beyond the findings for one it does not.
+        """
+        size = len(value)
+        if size < self.shortest:
+            return None
+        digits = size - len(value.translate(None, _DIGIT_BYTES)) if value.isascii() else size
+        wanted, features = self._features, 0
+        if wanted & _AT and 64 in value and _ADDRESS_AT.search(value) is not None:
+            features = _AT
+        if wanted & _DASH and 45 in value:
+            features |= _DASH
+        if not value.islower():
+            features |= _UPPER & wanted
+            if wanted & _EYJ and value.find(b"eyJ") >= 0 and 46 in value:
+                features |= _EYJ
+            if wanted & _AWS and (value.find(b"AKIA") >= 0 or value.find(b"ASIA") >= 0):
+                features |= _AWS
+            if wanted & _PEM and value.find(b"PRIVATE KEY") >= 0:
+                features |= _PEM
+        by_length, by_digits = self._by_length, self._by_digits
+        run, skip_plain = self._table[by_length[size if size < len(by_length) else -1]
+                                      + by_digits[digits if digits < len(by_digits) else -1] + features]
         if not run:
             return None
         text = value.decode("utf-8", "surrogateescape")
-        found = self._find(text, run, skip_plain)
+        if len(run) == 1:
+            if skip_plain and text[0] in _PLAIN_FIRST and _PLAIN_VALUE.fullmatch(text):
+                return None
+            index, detector = run[0]
+            if detector.possible is not None and not detector.possible(text):
+                return None
+            # One pattern: its matches are in order and none overlap. `search` from the last match's end is
+            # what `finditer` does (no pattern matches empty text; lookbehinds see before `pos`), without
+            # building an iterator.
+            search, is_valid, found = detector.pattern.search, detector.is_valid, []
+            match = search(text)
+            while match is not None:
+                end = match.end()
+                if is_valid is _always or is_valid(match):
+                    found.append((match.start(), -end, index, match, detector))
+                match = search(text, end)
+        else:
+            found = self._find(text, run, skip_plain)
         if not found:
             return None
-        masked = self._replace(text, found)
+        if len(found) == 1:
+            start, negative_end, _, match, detector = found[0]
+            masked = text[:start] + detector.placeholder(match) + text[-negative_end:]
+        else:
+            masked = self._replace(text, found)
         out = masked.encode("utf-8", "surrogateescape")
-        run, skip_plain = self._run_for(out)
+        # The masked value's gate (`_run_for`), inline: what the placeholders left may combine into a finding.
+        size = len(out)
+        if size < self.shortest:
+            return out
+        digits = size - len(out.translate(None, _DIGIT_BYTES)) if out.isascii() else size
+        features = _AT if wanted & _AT and 64 in out and _ADDRESS_AT.search(out) is not None else 0
+        if wanted & _DASH and 45 in out:
+            features |= _DASH
+        if not out.islower():
+            features |= _UPPER & wanted
+            if wanted & _EYJ and out.find(b"eyJ") >= 0 and 46 in out:
+                features |= _EYJ
+            if wanted & _AWS and (out.find(b"AKIA") >= 0 or out.find(b"ASIA") >= 0):
+                features |= _AWS
+            if wanted & _PEM and out.find(b"PRIVATE KEY") >= 0:
+                features |= _PEM
+        run, skip_plain = self._table[by_length[size if size < len(by_length) else -1]
+                                      + by_digits[digits if digits < len(by_digits) else -1] + features]
         if run:
             leftover = self._find(masked, run, skip_plain)
             if leftover:
                 return f"[MASKED:{leftover[0][4].kind}]".encode()
         return out
-
 
 @lru_cache(maxsize=64)
 def scanner_for(kinds: frozenset[str]) -> Scanner:

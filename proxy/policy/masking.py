@@ -103,6 +103,13 @@ class RowMasker:
             (_HIDE_BINARY if binary else _HIDE_TEXT) if whole else (_PASS if binary else _SCAN)
             for whole, binary in self.columns
         )
+        self._known = len(self._actions)
+        self._scanned = tuple(index for index, action in enumerate(self._actions) if action == _SCAN)
+        self._hidden = tuple(index for index, action in enumerate(self._actions) if action in (_HIDE_TEXT, _HIDE_BINARY))
+        self._hidden_as = {index: None if self._actions[index] == _HIDE_BINARY else COLUMN_PLACEHOLDER
+                           for index in self._hidden}
+        self._shortest = self.scanner.shortest
+        self._masked_or_none = self.scanner.masked_or_none
 
     def _mask_value(self, index: int, value: bytes) -> tuple[bytes | None, tuple[str, ...]]:
         action = self._actions[index] if index < len(self._actions) else _SCAN
@@ -136,26 +143,48 @@ class RowMasker:
 
     def mask_in_place(self, values: list[bytes | None]) -> bool:
         """`mask_values` on a list the caller owns, replaced value by value; whether anything changed."""
-        actions, known, masked_or_none = self._actions, len(self._actions), self.scanner.masked_or_none
-        shortest = self.scanner.shortest
+        if len(values) != self._known:
+            return self._mask_in_place_any(values)
         changed = False
+        for index in self._hidden:
+            if values[index] is not None:
+                values[index] = self._hidden_as[index]
+                changed = True
+        shortest, masked_or_none = self._shortest, self._masked_or_none
+        for index in self._scanned:
+            value = values[index]
+            if value is not None and len(value) >= shortest:
+                masked = masked_or_none(value)
+                if masked is not None:
+                    values[index] = masked
+                    changed = True
+        return changed
+
+    def _mask_each(self, values: list[bytes | None], scanned: list[int]) -> bool:
+        changed = False
+        for index in scanned:
+            masked = self._masked_or_none(values[index])
+            if masked is not None:
+                values[index] = masked
+                changed = True
+        return changed
+
+    def _mask_in_place_any(self, values: list[bytes | None]) -> bool:
+        """`mask_in_place` for a row of another length than the columns (values past them are scanned)."""
+        actions, known, shortest = self._actions, self._known, self._shortest
+        changed = False
+        scanned = []
         for index, value in enumerate(values):
             if value is None:
                 continue
             action = actions[index] if index < known else _SCAN
             if action == _SCAN:
-                if len(value) < shortest:
-                    continue
-                masked = masked_or_none(value)
-                if masked is None:
-                    continue
-            elif action == _PASS:
-                continue
-            else:
-                masked = None if action == _HIDE_BINARY else COLUMN_PLACEHOLDER
-            values[index] = masked
-            changed = True
-        return changed
+                if len(value) >= shortest:
+                    scanned.append(index)
+            elif action != _PASS:
+                values[index] = None if action == _HIDE_BINARY else COLUMN_PLACEHOLDER
+                changed = True
+        return self._mask_each(values, scanned) or changed
 
     def mask_copy_row(self, line: bytes) -> Masked[bytes]:
         """One COPY text-format row (tab-separated, `\\N` for NULL, backslash escapes, trailing newline).
