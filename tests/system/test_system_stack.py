@@ -15,6 +15,7 @@ import pytest
 
 import system_forgery
 from system_checker import check, count_by
+from system_fixtures import mysql_target, nginx, pg_table, sshd  # noqa: F401 - fixtures this module uses
 from system_run import profile, start_workload
 from system_stack import SystemStack
 

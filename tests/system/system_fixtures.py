@@ -1,4 +1,9 @@
-"""System tests (marker `system`): the whole stack through `custody up` with real clients of every protocol.
+"""Fixtures of the system tests (marker `system`): the targets of every protocol, started once per module.
+
+A module of its own, not `conftest.py`: a second `conftest` module would shadow `tests/conftest.py` for the
+`from conftest import …` of the other test files.
+
+The whole stack through `custody up` with real clients of every protocol.
 
 The short form runs in `./dev test`; the long form (50 PostgreSQL sessions for minutes, a 20 s broker hang) with
 `CUSTODY_SYSTEM=long ./dev test tests/system` (or `-m system`). Sizes can be set one by one: CUSTODY_SYSTEM_SECONDS,
