@@ -88,7 +88,9 @@ def start_ledger(config: Path, log, mode: tuple[str, str]) -> subprocess.Popen:
 def kill_schedule(rng: random.Random) -> list[tuple[tuple[str, str], float]]:
     """A few kills of a group member once it has partitions, then many of a pinned worker at any moment."""
     group = [(GROUP, GROUP_JOIN_SECONDS + rng.uniform(0, 2)) for _ in range(3)]
-    pinned = [(PINNED, rng.uniform(0.8, 2.5)) for _ in range(KILLS - len(group))]
+    # A worker needs about a second to start (the `custody` command and its imports, the consumer, resume):
+    # killed earlier than that it never seals, and the kills would test nothing.
+    pinned = [(PINNED, rng.uniform(1.5, 3.5)) for _ in range(KILLS - len(group))]
     return group + pinned
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import re
 from bisect import bisect_right
@@ -163,11 +164,14 @@ def _brand_ok(digits: str) -> bool:
     return any(low <= digits[: len(low)] <= high and len(digits) in lengths for low, high, lengths in _CARD_BRANDS)
 
 
-# For ASCII digits, `_brand_ok` depends only on the length and the first four digits: tabled once.
-_BRAND_PREFIXES = {
-    length: frozenset(p for p in (f"{n:04d}" for n in range(10_000)) if _brand_ok(p + "0" * (length - 4)))
-    for length in sorted({length for _, _, lengths in _CARD_BRANDS for length in lengths})
-}
+@functools.cache
+def _brand_prefixes(length: int) -> frozenset[bytes]:
+    """For ASCII digits `_brand_ok` depends only on the length and the first four digits: tabled per length, on
+    first use (all lengths at import cost every `custody` command a quarter of a second)."""
+    return frozenset(p.encode() for p in (f"{n:04d}" for n in range(10_000)) if _brand_ok(p + "0" * (length - 4)))
+
+
+_CARD_LENGTHS = frozenset(length for _, _, lengths in _CARD_BRANDS for length in lengths)
 
 
 def _card_digits(match: re.Match[str]) -> str:
@@ -175,16 +179,11 @@ def _card_digits(match: re.Match[str]) -> str:
     return match.group().replace(" ", "").replace("-", "")
 
 
-# The same table keyed by the first four digits as bytes.
-_BRAND_PREFIX_BYTES = {length: frozenset(p.encode() for p in prefixes) for length, prefixes in _BRAND_PREFIXES.items()}
-
-
 def _card_valid(match: re.Match[str]) -> bool:
     group = match.group()
     if group.isascii():  # all 0-9: the brand is in the table, and luhn_ok's loop is done in C
         raw = group.encode().translate(None, b" -")
-        prefixes = _BRAND_PREFIX_BYTES.get(len(raw))
-        if prefixes is None or raw[:4] not in prefixes:
+        if len(raw) not in _CARD_LENGTHS or raw[:4] not in _brand_prefixes(len(raw)):
             return False
         return (sum(raw[::-2]) + sum(raw[-2::-2].translate(_DOUBLED)) - 48 * len(raw)) % 10 == 0
     digits = _card_digits(match)
