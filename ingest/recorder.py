@@ -65,6 +65,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
+from ingest.batching import MAX_BYTES as FOLD_MAX_BYTES
 from ingest.batching import Item, fold
 from ingest.errors import CustodyError
 from ingest.events import SessionChain, now_micros, uuid7
@@ -322,6 +323,9 @@ class _Child:
     def __init__(self, replies, kafka: KafkaSettings, spool: SpoolOptions, key: PrivateKey, producer_name: str):
         self.replies, self.key, self.producer_name = replies, key, producer_name
         self.producer = EventProducer(kafka, Spool(spool.dir, spool.max_bytes, spool.fsync_interval))
+        # A folded event never takes more than a sixteenth of the spool, so folding can never make one event too
+        # large for an empty spool (which would read as "full" and then at once as recovered).
+        self.fold_bytes = max(1, min(FOLD_MAX_BYTES, spool.max_bytes // 16))
         self.chains: dict[str, SessionChain] = {}
         self.broken: set[str] = set()
         self.failed_full = False
@@ -335,7 +339,7 @@ class _Child:
         for _, kind, body, _ in batch:
             count, weight = _weight(kind, body)
             frames, size = frames + count, size + weight
-        for session_id, kind, body, ts in fold(batch):
+        for session_id, kind, body, ts in fold(batch, max_bytes=self.fold_bytes):
             self.event(session_id, kind, body, ts)
         self.recorded = (events + len(batch), frames, size)
         self.acknowledge(force=False)
