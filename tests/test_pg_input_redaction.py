@@ -138,3 +138,18 @@ def test_the_redactor_reads_statements_with_the_postgres_lexer():
     assert find_secrets("SELECT pgp_sym_encrypt($1, $2)", None)[2] == {2}
     assert find_secrets("ALTER ROLE x PASSWORD 'unterminated", None)[:2] == ("[REDACTED:unparsed]", ("unparsed",))
     assert NOT_KEPT.startswith("not kept")
+
+
+def test_repeated_statements_skip_the_search_but_secrets_are_found_every_time():
+    """find_secrets remembers clean texts only: a statement with a secret is searched (and redacted) each time."""
+    detectors = scanner_for(frozenset({"credit_card"}))
+    card = "INSERT INTO t VALUES ('4111 1111 1111 1111')"
+    for _ in range(3):
+        assert find_secrets(card, detectors)[1] == ("credit_card",)
+        assert find_secrets("ALTER ROLE x PASSWORD 'p'", detectors)[1] == ("password",)
+        assert find_secrets("SELECT pgp_sym_encrypt($1, $2)", None)[2] == {2}
+        assert find_secrets("SELECT abalance FROM a WHERE aid = 1", detectors) == (
+            "SELECT abalance FROM a WHERE aid = 1", (), frozenset())
+    # a clean text for one scanner is searched again by another (a reloaded policy's detectors)
+    assert find_secrets(card, None)[1] == ()
+    assert find_secrets(card, detectors)[1] == ("credit_card",)

@@ -258,6 +258,23 @@ def test_holder_reloads_a_changed_file(tmp_path):
     assert before.decide("a", [], "t", pg("DELETE FROM x")).action == "allow"  # sessions holding the old one are unaffected
 
 
+def test_a_binding_remembers_decisions_and_a_reload_binds_afresh(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text(BLOCK_DROP)
+    holder = PolicyHolder(path, check_interval=0)
+    bound = holder.policy.bind("a", ["dev"], "t")
+    assert holder.policy.bind("a", ("dev",), "t") is bound  # shared by the identity's sessions
+    assert holder.policy.bind("a", ["ops"], "t") is not bound
+    first = bound.decide(pg("DROP TABLE x"))
+    assert first.action == "block" and bound.decide(pg("DROP TABLE x")) is first
+    assert bound.decide(pg("DELETE FROM x")).action == "allow"
+    with_attributes = Operation("postgres", "statement", "DROP TABLE x", attributes={"database": "app"})
+    assert bound.decide(with_attributes) is not first  # attributes are part of what is decided
+    rewrite(path, BLOCK_DROP + BLOCK_ALL_DELETES)
+    assert holder.policy.bind("a", ["dev"], "t").decide(pg("DELETE FROM x")).action == "block"
+    assert bound.decide(pg("DELETE FROM x")).action == "allow"  # the old binding keeps the old policy
+
+
 def test_holder_keeps_the_old_policy_when_the_new_file_is_broken(tmp_path, caplog):
     path = tmp_path / "policy.toml"
     path.write_text(BLOCK_DROP)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from nacl.public import PublicKey
 
 from proxy.identity import Identity
-from proxy.policy import Decision, MaskPlan, PolicyHolder, seal_original
+from proxy.policy import BoundPolicy, Decision, MaskPlan, PolicyHolder, seal_original
 from proxy.policy.operation import Operation
 
 
@@ -38,8 +38,12 @@ class PolicyGate:
     def __init__(self, runtime: PolicyRuntime, identity: Identity, target: str) -> None:
         self.runtime, self.identity, self.target = runtime, identity, target
         self._policy = runtime.holder.policy
+        self._bound = self._bind()
         self._plan = self._mask_plan()
         self.plan_changed = False
+
+    def _bind(self) -> BoundPolicy:
+        return self._policy.bind(self.identity.subject, self.identity.groups, self.target)
 
     def _mask_plan(self) -> MaskPlan | None:
         return self._policy.masking_for(self.identity.subject, self.identity.groups, self.target)
@@ -50,6 +54,7 @@ class PolicyGate:
         if policy is self._policy:
             return
         self._policy = policy
+        self._bound = self._bind()
         plan = self._mask_plan()
         self.plan_changed = plan != self._plan
         self._plan = plan
@@ -64,4 +69,4 @@ class PolicyGate:
 
     def decide(self, operation: Operation) -> Decision:
         self.refresh()
-        return self._policy.decide(self.identity.subject, self.identity.groups, self.target, operation)
+        return self._bound.decide(operation)

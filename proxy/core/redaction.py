@@ -42,6 +42,41 @@ def marker(kind: str) -> str:
     return MARKER.format(kind)
 
 
+Found = tuple[str, tuple[str, ...], frozenset[int]]
+FindSecrets = Callable[[str, "Scanner | None"], Found]
+
+_CLEAN_LIMIT = 4096  # texts remembered per protocol; cleared when full
+_CLEAN_MAX_TEXT = 4096  # characters: a longer statement is rarely repeated, and costs its own size to keep
+
+
+def remember_clean(find: FindSecrets) -> FindSecrets:
+    """`find` (a protocol's `find_secrets(sql, detectors)`), skipping texts it already found clean.
+
+    Clients repeat their statements (pgbench, an ORM, a job's loop), and the
+    search is most of what input redaction costs a statement. Only clean
+    texts are remembered: remembering the others would keep a copy of their
+    secrets. Keys hold the scanner, so a reloaded policy's detectors search
+    afresh. Cleared rather than evicted when full: sessions on several
+    threads share it, and `dict.clear` is one atomic step under the GIL.
+    """
+    clean: dict[tuple[str, Scanner | None], None] = {}
+
+    def find_remembering(sql: str, detectors: Scanner | None) -> Found:
+        key = (sql, detectors)
+        if key in clean:
+            return sql, (), frozenset()
+        found = find(sql, detectors)
+        if not found[1] and not found[2] and len(sql) <= _CLEAN_MAX_TEXT:
+            if len(clean) >= _CLEAN_LIMIT:
+                clean.clear()
+            clean[key] = None
+        return found
+
+    find_remembering.__doc__ = find.__doc__
+    find_remembering.__name__ = find.__name__
+    return find_remembering
+
+
 class MaskDetectors:
     """The detectors of every `[[mask]]` in the session's current policy, whoever a mask applies to.
 

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from ingest.protocols.mysql import messages as m
 from ingest.protocols.mysql.packets import packet
-from proxy.core.redaction import NOT_KEPT, MaskDetectors, marker
+from proxy.core.redaction import NOT_KEPT, MaskDetectors, marker, remember_clean
 from proxy.policy.detectors import Scanner
 
 if TYPE_CHECKING:
@@ -87,6 +87,7 @@ def tokens(sql: str) -> list[tuple[str, int, int]]:
     return out
 
 
+@remember_clean
 def find_secrets(sql: str, detectors: Scanner | None) -> tuple[str, tuple[str, ...], frozenset[int]]:
     """(sql with secret literals replaced by markers, kinds found, 0-based `?` parameters in secret positions)."""
     return _find(sql, detectors)[:3]

@@ -12,11 +12,11 @@ from .detectors import DETECTORS, Finding, mask_text
 from .analyzers import ANALYZERS, Part
 from .masking import MaskPlan, Masked, RowMasker, mask_fields, open_sealed, seal_original
 from .operation import OPERATION_KINDS, PROTOCOLS, AnalysisError, Operation
-from .rules import Decision, Policy, PolicyError, PolicyHolder
+from .rules import BoundPolicy, Decision, Policy, PolicyError, PolicyHolder
 from .sql import KINDS, SqlParseError, StatementInfo, analyze
 
 __all__ = [
-    "ANALYZERS", "AnalysisError", "DETECTORS", "Decision", "Finding", "KINDS", "MaskPlan", "Masked",
+    "ANALYZERS", "AnalysisError", "BoundPolicy", "DETECTORS", "Decision", "Finding", "KINDS", "MaskPlan", "Masked",
     "OPERATION_KINDS", "Operation", "PROTOCOLS", "Part", "Policy", "PolicyError", "PolicyHolder", "RowMasker",
     "SqlParseError", "StatementInfo", "analyze", "mask_fields", "mask_text", "open_sealed", "seal_original",
 ]

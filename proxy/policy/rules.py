@@ -74,7 +74,7 @@ from .masking import MaskPlan
 from .operation import OPERATION_KINDS, PROTOCOLS, AnalysisError, Operation
 from .sql import KINDS, StatementInfo
 
-__all__ = ["ACTIONS", "Decision", "IdentityMatch", "MaskRule", "Policy", "PolicyError", "PolicyHolder", "Rule"]
+__all__ = ["ACTIONS", "BoundPolicy", "Decision", "IdentityMatch", "MaskRule", "Policy", "PolicyError", "PolicyHolder", "Rule"]
 
 log = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ class Decision:
         return None if self.part is None else self.part.statement
 
 
-def _strictest(operation: Operation, rules: list[Rule], whole: list[Rule], found: tuple[Part, ...]) -> Decision:
+def _strictest(operation: Operation, rules: tuple[Rule, ...], whole: list[Rule], found: tuple[Part, ...]) -> Decision:
     """First match per part, strictest over the parts; on a tie the earlier part decides.
 
     `rules` apply to the identity; `whole` are those that also match the operation's own fields.
@@ -278,6 +278,8 @@ class Policy:
     hold_timeout_seconds: float
     rules: tuple[Rule, ...]
     masks: tuple[MaskRule, ...]
+    _bindings: dict[tuple[str, frozenset[str], str], BoundPolicy] = field(
+        default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Policy:
@@ -297,17 +299,19 @@ class Policy:
 
     def decide(self, subject: str, groups: Collection[str], target: str, operation: Operation) -> Decision:
         """The strictest decision over every part of `operation`; see the module docstring for the order."""
-        group_set = frozenset(groups)
-        rules = [rule for rule in self.rules if rule.identity.matches(subject, group_set, target)]
-        whole = [rule for rule in rules if not rule.reads_operation or rule.matches_operation(operation)]
-        try:
-            found = parts(operation)
-        except AnalysisError as exc:
-            on_error = Decision(self.on_parse_error, "on_parse_error", f"{exc.what} not understood: {exc}",
-                                self.parse_error_approvers if self.on_parse_error == "hold" else (), operation, ())
-            fields_only = _strictest(operation, rules, whole, (Part(),))
-            return fields_only if _SEVERITY[fields_only.action] > _SEVERITY[on_error.action] else on_error
-        return _strictest(operation, rules, whole, found)
+        return self.bind(subject, groups, target).decide(operation)
+
+    def bind(self, subject: str, groups: Collection[str], target: str) -> BoundPolicy:
+        """The rules that apply to one identity on one target; shared by its sessions, so their decisions
+        are computed once per policy file (a reload makes a new `Policy`, and new bindings)."""
+        key = (subject, frozenset(groups), target)
+        bound = self._bindings.get(key)
+        if bound is None:
+            if len(self._bindings) >= _MAX_BINDINGS:
+                self._bindings.clear()
+            rules = tuple(rule for rule in self.rules if rule.identity.matches(subject, key[1], target))
+            bound = self._bindings[key] = BoundPolicy(self, rules)
+        return bound
 
     def masking_for(self, subject: str, groups: Collection[str], target: str) -> MaskPlan | None:
         """What to hide from this identity on this target: the union of every applicable `[[mask]]`."""
@@ -320,6 +324,47 @@ class Policy:
             columns=tuple(dict.fromkeys(c for m in applicable for c in m.columns)),
             rules=tuple(m.name for m in applicable),
         )
+
+
+_MAX_BINDINGS = 4096  # identities x targets one policy file has seen; cleared when full (rebuilt on demand)
+_MAX_DECISIONS = 1024  # distinct operations remembered per binding; cleared when full
+
+
+class BoundPolicy:
+    """`Policy.decide` for one identity and target, remembering its decisions.
+
+    A decision is a pure function of the rules and the operation, and clients
+    repeat their statements (pgbench, an ORM, a job's loop), so the repeated
+    operation costs one dictionary lookup. The caches are cleared, not
+    evicted entry by entry, when full: sessions on several threads share them,
+    and `dict.clear` is one atomic step under the GIL.
+    """
+
+    def __init__(self, policy: Policy, rules: tuple[Rule, ...]) -> None:
+        self.policy, self.rules = policy, rules
+        self._decisions: dict[Operation, Decision] = {}
+
+    def decide(self, operation: Operation) -> Decision:
+        decision = self._decisions.get(operation)
+        if decision is None:
+            decision = self._decide(operation)
+            if len(self._decisions) >= _MAX_DECISIONS:
+                self._decisions.clear()
+            self._decisions[operation] = decision
+        return decision
+
+    def _decide(self, operation: Operation) -> Decision:
+        policy, rules = self.policy, self.rules
+        whole = [rule for rule in rules if not rule.reads_operation or rule.matches_operation(operation)]
+        try:
+            found = parts(operation)
+        except AnalysisError as exc:
+            on_error = Decision(policy.on_parse_error, "on_parse_error", f"{exc.what} not understood: {exc}",
+                                policy.parse_error_approvers if policy.on_parse_error == "hold" else (),
+                                operation, ())
+            fields_only = _strictest(operation, rules, whole, (Part(),))
+            return fields_only if _SEVERITY[fields_only.action] > _SEVERITY[on_error.action] else on_error
+        return _strictest(operation, rules, whole, found)
 
 
 # --- parsing and checking the file ------------------------------------------------------

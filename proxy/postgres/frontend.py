@@ -450,26 +450,29 @@ class PostgresFrontEnd(FrontEnd):
         self._prepared.annotate(records)
         self.session.record_messages(CLIENT, records, len(messages))
         if self._policy is not None:
-            yield from self._gate_client(messages)
+            yield from self._gate_client(messages, records)
         else:
             yield Send(SERVER, raw if raw is not None else b"".join([x.data for x in messages]))
         if messages[-1].type == "Terminate":
             yield from self.session.end("client_terminate")
 
-    def _gate_client(self, messages: list[Message]) -> Steps:
-        """Relay what the policy lets through, in order; a held statement waits here for its verdict."""
+    def _gate_client(self, messages: list[Message], records: list[rec.Record]) -> Steps:
+        """Relay what the policy lets through, in order; a held statement waits here for its verdict.
+
+        Each statement's SQL comes from its record (decoded once, for the evidence; bulk runs fold
+        into one record, statements never do)."""
         policy = self._policy
         assert policy is not None
+        texts = iter([r["statement"] for r in records if r["type"] in rec.STATEMENT_TYPES])
         passed: list[bytes] = []
         for message in messages:
-            operation = policy.operation(message)
-            if operation is None:
+            if message.type not in rec.STATEMENT_TYPES:
                 passed.append(message.data)
                 continue
             if passed:
                 yield Send(SERVER, b"".join(passed))
                 passed = []
-            verdict = yield from self.session.check(operation)
+            verdict = yield from self.session.check(policy.operation(next(texts)))
             yield Send(SERVER, message.data if verdict.allowed else policy.refuse(message, verdict.reason))
         if passed:
             yield Send(SERVER, b"".join(passed))

@@ -38,15 +38,6 @@ INSUFFICIENT_PRIVILEGE = "42501"
 _MAX_PENDING_REFUSALS = 64  # a refusal the target skipped (earlier error in its batch) is forgotten eventually
 
 
-def statement_text(message: Message) -> str | None:
-    """The SQL of a Query or Parse; None for every other message."""
-    if message.type == "Query":
-        return m.decode_query(message.payload).sql
-    if message.type == "Parse":
-        return m.decode_parse(message.payload).sql
-    return None
-
-
 def refusal_error(reason: str) -> bytes:
     return m.error_response(severity="ERROR", code=INSUFFICIENT_PRIVILEGE, message=f"custody: {reason}")
 
@@ -63,10 +54,9 @@ class StatementPolicy:
         plan = gate.mask_plan
         self._masker = ResultMasker(plan) if plan is not None else None
 
-    def operation(self, message: Message) -> Operation | None:
-        """The operation a Query or Parse asks for; None: not a statement, relay it."""
-        sql = statement_text(message)
-        return None if sql is None else Operation("postgres", "statement", sql, attributes=self._attributes)
+    def operation(self, sql: str) -> Operation:
+        """The operation a Query or Parse (`rec.STATEMENT_TYPES`) with this SQL asks for."""
+        return Operation("postgres", "statement", sql, attributes=self._attributes)
 
     def refuse(self, message: Message, reason: str) -> bytes:
         """What to send the target instead of `message`; the client will get 42501 with `reason`."""

@@ -36,7 +36,7 @@ REDACTED: dict[str, str] = {
     "CancelRequest": "cancel key",
 }
 # The protocol-neutral operation fields (contract v2): where a statement starts, and how it ended.
-_STATEMENTS = frozenset({"Query", "Parse"})
+STATEMENT_TYPES = frozenset({"Query", "Parse"})
 _OUTCOMES = {"CommandComplete": "ok", "ErrorResponse": "error"}
 
 
@@ -48,7 +48,7 @@ def message_record(message: Message, origin: dict[str, str] | None = None) -> Re
         record["data"] = message.data
     else:
         record = {"type": kind, "data": message.data, "attributes": {}}
-    if kind in _STATEMENTS:
+    if kind in STATEMENT_TYPES:
         record["operation"], record["text"] = "statement", record.get("statement")
     elif kind in _OUTCOMES:
         record["outcome"] = _OUTCOMES[kind]

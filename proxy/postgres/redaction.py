@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from pglast.parser import scan
 
 from ingest.protocols.postgres import messages as m
-from proxy.core.redaction import MaskDetectors, marker
+from proxy.core.redaction import MaskDetectors, marker, remember_clean
 from proxy.policy.detectors import Scanner
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ class _Found:
         self.kinds.append(kind)
 
 
+@remember_clean
 def find_secrets(sql: str, detectors: Scanner | None) -> tuple[str, tuple[str, ...], frozenset[int]]:
     """(sql with secret literals replaced by markers, kinds found, 1-based key parameter numbers)."""
     lowered = sql.lower()
