@@ -82,6 +82,7 @@ def test_mysql_session_in_activity_and_replay(sealed):
                      ("statement", "SELECT owner FROM accounts WHERE id = ?", "ok")]
     drop = next(r for r in rows if r["text"] == "DROP TABLE accounts")
     assert drop["policy_action"] == "block"
+    assert [r["objects"] for r in rows if "accounts" in (r["text"] or "")] == [["accounts"]] * 4  # sqlglot's tables
 
     replay = CliRunner().invoke(cli, ["replay", session[0].session_id, "--ledger", str(ledger),
                                       "--keyring", str(proxy.config.keys.keyring)])

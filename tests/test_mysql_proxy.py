@@ -52,7 +52,14 @@ def proxy(broker, tmp_path_factory, target, tls):
         target, "tls-mysql", f'tls_cert = "{tls["server_cert"]}"\ntls_key = "{tls["server_key"]}"\n')
     running = start_proxy(tmp_path_factory.mktemp("custody"), broker, extra_proxies=entries)
     policy = running.directory / "policies" / "default.toml"
-    policy.write_text(policy.read_text().replace("hold_timeout_seconds = 300", "hold_timeout_seconds = 6"))
+    policy.write_text(policy.read_text().replace("hold_timeout_seconds = 300", "hold_timeout_seconds = 6") + """
+[[rule]]
+name = "block-vault-objects"
+action = "block"
+message = "the vault tables are not reachable through Custody"
+protocols = ["mysql"]
+objects = ["vault*", "*.vault*"]
+""")
     time.sleep(1.2)
     running.events = EventLog.open(running)
     yield running
@@ -174,7 +181,8 @@ def test_mariadb_cli_with_the_cleartext_plugin(proxy, target):
 def test_blocked_drop_gets_1142_and_the_session_goes_on(proxy, target):
     app = new_app("block")
     with connect(proxy, target, user=EVE, groups=("dev",), app=app) as conn, conn.cursor() as cur:
-        for statement in ("DROP TABLE people", "/*!50000 DROP TABLE people */", "TRUNCATE people"):
+        for statement in ("DROP TABLE people", "/*!50000 DROP TABLE people */", "TRUNCATE people",
+                          "SELECT p.id FROM people p JOIN secrets.vault_keys k ON k.id = p.id"):
             with pytest.raises(pymysql.err.OperationalError) as refused:
                 cur.execute(statement)
             assert refused.value.args[0] == 1142 and "custody: " in refused.value.args[1]
@@ -186,9 +194,11 @@ def test_blocked_drop_gets_1142_and_the_session_goes_on(proxy, target):
     events = proxy.events.session(app)
     blocks = [e.body for e in events if e.kind == "policy_decision"]
     assert [(d["rule"], d["action"]) for d in blocks] == [("block-drop", "block"), ("block-drop", "block"),
-                                                         ("block-truncate", "block")]
+                                                         ("block-truncate", "block"), ("block-vault-objects", "block")]
     refusals = [m for m in server_records(events, "ERR") if m["attributes"].get("origin") == "proxy"]
-    assert [(m["error_code"], m["attributes"]["errno"]) for m in refusals] == [("42000", "1142")] * 3
+    assert [(m["error_code"], m["attributes"]["errno"]) for m in refusals] == [("42000", "1142")] * 4
+    objects = [m.get("objects") for m in client_records(events, "COM_QUERY") if "people" in m["statement"]]
+    assert objects == [["people"]] * 3 + [["people", "secrets.vault_keys"]]  # the policy's `objects` saw them
 
 
 def test_masked_columns_and_detectors_in_text_and_binary_rows(proxy, target):

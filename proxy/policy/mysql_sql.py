@@ -31,7 +31,7 @@ from sqlglot.errors import SqlglotError
 
 from .sql import SqlParseError, StatementInfo
 
-__all__ = ["analyze_mysql", "executable_comments"]
+__all__ = ["analyze_mysql", "executable_comments", "tables_of"]
 
 logging.getLogger("sqlglot").setLevel(logging.ERROR)  # it warns on every statement it parses as a Command
 
@@ -285,3 +285,19 @@ _cached = lru_cache(maxsize=4096)(lambda sql: _analyze(sql, 0))
 def analyze_mysql(sql: str) -> tuple[StatementInfo, ...]:
     """Each statement of a COM_QUERY / COM_STMT_PREPARE text, in order (cached for short texts)."""
     return _cached(sql) if len(sql) <= _CACHE_MAX_TEXT else _analyze(sql, 0)
+
+
+def tables_of(sql: str) -> tuple[str, ...]:
+    """The tables a COM_QUERY / COM_STMT_PREPARE text names, nested statements' included, in order.
+
+    The operation's `objects` (policy's `objects` matcher, the activity view, OCSF `table.name`).
+    Empty for text that does not parse (the policy's `on_parse_error` decides on that, not this), and for
+    text beyond the analysis cache (16 KiB): a bulk INSERT of megabytes is not parsed a second time for
+    its names, the policy's own analysis of it is not kept."""
+    if len(sql) > _CACHE_MAX_TEXT:
+        return ()
+    try:
+        statements = analyze_mysql(sql)
+    except SqlParseError:
+        return ()
+    return _unique([name for statement in statements for name in statement.tables])
