@@ -1,12 +1,15 @@
 """End to end for MySQL: a session through the real proxy (a query, a prepared statement with bound
 values, a blocked DROP, a masked column) sealed by the real ledger, then `custody activity` (protocol
-mysql) and `custody replay` read it back."""
+mysql) and `custody replay` read it back, and the blocked DROP is the SOC's violation on the topic."""
 
 from __future__ import annotations
 
 import json
 import time
 import uuid
+from importlib import resources
+
+import jsonschema
 
 import mysql.connector
 import pymysql
@@ -14,7 +17,9 @@ import pytest
 from click.testing import CliRunner
 
 from custody.cli import cli
+from ingest import kafka
 from ingest.keys import Keyring, load_key_file
+from ingest.violations import tail
 from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
 from mysql_fixtures import make_target, proxy_entry
@@ -23,8 +28,9 @@ from pg_fixtures import EventLog, make_tls, start_proxy
 EVE = "eve@example.com"
 
 
-@pytest.fixture
-def sealed(broker, tmp_path):
+@pytest.fixture(scope="module")
+def sealed(broker, tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("mysql-ledger")
     target = make_target()
     tls = make_tls(tmp_path)
     with target.direct() as conn, conn.cursor() as cur:
@@ -94,3 +100,23 @@ def test_mysql_session_in_activity_and_replay(sealed):
     assert 'parameters: ["2"]' in text
     assert "ERROR 1142 (42000)" in text
     assert "LOGIN" in text and EVE in text
+
+
+def test_mysql_block_is_a_violation_on_the_topic(sealed):
+    proxy, session, _ = sealed
+    block = next(e for e in session if e.kind == "policy_decision" and e.body["action"] == "block")
+    consumer = kafka.consumer(proxy.kafka, proxy.kafka.topic("violations"), group_id=None)
+    found = [v for v in tail(consumer, follow=False, idle_seconds=2) if v["session_id"] == session[0].session_id]
+    consumer.close()
+    assert len(found) == 1, found
+    (violation,) = found
+    jsonschema.validate(violation, json.loads(resources.files("schemas").joinpath("violation.schema.json").read_text()))
+    assert violation == {
+        "schema": "custody.violation/v1", "id": block.event_id, "time": violation["time"], "severity": "medium",
+        "category": "policy_block", "reason": "block-drop",
+        "detail": "DROP DATABASE/SCHEMA/TABLE is not allowed through Custody",
+        "identity": {"subject": EVE, "email": EVE, "groups": ["dev"], "issuer": session[0].body["identity"]["issuer"]},
+        "source_address": session[0].body["source_address"], "target": "local-mysql",
+        "statement": "DROP TABLE accounts", "rule": "block-drop", "action": "block",
+        "session_id": session[0].session_id, "event_id": block.event_id, "source": None,
+    }
