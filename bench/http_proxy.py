@@ -24,15 +24,15 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from pg_proxy import free_port, wait_port  # noqa: E402  (bench/ is sys.path[1]: the one owner of these helpers)
 
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 USER = "alice@example.com"
@@ -77,30 +77,13 @@ REVERSE = """\
     }}"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
 def start_nginx(directory: Path, body: str, port: int) -> subprocess.Popen:
     directory.mkdir(parents=True, exist_ok=True)
     config = directory / "nginx.conf"
     config.write_text(COMMON.format(dir=directory, body=body))
     process = subprocess.Popen([NGINX, "-c", str(config), "-p", str(directory)], stdout=subprocess.DEVNULL,
                                stderr=open(directory / "stderr.log", "wb"))
-    wait_port(port)
+    wait_port(port, timeout=30.0)
     return process
 
 
@@ -125,7 +108,7 @@ policy = "policies/default.toml"
     token = issue_token(identity.dev_signing_key, identity.issuer, identity.audience, USER, ["dba"])
     process = subprocess.Popen([sys.executable, "-m", "custody", "proxy", "--config", str(config)],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-    wait_port(port)
+    wait_port(port, timeout=30.0)
     return process, port, token
 
 
