@@ -268,3 +268,20 @@ def test_a_target_that_sends_bytes_after_agreeing_to_tls_is_a_protocol_error():
     assert any(isinstance(c, Close) for c in out)
     kinds = [kind for kind, _ in recording.events]
     assert kinds[0] == "session_start" and "protocol_error" in kinds and kinds[-1] == "session_end"
+
+
+def test_a_repeated_server_message_gets_a_record_of_its_own_each_time():
+    """Records of repeating messages are built once and copied: changing one must not change the next."""
+    from ingest.protocols.postgres.protocol import Message
+    from proxy.postgres import recording as rec
+
+    description = Message("RowDescription", m.row_description(
+        [m.FieldDescription(name, 0, 0, 23, 4, -1, 0) for name in ("aid", "abalance")]))
+    first = rec.message_record(description, rec.PROXY_ORIGIN)
+    first["attributes"]["redacted"] = "x"
+    second = rec.message_record(description)
+    assert second["attributes"] == {"columns": '["aid", "abalance"]', "type_oids": "[23, 23]"}
+    assert second["data"] == description.data and second is not first
+    assert first["attributes"]["origin"] == rec.PROXY_ORIGIN["origin"]
+    complete = rec.message_record(Message("CommandComplete", m.command_complete("UPDATE 3")))
+    assert (complete["command_tag"], complete["rows"], complete["outcome"]) == ("UPDATE 3", 3, "ok")

@@ -40,8 +40,34 @@ STATEMENT_TYPES = frozenset({"Query", "Parse"})
 _OUTCOMES = {"CommandComplete": "ok", "ErrorResponse": "error"}
 
 
+# Server messages whose record is a function of their bytes alone and that sessions repeat with every
+# statement (the same query's RowDescription, `SELECT 1`, ReadyForQuery 'I'): their records are built once
+# and copied. A hit costs a dictionary lookup and two copies instead of a decode and two JSON encodings.
+_REPEATING = frozenset({"RowDescription", "CommandComplete", "ReadyForQuery", "ParameterDescription"})
+_REPEATED_LIMIT = 1024  # distinct messages remembered; cleared (one atomic step) when full
+_REPEATED_MAX_BYTES = 1024
+_repeated: dict[bytes, Record] = {}
+
+
 def message_record(message: Message, origin: dict[str, str] | None = None) -> Record:
     """One message as the contract's `Message` record; `origin` marks the proxy's own messages."""
+    kind = message.type
+    if kind in _REPEATING and len(message.data) <= _REPEATED_MAX_BYTES:
+        known = _repeated.get(message.data)
+        if known is None:
+            known = _build_record(message)
+            if len(_repeated) >= _REPEATED_LIMIT:
+                _repeated.clear()
+            _repeated[message.data] = known
+        record = {**known, "attributes": dict(known["attributes"])}
+    else:
+        record = _build_record(message)
+    if origin:
+        record["attributes"].update(origin)
+    return record
+
+
+def _build_record(message: Message) -> Record:
     kind = message.type
     if kind in SUMMARIZED_TYPES:
         record = summarize(message)
@@ -55,8 +81,6 @@ def message_record(message: Message, origin: dict[str, str] | None = None) -> Re
     if kind in REDACTED:
         record["data"] = b""
         record["attributes"]["redacted"] = REDACTED[kind]
-    if origin:
-        record["attributes"].update(origin)
     return record
 
 
