@@ -7,8 +7,6 @@ status by channel) and `--format asciicast` writes it for asciinema (stdin only 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import time
 
 import pytest
@@ -18,37 +16,22 @@ from custody.cli import cli
 from ingest.keys import Keyring, load_key_file
 from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
-from pg_fixtures import EventLog, make_tls, start_proxy
-from test_kube_proxy import KUBECTL, POLICY_RULES, UPSTREAM_TOKEN, Kubectl
+from kube_fixtures import UPSTREAM_TOKEN, Kubectl, start_kube_proxy
 from kube_server import KubeServer
+from pg_fixtures import EventLog, make_tls
+from test_kube_proxy import POLICY_RULES
 
 
 @pytest.fixture(scope="module")
 def sealed(broker, tmp_path_factory):
     tls = make_tls(tmp_path_factory.mktemp("tls"))
     directory = tmp_path_factory.mktemp("custody")
-    (directory / "cluster.token").write_text(UPSTREAM_TOKEN + "\n")
     with KubeServer(UPSTREAM_TOKEN) as kube:
-        proxy = start_proxy(directory, broker, extra_proxies=f"""
-[[proxy]]
-name = "test-cluster"
-protocol = "kubernetes"
-listen = "127.0.0.1:0"
-upstream = "{kube.url}"
-upstream_bearer_file = "cluster.token"
-tls_cert = "{tls['server_cert']}"
-tls_key = "{tls['server_key']}"
-policy = "policies/default.toml"
-""")
-        policy = directory / "policies" / "default.toml"
-        policy.write_text(policy.read_text() + POLICY_RULES)
-        time.sleep(1.2)
+        proxy = start_kube_proxy(directory, broker, kube, tls, POLICY_RULES)
         events = EventLog.open(proxy)
         try:
             kubectl = Kubectl(proxy, tls, tmp_path_factory.mktemp("kubectl"))
-            env = {**os.environ, "KUBECONFIG": str(kubectl.dir / "config"), "HOME": str(kubectl.dir)}
-            ran = subprocess.run([KUBECTL, "--cache-dir", str(kubectl.dir / "cache"), "exec", "-i", "web-1", "--",
-                                  "cat"], input="typed-in\n", capture_output=True, text=True, env=env, timeout=60)
+            ran = kubectl("exec", "-i", "web-1", "--", "cat", input="typed-in\n")
             assert ran.returncode == 0 and ran.stdout == "typed-in\n", ran.stderr
             blocked = kubectl("delete", "secret", "db-creds", "--wait=false")
             assert blocked.returncode != 0 and "Forbidden" in blocked.stderr

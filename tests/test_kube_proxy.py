@@ -10,41 +10,21 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import socket
 import subprocess
 import threading
 import time
-import uuid
-from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 
 from custody.commands.approvals import approvals_group, read_approvals
-from kube_server import KubeServer
-from pg_fixtures import EventLog, make_tls, messages, start_proxy
+from kube_fixtures import (DELETE_RULES, KUBECTL, KUBECTL_SPDY, UPSTREAM_TOKEN, Kubectl, all_messages, decisions,
+                           kube, sessions, start_kube_proxy, tls)  # noqa: F401 (kube, tls: module fixtures)
+from pg_fixtures import EventLog, messages
 
-KUBECTL = "/usr/bin/kubectl"
-KUBECTL_SPDY = "/usr/lib/google-cloud-sdk/bin/kubectl.1.28"
-UPSTREAM_TOKEN = "cluster-sa-" + uuid.uuid4().hex[:8]
-POLICY_RULES = """
-[[rule]]
-name = "block-secret-deletes"
-action = "block"
-message = "deleting secrets is not allowed through Custody"
-protocols = ["kubernetes"]
-attributes = { verb = ["delete", "deletecollection"], resource = ["secrets"] }
-
-[[rule]]
-name = "hold-configmap-deletes"
-action = "hold"
-message = "deleting a configmap needs approval by dba"
-protocols = ["kubernetes"]
-attributes = { verb = ["delete"], resource = ["configmaps"] }
-approvers = ["dba"]
-
+POLICY_RULES = DELETE_RULES + """
 [[rule]]
 name = "no-forward-to-9999"
 action = "block"
@@ -56,77 +36,13 @@ objects = ["*:9999"]
 
 
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory):
-    return make_tls(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
-def kube():
-    with KubeServer(UPSTREAM_TOKEN) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def proxy(broker, tmp_path_factory, kube, tls):
-    directory = tmp_path_factory.mktemp("custody")
-    (directory / "cluster.token").write_text(UPSTREAM_TOKEN + "\n")
-    extra = f"""
-[[proxy]]
-name = "test-cluster"
-protocol = "kubernetes"
-listen = "127.0.0.1:0"
-upstream = "{kube.url}"
-upstream_bearer_file = "cluster.token"
-tls_cert = "{tls['server_cert']}"
-tls_key = "{tls['server_key']}"
-policy = "policies/default.toml"
-"""
-    running = start_proxy(directory, broker, extra_proxies=extra)
-    policy = directory / "policies" / "default.toml"
-    policy.write_text(policy.read_text().replace("hold_timeout_seconds = 300", "hold_timeout_seconds = 20")
-                      + POLICY_RULES)
-    time.sleep(1.2)  # the policy holder looks at the file at most once a second
+    running = start_kube_proxy(tmp_path_factory.mktemp("custody"), broker, kube, tls, POLICY_RULES,
+                               hold_timeout_seconds=20)
     running.events = EventLog.open(running)
     yield running
     running.events.close()
     running.background.stop()
-
-
-class Kubectl:
-    """kubectl with its own kubeconfig (the dev token as the user's token) and cache, as one subject."""
-
-    def __init__(self, proxy, tls, tmp_path: Path, groups=("dev",), token: str | None = None) -> None:
-        self.subject = f"k-{uuid.uuid4().hex[:8]}@example.com"
-        host, port = proxy.address(1)
-        ca = base64.b64encode(Path(tls["ca"]).read_bytes()).decode()
-        self.dir = tmp_path / self.subject
-        self.dir.mkdir()
-        token = token if token is not None else proxy.token(self.subject, groups)
-        (self.dir / "config").write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: custody, cluster: {{server: "https://{host}:{port}", certificate-authority-data: "{ca}"}}}}]
-users: [{{name: me, user: {{token: "{token}"}}}}]
-contexts: [{{name: custody, context: {{cluster: custody, user: me, namespace: default}}}}]
-current-context: custody
-""")
-
-    def __call__(self, *args: str, binary: str = KUBECTL, timeout: float = 60) -> subprocess.CompletedProcess:
-        env = {**os.environ, "KUBECONFIG": str(self.dir / "config"), "HOME": str(self.dir)}
-        return subprocess.run([binary, "--cache-dir", str(self.dir / "cache"), *args], capture_output=True,
-                              text=True, env=env, timeout=timeout)
-
-
-def sessions(proxy, subject: str, at_least: int = 1) -> list[list]:
-    deadline = time.monotonic() + 20
-    while True:
-        found = proxy.events.find(lambda start: (start["identity"] or {}).get("subject") == subject, timeout=1)
-        if len(found) >= at_least or time.monotonic() > deadline:
-            return found
-        time.sleep(0.2)
-
-
-def all_messages(found: list[list], direction: str | None = None) -> list[dict]:
-    return [m for events in found for m in messages(events, direction)]
 
 
 def test_get_and_list_with_kubectl_decoded_into_verbs_and_the_credential_injected(proxy, kube, tls, tmp_path):
@@ -168,10 +84,7 @@ def test_delete_secret_is_blocked_with_a_status_and_never_reaches_the_cluster(pr
     assert "Error from server (Forbidden)" in got.stderr and "deleting secrets is not allowed" in got.stderr
     assert not any(method == "DELETE" for method, _, _ in kube.requests)
     assert "db-creds" in kube.objects["secrets"]
-    found = sessions(proxy, kubectl.subject)
-    decisions = [e.body for events in found for e in events if e.kind == "policy_decision"]
-    assert [(d["action"], d["rule"], d["statement"]) for d in decisions] == [
-        ("block", "block-secret-deletes", "DELETE /api/v1/namespaces/default/secrets/db-creds")]
+    assert decisions(proxy, kubectl.subject) == [("block", "block-secret-deletes", "DELETE /api/v1/namespaces/default/secrets/db-creds")]
 
 
 def test_held_delete_runs_once_a_dba_approves(proxy, kube, tls, tmp_path):
@@ -207,10 +120,8 @@ def test_a_bad_token_is_401(proxy, tls, tmp_path):
 
 def test_watch_events_are_recorded_as_they_stream(proxy, tls, tmp_path):
     kubectl = Kubectl(proxy, tls, tmp_path)
-    env = {**os.environ, "KUBECONFIG": str(kubectl.dir / "config"), "HOME": str(kubectl.dir)}
-    watch = subprocess.Popen([KUBECTL, "--cache-dir", str(kubectl.dir / "cache"), "get", "pods", "-w",
-                              "--output-watch-events"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env=env)
+    watch = subprocess.Popen(kubectl.argv("get", "pods", "-w", "--output-watch-events"), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=kubectl.env)
     time.sleep(3)
     proxy.flush()
     # The watch is still open, and its events are already in the evidence.
@@ -237,7 +148,8 @@ def test_exec_is_relayed_and_recorded_per_channel(proxy, kube, tls, tmp_path, bi
     assert got.stdout == "hi\n"
     assert kube.execs[-1]["transport"] == transport and kube.execs[-1]["command"] == ["echo", "hi"]
 
-    found = sessions(proxy, kubectl.subject, at_least=2)
+    found = sessions(proxy, kubectl.subject, at_least=2,
+                     until=lambda records: any(m.get("operation") == "command" for m in records))
     records = all_messages(found)
     command = next(m for m in records if m.get("operation") == "command")
     assert command["text"] == "echo hi" and command["attributes"]["verb"] == "exec"
@@ -258,17 +170,18 @@ def test_stdin_of_exec_and_attach_is_relayed_and_recorded_on_channel_0(proxy, ku
                                                                        transport, verb):
     kubectl = Kubectl(proxy, tls, tmp_path)
     args = ["exec", "-i", "web-1", "--", "cat"] if verb == "exec" else ["attach", "-i", "web-1"]
-    env = {**os.environ, "KUBECONFIG": str(kubectl.dir / "config"), "HOME": str(kubectl.dir)}
-    got = subprocess.run([binary, "--cache-dir", str(kubectl.dir / "cache"), *args], input="line one\nline two\n",
-                         capture_output=True, text=True, env=env, timeout=60)
+    got = kubectl(*args, binary=binary, input="line one\nline two\n")
     assert got.returncode == 0, got.stderr
     assert got.stdout.endswith("line one\nline two\n")
     run = kube.execs[-1]
     assert (run["kind"], run["transport"], run["stdin"]) == (verb, transport, b"line one\nline two\n")
 
-    records = all_messages(sessions(proxy, kubectl.subject, at_least=2))
-    opened = next(m for m in records if m["type"] == "Request" and f"/{verb}?" in (m["attributes"] or {}).get(
-        "request", m["text"]))
+    def opening(records: list[dict]) -> list[dict]:
+        return [m for m in records if m["type"] == "Request"
+                and f"/{verb}?" in (m["attributes"] or {}).get("request", m["text"])]
+
+    records = all_messages(sessions(proxy, kubectl.subject, at_least=2, until=opening))
+    opened, = opening(records)
     assert opened["attributes"]["verb"] == verb
     stdin = b"".join(m["data"] for m in records if m.get("channel") == "0" and m["type"] != "Request")
     stdout = b"".join(m["data"] for m in records if m.get("channel") == "1")
@@ -279,10 +192,8 @@ class PortForward:
     """`kubectl port-forward pod/NAME :PORT` running; `local` is the port it listens on."""
 
     def __init__(self, kubectl: Kubectl, binary: str, port: int) -> None:
-        env = {**os.environ, "KUBECONFIG": str(kubectl.dir / "config"), "HOME": str(kubectl.dir)}
-        self.process = subprocess.Popen([binary, "--cache-dir", str(kubectl.dir / "cache"), "port-forward",
-                                         "pod/web-1", f":{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                        text=True, env=env)
+        self.process = subprocess.Popen(kubectl.argv("port-forward", "pod/web-1", f":{port}", binary=binary),
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kubectl.env)
         line = self.process.stdout.readline()
         found = re.search(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)", line)
         assert found, (line, self.process.stderr.read() if self.process.poll() is not None else "")
@@ -321,7 +232,8 @@ def test_port_forward_is_relayed_and_its_streams_recorded_per_port(proxy, kube, 
     run = next(r for r in reversed(kube.execs) if r["kind"] == "portforward")
     assert run["transport"] == transport and run["forwarded"] == {"8080": b"GET / HTTP/1.0\r\n\r\nsecond"}
 
-    found = sessions(proxy, kubectl.subject, at_least=1)
+    found = sessions(proxy, kubectl.subject, until=lambda records: any(
+        m["type"] == "Request" and "/portforward" in m["text"] for m in records))
     records = all_messages(found)
     opened = next(m for m in records if m["type"] == "Request" and "/portforward" in m["text"])
     assert opened["operation"] == "forward" and opened["attributes"]["verb"] == "portforward"
@@ -342,10 +254,7 @@ def test_port_forward_to_a_blocked_port_never_reaches_the_pod(proxy, kube, tls, 
     finally:
         forward.stop()
     assert not any(r["kind"] == "portforward" and "9999" in (r.get("forwarded") or {}) for r in kube.execs)
-    found = sessions(proxy, kubectl.subject)
-    decisions = [e.body for events in found for e in events if e.kind == "policy_decision"]
-    assert [(d["action"], d["rule"], d["statement"]) for d in decisions] == [
-        ("block", "no-forward-to-9999", "web-1:9999")]
+    assert decisions(proxy, kubectl.subject) == [("block", "no-forward-to-9999", "web-1:9999")]
 
 
 def test_a_created_secrets_values_are_redacted_in_the_evidence_and_sealed(proxy, kube, tls, tmp_path):

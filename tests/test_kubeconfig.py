@@ -23,44 +23,18 @@ from pathlib import Path
 import pytest
 
 from custody.config import load_config
-from kube_server import KubeServer
-from pg_fixtures import EventLog, make_tls, start_proxy
+from kube_fixtures import KUBECTL, KUBECTL_SPDY, UPSTREAM_TOKEN, kube, sessions, start_kube_proxy, tls  # noqa: F401
+from pg_fixtures import EventLog, make_tls
 from proxy.http.kubeconfig import kubeconfig, to_yaml
 from proxy.login import TokenCache, exec_credential
 from test_login import add_login, dev_idp, device_login
 
-KUBECTLS = pytest.mark.parametrize("binary", ["/usr/bin/kubectl", "/usr/lib/google-cloud-sdk/bin/kubectl.1.28"],
-                                   ids=["kubectl-1.32", "kubectl-1.28"])
-UPSTREAM_TOKEN = "cluster-sa-" + uuid.uuid4().hex[:8]
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory):
-    return make_tls(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture(scope="module")
-def kube():
-    with KubeServer(UPSTREAM_TOKEN) as server:
-        yield server
+KUBECTLS = pytest.mark.parametrize("binary", [KUBECTL, KUBECTL_SPDY], ids=["kubectl-1.32", "kubectl-1.28"])
 
 
 @pytest.fixture(scope="module")
 def proxy(broker, tmp_path_factory, kube, tls):
-    directory = tmp_path_factory.mktemp("custody")
-    (directory / "cluster.token").write_text(UPSTREAM_TOKEN + "\n")
-    extra = f"""
-[[proxy]]
-name = "test-cluster"
-protocol = "kubernetes"
-listen = "127.0.0.1:0"
-upstream = "{kube.url}"
-upstream_bearer_file = "cluster.token"
-tls_cert = "{tls['server_cert']}"
-tls_key = "{tls['server_key']}"
-policy = "policies/default.toml"
-"""
-    running = start_proxy(directory, broker, extra_proxies=extra)
+    running = start_kube_proxy(tmp_path_factory.mktemp("custody"), broker, kube, tls)
     running.events = EventLog.open(running)
     yield running
     running.events.close()
@@ -100,15 +74,6 @@ def kubectl(binary: str, kubeconfig_path: Path, *args: str) -> subprocess.Comple
                           capture_output=True, text=True, env=env, timeout=60)
 
 
-def subjects(proxy, subject: str, at_least: int = 1) -> list:
-    """The recorded sessions of `subject`, once there are `at_least` (or 20 s passed)."""
-    deadline = time.monotonic() + 20
-    while True:
-        found = proxy.events.find(lambda start: (start["identity"] or {}).get("subject") == subject, timeout=1)
-        if len(found) >= at_least or time.monotonic() > deadline:
-            return found
-
-
 # --- the documents ------------------------------------------------------------------------------
 
 
@@ -130,7 +95,7 @@ def test_kubeconfig_yaml_is_what_kubectl_reads(tmp_path):
                           b"-----BEGIN CERTIFICATE-----\n", "prod")
     path = tmp_path / "k"
     path.write_text(to_yaml(document))
-    viewed = subprocess.run(["/usr/bin/kubectl", "config", "view", "--raw", "-o", "json", "--kubeconfig", str(path)],
+    viewed = subprocess.run([KUBECTL, "config", "view", "--raw", "-o", "json", "--kubeconfig", str(path)],
                             capture_output=True, text=True, timeout=30)
     assert viewed.returncode == 0, viewed.stderr
     seen = json.loads(viewed.stdout)
@@ -166,7 +131,7 @@ def test_kubectl_get_pods_with_the_cached_login_token(proxy, kube, login, tmp_pa
     got = kubectl(binary, path, "get", "pods")
     assert got.returncode == 0, got.stderr
     assert "web-1" in got.stdout and "Running" in got.stdout
-    found = subjects(proxy, subject)
+    found = sessions(proxy, subject)
     assert found and all(events[0].body["protocol"] == "kubernetes" for events in found)
     assert found[0][0].body["identity"]["issuer"] == proxy.config.identity.issuer
     assert {auth for _, _, auth in kube.requests} == {f"Bearer {UPSTREAM_TOKEN}"}  # never the client's token
@@ -178,11 +143,11 @@ def test_the_plugin_refreshes_an_expiring_token_between_kubectl_runs(proxy, logi
     path = write_kubeconfig(proxy, config, tmp_path / "kubeconfig")
     subject = f"kr-{uuid.uuid4().hex[:8]}@example.com"
     device_login(config, idp, subject, ["dev"])
-    assert kubectl("/usr/bin/kubectl", path, "get", "pods").returncode == 0
+    assert kubectl(KUBECTL, path, "get", "pods").returncode == 0
     assert "refresh_token" not in idp.grants
     cached = TokenCache(tmp_path / "cache" / "tokens.json").get(load_config(config).login.cache_key)
     time.sleep(max(0.0, cached.expires_at - 30 - time.time()) + 1)
-    got = kubectl("/usr/bin/kubectl", path, "get", "pods")
+    got = kubectl(KUBECTL, path, "get", "pods")
     assert got.returncode == 0, got.stderr
     assert idp.grants["refresh_token"] == 1
     deadline, token_ids = time.monotonic() + 20, set()
@@ -200,11 +165,11 @@ def test_the_certificate_is_verified(proxy, login, tls, tmp_path):
     subject = f"kt-{uuid.uuid4().hex[:8]}@example.com"
     device_login(config, idp, subject, ["dev"])
     with_ca = write_kubeconfig(proxy, config, tmp_path / "with-ca", "--certificate-authority", str(tls["ca"]))
-    assert kubectl("/usr/bin/kubectl", with_ca, "get", "pods").returncode == 0
+    assert kubectl(KUBECTL, with_ca, "get", "pods").returncode == 0
     (tmp_path / "other").mkdir()
     other = make_tls(tmp_path / "other")
     wrong = write_kubeconfig(proxy, config, tmp_path / "wrong-ca", "--certificate-authority", str(other["ca"]))
-    refused = kubectl("/usr/bin/kubectl", wrong, "get", "pods")
+    refused = kubectl(KUBECTL, wrong, "get", "pods")
     assert refused.returncode != 0 and "x509" in refused.stderr
     assert "web-1" not in refused.stdout
 

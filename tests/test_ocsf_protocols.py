@@ -7,7 +7,6 @@ parses each as it was."""
 
 from __future__ import annotations
 
-import base64
 import os
 import subprocess
 import threading
@@ -23,6 +22,7 @@ from custody.commands.approvals import approvals_group, read_approvals
 
 from ingest import syslog
 from ingest.settings import SocSettings
+from kube_fixtures import DELETE_RULES, KUBECTL, UPSTREAM_TOKEN, Kubectl, start_kube_proxy
 from kube_server import KubeServer
 from mysql_fixtures import make_target, proxy_entry
 from nginx_server import Nginx
@@ -31,8 +31,6 @@ from pg_fixtures import EventLog, make_tls, start_proxy
 from conftest import send_raw
 from ssh_fixtures import Client, free_port, keygen, new_user, ssh_proxy_entry, start_sshd
 from syslog_fixtures import RSYSLOGD, Rsyslog, RunningSink, uids, wait_for
-
-KUBECTL = "/usr/bin/kubectl"
 
 
 def sealed_documents(proxy, tmp_path: Path, sessions: int) -> tuple[list[dict], list[dict]]:
@@ -222,67 +220,18 @@ policy = "policies/default.toml"
                                                        "url": {"path": "/reports/q3", "url_string": "/reports/q3"}}
 
 
-POLICY_KUBE = """
-[[rule]]
-name = "block-secret-deletes"
-action = "block"
-message = "deleting secrets is not allowed through Custody"
-protocols = ["kubernetes"]
-attributes = { verb = ["delete", "deletecollection"], resource = ["secrets"] }
-
-[[rule]]
-name = "hold-configmap-deletes"
-action = "hold"
-message = "deleting a configmap needs approval by dba"
-protocols = ["kubernetes"]
-attributes = { verb = ["delete"], resource = ["configmaps"] }
-approvers = ["dba"]
-"""
-
-
 def test_kubernetes_session_with_kubectl_in_ocsf(broker, tmp_path, events_of):
     if not Path(KUBECTL).exists():
         pytest.skip("kubectl is not installed")
     tls = make_tls(tmp_path)
-    token = "cluster-sa-" + uuid.uuid4().hex[:8]
-    with KubeServer(token) as kube:
-        (tmp_path / "custody").mkdir()
-        (tmp_path / "custody" / "cluster.token").write_text(token + "\n")
-        proxy = events_of(start_proxy(tmp_path / "custody", broker, extra_proxies=f"""
-[[proxy]]
-name = "test-cluster"
-protocol = "kubernetes"
-listen = "127.0.0.1:0"
-upstream = "{kube.url}"
-upstream_bearer_file = "cluster.token"
-tls_cert = "{tls['server_cert']}"
-tls_key = "{tls['server_key']}"
-policy = "policies/default.toml"
-"""))
-        policy = proxy.directory / "policies" / "default.toml"
-        policy.write_text(policy.read_text() + POLICY_KUBE)
-        time.sleep(1.2)
-        host, port = proxy.address(1)
-        who = f"k-{uuid.uuid4().hex[:8]}@example.com"
-        ca = base64.b64encode(Path(tls["ca"]).read_bytes()).decode()
-
-        def kubectl(*args: str, user_token: str | None = None) -> subprocess.CompletedProcess:
-            home = tmp_path / f"kube-{uuid.uuid4().hex[:6]}"
-            home.mkdir()
-            (home / "config").write_text(f"""apiVersion: v1
-kind: Config
-clusters: [{{name: c, cluster: {{server: "https://{host}:{port}", certificate-authority-data: "{ca}"}}}}]
-users: [{{name: me, user: {{token: "{user_token or proxy.token(who, ('dev',))}"}}}}]
-contexts: [{{name: c, context: {{cluster: c, user: me, namespace: default}}}}]
-current-context: c
-""")
-            env = {**os.environ, "KUBECONFIG": str(home / "config"), "HOME": str(home)}
-            return subprocess.run([KUBECTL, "--cache-dir", str(home / "cache"), *args], capture_output=True,
-                                  text=True, env=env, timeout=60)
+    with KubeServer(UPSTREAM_TOKEN) as kube:
+        proxy = events_of(start_kube_proxy(tmp_path / "custody", broker, kube, tls, DELETE_RULES))
+        kubectl = Kubectl(proxy, tls, tmp_path)
+        who = kubectl.subject
 
         assert kubectl("get", "pods", "web-1").returncode == 0
         assert kubectl("delete", "secret", "db-creds", "--wait=false").returncode != 0
-        assert kubectl("get", "pods", user_token="not-a-token").returncode != 0
+        assert Kubectl(proxy, tls, tmp_path, token="not-a-token")("get", "pods").returncode != 0
         held: dict = {}
         thread = threading.Thread(target=lambda: held.update(run=kubectl("delete", "configmap", "app-config",
                                                                           "--wait=false")))

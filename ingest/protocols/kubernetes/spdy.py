@@ -62,11 +62,10 @@ DICTIONARY = b"".join(struct.pack(">I", len(w)) + w.encode() for w in _WORDS) + 
 Headers = list[tuple[str, str]]
 
 
-@dataclass(frozen=True)
-class DataFrame:
-    stream_id: int
-    data: bytes
-    flags: int = 0
+class _Ends:
+    """A frame that may carry FLAG_FIN: its sender's side of the stream ends with it."""
+
+    flags: int
 
     @property
     def fin(self) -> bool:
@@ -74,38 +73,36 @@ class DataFrame:
 
 
 @dataclass(frozen=True)
-class SynStream:
+class DataFrame(_Ends):
+    stream_id: int
+    data: bytes
+    flags: int = 0
+
+
+@dataclass(frozen=True)
+class SynStream(_Ends):
     stream_id: int
     headers: Headers
     associated_to: int = 0
     priority: int = 0
     flags: int = 0
 
-    @property
-    def fin(self) -> bool:
-        return bool(self.flags & FLAG_FIN)
-
 
 @dataclass(frozen=True)
-class SynReply:
+class _StreamHeaders(_Ends):
+    """SYN_REPLY and HEADERS have one body: a stream id and a header block."""
+
     stream_id: int
     headers: Headers
     flags: int = 0
 
-    @property
-    def fin(self) -> bool:
-        return bool(self.flags & FLAG_FIN)
+
+class SynReply(_StreamHeaders):
+    """The answer to a SYN_STREAM (kubectl's streams are accepted with one)."""
 
 
-@dataclass(frozen=True)
-class HeadersFrame:
-    stream_id: int
-    headers: Headers
-    flags: int = 0
-
-    @property
-    def fin(self) -> bool:
-        return bool(self.flags & FLAG_FIN)
+class HeadersFrame(_StreamHeaders):
+    """More headers on an open stream."""
 
 
 @dataclass(frozen=True)
@@ -246,12 +243,10 @@ class FrameReader:
                 stream_id, associated, priority = struct.unpack_from(">IIB", body, 0)
                 return SynStream(stream_id & 0x7FFFFFFF, self._headers(body[10:]), associated & 0x7FFFFFFF,
                                  priority >> 5, flags)
-            if kind == SYN_REPLY:
+            if kind in (SYN_REPLY, HEADERS):
                 (stream_id,) = struct.unpack_from(">I", body, 0)
-                return SynReply(stream_id & 0x7FFFFFFF, self._headers(body[4:]), flags)
-            if kind == HEADERS:
-                (stream_id,) = struct.unpack_from(">I", body, 0)
-                return HeadersFrame(stream_id & 0x7FFFFFFF, self._headers(body[4:]), flags)
+                shape = SynReply if kind == SYN_REPLY else HeadersFrame
+                return shape(stream_id & 0x7FFFFFFF, self._headers(body[4:]), flags)
             if kind == RST_STREAM:
                 stream_id, status = struct.unpack_from(">II", body, 0)
                 return RstStream(stream_id & 0x7FFFFFFF, status)
@@ -298,11 +293,14 @@ class FrameWriter:
         body = struct.pack(">IIBB", stream_id, associated_to, (priority & 7) << 5, 0) + self._compress(headers)
         return self._control(SYN_STREAM, FLAG_FIN if fin else 0, body)
 
+    def _stream_headers(self, kind: int, stream_id: int, headers: Headers, fin: bool) -> bytes:
+        return self._control(kind, FLAG_FIN if fin else 0, struct.pack(">I", stream_id) + self._compress(headers))
+
     def syn_reply(self, stream_id: int, headers: Headers, *, fin: bool = False) -> bytes:
-        return self._control(SYN_REPLY, FLAG_FIN if fin else 0, struct.pack(">I", stream_id) + self._compress(headers))
+        return self._stream_headers(SYN_REPLY, stream_id, headers, fin)
 
     def headers(self, stream_id: int, headers: Headers, *, fin: bool = False) -> bytes:
-        return self._control(HEADERS, FLAG_FIN if fin else 0, struct.pack(">I", stream_id) + self._compress(headers))
+        return self._stream_headers(HEADERS, stream_id, headers, fin)
 
     def rst_stream(self, stream_id: int, status: int) -> bytes:
         return self._control(RST_STREAM, 0, struct.pack(">II", stream_id, status))
