@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from cli_inprocess import custody
 from conftest import make_key
 from events_factory import ALL_KINDS, frames, result_frames, session_end, session_start
 from ingest import kafka
@@ -74,11 +75,19 @@ class Evidence:
         return export_bundle(self.dir, out, scope, **{**options, **overrides})
 
 
+_BUILT: dict[str, Evidence] = {}
+"""The one Evidence of a run: test_bundle_states imports the fixture, and pytest keeps an imported fixture's value
+per module, so without this the ledger would be produced and sealed twice. No test changes the ledger or the keys
+(a test that needs an altered ledger copies it), so sharing it cannot couple tests."""
+
+
 @pytest.fixture(scope="module")
 def evidence(broker, tmp_path_factory) -> Evidence:
-    settings = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix=f"b{uuid.uuid4().hex[:8]}.",
-                             embedded_listen=broker.bootstrap, partitions=2)
-    return Evidence(tmp_path_factory.mktemp("evidence"), settings)
+    if broker.bootstrap not in _BUILT:
+        settings = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix=f"b{uuid.uuid4().hex[:8]}.",
+                                 embedded_listen=broker.bootstrap, partitions=2)
+        _BUILT[broker.bootstrap] = Evidence(tmp_path_factory.mktemp("evidence"), settings)
+    return _BUILT[broker.bootstrap]
 
 
 @pytest.fixture
@@ -134,11 +143,11 @@ def test_covering_seals_are_those_holding_the_events_plus_the_newest():
 
 
 def test_the_cli_verifies_with_verbose_proof_steps_and_exit_codes(evidence, bundle):
-    ok = subprocess.run([sys.executable, "-m", "custody", "bundle", "verify", str(bundle), "--trust", str(evidence.trust),
-                         "--verbose"], capture_output=True, text=True)
+    ok = custody("bundle", "verify", str(bundle), "--trust", str(evidence.trust), "--verbose")
     assert ok.returncode == 0, ok.stderr
     assert "SHA256(0x01 | " in ok.stdout and "events valid" in ok.stdout.splitlines()[-1]
     (bundle.parent / "t.bin").write_bytes(bundle.read_bytes()[:-100])
+    # the failing verdict as a real process's exit status (the clean one: tests/test_cli_exit.py)
     bad = subprocess.run([sys.executable, "-m", "custody", "bundle", "verify", str(bundle.parent / "t.bin"), "--trust",
                           str(evidence.trust)], capture_output=True, text=True)
     assert bad.returncode == 1 and "INVALID: truncated" in bad.stdout
@@ -284,12 +293,10 @@ def test_a_tampered_event_is_reported_the_same_way_by_jobs_1_and_2(evidence, bun
 
 
 def test_the_cli_takes_jobs(evidence, bundle):
-    runs = [subprocess.run([sys.executable, "-m", "custody", "bundle", "verify", str(bundle), "--trust", str(evidence.trust),
-                            "--jobs", jobs], capture_output=True, text=True) for jobs in ("1", "2")]
+    runs = [custody("bundle", "verify", str(bundle), "--trust", str(evidence.trust), "--jobs", jobs) for jobs in ("1", "2")]
     assert [r.returncode for r in runs] == [0, 0], runs[1].stderr
     assert runs[0].stdout == runs[1].stdout and runs[0].stderr == runs[1].stderr == ""
-    zero = subprocess.run([sys.executable, "-m", "custody", "bundle", "verify", str(bundle), "--trust", str(evidence.trust),
-                           "--jobs", "0"], capture_output=True, text=True)
+    zero = custody("bundle", "verify", str(bundle), "--trust", str(evidence.trust), "--jobs", "0")
     assert zero.returncode == 2 and "--jobs" in zero.stderr
 
 
@@ -309,9 +316,6 @@ def test_dsse_pae_matches_the_spec_example():
 
 
 def test_an_auditor_reads_the_bundle_with_sql_sessions_and_replay(evidence, bundle):
-    def custody(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "custody", *args], capture_output=True, text=True)
-
     listed = custody("sessions", "--bundle", str(bundle), "--format", "json")
     assert listed.returncode == 0, listed.stderr
     assert [s["session_id"] for s in json.loads(listed.stdout)] == [evidence.alice]

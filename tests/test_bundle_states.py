@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pytest
 
+from cli_inprocess import Ran, custody
 from ledger import sessionmap
 from ledger.seals import Seal
 from query import dsse
 from query.bundle import EVENTS, MANIFEST, SESSION_STATES, Scope, _statement
 from query.bundle_verify import verify_bundle
 from test_bundle import edit_events, evidence, rewrite  # noqa: F401 - the module's real-ledger fixture
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
 def resign(files: dict, exporter, edit_predicate) -> None:
@@ -50,9 +47,8 @@ def truncate(evidence, path: Path, session: str, keep: int, *, drop_proofs: bool
     rewrite(path, change)
 
 
-def cli_verify(path: Path, trust: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "custody", "bundle", "verify", str(path), "--trust", str(trust),
-                           "--jobs", "1"], cwd=ROOT, capture_output=True, text=True)
+def cli_verify(path: Path, trust: Path) -> Ran:
+    return custody("bundle", "verify", str(path), "--trust", str(trust), "--jobs", "1")
 
 
 def test_every_seal_and_checkpoint_commits_to_the_session_states(evidence):
@@ -150,12 +146,10 @@ def test_an_old_ledger_without_state_maps_still_verifies_with_a_note(evidence, t
     assert any("from before session-state maps" in n for n in report.notes), report.notes
     result = cli_verify(out, evidence.trust)
     assert result.returncode == 0 and "note: Checkpoint p" in result.stdout, result.stdout + result.stderr
-    ledger = subprocess.run([sys.executable, "-m", "custody", "verify", "--ledger", str(old), "--keyring",
-                             str(evidence.trust)], cwd=ROOT, capture_output=True, text=True)
+    ledger = custody("verify", "--ledger", str(old), "--keyring", str(evidence.trust))
     assert ledger.returncode == 0 and "note: Partition p" in ledger.stdout, ledger.stdout + ledger.stderr
 
 
 def test_custody_verify_recomputes_the_session_state_maps(evidence, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "custody", "verify", "--ledger", str(evidence.dir), "--keyring",
-                             str(evidence.trust)], cwd=ROOT, capture_output=True, text=True)
+    result = custody("verify", "--ledger", str(evidence.dir), "--keyring", str(evidence.trust))
     assert result.returncode == 0 and "note:" not in result.stdout, result.stdout + result.stderr
