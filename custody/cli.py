@@ -35,14 +35,14 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 def _assemble() -> None:
-    from custody.commands import approvals, bundle, ingest, ledger, policy, proxy, query, witness
+    from custody.commands import approvals, bundle, ingest, ledger, policy, proxy, query, ssh, witness
     from custody.demo import demo
     from custody.init import init
     from custody.up import up
 
     for command in [init, up, demo]:
         cli.add_command(command)
-    for module in (ingest, proxy, policy, approvals, ledger, query, bundle, witness):
+    for module in (ingest, proxy, ssh, policy, approvals, ledger, query, bundle, witness):
         for command in module.commands:
             cli.add_command(command)
 

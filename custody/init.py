@@ -84,6 +84,7 @@ policy = "policies/default.toml"                  # reloaded on change; see `cus
 # upstream_key_file = "keys/deploy_ed25519"        # or upstream_password_file / upstream_password_env
 # upstream_host_key = "ssh-ed25519 AAAA..."        # the target's host key, pinned (ssh-keyscan, then check it)
 # host_key_file = "keys/ssh_host_ed25519"          # the proxy's own host key, written by `custody init`
+# user_ca_key_file = "keys/ssh_user_ca"            # signs `custody ssh-login` certificates (plain `ssh` then works)
 # policy = "policies/default.toml"
 
 # The machine's MariaDB/MySQL: clients send their OIDC token as the password (the proxy switches them to
@@ -112,11 +113,11 @@ def write_custodian_keypair(directory: Path) -> None:
     (directory / "custodian.pub").write_text(base64.b64encode(bytes(private.public_key)).decode() + "\n")
 
 
-def write_ssh_host_key(path: Path) -> None:
-    """The SSH proxy's own host key (OpenSSH format, mode 0600) and its .pub beside it, for clients to pin."""
+def write_ssh_host_key(path: Path, comment: str = "custody ssh proxy") -> None:
+    """The SSH proxy's own host key, or its user CA (OpenSSH format, mode 0600), and the .pub beside it."""
     import asyncssh
 
-    key = asyncssh.generate_private_key("ssh-ed25519", comment="custody ssh proxy")
+    key = asyncssh.generate_private_key("ssh-ed25519", comment=comment)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as out:
         out.write(key.export_private_key())
@@ -147,6 +148,7 @@ def initialise(directory: Path, proxy_port: int = 6432, broker_port: int = 9192)
     write_custodian_keypair(keys)
     create_dev_idp(keys / "dev-idp.key", keys / "dev-idp.jwks.json")
     write_ssh_host_key(keys / "ssh_host_ed25519")
+    write_ssh_host_key(keys / "ssh_user_ca", "custody ssh user CA")
     policies = directory / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "default.toml").write_text(resources.files("proxy").joinpath("policies/default.toml").read_text())

@@ -14,6 +14,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 
 
@@ -87,8 +89,16 @@ LogLevel VERBOSE
     return Sshd(directory, port, process, directory / "proxy_client_key", host_pub)
 
 
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """One sshd per test module: a module imports it by name (`from ssh_fixtures import sshd`)."""
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    yield server
+    server.stop()
+
+
 def ssh_proxy_entry(sshd: Sshd, name: str = "local-ssh", host_key: str | None = None,
-                    policy: str = "policies/ssh.toml") -> str:
+                    policy: str = "policies/ssh.toml", extra: str = "") -> str:
     return f"""
 [[proxy]]
 name = "{name}"
@@ -99,7 +109,7 @@ upstream_key_file = "{sshd.client_key}"
 upstream_host_key = "{host_key or sshd.host_key_pub}"
 host_key_file = "keys/ssh_host_ed25519"
 policy = "{policy}"
-"""
+{extra}"""
 
 
 def new_user() -> str:
@@ -123,6 +133,17 @@ class Client:
         return ["-F", "/dev/null", "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
                 "-o", "PubkeyAuthentication=no", "-o", "PreferredAuthentications=keyboard-interactive,password",
                 "-o", "NumberOfPasswordPrompts=1", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10"]
+
+    def certificate_options(self, key: Path) -> list[str]:
+        """Plain OpenSSH with `key` and the `KEY-cert.pub` beside it, nothing else: no password, no agent."""
+        return ["-F", "/dev/null", "-o", f"UserKnownHostsFile={self.known_hosts}", "-o", "StrictHostKeyChecking=yes",
+                "-o", "PreferredAuthentications=publickey", "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
+                "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", "-i", str(key)]
+
+    def ssh_with_key(self, user: str, key: Path, *command: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "DISPLAY", "SSH_ASKPASS")}
+        return subprocess.run(["ssh", *self.certificate_options(key), "-p", str(self.port), "-l", user, self.host,
+                               *command], stdin=subprocess.DEVNULL, env=env, capture_output=True, timeout=timeout)
 
     def env(self, token: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in ("SSH_AUTH_SOCK", "DISPLAY")}

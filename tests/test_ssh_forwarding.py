@@ -16,7 +16,7 @@ import time
 import pytest
 
 from pg_fixtures import EventLog, messages, start_proxy
-from ssh_fixtures import Client, free_port, new_user, ssh_proxy_entry, start_sshd
+from ssh_fixtures import Client, free_port, new_user, ssh_proxy_entry, sshd  # noqa: F401 (sshd: a fixture)
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -36,13 +36,6 @@ def echo():
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    server = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

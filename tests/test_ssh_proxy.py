@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from custody.cli import cli
 from pg_fixtures import EventLog, messages, start_proxy
-from ssh_fixtures import Client, new_user, ssh_proxy_entry, start_sshd
+from ssh_fixtures import Client, new_user, ssh_proxy_entry, sshd, start_sshd  # noqa: F401 (sshd: a fixture)
 
 SSH_POLICY = '''
 hold_timeout_seconds = 30
@@ -44,13 +44,6 @@ operations = ["transfer"]
 objects = ["/etc/*"]
 attributes = { direction = ["upload"] }
 '''
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    server = start_sshd(tmp_path_factory.mktemp("sshd"))
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

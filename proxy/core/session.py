@@ -458,6 +458,12 @@ class Session:
         are known (the upstream's TLS), and any ending before that records it.
         """
         result = yield VerifyToken(token)
+        return (yield from self.bind_identity(result, user, start=start))
+
+    def bind_identity(self, result: Identity | AuthenticationError, user: str | None, *,
+                      start: bool = True) -> Generator[Command, Any, Identity | None]:
+        """`authenticate` after the verification: an identity the protocol verified itself (an SSH
+        certificate from the proxy's own CA) is bound, timed and gated exactly like a token's."""
         if isinstance(result, AuthenticationError):
             yield from self.deny(str(result.reason_code), result.message)
             return None

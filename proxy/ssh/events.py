@@ -13,7 +13,7 @@ id as a string, with the suffix `STDERR` for a session's extended data
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from proxy.core.commands import Command, UpstreamUnavailable
 
@@ -32,8 +32,10 @@ class Login:
 
     user: str
     token: str
-    method: str  # password | keyboard-interactive
+    method: str  # password | keyboard-interactive | publickey (a certificate of the proxy's CA)
     client_version: str | None = None
+    identity: Any = None  # publickey: the certificate's Identity, or its CertificateRefused
+    attributes: dict[str, str] = field(default_factory=dict)  # publickey: the certificate's serial, fingerprints
 
 
 @dataclass(frozen=True, slots=True)

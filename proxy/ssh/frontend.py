@@ -31,6 +31,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from datetime import datetime, timezone
+
 from ingest.protocols import ProtocolViolation
 from ingest.protocols.ssh import sftp
 from proxy.approvals import ApprovalRequest
@@ -43,6 +45,7 @@ from proxy.policy.analyzers import shell_objects
 from proxy.policy.operation import AnalysisError, Operation
 from proxy.settings import ProxySettings
 
+from . import certificates
 from . import events as ev
 from .settings import SSHSettings
 
@@ -101,6 +104,7 @@ class _Channel:
     transfers: sftp.Transfers | None = None
     operations: dict[int, str] = field(default_factory=dict)  # SFTP request id -> operation, for its outcome
     closing: dict[int, bytes] = field(default_factory=dict)  # SFTP close request id -> handle
+    request: bytearray | None = None  # the certificate subsystem: the public key line, until the client's EOF
     client_bytes: int = 0  # channel data from the client (a forward's close records both counts)
     server_bytes: int = 0
 
@@ -145,6 +149,8 @@ class SSHFrontEnd(FrontEnd):
             self._record(CLIENT, message("eof", item.channel))
             if self._open(item.channel):
                 yield ev.SendEof(SERVER, item.channel)
+            elif item.channel in self.channels and self.channels[item.channel].request is not None:
+                yield from self._certificate(self.channels[item.channel])
         elif kind is ev.ChannelClosed:
             yield from self._closed(CLIENT, item.channel)
         elif kind is ev.ForwardOpen:
@@ -194,12 +200,19 @@ class SSHFrontEnd(FrontEnd):
             raise ProtocolViolation("ssh_auth", "a second authentication attempt after the first was decided")
         self.user = login.user
         session.client_application = login.client_version
-        session.attributes = {"user": login.user, "auth_method": login.method}
+        session.attributes = {"user": login.user, "auth_method": login.method, **login.attributes}
         # The token is the password: never recorded.
         self._record(CLIENT, message("userauth-request", None, attributes={
-            "user": login.user, "method": login.method, "redacted": "token"}))
+            "user": login.user, "method": login.method,
+            **(login.attributes if login.method == "publickey" else {"redacted": "token"})}))
         self.phase = "verifying"
-        identity = yield from session.authenticate(login.token, login.user, start=False)
+        if login.method == "publickey":  # a certificate of the proxy's CA: the glue checked it, it carries the identity
+            if isinstance(login.identity, certificates.CertificateRefused):
+                yield from session.deny(login.identity.code, login.identity.detail, login.attributes)
+                return
+            identity = yield from session.bind_identity(login.identity, login.user, start=False)
+        else:
+            identity = yield from session.authenticate(login.token, login.user, start=False)
         if identity is None:
             return  # refused and ended; the glue answers the attempt when it closes
         self.phase = "connecting"
@@ -240,6 +253,14 @@ class SSHFrontEnd(FrontEnd):
         if start.kind == "subsystem":
             name = start.subsystem or ""
             self._record(CLIENT, message("subsystem", ch, attributes={"subsystem": name}))
+            if name == certificates.CERT_SUBSYSTEM:  # `custody ssh-login`: answered here, never relayed
+                channel.kind = "certificate"
+                if self.settings.user_ca is None:
+                    yield from self._refuse_channel(ch, "custody: this proxy issues no SSH certificates "
+                                                        "(no user_ca_key_file)", FAILED_STATUS)
+                else:
+                    channel.request = bytearray()
+                return
             if name == "sftp":
                 channel.reader = sftp.PacketReader(self.settings.max_sftp_packet)
                 channel.replies = sftp.PacketReader(max(self.settings.max_sftp_packet, 1 << 20) + 1024)
@@ -299,6 +320,15 @@ class SSHFrontEnd(FrontEnd):
         if channel is None:
             return
         channel.client_bytes += len(item.data)
+        if channel.request is not None:
+            self._record(CLIENT, message("data", item.channel, item.data))
+            if len(channel.request) + len(item.data) > certificates.MAX_PUBLIC_KEY_BYTES:
+                channel.request = None
+                yield from self._refuse_channel(item.channel, "custody: no certificate: the public key is too large",
+                                                FAILED_STATUS)
+            else:
+                channel.request += item.data
+            return
         if channel.reader is not None:
             yield from self._sftp_requests(channel, item.data)
             return
@@ -313,6 +343,24 @@ class SSHFrontEnd(FrontEnd):
             return
         self._record(SERVER, message("data", channel.id, item.data, {"stream": "stderr"} if item.stderr else None))
         yield Send(CLIENT, item.data, ev.channel_name(channel.id, item.stderr))
+
+    def _certificate(self, channel: _Channel) -> Steps:
+        """`custody ssh-login`: the client's public key (all of it, at its EOF) gets a certificate of this identity."""
+        ch, request = channel.id, bytes(channel.request or b"")
+        channel.request = None
+        assert self.settings.user_ca is not None and self.session.identity is not None
+        try:
+            cert = certificates.issue(self.settings.user_ca, request, self.session.identity, datetime.now(timezone.utc))
+        except certificates.CertificateRefused as refused:
+            yield from self._refuse_channel(ch, f"custody: no certificate: {refused}", FAILED_STATUS)
+            return
+        line = cert.export_certificate()
+        yield self.session.say(Said(line, [message("data", ch, line, {
+            "certificate": "issued", **certificates.describe(cert), **records.PROXY_ORIGIN})],
+            channel=ev.channel_name(ch)))
+        self._record(SERVER, message("exit-status", ch, attributes={"status": "0", **records.PROXY_ORIGIN},
+                                     outcome="ok"))
+        yield ev.Exit(ch, status=0)
 
     # --- SFTP ---------------------------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ import logging
 from typing import Any
 
 import asyncssh
+from asyncssh.public_key import SSHOpenSSHCertificate, decode_ssh_certificate
 
 from ingest.recorder import Recorder
 from ingest.protocols import ProtocolViolation
@@ -36,6 +37,7 @@ from proxy.core.server import _address
 from proxy.core.session import Session
 from proxy.identity import TokenVerifier
 
+from . import certificates
 from . import events as ev
 
 log = logging.getLogger(__name__)
@@ -140,6 +142,8 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         listener.connections.add(self)
         self._keep_sample(conn)
         self._refuse_agent_and_x11(conn)
+        if listener.ssh.user_ca is not None:
+            self._check_certificates(conn, listener.ssh.user_ca)
         self.run(self.session.start())
 
     def _refuse_agent_and_x11(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -159,6 +163,53 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
 
         conn.create_agent_listener = create_agent_listener  # type: ignore[method-assign]
         conn.attach_x11_listener = attach_x11_listener  # type: ignore[method-assign]
+
+    def _check_certificates(self, conn: asyncssh.SSHServerConnection, ca: asyncssh.SSHKey) -> None:
+        """Public-key login with a certificate of the proxy's CA (`custody ssh-login`) carries its identity.
+
+        asyncssh's `validate_ca_key` hook sees the CA key but not the
+        certificate, so its connection's `validate_public_key` (the whole
+        check: the certificate, then the client's signature) is wrapped on this
+        one instance: a certificate of this CA is checked here (type,
+        principal, validity, the key id's identity). A query without a
+        signature only learns whether the key would do; a signed attempt that
+        passes is this connection's login, decided by the session like a
+        token's. A valid-looking certificate that fails (expired, another
+        user) is an authentication failure of its own; plain keys and other
+        CAs' certificates are simply not accepted.
+        """
+        validate = conn.validate_public_key
+
+        async def validate_public_key(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
+            try:
+                cert = decode_ssh_certificate(key_data)
+            except (asyncssh.KeyImportError, ValueError):
+                return False  # a plain key (or garbage): no key is mapped to an identity
+            if not isinstance(cert, SSHOpenSSHCertificate) or cert.signing_key.public_data != ca.public_data:
+                return False
+            try:
+                identity: Any = certificates.check(ca, cert, username)
+            except certificates.CertificateRefused as refused:
+                identity = refused
+            if not isinstance(identity, certificates.CertificateRefused):
+                if not await validate(username, key_data, msg, signature):
+                    return False  # a bad signature: not this key's holder
+                if not msg:
+                    return True  # the query: the key would be accepted
+            elif not msg:
+                return True  # let it sign: then its refusal is recorded, for the key's proven holder
+            elif not _signed_by(conn, cert.key, msg, signature):
+                return False
+            return await self._authenticate(username, "", "publickey", identity, certificates.describe(cert))
+
+        conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
+
+    def public_key_auth_supported(self) -> bool:
+        return self.listener.ssh.user_ca is not None
+
+    def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        ca = self.listener.ssh.user_ca
+        return ca is not None and key.public_data == ca.public_data
 
     def _channel_of(self, chan: Any) -> int | None:
         """Our id of a client session channel (None: the newest, which is the one asking for the agent)."""
@@ -236,13 +287,15 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         channel, self._next_channel = self._next_channel, self._next_channel + 1
         return channel
 
-    async def _authenticate(self, username: str, token: str, method: str) -> bool:
+    async def _authenticate(self, username: str, token: str, method: str, identity: Any = None,
+                            attributes: dict[str, str] | None = None) -> bool:
         if self._closed or self._login is not None:
             return False
         self._login = asyncio.get_running_loop().create_future()
         version = self.conn.get_extra_info("client_version") if self.conn is not None else None
         # The event's bytes (counted, a protocol error's sample) are the user name: never the token.
-        self.run(self.session.event(CLIENT, ev.Login(username, token, method, version), username.encode()))
+        self.run(self.session.event(CLIENT, ev.Login(username, token, method, version, identity, attributes or {}),
+                                    username.encode()))
         return await self._login
 
     def _answer_login(self, accepted: bool) -> None:
@@ -587,6 +640,17 @@ class TargetChannelSession(asyncssh.SSHClientSession, asyncssh.SSHTCPSession):
         channel = self.owner.client_channels.get(self.id)
         if channel is not None:
             channel.pause(False, "target")
+
+
+def _signed_by(conn: asyncssh.SSHServerConnection, key: asyncssh.SSHKey, msg: bytes, signature: bytes) -> bool:
+    """The client's userauth signature, checked as asyncssh checks it (RFC 4252 §7: over the session id first).
+
+    Only for a certificate asyncssh would refuse (expired, another user), so
+    that the recorded refusal names someone who holds the certificate's key.
+    """
+    from asyncssh.packet import String
+
+    return key.verify(String(conn._session_id) + msg, signature)  # noqa: SLF001 - asyncssh keeps it private
 
 
 def _text(value: bytes | str) -> str:

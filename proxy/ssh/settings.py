@@ -4,6 +4,8 @@
     upstream_key_file = "keys/deploy_ed25519"  # or upstream_password_file / upstream_password_env
     upstream_host_key = "ssh-ed25519 AAAA..."  # the target's host key, pinned (or upstream_host_key_file)
     host_key_file = "keys/ssh_host_ed25519"    # the proxy's own host key (`custody init` writes one)
+    user_ca_key_file = "keys/ssh_user_ca"      # optional: the CA of `custody ssh-login` certificates
+                                               # (`custody init` writes one); absent = no certificate login
 
 Read once at start-up, so that a wrong key is a one-line error naming the
 file, table and key before any client connects.
@@ -46,6 +48,7 @@ class SSHSettings:
     upstream: SSHUpstream
     host_key: asyncssh.SSHKey
     max_sftp_packet: int
+    user_ca: asyncssh.SSHKey | None = None  # signs and is the only CA trusted for user certificates
 
     @property
     def name(self) -> str:
@@ -59,6 +62,7 @@ class SSHSettings:
             upstream=_upstream(t, proxy.upstream),
             host_key=_private_key(t, "host_key_file", t.path("host_key_file")),
             max_sftp_packet=t.int("max_sftp_packet_bytes", DEFAULT_MAX_SFTP_PACKET, minimum=34000),
+            user_ca=_optional_private_key(t, "user_ca_key_file"),
         )
 
 
@@ -67,6 +71,11 @@ def _private_key(t: Table, key: str, path: Path) -> asyncssh.SSHKey:
         return asyncssh.read_private_key(str(path))
     except (OSError, asyncssh.KeyImportError) as exc:
         raise t.error(key, f"cannot read the private key {path}: {exc}") from None
+
+
+def _optional_private_key(t: Table, key: str) -> asyncssh.SSHKey | None:
+    path = t.path(key, None)
+    return _private_key(t, key, path) if path is not None else None
 
 
 def _upstream(t: Table, url: str) -> SSHUpstream:
