@@ -107,3 +107,46 @@ def test_init_writes_a_commented_mysql_entry_that_loads(tmp_path):
     (entry,) = [p for p in load_config(config).proxies if p.protocol == "mysql"]
     protocol = protocol_for(entry, False)
     assert protocol.upstream == "127.0.0.1:3306/mysql" and protocol.settings.upstream.user == "root"
+
+
+def _entries(*runs: tuple[str, list[dict]]) -> list:
+    from ingest.protocols.mysql.render import RENDERER
+    from ingest.protocols.render import Entry
+
+    out = []
+    for n, (direction, records) in enumerate(runs):
+        if direction == "policy":
+            out.append(Entry({"step": "policy", "seq": n}, None))
+            continue
+        step = RENDERER.step(direction, records, max_rows=10, reveal=None)
+        out.append(Entry({"seq": n, "ts": n, "offset_s": 0.0, "direction": direction, "channel": None, **step}, records))
+    return out
+
+
+def test_replay_folds_prepare_and_execute_but_not_across_a_refusal_or_a_cursor():
+    from ingest.protocols.mysql.render import RENDERER
+
+    sql = "SELECT a FROM t WHERE id = ?"
+    prepare = ("client", [{"type": "COM_STMT_PREPARE", "statement": sql, "data": b""}])
+    prepared = ("server", [{"type": "PrepareOK", "attributes": {"statement_id": "3", "params": "2"}, "outcome": "ok",
+                            "data": b""}])
+    execute = ("client", [{"type": "COM_STMT_EXECUTE", "statement": sql, "parameters": ["1", None],
+                           "attributes": {"statement_id": "3"}, "data": b""}])
+    answer = ("server", [{"type": "ColumnDefinition", "attributes": {"name": "a", "type": "LONG"}, "data": b""},
+                         {"type": "EOF", "command_tag": "0 rows", "rows": 0, "outcome": "ok", "data": b""}])
+    steps = RENDERER.arrange(_entries(prepare, prepared, ("client", [{"type": "COM_STMT_RESET", "data": b"",
+                                                                       "attributes": {"statement_id": "3"}}]),
+                                      ("server", [{"type": "OK", "rows": 0, "outcome": "ok", "data": b""}]),
+                                      execute, answer, execute, answer), max_rows=10, reveal=None)
+    assert [s["step"] for s in steps] == ["statement", "statement"]
+    first, second = (RENDERER.describe(s) for s in steps)
+    assert first == ("SQL", sql, ["prepared as statement 3 (2 parameters), executed", 'parameters: ["1", null]',
+                                  "→ 0 rows"])
+    assert second == ("SQL", sql, ['parameters: ["1", null]', "→ 0 rows"]) and steps[1]["columns"] == ["a"]
+    assert steps[0]["messages"] == ["COM_STMT_PREPARE", "COM_STMT_RESET", "COM_STMT_EXECUTE"]
+    # a refused PREPARE (a policy step between) and an EXECUTE whose answer has not ended are left as they were
+    refused = RENDERER.arrange(_entries(prepare, ("policy", []), ("server", [{"type": "ERR", "outcome": "error",
+                                                                             "data": b""}])), max_rows=10, reveal=None)
+    assert [s["step"] for s in refused] == ["statement", "policy", "error"]
+    open_cursor = RENDERER.arrange(_entries(execute, ("server", answer[1][:1])), max_rows=10, reveal=None)
+    assert [s["step"] for s in open_cursor] == ["statement", "result"]

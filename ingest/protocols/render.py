@@ -54,6 +54,50 @@ class Renderer(Protocol):
         ...
 
 
+def types_of(entry: Entry) -> list[str]:
+    """The message types a Frames step was built from (none for the session's own steps)."""
+    return [x["type"] for x in entry.messages or ()]
+
+
+def frames_of(entry: Entry, direction: str) -> bool:
+    """Whether an entry is a Frames step of one direction."""
+    return entry.messages is not None and entry.step.get("direction") == direction
+
+
+class Exchange(NamedTuple):
+    """The login exchange that begins a session, as `login_exchange` found it."""
+
+    client: list[Record]
+    server: list[Record]
+    used: int  # entries it took
+    rest: list[Record]  # server messages after the one that ended it, in the same read
+    outcome: str  # the `ends` value of the message that ended it, or "incomplete"
+
+
+def login_exchange(entries: list[Entry], login_types: frozenset[str], ends: dict[str, str]) -> Exchange:
+    """The Frames entries from the session's first one while each begins with a login message type,
+    up to the server message whose type `ends` maps to the outcome (PostgreSQL's ReadyForQuery,
+    MySQL's OK after the handshake): one login step for a renderer's `arrange`."""
+    client: list[Record] = []
+    server: list[Record] = []
+    used, rest, outcome = 0, [], "incomplete"
+    for entry in entries:
+        if entry.messages is None or not all(t in login_types for t in types_of(entry)[:1]):
+            break
+        used += 1
+        if entry.step["direction"] == "client":
+            client += entry.messages
+            continue
+        for i, x in enumerate(entry.messages):
+            server.append(x)
+            if x["type"] in ends:
+                outcome, rest = ends[x["type"]], entry.messages[i + 1:]
+                break
+        if outcome != "incomplete":
+            break
+    return Exchange(client, server, used, rest, outcome)
+
+
 def arrange(renderer: Renderer, entries: list[Entry], *, max_rows: int, reveal: Reveal | None) -> list[Step]:
     """The steps to show: the renderer's `arrange` when it has one (it is optional), else the steps as built."""
     method = getattr(renderer, "arrange", None)

@@ -7,13 +7,31 @@ token, which was not recorded), or a `client` step listing the commands.
 Server runs become a `result` step: columns, the first rows exactly as the
 client saw them (text rows, and binary rows decoded by their column types),
 OK counts, errors; an `error` step when an error is all there is.
+
+Then `arrange` makes the replay read like the session rather than like its
+network reads, as PostgreSQL's does:
+
+* The login exchange (the proxy's Handshake, SSLRequest, HandshakeResponse,
+  the switch to the clear-text plugin and the token's answer, up to the
+  proxy's OK or ERR) is one `login` step: `LOGIN ok as eve@example.com to db
+  with mysql-connector-python (TLS)`.
+* A prepared statement — COM_STMT_PREPARE, its PrepareOK, what a driver
+  sends in between for that statement (COM_STMT_RESET, SEND_LONG_DATA) and
+  its first COM_STMT_EXECUTE with what came back — is one `statement` step
+  with its bound values and its result. Each later EXECUTE with its result is
+  one step too; a PREPARE that is never executed (or is refused) stays as it
+  was. Nothing is folded across a policy decision or any other session step.
+
+COM_QUERY and its result stay two steps, as the `mariadb` client shows them.
 """
 
 from __future__ import annotations
 
 import json
 
-from ..render import Description, Record, Reveal, Step, byte_summary
+from ..render import Description, Entry, Record, Reveal, Step, byte_summary, login_exchange
+from ..render import frames_of as _frames
+from ..render import types_of as _types
 from . import messages as m
 from .packets import PacketReader, ProtocolViolation
 
@@ -135,22 +153,148 @@ def _server(messages: list[Record], max_rows: int, reveal: Reveal | None) -> Ste
     return step
 
 
+_LOGIN_ANY = _LOGIN | _SERVER_LOGIN
+_BETWEEN = frozenset({"COM_STMT_RESET", "COM_STMT_SEND_LONG_DATA"})  # a driver's steps between PREPARE and EXECUTE
+
+
+def _login(entries: list[Entry], start: Step | None, max_rows: int, reveal: Reveal | None) -> tuple[Step, int, list[Record]]:
+    """The login step from the entries that begin the session: (step, entries used, server messages left over)."""
+    client, server, used, rest, outcome = login_exchange(entries, _LOGIN_ANY | {"OK", "ERR"},
+                                                         {"OK": "ok", "ERR": "failed"})
+    response = next(((x.get("attributes") or {}) for x in client if x["type"] == "HandshakeResponse"), {})
+    greeting = next(((x.get("attributes") or {}) for x in server if x["type"] == "Handshake"), {})
+    errors = _server([x for x in server if x["type"] == "ERR"], max_rows, reveal)["errors"]
+    identity = (start or {}).get("identity") or {}
+    first = entries[0].step
+    step: Step = {**{k: first[k] for k in ("seq", "ts", "offset_s") if k in first},
+                  "step": "login", "direction": "both", "channel": None, "outcome": outcome,
+                  "subject": identity.get("subject") if outcome == "ok" else None, "user": response.get("user"),
+                  "database": response.get("database"), "client": response.get("attr.program_name")
+                  or response.get("attr._client_name"), "server": greeting.get("server_version"),
+                  "tls": any(x["type"] == "SSLRequest" for x in client), "errors": errors,
+                  "messages": [x["type"] for x in client], "server_messages": [x["type"] for x in server]}
+    return step, used, rest
+
+
+def _answer(entries: list[Entry], i: int) -> tuple[list[Record], int]:
+    """The server runs right after entry i-1, up to the next step that is not one: (messages, next index)."""
+    server: list[Record] = []
+    while i < len(entries) and _frames(entries[i], "server"):
+        server += entries[i].messages or []
+        i += 1
+    return server, i
+
+
+def _statement_id(records: list[Record], kind: str) -> str | None:
+    return next(((x.get("attributes") or {}).get("statement_id") for x in records if x["type"] == kind), None)
+
+
+def _folded(entries: list[Entry], i: int, max_rows: int, reveal: Reveal | None) -> tuple[Step, int] | None:
+    """A prepared statement's PREPARE … first EXECUTE, or a lone EXECUTE, with its result: (step, next index)."""
+    entry = entries[i]
+    if not _frames(entry, "client"):
+        return None
+    types = _types(entry)
+    if types == ["COM_STMT_PREPARE"]:
+        prepare, j = _answer(entries, i + 1)
+        statement_id = _statement_id(prepare, "PrepareOK")
+        if statement_id is None:
+            return None
+        between: list[str] = []
+        while j < len(entries) and _frames(entries[j], "client") and set(_types(entries[j])) <= _BETWEEN:
+            between += _types(entries[j])
+            _, j = _answer(entries, j + 1)
+        if j >= len(entries) or not _frames(entries[j], "client") or _types(entries[j]) != ["COM_STMT_EXECUTE"]:
+            return None
+        if _statement_id(entries[j].messages or [], "COM_STMT_EXECUTE") != statement_id:
+            return None
+        execute, k = entries[j], j + 1
+        prepared = next(x for x in prepare if x["type"] == "PrepareOK").get("attributes") or {}
+        head = {"prepared": statement_id, "prepared_parameters": prepared.get("params"),
+                "messages": ["COM_STMT_PREPARE", *between, "COM_STMT_EXECUTE"]}
+    elif types == ["COM_STMT_EXECUTE"]:
+        execute, k, head = entry, i + 1, {}
+    else:
+        return None
+    statement = {**execute.step}
+    if statement.get("step") != "statement":
+        return None
+    server, end = _answer(entries, k)
+    if not server or not server[-1].get("outcome"):  # the answer did not end (a cursor, a cut session)
+        return None
+    result = _server(server, max_rows, reveal)
+    result.pop("step")
+    result["server_messages"] = result.pop("messages")
+    return {**entry.step, **result, **{k: v for k, v in statement.items() if k not in ("seq", "ts", "offset_s")},
+            **head, "direction": "both"}, end
+
+
+def arrange(entries: list[Entry], max_rows: int, reveal: Reveal | None) -> list[Step]:
+    out: list[Step] = []
+    start = next((e.step for e in entries if e.step["step"] == "start"), None)
+    logged_in = False
+    i = 0
+    while i < len(entries):
+        entry = entries[i]
+        if not logged_in and entry.messages is not None:
+            logged_in = True
+            if _types(entry)[:1] and _types(entry)[0] in _LOGIN_ANY:
+                step, used, rest = _login(entries[i:], start, max_rows, reveal)
+                out.append(step)
+                i += used
+                if rest:  # what the target sent after the login's OK, in the same read
+                    out.append({**entries[i - 1].step, **_server(rest, max_rows, reveal)})
+                continue
+        step, i = _folded(entries, i, max_rows, reveal) or (entry.step, i + 1)
+        out.append(step)
+    return out
+
+
+def _login_description(step: Step) -> Description:
+    who = step["subject"] or step["user"] or "(no user)"
+    where = f" to {step['database']}" if step.get("database") else ""
+    client = f" with {step['client']}" if step.get("client") else ""
+    notes = ", ".join(x for x in ("TLS" if step.get("tls") else "", f"server {step['server']}" if step.get("server")
+                                  else "") if x)
+    error = step["errors"][0] if step["errors"] else {}
+    head = {"ok": f"ok as {who}{where}{client}",
+            "failed": f"failed for user {who}: ERROR {error.get('errno')} ({error.get('code')}): {error.get('message')}",
+            }.get(step["outcome"], f"by user {who}{where}{client}, not completed")
+    return "LOGIN", head + (f" ({notes})" if notes else ""), []
+
+
+def _statement_description(step: Step) -> Description:
+    detail = ([f"parameters: {json.dumps(step['parameters'], ensure_ascii=False)}"] if step.get("parameters") else [])
+    if step.get("redacted"):
+        kinds = ", ".join(step["redacted"])
+        detail.append(f"[revealed] {kinds}: as the client sent it" if step.get("revealed")
+                      else f"[redacted] {kinds}: the original is sealed to the custodian key")
+    if "command_tags" not in step:
+        return "SQL", ("PREPARE " if step.get("prepared") is True else "") + step["statement"], detail
+    if step.get("prepared_parameters") is not None:
+        n = step["prepared_parameters"]
+        detail.insert(0, f"prepared as statement {step['prepared']} ({n} parameter{'' if n == '1' else 's'}), executed")
+    errors = [f"ERROR {e['errno']} ({e['code']}): {e['message']}" for e in step["errors"]]
+    outcome = ", ".join(step["command_tags"]) or (errors.pop(0) if errors else "")
+    failed = step["errors"] and not step["command_tags"]
+    return ("ERROR" if failed else "SQL"), step["statement"], detail + ([f"→ {outcome}"] if outcome else []) + errors
+
+
 class MysqlRenderer:
     protocol = "mysql"
 
     def step(self, direction: str, messages: list[Record], *, max_rows: int, reveal: Reveal | None) -> Step:
         return _client(messages, reveal) if direction == "client" else _server(messages, max_rows, reveal)
 
+    def arrange(self, entries: list[Entry], *, max_rows: int, reveal: Reveal | None) -> list[Step]:
+        return arrange(entries, max_rows, reveal)
+
     def describe(self, step: Step) -> Description | None:
         kind = step["step"]
         if kind == "statement":
-            detail = ([f"parameters: {json.dumps(step['parameters'], ensure_ascii=False)}"]
-                      if step.get("parameters") else [])
-            if step.get("redacted"):
-                kinds = ", ".join(step["redacted"])
-                detail.append(f"[revealed] {kinds}: as the client sent it" if step.get("revealed")
-                              else f"[redacted] {kinds}: the original is sealed to the custodian key")
-            return "SQL", ("PREPARE " if step.get("prepared") else "") + step["statement"], detail
+            return _statement_description(step)
+        if kind == "login" and step.get("direction") == "both":
+            return _login_description(step)
         if kind == "login":
             if step.get("server") is not None or step.get("user") is None:
                 return "LOGIN", " ".join(step["messages"]) + (f" ({step['server']})" if step.get("server") else ""), []

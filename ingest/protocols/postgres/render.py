@@ -34,7 +34,9 @@ import json
 import struct
 from typing import Any
 
-from ..render import Description, Entry, Record, Reveal, Step, byte_summary
+from ..render import Description, Entry, Record, Reveal, Step, byte_summary, login_exchange
+from ..render import frames_of as _frames
+from ..render import types_of as _types
 from . import messages as m
 from .protocol import ProtocolViolation
 from .records import split_run
@@ -173,34 +175,10 @@ _BINARY = {16: lambda b: b == b"\x01", 20: lambda b: struct.unpack(">q", b)[0], 
            25: lambda b: b.decode(), 1043: lambda b: b.decode(), 19: lambda b: b.decode()}
 
 
-def _frames(entry: Entry, direction: str) -> bool:
-    return entry.messages is not None and entry.step.get("direction") == direction
-
-
-def _types(entry: Entry) -> list[str]:
-    return [x["type"] for x in entry.messages or ()]
-
-
 def _login(entries: list[Entry], start: Step | None, max_rows: int, reveal: Reveal | None) -> tuple[Step, int, list[Record]]:
     """The login step from the entries that begin the session: (step, entries used, server messages left over)."""
-    client: list[Record] = []
-    server: list[Record] = []
-    used, rest, outcome = 0, [], "incomplete"
-    for entry in entries:
-        if entry.messages is None or not all(t in _LOGIN_CLIENT | _LOGIN_SERVER for t in _types(entry)[:1]):
-            break
-        used += 1
-        if entry.step["direction"] == "client":
-            client += entry.messages
-            continue
-        for i, x in enumerate(entry.messages):
-            server.append(x)
-            if x["type"] in ("ReadyForQuery", "ErrorResponse"):
-                outcome = "ok" if x["type"] == "ReadyForQuery" else "failed"
-                rest = entry.messages[i + 1:]
-                break
-        if outcome != "incomplete":
-            break
+    client, server, used, rest, outcome = login_exchange(entries, _LOGIN_CLIENT | _LOGIN_SERVER,
+                                                         {"ReadyForQuery": "ok", "ErrorResponse": "failed"})
     startup = next((x for x in client if x["type"] == "StartupMessage"), None)
     attributes = (startup or {}).get("attributes") or {}
     identity = (start or {}).get("identity") or {}
