@@ -78,10 +78,11 @@ def connect(proxy, target, user: str = "alice@example.com", groups=("dba",), app
                            database=target.database, autocommit=True, program_name=app or new_app(), **kwargs)
 
 
-def connector(proxy, target, app: str, user: str = "alice@example.com", groups=("dba",), **kwargs):
+def connector(proxy, target, app: str, user: str = "alice@example.com", groups=("dba",),
+              auth_plugin: str = "mysql_clear_password", **kwargs):
     host, port = proxy.address(TLS)
     return mysql.connector.connect(host=host, port=port, user=user, password=proxy.token(user, groups=groups),
-                                   database=target.database, auth_plugin="mysql_clear_password", use_pure=True,
+                                   database=target.database, auth_plugin=auth_plugin, use_pure=True,
                                    ssl_disabled=False, ssl_verify_cert=False, conn_attrs={"program_name": app},
                                    autocommit=True, **kwargs)
 
@@ -163,6 +164,30 @@ def test_connector_prepared_statements_over_tls_record_bound_values(proxy, targe
     assert [m["operation"] for m in prepares] == ["prepare"] * 3
     assert [m["attributes"]["params"] for m in server_records(events, "PrepareOK")] == ["2", "4", "1"]
     assert server_records(events, "BinaryRow")
+
+
+def test_caching_sha2_full_authentication_over_tls_takes_the_token(proxy, target):
+    app = new_app("sha2")
+    conn = connector(proxy, target, app, auth_plugin="caching_sha2_password")
+    try:
+        cur = conn.cursor()
+        cur.execute("SELECT name FROM people WHERE id = 2")
+        assert cur.fetchall() == [("bob",)]
+    finally:
+        conn.close()
+    events = proxy.events.session(app)
+    logins = [m["type"] for m in messages(events, "client") + messages(events, "server")
+              if m["type"] in ("AuthMoreData", "AuthFullResponse", "AuthSwitchRequest", "AuthSwitchResponse")]
+    assert logins == ["AuthFullResponse", "AuthMoreData"]  # the full-authentication path, no switch
+    (full,) = client_records(events, "AuthFullResponse")
+    assert full["data"] == b"" and full["attributes"]["redacted"] == "token"
+    assert events[0].body["identity"]["subject"] == "alice@example.com"
+    assert not any(proxy.token().encode()[:40] in e.value for e in events)
+    with pytest.raises(mysql.connector.Error) as refused:  # a bad token on that path: the native access denied
+        mysql.connector.connect(host=proxy.address(TLS)[0], port=proxy.address(TLS)[1], user="alice@example.com",
+                                password="not-a-token", auth_plugin="caching_sha2_password", use_pure=True,
+                                ssl_verify_cert=False, database=target.database)
+    assert refused.value.errno == 1045
 
 
 def test_mariadb_cli_with_the_cleartext_plugin(proxy, target):

@@ -3,8 +3,10 @@
 Phases: greeting (the proxy sends its own HandshakeV10; it offers TLS when
 `tls_cert` is set, never compression) → login (the client's
 HandshakeResponse41, after an SSLRequest and TLS when it asks) → token (the
-proxy switches the client to `mysql_clear_password`: the password is the OIDC
-token, taken in clear only over TLS or from loopback) → verifying (the core
+proxy switches the client to `mysql_clear_password`, or asks a client that
+answered with `caching_sha2_password` inside TLS for that plugin's full
+authentication: either way the password is the OIDC token, taken in clear
+only over TLS or from loopback) → verifying (the core
 checks the token, its username claim must equal the MySQL user) → connecting
 (the target's handshake; SSLRequest and TLS with `upstream_tls`; the proxy
 logs in with the credentials it holds: mysql_native_password,
@@ -67,7 +69,6 @@ _REFUSED_COMMANDS = frozenset({"COM_CHANGE_USER", "COM_BINLOG_DUMP", "COM_BINLOG
                                "COM_CONNECT", "COM_TIME", "COM_DELAYED_INSERT", "COM_PROCESS_INFO"})
 _ROWS = frozenset({"TextRow", "BinaryRow"})
 _ANALYZED = frozenset({"COM_QUERY", "COM_STMT_PREPARE", "COM_STMT_EXECUTE"})
-_REDACTED_CLIENT = {"HandshakeResponse": "token", "AuthSwitchResponse": "token"}
 PROXY_ORIGIN = records.PROXY_ORIGIN
 _connection_ids = itertools.count(1)
 UTF8MB4 = 45
@@ -142,6 +143,7 @@ class MysqlFrontEnd(FrontEnd):
         self._sessions[self.connection_id] = self
         self._offered = m.RELAYED_CAPABILITIES | (m.CLIENT_SSL if session.settings.tls is not None else 0)
         self._response: m.HandshakeResponse | None = None
+        self._token_kind = "AuthSwitchResponse"  # the record of the client's packet that carries the token
         self._capabilities = 0  # what the client and the proxy agreed
         self._seq = 0  # the next sequence id towards the client during login
         self.user: str | None = None
@@ -246,6 +248,13 @@ class MysqlFrontEnd(FrontEnd):
             yield from self._verify(response.auth_response)
             return
         self.phase = "token"
+        if response.auth_plugin == auth.CACHING_SHA2 and session.client_tls is not None:
+            # caching_sha2_password's full authentication: the client sends its password (the token) in clear,
+            # which it does only inside TLS; the proxy caches nothing, so there is no fast path to offer
+            self._token_kind = "AuthFullResponse"
+            yield self._send_login("AuthMoreData", b"\x01" + bytes((auth.FULL_AUTH,)),
+                                   {"attributes": {"auth_plugin": auth.CACHING_SHA2, "full_authentication": "true"}})
+            return
         yield self._send_login("AuthSwitchRequest", m.auth_switch_request(auth.CLEAR, b""),
                                {"attributes": {"auth_plugin": auth.CLEAR}})
 
@@ -257,7 +266,7 @@ class MysqlFrontEnd(FrontEnd):
 
     def _token(self, p: Packet) -> Steps:
         self._expect_seq(p)
-        self.session.record_messages(CLIENT, [record("AuthSwitchResponse", b"", {"attributes": {"redacted": "token"}})], 1)
+        self.session.record_messages(CLIENT, [record(self._token_kind, b"", {"attributes": {"redacted": "token"}})], 1)
         yield from self._verify(p.payload)
 
     def _refuse_login(self, reason_code: str, detail: str, error: tuple[int, str]) -> Steps:

@@ -36,8 +36,8 @@ from . import messages as m
 from .packets import PacketReader, ProtocolViolation
 
 _TYPE_CODES = {name: code for code, name in m.TYPE_NAMES.items()}
-_LOGIN = frozenset({"HandshakeResponse", "AuthSwitchResponse", "SSLRequest"})
-_SERVER_LOGIN = frozenset({"Handshake", "AuthSwitchRequest"})
+_LOGIN = frozenset({"HandshakeResponse", "AuthSwitchResponse", "AuthFullResponse", "SSLRequest"})
+_SERVER_LOGIN = frozenset({"Handshake", "AuthSwitchRequest", "AuthMoreData"})
 
 
 _REDACTABLE = frozenset({"COM_QUERY", "COM_STMT_PREPARE", "COM_STMT_EXECUTE", "COM_STMT_SEND_LONG_DATA"})
