@@ -78,7 +78,8 @@ def verify_record(verifier: EventVerifier, record: Record) -> Accepted | Quarant
 class EventConsumer:
     """Verified events from `custody.events`; rejected ones go to quarantine."""
 
-    def __init__(self, settings: KafkaSettings, verifier: EventVerifier, group_id: str = "custody-verifier"):
+    def __init__(self, settings: KafkaSettings, verifier: EventVerifier, group_id: str | None = "custody-verifier"):
+        """`group_id` None: no consumer group (no join to wait for, no commit), every partition from the start."""
         self.verifier = verifier
         self.quarantine = Quarantine(settings)
         kafka.ensure_topics(settings, ("events", "quarantine"))

@@ -12,9 +12,10 @@ from ingest.recorder import Pressure, Recorder, RecorderUnavailable, SpoolOption
 from ingest.verify import EventVerifier
 
 
-def consume_sessions(kafka_settings, keyring, group: str, sessions: int, timeout: float = 30) -> list:
-    """Verified events until `sessions` SessionEnds arrived."""
-    consumer = EventConsumer(kafka_settings, EventVerifier(keyring), group_id=group)
+def consume_sessions(kafka_settings, keyring, sessions: int, timeout: float = 30) -> list:
+    """Verified events until `sessions` SessionEnds arrived. No consumer group: this test's topic is its own and
+    is read from the start; joining a group costs the dev broker about 3 s, and what is tested is the recorder."""
+    consumer = EventConsumer(kafka_settings, EventVerifier(keyring), group_id=None)
     outcomes, deadline = [], time.monotonic() + timeout
     while sum(o.event.kind == "session_end" for o in outcomes if isinstance(o, Accepted)) < sessions \
             and time.monotonic() < deadline:
@@ -22,6 +23,20 @@ def consume_sessions(kafka_settings, keyring, group: str, sessions: int, timeout
     consumer.close()
     assert all(isinstance(o, Accepted) for o in outcomes)
     return [o.event for o in outcomes]
+
+
+def stop_orphan(pid: int) -> None:
+    """SIGKILL the orphaned recorder child `pid` once it has delivered (it would outlive the test by seconds),
+    after checking that the pid is still that multiprocessing child and not a process that reused the number."""
+    import os
+    import signal
+    from pathlib import Path
+
+    try:
+        if pid > 1 and b"multiprocessing" in Path(f"/proc/{pid}/cmdline").read_bytes():
+            os.kill(pid, signal.SIGKILL)
+    except (FileNotFoundError, ProcessLookupError):
+        pass  # it ended on its own
 
 
 def statements_of(events) -> list[str]:
@@ -40,7 +55,7 @@ def test_recorded_sessions_arrive_signed_and_in_order(kafka_settings, proxy_key,
     assert recorder.flush(timeout=30)
     recorder.close()
 
-    events = consume_sessions(kafka_settings, keyring, "recorder-test", 3)
+    events = consume_sessions(kafka_settings, keyring, 3)
     first = [e for e in events if e.session_id == sessions[0].session_id]
     assert [e.seq for e in first] == list(range(len(first)))
     assert first[0].kind == "session_start" and first[-1].kind == "session_end"
@@ -59,7 +74,7 @@ def test_frames_that_wait_together_become_one_event_and_keep_their_order(kafka_s
     session.record("session_end", session_end())
     assert recorder.flush(timeout=30)
     recorder.close()
-    events = consume_sessions(kafka_settings, keyring, "folding-test", 1)
+    events = consume_sessions(kafka_settings, keyring, 1)
     assert statements_of(events) == [f"SELECT {i}" for i in range(3000)]
     assert len(events) < 1000 and recorder.stats.events_written == len(events)
     folded = max((e for e in events if e.kind == "frames"), key=lambda e: len(e.body["messages"]))
@@ -144,17 +159,25 @@ def test_when_the_proxy_process_dies_the_recorder_still_delivers_what_reached_it
         session.record("session_start", session_start())
         for i in range(49):
             session.record("frames", frames(f"SELECT {{i}}"))
+        print(recorder._process.pid, flush=True)
         time.sleep(3)  # the queue's feeder has written everything to the pipe
         os.kill(os.getpid(), signal.SIGKILL)
     """)
-    process = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert process.returncode == -signal.SIGKILL, process.stderr
+    # Not subprocess.run(capture_output=True): the orphaned recorder inherits the pipes, and waiting for their end
+    # waited for the orphan's own exit, some 15 s after it had delivered everything.
+    log = tmp_path / "doomed.log"
+    with log.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=stderr)
+    orphan = int(process.stdout.readline() or 0)
+    process.stdout.close()
+    assert process.wait(timeout=60) == -signal.SIGKILL, log.read_text()
 
-    consumer = EventConsumer(kafka_settings, EventVerifier(keyring), group_id="doomed-test")
+    consumer = EventConsumer(kafka_settings, EventVerifier(keyring), group_id=None)
     events, deadline = [], time.monotonic() + 40
     while len(statements_of(events)) < 49 and time.monotonic() < deadline:
         events.extend(o.event for o in consumer.poll(0.5) if isinstance(o, Accepted))
     consumer.close()
+    stop_orphan(orphan)
     assert [e.seq for e in events] == list(range(len(events))) and events[0].kind == "session_start"
     assert statements_of(events) == [f"SELECT {i}" for i in range(49)]
 
