@@ -81,7 +81,7 @@ def chain_key(record: dict[str, Any]) -> str:
 
 def rotate_partition(ledger_dir: Path, partition: int, origin: str, old_key: PrivateKey, new_key: PrivateKey):
     """Append a rotation seal to one partition (the ledger must not be running on it: the lock is taken)."""
-    from ledger.seals import seal_record, seal_relpath, sign_seal
+    from ledger.seals import partition_name, seal_record, seal_relpath, sign_seal
     from ledger.sessionmap import seal_field
     from ledger.state import PartitionLock, prune_snapshots, recover, write_snapshot
 
@@ -93,6 +93,9 @@ def rotate_partition(ledger_dir: Path, partition: int, origin: str, old_key: Pri
         last = state.last_seal
         if last is None:
             raise RotationError(f"partition {partition} has no seal yet: its first seal's key needs no rotation")
+        if last.record["origin"] != f"{origin}/{partition_name(partition)}":
+            raise RotationError(f"partition {partition}: its seals are of origin {last.record['origin']!r}, "
+                                f"not of ledger {origin!r}")
         if chain_key(last.record) != old_key.key_id:
             raise RotationError(f"partition {partition}: the chain's key is {chain_key(last.record)}, not {old_key.key_id}")
         number = state.next_seal_number

@@ -37,6 +37,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from nacl.exceptions import CryptoError
+from nacl.signing import VerifyKey
+
 from ingest import kafka
 from ingest.errors import CustodyError
 from ingest.keys import Keyring, PrivateKey
@@ -136,16 +139,49 @@ class Witnessed:
     seal_hash: str | None = None
     recent: dict[str, str] = field(default_factory=dict)
     """Hashes of the last RECENT_SEALS seals cosigned, by number: a re-delivery is told from a rewrite."""
+    log_key: str | None = None
+    """The log key (vkey) a cosigned key-rotation checkpoint handed the origin over to: from then on only its
+    signature opens a checkpoint of the origin, whatever the configured keys say (the witness follows
+    rotations itself, and a retired key cannot sign on)."""
+
+    @property
+    def checkpoint(self) -> checkpoint.Checkpoint:
+        """The cosigned checkpoint (the note's text, without its signatures)."""
+        return checkpoint.Checkpoint.parse(self.note.decode().split("\n\n", 1)[0] + "\n")
 
     def to_json(self) -> dict[str, Any]:
         return {"version": 1, "origin": self.origin, "size": self.size, "root": base64.b64encode(self.root).decode(),
                 "note": self.note.decode(), "timestamp": self.timestamp, "seal_number": self.seal_number,
-                "seal_hash": self.seal_hash, "recent": self.recent}
+                "seal_hash": self.seal_hash, "recent": self.recent, "log_key": self.log_key}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Witnessed:
         return cls(data["origin"], data["size"], base64.b64decode(data["root"]), data["note"].encode(),
-                   data["timestamp"], data.get("seal_number"), data.get("seal_hash"), data.get("recent", {}))
+                   data["timestamp"], data.get("seal_number"), data.get("seal_hash"), data.get("recent", {}),
+                   data.get("log_key"))
+
+
+def rotated_key(cp: checkpoint.Checkpoint) -> checkpoint.Verifier | None:
+    """The log key a checkpoint's `custody.key-rotation/v1 <key id> <base64 key>` line hands its origin to."""
+    from ledger.rotation import EXTENSION_PREFIX
+
+    lines = [line.split(" ") for line in cp.extensions if line.split(" ", 1)[0] == EXTENSION_PREFIX]
+    if not lines:
+        return None
+    if len(lines) > 1 or len(lines[0]) != 3:
+        raise BadRequest(f"checkpoint of {cp.origin!r}: malformed {EXTENSION_PREFIX} line")
+    try:
+        public_key = base64.b64decode(lines[0][2], validate=True)
+        return checkpoint.Verifier.from_key(cp.origin, VerifyKey(public_key))
+    except (ValueError, TypeError, CryptoError):
+        raise BadRequest(f"checkpoint of {cp.origin!r}: {EXTENSION_PREFIX} line has no valid Ed25519 key") from None
+
+
+def session_line(cp: checkpoint.Checkpoint) -> str | None:
+    """The session-state map line (`custody.sessions/v1 …`) a checkpoint states, if any."""
+    from ledger.sessionmap import EXTENSION_PREFIX
+
+    return next((line for line in cp.extensions if line.split(" ", 1)[0] == EXTENSION_PREFIX), None)
 
 
 LogKeys = Callable[[str], Sequence[checkpoint.Verifier] | None]
@@ -196,8 +232,9 @@ class Witness:
 
     # --- the checks -------------------------------------------------------------------------
 
-    def _open(self, note: bytes) -> tuple[checkpoint.Checkpoint, bytes]:
-        """The checkpoint, verified against the keys trusted for its origin (404 / 403 otherwise)."""
+    def _open(self, note: bytes, latest: Witnessed | None) -> tuple[checkpoint.Checkpoint, bytes]:
+        """The checkpoint, verified against the keys trusted for its origin (404 / 403 otherwise): the key a
+        cosigned rotation handed the origin to, else the configured keys."""
         try:
             origin = note.decode().split("\n", 1)[0]
         except UnicodeDecodeError:
@@ -205,9 +242,16 @@ class Witness:
         keys = self.log_keys(origin)
         if keys is None:
             raise UnknownOrigin(f"unknown origin {origin!r}")
+        if latest is not None and latest.log_key is not None:
+            keys = [checkpoint.Verifier.parse(latest.log_key)]
         try:
             cp, _ = checkpoint.open_checkpoint(note, keys, origin=origin)
-        except (checkpoint.NoTrustedSignatureError, checkpoint.InvalidSignatureError) as exc:
+        except checkpoint.NoTrustedSignatureError as exc:
+            if latest is not None and latest.log_key is not None:
+                raise Forbidden(f"checkpoint of {origin!r} is not signed by key {keys[0].key_id.hex()}, the key a "
+                                f"cosigned key rotation handed the log to") from None
+            raise Forbidden(f"checkpoint of {origin!r}: {exc}") from None
+        except checkpoint.InvalidSignatureError as exc:
             raise Forbidden(f"checkpoint of {origin!r}: {exc}") from None
         except checkpoint.NoteError as exc:
             raise BadRequest(f"checkpoint of {origin!r}: {exc}") from None
@@ -215,9 +259,14 @@ class Witness:
 
     def add(self, note: bytes, old_size: int, proof: Sequence[bytes], *, seal: Seal | None = None) -> checkpoint.Cosignature:
         """Check `note` against the latest cosigned checkpoint of its origin, record it, return the cosignature."""
-        cp, note = self._open(note)
-        with self._lock:  # check and update as one step: no rollback by racing requests
-            latest = self.latest(cp.origin)
+        try:
+            origin = note.decode().split("\n", 1)[0]
+        except UnicodeDecodeError:
+            raise BadRequest("checkpoint is not UTF-8") from None
+        with self._lock:  # check and update as one step: no rollback by racing requests (nor past a rotation)
+            latest = self.latest(origin)
+            cp, note = self._open(note, latest)
+            handed_to = rotated_key(cp)
             try:
                 self._check(cp, latest, old_size, proof, seal)
             except Misbehaviour as exc:
@@ -233,7 +282,8 @@ class Witness:
             witnessed = Witnessed(cp.origin, cp.size, cp.root_hash,
                                   checkpoint.add_signature_lines(note, [cosignature.line]), timestamp,
                                   seal.number if seal else (latest.seal_number if same_tree else None),
-                                  seal.hash.hex() if seal else (latest.seal_hash if same_tree else None), recent)
+                                  seal.hash.hex() if seal else (latest.seal_hash if same_tree else None), recent,
+                                  handed_to.vkey if handed_to else (latest.log_key if latest else None))
             self._store(witnessed)  # durable before the cosignature is returned
         return cosignature
 
@@ -253,6 +303,12 @@ class Witness:
         if latest is not None and cp.size == latest.size and cp.root_hash != latest.root:
             raise Fork(f"fork: {cp.origin} presents root {cp.root_hash.hex()[:16]}… at size {cp.size}, "
                        f"where root {latest.root.hex()[:16]}… was cosigned at {latest.timestamp}")
+        if latest is not None and cp.size == latest.size:
+            stated, cosigned_line = session_line(cp), session_line(latest.checkpoint)
+            if stated is not None and cosigned_line is not None and stated != cosigned_line:
+                raise Fork(f"fork: {cp.origin} presents session-map root {_map_root(stated)} at tree size {cp.size}, "
+                           f"where session-map root {_map_root(cosigned_line)} was cosigned at {latest.timestamp}: "
+                           f"two session states for one tree")
         if seal is not None and latest is not None and latest.recent.get(str(seal.number)) not in (None, seal.hash.hex()):
             raise Fork(f"fork: {cp.origin} seal {seal.number} differs from the seal {seal.number} cosigned before "
                        f"(size {latest.size} cosigned at {latest.timestamp})")
@@ -309,6 +365,12 @@ class Witness:
             if seen == seal.hash.hex() or (seen is None and latest.seal_number is not None
                                            and seal.number < latest.seal_number - RECENT_SEALS):
                 return None
+        if seal.record.get("rotation"):  # the new key must have consented (ledger/rotation.py), or no handover
+            from ledger.rotation import RotationError, check_rotation
+            try:
+                check_rotation(seal.record)
+            except RotationError as exc:
+                raise BadRequest(f"seal {seal.number} of {seal.record['origin']}: {exc}") from None
         previous_size = seal.tree_size - seal.record["leaves"]["count"]
         if latest is None:
             old, proof = 0, ()
@@ -317,6 +379,14 @@ class Witness:
         else:  # from the previous seal's tree; anything else cannot be proven from what the seal carries
             old, proof = latest.size, (seal.consistency_proof if latest.size == previous_size else ())
         return self.add(seal.checkpoint_note, old, proof, seal=seal)
+
+
+def _map_root(line: str) -> str:
+    """A session-map line's root, short, for a refusal message."""
+    try:
+        return base64.b64decode(line.split(" ")[2]).hex()[:16] + "…"
+    except (IndexError, ValueError):
+        return repr(line)
 
 
 def parse_add_checkpoint(body: bytes) -> tuple[int, list[bytes], bytes]:

@@ -13,15 +13,14 @@ from pathlib import Path
 import pytest
 
 from conftest import make_key
-from ingest.keys import Keyring, TrustedKey
+from ingest.keys import Keyring, TrustedKey, generate_key_file
 from ingest.settings import KafkaSettings
-from ledger import cosignatures
-from ledger.rotation import rotate_partition
+from ledger import checkpoint, cosignatures
 from ledger.seals import Seal, sign_seal
 from ledger.service import LedgerConfigError, LedgerService
 from ledger.settings import LedgerSettings
 from ledger.verify import verify_ledger
-from ledger.witness import Witness, cosigner_for, custody_log_keys
+from ledger.witness import Forbidden, Witness, cosigner_for, custody_log_keys
 from query.bundle import Scope, export_bundle
 from query.bundle_verify import verify_bundle
 from test_witness_feed import seal_all, send_session
@@ -30,12 +29,18 @@ ORIGIN = "custody.test/ledger/rotation"
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def custody(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "custody", *args], cwd=ROOT, capture_output=True, text=True)
+
+
 class Rotated:
-    """A real ledger sealed by key A, rotated to key B (witnessed), then sealing on with B."""
+    """A real ledger sealed by key A, rotated to key B by `custody ledger rotate-key` (witnessed by a witness
+    configured with key A only), then sealing on with B."""
 
     def __init__(self, root: Path, settings: KafkaSettings):
-        self.proxy, self.old, self.new = make_key("proxy"), make_key("ledger"), make_key("ledger")
-        self.exporter, self.witness_key = make_key("exporter"), make_key("witness")
+        self.proxy, self.exporter, self.witness_key = make_key("proxy"), make_key("exporter"), make_key("witness")
+        self.old_path, self.new_path = root / "keys" / "ledger.key", root / "keys" / "ledger-2.key"
+        self.old, self.new = generate_key_file(self.old_path, "ledger"), generate_key_file(self.new_path, "ledger-2")
         self.keyring = Keyring([TrustedKey(k.key_id, role, k.public_key) for k, role in
                                 ((self.proxy, "proxy"), (self.old, "ledger"), (self.new, "ledger"),
                                  (self.exporter, "exporter"), (self.witness_key, "witness"))])
@@ -44,14 +49,33 @@ class Rotated:
         self.settings, self.dir = settings, root / "ledger"
         self.ledger = LedgerSettings(dir=self.dir, origin=ORIGIN, segment_max_events=1000, segment_max_bytes=1 << 24,
                                      segment_max_seconds=0.2, idle_seal_seconds=3600)
-        self.witness = Witness(root / "witness", cosigner_for(self.witness_key), custody_log_keys(self.keyring, [ORIGIN]))
+        self.config = root / "custody.toml"
+        self.config.write_text(f"""
+[kafka]
+bootstrap = "{settings.bootstrap}"
+topic_prefix = "{settings.topic_prefix}"
+partitions = 1
+[keys]
+ledger_key = "{self.old_path}"
+keyring = "{self.trust}"
+[ledger]
+dir = "{self.dir}"
+origin = "{ORIGIN}"
+""")
+        only_old = Keyring([k for k in self.keyring if k.key_id != self.new.key_id])
+        self.witness = Witness(root / "witness", cosigner_for(self.witness_key), custody_log_keys(only_old, [ORIGIN]))
         events = send_session(settings, self.proxy, 3)
         service = self.service(self.old)
         seal_all(service, events)
+        self.refused_running = custody("ledger", "rotate-key", str(self.new_path), "--config", str(self.config))
         service.close()
         with pytest.raises(LedgerConfigError, match="hand it over with a witnessed rotation seal"):
             self.service(self.new)  # the new key alone does not take the chain over
-        self.rotation = rotate_partition(self.dir, 0, ORIGIN, self.old, self.new)
+        self.witness_all()
+        self.rotate = custody("ledger", "rotate-key", str(self.new_path), "--config", str(self.config))
+        assert self.rotate.returncode == 0, self.rotate.stdout + self.rotate.stderr
+        self.rotation = seals(self.dir)[-1]
+        self.again = custody("ledger", "rotate-key", str(self.new_path), "--config", str(self.config))
         self.witness_all()
         events += send_session(settings, self.proxy, 2)
         service = self.service(self.new)
@@ -82,6 +106,30 @@ def rotated(broker, tmp_path_factory):
 
 def seals(directory: Path) -> list[Seal]:
     return [Seal.load(p) for p in sorted((directory / "seals" / "p0").glob("*.json"))]
+
+
+def test_rotate_key_command_says_what_it_did_and_refuses_a_running_ledger_in_one_line(rotated):
+    number = rotated.rotation.number
+    assert rotated.rotate.stdout.splitlines() == [
+        f"p0: seal {number} hands the chain from {rotated.old.key_id} to {rotated.new.key_id} at tree size "
+        f"{rotated.rotation.tree_size}",
+        f'next: set [keys] ledger_key = "{rotated.new_path}" and start the ledger: it publishes the rotation seals, '
+        f"and the witnesses cosign them"]
+    assert rotated.again.returncode == 0 and rotated.again.stdout.splitlines()[0] == \
+        f"p0: already handed to {rotated.new.key_id} (seal {number})"  # an interrupted rotation is finished
+    assert (rotated.refused_running.returncode, rotated.refused_running.stderr) == (
+        2, "error: partition 0 is held by a running ledger; stop it first\n")
+    # the configured key is no longer the chain's: one line, nothing written
+    stranger = rotated.config.parent / "keys" / "ledger-3.key"
+    if not stranger.exists():
+        generate_key_file(stranger, "ledger-3")
+    before = sorted((rotated.dir / "seals" / "p0").iterdir())
+    result = custody("ledger", "rotate-key", str(stranger), "--config", str(rotated.config))
+    assert (result.returncode, result.stderr) == (2, f"error: partition 0: the chain's key is {rotated.new.key_id}, "
+                                                     f"not {rotated.old.key_id}\n")
+    assert custody("ledger", "rotate-key", str(stranger), "--config", str(rotated.config), "--partition", "5"
+                   ).stderr == f"error: partition 5 has no seal in {rotated.dir}: nothing to rotate\n"
+    assert sorted((rotated.dir / "seals" / "p0").iterdir()) == before
 
 
 def test_the_rotation_seal_is_signed_by_the_old_key_and_states_the_new_one_for_the_witnesses(rotated):
@@ -140,3 +188,20 @@ def test_bundles_of_a_rotated_ledger_carry_the_rotation_and_verify(rotated, tmp_
     report = verify_bundle(out, only_old, witnesses=1)
     assert report.problems == [], report.problems
     assert report.states_proven == 2
+    trust = tmp_path / "only-old.toml"
+    only_old.save(trust)
+    result = custody("bundle", "verify", str(out), "--trust", str(trust), "--witnesses", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_witness_follows_the_rotation_without_being_reconfigured(rotated):
+    """The witness was configured with the old key only: it cosigned the new key's seals because it cosigned the
+    rotation, and it refuses a checkpoint of the origin signed by a key nothing handed the log to."""
+    after = [s for s in seals(rotated.dir) if s.number > rotated.rotation.number]
+    assert after and all(cosignatures.load(rotated.dir, 0, s.number) for s in after)
+    latest = rotated.witness.latest(f"{ORIGIN}/p0")
+    assert latest.seal_number == after[-1].number
+    stranger = checkpoint.Signer.from_key(f"{ORIGIN}/p0", make_key("ledger").signing_key)
+    with pytest.raises(Forbidden, match="is not signed by key .*, the key a cosigned key rotation handed the log to"):
+        rotated.witness.add(checkpoint.sign_checkpoint(latest.checkpoint, [stranger]), latest.size, [])
+    assert rotated.witness.latest(f"{ORIGIN}/p0") == latest

@@ -13,7 +13,7 @@ import urllib.request
 import nacl.signing
 import pytest
 
-from ledger import checkpoint, merkle
+from ledger import checkpoint, merkle, rotation, sessionmap
 from ledger.witness import (SIZE_CONTENT_TYPE, BadRequest, Forbidden, Fork, Inconsistent, Rollback, SizeConflict,
                             UnknownOrigin, Witness, WitnessError, add_checkpoint_body, origin_hash, serve)
 
@@ -84,11 +84,12 @@ class Log:
     def grow(self, n: int) -> None:
         self.leaves += [merkle.leaf_hash(os.urandom(16)) for _ in range(n)]
 
-    def note(self, size: int | None = None) -> bytes:
+    def note(self, size: int | None = None, extensions: tuple[str, ...] = (),
+             signer: checkpoint.Signer | None = None) -> bytes:
         size = len(self.leaves) if size is None else size
         cp = checkpoint.Checkpoint(self.origin, size, merkle.MerkleLevels(self.leaves).root(size) if size
-                                   else hashlib.sha256(b"").digest())
-        return checkpoint.sign_checkpoint(cp, [self.signer])
+                                   else hashlib.sha256(b"").digest(), extensions)
+        return checkpoint.sign_checkpoint(cp, [signer or self.signer])
 
     def proof(self, old: int, new: int | None = None) -> list[bytes]:
         new = len(self.leaves) if new is None else new
@@ -150,6 +151,54 @@ def test_fork_same_origin_and_key_is_refused(tmp_path, log):
                                            r"the tree of size 8"):
         witness.add(fork.note(), 8, fork.proof(8))
     assert [v["reason"] for v in published] == ["fork", "inconsistent"]
+
+
+def sessions_line(fill: bytes, count: int = 3) -> str:
+    return sessionmap.extension_line({"count": count, "root": (fill * 32).hex()})
+
+
+def test_two_session_roots_for_one_tree_size_are_a_fork(tmp_path, log):
+    """Idle seals repeat a tree size with the same session states; another session-map root at a cosigned size
+    would let one tree prove two different session states (e.g. a session ended, and open)."""
+    published = []
+    witness = make_witness(tmp_path, log, on_violation=published.append)
+    log.grow(5)
+    witness.add(log.note(extensions=(sessions_line(b"a"),)), 0, [])
+    witness.add(log.note(extensions=(sessions_line(b"a"),)), 5, [])  # an idle seal: the same states again
+    with pytest.raises(Fork, match=r"fork: custody.test/ledger/p0 presents session-map root 6262626262626262… at tree "
+                                   r"size 5, where session-map root 6161616161616161… was cosigned at \d+: two session "
+                                   r"states for one tree"):
+        witness.add(log.note(extensions=(sessions_line(b"b"),)), 5, [])
+    assert [v["reason"] for v in published] == ["fork"]
+    assert witness.latest(log.origin).checkpoint.extensions == (sessions_line(b"a"),)  # nothing recorded
+    log.grow(2)
+    witness.add(log.note(extensions=(sessions_line(b"b", 4),)), 5, log.proof(5))  # a larger tree: a new map
+
+
+def test_the_witness_follows_a_key_rotation_itself(tmp_path, log):
+    """Configured with the log's first key only, the witness takes the key a cosigned rotation checkpoint hands
+    over to; from then on only that key opens a checkpoint of the origin (also after a restart)."""
+    witness = make_witness(tmp_path, log)
+    log.grow(4)
+    witness.add(log.note(), 0, [])
+    new_key = nacl.signing.SigningKey.generate()
+    handover = rotation.extension_line({"key_id": "ledger-2+00", "public_key":
+                                        base64.b64encode(bytes(new_key.verify_key)).decode()})
+    witness.add(log.note(extensions=(handover,)), 4, [])  # the rotation seal's checkpoint, by the outgoing key
+    old_signer, log.signer = log.signer, checkpoint.Signer.from_key(log.origin, new_key)
+    log.grow(3)
+    witness.add(log.note(), 4, log.proof(4))  # the new key, never configured: accepted
+    log.grow(1)
+    stranger = checkpoint.Signer.from_key(log.origin, nacl.signing.SigningKey.generate())
+    for signer in (old_signer, stranger):  # the retired key, and a key nobody handed the log to
+        with pytest.raises(Forbidden, match=rf"checkpoint of 'custody.test/ledger/p0' is not signed by key "
+                                            rf"{log.signer.key_id.hex()}, the key a cosigned key rotation handed "
+                                            rf"the log to"):
+            witness.add(log.note(signer=signer), 7, log.proof(7))
+    witness.close()
+    again = make_witness(tmp_path, log)
+    again.add(log.note(), 7, log.proof(7))
+    assert again.latest(log.origin).size == 8
 
 
 def test_inconsistent_proof_is_refused(tmp_path, log):

@@ -1,4 +1,4 @@
-"""`custody ledger` and `custody verify`."""
+"""`custody ledger` (the worker), `custody ledger rotate-key` and `custody verify`."""
 
 from __future__ import annotations
 
@@ -13,8 +13,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from custody.config import config_option, load_config
 from ingest.errors import CustodyError
-from ingest.keys import Keyring
+from ingest.keys import Keyring, load_key_file
+from ledger.rotation import RotationError, chain_key, rotate_partition
+from ledger.seals import SEALS_DIR
 from ledger.service import GROUP_ID, LedgerService, ledger_dir
+from ledger.state import recover
 from ledger.verify import LedgerProblem, Report, sealed_event_count, verify_ledger
 from ledger.witnessed import check_ledger
 
@@ -22,19 +25,23 @@ PROGRESS_MIN_EVENTS = 100_000
 """Below this many events verification takes a second or two, and a progress bar is only noise."""
 
 
-@click.command("ledger")
+@click.group("ledger", invoke_without_command=True)
 @click.option("--group", default=GROUP_ID, show_default=True, help="Kafka consumer group; run more workers to scale out.")
 @click.option("--instance", default=None,
               help="Static group member id (one per worker): a restarted worker takes its partitions back at once.")
 @click.option("--partitions", default=None, metavar="0,1,…",
               help="Pin these partitions instead of joining the group's rebalancing (one worker per partition set).")
 @config_option
-def ledger(group: str, instance: str | None, partitions: str | None, config_path: str | None) -> None:
+@click.pass_context
+def ledger(ctx: click.Context, group: str, instance: str | None, partitions: str | None,
+           config_path: str | None) -> None:
     """Verify, chain and seal custody.events into Parquet segments and signed seals, until stopped.
 
     SIGTERM or Ctrl-C seals what was read and stops; SIGKILL loses nothing either:
     a restart re-reads from the last seal.
     """
+    if ctx.invoked_subcommand is not None:
+        return
     config = load_config(config_path)
     try:
         pinned = [int(p) for p in partitions.split(",")] if partitions else None
@@ -47,6 +54,44 @@ def ledger(group: str, instance: str | None, partitions: str | None, config_path
         signal.signal(signum, lambda *_: stop.set())
     click.echo(f"ledger: sealing {config.kafka.topic('events')} into {service.dir} as group {group}", err=True)
     service.run(stop)
+
+
+@ledger.command("rotate-key")
+@click.argument("new_key_path", metavar="NEW_KEY", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--partition", "only", type=click.IntRange(min=0), multiple=True,
+              help="Rotate only this partition (repeatable; default: every partition with a seal).")
+@config_option
+def rotate_key(new_key_path: Path, only: tuple[int, ...], config_path: str | None) -> None:
+    """Hand every partition's seal chain from the configured [keys] ledger_key to NEW_KEY (a private key file,
+    e.g. from `custody keys generate ledger-2 --role ledger`), with the ledger stopped.
+
+    Each partition gets a rotation seal: signed by the old key, countersigned by the new one, stated in its
+    checkpoint for the witnesses to cosign (they read it from custody.seals when the ledger starts again).
+    Auditors trust the new key only through that witnessed seal. A partition already handed to NEW_KEY is left
+    as it is, so an interrupted rotation is finished by running the command again.
+    """
+    config = load_config(config_path)
+    root, origin = ledger_dir(config.ledger), config.ledger.origin
+    old_key, new_key = load_key_file(config.keys.ledger_key), load_key_file(new_key_path)
+    if new_key.key_id == old_key.key_id:
+        raise RotationError(f"{new_key_path} is the configured ledger key {old_key.key_id} itself")
+    found = sorted(int(p.name[1:]) for p in (root / SEALS_DIR).glob("p*") if p.name[1:].isdigit())
+    for partition in only:
+        if partition not in found:
+            raise RotationError(f"partition {partition} has no seal in {root}: nothing to rotate")
+    partitions = list(only) or found
+    if not partitions:
+        raise RotationError(f"{root} holds no seal yet: start the ledger with the new key instead")
+    for partition in partitions:
+        last = recover(root, partition).last_seal
+        if last is not None and chain_key(last.record) == new_key.key_id:
+            click.echo(f"p{partition}: already handed to {new_key.key_id} (seal {last.number})")
+            continue
+        seal = rotate_partition(root, partition, origin, old_key, new_key)
+        click.echo(f"p{partition}: seal {seal.number} hands the chain from {old_key.key_id} to {new_key.key_id} "
+                   f"at tree size {seal.tree_size}")
+    click.echo(f"next: set [keys] ledger_key = \"{new_key_path}\" and start the ledger: it publishes the rotation "
+               f"seals, and the witnesses cosign them")
 
 
 class VerifyError(CustodyError):
