@@ -150,3 +150,22 @@ def test_replay_folds_prepare_and_execute_but_not_across_a_refusal_or_a_cursor()
     assert [s["step"] for s in refused] == ["statement", "policy", "error"]
     open_cursor = RENDERER.arrange(_entries(execute, ("server", answer[1][:1])), max_rows=10, reveal=None)
     assert [s["step"] for s in open_cursor] == ["statement", "result"]
+
+
+def test_local_infile_only_for_the_file_the_statement_named():
+    caps = m.RELAYED_CAPABILITIES
+    conversation = Conversation(caps)
+    query = make(0, b"\x03LOAD DATA LOCAL INFILE '/tmp/a.csv' INTO TABLE t")
+    conversation.sent(query)
+    assert conversation.server(make(1, b"\xfb/tmp/a.csv"))[0] == "LocalInfileRequest" and conversation.receiving_file
+    with pytest.raises(ProtocolViolation):  # the client's file packets, not the target's, while it comes
+        conversation.server(make(2, m.ok()))
+    assert conversation.file_data(make(2, b"1,x\n"))[0] == "LocalInfileData"
+    kind, fields = conversation.file_data(make(3, b""))
+    assert (kind, fields["attributes"]["bytes"]) == ("LocalInfileEnd", "4") and not conversation.receiving_file
+    assert conversation.server(make(4, m.ok(affected_rows=1)))[1]["rows"] == 1 and conversation.idle
+    for caps_, name in ((caps, b"/etc/passwd"), (caps & ~m.CLIENT_LOCAL_FILES, b"/tmp/a.csv")):
+        rogue = Conversation(caps_)
+        rogue.sent(query)
+        with pytest.raises(ProtocolViolation):  # another file than the statement's, or a client that never agreed
+            rogue.server(make(1, b"\xfb" + name))

@@ -20,6 +20,7 @@ import pytest
 from pymysql.constants import CLIENT
 
 from custody.commands.approvals import read_approvals
+from ingest.protocols.mysql.packets import PacketReader
 from mysql_fixtures import make_target, proxy_entry
 from pg_fixtures import EventLog, make_tls, messages, start_proxy
 
@@ -224,6 +225,40 @@ def test_blocked_drop_gets_1142_and_the_session_goes_on(proxy, target):
     assert [(m["error_code"], m["attributes"]["errno"]) for m in refusals] == [("42000", "1142")] * 4
     objects = [m.get("objects") for m in client_records(events, "COM_QUERY") if "people" in m["statement"]]
     assert objects == [["people"]] * 3 + [["people", "secrets.vault_keys"]]  # the policy's `objects` saw them
+
+
+def test_load_data_local_infile_relayed_recorded_and_under_policy(proxy, target, tmp_path):
+    import hashlib
+
+    with target.direct() as direct, direct.cursor() as cur:
+        cur.execute("CREATE TABLE loads (id INT, name VARCHAR(20))")
+    rows = "".join(f"{i}\tname-{i}\n" for i in range(3000))  # ~40 KiB: several packets, maybe several reads
+    path = tmp_path / "loads.tsv"
+    path.write_text(rows)
+    app = new_app("infile")
+    with connect(proxy, target, user=EVE, groups=("dev",), app=app, local_infile=True) as conn, conn.cursor() as cur:
+        assert cur.execute(f"LOAD DATA LOCAL INFILE '{path}' INTO TABLE loads") == 3000
+        with pytest.raises(pymysql.err.OperationalError) as refused:  # the policy's objects rule, before the target
+            cur.execute(f"LOAD DATA LOCAL INFILE '{path}' INTO TABLE vault_keys")
+        assert refused.value.args[0] == 1142
+        cur.execute("SELECT count(*), max(name) FROM loads")
+        assert cur.fetchone() == (3000, "name-999")
+    with connect(proxy, target, user=EVE, groups=("dev",)) as conn, conn.cursor() as cur:  # no local_infile
+        with pytest.raises(pymysql.MySQLError):
+            cur.execute(f"LOAD DATA LOCAL INFILE '{path}' INTO TABLE loads")  # the target refuses: never agreed
+        cur.execute("SELECT count(*) FROM loads")
+        assert cur.fetchone() == (3000,)
+    events = proxy.events.session(app)
+    (request,) = server_records(events, "LocalInfileRequest")
+    assert (request["operation"], request["text"], request["objects"]) == ("transfer", str(path), [str(path)])
+    (end,) = client_records(events, "LocalInfileEnd")
+    assert end["attributes"] == {"bytes": str(len(rows)), "sha256": hashlib.sha256(rows.encode()).hexdigest()}
+    recorded = b"".join(p.payload for m in client_records(events, "LocalInfileData")
+                        for p in PacketReader("client", 1 << 30).feed(m["data"]))
+    assert recorded == rows.encode()  # the file itself is in the evidence, packet boundaries kept
+    ok = [m for m in server_records(events, "OK") if m.get("rows") == 3000]
+    assert len(ok) == 1 and ok[0]["outcome"] == "ok"
+    assert [e.body["rule"] for e in events if e.kind == "policy_decision"] == ["block-vault-objects"]
 
 
 def test_masked_columns_and_detectors_in_text_and_binary_rows(proxy, target):

@@ -19,7 +19,8 @@ column definitions, rows (runs of one read folded into one record), OK
 message). COM_QUERY, COM_STMT_PREPARE and COM_INIT_DB are operations the
 policy decides; a refused one never reaches the target and the client gets
 ERR 1142 (SQLSTATE 42000) from the proxy, in its turn, and the session goes
-on. COM_CHANGE_USER is refused (a session has one identity: reconnect with
+on. LOAD DATA LOCAL's file packets are relayed and recorded (one record per
+read) once the policy allowed the statement. COM_CHANGE_USER is refused (a session has one identity: reconnect with
 the other user's token), as are replication commands.
 """
 
@@ -472,10 +473,32 @@ class MysqlFrontEnd(FrontEnd):
     # --- relay: client commands --------------------------------------------------------------
 
     def _relay_client(self, data: bytes) -> Steps:
+        conversation = self._conversation
+        assert conversation is not None
+        file: list[bytes] = []  # LOAD DATA LOCAL: the file's packets of this read, one record
         for p in self._client.feed(data):
+            if conversation.receiving_file:
+                kind, fields = conversation.file_data(p)
+                if kind == "LocalInfileData":
+                    file.append(p.data)
+                    continue
+                yield from self._file_packets(file, p.data, record(kind, p.data, fields))
+                file = []
+                continue
             yield from self._command(p)
             if self.session.is_closed:
                 return
+        yield from self._file_packets(file)
+
+    def _file_packets(self, packets: list[bytes], end: bytes = b"", end_record: dict | None = None) -> Iterator[Send]:
+        """A read's packets of a LOCAL INFILE (and its end), recorded as one run, relayed as they came."""
+        recs = [record("LocalInfileData", b"".join(packets), {"attributes": {"messages": str(len(packets))}}
+                       if len(packets) > 1 else None)] if packets else []
+        if end_record is not None:
+            recs.append(end_record)
+        if recs:
+            self.session.record_messages(CLIENT, recs, len(packets) + (end_record is not None))
+            yield Send(SERVER, b"".join(packets) + end)
 
     def _command(self, p: Packet) -> Steps:
         session, conversation = self.session, self._conversation

@@ -9,10 +9,21 @@ head of that queue (`server`), which also checks sequence ids. Prepared
 statements are tracked (id → SQL, parameter count, columns, last bound
 types), so that COM_STMT_EXECUTE's bound values decode with their types and
 binary rows decode against their columns.
+
+LOAD DATA LOCAL INFILE: the target answers the statement with a request
+for a file of the client's (0xFB + its name), the client sends the file's
+bytes in packets that continue the answer's sequence ids, then an empty
+packet, and the target answers with OK or ERR. While the file comes, the
+client's packets are the file's (`receiving_file`), not commands; the
+request starts a `transfer` operation (its file name the object), the end
+packet records the file's size and SHA-256. A request for a file the
+statement does not name (how a rogue server reads a client's files) is a
+protocol violation: that connection ends, the file is never asked for.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,6 +63,8 @@ class Expect:
     prepare: m.PrepareOk | None = None
     params_left: int = 0
     answer: bytes = b""  # kind proxy: the proxy's own answer, sent in the answer's turn
+    file: Any = None  # LOAD DATA LOCAL: the SHA-256 of the client's file so far
+    file_bytes: int = 0
 
 
 _SIMPLE = frozenset({"COM_INIT_DB", "COM_PING", "COM_RESET_CONNECTION", "COM_STMT_RESET", "COM_SET_OPTION",
@@ -80,6 +93,24 @@ class Conversation:
     @property
     def idle(self) -> bool:
         return not self.expected
+
+    @property
+    def receiving_file(self) -> bool:
+        """The target asked for a LOCAL INFILE: the client's packets are the file's until an empty one."""
+        return bool(self.expected) and self.expected[0].state == "infile"
+
+    def file_data(self, packet: Packet) -> tuple[str, Fields]:
+        """One packet of the client's file for LOAD DATA LOCAL (an empty one ends it)."""
+        e = self.expected[0]
+        if packet.seq != e.seq:
+            raise violation(f"file packet with sequence id {packet.seq}, expected {e.seq}")
+        e.seq = (packet.last_seq + 1) & 0xFF
+        if packet.payload:
+            e.file.update(packet.payload)
+            e.file_bytes += len(packet.payload)
+            return "LocalInfileData", {}
+        e.state = "first"  # the target's OK or ERR follows
+        return "LocalInfileEnd", {"attributes": {"bytes": str(e.file_bytes), "sha256": e.file.hexdigest()}}
 
     # --- client ----------------------------------------------------------------------------
 
@@ -140,7 +171,8 @@ class Conversation:
                     statement.long_data[index] = statement.long_data.get(index, b"") + data
             return
         if name == "COM_QUERY":
-            self.expected.append(Expect("query", name, seq))
+            self.expected.append(Expect("query", name, seq, sql=_text(payload) if self.capabilities
+                                        & m.CLIENT_LOCAL_FILES else None))  # what a LOCAL INFILE must name
         elif name == "COM_STMT_PREPARE":
             self.expected.append(Expect("prepare", name, seq, sql=_text(payload)))
         elif name == "COM_STMT_EXECUTE":
@@ -202,6 +234,8 @@ class Conversation:
         if not self.expected or self.expected[0].kind == "proxy":
             raise violation("the target sent a packet no command asked for")
         e = self.expected[0]
+        if e.state == "infile":
+            raise violation("the target sent a packet while the client sends its LOCAL INFILE")
         if packet.seq != e.seq:
             raise violation(f"the target's packet has sequence id {packet.seq}, expected {e.seq}")
         e.seq = (packet.last_seq + 1) & 0xFF
@@ -244,7 +278,14 @@ class Conversation:
                     self._done()
                 return "OK", _ok_fields(decoded, final=not more)
             if head == 0xFB:
-                raise violation("the target asked for a LOCAL INFILE, which the proxy never agreed to")
+                if not self.capabilities & m.CLIENT_LOCAL_FILES or e.command != "COM_QUERY":
+                    raise violation("the target asked for a LOCAL INFILE, which the client never agreed to")
+                name = payload[1:].decode("utf-8", "replace")
+                if not name or name not in (e.sql or ""):  # a rogue target's way to read any file of the client's
+                    raise violation("the target asked for a LOCAL INFILE the statement did not name")
+                e.state, e.file, e.file_bytes = "infile", hashlib.sha256(), 0
+                return "LocalInfileRequest", {"operation": "transfer", "text": name, "objects": [name],
+                                              "attributes": {"file": name}}
             count = m.Reader(payload, "column count").lenenc_int() or 0
             if count == 0:
                 raise violation("result set with no columns")
