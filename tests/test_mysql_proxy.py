@@ -191,15 +191,18 @@ def test_caching_sha2_full_authentication_over_tls_takes_the_token(proxy, target
     assert refused.value.errno == 1045
 
 
-def test_mariadb_cli_with_the_cleartext_plugin(proxy, target):
+def test_mariadb_cli_with_the_cleartext_plugin(proxy, target, tmp_path):
     host, port = proxy.address(PLAIN)
     user = f"cli-{uuid.uuid4().hex[:8]}@example.com"
+    (tmp_path / "n.txt").write_text("5\n6\n")
     result = subprocess.run(
         ["mariadb", "-h", host, "-P", str(port), "-u", user, "--skip-ssl",  # MariaDB's client allows cleartext
-         "-D", target.database, "-N", "-B", "-e", "SELECT name FROM people ORDER BY id; SELECT 6 * 7"],
+         "--local-infile=1", "-D", target.database, "-N", "-B", "-e",
+         "SELECT name FROM people ORDER BY id; SELECT 6 * 7; CREATE TEMPORARY TABLE n (a INT); "
+         f"LOAD DATA LOCAL INFILE '{tmp_path / 'n.txt'}' INTO TABLE n; SELECT sum(a) FROM n"],
         env={**os.environ, "MYSQL_PWD": proxy.token(user)}, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["alice", "bob", "42"]
+    assert result.stdout.split() == ["alice", "bob", "42", "11"]
     (events,) = proxy.events.find(lambda start: (start["identity"] or {}).get("subject") == user)
     assert "SELECT 6 * 7" in [m["statement"] for m in client_records(events, "COM_QUERY")]
 
