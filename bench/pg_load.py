@@ -2,7 +2,8 @@
 
     .venv/bin/python bench/pg_load.py [--seconds 60] [--clients 8,50] [--modes select-only,tpcb-like]
 
-For each mode and client count, against the machine's PostgreSQL: the dev
+For each mode and client count, against the machine's PostgreSQL (database
+`custody_bench_load`, created and filled by `pgbench -i -s 10`): the dev
 broker, two ledger workers in one consumer group and `custody proxy`, as
 `custody up` runs them; pgbench through the proxy; then, once the ledger has
 sealed everything the proxy recorded, from the sealed ledger alone:
@@ -37,6 +38,7 @@ SCRIPTS = {
     "select-only": (["-S"], 1, "SELECT abalance FROM pgbench_accounts%"),
     "tpcb-like": ([], 7, None),  # BEGIN; UPDATE; SELECT; UPDATE; UPDATE; INSERT; END
 }
+DATABASE = "custody_bench_load"  # its own database: a test or bench running `pgbench -i` on `postgres` cannot drop its tables
 TPCB_STATEMENTS = ("BEGIN%", "UPDATE pgbench_accounts%", "SELECT abalance%", "UPDATE pgbench_tellers%",
                    "UPDATE pgbench_branches%", "INSERT INTO pgbench_history%", "END%")
 
@@ -49,7 +51,7 @@ def custody(*args: str, **kwargs) -> subprocess.CompletedProcess:
 def run_pgbench(port: int, flags: list[str], clients: int, seconds: int, token: str) -> tuple[int, int, str]:
     env = {**os.environ, "PGSSLMODE": "disable", "PGPASSWORD": token}
     out = subprocess.run(["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", USER, "-c", str(clients),
-                          "-j", "2", "-T", str(seconds), "-n", *flags, "postgres"],
+                          "-j", "2", "-T", str(seconds), "-n", *flags, DATABASE],
                          env=env, capture_output=True, text=True)
     processed = re.search(r"number of transactions actually processed: (\d+)", out.stdout)
     failed = re.search(r"number of failed transactions: (\d+)", out.stdout)
@@ -76,6 +78,9 @@ def one_run(mode: str, clients: int, seconds: int) -> dict[str, object]:
     config_path = initialise(work / "custody", proxy_port=proxy_port)
     text = config_path.read_text()
     text = text.replace('policy = "policies/default.toml"', "# no policy: pure recording load")
+    upstream = 'upstream = "postgresql://postgres@127.0.0.1:5432/postgres"'
+    assert upstream in text, "custody init's PostgreSQL upstream changed; update the bench"
+    text = text.replace(upstream, f'upstream = "postgresql://postgres@127.0.0.1:5432/{DATABASE}"')
     with DevBroker(log_path=work / "broker.log") as broker:
         config_path.write_text(text.replace('bootstrap = "embedded"', f'bootstrap = "{broker.bootstrap}"'))
         config = load_config(config_path)
@@ -130,7 +135,8 @@ def main() -> None:
     parser.add_argument("--clients", default="8,50")
     parser.add_argument("--modes", default="select-only,tpcb-like")
     args = parser.parse_args()
-    subprocess.run(["pgbench", "-i", "-s", "10", "-q", "-h", "127.0.0.1", "-U", "postgres", "postgres"],
+    subprocess.run(["createdb", "-h", "127.0.0.1", "-U", "postgres", DATABASE], capture_output=True)  # may exist
+    subprocess.run(["pgbench", "-i", "-s", "10", "-q", "-h", "127.0.0.1", "-U", "postgres", DATABASE],
                    capture_output=True, check=True)
     for mode in args.modes.split(","):
         for clients in (int(c) for c in args.clients.split(",")):
@@ -140,6 +146,7 @@ def main() -> None:
                 print(f"  {name:30} {value:,.0f}" if isinstance(value, float) else f"  {name:30} {value}")
             slack = clients
             ok = (result["duplicates"] == 0 and result["sessions ended by the proxy"] == 0
+                  and result["pgbench failed/aborted"] == 0
                   and abs(result["recorded statements"] - result["expected statements"]) <= slack * SCRIPTS[mode][1]
                   and result["verify exit"] == 0 and "0 refused" in result["recorder"])
             print(f"  {'verdict':30} {'OK' if ok else 'FAILED'}")
