@@ -33,6 +33,7 @@ from ingest.sessions import NO_IDENTITY, SessionIdentity
 from ingest.settings import KafkaSettings, KeySettings, SocSettings
 from ingest.verify import EventVerifier, Rejection
 from ledger.cosignatures import Collector
+from ledger.witness_push import WitnessPusher
 from ledger.durable import write_atomic
 from ledger.merkle import SALT_SIZE, event_leaf_hashes, extension_proof
 from ledger.rotation import chain_key
@@ -219,6 +220,7 @@ class LedgerService:
         self.quarantine = Quarantine(kafka_settings)
         self.publisher = kafka.producer(kafka_settings)
         self.cosignatures = Collector(kafka_settings, self.dir, owned=lambda p: p in self.writers)  # witnesses' cosignatures, kept beside the seals
+        self.pusher = WitnessPusher(self.dir, settings.witnesses) if settings.witnesses else None  # [[ledger.witness]]
         # check_crcs=False: kafka-python's CRC-32C is pure Python and would cost more than the signature check,
         # which (with the chain's SHA-256) already proves every byte; a corrupt record is quarantined, not lost.
         self.consumer: KafkaConsumer = kafka.consumer(kafka_settings, group_id=group_id, group_instance_id=instance_id,
@@ -329,6 +331,8 @@ class LedgerService:
 
     def _publish(self, seal: Seal) -> None:
         self.publisher.send(self.seals_topic, key=f"p{seal.partition}".encode(), value=seal.to_bytes())
+        if self.pusher is not None:
+            self.pusher.submit(seal)
 
     def close(self) -> None:
         for partition in list(self.writers):
@@ -337,4 +341,6 @@ class LedgerService:
         self.publisher.close(timeout=5)
         self.quarantine.close()
         self.cosignatures.close()
+        if self.pusher is not None:
+            self.pusher.close()
         self.consumer.close(autocommit=False)

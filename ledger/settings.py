@@ -16,9 +16,16 @@ class LedgerSettings:
     segment_max_bytes: int
     segment_max_seconds: float
     idle_seal_seconds: float
+    witnesses: tuple[str, ...] = ()
+    """`[[ledger.witness]] url`: remote witnesses the ledger pushes each checkpoint to (C2SP add-checkpoint)."""
 
     @classmethod
     def from_table(cls, t: Table) -> LedgerSettings:
+        witnesses = t._get("witness", [])
+        if not isinstance(witnesses, list) or not all(isinstance(w, dict) and isinstance(w.get("url"), str)
+                                                      and w["url"].startswith(("http://", "https://"))
+                                                      for w in witnesses):
+            raise t.error("witness", "must be [[ledger.witness]] tables, each with url = \"http(s)://…\"")
         return cls(
             dir=t.path("dir", "ledger"),
             origin=t.str("origin", "custody.example/ledger/dev"),
@@ -26,6 +33,7 @@ class LedgerSettings:
             segment_max_bytes=t.int("segment_max_bytes", 256 * 1024 * 1024, minimum=1024),
             segment_max_seconds=t.float("segment_max_seconds", 5.0, minimum=0.01),
             idle_seal_seconds=t.float("idle_seal_seconds", 60.0, minimum=0.01),
+            witnesses=tuple(w["url"] for w in witnesses),
         )
 
 
