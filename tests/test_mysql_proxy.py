@@ -191,6 +191,26 @@ def test_caching_sha2_full_authentication_over_tls_takes_the_token(proxy, target
     assert refused.value.errno == 1045
 
 
+def test_change_user_is_refused_and_its_token_never_recorded(proxy, target):
+    app = new_app("change-user")
+    conn = connector(proxy, target, app)
+    secret = proxy.token(BOB, groups=("dba",))  # mysql_clear_password: COM_CHANGE_USER carries it in clear
+    try:
+        with pytest.raises(mysql.connector.Error) as refused:
+            conn.cmd_change_user(username=BOB, password=secret, database=target.database)
+        assert refused.value.errno == 1235 and "one identity" in refused.value.msg
+        cur = conn.cursor()
+        cur.execute("SELECT current_user() IS NOT NULL")  # still alice's session, as the target knows it
+        assert cur.fetchall() == [(1,)]
+    finally:
+        conn.close()
+    events = proxy.events.session(app)
+    assert events[0].body["identity"]["subject"] == "alice@example.com"
+    (change,) = client_records(events, "COM_CHANGE_USER")
+    assert change["data"] == b"" and change["attributes"] == {"redacted": "token", "user": BOB}
+    assert not any(secret.encode()[-40:] in e.value for e in events)
+
+
 def test_mariadb_cli_with_the_cleartext_plugin(proxy, target, tmp_path):
     host, port = proxy.address(PLAIN)
     user = f"cli-{uuid.uuid4().hex[:8]}@example.com"

@@ -69,6 +69,7 @@ _REFUSED_COMMANDS = frozenset({"COM_CHANGE_USER", "COM_BINLOG_DUMP", "COM_BINLOG
                                "COM_TABLE_DUMP", "COM_CONNECT_OUT", "COM_DAEMON", "COM_STMT_BULK_EXECUTE",
                                "COM_CONNECT", "COM_TIME", "COM_DELAYED_INSERT", "COM_PROCESS_INFO"})
 _ROWS = frozenset({"TextRow", "BinaryRow"})
+_SECRET_COMMANDS = frozenset({"COM_CHANGE_USER"})  # recorded without their bytes: they carry a password (a token)
 _ANALYZED = frozenset({"COM_QUERY", "COM_STMT_PREPARE", "COM_STMT_EXECUTE"})
 PROXY_ORIGIN = records.PROXY_ORIGIN
 _connection_ids = itertools.count(1)
@@ -508,7 +509,7 @@ class MysqlFrontEnd(FrontEnd):
         if objects:
             fields["objects"] = list(objects)
         kill = self._kill(kind, p, fields)
-        session.record_messages(CLIENT, [record(kind, p.data, fields)], 1)
+        session.record_messages(CLIENT, [record(kind, b"" if kind in _SECRET_COMMANDS else p.data, fields)], 1)
         if isinstance(kill, str):
             yield from self._answer(p, ER_NO_SUCH_THREAD, kill)
             return

@@ -154,6 +154,9 @@ class Conversation:
                       "text": f"USE `{_text(payload)}`"}
         elif name == "COM_FIELD_LIST":
             fields = {"attributes": {"table": payload[1:].split(b"\x00", 1)[0].decode("utf-8", "replace")}}
+        elif name == "COM_CHANGE_USER":  # its auth data is the new password, in clear for mysql_clear_password
+            fields = {"attributes": {"user": payload[1:].split(b"\x00", 1)[0].decode("utf-8", "replace"),
+                                     "redacted": "token"}}
         return name, fields
 
     def sent(self, packet: Packet) -> None:
