@@ -21,6 +21,12 @@ from pg_fixtures import make_tls, messages, start_proxy
 
 KUBECTL = "/usr/bin/kubectl"  # 1.32: exec over WebSocket v5.channel.k8s.io
 KUBECTL_SPDY = "/usr/lib/google-cloud-sdk/bin/kubectl.1.28"  # exec over SPDY/3.1
+SDK = Path("/usr/lib/google-cloud-sdk/bin")
+# Every kubectl on the machine, with the exec transport it speaks: SPDY/3.1 up to 1.29, WebSocket from 1.30.
+KUBECTL_VERSIONS = [pytest.param(KUBECTL, "websocket", id="kubectl")] + [
+    pytest.param(str(SDK / f"kubectl.1.{minor}"), "spdy/3.1" if minor < 30 else "websocket", id=f"kubectl-1.{minor}",
+                 marks=pytest.mark.skipif(not (SDK / f"kubectl.1.{minor}").exists(), reason="not installed"))
+    for minor in range(27, 34)]
 UPSTREAM_TOKEN = "cluster-sa-" + uuid.uuid4().hex[:8]
 DELETE_RULES = """
 [[rule]]
@@ -116,7 +122,7 @@ def sessions(proxy, subject: str, at_least: int = 1,
         found = proxy.events.find(lambda start: (start["identity"] or {}).get("subject") == subject, timeout=1)
         if len(found) >= at_least and (until is None or until(all_messages(found))) or time.monotonic() > deadline:
             return found
-        time.sleep(0.2)
+        proxy.events.poll(0.2)  # find() stops reading once one complete session matches
 
 
 def all_messages(found: list[list], direction: str | None = None) -> list[dict]:

@@ -1,9 +1,10 @@
 """The Kubernetes proxy with the real kubectl binaries against the Kubernetes API test stand-in
 (tests/kube_server.py): discovery, get/list as Tables, masked Secrets, a blocked `delete secret`, a held
-`delete` that a reviewer approves, a bad token, a watch recorded as it streams, and `kubectl exec` over
-WebSocket (kubectl 1.32, v5.channel.k8s.io) and over SPDY/3.1 (kubectl 1.28) recorded per channel;
-`exec -i` and `attach -i` with stdin on both transports; `kubectl port-forward` over SPDY/3.1 (1.28) and
-SPDY tunnelled in WebSocket (1.32), its streams recorded per port and each pod:port under policy.
+`delete` that a reviewer approves, a bad token, a watch recorded as it streams, and `get` + `exec` with every
+kubectl on the machine (1.27-1.29 exec over SPDY/3.1, 1.30-1.33 over WebSocket v5.channel.k8s.io) recorded per
+channel; `exec -i` and `attach -i` with stdin on both transports; `kubectl port-forward` over SPDY/3.1 (1.28) and
+SPDY tunnelled in WebSocket (1.32), its streams recorded per port and each pod:port under policy (a refused port
+resets only its own streams; the tunnel's other ports go on).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ import pytest
 from click.testing import CliRunner
 
 from custody.commands.approvals import approvals_group, read_approvals
-from kube_fixtures import (DELETE_RULES, KUBECTL, KUBECTL_SPDY, UPSTREAM_TOKEN, Kubectl, all_messages, decisions,
-                           kube, sessions, start_kube_proxy, tls)  # noqa: F401 (kube, tls: module fixtures)
+from kube_fixtures import (DELETE_RULES, KUBECTL, KUBECTL_SPDY, KUBECTL_VERSIONS, UPSTREAM_TOKEN, Kubectl,
+                           all_messages, decisions, kube, sessions, start_kube_proxy, tls)  # noqa: F401 (kube, tls)
 from pg_fixtures import EventLog, messages
 
 POLICY_RULES = DELETE_RULES + """
@@ -139,10 +140,11 @@ def test_watch_events_are_recorded_as_they_stream(proxy, tls, tmp_path):
     assert streamed, "the watch's events were not recorded while it was open"
 
 
-@pytest.mark.parametrize("binary,transport", [(KUBECTL, "websocket"), (KUBECTL_SPDY, "spdy/3.1")],
-                         ids=["kubectl-1.32-websocket", "kubectl-1.28-spdy"])
-def test_exec_is_relayed_and_recorded_per_channel(proxy, kube, tls, tmp_path, binary, transport):
+@pytest.mark.parametrize("binary,transport", KUBECTL_VERSIONS)
+def test_get_and_exec_with_every_kubectl_recorded_per_channel(proxy, kube, tls, tmp_path, binary, transport):
     kubectl = Kubectl(proxy, tls, tmp_path)
+    listed = kubectl("get", "pod", "web-1", "-o", "name", binary=binary)
+    assert (listed.returncode, listed.stdout) == (0, "pod/web-1\n"), listed.stderr
     got = kubectl("exec", "web-1", "--", "echo", "hi", binary=binary)
     assert got.returncode == 0, got.stderr
     assert got.stdout == "hi\n"
@@ -189,18 +191,24 @@ def test_stdin_of_exec_and_attach_is_relayed_and_recorded_on_channel_0(proxy, ku
 
 
 class PortForward:
-    """`kubectl port-forward pod/NAME :PORT` running; `local` is the port it listens on."""
+    """`kubectl port-forward pod/web-1 :PORT...` running; `locals[PORT]` is the local port it listens on for
+    PORT, `local` the first one's."""
 
-    def __init__(self, kubectl: Kubectl, binary: str, port: int) -> None:
-        self.process = subprocess.Popen(kubectl.argv("port-forward", "pod/web-1", f":{port}", binary=binary),
+    def __init__(self, kubectl: Kubectl, binary: str, *ports: int) -> None:
+        self.process = subprocess.Popen(kubectl.argv("port-forward", "pod/web-1", *(f":{p}" for p in ports),
+                                                     binary=binary),
                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=kubectl.env)
-        line = self.process.stdout.readline()
-        found = re.search(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)", line)
-        assert found, (line, self.process.stderr.read() if self.process.poll() is not None else "")
-        self.local = int(found.group(1))
+        self.locals: dict[int, int] = {}
+        while len(self.locals) < len(ports):
+            line = self.process.stdout.readline()
+            found = re.search(r"Forwarding from 127\.0\.0\.1:(\d+) -> (\d+)", line)
+            assert line, self.process.stderr.read() if self.process.poll() is not None else "no output"
+            if found:
+                self.locals[int(found.group(2))] = int(found.group(1))
+        self.local = self.locals[ports[0]]
 
-    def exchange(self, payload: bytes, expect: int) -> bytes:
-        with socket.create_connection(("127.0.0.1", self.local), timeout=10) as conn:
+    def exchange(self, payload: bytes, expect: int, port: int | None = None) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.locals[port] if port else self.local), timeout=10) as conn:
             conn.sendall(payload)
             got = b""
             while len(got) < expect:
@@ -246,15 +254,28 @@ def test_port_forward_is_relayed_and_its_streams_recorded_per_port(proxy, kube, 
 
 
 @pytest.mark.parametrize("binary", [KUBECTL, KUBECTL_SPDY], ids=["kubectl-1.32", "kubectl-1.28"])
-def test_port_forward_to_a_blocked_port_never_reaches_the_pod(proxy, kube, tls, tmp_path, binary):
+def test_a_blocked_port_is_refused_and_the_tunnels_other_port_goes_on(proxy, kube, tls, tmp_path, binary):
+    """One kubectl, one tunnel, two ports: the refused port's stream is reset (it never reaches the pod),
+    the other port is forwarded before and after it, and kubectl keeps running."""
     kubectl = Kubectl(proxy, tls, tmp_path)
-    forward = PortForward(kubectl, binary, 9999)
+    forward = PortForward(kubectl, binary, 8080, 9999)
     try:
-        assert forward.exchange(b"let me in", 14) == b""
+        assert forward.exchange(b"before", 11, port=8080) == b"echo:before"
+        assert forward.exchange(b"let me in", 14, port=9999) == b""
+        assert forward.exchange(b"after", 10, port=8080) == b"echo:after"
+        assert forward.exchange(b"again", 10, port=9999) == b""  # still refused, without a second decision
+        assert forward.process.poll() is None, "kubectl port-forward ended"
     finally:
-        forward.stop()
-    assert not any(r["kind"] == "portforward" and "9999" in (r.get("forwarded") or {}) for r in kube.execs)
+        _, stderr = forward.stop()
+    run = next(r for r in reversed(kube.execs) if r["kind"] == "portforward")
+    assert run["forwarded"] == {"8080": b"beforeafter"}  # 9999 never reached the pod
     assert decisions(proxy, kubectl.subject) == [("block", "no-forward-to-9999", "web-1:9999")]
+    found = sessions(proxy, kubectl.subject)
+    resets = [m for m in all_messages(found, "server")
+              if m["type"] == "spdy.rst_stream" and (m["attributes"] or {}).get("by") == "custody"]
+    # Each local connection to 9999: kubectl's error stream reset by Custody, its data stream never opened.
+    assert [m["channel"] for m in resets] == ["9999/error", "9999/error"], resets
+    assert "Stream reset" in stderr
 
 
 def test_a_created_secrets_values_are_redacted_in_the_evidence_and_sealed(proxy, kube, tls, tmp_path):

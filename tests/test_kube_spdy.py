@@ -68,3 +68,25 @@ def test_bad_input_is_a_protocol_violation():
         spdy.FrameReader().feed(control(spdy.SYN_REPLY, b"\0\0\0\1" + bomb))
     with pytest.raises(ProtocolViolation, match="truncated"):
         spdy.decode_header_block(struct.pack(">II", 1, 50) + b"short")
+
+
+def test_a_refused_port_loses_only_its_streams_and_the_header_stream_stays_in_step():
+    """proxy.http.tunnels.SpdyTunnel: a refused port's SYN_STREAM reaches the target as HEADERS (so the target
+    inflates every later header block), its data is dropped, the client gets RST_STREAM REFUSED_STREAM."""
+    from proxy.http.tunnels import SpdyTunnel
+
+    tunnel, client = SpdyTunnel(1 << 20), spdy.FrameWriter()
+    target = spdy.FrameReader()
+    blocked = [("streamtype", "error"), ("port", "9999"), ("requestid", "0")]
+    allowed = [("streamtype", "data"), ("port", "8080"), ("requestid", "1")]
+    records, _ = tunnel.client(client.syn_stream(1, blocked) + client.data(1, b"secret") + client.syn_stream(3, allowed))
+    assert tunnel.take_forwards() == ["9999", "8080"] and len(records) == 3
+    relayed = [frame for frame, _ in target.feed(tunnel.refuse(["9999"]))]
+    assert relayed == [spdy.HeadersFrame(1, blocked), spdy.SynStream(3, allowed)]
+    answer_records, answer = tunnel.take_answers()
+    assert [f for f, _ in spdy.FrameReader().feed(answer)] == [spdy.RstStream(1, spdy.REFUSED_STREAM)]
+    assert answer_records[0]["attributes"]["by"] == "custody" and answer_records[0]["channel"] == "9999/error"
+    _, wire = tunnel.client(client.syn_stream(5, blocked) + client.data(3, b"ok"))  # 9999 again: no new decision
+    assert tunnel.take_forwards() == []
+    assert [f for f, _ in target.feed(wire)] == [spdy.HeadersFrame(5, blocked), spdy.DataFrame(3, b"ok")]
+    assert tunnel.take_answers()[1] == client.rst_stream(5, spdy.REFUSED_STREAM)

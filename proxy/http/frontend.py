@@ -165,10 +165,16 @@ class HttpFrontEnd(FrontEnd):
                 if records:
                     self.session.record_messages(CLIENT, records, len(records))
                     records = []
+                refused = []
                 for port in ports:
                     if not (yield from self._forward_allowed(port)):
-                        return
+                        refused.append(port)
+                if self.session.is_closed:
+                    return
+                if refused:  # only those ports' streams: the tunnel's other streams go on
+                    wire = self.tunnel.refuse(refused)
             yield from self._relay_frames(CLIENT, records, wire)
+            yield from self._answer_client()
             return
         self.client.receive_data(data)
         yield from self._client_events()
@@ -300,7 +306,8 @@ class HttpFrontEnd(FrontEnd):
 
     def _forward_allowed(self, port: str) -> Steps:
         """A port-forward stream to `pod:port`: operation kind forward, once per port per tunnel; a block
-        (or a denied hold) ends the tunnel before the stream reaches the target."""
+        (or a denied hold) refuses that port's streams before they reach the target (the policy decision
+        is recorded by the check), not the tunnel: kubectl forwards several ports over one connection."""
         if port in self._ports:
             return True
         info = self._tunnel_info
@@ -309,7 +316,6 @@ class HttpFrontEnd(FrontEnd):
         attributes = {**(info.attributes() if info is not None else {}), "port": port, "transport": self.tunnel.kind}
         verdict = yield from self.session.check(Operation("kubernetes", "forward", target, (target,), attributes))
         if not verdict.allowed:
-            yield from self.session.end_with(Ending("policy", "403", f"custody: {verdict.reason}"))
             return False
         self._ports.add(port)
         return True
@@ -343,6 +349,7 @@ class HttpFrontEnd(FrontEnd):
         if self.tunnel is not None:
             records, wire = self.tunnel.server(data)
             yield from self._relay_frames(SERVER, records, wire)
+            yield from self._answer_client()
             return
         self.target.receive_data(data)
         yield from self._server_events()
@@ -401,6 +408,14 @@ class HttpFrontEnd(FrontEnd):
             yield from self._relay_frames(SERVER, records, wire)
         if client_rest:
             yield from self.client_data(bytes(client_rest))
+
+    def _answer_client(self) -> Steps:
+        """What the tunnel owes the client itself (resets of refused port-forward streams), recorded as
+        the server side of the conversation with `by` = custody, then sent."""
+        records, answer = self.tunnel.take_answers()
+        if answer:
+            self.session.record_messages(SERVER, records, len(records))
+            yield Send(CLIENT, answer)
 
     def _relay_frames(self, side: str, records: list[rec.Record], wire: bytes) -> Steps:
         if records:

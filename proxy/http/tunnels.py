@@ -14,7 +14,11 @@ was not recorded first (record before relay). Frames are relayed unchanged.
   binary messages carry a SPDY/3.1 byte stream; it is decoded as above and recorded per stream
   (records `spdy.*` with `transport` = `websocket`), while the WebSocket frames are relayed whole.
 * Port-forward streams: each client SYN_STREAM naming a `port` is collected (`take_forwards()`), so
-  the front end can put `pod:port` under policy before the frame is relayed.
+  the front end can put `pod:port` under policy before the frame is relayed. A refused port
+  (`refuse()`) refuses only its streams: their SYN_STREAMs reach the target as HEADERS frames on a
+  stream it never opened (the header block must pass, header compression is one zlib stream per
+  direction), their other frames are dropped, and the client is answered with RST_STREAM
+  REFUSED_STREAM for each (`take_answers()`); the connection's other streams go on.
 * Anything else: raw bytes, one record per read.
 """
 
@@ -43,6 +47,14 @@ class Tunnel:
     def take_forwards(self) -> list[str]:
         """The ports the client opened port-forward streams to since the last call."""
         return []
+
+    def refuse(self, ports: list[str]) -> bytes:
+        """Policy refused these ports: the last client bytes again, without their streams."""
+        return b""
+
+    def take_answers(self) -> tuple[list[Record], bytes]:
+        """What the proxy itself owes the client (refused streams' resets) and their records."""
+        return [], b""
 
     def client(self, data: bytes) -> tuple[list[Record], bytes]:
         return [frame_record("tunnel", data, None)], data
@@ -83,10 +95,16 @@ class _WebSocketSide:
         self.max_frame = max_frame
         self.channel: str | None = None  # of the message whose fragments are arriving
         self.message_start = True
+        # SPDY carried from the client is re-framed: its streams may be refused, so the binary payloads
+        # relayed are the SPDY frames let through (`pieces`: raw WebSocket frames or SPDY frame lists).
+        self.reframe = inner is not None and from_client
+        self.pieces: list[bytes | list] = []
+        self.out = FrameProtocol(client=True, extensions=[]) if self.reframe else None
 
     def feed(self, data: bytes) -> tuple[list[Record], bytes]:
         self.buffer += data
         offset, records = 0, []
+        self.pieces = []
         while True:
             length = _ws_frame_length(self.buffer, offset)
             if length is None or len(self.buffer) - offset < length:
@@ -98,7 +116,17 @@ class _WebSocketSide:
             records += self._decode(frame_bytes)
         wire = bytes(self.buffer[:offset])
         del self.buffer[:offset]
-        return records, wire
+        return records, self.rewire() if self.reframe else wire
+
+    def rewire(self) -> bytes:
+        """The last batch's bytes to relay, re-framed: control frames as they came, SPDY as let through."""
+        out = []
+        for piece in self.pieces:
+            if isinstance(piece, bytes):
+                out.append(piece)
+            elif payload := self.inner.relayable(piece):
+                out.append(self.out.send_data(payload, fin=True))
+        return b"".join(out)
 
     def _decode(self, frame_bytes: bytes) -> list[Record]:
         self.protocol.receive_bytes(frame_bytes)
@@ -106,10 +134,14 @@ class _WebSocketSide:
         try:
             for frame in self.protocol.received_frames():
                 if self.inner is not None and frame.opcode in (Opcode.BINARY, Opcode.CONTINUATION):
-                    records = self.inner.feed(self.side, bytes(frame.payload))
-                    out += [{**r, "attributes": {**(r.get("attributes") or {}), "transport": "websocket"}}
-                            for r in records]
+                    records, frames = self.inner.parse(self.side, bytes(frame.payload))
+                    if self.reframe:
+                        self.pieces.append(frames)
+                    self.message_start = bool(frame.message_finished)
+                    out += [_over_websocket(r) for r in records]
                     continue
+                if self.reframe:
+                    self.pieces.append(frame_bytes)
                 out.append(self._record(frame))
         except ParseFailed as exc:
             raise ProtocolViolation("400", f"WebSocket: {exc}") from None
@@ -139,6 +171,10 @@ class _WebSocketSide:
         return frame_record(name, bytes(payload), channel, attributes)
 
 
+def _over_websocket(record: Record) -> Record:
+    return {**record, "attributes": {**(record.get("attributes") or {}), "transport": "websocket"}}
+
+
 class WebSocketTunnel(Tunnel):
     kind = "websocket"
 
@@ -147,9 +183,26 @@ class WebSocketTunnel(Tunnel):
         self.inner = SpdyTunnel(max_frame) if (subprotocol or "").lower().startswith("spdy/3.1+") else None
         self._client = _WebSocketSide(True, channels, max_frame, self.inner)
         self._server = _WebSocketSide(False, channels, max_frame, self.inner)
+        self._answer = FrameProtocol(client=False, extensions=[])
 
     def take_forwards(self) -> list[str]:
         return self.inner.take_forwards() if self.inner is not None else []
+
+    def refuse(self, ports: list[str]) -> bytes:
+        if self.inner is None:
+            return b""
+        self.inner.refuse(ports)
+        return self._client.rewire()
+
+    def take_answers(self) -> tuple[list[Record], bytes]:
+        """The resets, as one server-to-client binary message, once the server's side is between messages
+        and between SPDY frames (a message may not be put inside another, nor a frame inside a frame)."""
+        if self.inner is None or not self._server.message_start or self.inner.buffered("server"):
+            return [], b""
+        records, payload = self.inner.take_answers()
+        if not payload:
+            return [], b""
+        return [_over_websocket(r) for r in records], self._answer.send_data(payload, fin=True)
 
     def client(self, data: bytes) -> tuple[list[Record], bytes]:
         return self._client.feed(data)
@@ -165,31 +218,67 @@ class SpdyTunnel(Tunnel):
         self._readers = {"client": spdy.FrameReader(max_frame), "server": spdy.FrameReader(max_frame)}
         self._channels: dict[int, str] = {}
         self._forwards: list[str] = []
+        self._stream_ports: dict[int, str] = {}  # client stream id -> the port it forwards to
+        self._refused_ports: set[str] = set()
+        self._refused: set[int] = set()  # client streams never opened on the target
+        self._owed: list[int] = []  # refused streams whose RST_STREAM the client has not had yet
+        self._last: list[tuple[spdy.Frame, bytes]] = []  # the last client batch, for refuse()
 
     def client(self, data: bytes) -> tuple[list[Record], bytes]:
-        return self._feed("client", data)
+        records, self._last = self.parse("client", data)
+        return records, self.relayable(self._last)
 
     def server(self, data: bytes) -> tuple[list[Record], bytes]:
-        return self._feed("server", data)
+        records, frames = self.parse("server", data)
+        return records, b"".join(wire for _, wire in frames)
 
     def take_forwards(self) -> list[str]:
         ports, self._forwards = self._forwards, []
         return ports
 
-    def feed(self, side: str, data: bytes) -> list[Record]:
-        """The records of the complete frames in one side's bytes."""
-        return self._feed(side, data)[0]
+    def refuse(self, ports: list[str]) -> bytes:
+        self._refused_ports.update(ports)
+        return self.relayable(self._last)
 
-    def _feed(self, side: str, data: bytes) -> tuple[list[Record], bytes]:
+    def buffered(self, side: str) -> int:
+        return self._readers[side].buffered
+
+    def take_answers(self) -> tuple[list[Record], bytes]:
+        owed, self._owed = self._owed, []
+        records = [frame_record("spdy.rst_stream", b"", self._channels.get(stream),
+                                {"stream": str(stream), "status": str(spdy.REFUSED_STREAM), "by": "custody"})
+                   for stream in owed]
+        return records, b"".join(spdy.FrameWriter().rst_stream(stream, spdy.REFUSED_STREAM) for stream in owed)
+
+    def parse(self, side: str, data: bytes) -> tuple[list[Record], list[tuple[spdy.Frame, bytes]]]:
+        """The records of the complete frames in one side's bytes, and those frames."""
         frames = self._readers[side].feed(data)
         if side == "client":
             for frame, _ in frames:
                 if isinstance(frame, spdy.SynStream):
                     port = spdy.header(frame.headers, "port")
-                    if port is not None and port not in self._forwards:
-                        self._forwards.append(port)
-        records = [self._record(frame) for frame, _ in frames]
-        return records, b"".join(wire for _, wire in frames)
+                    if port is not None:
+                        self._stream_ports[frame.stream_id] = port
+                        if port not in self._forwards and port not in self._refused_ports:
+                            self._forwards.append(port)
+        return [self._record(frame) for frame, _ in frames], frames
+
+    def relayable(self, frames: list[tuple[spdy.Frame, bytes]]) -> bytes:
+        """The client frames' bytes for the target, without the streams of refused ports."""
+        out = []
+        for frame, wire in frames:
+            stream = getattr(frame, "stream_id", None)
+            if isinstance(frame, spdy.SynStream) and self._stream_ports.get(stream) in self._refused_ports:
+                if stream not in self._refused:
+                    self._refused.add(stream)
+                    self._owed.append(stream)
+                out.append(spdy.syn_stream_as_headers(wire))
+            elif stream in self._refused:
+                if isinstance(frame, spdy.HeadersFrame):
+                    out.append(wire)  # its header block keeps the target's decompression in step; ignored there
+            else:
+                out.append(wire)
+        return b"".join(out)
 
     def _channel_of(self, headers: spdy.Headers) -> str | None:
         kind = spdy.header(headers, "streamtype")

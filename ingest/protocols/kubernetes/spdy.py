@@ -34,6 +34,7 @@ SYN_STREAM, SYN_REPLY, RST_STREAM, SETTINGS, NOOP, PING, GOAWAY, HEADERS, WINDOW
 CONTROL_NAMES = {SYN_STREAM: "syn_stream", SYN_REPLY: "syn_reply", RST_STREAM: "rst_stream",
                  SETTINGS: "settings", PING: "ping", GOAWAY: "goaway", HEADERS: "headers",
                  WINDOW_UPDATE: "window_update"}
+REFUSED_STREAM = 3  # RST_STREAM status: the stream was not opened
 MAX_FRAME = 1 << 24  # the 24-bit length field's bound
 MAX_HEADER_BLOCK = 1 << 20  # a decompressed header block larger than this is refused (zlib bomb)
 
@@ -189,6 +190,17 @@ def decode_header_block(block: bytes) -> Headers:
     return headers
 
 
+def syn_stream_as_headers(wire: bytes) -> bytes:
+    """A SYN_STREAM's exact header block moved into a HEADERS frame on the same (never opened) stream id.
+
+    A relay that must not open a stream still has to pass its header block on: the receiver's header
+    decompression is one zlib stream for the whole connection, so dropping a block would garble every
+    later one. A HEADERS frame for a stream the receiver does not know is inflated and then ignored."""
+    if len(wire) < 18 or not wire[0] & 0x80 or struct.unpack_from(">H", wire, 2)[0] != SYN_STREAM:
+        raise _violation("not a SYN_STREAM frame")
+    return FrameWriter.control(HEADERS, 0, wire[8:12] + wire[18:])
+
+
 class FrameReader:
     """One direction's frames: bytes in, complete frames (with their exact wire bytes) out."""
 
@@ -282,7 +294,8 @@ class FrameWriter:
         return self._deflate.compress(block) + self._deflate.flush(zlib.Z_SYNC_FLUSH)
 
     @staticmethod
-    def _control(kind: int, flags: int, body: bytes) -> bytes:
+    def control(kind: int, flags: int, body: bytes) -> bytes:
+        """One control frame's bytes around `body`."""
         return struct.pack(">HHI", 0x8000 | VERSION, kind, (flags << 24) | len(body)) + body
 
     def data(self, stream_id: int, data: bytes, fin: bool = False) -> bytes:
@@ -291,10 +304,10 @@ class FrameWriter:
     def syn_stream(self, stream_id: int, headers: Headers, *, fin: bool = False, priority: int = 0,
                    associated_to: int = 0) -> bytes:
         body = struct.pack(">IIBB", stream_id, associated_to, (priority & 7) << 5, 0) + self._compress(headers)
-        return self._control(SYN_STREAM, FLAG_FIN if fin else 0, body)
+        return self.control(SYN_STREAM, FLAG_FIN if fin else 0, body)
 
     def _stream_headers(self, kind: int, stream_id: int, headers: Headers, fin: bool) -> bytes:
-        return self._control(kind, FLAG_FIN if fin else 0, struct.pack(">I", stream_id) + self._compress(headers))
+        return self.control(kind, FLAG_FIN if fin else 0, struct.pack(">I", stream_id) + self._compress(headers))
 
     def syn_reply(self, stream_id: int, headers: Headers, *, fin: bool = False) -> bytes:
         return self._stream_headers(SYN_REPLY, stream_id, headers, fin)
@@ -303,23 +316,24 @@ class FrameWriter:
         return self._stream_headers(HEADERS, stream_id, headers, fin)
 
     def rst_stream(self, stream_id: int, status: int) -> bytes:
-        return self._control(RST_STREAM, 0, struct.pack(">II", stream_id, status))
+        return self.control(RST_STREAM, 0, struct.pack(">II", stream_id, status))
 
     def settings(self, entries: list[tuple[int, int, int]]) -> bytes:
         body = struct.pack(">I", len(entries)) + b"".join(struct.pack(">II", (f << 24) | i, v) for f, i, v in entries)
-        return self._control(SETTINGS, 0, body)
+        return self.control(SETTINGS, 0, body)
 
     def ping(self, ping_id: int) -> bytes:
-        return self._control(PING, 0, struct.pack(">I", ping_id))
+        return self.control(PING, 0, struct.pack(">I", ping_id))
 
     def goaway(self, last_stream_id: int, status: int = 0) -> bytes:
-        return self._control(GOAWAY, 0, struct.pack(">II", last_stream_id, status))
+        return self.control(GOAWAY, 0, struct.pack(">II", last_stream_id, status))
 
     def window_update(self, stream_id: int, delta: int) -> bytes:
-        return self._control(WINDOW_UPDATE, 0, struct.pack(">II", stream_id, delta))
+        return self.control(WINDOW_UPDATE, 0, struct.pack(">II", stream_id, delta))
 
 
 __all__ = [
     "DICTIONARY", "DataFrame", "FLAG_FIN", "Frame", "FrameReader", "FrameWriter", "GoAway", "HeadersFrame",
     "Ping", "RstStream", "Settings", "SynReply", "SynStream", "Unknown", "WindowUpdate", "frame_name", "header",
+    "syn_stream_as_headers",
 ]
