@@ -61,7 +61,9 @@ class Evidence:
         producer.close()
         ledger = LedgerSettings(dir=self.dir, origin="custody.test/ledger", segment_max_events=7,
                                 segment_max_bytes=1 << 24, segment_max_seconds=0.2, idle_seal_seconds=3600)
-        service = LedgerService(settings, ledger, self.ledger, self.keyring, group_id="bundle-test")
+        # pinned to every partition: the same sealing without the dev broker's ~3 s group join
+        service = LedgerService(settings, ledger, self.ledger, self.keyring, group_id="bundle-test",
+                                partitions=list(range(settings.partitions)))
         deadline = time.monotonic() + 30
         while service.sealed_leaves < len(events) or any(w.opened_at is not None for w in service.writers.values()):
             assert time.monotonic() < deadline, "ledger did not seal everything"

@@ -51,7 +51,7 @@ def sealed(broker, tmp_path):
         settings = LedgerSettings(dir=tmp_path / "ledger", origin="custody.test/ledger", segment_max_events=1000,
                                   segment_max_bytes=1 << 24, segment_max_seconds=0.3, idle_seal_seconds=3600)
         service = LedgerService(proxy.kafka, settings, load_key_file(keys / "ledger.key"), keyring,
-                                group_id=f"e2e-{app}")
+                                group_id=f"e2e-{app}", partitions=list(range(proxy.kafka.partitions)))  # no group join
         deadline = time.monotonic() + 40
         while service.sealed_leaves < len(session) or any(w.opened_at is not None for w in service.writers.values()):
             assert time.monotonic() < deadline, "the ledger did not seal in time"
