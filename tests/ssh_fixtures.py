@@ -168,3 +168,49 @@ class Client:
 
     def target(self, path: str) -> str:
         return f"{self.host}:{path}"
+
+    def terminal(self, user: str, token: str) -> "Terminal":
+        """An interactive `ssh -tt` (a shell, no command) on a PTY of its own, as a person's terminal is."""
+        return Terminal(["ssh", *self.options(), "-tt", "-p", str(self.port), "-l", user, self.host], self.env(token))
+
+
+class Terminal:
+    """A real ssh on a PTY: keys written to the master, what the terminal shows read back from it."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]) -> None:
+        import pty
+
+        self.master, slave = pty.openpty()
+        self.process = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True)
+        os.close(slave)
+        self.shown = b""
+
+    def expect(self, marker: bytes, timeout: float = 20.0) -> bytes:
+        """Read until `marker` shows; returns what showed up to and including it (and keeps the rest)."""
+        import select
+
+        deadline = time.monotonic() + timeout
+        while marker not in self.shown:
+            left = deadline - time.monotonic()
+            ready, _, _ = select.select([self.master], [], [], max(0.0, left))
+            if not ready:
+                raise AssertionError(f"{marker!r} did not show within {timeout} s; the terminal shows {self.shown[-400:]!r}")
+            try:
+                chunk = os.read(self.master, 4096)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                raise AssertionError(f"the session ended before {marker!r}: {self.shown[-400:]!r}")
+            self.shown += chunk
+        end = self.shown.index(marker) + len(marker)
+        seen, self.shown = self.shown[:end], self.shown[end:]
+        return seen
+
+    def send(self, keys: bytes) -> None:
+        os.write(self.master, keys)
+
+    def close(self, timeout: float = 20.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        finally:
+            os.close(self.master)

@@ -131,7 +131,10 @@ def test_activity_shows_the_ssh_operations(sealed):
     rows = json.loads(custody("activity", "--identity", user, "--protocol", "ssh", "--format", "json",
                               "--ledger", str(ledger), "--config", str(proxy.config.path)))
     assert [(r["protocol"], r["operation"], r["text"], r["outcome"]) for r in rows] == [
-        ("ssh", "command", "echo exec-$((40+2))", "ok"), ("ssh", "command", "shell", "error")]
+        ("ssh", "command", "echo exec-$((40+2))", "ok"), ("ssh", "command", "shell", None),
+        # the lines typed in the shell, each decided at its Enter; the shell's exit status is its last line's
+        ("ssh", "command", "export PS1='cus''tody$ '", None),
+        ("ssh", "command", "stty size; echo typed-secret-$((1+1))", None), ("ssh", "command", "exit 5", "error")]
 
 
 def test_replay_and_asciicast_of_the_shell(sealed, tmp_path):

@@ -5,8 +5,10 @@ the client did works as direct, and the events say exactly what was done, both w
 from __future__ import annotations
 
 import hashlib
+import re
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -34,6 +36,14 @@ protocols = ["ssh"]
 operations = ["command"]
 text = '^touch /tmp/custody-held-'
 approvers = ["dba"]
+
+[[rule]]
+name = "block-marker-lines"
+action = "block"
+message = "custody-blocked markers are not allowed through Custody"
+protocols = ["ssh"]
+operations = ["command"]
+text = '^touch /tmp/custody-blocked-'
 
 [[rule]]
 name = "block-upload-to-etc"
@@ -147,6 +157,54 @@ def test_held_command_runs_once_a_reviewer_approves(proxy, tmp_path):
     events = session_of(proxy, user)
     assert [(e.body["action"], e.body["rule"]) for e in events if e.kind == "policy_decision"] == [
         ("hold", "hold-shutdown"), ("approve", "hold-shutdown")]
+
+
+def test_lines_typed_in_an_interactive_shell_are_decided_at_their_enter(proxy):
+    user, tag = new_user(), time.time_ns()
+    blocked, typed, held = (Path(f"/tmp/custody-{kind}-{tag}") for kind in ("blocked", "typed", "held"))
+    term = proxy.client.terminal(user, proxy.token(user, ("dev",)))
+    try:
+        term.send(b"PS1='P''> '; echo rea''dy\r")  # quoted apart: the terminal's echo of the line is not the output
+        term.expect(b"ready")
+        term.expect(b"P> ")
+        # Typed by a person, with a typo erased: the line the shell runs is the one decided.
+        term.send(f"touch {str(blocked)[:-2]}X\x7f{str(blocked)[-2:]}\r".encode())
+        term.expect(b"custody: custody-blocked markers are not allowed through Custody")
+        term.expect(b"P> ")
+        term.send(f"touch {typed}; echo made-$((6*7))\r".encode())  # sent whole, as an agent does
+        term.expect(b"made-42")
+        held_notice = term.expect(b"--reason", timeout=5) if term.send(f"touch {held}\r".encode()) is None else b""
+        request_id = re.search(rb"request (\S+) ", held_notice).group(1).decode()
+        assert not held.exists()
+        approved = CliRunner().invoke(cli, ["approvals", "approve", request_id, "--reason", "CHG-8", "--token",
+                                            proxy.token("bob@example.com", ("dba",)), "--config", str(proxy.config.path)])
+        assert approved.exit_code == 0, approved.output
+        term.expect(b"P> ")
+        # A secret typed at a password prompt is not a command: not decided, its text not kept.
+        term.send(b"read -s -p 'Pass''word: ' pw; echo got-${#pw}\r")
+        term.expect(b"Password: ")
+        secret = f"s3cret-{tag}"
+        term.send(secret.encode() + b"\r")
+        term.expect(f"got-{len(secret)}".encode())
+        term.send(b"exit\r")
+        assert term.close() == 0
+        assert not blocked.exists() and typed.exists() and held.exists()
+    finally:
+        for path in (blocked, typed, held):
+            path.unlink(missing_ok=True)
+
+    events = session_of(proxy, user)
+    lines = [m for m in messages(events, "client") if m["type"] == "line"]
+    assert [(m["text"], m["attributes"]["input"]) for m in lines] == [
+        ("PS1='P''> '; echo rea''dy", "typed"), (f"touch {blocked}", "typed"),
+        (f"touch {typed}; echo made-$((6*7))", "typed"), (f"touch {held}", "typed"),
+        ("read -s -p 'Pass''word: ' pw; echo got-${#pw}", "typed"), (None, "secret"), ("exit", "typed")]
+    assert all(m["operation"] == "command" for m in lines if m["text"]) and lines[5]["data"] == b""
+    assert not any(secret.encode() in m["data"] for m in messages(events) if m["type"] == "line")
+    assert [(e.body["rule"], e.body["action"]) for e in events if e.kind == "policy_decision"] == [
+        ("block-marker-lines", "block"), ("hold-shutdown", "hold"), ("hold-shutdown", "approve")]
+    wiped = [m for m in messages(events, "client") if m["type"] == "data" and m["attributes"].get("origin") == "proxy"]
+    assert [m["data"] for m in wiped] == [b"\x05\x15\r"]
 
 
 def test_bad_token_and_wrong_user_are_refused(proxy):

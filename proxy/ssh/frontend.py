@@ -19,7 +19,10 @@ Policy: an exec or shell request is an operation (`ssh`, `command`, the
 command line; the analyzer `proxy.policy.analyzers.ssh` reads it with shell
 quoting rules); SFTP open (upload/download), remove, rename, mkdir, rmdir,
 setstat and symlink are `transfer` operations on their paths; a direct-tcpip
-channel is a `forward` to host:port, refused unless a rule allows it. A
+channel is a `forward` to host:port, refused unless a rule allows it. In an
+interactive shell with a PTY each line typed is a `command` operation too,
+decided at its Enter (best effort: `ingest.protocols.ssh.terminal` rebuilds
+the line; a refused line is wiped from the target's line editor). A
 blocked exec gets the reason on stderr and exit status 126; a refused SFTP
 request gets SSH_FX_PERMISSION_DENIED and the session goes on; a hold waits
 for the reviewers (the client sees a notice on stderr).
@@ -29,12 +32,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generator
 
 from datetime import datetime, timezone
 
 from ingest.protocols import ProtocolViolation
-from ingest.protocols.ssh import sftp
+from ingest.protocols.ssh import sftp, terminal
 from proxy.approvals import ApprovalRequest
 from proxy.core import records
 from proxy.core.commands import CLIENT, SERVER, Send
@@ -54,6 +57,9 @@ log = logging.getLogger(__name__)
 BLOCKED_STATUS = 126  # "command found but not executable", as a shell says of a command it may not run
 FAILED_STATUS = 1
 FORWARD_CLOSED_RULE = "forwarding-closed-by-default"
+# What wipes a refused typed line from the target's line editor: ^E (readline, zle: to the end; the tty's
+# canonical mode: a character) and ^U (kill the line), then Enter on the empty line for a fresh prompt.
+WIPE_LINE = b"\x05\x15\r"
 
 
 class SSHProtocol(Protocol):
@@ -104,6 +110,7 @@ class _Channel:
     transfers: sftp.Transfers | None = None
     operations: dict[int, str] = field(default_factory=dict)  # SFTP request id -> operation, for its outcome
     closing: dict[int, bytes] = field(default_factory=dict)  # SFTP close request id -> handle
+    lines: terminal.LineEditor | None = None  # a shell with a PTY: the line being typed, decided at each Enter
     request: bytearray | None = None  # the certificate subsystem: the public key line, until the client's EOF
     client_bytes: int = 0  # channel data from the client (a forward's close records both counts)
     server_bytes: int = 0
@@ -290,6 +297,8 @@ class SSHFrontEnd(FrontEnd):
             return
         if ch in self.channels:
             channel.open = True
+            if start.kind == "shell" and start.term is not None:
+                channel.lines = terminal.LineEditor()
 
     def _refuse_channel(self, ch: int, text: str, status: int) -> Steps:
         """The proxy's own stderr line and exit status for a request that does not run."""
@@ -333,8 +342,44 @@ class SSHFrontEnd(FrontEnd):
             yield from self._sftp_requests(channel, item.data)
             return
         self._record(CLIENT, message("data", item.channel, item.data))
-        if channel.open:
+        if not channel.open:
+            return
+        if channel.lines is None:
             yield Send(SERVER, item.data, ev.channel_name(item.channel))
+            return
+        for piece in channel.lines.feed(item.data):
+            if piece.line is None or (yield from self._typed_line(channel, piece.line)):
+                if item.channel in self.channels:
+                    yield Send(SERVER, piece.data, ev.channel_name(item.channel))
+
+    def _typed_line(self, channel: _Channel, line: terminal.Line) -> Generator[Any, Any, bool]:
+        """A line typed in an interactive shell, at its Enter: a `command` operation; False: the Enter is withheld.
+
+        Best effort (see `ingest.protocols.ssh.terminal`). A refused line is
+        wiped from the target's line editor (^E ^U, then Enter for a fresh
+        prompt) and the reason shown on the terminal; the shell goes on.
+        """
+        ch = channel.id
+        if line.secret:  # typed at a password prompt: no text kept, no decision
+            self._record(CLIENT, message("line", ch, attributes={"input": "secret", "redacted": "line"}))
+            return True
+        if line.full_screen or not line.text.strip():
+            return True
+        how = "uncertain" if line.uncertain else "typed"
+        self._record(CLIENT, message("line", ch, line.text.encode(), attributes={"request": "shell", "input": how},
+                                     operation="command", text=line.text, objects=list(_objects(line.text))))
+        self._notice_channel = ch
+        verdict = yield from self.session.check(Operation("ssh", "command", line.text, _objects(line.text),
+                                                          self._attributes(request="line", input=how)))
+        self._notice_channel = None
+        if verdict.allowed or ch not in self.channels:
+            return True
+        text = f"\r\ncustody: {verdict.reason}\r\n".encode()
+        yield self.session.say(Said(text, [message("data", ch, text, {"stream": "stderr", **records.PROXY_ORIGIN})],
+                                    channel=ev.channel_name(ch, stderr=True)))
+        self._record(CLIENT, message("data", ch, WIPE_LINE, dict(records.PROXY_ORIGIN)))
+        yield Send(SERVER, WIPE_LINE, ev.channel_name(ch))
+        return False
 
     def _server_data(self, channel: _Channel, item: ev.ChannelData) -> Steps:
         channel.server_bytes += len(item.data)
@@ -342,6 +387,8 @@ class SSHFrontEnd(FrontEnd):
             yield from self._sftp_replies(channel, item.data)
             return
         self._record(SERVER, message("data", channel.id, item.data, {"stream": "stderr"} if item.stderr else None))
+        if channel.lines is not None:
+            channel.lines.output(item.data)
         yield Send(CLIENT, item.data, ev.channel_name(channel.id, item.stderr))
 
     def _certificate(self, channel: _Channel) -> Steps:

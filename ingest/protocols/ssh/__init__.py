@@ -4,6 +4,8 @@
   OpenSSH speaks it), sans-I/O: framing, request and response decoding,
   status replies, and the `Transfers` that follow handles to paths and hash
   the file bytes that go through.
+* `terminal` — the lines typed into an interactive shell, rebuilt from the
+  keystrokes (best effort), so that each can be decided at its Enter.
 * `render` — how recorded SSH messages read in a replay, and the asciicast
   v2 export of a terminal session.
 """

@@ -22,7 +22,7 @@ _SHOWN = 2000  # characters of terminal text shown per step in the text replay
 _MARKERS = {"exec": "EXEC", "shell": "SHELL", "subsystem": "SUBSYSTEM", "pty-req": "PTY", "window-change": "RESIZE",
             "exit-status": "EXIT", "exit-signal": "EXIT", "direct-tcpip": "FORWARD", "env": "ENV",
             "userauth-request": "LOGIN", "signal": "SIGNAL", "disconnect": "PROXY", "channel-open": "OPEN",
-            "eof": "EOF", "close": "CLOSE"}
+            "eof": "EOF", "close": "CLOSE", "line": "LINE"}
 
 
 def _attributes(item: dict[str, Any]) -> str:
@@ -83,6 +83,8 @@ class SSHRenderer:
         details = [line for i in items[1:] for line in _detail(i)]
         if kind in ("exec", "direct-tcpip"):
             head = first.get("text") or ""
+        elif kind == "line":  # a line typed in a shell, as decided at its Enter (a secret one has no text)
+            head = first.get("text") or _attributes(first)
         elif kind in ("exit-status", "exit-signal"):
             head = attributes.get("status") or attributes.get("signal") or ""
         elif kind in ("pty-req", "window-change"):
