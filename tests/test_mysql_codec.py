@@ -164,6 +164,10 @@ def test_local_infile_only_for_the_file_the_statement_named():
     kind, fields = conversation.file_data(make(3, b""))
     assert (kind, fields["attributes"]["bytes"]) == ("LocalInfileEnd", "4") and not conversation.receiving_file
     assert conversation.server(make(4, m.ok(affected_rows=1)))[1]["rows"] == 1 and conversation.idle
+    conversation.sent(query)  # refused by the policy: an empty file for the target, its answer swallowed
+    conversation.server(make(1, b"\xfb/tmp/a.csv"))
+    assert conversation.refuse_file() == (packet(2, b""), 1) and conversation.swallowing
+    assert conversation.server(make(3, m.ok()))[0] == "OK" and conversation.idle and not conversation.swallowing
     for caps_, name in ((caps, b"/etc/passwd"), (caps & ~m.CLIENT_LOCAL_FILES, b"/tmp/a.csv")):
         rogue = Conversation(caps_)
         rogue.sent(query)

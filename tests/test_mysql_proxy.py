@@ -60,6 +60,14 @@ action = "block"
 message = "the vault tables are not reachable through Custody"
 protocols = ["mysql"]
 objects = ["vault*", "*.vault*"]
+
+[[rule]]
+name = "block-secret-files"
+action = "block"
+message = "LOAD DATA LOCAL of a .secret file is not allowed through Custody"
+protocols = ["mysql"]
+operations = ["transfer"]
+objects = ["*.secret"]
 """)
     time.sleep(1.2)
     running.events = EventLog.open(running)
@@ -264,6 +272,11 @@ def test_load_data_local_infile_relayed_recorded_and_under_policy(proxy, target,
         with pytest.raises(pymysql.err.OperationalError) as refused:  # the policy's objects rule, before the target
             cur.execute(f"LOAD DATA LOCAL INFILE '{path}' INTO TABLE vault_keys")
         assert refused.value.args[0] == 1142
+        secret = tmp_path / "keys.secret"
+        secret.write_text("1\tleaked\n")
+        with pytest.raises(pymysql.err.OperationalError) as refused:  # the transfer: the client is never asked
+            cur.execute(f"LOAD DATA LOCAL INFILE '{secret}' INTO TABLE loads")
+        assert refused.value.args[0] == 1142 and "secret file" in refused.value.args[1]
         cur.execute("SELECT count(*), max(name) FROM loads")
         assert cur.fetchone() == (3000, "name-999")
     with connect(proxy, target, user=EVE, groups=("dev",)) as conn, conn.cursor() as cur:  # no local_infile
@@ -272,16 +285,21 @@ def test_load_data_local_infile_relayed_recorded_and_under_policy(proxy, target,
         cur.execute("SELECT count(*) FROM loads")
         assert cur.fetchone() == (3000,)
     events = proxy.events.session(app)
-    (request,) = server_records(events, "LocalInfileRequest")
+    request, refused_request = server_records(events, "LocalInfileRequest")
     assert (request["operation"], request["text"], request["objects"]) == ("transfer", str(path), [str(path)])
-    (end,) = client_records(events, "LocalInfileEnd")
+    assert refused_request["objects"] == [str(secret)]
+    end, empty = client_records(events, "LocalInfileEnd")
+    assert empty["attributes"] == {"bytes": "0", "refused": "true", "origin": "proxy"}
+    assert [m["attributes"].get("unrelayed") is not None for m in server_records(events, "OK") if m.get("rows") == 0
+            and m["attributes"].get("origin") != "proxy"][-1:] == [True]  # the target's answer to the empty file
     assert end["attributes"] == {"bytes": str(len(rows)), "sha256": hashlib.sha256(rows.encode()).hexdigest()}
     recorded = b"".join(p.payload for m in client_records(events, "LocalInfileData")
                         for p in PacketReader("client", 1 << 30).feed(m["data"]))
     assert recorded == rows.encode()  # the file itself is in the evidence, packet boundaries kept
     ok = [m for m in server_records(events, "OK") if m.get("rows") == 3000]
     assert len(ok) == 1 and ok[0]["outcome"] == "ok"
-    assert [e.body["rule"] for e in events if e.kind == "policy_decision"] == ["block-vault-objects"]
+    assert [e.body["rule"] for e in events if e.kind == "policy_decision"] == ["block-vault-objects",
+                                                                              "block-secret-files"]
 
 
 def test_masked_columns_and_detectors_in_text_and_binary_rows(proxy, target):

@@ -640,6 +640,7 @@ class MysqlFrontEnd(FrontEnd):
         for p in packets:
             columns = conversation.columns
             binary = conversation.binary
+            swallowed = conversation.swallowing
             kind, fields = conversation.server(p)
             wire = p.data
             count += 1
@@ -669,6 +670,16 @@ class MysqlFrontEnd(FrontEnd):
                 assert masking is not None
                 rec["sealed_original"] = masking.seal(sealed)
             recs.append(rec)
+            if swallowed:  # the target's answer to an empty file the proxy sent for a refused one
+                rec["attributes"]["unrelayed"] = "the proxy refused the file and answered the client"
+                continue
+            if kind == "LocalInfileRequest" and self.session.gate is not None:
+                self.session.record_messages(SERVER, recs, count)
+                if out:
+                    yield Send(CLIENT, b"".join(out))
+                recs, out, count = [], [], 0
+                yield from self._file_requested(fields, wire)
+                continue
             out.append(wire)
             due = conversation.due_answers()
             if due:
@@ -680,12 +691,33 @@ class MysqlFrontEnd(FrontEnd):
                     err = m.decode_err(answer[4:])
                     yield self._say_err(answer, (err.code, err.sqlstate), err.message)
         flush_run()
-        if out:
+        if recs:
             self.redactor.echoed(recs, self.session.seal)
             self.session.record_messages(SERVER, recs, count)
+        if out:
             yield Send(CLIENT, b"".join(out))
         if conversation.idle:
             yield from self.session.between_operations()
+
+    def _file_requested(self, fields: dict, request: bytes) -> Steps:
+        """The target asks for the client's LOCAL INFILE: a `transfer` operation the policy decides first.
+
+        Allowed: the request goes on to the client. Refused: the client is never asked; the target gets an
+        empty file (its answer is recorded, not relayed) and the client ERR 1142 in the request's place."""
+        conversation = self._conversation
+        assert conversation is not None
+        name = fields["text"]
+        verdict = yield from self.session.check(Operation("mysql", "transfer", name, (name,), {
+            "database": self.database or "", "direction": "upload"}))
+        if verdict.allowed:
+            yield Send(CLIENT, request)
+            return
+        empty, seq = conversation.refuse_file()
+        self.session.record_messages(CLIENT, [record("LocalInfileEnd", empty, {"attributes": {
+            "bytes": "0", "refused": "true"}}, PROXY_ORIGIN)], 1)
+        yield Send(SERVER, empty)
+        message = f"custody: {verdict.reason}"
+        yield self._say_err(packet(seq, m.err(*ER_TABLEACCESS_DENIED, message)), ER_TABLEACCESS_DENIED, message)
 
     # --- what only MySQL can say -------------------------------------------------------------
 

@@ -31,6 +31,7 @@ from typing import Any
 
 from . import messages as m
 from .packets import Packet, violation
+from .packets import packet as framed
 
 Fields = dict[str, Any]
 
@@ -65,6 +66,7 @@ class Expect:
     answer: bytes = b""  # kind proxy: the proxy's own answer, sent in the answer's turn
     file: Any = None  # LOAD DATA LOCAL: the SHA-256 of the client's file so far
     file_bytes: int = 0
+    swallow: bool = False  # the proxy refused the file and answered the client itself: the target's answer is not relayed
 
 
 _SIMPLE = frozenset({"COM_INIT_DB", "COM_PING", "COM_RESET_CONNECTION", "COM_STMT_RESET", "COM_SET_OPTION",
@@ -98,6 +100,20 @@ class Conversation:
     def receiving_file(self) -> bool:
         """The target asked for a LOCAL INFILE: the client's packets are the file's until an empty one."""
         return bool(self.expected) and self.expected[0].state == "infile"
+
+    @property
+    def swallowing(self) -> bool:
+        """The answer being received is one the proxy already gave the client its own answer for."""
+        return bool(self.expected) and self.expected[0].swallow
+
+    def refuse_file(self) -> tuple[bytes, int]:
+        """The policy refused the file the target asked for: (the empty file to send the target instead, the
+        sequence id of the client's answer). The target's answer (OK, 0 rows) is then recorded, not relayed."""
+        e = self.expected[0]
+        client_seq = (e.seq - 1) & 0xFF  # the client never saw the request: it waits for this answer
+        empty = framed(e.seq, b"")
+        e.seq, e.state, e.swallow = (e.seq + 1) & 0xFF, "first", True
+        return empty, client_seq
 
     def file_data(self, packet: Packet) -> tuple[str, Fields]:
         """One packet of the client's file for LOAD DATA LOCAL (an empty one ends it)."""
