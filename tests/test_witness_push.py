@@ -22,16 +22,11 @@ from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
 from ledger.verify import verify_ledger
 from ledger.witness import cosignature_verifiers
+from nginx_server import free_port
 from test_witness_feed import seal_all, send_session
 
 ORIGIN = "custody.test/ledger/push"
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RemoteWitness:
