@@ -67,7 +67,7 @@ reason_option = click.option("--reason", required=True, help="Why; recorded with
 
 @click.group("approvals")
 def approvals_group() -> None:
-    """Statements held for approval: list them, approve or deny them."""
+    """Operations held for approval (statements, commands, requests): list, approve or deny them."""
 
 
 @approvals_group.command("list")
@@ -138,7 +138,7 @@ def _decide(config_path: str | None, request_id: str, decision: str, reason: str
 @token_option
 @config_option
 def approve_command(request_id: str, reason: str, token: str, config_path: str | None) -> None:
-    """Let the held statement REQUEST_ID run."""
+    """Let the held operation REQUEST_ID run."""
     _decide(config_path, request_id, "approve", reason, token)
 
 
@@ -148,7 +148,7 @@ def approve_command(request_id: str, reason: str, token: str, config_path: str |
 @token_option
 @config_option
 def deny_command(request_id: str, reason: str, token: str, config_path: str | None) -> None:
-    """Refuse the held statement REQUEST_ID (the client gets 42501)."""
+    """Refuse the held operation REQUEST_ID: the client gets its protocol's refusal (42501 on PostgreSQL)."""
     _decide(config_path, request_id, "deny", reason, token)
 
 

@@ -32,8 +32,10 @@ def bundle() -> None:
 @click.option("--purpose", required=True, help="Why the evidence is exported.")
 @click.option("--recipient", help="Who the bundle is for.")
 @click.option("--exporter", help="Who exports it, for the record (default: user@host).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
-@click.option("--ledger", "ledger_dir", type=click.Path(file_okay=False, path_type=Path), help="Ledger directory (default: the config's).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="The bundle file to write.")
+@click.option("--ledger", "ledger_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Ledger directory (default: the config's [ledger] dir).")
 @config_option
 def export(sessions, identity, target, since, until, where, case, purpose, recipient, exporter, output, ledger_dir,
            config_path) -> None:
@@ -66,7 +68,11 @@ def export(sessions, identity, target, since, until, where, case, purpose, recip
 @click.option("--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="the machine's cores",
               help="Processes checking events; 1 checks them in this process. The report is the same either way.")
 def verify(file: Path, trust: Path, witnesses: int, checkpoints: tuple[Path, ...], verbose: bool, jobs: int) -> None:
-    """Check a bundle offline: signatures, proofs, checkpoints, witnesses, completeness, custody history."""
+    """Check a bundle offline: signatures, proofs, checkpoints, witnesses, completeness, custody history.
+
+    One line per problem, then a summary; exit status 0 when it verifies, 1 when anything is wrong, 2 for a usage
+    error or an unreadable keyring.
+    """
     trace = click.echo if verbose else None
     given = dict(witnesses=witnesses, checkpoints=[p.read_bytes() for p in checkpoints])
     if sys.stderr.isatty():
@@ -92,7 +98,7 @@ def verify(file: Path, trust: Path, witnesses: int, checkpoints: tuple[Path, ...
 @bundle.command("transfer")
 @click.argument("file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--to", "to", required=True, help="Who receives the evidence.")
-@click.option("--reason", required=True)
+@click.option("--reason", required=True, help="Why, recorded in the signed record.")
 @click.option("--by", help="Who hands it over (default: the signing key's id).")
 @click.option("--key", "key_path", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="Signing key (default: the config's exporter key).")

@@ -23,7 +23,7 @@ def keys() -> None:
 @click.argument("name")
 @click.option("--role", type=click.Choice(ROLES), default=None, help="What the key signs (default: NAME if it is a role).")
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Private key file (default: keys/NAME.key next to the keyring).")
+              help="Private key file (default: NAME.key in the keyring's directory).")
 @click.option("--keyring", "keyring_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Keyring to append the public key to (default: the config's [keys] keyring).")
 @config_option
@@ -68,7 +68,10 @@ def list_keys(keyring_path: Path | None, config_path: str | None) -> None:
 def revoke(key_id: str, at: str | None, keyring_path: Path | None, config_path: str | None) -> None:
     """Stop trusting KEY_ID for anything signed after --at."""
     path = _keyring_path(keyring_path, config_path)
-    when = datetime.fromisoformat(at) if at else datetime.now(timezone.utc)
+    try:
+        when = datetime.fromisoformat(at) if at else datetime.now(timezone.utc)
+    except ValueError:
+        raise click.BadParameter(f"{at!r} is not an ISO 8601 time, e.g. 2026-11-25T12:00:00Z", param_hint="--at") from None
     if when.tzinfo is None:
         raise click.BadParameter("needs an offset, e.g. 2026-11-25T12:00:00Z", param_hint="--at")
     keyring = Keyring.load(path)
@@ -108,7 +111,10 @@ def violations() -> None:
 @click.option("--activity", is_flag=True, help="With --format ocsf: custody.activity.ocsf instead.")
 @config_option
 def tail(follow: bool, fmt: str, activity: bool, config_path: str | None) -> None:
-    """Print violations from the start of the topic (JSON lines, or a table)."""
+    """Print violations from the start of the topic, as a table or JSON lines.
+
+    Without --follow it stops once the topic has been quiet for 2 s.
+    """
     from ingest import kafka
     from ingest.violations import encode, tail as read
 

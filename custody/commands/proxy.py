@@ -133,7 +133,7 @@ def token(ctx: click.Context, min_valid: float, output_format: str, config_path:
 @token.command("issue")
 @click.option("--sub", "subject", required=True, help="Subject (sub); also the user name to connect as.")
 @click.option("--groups", default="", help="Comma-separated groups.")
-@click.option("--email", default=None)
+@click.option("--email", default=None, help="Email claim (default: none).")
 @click.option("--ttl", type=click.IntRange(min=1), default=3600, show_default=True, help="Lifetime in seconds.")
 @config_option
 def issue(subject: str, groups: str, email: str | None, ttl: int, config_path: str | None) -> None:
