@@ -7,9 +7,12 @@ offset: the seal is the truth) and seeks there; on revocation it drops what
 it had not sealed, which the next owner re-reads. Per seal, in this order:
 quarantine copies acknowledged → segment durable → state snapshot durable →
 seal durable (the commit point) → seal published to `custody.seals` and
-violations to `custody.violations` →
+violations to `custody.violations` (and OCSF) →
 offset committed (a courtesy for lag monitoring). A crash anywhere re-reads
-from the last seal: nothing lost, nothing twice.
+from the last seal: nothing lost, nothing twice. A seal's documents are
+confirmed by the next seal's snapshot (or a clean release's marker); on resume
+those of any later seal are rendered again from the seal's files and
+re-published, at least once (ledger/documents.py).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from ingest import kafka, ocsf, violations
+from ledger import documents
 from ingest.consumer import Quarantine, Quarantined, Record, verify_record
 from ingest.errors import CustodyError
 from ingest.events import micros_to_datetime, now_micros
@@ -61,6 +65,7 @@ class PartitionWriter:
         self.dir, self.settings, self.topic, self.state, self.key = ledger_dir, settings, topic, state, key
         self.verifier = EventVerifier(keyring, state.chains)
         self.ocsf: ocsf.Renderer | None = None  # [soc] on: OCSF documents, rendered after each seal
+        self.outbox: documents.Outbox | None = None  # set by the service: its documents until confirmed
         self.last_sealed_at = time.monotonic()
         self._reset()
 
@@ -173,10 +178,13 @@ class PartitionWriter:
             first_offset=self.first_offset, next_offset=state.next_offset, quarantined=self.quarantined,
             tree_size=state.tree.size, root=state.tree.root(), sessions=seal_field(state.session_map))
         seal = sign_seal(record, self.key, proof)
+        state.quarantine_violations = [v for v in self.violations if v["category"] == "quarantine"]
         write_snapshot(self.dir, state, number)
+        state.quarantine_violations = []
         write_atomic(self.dir / seal_relpath(state.partition, number), seal.to_bytes())
         state.last_seal = seal
-        prune_snapshots(self.dir, state.partition, keep=number)
+        # the snapshot of the last seal with confirmed documents holds the OCSF state to render the next ones again
+        prune_snapshots(self.dir, state.partition, keep=min(number, state.published_through or 0))
         self.last_sealed_at = time.monotonic()
         self._reset()
         return seal
@@ -263,18 +271,30 @@ class LedgerService:
             raise LedgerConfigError(f"partition {tp.partition}: its seal chain is signed by key "
                                     f"{chain_key(state.last_seal.record)}, not {self.key.key_id}; hand it over with a "
                                     f"witnessed rotation seal (ledger/rotation.py rotate_partition)")
-        self.writers[tp.partition] = PartitionWriter(self.dir, self.settings, self.topic, state, self.keyring, self.key)
+        writer = self.writers[tp.partition] = PartitionWriter(self.dir, self.settings, self.topic, state,
+                                                               self.keyring, self.key)
         if self.soc is not None:
-            self.writers[tp.partition].ocsf = ocsf.Renderer(activity=self.soc.activity, state=state.ocsf)
+            writer.ocsf = ocsf.Renderer(activity=self.soc.activity, state=state.ocsf)
         self.consumer.seek(tp, state.next_offset)
+        last = state.last_seal.number if state.last_seal else 0
+        through = documents.published_through(self.dir, tp.partition, state.published_through, last)
+        writer.outbox = documents.Outbox(self.publisher, through)
         if state.last_seal:  # it may have been made durable just before a crash, and never published
             self._publish(state.last_seal)
+        for number, docs in documents.rerender(self.dir, self.kafka_settings, self.settings.origin, tp.partition,
+                                               through, last, self.soc.activity if self.soc else None):
+            writer.outbox.send(number, docs)  # ... and so may its documents
+        writer.outbox.last = last
+        if through < last:
+            log.info("partition %d: documents of seals %d-%d published again", tp.partition, through + 1, last)
         log.info("partition %d: resuming after seal %s at offset %d", tp.partition,
                  state.last_seal.number if state.last_seal else "(none)", state.next_offset)
 
     def release(self, partition: int) -> None:
         """Give a partition up, dropping what was not sealed: its next owner re-reads it from the last seal."""
-        self.writers.pop(partition, None)
+        writer = self.writers.pop(partition, None)
+        if writer is not None and writer.outbox is not None:
+            writer.outbox.mark(self.dir, partition)
         lock = self.locks.pop(partition, None)
         if lock:
             lock.release()
@@ -309,18 +329,12 @@ class LedgerService:
         pending = writer.violations
         if writer.ocsf is not None:  # kept in the seal's state snapshot: a restart renders on from here
             writer.state.ocsf = writer.ocsf.snapshot()
+        writer.state.published_through = writer.outbox.confirm()  # the earlier seals' documents, kept in this seal
         seal = writer.seal()
         self._publish(seal)
-        for violation in pending:  # after the seal: a violation always points at sealed evidence
-            self.publisher.send(self.violations_topic, key=(violation["session_id"] or "").encode(),
-                                value=violations.encode(violation))
-        if writer.ocsf is not None:  # the same moment, in OCSF (ingest/ocsf.py)
-            evidence = ocsf.Evidence(self.settings.origin, seal.partition, seal.number, seal.tree_size)
-            findings, activity = writer.ocsf.sealed(pending, evidence)
-            for topic, docs in (("violations.ocsf", findings), ("activity.ocsf", activity)):
-                for doc in docs:
-                    self.publisher.send(self.kafka_settings.topic(topic), value=ocsf.encode(doc),
-                                        key=(doc["metadata"].get("correlation_uid") or "").encode())
+        # after the seal: a violation always points at sealed evidence; OCSF the same moment (ingest/ocsf.py)
+        evidence = ocsf.Evidence(self.settings.origin, seal.partition, seal.number, seal.tree_size)
+        writer.outbox.send(seal.number, documents.render(self.kafka_settings, pending, writer.ocsf, evidence))
         tp = TopicPartition(self.topic, writer.state.partition)
         try:
             self.consumer.commit({tp: OffsetAndMetadata(seal.next_offset, "", -1)})

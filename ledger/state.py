@@ -57,6 +57,12 @@ class PartitionState:
     ocsf: dict = field(default_factory=dict)
     """The OCSF renderer's state at this seal ([soc] on: ingest/ocsf.py `Renderer.snapshot`): open sessions'
     attributes and protocol, their open operations."""
+    published_through: int | None = None
+    """The last seal whose documents (violations, OCSF) the producer confirmed before this seal was written
+    (ledger/documents.py); None in a snapshot from before it was kept."""
+    quarantine_violations: list = field(default_factory=list)
+    """The violations of the records this seal quarantined, kept in its snapshot only (they have no segment row to
+    render them again from); not carried to the next seal."""
 
     def session_state(self, session_id: str) -> SessionState:
         position = self.chains.sessions[session_id]
@@ -75,6 +81,8 @@ class PartitionState:
             "tree": base64.b64encode(self.tree.to_bytes()).decode(),
             "sessions": {sid: p.to_json(SNAPSHOT_RECENT) for sid, p in self.chains.sessions.items()},
             "ocsf": self.ocsf,
+            "published_through": self.published_through,
+            "quarantine_violations": self.quarantine_violations,
             "identities": {sid: list(identity) for sid, identity in self.identities.items()},
             "ended": sorted(self.ended),
         }
@@ -96,6 +104,7 @@ class PartitionState:
             tree=CompactTree.from_bytes(base64.b64decode(document["tree"])),
             next_offset=document["next_offset"],
             ocsf=document.get("ocsf") or {},  # absent in a snapshot from before it was kept
+            published_through=document.get("published_through"),
             chains=chains,
             identities=identities,
             ended=ended,

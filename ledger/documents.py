@@ -1,0 +1,156 @@
+"""What each seal publishes besides itself, at least once: `custody.violations` and, with [soc] on, the OCSF topics.
+
+A seal is durable before its documents are sent (a violation always points at sealed evidence), so a crash
+between the two would lose them. So the ledger keeps two facts on disk, written only after the producer
+confirmed (flushed, every send acknowledged) the documents of the seals they name:
+
+* each state snapshot N records `published_through`: the last seal whose documents were confirmed before seal N
+  was written (the flush costs nothing by then: the previous seal's sends are long acknowledged);
+* a clean release or close writes the partition's `published.json` marker (after a last flush), so a handover
+  does not re-publish its last seal's documents.
+
+On resume, every seal after the larger of the two is re-rendered from what is durable: its segment's events (in
+offset order, with the identity on their rows: the same `violations.from_event` and OCSF renderer as when it was
+sealed), the quarantine violations its snapshot keeps (a rejected record has no row), and the OCSF renderer's state
+from the snapshot of the seal before (snapshots are pruned only up to `published_through`). Ids are deterministic, so a seal whose
+documents were in fact delivered just before a crash and are re-published is de-duplicated by the SOC.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Iterator, NamedTuple
+
+from kafka.errors import KafkaError
+
+from ingest import ocsf, violations
+from ingest.events import open_event
+from ingest.sessions import SessionIdentity
+from ingest.settings import KafkaSettings
+from ledger.durable import write_atomic
+from ledger.seals import Seal, partition_name, seal_relpath
+from ledger.segments import read_segment
+from ledger.state import STATE_DIR, state_relpath
+
+log = logging.getLogger(__name__)
+
+FLUSH_SECONDS = 10.0
+_IDENTITY = SessionIdentity._fields
+
+
+class Document(NamedTuple):
+    topic: str
+    key: bytes
+    value: bytes
+
+
+def render(settings: KafkaSettings, pending: list[dict], renderer: ocsf.Renderer | None,
+           evidence: ocsf.Evidence) -> list[Document]:
+    """One seal's documents: its violations (custody's own shape), then, with a renderer, their OCSF findings and
+    the activity the seal completed."""
+    docs = [Document(settings.topic("violations"), (v["session_id"] or "").encode(), violations.encode(v))
+            for v in pending]
+    if renderer is not None:
+        findings, activity = renderer.sealed(pending, evidence)
+        for topic, items in (("violations.ocsf", findings), ("activity.ocsf", activity)):
+            docs += [Document(settings.topic(topic), (d["metadata"].get("correlation_uid") or "").encode(),
+                              ocsf.encode(d)) for d in items]
+    return docs
+
+
+def marker_path(ledger_dir: Path, partition: int) -> Path:
+    return ledger_dir / STATE_DIR / partition_name(partition) / "published.json"
+
+
+def published_through(ledger_dir: Path, partition: int, snapshot_says: int | None, last: int) -> int:
+    """The last seal whose documents are known to be delivered: the snapshot's record or the marker, whichever is
+    later (a snapshot from before either was kept: the last seal, as the ledger then assumed)."""
+    if snapshot_says is None:
+        return last
+    try:
+        marked = json.loads(marker_path(ledger_dir, partition).read_bytes())["through"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):
+        marked = 0
+    return min(last, max(snapshot_says, marked))
+
+
+def rerender(ledger_dir: Path, settings: KafkaSettings, origin: str, partition: int, after: int, last: int,
+             activity: bool | None) -> Iterator[tuple[int, list[Document]]]:
+    """The documents of seals `after`+1 … `last`, rendered again from their segments and snapshots (`activity`
+    None: [soc] off, custody.violations only)."""
+    renderer: ocsf.Renderer | None = None
+    for number in range(after + 1, last + 1):
+        seal = Seal.load(ledger_dir / seal_relpath(partition, number))
+        snapshot = _snapshot(ledger_dir, partition, number) or {}
+        pending = list(snapshot.get("quarantine_violations") or [])
+        if seal.segment is None and not pending:
+            continue  # nothing sealed here, and the renderer's state did not move
+        if activity is not None and renderer is None:
+            before = _snapshot(ledger_dir, partition, number - 1) if number > 1 else {}
+            if before is None:
+                log.warning("partition %d: seals %d-%d: their OCSF documents cannot be rendered again (the snapshot of "
+                            "seal %d is gone); custody.violations only", partition, number, last, number - 1)
+                activity = None
+            else:
+                renderer = ocsf.Renderer(activity=activity, state=before.get("ocsf"))
+        if seal.segment is not None:
+            rows = read_segment(ledger_dir / seal.segment["path"]).sort_by("kafka_offset")
+            columns = rows.select(["leaf_index", "event", *_IDENTITY]).to_pydict()
+            for i, (leaf, value) in enumerate(zip(columns["leaf_index"], columns["event"])):
+                event = open_event(value)
+                identity = SessionIdentity(*(columns[f][i] for f in _IDENTITY))
+                if (violation := violations.from_event(event, identity)) is not None:
+                    pending.append(violation)
+                if renderer is not None:
+                    renderer.take(event, identity, leaf)
+        evidence = ocsf.Evidence(origin, partition, number, seal.tree_size)
+        yield number, render(settings, pending, renderer, evidence)
+
+
+def _snapshot(ledger_dir: Path, partition: int, number: int) -> dict[str, Any] | None:
+    try:
+        return json.loads((ledger_dir / state_relpath(partition, number)).read_bytes())
+    except FileNotFoundError:
+        return None
+
+
+class Outbox:
+    """One partition's documents sent but not yet confirmed, and the last seal all of whose documents are."""
+
+    def __init__(self, producer, confirmed: int):
+        self.producer = producer
+        self.sent: list[tuple[int, Document, Any]] = []  # (seal number, document, its send future)
+        self.confirmed = self.last = confirmed
+
+    def send(self, number: int, docs: list[Document]) -> None:
+        for d in docs:
+            self.sent.append((number, d, self.producer.send(d.topic, key=d.key, value=d.value)))
+        self.last = number
+
+    def confirm(self) -> int:
+        """Flush what was sent and return the last seal whose documents (and every earlier seal's) Kafka
+        acknowledged; a send that failed is sent again, to be confirmed by a later call."""
+        if self.sent:
+            try:
+                self.producer.flush(timeout=FLUSH_SECONDS)
+            except KafkaError as exc:  # a timeout: what is still in flight is confirmed later
+                log.warning("documents not yet confirmed (%s)", exc)
+            waiting = []
+            for number, doc, future in self.sent:
+                if future.is_done and future.succeeded():
+                    continue
+                if future.is_done:  # failed after the producer's own retries
+                    log.warning("%s: a document of seal %d was not delivered (%s); sending it again", doc.topic,
+                                number, future.exception)
+                    future = self.producer.send(doc.topic, key=doc.key, value=doc.value)
+                waiting.append((number, doc, future))
+            self.sent = waiting
+        self.confirmed = min(n for n, _, _ in self.sent) - 1 if self.sent else self.last
+        return self.confirmed
+
+    def mark(self, ledger_dir: Path, partition: int) -> None:
+        """After a last confirm: the marker a clean handover leaves, so the next owner re-publishes nothing."""
+        if self.confirm() == self.last and self.last:
+            write_atomic(marker_path(ledger_dir, partition), json.dumps({"through": self.last}).encode())
