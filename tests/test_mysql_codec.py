@@ -173,3 +173,12 @@ def test_local_infile_only_for_the_file_the_statement_named():
         rogue.sent(query)
         with pytest.raises(ProtocolViolation):  # another file than the statement's, or a client that never agreed
             rogue.server(make(1, b"\xfb" + name))
+    from ingest.protocols.mysql.render import RENDERER
+
+    request = RENDERER.step("server", [{"type": "LocalInfileRequest", "attributes": {"file": "/tmp/a.csv"},
+                                        "data": packet(1, b"\xfb/tmp/a.csv")}], max_rows=5, reveal=None)
+    assert RENDERER.describe(request)[1] == "asks for the client's file /tmp/a.csv"
+    sent = RENDERER.step("client", [{"type": "LocalInfileData", "data": packet(2, b"1,x\n") + packet(3, b"2,y\n")},
+                                    {"type": "LocalInfileEnd", "data": packet(4, b""),
+                                     "attributes": {"bytes": "8", "sha256": "ab"}}], max_rows=5, reveal=None)
+    assert RENDERER.describe(sent) == ("FILE", "8 B of the client's file, 8 B in all, sha256 ab", [])

@@ -3,7 +3,9 @@
 Client runs become a `statement` step (COM_QUERY's SQL; COM_STMT_EXECUTE's
 prepared SQL with its bound values; COM_STMT_PREPARE's SQL marked prepared),
 a `login` step (the handshake response: user, schema, client; never the
-token, which was not recorded), or a `client` step listing the commands.
+token, which was not recorded), a `file` step (LOAD DATA LOCAL's file as
+sent: its size and, at its end, the SHA-256), or a `client` step listing
+the commands.
 Server runs become a `result` step: columns, the first rows exactly as the
 client saw them (text rows, and binary rows decoded by their column types),
 OK counts, errors; an `error` step when an error is all there is.
@@ -83,6 +85,12 @@ def _client(messages: list[Record], reveal: Reveal | None = None) -> Step:
             return {"step": "statement", "messages": [y["type"] for y in messages], "statement": x["statement"],
                     "parameters": x.get("parameters"), "prepared": x["type"] == "COM_STMT_PREPARE",
                     **_redaction(messages)}
+    if all(x["type"] in _FILE for x in messages):
+        end = next(((x.get("attributes") or {}) for x in messages if x["type"] == "LocalInfileEnd"), None)
+        return {"step": "file", "messages": [x["type"] for x in messages], "complete": end is not None,
+                "bytes": sum(len(p) for x in messages if x["type"] == "LocalInfileData" for p in _packets(x)),
+                "total_bytes": (end or {}).get("bytes"), "sha256": (end or {}).get("sha256"),
+                "refused": (end or {}).get("refused") == "true"}
     if all(x["type"] in _LOGIN for x in messages):
         attributes = next((x.get("attributes") or {} for x in messages if x["type"] == "HandshakeResponse"), {})
         return {"step": "login", "messages": [x["type"] for x in messages], "user": attributes.get("user"),
@@ -140,6 +148,8 @@ def _server(messages: list[Record], max_rows: int, reveal: Reveal | None) -> Ste
             elif kind == "EOF" and x.get("command_tag"):
                 fresh = True
                 step["command_tags"].append(x["command_tag"])
+            elif kind == "LocalInfileRequest":
+                step["command_tags"].append(f"asks for the client's file {attributes.get('file')}")
             elif kind == "PrepareOK":
                 step["command_tags"].append(f"prepared statement {attributes.get('statement_id')} "
                                             f"({attributes.get('params')} parameters)")
@@ -154,6 +164,7 @@ def _server(messages: list[Record], max_rows: int, reveal: Reveal | None) -> Ste
 
 
 _LOGIN_ANY = _LOGIN | _SERVER_LOGIN
+_FILE = frozenset({"LocalInfileData", "LocalInfileEnd"})  # LOAD DATA LOCAL: the client's file
 _BETWEEN = frozenset({"COM_STMT_RESET", "COM_STMT_SEND_LONG_DATA"})  # a driver's steps between PREPARE and EXECUTE
 
 
@@ -302,6 +313,12 @@ class MysqlRenderer:
             return "LOGIN", f"{step['user']}{where}" + (f" with {step['client']}" if step.get("client") else ""), []
         if kind == "client":
             return "CLIENT", " ".join(step["messages"]), []
+        if kind == "file":
+            if step["refused"]:
+                return "FILE", "none sent: the policy refused the file (the target got an empty one)", []
+            done = (f", {int(step['total_bytes']):,} B in all, sha256 {step['sha256']}" if step["complete"]
+                    else ", more follows")
+            return "FILE", f"{step['bytes']:,} B of the client's file{done}", []
         if kind in ("result", "error"):
             tags = ", ".join(step["command_tags"])
             errors = [f"ERROR {e['errno']} ({e['code']}): {e['message']}" for e in step["errors"]]
