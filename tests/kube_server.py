@@ -10,6 +10,9 @@ documented wire protocol for what they use:
   number before each message; status JSON on stream 3) and over SPDY/3.1 (streams by `streamtype`,
   `X-Stream-Protocol-Version` negotiation), running a pretend `echo ARGS` and `cat`;
 * `pods/NAME/attach`: as exec, echoing stdin (a pretend `cat` as the container's process);
+* `exec -it` (`tty=true`, both transports): a pretend shell behind a terminal (`TtyShell`): it echoes
+  what is typed, answers `echo ARGS` lines after a `$ ` prompt, ends on `exit` or Ctrl-D, and keeps
+  the resize messages (channel 4 / the `resize` stream) in the exec record's `resize`;
 * `pods/NAME/portforward` over SPDY/3.1 (`portforward.k8s.io`) and over SPDY tunnelled in WebSocket
   (`SPDY/3.1+portforward.k8s.io`, kubectl 1.30+: the binary messages carry the SPDY byte stream):
   each data stream answers `echo:` + what it gets, kept in the exec record's `forwarded` per port.
@@ -41,6 +44,45 @@ NOW = "2026-01-01T00:00:00Z"
 WS_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 SPDY_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io")
 SUCCESS = {"metadata": {}, "status": "Success"}
+
+
+class TtyShell:
+    """What `kubectl exec -it POD -- sh` meets: a terminal's line discipline (typed bytes echoed, CR as CRLF,
+    DEL rubs out) in front of a shell that runs `echo ARGS` and ends on `exit` or Ctrl-D on an empty line."""
+
+    PROMPT = b"$ "
+
+    def __init__(self) -> None:
+        self.line = b""
+        self.typed = b""
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        """The terminal output for what was typed."""
+        out = b""
+        for byte in data:
+            char = bytes([byte])
+            self.typed += char
+            if char in (b"\r", b"\n"):
+                words, self.line = self.line.decode("utf-8", "replace").split(), b""
+                out += b"\r\n"
+                if words[:1] == ["exit"]:
+                    self.done = True
+                    return out
+                if words[:1] == ["echo"]:
+                    out += " ".join(words[1:]).encode() + b"\r\n"
+                elif words:
+                    out += f"sh: {words[0]}: not found\r\n".encode()
+                out += self.PROMPT
+            elif char == b"\x04" and not self.line:
+                self.done = True
+                return out
+            elif char == b"\x7f":
+                if self.line:
+                    self.line, out = self.line[:-1], out + b"\b \b"
+            else:
+                self.line, out = self.line + char, out + char
+        return out
 
 RESOURCES = [
     {"name": "pods", "singularName": "pod", "namespaced": True, "kind": "Pod", "shortNames": ["po"],
@@ -331,6 +373,12 @@ class KubeServer:
         stdin = b""
         pending = bytes(conn.trailing_data[0])
         done = not stdin_wanted
+        shell = TtyShell() if query.get("tty", [""])[0] in ("1", "true") else None
+        if shell is not None:
+            record["resize"] = []
+            await asyncio.sleep(0.3)  # client-go registers its streams after the handshake returns
+            writer.write(ws.send(BytesMessage(data=b"\x01" + shell.PROMPT)))
+            await writer.drain()
         while not done:
             if pending:
                 ws.receive_data(pending)
@@ -343,8 +391,13 @@ class KubeServer:
             for event in ws.events():
                 if isinstance(event, BytesMessage) and event.data:
                     channel, payload = event.data[0], bytes(event.data[1:])
-                    if channel == 0:
+                    if channel == 0 and shell is not None:
+                        writer.write(ws.send(BytesMessage(data=b"\x01" + shell.feed(payload))))
+                        done = shell.done
+                    elif channel == 0:
                         stdin += payload
+                    elif channel == 4 and shell is not None:
+                        record["resize"].append(json.loads(payload))
                     elif channel == 255 and payload[:1] == b"\x00":  # v5: the client closed stdin
                         done = True
                 elif isinstance(event, Ping):
@@ -355,11 +408,14 @@ class KubeServer:
                     pass
             if chosen == "v4.channel.k8s.io" and stdin.endswith(b"\x04"):
                 done = True
-        output = self._run(record["command"], stdin)
-        record["stdin"] = stdin
-        # client-go registers its streams after the handshake returns: a process starts later than that.
-        await asyncio.sleep(0.3)
-        writer.write(ws.send(BytesMessage(data=b"\x01" + output)))
+        if shell is None:
+            output = self._run(record["command"], stdin)
+            record["stdin"] = stdin
+            # client-go registers its streams after the handshake returns: a process starts later than that.
+            await asyncio.sleep(0.3)
+            writer.write(ws.send(BytesMessage(data=b"\x01" + output)))
+        else:
+            record["stdin"] = shell.typed
         writer.write(ws.send(BytesMessage(data=b"\x03" + json.dumps(SUCCESS).encode())))
         writer.write(ws.send(CloseConnection(code=1000)))
         await writer.drain()
@@ -408,9 +464,13 @@ class KubeServer:
         if flags["tty"]:
             expected.add("resize")
         stdin_done = not flags["stdin"]
+        shell = TtyShell() if flags["tty"] and kind == "exec" else None
+        if shell is not None:
+            record["resize"] = []
         pending = early
         forwards: dict[int, str] = {}
         ports: dict[int, str] = {}
+        prompted = False
         while True:
             data = pending or await read()
             pending = b""
@@ -435,18 +495,27 @@ class KubeServer:
                             write(frames_out.data(frame.stream_id, b"echo:" + frame.data))
                         if frame.fin:
                             write(frames_out.data(frame.stream_id, b"", fin=True))
+                    elif frame.stream_id == streams.get("stdin") and shell is not None:
+                        if frame.data and not shell.done:
+                            write(frames_out.data(streams["stdout"], shell.feed(frame.data)))
+                        stdin_done = shell.done or frame.fin
                     elif frame.stream_id == streams.get("stdin"):
                         stdin += frame.data
                         stdin_done = stdin_done or frame.fin
+                    elif frame.stream_id == streams.get("resize") and shell is not None and frame.data:
+                        record["resize"] += [json.loads(line) for line in frame.data.splitlines() if line.strip()]
                 elif isinstance(frame, spdy.GoAway):
                     return
+            if shell is not None and not prompted and expected <= set(streams):
+                prompted = True
+                write(frames_out.data(streams["stdout"], shell.PROMPT))
             await writer.drain()
             if kind == "portforward":
                 continue
             if expected <= set(streams) and stdin_done:
                 break
-        output = self._run(record["command"], stdin)
-        record["stdin"] = stdin
+        output = self._run(record["command"], stdin) if shell is None else b""
+        record["stdin"] = stdin if shell is None else shell.typed
         if "stdout" in streams:
             write(frames_out.data(streams["stdout"], output) + frames_out.data(streams["stdout"], b"", fin=True))
         if "stderr" in streams:

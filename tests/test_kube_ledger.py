@@ -19,7 +19,7 @@ from ledger.settings import LedgerSettings
 from kube_fixtures import UPSTREAM_TOKEN, Kubectl, start_kube_proxy
 from kube_server import KubeServer
 from pg_fixtures import EventLog, make_tls
-from test_kube_proxy import POLICY_RULES
+from test_kube_proxy import POLICY_RULES, exec_in_a_terminal
 
 
 @pytest.fixture(scope="module")
@@ -33,10 +33,11 @@ def sealed(broker, tmp_path_factory):
             kubectl = Kubectl(proxy, tls, tmp_path_factory.mktemp("kubectl"))
             ran = kubectl("exec", "-i", "web-1", "--", "cat", input="typed-in\n")
             assert ran.returncode == 0 and ran.stdout == "typed-in\n", ran.stderr
+            exec_in_a_terminal(kubectl, rows=30, columns=100)
             blocked = kubectl("delete", "secret", "db-creds", "--wait=false")
             assert blocked.returncode != 0 and "Forbidden" in blocked.stderr
             found, deadline = [], time.monotonic() + 30
-            while len(found) < 3 or not any(e.kind == "session_end" for s in found for e in s[-1:]):
+            while len(found) < 4 or not any(e.kind == "session_end" for s in found for e in s[-1:]):
                 assert time.monotonic() < deadline, "the sessions did not end"
                 found = events.find(lambda s: (s["identity"] or {}).get("subject") == kubectl.subject, timeout=1)
                 events.poll()
@@ -88,8 +89,8 @@ def test_replay_of_an_exec_reads_as_a_terminal_and_as_asciicast(sealed, tmp_path
     proxy, subject, found, ledger = sealed
     config = ("--ledger", str(ledger), "--config", str(proxy.config.path))
     exec_id = next(s[0].session_id for s in found
-                   if any(e.kind == "frames" and any(m.get("operation") == "command" for m in e.body["messages"])
-                          for e in s))
+                   if any(e.kind == "frames" and any(m.get("operation") == "command" and m.get("text") == "cat"
+                                                     for m in e.body["messages"]) for e in s))
     text = custody("replay", exec_id, *config)
     assert text.startswith("VERIFIED"), text
     lines = text.splitlines()
@@ -105,3 +106,22 @@ def test_replay_of_an_exec_reads_as_a_terminal_and_as_asciicast(sealed, tmp_path
     assert not any(f[1] == "i" for f in frames)
     typed = custody("replay", exec_id, "--format", "asciicast", "--input", *config)
     assert "".join(json.loads(line)[2] for line in typed.splitlines()[1:] if json.loads(line)[1] == "i") == "typed-in\n"
+
+
+def test_an_exec_in_a_terminal_replays_as_that_terminal(sealed, tmp_path):
+    """`kubectl exec -it` on a 100x30 PTY: the asciicast has the recorded size, the shell's output with its
+    echo as the user saw it, and what was typed only with --input."""
+    proxy, _, found, ledger = sealed
+    config = ("--ledger", str(ledger), "--config", str(proxy.config.path))
+    tty_id = next(s[0].session_id for s in found
+                  if any(e.kind == "frames" and any(m.get("operation") == "command" and m.get("text") == "sh"
+                                                    for m in e.body["messages"]) for e in s))
+    assert custody("replay", tty_id, *config).startswith("VERIFIED")
+    header, *frames = [json.loads(line) for line in custody("replay", tty_id, "--format", "asciicast",
+                                                             *config).splitlines()]
+    assert (header["width"], header["height"], header["command"]) == (100, 30, "sh")
+    assert "".join(f[2] for f in frames if f[1] == "o") == "$ echo from-a-tty\r\nfrom-a-tty\r\n$ exit\r\n"
+    assert not any(f[1] == "i" for f in frames)
+    typed = [json.loads(line) for line in custody("replay", tty_id, "--format", "asciicast", "--input",
+                                                  *config).splitlines()[1:]]
+    assert "".join(f[2] for f in typed if f[1] == "i") == "echo from-a-tty\rexit\r"

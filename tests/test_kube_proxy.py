@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 
+import pexpect
 import pytest
 from click.testing import CliRunner
 
@@ -296,3 +297,37 @@ def test_a_created_secrets_values_are_redacted_in_the_evidence_and_sealed(proxy,
     assert json.loads(body["data"])["data"] == {"key": "[REDACTED:secret]", "owner": "[REDACTED:secret]"}
     assert body["attributes"]["redacted"] == "secret" and body["sealed_original"]
     assert encoded not in body["sealed_original"]  # sealed to the custodian, not in clear
+
+
+def exec_in_a_terminal(kubectl: Kubectl, binary: str = KUBECTL, rows: int = 24, columns: int = 80) -> bytes:
+    """`kubectl exec -it web-1 -- sh` on a real PTY: a line typed, its answer awaited, `exit`; the terminal's
+    output after the first prompt."""
+    child = pexpect.spawn(binary, kubectl.argv("exec", "-it", "web-1", "--", "sh", binary=binary)[1:],
+                          env=kubectl.env, dimensions=(rows, columns), timeout=30)
+    try:
+        child.expect_exact("$ ")
+        child.send("echo from-a-tty\r")
+        child.expect_exact("from-a-tty\r\n$ ")
+        child.send("exit\r")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0, child.before
+    return child.before
+
+
+@BOTH
+def test_exec_in_a_terminal_is_relayed_and_recorded_with_its_resize(proxy, kube, tls, tmp_path, binary, transport):
+    kubectl = Kubectl(proxy, tls, tmp_path)
+    exec_in_a_terminal(kubectl, binary)
+    run = kube.execs[-1]
+    assert (run["transport"], run["query"]["tty"], run["stdin"]) == (transport, ["true"], b"echo from-a-tty\rexit\r")
+    assert {"Width": 80, "Height": 24} in run["resize"]
+
+    records = all_messages(sessions(proxy, kubectl.subject, at_least=2,
+                                    until=lambda records: any(m.get("operation") == "command" for m in records)))
+    by_channel = {channel: b"".join(m["data"] for m in records if m.get("channel") == channel and m["data"])
+                  for channel in ("0", "1", "4")}
+    assert by_channel["0"] == b"echo from-a-tty\rexit\r"
+    assert by_channel["1"] == b"$ echo from-a-tty\r\nfrom-a-tty\r\n$ exit\r\n"
+    assert b'"Width":80' in by_channel["4"].replace(b" ", b"")
