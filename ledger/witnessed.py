@@ -134,17 +134,29 @@ def check_ledger(root, keyring: Keyring, notes: Sequence[bytes], required: int =
 
     from ledger.seals import SEALS_DIR, Seal, partition_name
 
+    from ledger.rotation import RotationError, check_rotation, with_key
+
+    def partition_seals(partition: int) -> list:
+        return [Seal.load(p) for p in sorted((Path(root) / SEALS_DIR / partition_name(partition)).glob("*.json"))]
+
     lines = []
     for number, note in enumerate(notes, 1):
         try:
-            witnessed = open_witnessed(note, keyring)
+            trusted = keyring  # plus the keys the partition's rotation seals hand over to (whether each rotation
+            tail = note.split(b"\n", 1)[0].rpartition(b"/p")[2]  # was witnessed is verify_ledger's to judge)
+            for seal in partition_seals(int(tail)) if tail.isdigit() else []:
+                if seal.record.get("rotation"):
+                    try:
+                        trusted = with_key(trusted, check_rotation(seal.record))
+                    except RotationError:
+                        pass
+            witnessed = open_witnessed(note, trusted)
             check_quorum(witnessed, required, f"Given checkpoint #{number}")
             partition = witnessed.partition
             if partition is None:
                 raise WitnessedNoteInvalid(f"Given checkpoint #{number} INVALID: origin {witnessed.checkpoint.origin!r} "
                                            "names no partition")
-            seals = [Seal.load(p) for p in sorted((Path(root) / SEALS_DIR / partition_name(partition)).glob("*.json"))]
-            seals = [s for s in seals if s.record["origin"] == witnessed.checkpoint.origin]
+            seals = [s for s in partition_seals(partition) if s.record["origin"] == witnessed.checkpoint.origin]
             newest = max(seals, key=lambda s: s.number, default=None)
             check_not_rolled_back(witnessed, newest.tree_size if newest else 0, {s.tree_size: s.root for s in seals},
                                   f"Partition p{partition}")

@@ -143,13 +143,21 @@ def test_the_rotation_seal_is_signed_by_the_old_key_and_states_the_new_one_for_t
     assert all(s.record["key_id"] == rotated.old.key_id for s in chain if s.number <= rotation.number)
 
 
-def test_custody_verify_follows_the_witnessed_rotation(rotated):
+def test_custody_verify_follows_the_witnessed_rotation(rotated, tmp_path):
     result = subprocess.run([sys.executable, "-m", "custody", "verify", "--ledger", str(rotated.dir),
                              "--keyring", str(rotated.trust)], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     # the auditor trusts only the original key: the new one is trusted through its rotation
     only_old = Keyring([k for k in rotated.keyring if k.key_id != rotated.new.key_id])
     assert verify_ledger(rotated.dir, only_old).problems == []
+    # ... also for a witnessed checkpoint the auditor fetched from the witness (signed by the new key)
+    trust, fetched = tmp_path / "only-old.toml", tmp_path / "witnessed.checkpoint"
+    only_old.save(trust)
+    fetched.write_bytes(rotated.witness.latest(f"{ORIGIN}/p0").note)
+    result = subprocess.run([sys.executable, "-m", "custody", "verify", "--ledger", str(rotated.dir),
+                             "--keyring", str(trust), "--checkpoint", str(fetched)], cwd=ROOT, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_an_unwitnessed_rotation_does_not_hand_the_chain_over(rotated, tmp_path):
