@@ -1,6 +1,7 @@
 """End to end for MySQL: a session through the real proxy (a query, a prepared statement with bound
 values, a blocked DROP, a masked column) sealed by the real ledger, then `custody activity` (protocol
-mysql) and `custody replay` read it back, and the blocked DROP is the SOC's violation on the topic."""
+mysql) and `custody replay` read it back; the blocked DROP and a hold nobody approved in time are the
+SOC's violations on the topic."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def sealed(broker, tmp_path_factory):
         cur.execute("INSERT INTO accounts VALUES (1, 'alice', 'hunter2-secret'), (2, 'bob', 'x')")
     proxy = start_proxy(tmp_path / "custody", broker, extra_proxies=proxy_entry(
         target, extra=f'tls_cert = "{tls["server_cert"]}"\ntls_key = "{tls["server_key"]}"\n'))
+    policy = proxy.directory / "policies" / "default.toml"
+    policy.write_text(policy.read_text().replace("hold_timeout_seconds = 300", "hold_timeout_seconds = 1"))
+    time.sleep(1.2)  # the proxy reloads the policy file
     events = EventLog.open(proxy)
     app = f"ledger-{uuid.uuid4().hex[:10]}"
     host, port = proxy.address(1)
@@ -51,6 +55,9 @@ def sealed(broker, tmp_path_factory):
         with pytest.raises(mysql.connector.Error) as refused:
             cur.execute("DROP TABLE accounts")
         assert refused.value.errno == 1142
+        with pytest.raises(mysql.connector.Error) as expired:  # held for a dba, nobody approves within 1 s
+            cur.execute("DELETE FROM accounts")
+        assert expired.value.errno == 1142 and "nobody approved it in time" in expired.value.msg
         prepared = conn.cursor(prepared=True)
         prepared.execute("SELECT owner FROM accounts WHERE id = ?", (2,))
         assert prepared.fetchall() == [("bob",)]
@@ -84,11 +91,12 @@ def test_mysql_session_in_activity_and_replay(sealed):
     texts = [(r["operation"], r["text"], r["outcome"]) for r in rows if "accounts" in (r["text"] or "")]
     assert texts == [("statement", "SELECT owner, password FROM accounts ORDER BY id", "ok"),
                      ("statement", "DROP TABLE accounts", "error"),
+                     ("statement", "DELETE FROM accounts", "error"),
                      ("prepare", "SELECT owner FROM accounts WHERE id = ?", "ok"),
                      ("statement", "SELECT owner FROM accounts WHERE id = ?", "ok")]
     drop = next(r for r in rows if r["text"] == "DROP TABLE accounts")
     assert drop["policy_action"] == "block"
-    assert [r["objects"] for r in rows if "accounts" in (r["text"] or "")] == [["accounts"]] * 4  # sqlglot's tables
+    assert [r["objects"] for r in rows if "accounts" in (r["text"] or "")] == [["accounts"]] * 5  # sqlglot's tables
 
     replay = CliRunner().invoke(cli, ["replay", session[0].session_id, "--ledger", str(ledger),
                                       "--keyring", str(proxy.config.keys.keyring)])
@@ -111,14 +119,16 @@ def proxy_database(session) -> str:
     return session[0].body["upstream"].rsplit("/", 1)[1]
 
 
-def test_mysql_block_is_a_violation_on_the_topic(sealed):
+def test_mysql_block_and_expired_hold_are_violations_on_the_topic(sealed):
     proxy, session, _ = sealed
     block = next(e for e in session if e.kind == "policy_decision" and e.body["action"] == "block")
     consumer = kafka.consumer(proxy.kafka, proxy.kafka.topic("violations"), group_id=None)
     found = [v for v in tail(consumer, follow=False, idle_seconds=2) if v["session_id"] == session[0].session_id]
     consumer.close()
-    assert len(found) == 1, found
-    (violation,) = found
+    assert [(v["category"], v["reason"]) for v in found] == [("policy_block", "block-drop"),
+                                                            ("approval_expired", "hold-unfiltered-writes")], found
+    violation, expired = found
+    assert (expired["statement"], expired["action"], expired["severity"]) == ("DELETE FROM accounts", "deny", "low")
     jsonschema.validate(violation, json.loads(resources.files("schemas").joinpath("violation.schema.json").read_text()))
     assert violation == {
         "schema": "custody.violation/v1", "id": block.event_id, "time": violation["time"], "severity": "medium",
