@@ -100,9 +100,11 @@ def render_html(replay: Replay) -> str:
     verdict = "ok" if replay.verification.ok else "bad"
     renderer = replay.renderer
     cards = "".join(_card(s, renderer) for s in replay.steps)
+    player = getattr(renderer, "html_player", None)  # a terminal protocol's screen, played (SSH): no script
+    terminal = player(replay.steps) if player is not None else ""
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{escape(title)}</title>'
             f'<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; style-src \'unsafe-inline\'">'
             f"<style>{CSS}</style></head><body><header><h1>{escape(title)}</h1>"
             f'<div class="meta">{escape(meta)}</div></header>'
             f'<div class="verdict {verdict}">{escape(replay.verification.line)}</div>'
-            f'{_axis(replay, renderer)}<ol class="timeline">{cards}</ol></body></html>\n')
+            f'{_axis(replay, renderer)}{terminal}<ol class="timeline">{cards}</ol></body></html>\n')

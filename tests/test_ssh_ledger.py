@@ -6,9 +6,11 @@ them, and `--format asciicast` writes the terminal with its resizes (keystrokes 
 from __future__ import annotations
 
 import fcntl
+import html
 import json
 import os
 import pty
+import re
 import struct
 import subprocess
 import termios
@@ -16,6 +18,7 @@ import time
 
 import pytest
 from click.testing import CliRunner
+from PIL import Image
 
 from custody.cli import cli
 from ingest.keys import Keyring, load_key_file
@@ -23,6 +26,7 @@ from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
 from pg_fixtures import EventLog, start_proxy
 from ssh_fixtures import Client, keygen, new_user, ssh_proxy_entry, start_sshd
+from test_query_html import chromium
 
 BLOCK_RM_RF = '''
 [[rule]]
@@ -159,6 +163,31 @@ def test_replay_and_asciicast_of_the_shell(sealed, tmp_path):
                          "--config", str(proxy.config.path))
     typed = "".join(json.loads(line)[2] for line in with_input.splitlines()[1:] if json.loads(line)[1] == "i")
     assert "echo typed-secret-$((1+1))" in typed
+
+
+def test_the_html_replay_plays_the_terminal_with_no_script(sealed, tmp_path):
+    proxy, user, sessions, ledger, _ = sealed
+    page = tmp_path / "shell.html"
+    custody("replay", sessions[1][0].session_id, "--format", "html", "-o", str(page), "--ledger", str(ledger),
+            "--config", str(proxy.config.path))
+    text = page.read_text()
+    assert "<script" not in text and "default-src 'none'" in text
+    frames = [(float(at), html.unescape(screen)) for at, screen in re.findall(
+        r'<pre(?: class="last")? style="animation-delay:([0-9.]+)s"[^>]*>(.*?)</pre>', text, re.S)]
+    assert len(frames) >= 3 and all(a[0] <= b[0] for a, b in zip(frames, frames[1:]))
+    assert not any("\x1b" in screen for _, screen in frames)  # escape sequences are played, never shown
+    last = frames[-1][1].splitlines()
+    assert any(line.rstrip() == "40 120" for line in last) and "typed-secret-2" in last, last  # what the user saw
+    assert any(line.startswith("custody$ ") for line in last) and not any("custody$" in s for _, s in frames[:1])
+    # Chromium on virtual time (animations run on it only with every compositor stage before each draw): the
+    # page shown at its start and after the session's length are other pictures, so the terminal plays.
+    early, late = tmp_path / "early.png", tmp_path / "late.png"
+    timed = ("--window-size=1200,1000", "--run-all-compositor-stages-before-draw")
+    chromium(f"--screenshot={early}", *timed, "--virtual-time-budget=1", page.as_uri())
+    chromium(f"--screenshot={late}", *timed, f"--virtual-time-budget={int(frames[-1][0] * 1000) + 3000}",
+             page.as_uri())
+    assert Image.open(early).convert("RGB").tobytes() != Image.open(late).convert("RGB").tobytes(), \
+        "the terminal did not play in Chromium"
 
 
 def test_a_blocked_command_and_a_refused_host_key_reach_violations_tail(sealed):

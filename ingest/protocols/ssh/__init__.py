@@ -6,6 +6,8 @@
   the file bytes that go through.
 * `terminal` — the lines typed into an interactive shell, rebuilt from the
   keystrokes (best effort), so that each can be decided at its Enter.
+* `screen`, `player` — the terminal as it looked (an xterm-subset emulator)
+  and the HTML replay's script-free player of its frames.
 * `render` — how recorded SSH messages read in a replay, and the asciicast
   v2 export of a terminal session.
 """

@@ -95,11 +95,22 @@ class SSHRenderer:
         return marker, head, details
 
 
+    def html_player(self, steps: list[Step]) -> str:
+        """The terminal, played (the HTML replay's section above the timeline; `player`)."""
+        from .player import html
+
+        width, height, term, events = terminal(steps)
+        if not any(kind == "o" for _, kind, _ in events):
+            return ""
+        return html(width, height, events, f"Terminal ({width}x{height}{', ' + term if term else ''})")
+
+
 RENDERER = SSHRenderer()
 
 
-def asciicast(steps: list[Step], *, include_input: bool = False, title: str | None = None) -> str:
-    """The terminal channel of a replayed SSH session (its steps, `query.replay`) as asciicast v2 lines."""
+def terminal(steps: list[Step], *, include_input: bool = False) -> tuple[int, int, str | None, list[Event]]:
+    """The terminal channel of a replayed SSH session (the first with a pty; else the first channel's output):
+    its initial columns, rows and term, and its events as asciicast has them ("o", "i", "r", "m")."""
     channel = None
     width, height, term = 80, 24, None
     for step in steps:
@@ -130,4 +141,10 @@ def asciicast(steps: list[Step], *, include_input: bool = False, title: str | No
             elif item["type"] == "window-change":
                 a = item["attributes"]
                 events.append((at, "r", f"{a.get('columns')}x{a.get('rows')}"))
+    return width, height, term, events
+
+
+def asciicast(steps: list[Step], *, include_input: bool = False, title: str | None = None) -> str:
+    """The terminal channel of a replayed SSH session (its steps, `query.replay`) as asciicast v2 lines."""
+    width, height, term, events = terminal(steps, include_input=include_input)
     return write(events, width=width, height=height, term=term, title=title)
