@@ -112,6 +112,24 @@ def check_same_root(witnessed: Witnessed, roots: dict[int, bytes], subject: str)
                      f"root is {cp.root_hash.hex()[:16]}… ({witnessed.describe()})")
 
 
+def check_same_sessions(witnessed: Witnessed, seals: Sequence, subject: str) -> None:
+    """At the witnessed size, the ledger's seals state the witnessed session-map root: one tree, one set of
+    session states (else a session could be proven ended to one party and open to another)."""
+    from ledger import sessionmap
+
+    cp = witnessed.checkpoint
+    try:
+        stated = sessionmap.parse_extensions(cp.extensions)
+    except sessionmap.SessionMapError as exc:
+        raise WitnessedNoteInvalid(f"Checkpoint INVALID: {exc}") from None
+    for seal in seals:
+        sealed = seal.record.get("sessions")
+        if stated is not None and sealed is not None and seal.tree_size == cp.size and sealed != stated:
+            raise Forked(f"{subject} FORKED: at tree size {cp.size} seal {seal.number} states session-map root "
+                         f"{sealed['root'][:16]}… of {sealed['count']} sessions, the witnessed one is "
+                         f"{stated['root'][:16]}… of {stated['count']} ({witnessed.describe()})")
+
+
 def check_not_stale(witnessed: Witnessed, bundle_size: int, bundle_roots: dict[int, bytes], subject: str) -> None:
     """A bundle's newest checkpoint is not older than a witnessed one the auditor holds."""
     cp = witnessed.checkpoint
@@ -160,6 +178,7 @@ def check_ledger(root, keyring: Keyring, notes: Sequence[bytes], required: int =
             newest = max(seals, key=lambda s: s.number, default=None)
             check_not_rolled_back(witnessed, newest.tree_size if newest else 0, {s.tree_size: s.root for s in seals},
                                   f"Partition p{partition}")
+            check_same_sessions(witnessed, seals, f"Partition p{partition}")
         except WitnessedProblem as exc:
             lines.append(str(exc).replace("Checkpoint INVALID", f"Given checkpoint #{number} INVALID"))
     return lines

@@ -156,3 +156,26 @@ def test_checkpoint_of_another_origin_or_key_is_refused(deployment, tmp_path):
     problems = check_ledger(deployment.dir, deployment.keyring, [forged])
     assert problems == [f"Given checkpoint #1 INVALID: note has no signature from a trusted key (signed by "
                         f"{ORIGIN}/p0+{checkpoint.key_id(f'{ORIGIN}/p0', other.public_key).hex()})"]
+
+
+def test_a_witnessed_session_map_root_other_than_the_sealed_one_is_a_fork(deployment):
+    """An insider with the ledger key gets a witness to cosign the ledger's tree with other session states (say,
+    a session still open): `custody verify --checkpoint` holds it against the seals' session-map root."""
+    from ledger import checkpoint, sessionmap
+    from ledger.witness import cosigner_for
+
+    deployment.seal_session(1)
+    deployment.witness_all()
+    honest = deployment.witness.latest(f"{ORIGIN}/p0").checkpoint
+    sealed = sessionmap.parse_extensions(honest.extensions)
+    lie = sessionmap.extension_line({"count": sealed["count"], "root": "ab" * 32})
+    cp = checkpoint.Checkpoint(honest.origin, honest.size, honest.root_hash,
+                               tuple(lie if e.startswith(sessionmap.EXTENSION_PREFIX) else e for e in honest.extensions))
+    note = checkpoint.sign_checkpoint(cp, [checkpoint.Signer.from_key(cp.origin, deployment.ledger_key.signing_key)])
+    note = checkpoint.add_signature_lines(note, [cosigner_for(deployment.witness_key).cosign(cp.to_text(), 1_700_000_000).line])
+    problems = check_ledger(deployment.dir, deployment.keyring, [note])
+    assert len(problems) == 1 and problems[0].startswith(
+        f"Partition p0 FORKED: at tree size {cp.size} seal "), problems
+    assert (f"states session-map root {sealed['root'][:16]}… of {sealed['count']} sessions, the witnessed one is "
+            f"abababababababab… of {sealed['count']} (by witness at 2023-11-14T22:13:20Z)") in problems[0]
+    assert check_ledger(deployment.dir, deployment.keyring, [deployment.latest_note()]) == []
