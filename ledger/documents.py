@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any, Iterator, NamedTuple
 
+import pyarrow.parquet as pq
 from kafka.errors import KafkaError
 
 from ingest import ocsf, violations
@@ -31,13 +32,16 @@ from ingest.sessions import SessionIdentity
 from ingest.settings import KafkaSettings
 from ledger.durable import write_atomic
 from ledger.seals import Seal, partition_name, seal_relpath
-from ledger.segments import read_segment
+from ledger.segments import SCHEMA
 from ledger.state import STATE_DIR, state_relpath
 
 log = logging.getLogger(__name__)
 
 FLUSH_SECONDS = 10.0
 _IDENTITY = SessionIdentity._fields
+_COLUMNS = ["kafka_offset", "leaf_index", "event", *_IDENTITY]
+VIOLATION_KINDS = ["protocol_error", "policy_decision"]
+"""The only kinds `violations.from_event` makes a violation of: with [soc] off, the only rows read again."""
 
 
 class Document(NamedTuple):
@@ -96,8 +100,10 @@ def rerender(ledger_dir: Path, settings: KafkaSettings, origin: str, partition: 
             else:
                 renderer = ocsf.Renderer(activity=activity, state=before.get("ocsf"))
         if seal.segment is not None:
-            rows = read_segment(ledger_dir / seal.segment["path"]).sort_by("kafka_offset")
-            columns = rows.select(["leaf_index", "event", *_IDENTITY]).to_pydict()
+            # with [soc] off only the rows that can be violations: a restart after a crash reads a few, not all
+            rows = pq.read_table(ledger_dir / seal.segment["path"], schema=SCHEMA, columns=_COLUMNS,
+                                 filters=None if renderer is not None else [("kind", "in", VIOLATION_KINDS)])
+            columns = rows.sort_by("kafka_offset").to_pydict()
             for i, (leaf, value) in enumerate(zip(columns["leaf_index"], columns["event"])):
                 event = open_event(value)
                 identity = SessionIdentity(*(columns[f][i] for f in _IDENTITY))

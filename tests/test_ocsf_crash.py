@@ -19,13 +19,13 @@ from conftest import make_key
 from events_factory import policy_decision, session_end, session_start
 from ingest import kafka
 from ingest.events import SessionChain
-from ingest.keys import TrustedKey, generate_key_file
+from ingest.keys import Keyring, TrustedKey, generate_key_file, load_key_file
 from ingest.records import frames_body
+from ingest.settings import KafkaSettings, SocSettings
+from ledger import documents
 from ledger.seals import seal_relpath
 from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
-from ingest.keys import Keyring, load_key_file
-from ingest.settings import KafkaSettings, SocSettings
 from ocsf_fixtures import read_topic, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,3 +155,8 @@ def test_documents_of_a_seal_made_durable_just_before_a_crash_are_published_afte
     assert violations[blocked.event_id]["category"] == "policy_block"
     assert violations[blocked.event_id]["identity"]["subject"] == "alice@example.com"
     assert violations[quarantine_id]["reason"] == "unknown_key"
+
+    # [soc] off, a restart reads only the rows that can be violations: the same custody.violations documents
+    again = [d for _, docs in documents.rerender(ledger, kafka_settings, ORIGIN, 0, 0, 2, None) for d in docs]
+    assert {d.topic for d in again} == {kafka_settings.topic("violations")}
+    assert sorted(json.loads(d.value)["id"] for d in again) == sorted(second["violations"])
