@@ -670,9 +670,6 @@ class MysqlFrontEnd(FrontEnd):
                 assert masking is not None
                 rec["sealed_original"] = masking.seal(sealed)
             recs.append(rec)
-            if swallowed:  # the target's answer to an empty file the proxy sent for a refused one
-                rec["attributes"]["unrelayed"] = "the proxy refused the file and answered the client"
-                continue
             if kind == "LocalInfileRequest" and self.session.gate is not None:
                 self.session.record_messages(SERVER, recs, count)
                 if out:
@@ -680,12 +677,16 @@ class MysqlFrontEnd(FrontEnd):
                 recs, out, count = [], [], 0
                 yield from self._file_requested(fields, wire)
                 continue
-            out.append(wire)
+            if swallowed:  # the target's answer to an empty file the proxy sent for a refused one
+                rec["attributes"]["unrelayed"] = "the proxy refused the file and answered the client"
+            else:
+                out.append(wire)
             due = conversation.due_answers()
             if due:
                 self.redactor.echoed(recs, self.session.seal)
                 self.session.record_messages(SERVER, recs, count)
-                yield Send(CLIENT, b"".join(out))
+                if out:
+                    yield Send(CLIENT, b"".join(out))
                 recs, out, count = [], [], 0
                 for answer in due:
                     err = m.decode_err(answer[4:])
