@@ -146,3 +146,31 @@ def test_witness_urls_are_checked_in_the_config(tmp_path):
     config.write_text('[ledger]\n[[ledger.witness]]\nurl = "witness.example"\n')
     with pytest.raises(ConfigError, match=r"\[ledger\] witness: must be \[\[ledger.witness\]\] tables, each with url"):
         load_config(str(config))
+
+
+def test_a_remote_witness_follows_a_key_rotation_pushed_over_http(setup):
+    """The remote witness trusts the first ledger key only; the rotation seal reaches it over HTTP when the
+    ledger restarts with the new key, and the new key's seals are cosigned from then on."""
+    from ledger.rotation import rotate_partition
+
+    settings, proxy, ledger_key, keyring, remote, tmp_path = setup
+    ledger_dir, new_key = tmp_path / "ledger", make_key("ledger-2")
+    ledger = LedgerSettings(dir=ledger_dir, origin=ORIGIN, segment_max_events=100, segment_max_bytes=1 << 24,
+                            segment_max_seconds=0.2, idle_seal_seconds=3600, witnesses=(remote.url,))
+    events = send_session(settings, proxy, 2)
+    for key in (ledger_key, new_key):
+        service = LedgerService(settings, ledger, key, keyring, group_id=f"g{uuid.uuid4().hex[:6]}", partitions=[0])
+        seal_all(service, events)
+        assert service.pusher.wait(30)
+        service.close()
+        if key is ledger_key:
+            rotation = rotate_partition(ledger_dir, 0, ORIGIN, ledger_key, new_key)
+            events += send_session(settings, proxy, 2)
+    chain = [Seal.load(p) for p in sorted((ledger_dir / "seals" / "p0").glob("*.json"))]
+    assert chain[-1].number > rotation.number and chain[-1].record["key_id"] == new_key.key_id
+    for seal in chain:
+        assert cosignatures.load(ledger_dir, 0, seal.number), f"seal {seal.number} not cosigned"
+    verifiers = cosignature_verifiers(keyring)
+    note = checkpoint.add_signature_lines(chain[-1].checkpoint_note, cosignatures.load(ledger_dir, 0, chain[-1].number))
+    assert len(checkpoint.open_cosignatures(note, verifiers).cosignatures) == 1
+    assert verify_ledger(ledger_dir, keyring).problems == []
