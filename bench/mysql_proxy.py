@@ -32,6 +32,7 @@ from pg_proxy import free_port, run_relay, stop, wait_port  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 USER = "bench@example.com"
 MARIADB = ("127.0.0.1", 3306)
+RUN_ALL_ARGS = ["--queries", "1000", "--slap-queries", "8000", "--rows", "100000"]  # bench/run_all.py's short form
 SLAP_SCHEMA = "custody_bench_slap"  # mysqlslap's --create-schema: its own, so that nothing of the machine's is touched
 
 

@@ -150,17 +150,6 @@ def parse_sections(text: str) -> tuple[list[Row], set[str]]:
     return rows, used
 
 
-def parse_mysql(text: str) -> tuple[list[Row], set[str]]:
-    """`<figure>: direct <n> <unit>, proxy <n> <unit> (...)`."""
-    rows, used = [], set()
-    for line in text.splitlines():
-        m = re.match(rf"(.+?): direct ({NUMBER}) ([^,]+), proxy ({NUMBER})", line)
-        if m:
-            rows.append(Row(f"{m[1]} ({m[3].strip()})", m[4], f"direct: {m[2]}", ratio(m[4], m[2])))
-            used.add(line)
-    return rows, used
-
-
 def parse_ledger(text: str) -> tuple[list[Row], set[str]]:
     """`<label>   <value>  (...)` rows read against the run's raw Ed25519 verify rate (one thread)."""
     rows, used, raw = [], set(), ""
@@ -276,7 +265,7 @@ def parse_query(text: str) -> tuple[list[Row], set[str]]:
 
 
 PARSERS: dict[str, Callable[[str], tuple[list[Row], set[str]]]] = {
-    "bundle": parse_bundle, "ingest": parse_ingest, "ledger": parse_ledger, "mysql_proxy": parse_mysql,
+    "bundle": parse_bundle, "ingest": parse_ingest, "ledger": parse_ledger, "mysql_proxy": parse_sections,
     "policy": parse_policy, "query": parse_query, "system": parse_system,
 }
 
