@@ -17,8 +17,12 @@ documented wire protocol for what they use:
   (`SPDY/3.1+portforward.k8s.io`, kubectl 1.30+: the binary messages carry the SPDY byte stream):
   each data stream answers `echo:` + what it gets, kept in the exec record's `forwarded` per port.
 
+A get of one object asked for as `application/vnd.kubernetes.protobuf` is answered in the protobuf
+envelope (`k8s\0`, runtime.Unknown around the object's metadata name/namespace and, for Secrets and
+ConfigMaps, its `data` map: `protobuf()`), enough for the proxy to meet a protobuf body it cannot read.
+
 It is not an API server: no admission, no RBAC, no resourceVersion semantics beyond a counter, no
-field selectors, no protobuf. It checks the bearer token it expects (the proxy's upstream credential)
+field selectors, no protobuf beyond that one answer. It checks the bearer token it expects (the proxy's upstream credential)
 and answers 401 otherwise, so tests see that the proxy injects its credential and never the client's.
 The SPDY side uses the codec under test (`ingest.protocols.kubernetes.spdy`); what validates it is
 kubectl's own Go implementation (moby/spdystream) on the other end.
@@ -44,6 +48,34 @@ NOW = "2026-01-01T00:00:00Z"
 WS_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 SPDY_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io")
 SUCCESS = {"metadata": {}, "status": "Success"}
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2: strings, bytes, messages, map entries)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def protobuf(item: dict) -> bytes:
+    """`item` as the API server's protobuf encoding: the `k8s\0` magic, then runtime.Unknown {typeMeta(1)
+    {apiVersion(1), kind(2)}, raw(2), contentType(4) ""}; raw is the object: metadata(1) {name(1),
+    namespace(3)}, and for a Secret or ConfigMap data(2) map entries {key(1), value(2)} (a Secret's values as
+    the raw bytes, as protobuf carries them: no base64)."""
+    meta = item["metadata"]
+    raw = _field(1, _field(1, meta["name"].encode()) + _field(3, meta.get("namespace", "").encode()))
+    for key, value in (item.get("data") or {}).items():
+        value = base64.b64decode(value) if item.get("kind") == "Secret" else value.encode()
+        raw += _field(2, _field(1, key.encode()) + _field(2, value))
+    type_meta = _field(1, item.get("apiVersion", "v1").encode()) + _field(2, item["kind"].encode())
+    return b"k8s\x00" + _field(1, type_meta) + _field(2, raw)
 
 
 class TtyShell:
@@ -297,6 +329,12 @@ class KubeServer:
             del store[name]
             self._version += 1
             await self._respond(conn, writer, 200, item)
+        elif headers.get("accept", "").startswith("application/vnd.kubernetes.protobuf"):
+            encoded = protobuf(item)
+            writer.write(conn.send(h11.Response(status_code=200, headers=[
+                ("Content-Type", "application/vnd.kubernetes.protobuf"), ("Content-Length", str(len(encoded)))])))
+            writer.write(conn.send(h11.Data(data=encoded)) + conn.send(h11.EndOfMessage()))
+            await writer.drain()
         else:
             await self._respond(conn, writer, 200, item)
         return False

@@ -37,3 +37,11 @@ def test_request_response_and_exec_streams_read_as_steps():
     control = [rec.frame_record("spdy.syn_stream", b"", "0"), rec.frame_record("spdy.window_update", b"", "0")]
     assert r.describe(r.step("client", control, max_rows=10, reveal=None)) == (
         "FRAMES", "spdy.syn_stream, spdy.window_update (0) (2)", [])
+
+
+def test_a_protobuf_body_is_shown_as_what_it_is_not_as_mojibake():
+    r = renderer("kubernetes")
+    response = rec.response_record(200, b"OK", "1.1", [(b"Content-Type", b"application/vnd.kubernetes.protobuf")])
+    encoded = b"k8s\x00\n\x0c\n\x02v1\x12\x06Secret\x12\x05\n\x03\n\x01x"
+    step = r.step("server", [response, rec.data_record(encoded)], max_rows=10, reveal=None)
+    assert step["body"] == f"(Kubernetes protobuf, {len(encoded)} B, not decoded)"

@@ -331,3 +331,47 @@ def test_exec_in_a_terminal_is_relayed_and_recorded_with_its_resize(proxy, kube,
     assert by_channel["0"] == b"echo from-a-tty\rexit\r"
     assert by_channel["1"] == b"$ echo from-a-tty\r\nfrom-a-tty\r\n$ exit\r\n"
     assert b'"Width":80' in by_channel["4"].replace(b" ", b"")
+
+
+def test_a_protobuf_secret_is_refused_where_it_must_be_masked_and_relayed_whole_where_not(proxy, tls, tmp_path):
+    """`Accept: application/vnd.kubernetes.protobuf`: Custody has no protobuf decoder, so for a subject whose
+    Secrets are masked the response is a 502 Status, recorded sealed and never relayed (or, when the client takes
+    JSON too, as client-go's typed clients do, JSON is asked for and masked); a subject with no masks gets the
+    protobuf whole, recorded whole; each request decoded into its verb and resource from the URL."""
+    host, port = proxy.address(1)
+
+    def get(groups: tuple[str, ...],
+            accept: str = "application/vnd.kubernetes.protobuf") -> tuple[str, int, str, bytes]:
+        subject = f"pb-{groups[0]}-{time.monotonic_ns()}@example.com"
+        out = tmp_path / f"{subject}.body"
+        done = subprocess.run(["curl", "-sS", "--cacert", str(tls["ca"]), "-o", str(out),
+                               "-w", "%{http_code} %{content_type}",
+                               "-H", f"Authorization: Bearer {proxy.token(subject, groups)}",
+                               "-H", f"Accept: {accept}",
+                               f"https://{host}:{port}/api/v1/namespaces/default/secrets/db-creds"],
+                              capture_output=True, text=True, timeout=30)
+        code, content_type = done.stdout.split(" ", 1)
+        return subject, int(code), content_type, out.read_bytes()
+
+    masked_subject, code, content_type, body = get(("dev",))
+    assert (code, content_type) == (502, "application/json"), body
+    status = json.loads(body)
+    assert status["kind"] == "Status" and "cannot be read" in status["message"]
+    records = all_messages(sessions(proxy, masked_subject))
+    request = next(m for m in records if m["type"] == "Request")
+    assert (request["attributes"]["verb"], request["attributes"]["resource"], request["attributes"]["name"]) == (
+        "get", "secrets", "db-creds")
+    target_said = [m for m in records if m["type"] == "Data" and (m["attributes"] or {}).get("unrelayed")]
+    assert target_said and all(m["data"] == b"" and m["sealed_original"] for m in target_said)
+    assert not any(b"hunter2" in (m["data"] or b"") for m in records)
+
+    # As client-go asks (protobuf, or JSON): where it must mask, the target is asked for JSON, and it is masked.
+    _, code, content_type, body = get(("dev",), "application/vnd.kubernetes.protobuf, application/json")
+    assert (code, content_type) == (200, "application/json")
+    assert base64.b64decode(json.loads(body)["data"]["password"]) == b"[MASKED:column]"
+
+    clear_subject, code, content_type, body = get(("dba",))
+    assert (code, content_type) == (200, "application/vnd.kubernetes.protobuf")
+    assert body.startswith(b"k8s\x00") and b"hunter2-secret" in body
+    answered = all_messages(sessions(proxy, clear_subject), "server")
+    assert any(m["type"] == "Data" and m["data"] == body for m in answered)  # recorded whole, as relayed

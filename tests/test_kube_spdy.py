@@ -79,7 +79,8 @@ def test_a_refused_port_loses_only_its_streams_and_the_header_stream_stays_in_st
     target = spdy.FrameReader()
     blocked = [("streamtype", "error"), ("port", "9999"), ("requestid", "0")]
     allowed = [("streamtype", "data"), ("port", "8080"), ("requestid", "1")]
-    records, _ = tunnel.client(client.syn_stream(1, blocked) + client.data(1, b"secret") + client.syn_stream(3, allowed))
+    opened = client.syn_stream(1, blocked) + client.data(1, b"secret") + client.syn_stream(3, allowed)
+    records, _ = tunnel.client(opened)
     assert tunnel.take_forwards() == ["9999", "8080"] and len(records) == 3
     relayed = [frame for frame, _ in target.feed(tunnel.refuse(["9999"]))]
     assert relayed == [spdy.HeadersFrame(1, blocked), spdy.SynStream(3, allowed)]

@@ -54,7 +54,7 @@ from proxy.policy import Decision
 from proxy.policy.operation import Operation
 from proxy.settings import ProxySettings
 
-from .masking import BodyMasker, maskable
+from .masking import BodyMasker, maskable, readable_accept, unreadable
 from .redaction import HttpRedactor
 from .settings import HttpSettings
 from .tunnels import SpdyTunnel, Tunnel, WebSocketTunnel
@@ -113,6 +113,7 @@ class Exchange:
     mask_kind: str | None = None
     streaming: bool = False  # masked line by line (a watch), not buffered whole
     held: h11.Response | None = None  # a response head held back until its body is masked
+    discard: bool = False  # refused in the target's place (unreadable where it must be masked): recorded, not relayed
     buffer: bytearray = field(default_factory=bytearray)
 
     @property
@@ -237,10 +238,13 @@ class HttpFrontEnd(FrontEnd):
         upstream = self.settings.upstream
         out = [(b"Host", upstream.netloc.encode())]
         upgrade = (rec.header(headers, b"upgrade") or b"").lower()
+        masks = session.gate is not None and session.gate.mask_plan is not None
         for name, value in headers:
             lowered = name.lower()
             if lowered in _HOP_BY_HOP or (upgrade == b"websocket" and lowered == b"sec-websocket-extensions"):
                 continue  # no permessage-deflate: frames stay readable in the evidence
+            if masks and lowered == b"accept" and (readable := readable_accept(value.decode("latin-1"))):
+                value = readable.encode("latin-1")  # JSON rather than protobuf: what masking can read
             out.append((name, value))
         if self.settings.authorization is not None:
             out.append((b"Authorization", self.settings.authorization))
@@ -430,8 +434,19 @@ class HttpFrontEnd(FrontEnd):
         exchange.response_started = True
         gate = self.session.gate
         plan = gate.mask_plan if gate is not None else None
-        kind = maskable(_text(rec.header(list(event.headers.raw_items()), b"content-type")) or "")
-        if plan is not None and kind is not None and exchange.method != "HEAD" and event.status_code not in (204, 304):
+        content_type = _text(rec.header(list(event.headers.raw_items()), b"content-type")) or ""
+        kind = maskable(content_type)
+        has_body = exchange.method != "HEAD" and event.status_code not in (204, 304)
+        if plan is not None and has_body and unreadable(content_type):
+            # It must be masked and cannot be read: the client gets a 502 in its place; the body is recorded
+            # sealed as it arrives, never relayed.
+            self.session.record_messages(SERVER, [self._head_record(event, masked="unreadable")], 1)
+            exchange.discard = True
+            media = content_type.split(";", 1)[0].strip()
+            yield self.session.say(self._refusal(502, f"custody: the response ({media}) must be masked and cannot "
+                                                      f"be read by Custody: not relayed; ask for JSON"))
+            return
+        if plan is not None and kind is not None and has_body:
             exchange.masker, exchange.mask_kind = BodyMasker(plan), kind
             exchange.streaming = exchange.watch
             if not exchange.streaming:
@@ -444,6 +459,10 @@ class HttpFrontEnd(FrontEnd):
     def _response_body(self, data: bytes) -> Steps:
         exchange = self.exchange
         if exchange is None:
+            return
+        if exchange.discard:
+            self.session.record_messages(SERVER, [rec.data_record(
+                b"", sealed_original=self._seal(data), attributes={"unrelayed": "unreadable"})], 1)
             return
         if exchange.masker is None:
             self.session.record_messages(SERVER, [rec.data_record(data)], 1)
@@ -497,6 +516,10 @@ class HttpFrontEnd(FrontEnd):
     def _response_end(self) -> Steps:
         exchange = self.exchange
         if exchange is None:
+            return
+        if exchange.discard:  # the client had its whole (refusal) response already
+            exchange.response_done = True
+            yield from self._next_cycle()
             return
         if exchange.held is not None:
             body = bytes(exchange.buffer)

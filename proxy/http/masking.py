@@ -6,6 +6,11 @@
   of a watch event) keep their `data` values base64-encoded: each is decoded, masked (by its key
   name, then by the detectors) and encoded again, so the client still gets a valid Secret.
 * Other text (`text/*`): the detectors over the whole text.
+* Protobuf (`application/vnd.kubernetes.protobuf`, `application/x-protobuf`, `application/protobuf`):
+  there is no decoder here, and it carries what JSON would (a Secret's data as raw bytes), so a body
+  the plan must mask cannot be read: `unreadable()`; the front end asks the target for JSON instead
+  when the client accepts it too (`readable_accept()`), and refuses (502) a protobuf answer it must
+  mask rather than relay it.
 * Anything else is not masked (binary: detectors read text).
 
 Pure functions; the front end decides what to buffer and seals the originals.
@@ -33,6 +38,24 @@ def maskable(content_type: str) -> str | None:
     if media.startswith("text/"):
         return "text"
     return None
+
+
+PROTOBUF = ("application/vnd.kubernetes.protobuf", "application/x-protobuf", "application/protobuf")
+
+
+def unreadable(content_type: str) -> bool:
+    """A structured body the masker cannot read (protobuf, its watch stream too): to be refused, not relayed,
+    where the policy masks."""
+    return content_type.split(";", 1)[0].strip().lower() in PROTOBUF
+
+
+def readable_accept(accept: str) -> str | None:
+    """The client's Accept without its protobuf types, when it offers something else too (client-go's typed
+    clients send `application/vnd.kubernetes.protobuf, application/json`): where the policy masks, the target is
+    asked for what the masker can read. None: nothing to change, or protobuf is all the client takes."""
+    offered = [part.strip() for part in accept.split(",") if part.strip()]
+    readable = [part for part in offered if not unreadable(part)]
+    return ", ".join(readable) if readable and len(readable) < len(offered) else None
 
 
 class BodyMasker:

@@ -25,7 +25,12 @@ _MARKERS = {"stdin": "INPUT", "stdout": "OUTPUT", "stderr": "STDERR", "error": "
 BODY_CHARS = 4000
 
 
+PROTOBUF_MAGIC = b"k8s\x00"  # the Kubernetes protobuf envelope's first bytes
+
+
 def _body(data: bytes) -> str:
+    if data.startswith(PROTOBUF_MAGIC):  # no decoder: recorded whole, shown as what it is
+        return f"(Kubernetes protobuf, {len(data):,} B, not decoded)"
     text = data.decode("utf-8", "replace")
     try:
         shown = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
