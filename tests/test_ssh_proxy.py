@@ -53,6 +53,11 @@ protocols = ["ssh"]
 operations = ["transfer"]
 objects = ["/etc/*"]
 attributes = { direction = ["upload"] }
+
+[[mask]]
+name = "mask-terminal-for-contractors"
+detectors = ["email", "credit_card"]
+groups = ["contractor"]
 '''
 
 
@@ -205,6 +210,32 @@ def test_lines_typed_in_an_interactive_shell_are_decided_at_their_enter(proxy):
         ("block-marker-lines", "block"), ("hold-shutdown", "hold"), ("hold-shutdown", "approve")]
     wiped = [m for m in messages(events, "client") if m["type"] == "data" and m["attributes"].get("origin") == "proxy"]
     assert [m["data"] for m in wiped] == [b"\x05\x15\r"]
+
+
+def test_a_terminal_shows_detected_values_masked_with_its_escape_sequences_intact(proxy):
+    import base64
+
+    from nacl.public import PrivateKey
+
+    from proxy.policy.masking import open_sealed
+
+    user = new_user()
+    token = proxy.token(user, ("contractor",))
+    command = r"printf '\033[1mcard 4111 1111 1111 1111\033[0m \033]0;title\007mail alice@example.com\n'"
+    shown = proxy.client.ssh(user, token, command, extra=("-tt",))
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == b"\x1b[1mcard **** **** **** 1111\x1b[0m \x1b]0;title\x07mail a***@example.com\r\n"
+    other = new_user()
+    plain = proxy.client.ssh(other, proxy.token(other, ("contractor",)), command)  # no PTY: a byte stream
+    # (scp -O, tar, rsync), relayed as it is
+    assert b"4111 1111 1111 1111" in plain.stdout and b"alice@example.com" in plain.stdout
+
+    events = session_of(proxy, user, 20)
+    masked = [m for m in messages(events, "server") if m["type"] == "data" and "masked" in m["attributes"]]
+    assert [m["attributes"]["masked"] for m in masked] == ["credit_card,email"]
+    assert masked[0]["data"] == shown.stdout  # the evidence holds what the client saw
+    custodian = PrivateKey(base64.b64decode((proxy.directory / "keys" / "custodian.key").read_text()))
+    assert b"4111 1111 1111 1111" in open_sealed(masked[0]["sealed_original"], custodian)
 
 
 def test_bad_token_and_wrong_user_are_refused(proxy):

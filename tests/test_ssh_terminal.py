@@ -50,3 +50,19 @@ def test_full_screen_programs_and_password_prompts():
     assert lines(editor, b"hunter2\r") == [Line("", secret=True)]
     editor.output(b"\r\n\x1b[1;32mroot@host\x1b[0m:~# ")
     assert lines(editor, b"ls\r") == [Line("ls")]
+
+
+def test_terminal_masking_keeps_every_escape_sequence_byte_for_byte():
+    from proxy.policy.detectors import scanner_for
+    from proxy.ssh.masking import ESCAPE, mask_terminal
+
+    scanner = scanner_for(frozenset({"email", "credit_card"}))
+    data = (b"\x1b[1;32mroot@h\x1b[0m:~# \x1b[?2004h\x1b(B\x1b]0;bob@example.com\x1b\\\x1b]8;;mailto:eve@example.com"
+            b"\x07link\x1b]8;;\x07 4111 1111 1111 1111\r\n\x1b[38;5;4111m")
+    masked, kinds = mask_terminal(scanner, data)
+    assert kinds == ("email", "credit_card")
+    assert b"bob@example.com" not in masked and b"eve@example.com" not in masked and b"**** 1111" in masked
+    assert [m.group() for m in ESCAPE.finditer(masked) if not m.group().startswith(b"\x1b]")] == [
+        m.group() for m in ESCAPE.finditer(data) if not m.group().startswith(b"\x1b]")]
+    assert masked.count(b"\x1b]") == 3 and masked.endswith(b"\x1b[38;5;4111m")
+    assert mask_terminal(scanner, b"\x1b[31mnothing to hide\x1b[0m") is None

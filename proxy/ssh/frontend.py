@@ -50,6 +50,7 @@ from proxy.settings import ProxySettings
 
 from . import certificates
 from . import events as ev
+from .masking import mask_terminal
 from .settings import SSHSettings
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class _Channel:
     transfers: sftp.Transfers | None = None
     operations: dict[int, str] = field(default_factory=dict)  # SFTP request id -> operation, for its outcome
     closing: dict[int, bytes] = field(default_factory=dict)  # SFTP close request id -> handle
+    terminal: bool = False  # exec or shell with a PTY: output for a person's eyes, masked under a [[mask]] plan
     lines: terminal.LineEditor | None = None  # a shell with a PTY: the line being typed, decided at each Enter
     request: bytearray | None = None  # the certificate subsystem: the public key line, until the client's EOF
     client_bytes: int = 0  # channel data from the client (a forward's close records both counts)
@@ -297,6 +299,7 @@ class SSHFrontEnd(FrontEnd):
             return
         if ch in self.channels:
             channel.open = True
+            channel.terminal = start.term is not None and start.kind in ("shell", "exec")
             if start.kind == "shell" and start.term is not None:
                 channel.lines = terminal.LineEditor()
 
@@ -386,10 +389,26 @@ class SSHFrontEnd(FrontEnd):
         if channel.replies is not None and not item.stderr:
             yield from self._sftp_replies(channel, item.data)
             return
-        self._record(SERVER, message("data", channel.id, item.data, {"stream": "stderr"} if item.stderr else None))
+        data = item.data
+        record = message("data", channel.id, data, {"stream": "stderr"} if item.stderr else None)
+        plan = self._mask_plan() if channel.terminal else None
+        masked = mask_terminal(plan.scanner, data) if plan is not None else None
+        if masked is not None:  # the client sees, and the record keeps, the masked text; the original sealed
+            data = masked[0]
+            record.update(data=data, sealed_original=self.session.gate.runtime.seal(item.data))
+            record["attributes"].update(masked=",".join(masked[1]))
+        self._record(SERVER, record)
         if channel.lines is not None:
-            channel.lines.output(item.data)
-        yield Send(CLIENT, item.data, ev.channel_name(channel.id, item.stderr))
+            channel.lines.output(data)
+        yield Send(CLIENT, data, ev.channel_name(channel.id, item.stderr))
+
+    def _mask_plan(self) -> Any:
+        """The session's current mask plan (a reloaded policy's from the next packet on); None: nothing masked."""
+        gate = self.session.gate
+        if gate is None:
+            return None
+        gate.refresh()
+        return gate.mask_plan
 
     def _certificate(self, channel: _Channel) -> Steps:
         """`custody ssh-login`: the client's public key (all of it, at its EOF) gets a certificate of this identity."""
