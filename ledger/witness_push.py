@@ -35,10 +35,15 @@ TIMEOUT_SECONDS = 10.0
 RETRY_SECONDS = 5.0
 MAX_ROUNDS = 4
 """409 answers followed within one push before giving up until the next seal (each names a size to start from)."""
+MAX_FAILURES = 100
 
 
 class PushError(Exception):
     """One witness could not be given one seal; the message is the log line."""
+
+
+class PushRefused(PushError):
+    """The witness answered, and refused: not retried until a newer seal (the witness recorded why)."""
 
 
 @dataclass
@@ -72,6 +77,8 @@ class WitnessPusher:
         self.newest: dict[int, Seal] = {}
         self.stored = 0
         self.failures: list[str] = []
+        """The latest MAX_FAILURES push failures, for tests and for a status line."""
+        self.refused: dict[tuple[str, int], int] = {}  # (url, partition) -> the seal it refused
         self._wake: queue.Queue[bool] = queue.Queue()
         self._done = threading.Condition()
         self._submitted = self._tried = 0  # submissions, and how many of them a finished pass covered
@@ -115,10 +122,14 @@ class WitnessPusher:
                 covered, newest = self._submitted, list(self.newest.values())
             for seal in newest:  # what failed is tried again at the next seal, or after a pause
                 for url in self.urls:
+                    if self.refused.get((url, seal.partition)) == seal.number:
+                        continue
                     try:
                         self.push(url, seal)
                     except PushError as exc:
-                        self.failures.append(str(exc))
+                        if isinstance(exc, PushRefused):
+                            self.refused[(url, seal.partition)] = seal.number
+                        self.failures = [*self.failures[-MAX_FAILURES + 1:], str(exc)]
                         log.warning("%s", exc)
             with self._done:
                 self._tried = covered
@@ -140,14 +151,14 @@ class WitnessPusher:
                 cursor.number, cursor.size = seal.number, seal.tree_size
             else:
                 return
-        raise PushError(f"witness {url}: p{target.partition} seal {target.number} not cosigned after {MAX_ROUNDS} "
+        raise PushRefused(f"witness {url}: p{target.partition} seal {target.number} not cosigned after {MAX_ROUNDS} "
                         f"size conflicts")
 
     def _add(self, url: str, seal: Seal, old: int) -> int | None:
         """POST one seal's checkpoint; store what it returns. The witness's size on a 409, else None."""
         proof = _proof(seal, old)
         if proof is None:
-            raise PushError(f"witness {url}: p{seal.partition} seal {seal.number} cannot prove consistency from "
+            raise PushRefused(f"witness {url}: p{seal.partition} seal {seal.number} cannot prove consistency from "
                             f"tree size {old}, which the witness cosigned last (no seal of this ledger has it)")
         request = urllib.request.Request(f"{url}/add-checkpoint", method="POST",
                                          data=add_checkpoint_body(seal.checkpoint_note, old, proof))
@@ -162,7 +173,10 @@ class WitnessPusher:
                 except ValueError:
                     pass
             reason = body.decode(errors="replace").strip().splitlines()[0] if body.strip() else exc.reason
-            raise PushError(f"witness {url}: p{seal.partition} seal {seal.number} refused ({exc.code}): "
+            if exc.code >= 500:  # the witness is unwell, not refusing: tried again later
+                raise PushError(f"witness {url}: p{seal.partition} seal {seal.number} failed ({exc.code}): "
+                                f"{reason}") from None
+            raise PushRefused(f"witness {url}: p{seal.partition} seal {seal.number} refused ({exc.code}): "
                             f"{reason}") from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
@@ -178,14 +192,14 @@ class WitnessPusher:
     def _resync(self, url: str, cursor: _Cursor, seal: Seal, latest: int) -> None:
         """After a 409: start again from the last seal of the witness's size (before `seal`)."""
         if latest > seal.tree_size:
-            raise PushError(f"witness {url}: p{seal.partition} has cosigned tree size {latest}, larger than seal "
+            raise PushRefused(f"witness {url}: p{seal.partition} has cosigned tree size {latest}, larger than seal "
                             f"{seal.number}'s {seal.tree_size}: this ledger is behind a tree it showed (rolled back?)")
         if _proof(seal, latest) is not None:
             cursor.number, cursor.size = seal.number - 1, latest
             return
         earlier = [s for s in self._load(seal.partition) if s.number < seal.number and s.tree_size == latest]
         if not earlier:
-            raise PushError(f"witness {url}: p{seal.partition} has cosigned tree size {latest}, which no seal of "
+            raise PushRefused(f"witness {url}: p{seal.partition} has cosigned tree size {latest}, which no seal of "
                             f"this ledger has (another log under this origin?)")
         cursor.number, cursor.size = earlier[-1].number, latest
 

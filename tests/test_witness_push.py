@@ -22,6 +22,7 @@ from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
 from ledger.verify import verify_ledger
 from ledger.witness import cosignature_verifiers
+from ledger.witness_push import WitnessPusher
 from nginx_server import free_port
 from test_witness_feed import seal_all, send_session
 
@@ -134,6 +135,14 @@ def test_the_ledger_pushes_every_seal_to_a_remote_witness_and_keeps_its_cosignat
     assert not [f for f in service.pusher.failures if "refused" in f], service.pusher.failures
     service.close()
     assert verify_ledger(ledger_dir, keyring).problems == []
+
+    wrong = WitnessPusher(ledger_dir, (f"{remote.url}/nowhere",))  # a refusal is said once, not retried
+    last = Seal.load(sorted((ledger_dir / "seals" / "p0").glob("*.json"))[-1])
+    for _ in range(2):
+        wrong.submit(last)
+        assert wrong.wait(30)
+    wrong.close()
+    assert wrong.failures == [f"witness {remote.url}/nowhere: p0 seal {last.number} refused (404): not found"]
 
 
 def test_witness_urls_are_checked_in_the_config(tmp_path):

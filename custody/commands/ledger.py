@@ -15,9 +15,9 @@ from custody.config import config_option, load_config
 from ingest.errors import CustodyError
 from ingest.keys import Keyring, load_key_file
 from ledger.rotation import RotationError, chain_key, rotate_partition
-from ledger.seals import SEALS_DIR
+from ledger.seals import SEALS_DIR, Seal, partition_name
 from ledger.service import GROUP_ID, LedgerService, ledger_dir
-from ledger.state import recover
+from ledger.state import numbered_files
 from ledger.verify import LedgerProblem, Report, sealed_event_count, verify_ledger
 from ledger.witnessed import check_ledger
 
@@ -83,7 +83,8 @@ def rotate_key(new_key_path: Path, only: tuple[int, ...], config_path: str | Non
     if not partitions:
         raise RotationError(f"{root} holds no seal yet: start the ledger with the new key instead")
     for partition in partitions:
-        last = recover(root, partition).last_seal
+        sealed = numbered_files(root / SEALS_DIR / partition_name(partition))  # read only: no lock taken yet
+        last = Seal.load(sealed[max(sealed)]) if sealed else None
         if last is not None and chain_key(last.record) == new_key.key_id:
             click.echo(f"p{partition}: already handed to {new_key.key_id} (seal {last.number})")
             continue
