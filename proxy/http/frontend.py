@@ -26,10 +26,13 @@ Masking: when the identity has a mask plan and a response is JSON or text, its b
 `max_body_bytes`, masked (`proxy.http.masking`) and sent with a new Content-Length; the record holds
 what the client saw and the original sealed. A body over the limit is never relayed unmasked: the
 client gets 502, the original is recorded sealed, and the connection closes. A Kubernetes watch is
-masked event by event (line by line) as it streams.
+masked event by event (line by line) as it streams. Protobuf cannot be read: with a mask plan the
+target is asked for JSON where the client's Accept allows it, and a protobuf response is refused (502,
+recorded sealed, the connection goes on).
 
 After `101 Switching Protocols` the connection is a tunnel (`proxy.http.tunnels`): WebSocket or
-SPDY/3.1 frames are recorded per channel and relayed unchanged.
+SPDY/3.1 frames are recorded per channel and relayed unchanged, except the streams of a port-forward
+port the policy refuses (reset by the proxy; the tunnel's other streams go on).
 """
 
 from __future__ import annotations
