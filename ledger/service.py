@@ -270,7 +270,7 @@ class LedgerService:
             lock.release()
             raise LedgerConfigError(f"partition {tp.partition}: its seal chain is signed by key "
                                     f"{chain_key(state.last_seal.record)}, not {self.key.key_id}; hand it over with a "
-                                    f"witnessed rotation seal (ledger/rotation.py rotate_partition)")
+                                    f"witnessed rotation seal (custody ledger rotate-key)")
         writer = self.writers[tp.partition] = PartitionWriter(self.dir, self.settings, self.topic, state,
                                                                self.keyring, self.key)
         if self.soc is not None:
