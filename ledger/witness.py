@@ -13,6 +13,13 @@ Two ways in, one state: `add_checkpoint` takes the C2SP add-checkpoint request
 body (served over HTTP by `serve`), `add_seal` takes a ledger seal as published
 on `custody.seals` (its checkpoint and the proof from the previous seal).
 
+Key rotation: a checkpoint with a `custody.key-rotation/v1 <key id> <key>` line (a Custody rotation seal's,
+signed by the outgoing key) hands its origin to the new key once cosigned; the witness keeps that key in the
+origin's state and from then on opens the origin's checkpoints with it alone, so it follows rotations without
+being reconfigured and a retired key cannot sign on. Over `custody.seals` it also checks the new key's
+signature of the handover; over HTTP the outgoing key's signature of the line is the authority. At a size it
+cosigned, another session-map root (`custody.sessions/v1` line) is a fork like another tree root.
+
 State, one file per origin under `<state dir>/logs/<sha256(origin)>.json`, is
 written atomically and fsync'd before a cosignature leaves the witness; the check
 and the update are one step under a lock, and a lock file keeps a second witness
