@@ -40,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import shlex
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import h11
@@ -178,7 +179,6 @@ class HttpFrontEnd(FrontEnd):
                 if refused:  # only those ports' streams: the tunnel's other streams go on
                     wire = self.tunnel.refuse(refused)
             yield from self._relay_frames(CLIENT, records, wire)
-            yield from self._answer_client()
             return
         self.client.receive_data(data)
         yield from self._client_events()
@@ -193,16 +193,7 @@ class HttpFrontEnd(FrontEnd):
             return  # the loop already running (paused on a token check or a hold) reads these events next
         self._pumping = True
         try:
-            while not self.session.is_closed and self.tunnel is None:
-                if self.client.their_state is h11.IDLE:
-                    # noqa: SLF001 - h11 accepts these leniently, so look at the head before it does
-                    _guard_head(bytes(self.client._receive_buffer), self.settings.max_header)
-                try:
-                    event = self.client.next_event()
-                except h11.RemoteProtocolError as exc:
-                    raise ProtocolViolation("400", f"malformed HTTP request: {exc}") from None
-                if event is h11.NEED_DATA or event is h11.PAUSED:
-                    return
+            for event in self._events(self.client, "400", "request"):
                 kind = type(event)
                 if kind is h11.Request:
                     yield from self._request(event)
@@ -356,7 +347,6 @@ class HttpFrontEnd(FrontEnd):
         if self.tunnel is not None:
             records, wire = self.tunnel.server(data)
             yield from self._relay_frames(SERVER, records, wire)
-            yield from self._answer_client()
             return
         self.target.receive_data(data)
         yield from self._server_events()
@@ -367,14 +357,23 @@ class HttpFrontEnd(FrontEnd):
             yield from self._server_events()
         yield from self.session.end("server_disconnect")
 
-    def _server_events(self) -> Steps:
+    def _events(self, connection: h11.Connection, status: str, what: str) -> Iterator[h11.Event]:
+        """One side's complete h11 events, while the session is open and no tunnel has taken over (looked at
+        again after each event is handled); a malformed message is a protocol error with `status`."""
         while not self.session.is_closed and self.tunnel is None:
+            if connection is self.client and connection.their_state is h11.IDLE:
+                # noqa: SLF001 - h11 accepts these leniently, so look at the head before it does
+                _guard_head(bytes(connection._receive_buffer), self.settings.max_header)
             try:
-                event = self.target.next_event()
+                event = connection.next_event()
             except h11.RemoteProtocolError as exc:
-                raise ProtocolViolation("502", f"malformed HTTP response: {exc}") from None
+                raise ProtocolViolation(status, f"malformed HTTP {what}: {exc}") from None
             if event is h11.NEED_DATA or event is h11.PAUSED:
                 return
+            yield event
+
+    def _server_events(self) -> Steps:
+        for event in self._events(self.target, "502", "response"):
             kind = type(event)
             if kind is h11.InformationalResponse:
                 yield from self._informational(event)
@@ -425,10 +424,12 @@ class HttpFrontEnd(FrontEnd):
             yield Send(CLIENT, answer)
 
     def _relay_frames(self, side: str, records: list[rec.Record], wire: bytes) -> Steps:
+        """Tunnelled frames: recorded, relayed, then whatever the tunnel owes the client itself."""
         if records:
             self.session.record_messages(side, records, len(records))
         if wire:
             yield Send(SERVER if side == CLIENT else CLIENT, wire)
+        yield from self._answer_client()
 
     def _response(self, event: h11.Response) -> Steps:
         exchange = self.exchange
