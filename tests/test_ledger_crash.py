@@ -76,8 +76,9 @@ class Writer(threading.Thread):
 
 GROUP = ("--instance", "crash-test-ledger")
 PINNED = ("--partitions", "0,1,2")
-GROUP_JOIN_SECONDS = 7.0
-"""The dev broker takes about 6 s to complete a group (re)join, so group-mode kills come after it."""
+GROUP_JOIN_TIMEOUT = 60.0
+"""A group member's (re)join takes the dev broker 6-9 s; a group-mode kill comes only once the member owns a
+partition. Killed at a fixed 7-9 s, two of the three group members of a loaded run had not joined yet."""
 
 
 def start_ledger(config: Path, log, mode: tuple[str, str]) -> subprocess.Popen:
@@ -85,9 +86,30 @@ def start_ledger(config: Path, log, mode: tuple[str, str]) -> subprocess.Popen:
                             cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
 
 
+def owns_a_partition(ledger: subprocess.Popen, ledger_dir: Path) -> bool:
+    """Whether the worker holds a partition's lock (ledger.state.PartitionLock, an flock), read from /proc/locks
+    so that looking cannot take the lock from it."""
+    inodes = {str(path.stat().st_ino) for path in (ledger_dir / "state").glob("p*.lock")}
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "FLOCK" and fields[4] == str(ledger.pid) \
+                and fields[5].rsplit(":", 1)[-1] in inodes:
+            return True
+    return False
+
+
+def wait_owning(ledger: subprocess.Popen, ledger_dir: Path, log: Path) -> None:
+    deadline = time.monotonic() + GROUP_JOIN_TIMEOUT
+    while not owns_a_partition(ledger, ledger_dir):
+        assert ledger.poll() is None, log.read_text()[-2000:]
+        assert time.monotonic() < deadline, f"no partition after {GROUP_JOIN_TIMEOUT:.0f}s:\n{log.read_text()[-2000:]}"
+        time.sleep(0.1)
+
+
 def kill_schedule(rng: random.Random) -> list[tuple[tuple[str, str], float]]:
-    """A few kills of a group member once it has partitions, then many of a pinned worker at any moment."""
-    group = [(GROUP, GROUP_JOIN_SECONDS + rng.uniform(0, 2)) for _ in range(3)]
+    """A few kills of a group member once it has partitions (the delay counts from then), then many of a pinned
+    worker at any moment."""
+    group = [(GROUP, rng.uniform(0, 2)) for _ in range(3)]
     # A worker needs about a second to start (the `custody` command and its imports, the consumer, resume):
     # killed earlier than that it never seals, and the kills would test nothing.
     pinned = [(PINNED, rng.uniform(1.5, 3.5)) for _ in range(KILLS - len(group))]
@@ -109,6 +131,8 @@ def test_sigkill_at_random_moments_loses_nothing_and_doubles_nothing(kafka_setti
     with open(tmp_path / "ledger.log", "ab") as log:
         for mode, lifetime in kill_schedule(rng):
             ledger = start_ledger(config, log, mode)
+            if mode == GROUP:
+                wait_owning(ledger, ledger_dir, tmp_path / "ledger.log")
             time.sleep(lifetime)
             assert ledger.poll() is None, (tmp_path / "ledger.log").read_text()[-2000:]
             ledger.send_signal(signal.SIGKILL)
