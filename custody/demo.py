@@ -17,15 +17,18 @@ import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import psycopg
 
 from custody.config import Config, load_config
 from custody.init import initialise
 from custody.up import Stack
 from ingest.broker import free_port
 from ingest.errors import CustodyError
+
+if TYPE_CHECKING:  # psycopg is imported where the demo connects: every other `custody` command starts without it
+    import psycopg
 
 DEMO_TABLE = "custody_demo_customers"
 
@@ -39,6 +42,8 @@ def _token(config: Config, subject: str, groups: list[str], **extra) -> str:
 
 
 def _connect(config: Config, subject: str, token: str, app: str) -> psycopg.Connection:
+    import psycopg
+
     host, _, port = config.proxies[0].listen.rpartition(":")
     return psycopg.connect(host=host, port=int(port), user=subject, password=token, dbname="postgres",
                            sslmode="disable", application_name=app, autocommit=True, connect_timeout=10)
@@ -50,6 +55,8 @@ def _say(text: str) -> None:
 
 def run_sessions(config: Config) -> int:
     """The demo's clients; returns how many sessions the proxy should have recorded."""
+    import psycopg
+
     alice, bob = "alice@example.com", "bob@example.com"
     _say(f"\n# {alice} (group dba) creates and fills a table through the proxy")
     with _connect(config, alice, _token(config, alice, ["dba"]), "psql") as conn:
@@ -118,6 +125,8 @@ def show(config: Config, *args: str) -> str:
 
 def _drop_demo_table() -> None:
     """Clean up the machine's PostgreSQL directly (not through the proxy: this is not part of the story)."""
+    import psycopg
+
     try:
         with psycopg.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", autocommit=True) as conn:
             conn.execute(f"DROP TABLE IF EXISTS {DEMO_TABLE}")
