@@ -93,7 +93,8 @@ def verify_bundle(path: Path, trust: Keyring, trace: Callable[[str], None] | Non
     processes (the report is the same); `progress(done, total)` follows the events. `witnesses`: trusted
     witness cosignatures required on each partition's newest checkpoint; `checkpoints`: witnessed checkpoints
     the auditor obtained elsewhere, which the bundle must not be older than (staleness is never judged by the
-    export time the exporter writes)."""
+    export time the exporter writes), nor disagree with at their tree size: the same root and the same session-map
+    root (a re-signed seal whose map proves a session open, beside the witnessed one's, is a fork)."""
     report = Report()
     bundle = _open(path, report)
     if bundle is None:
@@ -288,7 +289,9 @@ def _check_consistency(bundle: Bundle, newest: dict[int, Seal], report: Report) 
 
 def _check_witnesses(bundle: Bundle, keyrings: dict[int, Keyring], newest: dict[int, Seal], report: Report,
                      required: int, checkpoints: Sequence[bytes], trust_all: Keyring) -> None:
-    """Each partition's newest checkpoint cosigned by `required` trusted witnesses; no auditor's checkpoint newer."""
+    """Each partition's newest checkpoint cosigned by `required` trusted witnesses; no auditor's checkpoint newer, nor
+    one of the same tree size with another root or another session-map root (the ledger key signed two histories, or
+    two sets of session states for one history: a session proven open in the bundle the witnesses saw ended)."""
     for partition, seal in sorted(newest.items()):
         trust = keyrings[partition]
         subject = f"Checkpoint p{partition} (seal {seal.number}, tree size {seal.tree_size})"
@@ -320,8 +323,25 @@ def _check_witnesses(bundle: Bundle, keyrings: dict[int, Keyring], newest: dict[
         try:
             witnessed_checks.check_not_stale(witnessed, seal.tree_size, roots.get(partition, {}),
                                              f"Bundle partition p{partition}")
+            witnessed_checks.check_same_sessions(witnessed, _signed_seals(bundle, partition, keyrings[partition]),
+                                                 f"Bundle partition p{partition}")
         except witnessed_checks.WitnessedProblem as exc:
             report.problems.append(str(exc))
+
+
+def _signed_seals(bundle: Bundle, partition: int, trust: Keyring) -> list[Seal]:
+    """The partition's seals signed by a key of its chain: what the ledger's key stated, so a session-map root held
+    against a witnessed checkpoint is the ledger's word (a seal whose signature fails is _check_seals' line, and not
+    also a fork)."""
+    signed = []
+    for seal in _all_seals(bundle):
+        if seal.partition == partition:
+            try:
+                verify_seal_signature(seal, trust)
+            except SealError:
+                continue
+            signed.append(seal)
+    return signed
 
 
 def _all_seals(bundle: Bundle) -> list[Seal]:

@@ -12,6 +12,7 @@ import base64
 import json
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -33,12 +34,18 @@ def resign(files: dict, exporter, edit_predicate) -> None:
     files[MANIFEST] = json.dumps(dsse.sign(_statement(others, predicate), dsse.IN_TOTO_PAYLOAD_TYPE, exporter)).encode()
 
 
-def truncate(evidence, path: Path, session: str, keep: int, *, drop_proofs: bool = False) -> None:
+def truncate(evidence, path: Path, session: str, keep: int, *, drop_proofs: bool = False,
+             forge: Callable[[dict], None] | None = None) -> None:
+    """The exporter's attack: `session`'s events from seq `keep` on left out, the session declared open at export,
+    the manifest re-signed with `evidence.exporter`; `forge(files)` first changes what else the attacker can (a
+    re-signed seal with the ledger key, say)."""
     def change(files):
         edit_events(files, lambda rows: rows.__setitem__(slice(None), [r for r in rows if r["session_id"] != session
                                                                        or r["seq"] < keep]))
         if drop_proofs:
             files.pop(SESSION_STATES)
+        if forge is not None:
+            forge(files)
 
         def declare_open(predicate):
             predicate["sessions"][session] = {"events": keep, "open": True}

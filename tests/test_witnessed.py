@@ -179,3 +179,69 @@ def test_a_witnessed_session_map_root_other_than_the_sealed_one_is_a_fork(deploy
     assert (f"states session-map root {sealed['root'][:16]}… of {sealed['count']} sessions, the witnessed one is "
             f"abababababababab… of {sealed['count']} (by witness at 2023-11-14T22:13:20Z)") in problems[0]
     assert check_ledger(deployment.dir, deployment.keyring, [deployment.latest_note()]) == []
+
+
+def test_a_bundle_stating_other_session_states_than_the_witnessed_checkpoint_is_a_fork(deployment, tmp_path):
+    """The insider holds the ledger key and the exporter key: they drop a session's tail, declare it open, re-sign
+    the newest seal (same tree, same root, a session map where the session is open at the kept seq) with the state
+    proofs against it, leave out the witnesses' cosignatures (which do not verify on the new text) and re-sign the
+    manifest. Every proof in the bundle holds; only the auditor's witnessed checkpoint of that tree size, whose
+    session-map line the witness cosigned, tells: `custody bundle verify --checkpoint` names the fork."""
+    import io
+    import json
+    import zipfile
+
+    import pyarrow.parquet as pq
+
+    from cli_inprocess import custody
+    from ledger import sessionmap
+    from ledger.seals import sign_seal
+    from query.bundle import COSIGNATURES_PREFIX, EVENTS, SESSION_STATES
+    from test_bundle_states import truncate
+
+    deployment.seal_session(4)
+    deployment.witness_all()
+    honest = deployment.export(tmp_path / "honest.custody")
+    witnessed = tmp_path / "witnessed.checkpoint"
+    witnessed.write_bytes(deployment.latest_note())
+    assert verify_bundle(honest, deployment.keyring, checkpoints=[witnessed.read_bytes()]).problems == []
+
+    with zipfile.ZipFile(honest) as archive:
+        newest = max(n for n in archive.namelist() if n.startswith("seals/p0/"))
+        seal = Seal.from_bytes(archive.read(newest))
+        entries = json.loads(archive.read(SESSION_STATES))
+        rows = pq.read_table(io.BytesIO(archive.read(EVENTS))).to_pylist()
+    states = {e["session_id"]: sessionmap.SessionState.from_json(e["proof"]["state"]) for e in entries}
+    victim, keep = max(states, key=lambda sid: states[sid].last_seq), 3  # this test's session: 4 statements, ended
+    kept = next(r for r in rows if r["session_id"] == victim and r["seq"] == keep - 1)
+    states[victim] = sessionmap.SessionState(keep - 1, kept["event_hash"], False)
+    session_map = sessionmap.build(states.items())
+    record = dict(seal.record, sessions=sessionmap.seal_field(session_map))
+
+    def forge(files):
+        files[newest] = sign_seal(record, deployment.ledger_key, list(seal.consistency_proof)).to_bytes()
+        files.pop(f"{COSIGNATURES_PREFIX}p0/{seal.number:06d}.sig")
+        files[SESSION_STATES] = json.dumps([dict(e, proof=session_map.prove(e["session_id"]).to_json())
+                                            for e in entries]).encode()
+    forged = tmp_path / "forged.custody"
+    shutil.copy(honest, forged)
+    truncate(deployment, forged, victim, keep, forge=forge)
+
+    report = verify_bundle(forged, deployment.keyring)
+    assert report.problems == [] and report.sessions_open == 1, report.problems  # without it, nothing can tell
+    report = verify_bundle(forged, deployment.keyring, checkpoints=[witnessed.read_bytes()])
+    sealed, lie = seal.record["sessions"], record["sessions"]
+    assert len(report.problems) == 1, report.problems
+    line = report.problems[0]
+    assert line.startswith(
+        f"Bundle partition p0 FORKED: at tree size {seal.tree_size} seal {seal.number} states session-map root "
+        f"{lie['root'][:16]}… of {lie['count']} sessions, the witnessed one is {sealed['root'][:16]}… of "
+        f"{sealed['count']} (by witness at 20"), line
+    assert line.endswith("Z)") and "\n" not in line
+    ran = custody("bundle", "verify", str(forged), "--trust", str(deployment.trust), "--checkpoint", str(witnessed),
+                  "--jobs", "1")
+    assert ran.returncode == 1 and line in ran.stdout, ran.stdout + ran.stderr
+    ran = custody("bundle", "verify", str(honest), "--trust", str(deployment.trust), "--checkpoint", str(witnessed),
+                  "--jobs", "1")
+    assert ran.returncode == 0, ran.stdout + ran.stderr
+    assert "session-map root" in " ".join(custody("bundle", "verify", "--help").stdout.split())

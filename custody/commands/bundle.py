@@ -63,7 +63,9 @@ def export(sessions, identity, target, since, until, where, case, purpose, recip
 @click.option("--witnesses", type=click.IntRange(min=0), default=0, show_default=True,
               help="Trusted witness cosignatures (keyring role witness) required on each partition's newest checkpoint.")
 @click.option("--checkpoint", "checkpoints", multiple=True, type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="A witnessed checkpoint obtained elsewhere: the bundle must not be older (stale). Repeatable.")
+              help="A witnessed checkpoint obtained elsewhere: the bundle must not be older (stale), and at its "
+                   "tree size the bundle's seals must state its root and its session-map root (else forked). "
+                   "Repeatable.")
 @click.option("--verbose", is_flag=True, help="Print every proof step.")
 @click.option("--jobs", type=click.IntRange(min=1), default=os.cpu_count() or 1, show_default="the machine's cores",
               help="Processes checking events; 1 checks them in this process. The report is the same either way.")
