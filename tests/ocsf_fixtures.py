@@ -35,10 +35,13 @@ def validate(doc: dict) -> None:
 
 def seal(kafka_settings: KafkaSettings, keys: Path, ledger_dir: Path, leaves: int, group: str,
          soc: SocSettings = SocSettings(ocsf=True, activity=True)) -> None:
+    """Seal every record on the events topic with [soc] on, then stop (flushed: the documents are on their topics).
+    Pinned to every partition: the same sealing and rendering without the dev broker's ~6 s group join."""
     settings = LedgerSettings(dir=ledger_dir, origin="custody.test/ledger", segment_max_events=1000,
                               segment_max_bytes=1 << 24, segment_max_seconds=0.3, idle_seal_seconds=3600)
     service = LedgerService(kafka_settings, settings, load_key_file(keys / "ledger.key"),
-                            Keyring.load(keys / "keyring.toml"), group_id=group, soc=soc)
+                            Keyring.load(keys / "keyring.toml"), group_id=group, soc=soc,
+                            partitions=list(range(kafka_settings.partitions)))
     topic = kafka_settings.topic("events")
     partitions = service.consumer.partitions_for_topic(topic) or set()
     ends = service.consumer.end_offsets([TopicPartition(topic, p) for p in partitions])
@@ -55,17 +58,23 @@ def seal(kafka_settings: KafkaSettings, keys: Path, ledger_dir: Path, leaves: in
     service.close()
 
 
-def read_topic(kafka_settings: KafkaSettings, name: str, idle: float = 2.0) -> list[dict]:
-    consumer = kafka.consumer(kafka_settings, kafka_settings.topic(name), group_id=None)
-    out, quiet = [], None
+def read_topic(kafka_settings: KafkaSettings, name: str, timeout: float = 30.0) -> list[dict]:
+    """Every document on the topic when called, up to its end offsets (no waiting for silence: the ledger flushed
+    its producer before `seal` returned, so nothing of it is still on the way)."""
+    topic = kafka_settings.topic(name)
+    consumer = kafka.consumer(kafka_settings, group_id=None)
     try:
-        while True:
+        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+        assert partitions, f"{topic}: no partitions"
+        consumer.assign(partitions)
+        consumer.seek_to_beginning(*partitions)
+        ends = consumer.end_offsets(partitions)
+        out: list[dict] = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < end for tp, end in ends.items()):
+            assert time.monotonic() < deadline, f"{topic}: not read to its end in {timeout} s"
             batches = consumer.poll(timeout_ms=300)
-            got = [json.loads(r.value) for b in batches.values() for r in b]
-            out += got
-            if got:
-                quiet = None
-            elif (quiet := quiet or time.monotonic()) and time.monotonic() - quiet > idle:
-                return out
+            out += [json.loads(r.value) for b in batches.values() for r in b]
+        return out
     finally:
         consumer.close()

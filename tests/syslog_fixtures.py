@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from kafka import KafkaAdminClient, TopicPartition
+
 from ingest import syslog
 from ingest.settings import KafkaSettings, SocSettings
 
@@ -104,5 +106,15 @@ def uids(receiver: Rsyslog) -> list[str]:
     return [d["metadata"]["uid"] for *_, d in receiver.received()]
 
 
-def uids(receiver: Rsyslog) -> list[str]:
-    return [d["metadata"]["uid"] for *_, d in receiver.received()]
+def wait_committed(settings: KafkaSettings, group: str, count: int, timeout: float = 30) -> None:
+    """Until the group's committed offsets on custody.violations.ocsf add up to `count` (a topic of this test's own,
+    from offset 0): what the sink confirmed is committed. Read with an admin client, not the sink's consumer,
+    which belongs to the sink's thread."""
+    admin = KafkaAdminClient(**settings.client_options())
+    partitions = [TopicPartition(settings.topic("violations.ocsf"), p) for p in range(settings.partitions)]
+    try:
+        wait_for(lambda: sum(max(o.offset, 0) for o in admin.list_group_offsets({group: partitions})[group].values())
+                 >= count, timeout,
+                 f"{group}: {count} confirmed documents not committed")
+    finally:
+        admin.close()

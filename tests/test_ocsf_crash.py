@@ -127,7 +127,7 @@ def test_documents_of_a_seal_made_durable_just_before_a_crash_are_published_afte
     second = {"violations": {blocked.event_id, quarantine_id}, "violations.ocsf": {blocked.event_id, quarantine_id},
               "activity.ocsf": {f"{opened.event_id}#0", f"{delete.event_id}#0"}}
     for topic in first:  # the crash hit the window: seal 1's documents are out, none of seal 2's
-        published = uids(read_topic(kafka_settings, topic, idle=1.0))
+        published = uids(read_topic(kafka_settings, topic))
         assert set(published) == first[topic], topic
 
     settings = LedgerSettings(dir=ledger, origin=ORIGIN, segment_max_events=1000, segment_max_bytes=1 << 24,

@@ -20,7 +20,7 @@ import pytest
 from ingest import kafka, syslog
 from ingest.settings import KafkaSettings, SocSettings
 from ssh_fixtures import free_port
-from syslog_fixtures import RSYSLOGD, Rsyslog, RunningSink, uids, wait_for
+from syslog_fixtures import RSYSLOGD, Rsyslog, RunningSink, uids, wait_committed, wait_for
 
 pytestmark = pytest.mark.skipif(not Path(RSYSLOGD).exists(), reason="rsyslog is not installed (apt-get install rsyslog)")
 
@@ -67,7 +67,7 @@ def test_rsyslog_receives_everything_across_a_10s_outage(kafka_settings, tmp_pat
         wait_for(lambda: len(receiver.received()) >= 50, 30, "rsyslog did not get the first 50")
         msgid, app, sd, doc = next(r for r in receiver.received() if r[3]["metadata"]["uid"] == "v-0")
         assert msgid == "OCSF-2004" and app == "custody" and 'id="v-0"' in sd and doc == finding(0)
-        time.sleep(1.5)  # the first 50 confirmed and committed
+        wait_committed(kafka_settings, soc.syslog_group, 50)  # the first 50 confirmed and committed
 
         receiver.stop()
         publish(kafka_settings, [finding(n) for n in range(50, 120)])  # sealing goes on while the receiver is away
@@ -138,7 +138,7 @@ def test_tls_rfc5425_to_rsyslog_with_a_test_ca_and_a_client_certificate(kafka_se
         anonymous.close()
         with RunningSink(kafka_settings, soc, destination):
             wait_for(lambda: len(receiver.received()) >= 30, 30, "rsyslog did not get the 30 over TLS")
-            time.sleep(2)  # confirmed and committed
+            wait_committed(kafka_settings, soc.syslog_group, 30)  # confirmed and committed
             receiver.stop()  # an outage over TLS: the sink sees the connection go and resends once it is back
             publish(kafka_settings, [finding(n) for n in range(30, 50)])
             time.sleep(3)
@@ -199,7 +199,7 @@ def test_a_restarted_sink_resumes_after_what_it_confirmed(kafka_settings, tmp_pa
     try:
         with RunningSink(kafka_settings, soc, destination):
             wait_for(lambda: len(receiver.received()) >= 20, 30, "the first 20 did not arrive")
-            time.sleep(2.5)  # confirmed (1 s) and committed
+            wait_committed(kafka_settings, soc.syslog_group, 20)  # confirmed (1 s) and committed
         publish(kafka_settings, [finding(n) for n in range(20, 45)])  # no sink running
         with RunningSink(kafka_settings, soc, destination):
             wait_for(lambda: len(receiver.received()) >= 45, 30, "what came while no sink ran did not arrive")
