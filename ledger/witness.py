@@ -17,7 +17,8 @@ Key rotation: a checkpoint with a `custody.key-rotation/v1 <key id> <key>` line 
 signed by the outgoing key) hands its origin to the new key once cosigned; the witness keeps that key in the
 origin's state and from then on opens the origin's checkpoints with it alone, so it follows rotations without
 being reconfigured and a retired key cannot sign on. Over `custody.seals` it also checks the new key's
-signature of the handover; over HTTP the outgoing key's signature of the line is the authority. At a size it
+signature of the handover, and that the checkpoint's line is that seal's rotation (no line without a signed
+handover); over HTTP the outgoing key's signature of the line is the authority (ledger/README.md, Witnesses). At a size it
 cosigned, another session-map root (`custody.sessions/v1` line) is a fork like another tree root.
 
 State, one file per origin under `<state dir>/logs/<sha256(origin)>.json`, is
@@ -372,12 +373,21 @@ class Witness:
             if seen == seal.hash.hex() or (seen is None and latest.seal_number is not None
                                            and seal.number < latest.seal_number - RECENT_SEALS):
                 return None
-        if seal.record.get("rotation"):  # the new key must have consented (ledger/rotation.py), or no handover
-            from ledger.rotation import RotationError, check_rotation
-            try:
+        from ledger.rotation import EXTENSION_PREFIX, RotationError, check_rotation, extension_line
+        try:  # the new key must have consented (ledger/rotation.py), or no handover
+            handed = [extension_line(seal.record["rotation"])] if seal.record.get("rotation") else []
+            if handed:
                 check_rotation(seal.record)
-            except RotationError as exc:
-                raise BadRequest(f"seal {seal.number} of {seal.record['origin']}: {exc}") from None
+        except (RotationError, KeyError, TypeError) as exc:
+            raise BadRequest(f"seal {seal.number} of {seal.record['origin']}: {exc}") from None
+        try:
+            text = checkpoint.Checkpoint.parse(seal.checkpoint_note.decode().split("\n\n", 1)[0] + "\n")
+        except (UnicodeDecodeError, checkpoint.NoteError) as exc:
+            raise BadRequest(f"seal {seal.number} of {seal.record['origin']}: checkpoint: {exc}") from None
+        if [line for line in text.extensions if line.split(" ", 1)[0] == EXTENSION_PREFIX] != handed:
+            # what hands the origin over is the checkpoint's line (add), so it must be the handover just checked
+            raise BadRequest(f"seal {seal.number} of {seal.record['origin']}: its checkpoint's {EXTENSION_PREFIX} "
+                             f"line is not the rotation its record carries with the new key's signed handover")
         previous_size = seal.tree_size - seal.record["leaves"]["count"]
         if latest is None:
             old, proof = 0, ()

@@ -245,3 +245,47 @@ def test_a_bundle_stating_other_session_states_than_the_witnessed_checkpoint_is_
                   "--jobs", "1")
     assert ran.returncode == 0, ran.stdout + ran.stderr
     assert "session-map root" in " ".join(custody("bundle", "verify", "--help").stdout.split())
+
+
+def test_over_custody_seals_a_rotation_line_needs_the_seals_signed_handover(tmp_path):
+    """The witness hands an origin over on the checkpoint's `custody.key-rotation/v1` line; on `custody.seals` it
+    takes that line only as the seal's own rotation, whose handover the new key signed. A holder of the outgoing
+    key who writes the line into a seal without a rotation (or names another key than the signed one) is refused
+    and the origin stays with its key; the honest rotation seal is cosigned and hands over."""
+    import base64
+
+    import pytest
+
+    from ledger import checkpoint, rotation
+    from ledger.seals import seal_record, sign_seal
+    from ledger.witness import BadRequest
+
+    old, new, stranger = make_key("ledger"), make_key("ledger"), make_key("ledger")
+    witness = Witness(tmp_path / "w", cosigner_for(make_key("witness")),
+                      custody_log_keys(Keyring([TrustedKey(old.key_id, "ledger", old.public_key)]), ["o.test/l"]))
+    origin, root = "o.test/l/p0", bytes(range(32))
+    first = sign_seal(seal_record(origin="o.test/l", partition=0, number=1, key_id=old.key_id, sealed_at_us=1,
+                                  previous=None, segment=None, first_leaf=0, leaf_count=1, time_range=None,
+                                  topic="t", first_offset=0, next_offset=1, quarantined=0, tree_size=1, root=root),
+                      old, [])
+    assert witness.add_seal(first) is not None
+    idle = dict(first.record, number=2, previous=first.link(), leaves={"first": 1, "count": 0})
+
+    def with_line(record: dict, key) -> Seal:
+        """The seal signed as is, its checkpoint (by the outgoing key) stating a handover to `key`."""
+        seal = sign_seal(record, old, [])
+        line = rotation.extension_line({"key_id": key.key_id, "public_key": base64.b64encode(key.public_key).decode()})
+        cp = checkpoint.Checkpoint(origin, 1, root, (line,))
+        return Seal(seal.record, seal.signature, checkpoint.sign_checkpoint(
+            cp, [checkpoint.Signer.from_key(origin, old.signing_key)]), ())
+
+    handed = dict(idle, rotation=rotation.rotation_field(origin, 2, old, new))
+    for forged in (with_line(idle, stranger), with_line(handed, stranger)):
+        with pytest.raises(BadRequest, match=r"^seal 2 of o.test/l/p0: its checkpoint's custody.key-rotation/v1 line "
+                                             r"is not the rotation its record carries with the new key's signed "
+                                             r"handover$"):
+            witness.add_seal(forged)
+        assert witness.latest(origin).log_key is None
+    assert witness.add_seal(sign_seal(handed, old, [])) is not None
+    assert witness.latest(origin).log_key == checkpoint.Verifier.from_key(origin, new.signing_key.verify_key).vkey
+    witness.close()
