@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,8 @@ from ingest.keys import Keyring
 from ingest.verify import Rejection, SessionChains, check_key, check_signature, decode
 from ledger import checkpoint, merkle, sessionmap
 from ledger.seals import (FIRST_SEAL, SEALS_DIR, SEGMENTS_DIR, MalformedSealError, Seal, SealError,
-                          UntrustedSealKeyError, checkpoint_verifiers, partition_origin, seal_relpath,
-                          verify_seal_signature)
+                          UntrustedSealKeyError, checkpoint_verifiers, parse_iso, partition_origin,
+                          seal_relpath, verify_seal_signature)
 from ledger.rotation import RotationError, chain_key, check_rotation, with_key
 from ledger.segments import file_sha256, read_segment
 from ledger.state import numbered_files
@@ -95,6 +96,12 @@ class Report:
                 f"{self.events_valid:,}/{self.events:,} events valid, {self.session_gaps:,} session gaps, "
                 f"{self.seals_valid:,}/{self.seals:,} seals valid")
 
+
+CLOCK_AHEAD_TOLERANCE_S = 5.0
+"""How far an event's own timestamp may lie after the `sealed_at` of the seal that holds it before the verifier
+names a skewed clock. The ledger seals an event only after it was recorded, on the ledger's clock, so a larger gap
+means the recording proxy's clock ran ahead. Not a problem (signatures and chains are still checked, and order is
+by seq, never by time), a note: the timestamps of those events are not to be trusted as wall-clock times."""
 
 OnProblem = Callable[[LedgerProblem], None]
 OnEvents = Callable[[int], None]
@@ -303,6 +310,9 @@ class PartitionVerifier:
         self.ended: set[str] = set()
         self.touched: set[str] = set()
         self.unmapped_seals = 0
+        self.clock_ahead: dict[str, list] = {}  # key id -> [events, largest lead in s, first session]
+        self.clock_back: dict[str, int] = {}  # key id -> events stamped before the event before them in their session
+        self.last_ts: dict[str, Any] = {}  # session id -> the timestamp of its latest event
 
     def problem(self, problem: LedgerProblem) -> None:
         self.report.problems.append(problem)
@@ -342,6 +352,19 @@ class PartitionVerifier:
             self.report.notes.append(
                 f"Partition p{self.partition}: {self.unmapped_seals} seal(s) from before session-state maps commit to no "
                 f"session states; bundles anchored on them cannot prove a session's tail was not dropped")
+        self.note_clock_skew()
+
+    def note_clock_skew(self) -> None:
+        """One note per proxy key whose events carry timestamps its seals prove wrong (see CLOCK_AHEAD_TOLERANCE_S)."""
+        for key_id, (count, lead, session) in sorted(self.clock_ahead.items()):
+            self.report.notes.append(
+                f"Partition p{self.partition}: clock skew: {count} event(s) signed by {key_id} are stamped up to "
+                f"{lead:.0f} s after the seal that holds them (first in session {session}): the recording proxy's "
+                f"clock ran ahead; their order is their seq, their timestamps are not wall-clock times")
+        for key_id, count in sorted(self.clock_back.items()):
+            self.report.notes.append(
+                f"Partition p{self.partition}: clock skew: {count} event(s) signed by {key_id} are stamped before "
+                f"the event before them in their session: the recording proxy's clock went back; order is by seq")
 
     def verify_rotation(self, seal: Seal, subject: str) -> None:
         """A rotation seal: the new key signed the handover, and trusted witnesses cosigned its checkpoint. Only
@@ -435,22 +458,37 @@ class PartitionVerifier:
             recompute_root(self.tree, ordered)
             if not self.attempt(check_merkle_root, self.tree, seal, subject):
                 self.tree = None
-        self.verify_events(ordered, relpath)
+        self.verify_events(ordered, relpath, parse_iso(seal.record["sealed_at"]))
 
-    def verify_events(self, ordered: pa.Table, relpath: str) -> None:
+    def verify_events(self, ordered: pa.Table, relpath: str, sealed_at: datetime) -> None:
         rows = ordered.select(["leaf_index", "session_id", "seq", "event_hash", "event"]).to_pylist()
         for row in rows:
             try:
                 event = check_event(row, self.keyring, self.chains, f"Event {relpath} leaf {row['leaf_index']}")
                 self.report.events_valid += 1
                 self.touched.add(event.session_id)
+                self.check_clock(event, sealed_at)
                 if event.kind == "session_end":
                     self.ended.add(event.session_id)
+                    self.last_ts.pop(event.session_id, None)
             except EventInvalid as problem:
                 self.report.session_gaps += problem.message.startswith("seq_gap")
                 self.problem(problem)
             except LedgerProblem as problem:
                 self.problem(problem)
+
+    def check_clock(self, event, sealed_at: datetime) -> None:
+        """Counts an event stamped after its seal (beyond the tolerance) or before its session's previous event."""
+        ts = event.ts
+        lead = (ts - sealed_at).total_seconds()
+        if lead > CLOCK_AHEAD_TOLERANCE_S:
+            entry = self.clock_ahead.setdefault(event.key_id, [0, 0.0, event.session_id])
+            entry[0] += 1
+            entry[1] = max(entry[1], lead)
+        previous = self.last_ts.get(event.session_id)
+        if previous is not None and ts < previous:
+            self.clock_back[event.key_id] = self.clock_back.get(event.key_id, 0) + 1
+        self.last_ts[event.session_id] = ts
 
     def find_unsealed_segments(self, sealed: set[str]) -> None:
         directory = self.root / SEGMENTS_DIR / f"p{self.partition}"
