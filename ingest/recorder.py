@@ -47,6 +47,7 @@ process group must not cut it short, the proxy decides when it stops.
 from __future__ import annotations
 
 import asyncio
+import collections
 import enum
 import itertools
 import logging
@@ -329,6 +330,11 @@ class _Child:
         self.chains: dict[str, SessionChain] = {}
         self.broken: set[str] = set()
         self.failed_full = False
+        # Signed events that met a full spool. They were handed over, so the proxy may have relayed their frames
+        # already: they wait here, in order, and go to the spool first once it has room again (the proxy refuses
+        # new frames meanwhile: "failed" ... "recovered"). Bounded by what was in flight when the spool filled.
+        self.held: collections.deque = collections.deque()
+        self.held_sessions: set[str] = set()  # sessions told to end because an event of theirs is held
         self.recorded = (0, 0, 0)  # events, frames, bytes as handed over by the proxy
         self.acked, self.acked_at = self.recorded, 0.0
         self.written = 0  # events after folding
@@ -359,12 +365,24 @@ class _Child:
         chain = self.chains.get(session_id)
         if chain is None:
             chain = self.chains[session_id] = SessionChain(self.key, self.producer_name, session_id)
+        signed = None
         try:
-            self.producer.send(chain.event(kind, body, ts_micros=ts))
-            self.written += 1
+            signed = chain.event(kind, body, ts_micros=ts)
+            if self.held:
+                self.held.append(signed)  # behind the events that wait for room, never ahead of them
+            else:
+                self.producer.send(signed)
+                self.written += 1
         except SpoolFull as exc:
-            self.failed_full = True
-            self.fail(session_id, f"spool full: {exc}")
+            self.held.append(signed)
+            if not self.failed_full:
+                self.failed_full = True
+                log.error("recorder: spool full (%s); new frames are refused, %s and what follows it wait for room",
+                          exc, kind)
+                self.replies.put(("failed", f"spool full: {exc}"))
+            if session_id not in self.held_sessions:  # the proxy ends this session (its own events are kept)
+                self.held_sessions.add(session_id)
+                self.replies.put(("broken", session_id))
         except SpoolError as exc:
             self.fail(session_id, f"spool failed: {exc}")
         except Exception as exc:  # a bug must not kill the recorder silently
@@ -382,11 +400,28 @@ class _Child:
         self.replies.put(("broken", session_id))
         self.replies.put(("failed", reason))
 
+    def release_held(self) -> None:
+        """Spool the events held back by a full spool, oldest first, as far as there is room."""
+        while self.held:
+            try:
+                self.producer.send(self.held[0])
+            except SpoolFull:
+                return
+            except SpoolError as exc:
+                log.error("recorder: %d held events could not be spooled (%s); they are lost", len(self.held), exc)
+                self.held.clear()
+                return
+            self.held.popleft()
+            self.written += 1
+
     def idle(self) -> None:
-        """A full spool recovers once the broker drained it; other spool failures do not."""
+        """A full spool recovers once the broker drained it (and what it held back is spooled); other spool
+        failures do not."""
         spool = self.producer.spool
-        if self.failed_full and spool.pending_bytes < spool.max_bytes * 0.9:
+        self.release_held()
+        if self.failed_full and not self.held and spool.pending_bytes < spool.max_bytes * 0.9:
             self.failed_full = False
+            self.held_sessions.clear()
             self.replies.put(("recovered",))
 
 
@@ -455,6 +490,10 @@ def _finish(child: _Child, requests, bound: float, *, orphaned: bool) -> None:
             break
     if left:
         log.error("recorder: stopped after %.0fs with events still waiting; they are lost", bound)
+    child.release_held()
+    if child.held:
+        log.error("recorder: %d events held back by a full spool were not spooled before stopping; they are lost",
+                  len(child.held))
     child.producer.close(timeout=max(0.5, (deadline - time.monotonic()) / 2))  # it waits, then joins its drainer
     child.acknowledge()
     child.idle()
