@@ -41,6 +41,20 @@ def publish(settings: KafkaSettings, docs: list[dict]) -> None:
     producer.close()
 
 
+def receiving(kafka_settings: KafkaSettings, tmp_path: Path, group: str, documents: int, transport: str = "tcp",
+              tls: dict | None = None, start: bool = True) -> tuple[Rsyslog, SocSettings]:
+    """rsyslogd on a free loopback port (started unless `start` is False), [soc] settings whose sink forwards to it
+    as a group of this test's own, and `documents` findings already on custody.violations.ocsf."""
+    port = free_port()
+    receiver = Rsyslog(tmp_path / "rsyslog", port, transport, tls)
+    if start:
+        receiver.start()
+    soc = SocSettings(ocsf=True, syslog=f"{transport}://127.0.0.1:{port}", syslog_group=f"{group}-{port}")
+    kafka.ensure_topics(kafka_settings, ("violations.ocsf",))
+    publish(kafka_settings, [finding(n) for n in range(documents)])
+    return receiver, soc
+
+
 def test_rfc5424_message_and_octet_counting():
     m = syslog.message(finding(1), hostname="h1", procid="7")
     assert m.startswith(b"<108>1 2026-01-01T00:00:00.001Z h1 custody 7 OCSF-2004 [custody@32473 id=\"v-1\" "
@@ -53,12 +67,7 @@ def test_rfc5424_message_and_octet_counting():
 
 
 def test_rsyslog_receives_everything_across_a_10s_outage(kafka_settings, tmp_path):
-    port = free_port()
-    receiver = Rsyslog(tmp_path / "rsyslog", port)
-    receiver.start()
-    soc = SocSettings(ocsf=True, syslog=f"tcp://127.0.0.1:{port}", syslog_group=f"syslog-{port}")
-    kafka.ensure_topics(kafka_settings, ("violations.ocsf",))
-    publish(kafka_settings, [finding(n) for n in range(50)])
+    receiver, soc = receiving(kafka_settings, tmp_path, "syslog", 50)
     sink = syslog.SyslogSink(kafka_settings, soc, syslog.Destination.parse(soc.syslog), confirm_seconds=1.0)
     stop = threading.Event()
     runner = threading.Thread(target=sink.run, args=(stop,), daemon=True)
@@ -119,12 +128,7 @@ def test_tls_rfc5425_to_rsyslog_with_a_test_ca_and_a_client_certificate(kafka_se
     if not any(Path("/usr/lib").glob("*/rsyslog/lmnsd_ossl.so")):
         pytest.skip("rsyslog-openssl is not installed")
     tls = make_tls((tmp_path / "ca").mkdir() or tmp_path / "ca")
-    port = free_port()
-    receiver = Rsyslog(tmp_path / "rsyslog", port, "tls", tls)
-    receiver.start()
-    soc = SocSettings(ocsf=True, syslog=f"tls://127.0.0.1:{port}", syslog_group=f"tls-{port}")
-    kafka.ensure_topics(kafka_settings, ("violations.ocsf",))
-    publish(kafka_settings, [finding(n) for n in range(30)])
+    receiver, soc = receiving(kafka_settings, tmp_path, "tls", 30, "tls", tls)
     destination = syslog.Destination.parse(soc.syslog, tls["ca"], tls["client_cert"], tls["client_key"])
     try:
         other = make_tls((tmp_path / "other").mkdir() or tmp_path / "other")  # a CA rsyslogd's certificate is not of
@@ -153,12 +157,7 @@ def test_tls_rfc5425_to_rsyslog_with_a_test_ca_and_a_client_certificate(kafka_se
 
 def test_udp_rfc5426_to_rsyslog(kafka_settings, tmp_path):
     """One message per datagram; rsyslogd's imudp parses each (no delivery guarantee on UDP: none lost here)."""
-    port = free_port()
-    receiver = Rsyslog(tmp_path / "rsyslog", port, "udp")
-    receiver.start()
-    soc = SocSettings(ocsf=True, syslog=f"udp://127.0.0.1:{port}", syslog_group=f"udp-{port}")
-    kafka.ensure_topics(kafka_settings, ("violations.ocsf",))
-    publish(kafka_settings, [finding(n) for n in range(30)])
+    receiver, soc = receiving(kafka_settings, tmp_path, "udp", 30, "udp")
     try:
         with RunningSink(kafka_settings, soc, syslog.Destination.parse(soc.syslog)):
             wait_for(lambda: len(receiver.received()) >= 30, 30, "rsyslog did not get the 30 datagrams")
@@ -170,11 +169,7 @@ def test_udp_rfc5426_to_rsyslog(kafka_settings, tmp_path):
 
 
 def test_a_receiver_down_when_the_sink_starts_gets_everything_once_it_is_up(kafka_settings, tmp_path):
-    port = free_port()
-    receiver = Rsyslog(tmp_path / "rsyslog", port)
-    soc = SocSettings(ocsf=True, syslog=f"tcp://127.0.0.1:{port}", syslog_group=f"down-{port}")
-    kafka.ensure_topics(kafka_settings, ("violations.ocsf",))
-    publish(kafka_settings, [finding(n) for n in range(40)])
+    receiver, soc = receiving(kafka_settings, tmp_path, "down", 40, start=False)
     try:
         with RunningSink(kafka_settings, soc, syslog.Destination.parse(soc.syslog)) as sink:
             time.sleep(3)  # retrying with backoff, nothing sent, nothing committed
@@ -189,12 +184,7 @@ def test_a_receiver_down_when_the_sink_starts_gets_everything_once_it_is_up(kafk
 def test_a_restarted_sink_resumes_after_what_it_confirmed(kafka_settings, tmp_path):
     """The committed offset is where a new sink of the same group starts: what was confirmed is not sent again,
     what came while no sink ran is sent."""
-    port = free_port()
-    receiver = Rsyslog(tmp_path / "rsyslog", port)
-    receiver.start()
-    soc = SocSettings(ocsf=True, syslog=f"tcp://127.0.0.1:{port}", syslog_group=f"again-{port}")
-    kafka.ensure_topics(kafka_settings, ("violations.ocsf",))
-    publish(kafka_settings, [finding(n) for n in range(20)])
+    receiver, soc = receiving(kafka_settings, tmp_path, "again", 20)
     destination = syslog.Destination.parse(soc.syslog)
     try:
         with RunningSink(kafka_settings, soc, destination):
