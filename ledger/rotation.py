@@ -27,7 +27,7 @@ from nacl.signing import VerifyKey
 
 from ingest.errors import CustodyError
 from ingest.events import now_micros
-from ingest.keys import Keyring, PrivateKey, TrustedKey
+from ingest.keys import Keyring, PrivateKey, TrustedKey, key_id_for
 from ledger.durable import write_atomic
 
 ROTATION_CONTEXT = b"custody-key-rotation-v1\n"
@@ -64,11 +64,22 @@ def check_rotation(record: dict[str, Any]) -> TrustedKey:
     except (KeyError, TypeError, ValueError, BadSignatureError) as exc:
         raise RotationError(f"rotation to {rotation.get('key_id') if isinstance(rotation, dict) else rotation!r}: "
                             f"the new key's signature of the handover doesn't verify ({type(exc).__name__})") from None
+    check_key_id(rotation["key_id"], public_key)
     return TrustedKey(rotation["key_id"], "ledger", public_key, comment="introduced by a rotation seal")
 
 
+def check_key_id(key_id: str, public_key: bytes) -> None:
+    """A key id is `name+` the key's own hash (`key_id_for`), as the keyring requires: a rotation naming one key's
+    id with another public key is refused here, with the rotation named, not later as a keyring error."""
+    name, plus, _ = key_id.partition("+")
+    if not plus or key_id != key_id_for(name, public_key):
+        raise RotationError(f"rotation to {key_id!r}: that key id is not the id of the public key it states "
+                            f"(expected {key_id_for(name or 'ledger', public_key)!r})")
+
+
 def with_key(keyring: Keyring, key: TrustedKey) -> Keyring:
-    """The keyring plus a ledger key a verified rotation introduced (unless it already holds that key id)."""
+    """The keyring plus a ledger key a verified rotation introduced (unless it already holds that key id: ids are
+    bound to their keys, by `check_key_id` here and by the keyring itself)."""
     if any(k.key_id == key.key_id and k.role == "ledger" for k in keyring):
         return keyring
     return Keyring([*keyring, key])

@@ -213,3 +213,28 @@ def test_the_witness_follows_the_rotation_without_being_reconfigured(rotated):
     with pytest.raises(Forbidden, match="is not signed by key .*, the key a cosigned key rotation handed the log to"):
         rotated.witness.add(checkpoint.sign_checkpoint(latest.checkpoint, [stranger]), latest.size, [])
     assert rotated.witness.latest(f"{ORIGIN}/p0") == latest
+
+
+def test_a_rotation_must_name_its_key_by_that_keys_own_id():
+    """Key ids are `name+` a hash of the key: a rotation stating a known id with another public key is refused."""
+    import base64
+
+    import pytest
+
+    from conftest import make_key
+    from ingest.keys import Keyring, TrustedKey
+    from ledger.rotation import RotationError, check_rotation, handover, rotation_field, with_key
+
+    old, new, known = make_key("ledger"), make_key("ledger"), make_key("ledger")
+    record = {"origin": "o.test/l/p0", "number": 2, "key_id": old.key_id,
+              "rotation": rotation_field("o.test/l/p0", 2, old, new)}
+    introduced = check_rotation(record)
+    assert introduced.key_id == new.key_id
+    assert [k.key_id for k in with_key(Keyring([]), introduced)] == [new.key_id]
+
+    # the new key signs a handover to `known`'s id while stating its own public key
+    lying = dict(record, rotation={"key_id": known.key_id, "public_key": base64.b64encode(new.public_key).decode(),
+                                   "signature": base64.b64encode(new.sign(handover(
+                                       "o.test/l/p0", 2, old.key_id, known.key_id))).decode()})
+    with pytest.raises(RotationError, match=r"that key id is not the id of the public key it states"):
+        check_rotation(lying)
