@@ -101,6 +101,9 @@ class _Detector:
     needs_any_of: tuple[str, ...] = ()
     feature: int = 0
     possible: Callable[[str], bool] | None = None  # a quick test on the text the pattern needs to pass
+    # The same kind of test on the value's bytes, run by the gate itself: a value that fails it does not
+    # even take the detector into its run (so a lone other detector takes the one-pattern path).
+    possible_bytes: Callable[[bytes], bool] | None = None
 
 
 def _digits(text: str) -> str:
@@ -257,12 +260,17 @@ _PHONE_SHAPE = bytes(
 )
 
 
+def _phone_bytes_possible(raw: bytes) -> bool:
+    """Necessary for a phone in `raw`'s text: a "+", or text that is not all ASCII, or the shape of what
+    _PHONE_HINT needs ("sdddsdddd"), found by one translate and find in C."""
+    return 43 in raw or not raw.isascii() or raw.translate(_PHONE_SHAPE).find(b"sdddsdddd") >= 0
+
+
 def _phone_possible(text: str) -> bool:
     if "+" in text:
         return True
-    if text.isascii():  # what _PHONE_HINT needs, found by one translate and find in C: "sdddsdddd"
-        if text.encode().translate(_PHONE_SHAPE).find(b"sdddsdddd") < 0:
-            return False
+    if text.isascii() and not _phone_bytes_possible(text.encode()):
+        return False
     return _PHONE_HINT.search(text) is not None
 
 
@@ -305,7 +313,8 @@ DETECTORS: dict[str, _Detector] = {
         _Detector("credit_card", _CARD, _card_valid, _card_placeholder, 13, min_digits=13),
         _Detector("email", _EMAIL, _always, _email_placeholder, 6, needs_any_of=("@",), feature=_AT),
         _Detector("us_ssn", _SSN, _ssn_valid, _ssn_placeholder, 11, min_digits=9, needs_any_of=("-",), feature=_DASH),
-        _Detector("phone", _PHONE, _phone_valid, _opaque("phone"), 9, min_digits=8, possible=_phone_possible),
+        _Detector("phone", _PHONE, _phone_valid, _opaque("phone"), 9, min_digits=8, possible=_phone_possible,
+                  possible_bytes=_phone_bytes_possible),
     )
 }
 
@@ -313,6 +322,9 @@ DETECTORS: dict[str, _Detector] = {
 _ORDER = itemgetter(0, 1, 2)
 _Run = tuple[tuple[int, _Detector], ...]  # the detectors worth running on a value, with their priority
 _NO_RUN: tuple[_Run, bool] = ((), False)
+# A gate table entry: the run, whether to skip plain values, and the first detector of the run with a
+# bytes test (`possible_bytes`, or None) with the entry to use instead when the value fails that test.
+_Entry = tuple[_Run, bool, "Callable[[bytes], bool] | None", "_Entry | None"]
 
 
 class Scanner:
@@ -348,16 +360,21 @@ class Scanner:
             for features in range(_FEATURES)
         )
 
-    def _entry(self, length_rank: int, digit_rank: int, features: int) -> tuple[_Run, bool]:
+    def _entry(self, length_rank: int, digit_rank: int, features: int, dropped: frozenset[str] = frozenset()) -> _Entry:
         length = self._lengths[length_rank - 1] if length_rank else 0
         digits = self._digit_counts[digit_rank - 1] if digit_rank else 0
         run = tuple(
             (index, d) for index, d in enumerate(self.detectors)
             if d.min_length <= length and d.min_digits <= digits and d.feature & features == d.feature
+            and d.kind not in dropped
         )
         # PostgreSQL's numbers, dates, timestamps and uuids hold no finding. Only the digit-counting
         # detectors need to be told: the others' markers never occur in such a value.
-        return run, any(d.min_digits for _, d in run)
+        skip_plain = any(d.min_digits for _, d in run)
+        for _, d in run:
+            if d.possible_bytes is not None:
+                return run, skip_plain, d.possible_bytes, self._entry(length_rank, digit_rank, features, dropped | {d.kind})
+        return run, skip_plain, None, None
 
     def _run_for(self, raw: bytes) -> tuple[_Run, bool]:
         """The detectors whose necessary conditions `raw` (a value's UTF-8 bytes) meets."""
@@ -381,8 +398,12 @@ class Scanner:
                 features |= _AWS
             if wanted & _PEM and raw.find(b"PRIVATE KEY") >= 0:
                 features |= _PEM
-        return self._table[self._by_length[size if size < len(self._by_length) else -1]
-                           + self._by_digits[digits if digits < len(self._by_digits) else -1] + features]
+        run, skip_plain, test, otherwise = self._table[self._by_length[size if size < len(self._by_length) else -1]
+                                                       + self._by_digits[digits if digits < len(self._by_digits) else -1]
+                                                       + features]
+        while test is not None and not test(raw):
+            run, skip_plain, test, otherwise = otherwise
+        return run, skip_plain
 
     @staticmethod
     def _find(text: str, run: _Run, skip_plain: bool) -> list[tuple[int, int, int, re.Match[str], _Detector]]:
@@ -495,8 +516,10 @@ class Scanner:
             if wanted & _PEM and value.find(b"PRIVATE KEY") >= 0:
                 features |= _PEM
         by_length, by_digits = self._by_length, self._by_digits
-        run, skip_plain = self._table[by_length[size if size < len(by_length) else -1]
-                                      + by_digits[digits if digits < len(by_digits) else -1] + features]
+        run, skip_plain, test, otherwise = self._table[by_length[size if size < len(by_length) else -1]
+                                                       + by_digits[digits if digits < len(by_digits) else -1] + features]
+        while test is not None and not test(value):
+            run, skip_plain, test, otherwise = otherwise
         if not run:
             return None
         text = value.decode("utf-8", "surrogateescape")
@@ -542,8 +565,10 @@ class Scanner:
                 features |= _AWS
             if wanted & _PEM and out.find(b"PRIVATE KEY") >= 0:
                 features |= _PEM
-        run, skip_plain = self._table[by_length[size if size < len(by_length) else -1]
-                                      + by_digits[digits if digits < len(by_digits) else -1] + features]
+        run, skip_plain, test, otherwise = self._table[by_length[size if size < len(by_length) else -1]
+                                                       + by_digits[digits if digits < len(by_digits) else -1] + features]
+        while test is not None and not test(out):
+            run, skip_plain, test, otherwise = otherwise
         if run:
             leftover = self._find(masked, run, skip_plain)
             if leftover:

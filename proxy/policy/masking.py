@@ -28,6 +28,10 @@ from .detectors import Scanner, scanner_for
 
 __all__ = [
     "COLUMN_PLACEHOLDER",
+    "HIDE_BINARY",
+    "HIDE_TEXT",
+    "PASS",
+    "SCAN",
     "MaskPlan",
     "Masked",
     "RowMasker",
@@ -38,7 +42,9 @@ __all__ = [
 
 COLUMN_PLACEHOLDER = b"[MASKED:column]"
 TEXT_FORMAT, BINARY_FORMAT = 0, 1
-_SCAN, _PASS, _HIDE_TEXT, _HIDE_BINARY = range(4)  # what RowMasker does with a column's values
+# What RowMasker does with a column's values (`RowMasker.actions`): scan them with the detectors, pass
+# them (binary), hide them whole as COLUMN_PLACEHOLDER (text) or as NULL (binary).
+SCAN, PASS, HIDE_TEXT, HIDE_BINARY = range(4)
 _STRUCTURAL_FIELDS = frozenset("SVCPpFLR")  # severity, code, position, source file/line/routine: never data
 
 T = TypeVar("T")
@@ -100,24 +106,25 @@ class RowMasker:
         )
         # What to do with each column's values, decided once: scan, hide whole, or pass (binary).
         self._actions = tuple(
-            (_HIDE_BINARY if binary else _HIDE_TEXT) if whole else (_PASS if binary else _SCAN)
+            (HIDE_BINARY if binary else HIDE_TEXT) if whole else (PASS if binary else SCAN)
             for whole, binary in self.columns
         )
+        self.actions = self._actions  # public, for a protocol's own walk over its row format (PostgreSQL DataRow)
         self._known = len(self._actions)
-        self._scanned = tuple(index for index, action in enumerate(self._actions) if action == _SCAN)
-        self._hidden = tuple(index for index, action in enumerate(self._actions) if action in (_HIDE_TEXT, _HIDE_BINARY))
-        self._hidden_as = {index: None if self._actions[index] == _HIDE_BINARY else COLUMN_PLACEHOLDER
+        self._scanned = tuple(index for index, action in enumerate(self._actions) if action == SCAN)
+        self._hidden = tuple(index for index, action in enumerate(self._actions) if action in (HIDE_TEXT, HIDE_BINARY))
+        self._hidden_as = {index: None if self._actions[index] == HIDE_BINARY else COLUMN_PLACEHOLDER
                            for index in self._hidden}
-        self._shortest = self.scanner.shortest
-        self._masked_or_none = self.scanner.masked_or_none
+        self._shortest = self.shortest = self.scanner.shortest  # a shorter value holds no finding
+        self._masked_or_none = self.masked_or_none = self.scanner.masked_or_none  # one scanned value, None: unchanged
 
     def _mask_value(self, index: int, value: bytes) -> tuple[bytes | None, tuple[str, ...]]:
-        action = self._actions[index] if index < len(self._actions) else _SCAN
-        if action == _SCAN:
+        action = self._actions[index] if index < len(self._actions) else SCAN
+        if action == SCAN:
             return self.scanner.mask_bytes(value)
-        if action == _PASS:
+        if action == PASS:
             return value, ()
-        return (None if action == _HIDE_BINARY else COLUMN_PLACEHOLDER), ("column",)
+        return (None if action == HIDE_BINARY else COLUMN_PLACEHOLDER), ("column",)
 
     def mask_row(self, values: Sequence[bytes | None]) -> Masked[list[bytes | None]]:
         """One DataRow's values (None = SQL NULL) with findings hidden; encode the result as a new DataRow."""
@@ -177,12 +184,12 @@ class RowMasker:
         for index, value in enumerate(values):
             if value is None:
                 continue
-            action = actions[index] if index < known else _SCAN
-            if action == _SCAN:
+            action = actions[index] if index < known else SCAN
+            if action == SCAN:
                 if len(value) >= shortest:
                     scanned.append(index)
-            elif action != _PASS:
-                values[index] = None if action == _HIDE_BINARY else COLUMN_PLACEHOLDER
+            elif action != PASS:
+                values[index] = None if action == HIDE_BINARY else COLUMN_PLACEHOLDER
                 changed = True
         return self._mask_each(values, scanned) or changed
 

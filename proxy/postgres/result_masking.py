@@ -34,6 +34,7 @@ from collections.abc import Callable
 from ingest.protocols.postgres import messages as m
 from ingest.protocols.postgres.protocol import FEATURE_NOT_SUPPORTED, Message, ProtocolViolation
 from proxy.policy import MaskPlan, RowMasker, mask_fields
+from proxy.policy.masking import COLUMN_PLACEHOLDER, HIDE_TEXT, PASS, SCAN
 
 Record = dict
 Seal = Callable[[bytes], bytes]
@@ -111,6 +112,73 @@ def _data_row(count: bytes, values: list[bytes | None]) -> bytes:
     return bytes(out)
 
 
+def _masked_data_row(data: bytes, rows: RowMasker) -> bytes | None:
+    """A whole DataRow message masked by `rows`, or None when masking changes nothing: the hot path.
+
+    One walk over the wire bytes, column by column: only scanned values are
+    sliced out, and the new message is spliced from the original's unchanged
+    stretches (lengths and values as they are) and the masked values. A row
+    with another column count than the RowDescription's, or malformed, takes
+    the general path (`_mask_data_row_values`, which raises the codec's error).
+    """
+    actions = rows.actions
+    size = len(data)
+    if size < 7 or int.from_bytes(data[5:7], "big") != len(actions):
+        return _mask_data_row_values(data, rows)
+    unpack, pack, shortest, masked_or_none = _INT32.unpack_from, _INT32.pack, rows.shortest, rows.masked_or_none
+    out: bytearray | None = None
+    copied = position = 7  # what `out` holds of `data` ends at `copied`
+    for action in actions:
+        if position + 4 > size:
+            return _mask_data_row_values(data, rows)
+        length = unpack(data, position)[0]
+        start = position + 4
+        if length < 0:  # NULL (-1) stays NULL; below -1 is malformed
+            if length != -1:
+                return _mask_data_row_values(data, rows)
+            position = start
+            continue
+        end = start + length
+        if end > size:
+            return _mask_data_row_values(data, rows)
+        if action == SCAN:
+            if length < shortest:
+                position = end
+                continue
+            masked = masked_or_none(data[start:end])
+            if masked is None:
+                position = end
+                continue
+        elif action == PASS:
+            position = end
+            continue
+        else:
+            masked = COLUMN_PLACEHOLDER if action == HIDE_TEXT else None
+        if out is None:
+            out = bytearray(data[:position])
+        else:
+            out += data[copied:position]
+        if masked is None:
+            out += _NULL
+        else:
+            out += pack(len(masked))
+            out += masked
+        copied = position = end
+    if position != size:
+        return _mask_data_row_values(data, rows)
+    if out is None:
+        return None
+    out += data[copied:]
+    out[1:5] = pack(len(out) - 1)
+    return bytes(out)
+
+
+def _mask_data_row_values(data: bytes, rows: RowMasker) -> bytes | None:
+    """`_masked_data_row` by values: decoded (or the codec's ProtocolViolation), masked, re-encoded."""
+    values = _data_row_values(data[5:])
+    return _data_row(data[5:7], values) if rows.mask_in_place(values) else None
+
+
 class ResultMasker:
     """One session's masking state: the plan, and the columns of the result being relayed.
 
@@ -155,14 +223,13 @@ class ResultMasker:
         changed: list[bool] = []
         for message in messages:
             if message.type == "DataRow":  # the hot path, inline: one row per call into the masker
-                data = message.data
-                values = _data_row_values(data[5:])
-                if self._rows.mask_in_place(values):
-                    out.append(Message("DataRow", _data_row(data[5:7], values)))
-                    changed.append(True)
-                else:
+                masked_row = _masked_data_row(message.data, self._rows)
+                if masked_row is None:
                     out.append(message)
                     changed.append(False)
+                else:
+                    out.append(Message("DataRow", masked_row))
+                    changed.append(True)
                 continue
             masked = self._mask(message)
             out.append(masked)
@@ -172,8 +239,8 @@ class ResultMasker:
     def _mask(self, message: Message) -> Message:
         kind = message.type
         if kind == "DataRow":
-            values = _data_row_values(message.payload)
-            return Message(kind, _data_row(message.payload[:2], values)) if self._rows.mask_in_place(values) else message
+            masked_row = _masked_data_row(message.data, self._rows)
+            return message if masked_row is None else Message(kind, masked_row)
         if kind == "CopyData":
             if self._copy is None:
                 return message
