@@ -42,7 +42,8 @@ def test_the_ledger_publishes_violations_once_sealed(kafka_settings, proxy_key, 
 
     settings = LedgerSettings(dir=tmp_path / "ledger", origin="custody.test/ledger", segment_max_events=1000,
                               segment_max_bytes=1 << 24, segment_max_seconds=0.3, idle_seal_seconds=3600)
-    service = LedgerService(kafka_settings, settings, ledger_key, keyring, group_id="violations-test")
+    service = LedgerService(kafka_settings, settings, ledger_key, keyring, group_id="violations-test",
+                            partitions=list(range(kafka_settings.partitions)))  # pinned: no group join to wait for
     deadline = time.monotonic() + 40
     while service.sealed_leaves < 4 or any(w.opened_at is not None for w in service.writers.values()):
         assert time.monotonic() < deadline, "the ledger did not seal in time"
