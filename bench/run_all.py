@@ -54,7 +54,9 @@ SHORT: dict[str, list[str]] = {
     "pg_proxy": ["--queries", "1000", "--seconds", "5", "--rows", "200000", "--idle-sessions", "20"],
     "policy": ["--rows", "50000", "--statements", "2000"],
     "query": ["--sessions", "2000"],
+    "ssh_proxy": ["--execs", "10", "--mib", "20", "--keys", "100"],
     "system": [],
+    "witness": ["--checkpoints", "500", "--events", "20000", "--sessions", "100000"],
 }
 NUMBER = r"-?[\d,]*\.?\d+"
 
@@ -136,6 +138,7 @@ def parse_sections(text: str) -> tuple[list[Row], set[str]]:
         ours = [cells for name, cells in table if "custody" in name.lower()]
         for i in range(max(len(cells) for _, cells in table)):
             column = columns[i] if i < len(columns) else ""
+            title = title.rstrip(":")
             label = f"{title}, {column}" if column else title
             if ours:
                 mine = ours[0][i] if i < len(ours[0]) else ""
@@ -147,6 +150,22 @@ def parse_sections(text: str) -> tuple[list[Row], set[str]]:
                     if i < len(cells):
                         rows.append(Row(f"{label}: {name}", cells[i]))
         used.update(lines)
+    return rows, used
+
+
+def parse_direct_proxy(text: str) -> tuple[list[Row], set[str]]:
+    """`<figure>: direct <n> <unit>, proxy <n> <unit> (...)[; <p99>: direct ..., proxy ...]` (bench/ssh_proxy.py)."""
+    rows, used = [], set()
+    for line in text.splitlines():
+        head = ""
+        for part in line.split("; "):
+            m = re.match(rf"(.+?): direct ({NUMBER}) ([^,]+), proxy ({NUMBER})", part)
+            if not m:
+                continue
+            label = m[1] if not head else f"{head} {m[1]}"
+            head = head or m[1].rsplit(" ", 1)[0]
+            rows.append(Row(f"{label} ({m[3].strip()})", m[4], f"direct: {m[2]}", ratio(m[4], m[2])))
+            used.add(line)
     return rows, used
 
 
@@ -266,7 +285,7 @@ def parse_query(text: str) -> tuple[list[Row], set[str]]:
 
 PARSERS: dict[str, Callable[[str], tuple[list[Row], set[str]]]] = {
     "bundle": parse_bundle, "ingest": parse_ingest, "ledger": parse_ledger, "mysql_proxy": parse_sections,
-    "policy": parse_policy, "query": parse_query, "system": parse_system,
+    "policy": parse_policy, "query": parse_query, "ssh_proxy": parse_direct_proxy, "system": parse_system,
 }
 
 

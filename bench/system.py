@@ -36,8 +36,8 @@ def run(faults: bool, args) -> dict:
         env["CUSTODY_SYSTEM_SECONDS"] = str(args.seconds)
     if args.pg_sessions:
         env["CUSTODY_SYSTEM_PG_SESSIONS"] = str(args.pg_sessions)
-    result = subprocess.run([sys.executable, "-m", "pytest", "tests/system", "-q", "-p", "no:cacheprovider",
-                             "-o", "timeout=1800"], cwd=ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "pytest", "tests/system/test_system_stack.py", "-q", "-p",
+                             "no:cacheprovider", "-o", "timeout=1800"], cwd=ROOT, env=env, capture_output=True, text=True)
     if not out.exists():
         raise SystemExit(f"the system run failed before its figures:\n{result.stdout[-3000:]}")
     figures = json.loads(out.read_text())
