@@ -4,8 +4,9 @@ A seal is durable before its documents are sent (a violation always points at se
 between the two would lose them. So the ledger keeps two facts on disk, written only after the producer
 confirmed (flushed, every send acknowledged) the documents of the seals they name:
 
-* each state snapshot N records `published_through`: the last seal whose documents were confirmed before seal N
-  was written (the flush costs nothing by then: the previous seal's sends are long acknowledged);
+* each state snapshot N records `published_through`: the last seal whose documents Kafka had acknowledged when seal
+  N was written (sealing never waits for it: through a broker outage it only falls behind, and more is rendered
+  again after a crash);
 * a clean release or close writes the partition's `published.json` marker (after a last flush), so a handover
   does not re-publish its last seal's documents.
 
@@ -135,14 +136,16 @@ class Outbox:
             self.sent.append((number, d, self.producer.send(d.topic, key=d.key, value=d.value)))
         self.last = number
 
-    def confirm(self) -> int:
-        """Flush what was sent and return the last seal whose documents (and every earlier seal's) Kafka
-        acknowledged; a send that failed is sent again, to be confirmed by a later call."""
+    def confirm(self, wait: bool = False) -> int:
+        """The last seal whose documents (and every earlier seal's) Kafka acknowledged; a send that failed is sent
+        again, to be confirmed by a later call. Only with `wait` (a release) does it flush first: a seal does not
+        wait for the producer (by then the previous seal's sends are normally long acknowledged)."""
         if self.sent:
-            try:
-                self.producer.flush(timeout=FLUSH_SECONDS)
-            except KafkaError as exc:  # a timeout: what is still in flight is confirmed later
-                log.warning("documents not yet confirmed (%s)", exc)
+            if wait:
+                try:
+                    self.producer.flush(timeout=FLUSH_SECONDS)
+                except KafkaError as exc:  # a timeout: what is still in flight is confirmed by the next owner
+                    log.warning("documents not yet confirmed (%s)", exc)
             waiting = []
             for number, doc, future in self.sent:
                 if future.is_done and future.succeeded():
@@ -158,5 +161,5 @@ class Outbox:
 
     def mark(self, ledger_dir: Path, partition: int) -> None:
         """After a last confirm: the marker a clean handover leaves, so the next owner re-publishes nothing."""
-        if self.confirm() == self.last and self.last:
+        if self.confirm(wait=True) == self.last and self.last:
             write_atomic(marker_path(ledger_dir, partition), json.dumps({"through": self.last}).encode())

@@ -139,8 +139,9 @@ def test_documents_of_a_seal_made_durable_just_before_a_crash_are_published_afte
     restarted.close()
 
     found = {topic: read_topic(kafka_settings, topic) for topic in first}
-    for topic, docs in found.items():
-        assert sorted(uids(docs)) == sorted(first[topic] | second[topic]), f"{topic}: each document once"
+    for topic, docs in found.items():  # seal 1's may come twice (acknowledged after seal 2 was written), seal 2's once
+        assert set(uids(docs)) == first[topic] | second[topic], f"{topic}: every document, nothing foreign"
+        assert sorted(u for u in uids(docs) if u in second[topic]) == sorted(second[topic]), topic
     for doc in found["violations.ocsf"] + found["activity.ocsf"]:
         validate(doc)
         if doc["metadata"]["uid"] in second["violations.ocsf"] | second["activity.ocsf"]:
