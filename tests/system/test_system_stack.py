@@ -16,9 +16,8 @@ clean (nothing lost or duplicated); what is lost is the worker's document delive
 of the short form stays under the delivery timeout and passes. Not fixed here: it needs the ledger to replace a
 producer whose flushes keep timing out after the broker answers again (ledger/service.py, ledger/documents.py).
 A second run (the ledger's publisher given a 300 s delivery timeout, since reverted; on a tree with other uncommitted
-ingest/ edits) did worse: 16 of 22 sessions
-were still not sealed closed 180 s after the clients ended, the worker sealing empty seals at the same offsets;
-not diagnosed yet (the events may wait in a producer wedged the same way: the recorder's, the group's)."""
+ingest/ edits) did worse: 16 of 22 sessions were still not sealed closed 180 s after the clients ended, the worker
+sealing empty seals at the same offsets; not diagnosed yet (the events may wait in a producer wedged the same way: the recorder's, the group's)."""
 
 from __future__ import annotations
 
