@@ -3,22 +3,22 @@ SSH exec/sftp through `custody up` with two ledger workers in one consumer group
 restarted and the broker hung (SIGSTOP/SIGCONT) while sessions run. At the end the clients' own logs are compared
 with `custody activity` / `custody sql` over the sealed ledger, and `custody verify` must be clean.
 
-Known failure of a broker hang longer than 15 s (CUSTODY_SYSTEM_BROKER_HANG=20, the long form's): the ledger worker's
-document producer (kafka-python 3.0.12, idempotent, delivery_timeout_ms 15000 from ingest.kafka) expires the batches
-it had in flight when the hang passes 15 s ("Expiring 7 record(s) for custody.violations-0: 15005 ms has passed"),
-resets its producer id to -1 (transaction_manager: "ProducerId set to -1") and from then on its sender sends
-nothing, not even the InitProducerId it needs (none in the worker's debug log after the reset, while the consumer of
-the same process works on). So every later flush waits its whole timeout: each seal of that worker took 10 s more
-(ledger.documents FLUSH_SECONDS; since fe14c04 a seal no longer waits on that flush), the quarantined forgeries
-never reach custody.violations (the run reads 0 of 6), and at SIGTERM its close (a 10 s confirm per partition it holds, then publisher.flush(10)) outlasts the 30 s the
-stack allows, so it is SIGKILLed (exit -9). The seals themselves and every client operation are sealed and verify
-clean (nothing lost or duplicated); what is lost is the worker's document delivery until it restarts. The 5 s hang
-of the short form stays under the delivery timeout and passes. Not fixed here: it needs the ledger to replace a
-producer whose flushes keep timing out after the broker answers again (ledger/service.py, ledger/documents.py).
-A second run (the ledger's publisher given a 300 s delivery timeout, since reverted; on a tree with other uncommitted
-ingest/ edits) did worse: 16 of 22 sessions were still not sealed closed 180 s after the clients ended, the worker
-sealing empty seals at the same offsets; not diagnosed yet (the events may wait in a producer wedged the same way:
-the recorder's)."""
+Known failure of a broker hang longer than 15 s (CUSTODY_SYSTEM_BROKER_HANG=20, the long form's): the ledger
+worker's document producer (kafka-python 3.0.12, idempotent, delivery_timeout_ms 15000 from ingest.kafka) expires
+the batches it had in flight when the hang passes 15 s ("Expiring 7 record(s) for custody.violations-0: 15005 ms has
+passed"), resets its producer id to -1 (transaction_manager: "ProducerId set to -1") and from then on its sender
+sends nothing, not even the InitProducerId it needs (none in the worker's debug log after the reset, while the
+consumer of the same process works on). So every later flush waits its whole timeout: each seal of that worker took
+10 s more (ledger.documents FLUSH_SECONDS; since fe14c04 a seal no longer waits on that flush), the quarantined
+forgeries never reach custody.violations (the run reads 0 of 6), and at SIGTERM its close (a 10 s confirm per
+partition it holds, then publisher.flush(10)) outlasts the 30 s the stack allows, so it is SIGKILLed (exit -9). The
+seals themselves and every client operation are sealed and verify clean (nothing lost or duplicated); what is lost
+is the worker's document delivery until it restarts. The 5 s hang of the short form stays under the delivery timeout
+and passes. Not fixed here: it needs the ledger to replace a producer whose flushes keep timing out after the broker
+answers again (ledger/service.py, ledger/documents.py). A second run (the ledger's publisher given a 300 s delivery
+timeout, since reverted; on a tree with other uncommitted ingest/ edits) did worse: 16 of 22 sessions were still not
+sealed closed 180 s after the clients ended, the worker sealing empty seals at the same offsets; not diagnosed yet
+(the events may wait in a producer wedged the same way: the recorder's)."""
 
 from __future__ import annotations
 
