@@ -414,3 +414,11 @@ def test_masked_leftovers_that_combine_into_a_finding_are_still_caught_on_the_ro
     assert Scanner(ALL).masked_or_none(text) == b"[MASKED:email]" == mask_text(text.decode(), ALL)[0].encode()
     masker = RowMasker(PLAN, ["id", "note"])
     assert _masked_data_row(m.data_row([b"7", text]), masker) == m.data_row([b"7", b"[MASKED:email]"])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="ab9.@*-_%+ \n\xe9", max_size=24).map(lambda t: t.encode()))
+def test_address_at_gate_is_the_plain_x_at_y_dot_search(raw):
+    from proxy.policy.detectors import _ADDRESS_AT
+    plain = re.compile(rb"[A-Za-z0-9._%+-]@[A-Za-z0-9-][^.]*\.")  # as first written: the literal "@" moved first
+    assert (_ADDRESS_AT.search(raw) is None) == (plain.search(raw) is None)

@@ -38,7 +38,6 @@ from operator import itemgetter
 
 __all__ = ["DETECTORS", "Finding", "Scanner", "UnknownDetectorError", "mask_text", "scanner_for"]
 
-_DIGIT_BYTES = b"0123456789"
 # How PostgreSQL prints integers, numerics (at most 12 digits a side: no room for a
 # 13-digit card), dates, timestamps and uuids: none of these can hold a finding.
 _PLAIN_VALUE = re.compile(
@@ -71,9 +70,11 @@ _EYJ = 4  # "eyJ" and a "." (JWT: a base64url JSON header, then a dot)
 _AWS = 8  # "AKIA" or "ASIA"
 _PEM = 16  # "PRIVATE KEY"
 _UPPER = 32  # maybe an ASCII upper-case letter (IBAN's country code): `not bytes.islower()`
-_FEATURES = 64
-# An "@" that an email finding could be built around: `x@y` then a "." later on (one C-level search).
-_ADDRESS_AT = re.compile(rb"[A-Za-z0-9._%+-]@[A-Za-z0-9-][^.]*\.")
+_DIALABLE = 64  # a "+", text not all ASCII, or the shape of what _PHONE_HINT needs (phone; `_phone_bytes_possible`)
+_FEATURES = 128
+# An "@" that an email finding could be built around: `x@y` then a "." later on (one C-level search). The
+# pattern starts with the literal "@" (the "x" is a lookbehind) so that the engine skips from "@" to "@" in C.
+_ADDRESS_AT = re.compile(rb"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-][^.]*\.")
 
 
 def _has_address_at(raw: bytes) -> bool:
@@ -101,9 +102,6 @@ class _Detector:
     needs_any_of: tuple[str, ...] = ()
     feature: int = 0
     possible: Callable[[str], bool] | None = None  # a quick test on the text the pattern needs to pass
-    # The same kind of test on the value's bytes, run by the gate itself: a value that fails it does not
-    # even take the detector into its run (so a lone other detector takes the one-pattern path).
-    possible_bytes: Callable[[bytes], bool] | None = None
 
 
 def _digits(text: str) -> str:
@@ -313,8 +311,8 @@ DETECTORS: dict[str, _Detector] = {
         _Detector("credit_card", _CARD, _card_valid, _card_placeholder, 13, min_digits=13),
         _Detector("email", _EMAIL, _always, _email_placeholder, 6, needs_any_of=("@",), feature=_AT),
         _Detector("us_ssn", _SSN, _ssn_valid, _ssn_placeholder, 11, min_digits=9, needs_any_of=("-",), feature=_DASH),
-        _Detector("phone", _PHONE, _phone_valid, _opaque("phone"), 9, min_digits=8, possible=_phone_possible,
-                  possible_bytes=_phone_bytes_possible),
+        _Detector("phone", _PHONE, _phone_valid, _opaque("phone"), 9, min_digits=8, feature=_DIALABLE,
+                  possible=_phone_possible),
     )
 }
 
@@ -322,9 +320,6 @@ DETECTORS: dict[str, _Detector] = {
 _ORDER = itemgetter(0, 1, 2)
 _Run = tuple[tuple[int, _Detector], ...]  # the detectors worth running on a value, with their priority
 _NO_RUN: tuple[_Run, bool] = ((), False)
-# A gate table entry: the run, whether to skip plain values, and the first detector of the run with a
-# bytes test (`possible_bytes`, or None) with the entry to use instead when the value fails that test.
-_Entry = tuple[_Run, bool, "Callable[[bytes], bool] | None", "_Entry | None"]
 
 
 class Scanner:
@@ -353,6 +348,7 @@ class Scanner:
         self._by_length = tuple(bisect_right(self._lengths, n) * stride for n in range((self._lengths or (0,))[-1] + 1))
         self._by_digits = tuple(bisect_right(self._digit_counts, n) * _FEATURES
                                 for n in range((self._digit_counts or (0,))[-1] + 1))
+        self._longest, self._most_digits = len(self._by_length) - 1, len(self._by_digits) - 1  # the last entries cover all beyond
         self._table = tuple(
             self._entry(length_rank, digit_rank, features)
             for length_rank in range(len(self._lengths) + 1)
@@ -360,21 +356,16 @@ class Scanner:
             for features in range(_FEATURES)
         )
 
-    def _entry(self, length_rank: int, digit_rank: int, features: int, dropped: frozenset[str] = frozenset()) -> _Entry:
+    def _entry(self, length_rank: int, digit_rank: int, features: int) -> tuple[_Run, bool]:
         length = self._lengths[length_rank - 1] if length_rank else 0
         digits = self._digit_counts[digit_rank - 1] if digit_rank else 0
         run = tuple(
             (index, d) for index, d in enumerate(self.detectors)
             if d.min_length <= length and d.min_digits <= digits and d.feature & features == d.feature
-            and d.kind not in dropped
         )
         # PostgreSQL's numbers, dates, timestamps and uuids hold no finding. Only the digit-counting
         # detectors need to be told: the others' markers never occur in such a value.
-        skip_plain = any(d.min_digits for _, d in run)
-        for _, d in run:
-            if d.possible_bytes is not None:
-                return run, skip_plain, d.possible_bytes, self._entry(length_rank, digit_rank, features, dropped | {d.kind})
-        return run, skip_plain, None, None
+        return run, any(d.min_digits for _, d in run)
 
     def _run_for(self, raw: bytes) -> tuple[_Run, bool]:
         """The detectors whose necessary conditions `raw` (a value's UTF-8 bytes) meets."""
@@ -383,8 +374,12 @@ class Scanner:
             return _NO_RUN
         # ASCII digits; a pattern's digit class also takes other scripts' digits, which UTF-8 writes in two bytes or more:
         # for a value that is not all ASCII, its size is what bounds its digits.
-        digits = size - len(raw.translate(None, _DIGIT_BYTES)) if raw.isascii() else size
+        # One translate gives the ASCII digits and the phone's shape (`_phone_bytes_possible`).
+        shape, ascii = raw.translate(_PHONE_SHAPE), raw.isascii()
+        digits = shape.count(100) if ascii else size
         wanted, features = self._features, 0
+        if wanted & _DIALABLE and (43 in raw or not ascii or shape.find(b"sdddsdddd") >= 0):
+            features = _DIALABLE
         # Single bytes are looked up as ints: `b"@" in raw` would first try (and fail) to read b"@" as one.
         if wanted & _AT and 64 in raw and _has_address_at(raw):
             features |= _AT
@@ -398,12 +393,8 @@ class Scanner:
                 features |= _AWS
             if wanted & _PEM and raw.find(b"PRIVATE KEY") >= 0:
                 features |= _PEM
-        run, skip_plain, test, otherwise = self._table[self._by_length[size if size < len(self._by_length) else -1]
-                                                       + self._by_digits[digits if digits < len(self._by_digits) else -1]
-                                                       + features]
-        while test is not None and not test(raw):
-            run, skip_plain, test, otherwise = otherwise
-        return run, skip_plain
+        return self._table[self._by_length[min(size, self._longest)] + self._by_digits[min(digits, self._most_digits)]
+                           + features]
 
     @staticmethod
     def _find(text: str, run: _Run, skip_plain: bool) -> list[tuple[int, int, int, re.Match[str], _Detector]]:
@@ -501,10 +492,13 @@ class Scanner:
         size = len(value)
         if size < self.shortest:
             return None
-        digits = size - len(value.translate(None, _DIGIT_BYTES)) if value.isascii() else size
+        shape, ascii = value.translate(_PHONE_SHAPE), value.isascii()
+        digits = shape.count(100) if ascii else size
         wanted, features = self._features, 0
+        if wanted & _DIALABLE and (43 in value or not ascii or shape.find(b"sdddsdddd") >= 0):
+            features = _DIALABLE
         if wanted & _AT and 64 in value and _ADDRESS_AT.search(value) is not None:
-            features = _AT
+            features |= _AT
         if wanted & _DASH and 45 in value:
             features |= _DASH
         if not value.islower():
@@ -515,11 +509,9 @@ class Scanner:
                 features |= _AWS
             if wanted & _PEM and value.find(b"PRIVATE KEY") >= 0:
                 features |= _PEM
-        by_length, by_digits = self._by_length, self._by_digits
-        run, skip_plain, test, otherwise = self._table[by_length[size if size < len(by_length) else -1]
-                                                       + by_digits[digits if digits < len(by_digits) else -1] + features]
-        while test is not None and not test(value):
-            run, skip_plain, test, otherwise = otherwise
+        by_length, by_digits, longest, most_digits = self._by_length, self._by_digits, self._longest, self._most_digits
+        run, skip_plain = self._table[by_length[size if size < longest else longest]
+                                      + by_digits[digits if digits < most_digits else most_digits] + features]
         if not run:
             return None
         text = value.decode("utf-8", "surrogateescape")
@@ -553,8 +545,12 @@ class Scanner:
         size = len(out)
         if size < self.shortest:
             return out
-        digits = size - len(out.translate(None, _DIGIT_BYTES)) if out.isascii() else size
-        features = _AT if wanted & _AT and 64 in out and _ADDRESS_AT.search(out) is not None else 0
+        # Placeholders are ASCII, and the rest is the value's own text: `out` is ASCII when `value` is.
+        shape = out.translate(_PHONE_SHAPE)
+        digits = shape.count(100) if ascii else size
+        features = _DIALABLE if wanted & _DIALABLE and (43 in out or not ascii or shape.find(b"sdddsdddd") >= 0) else 0
+        if wanted & _AT and 64 in out and _ADDRESS_AT.search(out) is not None:
+            features |= _AT
         if wanted & _DASH and 45 in out:
             features |= _DASH
         if not out.islower():
@@ -565,10 +561,8 @@ class Scanner:
                 features |= _AWS
             if wanted & _PEM and out.find(b"PRIVATE KEY") >= 0:
                 features |= _PEM
-        run, skip_plain, test, otherwise = self._table[by_length[size if size < len(by_length) else -1]
-                                                       + by_digits[digits if digits < len(by_digits) else -1] + features]
-        while test is not None and not test(out):
-            run, skip_plain, test, otherwise = otherwise
+        run, skip_plain = self._table[by_length[size if size < longest else longest]
+                                      + by_digits[digits if digits < most_digits else most_digits] + features]
         if run:
             leftover = self._find(masked, run, skip_plain)
             if leftover:
