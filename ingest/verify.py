@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -91,6 +92,10 @@ def _signatures_valid(pairs: list[tuple[SignedEvent, bytes]]) -> list[bool]:
 CHUNK = 128
 """Signatures per task handed to the verify threads: large enough that the hand-off is noise, small enough
 that the first results come back while later ones are still being decoded."""
+
+IN_FLIGHT = 2 * (os.cpu_count() or 1)
+"""Chunks queued for the verify threads before the oldest one's outcomes are yielded: enough to keep every
+thread busy while this thread yields and decodes."""
 
 _pool: Executor | None = None
 _pool_lock = threading.Lock()
@@ -238,18 +243,36 @@ class EventVerifier:
         """`check` of each (value, Kafka key) in order, each outcome the accepted event or its Rejection.
 
         The same checks in the same order per event, so the same outcomes; but the signatures are checked by
-        `pool` (default `verify_pool()`), a chunk at a time, while this thread decodes the next chunk, and the
-        outcomes are yielded as their chunk comes back, so the caller's work on them overlaps the rest.
+        `pool` (default `verify_pool()`), a chunk at a time, while this thread decodes the next chunks, and the
+        outcomes of a chunk are yielded once `IN_FLIGHT` chunks are queued behind it, so the caller's work on
+        them overlaps the rest, and a poll's thousands of decoded events are not all alive at once (objects
+        that live that long are promoted to the GC's oldest generation and make its full collections come
+        more often: bench/ledger.py).
         """
         pool = pool or verify_pool()
-        pending: list[tuple[list, object]] = []  # (per record: event / Rejection / (event, key) to verify, future)
+        pending: deque[tuple[list, object]] = deque()  # (per record: event / Rejection / (event, key), future)
         chunk: list = []
         pairs: list[tuple[SignedEvent, bytes]] = []
+        admit = self.chains.admit
 
         def submit() -> None:
             nonlocal chunk, pairs
             pending.append((chunk, pool.submit(_signatures_valid, pairs) if pairs else None))
             chunk, pairs = [], []
+
+        def settle() -> Iterator[SignedEvent | Rejection]:
+            """The outcomes of the oldest chunk, in order: its signature checks, then the chain."""
+            items, future = pending.popleft()
+            valid = iter(future.result() if future is not None else ())
+            for item in items:
+                if isinstance(item, Rejection):
+                    yield item
+                    continue
+                event = item[0]
+                if not next(valid):
+                    yield bad_signature(event)
+                    continue
+                yield admit(event) or event
 
         for value, kafka_key in records:
             try:
@@ -263,17 +286,9 @@ class EventVerifier:
                 pairs.append(pair)
                 if len(pairs) >= CHUNK:
                     submit()
+                    if len(pending) > IN_FLIGHT:
+                        yield from settle()
         if chunk:
             submit()
-        admit = self.chains.admit
-        for items, future in pending:
-            valid = iter(future.result() if future is not None else ())
-            for item in items:
-                if isinstance(item, Rejection):
-                    yield item
-                    continue
-                event = item[0]
-                if not next(valid):
-                    yield bad_signature(event)
-                    continue
-                yield admit(event) or event
+        while pending:
+            yield from settle()
