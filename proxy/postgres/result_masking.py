@@ -20,10 +20,12 @@ What is masked, and how (the values themselves are `proxy.policy.masking`'s job)
 * NoticeResponse / ErrorResponse — message, detail, hint, context and the
   other free-text fields, which echo data (`Key (email)=(…) already exists`).
 
-Speed: a DataRow's values are sliced out of its payload once; only a row that
-masking changed is rebuilt, and an unchanged message is returned as the same
-object, its bytes untouched. What to do with each column (scan it, hide it
-whole, pass it) is decided once per RowDescription, not per value.
+Speed: a DataRow is masked in one walk over its wire bytes (`_masked_data_row`):
+only the values to scan are sliced out, only a row that masking changed is
+rebuilt (spliced from the original's unchanged stretches and the masked
+values), and an unchanged message is returned as the same object, its bytes
+untouched. What to do with each column (scan it, hide it whole, pass it) is
+decided once per RowDescription, not per value.
 """
 
 from __future__ import annotations
