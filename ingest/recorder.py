@@ -148,6 +148,7 @@ class Recorder:
         self._stopping = context.Event()
         self._stop_within = context.Value("d", ORPHAN_BOUND, lock=False)  # the bound of a `close`, for the child
         self._failure: str | None = None
+        self._ready = threading.Event()  # the child has its spool and producer (`wait_ready`)
         self._sessions: weakref.WeakValueDictionary[str, SessionRecording] = weakref.WeakValueDictionary()
         self._flushes: dict[int, threading.Event] = {}
         self._flush_results: dict[int, bool] = {}
@@ -164,6 +165,18 @@ class Recorder:
         self._process.start()
         self._listener = threading.Thread(target=self._listen, name="custody-recorder-replies", daemon=True)
         self._listener.start()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Return once the recorder process has opened its spool; raise RecorderUnavailable if it died or did not
+        start within `timeout`. A proxy listens only then: what it relayed to a recorder still starting would be
+        lost with one that died starting (16 events in one run of the fault tests)."""
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if not self._process.is_alive():
+                raise RecorderUnavailable(f"the recorder process exited with code {self._process.exitcode} "
+                                          "while starting")
+            if time.monotonic() > deadline:
+                raise RecorderUnavailable(f"the recorder process did not start within {timeout:g} s")
 
     def open_session(self, session_id: str | None = None) -> "SessionRecording":
         session = SessionRecording(self, session_id or uuid7())
@@ -264,6 +277,8 @@ class Recorder:
                     self._tell_pressure(Pressure.NONE)
             elif what == "failed":
                 self._failure = reply[1]
+            elif what == "ready":
+                self._ready.set()
             elif what == "recovered":
                 self._failure = None
             elif what == "broken":
@@ -504,6 +519,7 @@ def _recorder_main(requests, replies, stopping, stop_within, kafka: KafkaSetting
     for signum in (signal.SIGINT, signal.SIGTERM):  # the proxy decides when recording stops (`stop`), or its death
         signal.signal(signum, signal.SIG_IGN)
     child = _Child(replies, kafka, spool, PrivateKey(key_id, SigningKey(seed)), producer_name)
+    replies.put(("ready",))
     orphaned = threading.Event()
     threading.Thread(target=_watch_parent, args=(multiprocessing.parent_process().sentinel, orphaned),
                      name="custody-recorder-parent", daemon=True).start()

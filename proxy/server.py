@@ -19,7 +19,7 @@ from nacl.public import PublicKey
 
 from ingest.errors import CustodyError
 from ingest.keys import PrivateKey, load_key_file
-from ingest.recorder import Pressure, Recorder, SpoolOptions
+from ingest.recorder import Pressure, Recorder, RecorderUnavailable, SpoolOptions
 from ingest.settings import ConfigError
 from proxy.approvals_gateway import ApprovalGateway
 from proxy.identity import TokenVerifier
@@ -70,6 +70,10 @@ class ProxyService:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        try:  # no listening before the recorder can record: what was relayed meanwhile could be lost
+            await loop.run_in_executor(None, self.recorder.wait_ready)
+        except RecorderUnavailable as exc:
+            raise CustodyError(f"cannot record: {exc}") from None
         self.recorder.on_pressure(lambda level: loop.call_soon_threadsafe(self._throttle, level))
         for proxy in self.proxies:
             try:

@@ -114,6 +114,17 @@ def test_a_dead_recorder_process_refuses_the_frame(kafka_settings, proxy_key, tm
     recorder.close(timeout=0.1)
 
 
+def test_a_proxy_waits_for_its_recorder_to_start_and_hears_of_one_that_cannot(kafka_settings, proxy_key, tmp_path):
+    recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "p")
+    recorder.wait_ready(timeout=60)
+    recorder.close(timeout=0.1)
+    (tmp_path / "not-a-dir").write_text("a file where the spool directory should be")
+    broken = Recorder(kafka_settings, SpoolOptions(tmp_path / "not-a-dir" / "spool"), proxy_key, "p")
+    with pytest.raises(RecorderUnavailable, match=r"^the recorder process exited with code 1 while starting$"):
+        broken.wait_ready(timeout=60)
+    broken.close(timeout=0.1)
+
+
 def test_spool_failure_fails_closed_and_ends_the_session(proxy_key, tmp_path, kafka_settings):
     unreachable = type(kafka_settings)(bootstrap="127.0.0.1:1", topic_prefix="x.", embedded_listen="127.0.0.1:1", partitions=1)
     recorder = Recorder(unreachable, SpoolOptions(tmp_path / "spool", max_bytes=1 << 16), proxy_key, "p")
