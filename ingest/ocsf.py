@@ -351,7 +351,7 @@ def activity(op: Operation, evidence: Evidence | None) -> dict[str, Any]:
         _put(doc, database={"name": op.attributes.get("database") or identity.target or "unknown", "type_id": 1,
                             "type": DATABASE_TYPE.get(protocol or "", protocol)},
              query_info={"uid": uid, "name": op.kind, "query_string": text}, type_id=1, type="Database")
-        if op.objects:
+        if op.objects and op.kind == "statement":  # a transfer's object is a file (LOAD DATA LOCAL), not a table
             doc["table"] = {"name": op.objects[0]}
     elif class_uid in (HTTP_ACTIVITY, API_ACTIVITY):
         method = op.start.get("method")

@@ -59,6 +59,24 @@ def pg_sealed(broker, tmp_path):
         proxy.background.stop()
 
 
+def test_a_datastore_transfer_names_no_table():
+    """A MySQL LOAD DATA LOCAL file is a transfer whose object is the client's file: it is in the evidence link,
+    never passed off as the statement's table."""
+    from ingest.sessions import SessionIdentity
+
+    who = SessionIdentity("eve", None, ["dev"], "https://idp/", "127.0.0.1:5555", "local-mysql", "mysql")
+    common = dict(session_id="01900000-0000-7000-8000-000000000000", event_id="e", message_no=0, leaf=None,
+                  ts_us=1_700_000_000_000_000, identity=who, attributes={"database": "shop"}, channel=None, start={})
+    load = ocsf.activity(ocsf.Operation(kind="transfer", text="/tmp/orders.csv", objects=["/tmp/orders.csv"],
+                                        **common), None)
+    select = ocsf.activity(ocsf.Operation(kind="statement", text="SELECT * FROM orders", objects=["orders"],
+                                          **common), None)
+    assert "table" not in load and load["unmapped"]["custody"]["objects"] == ["/tmp/orders.csv"]
+    assert select["table"] == {"name": "orders"}
+    validate(load)
+    validate(select)
+
+
 def test_postgres_session_in_ocsf(pg_sealed):
     proxy, session, failed = pg_sealed
     sid = session[0].session_id
