@@ -19,7 +19,7 @@ from ingest import kafka
 from pg_fixtures import DIRECT, EventLog, messages, new_app, start_proxy
 from proxy.core.redaction import NOT_KEPT
 from proxy.policy.detectors import scanner_for
-from proxy.postgres.redaction import find_secrets
+from proxy.postgres.redaction import find_secrets, literal_scope
 from query.views import open_ledger
 from test_pg_replay import seal
 
@@ -138,6 +138,21 @@ def test_the_redactor_reads_statements_with_the_postgres_lexer():
     assert find_secrets("SELECT pgp_sym_encrypt($1, $2)", None)[2] == {2}
     assert find_secrets("ALTER ROLE x PASSWORD 'unterminated", None)[:2] == ("[REDACTED:unparsed]", ("unparsed",))
     assert NOT_KEPT.startswith("not kept")
+
+
+def test_only_the_span_of_the_literals_is_searched_and_nothing_a_literal_holds_escapes_it():
+    detectors = scanner_for(frozenset({"credit_card", "us_ssn", "phone", "iban"}))
+    assert literal_scope("UPDATE a SET b = b + -4123 WHERE aid = 734521;") == ""
+    assert literal_scope("SELECT x FROM t WHERE a = 'p' AND b = $1") == "'p' AND b = $"
+    cases = {
+        "SELECT 4111111111111111": "SELECT '[REDACTED:credit_card]'",  # a long number is a literal too
+        "SELECT 1 FROM t WHERE note = E'card 4111 1111 1111 1111' AND id = -7": (
+            "SELECT 1 FROM t WHERE note = '[REDACTED:credit_card]' AND id = -7"),
+        "SELECT $$ssn 123-45-6789$$, -4123": "SELECT '[REDACTED:us_ssn]', -4123",
+        "UPDATE a SET b = b + -4123 WHERE aid = 734521;": "UPDATE a SET b = b + -4123 WHERE aid = 734521;",
+    }
+    for sql, expected in cases.items():
+        assert find_secrets(sql, detectors)[0] == expected, sql
 
 
 def test_repeated_statements_skip_the_search_but_secrets_are_found_every_time():

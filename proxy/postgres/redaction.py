@@ -18,6 +18,7 @@ cost one lower-case search.
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from pglast.parser import scan
@@ -41,6 +42,25 @@ KEY_ARGUMENTS: dict[str, frozenset[int]] = {
 }
 _HINTS = ("password", *KEY_ARGUMENTS)
 _LITERALS = frozenset({"SCONST", "FCONST", "ICONST", "XCONST", "BCONST", "USCONST"})
+# A number of up to 12 digits is a plain value the detectors never report (proxy.policy.detectors._PLAIN_VALUE);
+# a longer one (a card number written as a number) may be a finding wherever it stands.
+_LONG_NUMBER = re.compile(r"(?:\d[.eE+-]?){13}")
+
+
+def literal_scope(sql: str) -> str:
+    """The part of `sql` that holds every literal a detector could report: from its first quote (' or $) to its
+    last, or all of it where a number too long to be a plain value stands. Empty: no such literal.
+
+    Only literals are redacted, each with its own neighbours, which inside this span are what they are in the
+    whole text; so the detectors' gate on the span is as sound as on the whole text. What it saves: pgbench's
+    `UPDATE … SET abalance = abalance + -4123 WHERE aid = 734521` has no quote and no long number, where the
+    whole text's dash and digits woke the SSN, phone and IBAN patterns (~10 µs a statement)."""
+    if _LONG_NUMBER.search(sql):
+        return sql
+    quotes = [i for i in (sql.find("'"), sql.find("$")) if i >= 0]
+    if not quotes:
+        return ""
+    return sql[min(quotes):max(sql.rfind("'"), sql.rfind("$")) + 1]
 
 
 class _Found:
@@ -61,9 +81,9 @@ def find_secrets(sql: str, detectors: Scanner | None) -> tuple[str, tuple[str, .
     """(sql with secret literals replaced by markers, kinds found, 1-based key parameter numbers)."""
     lowered = sql.lower()
     hinted = any(hint in lowered for hint in _HINTS)
-    if not hinted and (detectors is None or detectors.masked_or_none(sql.encode()) is None):
-        # A literal's finding is a finding in the whole text (the detectors' gates only grow with the text and
-        # a literal's neighbours are quotes), so text without one needs no lexing: most statements.
+    if not hinted and (detectors is None or detectors.masked_or_none(literal_scope(sql).encode()) is None):
+        # A literal's finding is a finding in any text around it (the detectors' gates only grow with the text
+        # and a literal's neighbours are quotes), so a scope without one needs no lexing: most statements.
         return sql, (), frozenset()
     raw = sql  # the lexer's offsets count characters
     try:
