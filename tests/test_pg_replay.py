@@ -83,8 +83,9 @@ def recorded(broker, tmp_path_factory):
 
 
 def normalized(text: str, app: str) -> str:
-    """The replay text without what differs between runs: ids, ports, times, byte counts (token lengths)."""
-    text = re.sub(r"session [0-9a-f-]{36}", "session ID", text)
+    """The replay text without what differs between runs: ids, ports, times, byte counts (token lengths), and how
+    many events the recorder folded the session's frames into (that depends on timing)."""
+    text = re.sub(r"session [0-9a-f-]{36}: \d+ events", "session ID: N events", text)
     text = re.sub(r"127\.0\.0\.1:\d+ to", "127.0.0.1:PORT to", text)
     text = re.sub(r"^ *\+\d+\.\d+s ", f"{'+T':>10} ", text, flags=re.M)
     text = re.sub(r"after \d+\.\d+s", "after T", text)
@@ -93,7 +94,7 @@ def normalized(text: str, app: str) -> str:
 
 
 SIMPLE = """\
-VERIFIED session ID: 3 events, signatures and chain intact, ended
+VERIFIED session ID: N events, signatures and chain intact, ended
 
         +T START  alice@example.com (dba) from 127.0.0.1:PORT to local-postgres
                   postgres via APP, upstream 127.0.0.1:5432/postgres
@@ -112,7 +113,7 @@ VERIFIED session ID: 3 events, signatures and chain intact, ended
 """
 
 EXTENDED = """\
-VERIFIED session ID: 3 events, signatures and chain intact, ended
+VERIFIED session ID: N events, signatures and chain intact, ended
 
         +T START  alice@example.com (dba) from 127.0.0.1:PORT to local-postgres
                   postgres via APP, upstream 127.0.0.1:5432/postgres
