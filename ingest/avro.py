@@ -341,9 +341,6 @@ class SchemaVersions:
     def __init__(self, current: Schema, *earlier: Schema):
         self.current = current
         self.by_fingerprint = {s.fingerprint: s for s in (current, *earlier)}
-        self._fast = current.fingerprint == FRAMES_READER_FINGERPRINT
-        """Whether the hand-written reader was written for the current schema (else fastavro reads everything);
-        an attribute, not a property: it is asked once per event."""
 
     def writer(self, data: bytes) -> Schema:
         """The writer schema named by `data`'s single-object header."""
@@ -374,6 +371,11 @@ class SchemaVersions:
         return self.decode(data), False
 
     _plain = None
+
+    @property
+    def _fast(self) -> bool:
+        """Whether the hand-written reader was written for the current schema (else fastavro reads everything)."""
+        return self.current.fingerprint == FRAMES_READER_FINGERPRINT
 
 
 ENVELOPE = Schema.from_json(schemas.load_json("event.avsc"))

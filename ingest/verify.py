@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
@@ -92,10 +91,6 @@ def _signatures_valid(pairs: list[tuple[SignedEvent, bytes]]) -> list[bool]:
 CHUNK = 128
 """Signatures per task handed to the verify threads: large enough that the hand-off is noise, small enough
 that the first results come back while later ones are still being decoded."""
-
-IN_FLIGHT = 2 * (os.cpu_count() or 1)
-"""Chunks queued for the verify threads before the oldest one's outcomes are yielded: enough to keep every
-thread busy while this thread yields and decodes."""
 
 _pool: Executor | None = None
 _pool_lock = threading.Lock()
@@ -181,23 +176,6 @@ class SessionChains:
         position = self.sessions.setdefault(event.session_id, ChainPosition())
         position.advance(event.hash, CLOSED_WINDOW if event.kind == "session_end" else RECENT_WINDOW)
 
-    def admit(self, event: SignedEvent) -> Rejection | None:
-        """`check`, then `accept` if it passed (else the Rejection, nothing changed): one look-up of the
-        session for the event that is next in its chain, the common case; any other goes through `check`."""
-        envelope = event.envelope
-        session_id = envelope["session_id"]
-        position = self.sessions.get(session_id)
-        if position is None or envelope["seq"] != position.next_seq or envelope["prev_hash"] != position.last_hash:
-            try:
-                self.check(event)
-            except Rejection as rejection:
-                return rejection
-            if position is None:
-                position = self.sessions[session_id] = ChainPosition()
-        position.advance(event.hash,
-                         CLOSED_WINDOW if envelope["kind"] == "session_end" else RECENT_WINDOW)
-        return None
-
 
 class EventVerifier:
     """Every check an event must pass before it is accepted."""
@@ -243,36 +221,18 @@ class EventVerifier:
         """`check` of each (value, Kafka key) in order, each outcome the accepted event or its Rejection.
 
         The same checks in the same order per event, so the same outcomes; but the signatures are checked by
-        `pool` (default `verify_pool()`), a chunk at a time, while this thread decodes the next chunks, and the
-        outcomes of a chunk are yielded once `IN_FLIGHT` chunks are queued behind it, so the caller's work on
-        them overlaps the rest, and a poll's thousands of decoded events are not all alive at once (objects
-        that live that long are promoted to the GC's oldest generation and make its full collections come
-        more often: bench/ledger.py).
+        `pool` (default `verify_pool()`), a chunk at a time, while this thread decodes the next chunk, and the
+        outcomes are yielded as their chunk comes back, so the caller's work on them overlaps the rest.
         """
         pool = pool or verify_pool()
-        pending: deque[tuple[list, object]] = deque()  # (per record: event / Rejection / (event, key), future)
+        pending: list[tuple[list, object]] = []  # (per record: event / Rejection / (event, key) to verify, future)
         chunk: list = []
         pairs: list[tuple[SignedEvent, bytes]] = []
-        admit = self.chains.admit
 
         def submit() -> None:
             nonlocal chunk, pairs
             pending.append((chunk, pool.submit(_signatures_valid, pairs) if pairs else None))
             chunk, pairs = [], []
-
-        def settle() -> Iterator[SignedEvent | Rejection]:
-            """The outcomes of the oldest chunk, in order: its signature checks, then the chain."""
-            items, future = pending.popleft()
-            valid = iter(future.result() if future is not None else ())
-            for item in items:
-                if isinstance(item, Rejection):
-                    yield item
-                    continue
-                event = item[0]
-                if not next(valid):
-                    yield bad_signature(event)
-                    continue
-                yield admit(event) or event
 
         for value, kafka_key in records:
             try:
@@ -286,9 +246,22 @@ class EventVerifier:
                 pairs.append(pair)
                 if len(pairs) >= CHUNK:
                     submit()
-                    if len(pending) > IN_FLIGHT:
-                        yield from settle()
         if chunk:
             submit()
-        while pending:
-            yield from settle()
+        for items, future in pending:
+            valid = iter(future.result() if future is not None else ())
+            for item in items:
+                if isinstance(item, Rejection):
+                    yield item
+                    continue
+                event = item[0]
+                if not next(valid):
+                    yield bad_signature(event)
+                    continue
+                try:
+                    self.chains.check(event)
+                except Rejection as rejection:
+                    yield rejection
+                    continue
+                self.chains.accept(event)
+                yield event
