@@ -114,6 +114,7 @@ class _Channel:
     terminal: bool = False  # exec or shell with a PTY: output for a person's eyes, masked under a [[mask]] plan
     lines: terminal.LineEditor | None = None  # a shell with a PTY: the line being typed, decided at each Enter
     request: bytearray | None = None  # the certificate subsystem: the public key line, until the client's EOF
+    exit: ev.Exit | None = None  # the target's exit status, relayed when its channel closes (output may follow it)
     client_bytes: int = 0  # channel data from the client (a forward's close records both counts)
     server_bytes: int = 0
 
@@ -181,12 +182,12 @@ class SSHFrontEnd(FrontEnd):
             self._record(SERVER, message("exit-status", item.channel, attributes={"status": str(item.status)},
                                          outcome="error" if failed else "ok",
                                          error_code=str(item.status) if failed else None))
-            yield ev.Exit(item.channel, status=item.status)
+            channel.exit = ev.Exit(item.channel, status=item.status)
         elif kind is ev.ExitSignal:
             self._record(SERVER, message("exit-signal", item.channel, outcome="error", error_code=item.signal,
                                          error_message=item.message or None,
                                          attributes={"signal": item.signal, "core_dumped": str(item.core_dumped).lower()}))
-            yield ev.Exit(item.channel, signal=item.signal, core_dumped=item.core_dumped, message=item.message)
+            channel.exit = ev.Exit(item.channel, signal=item.signal, core_dumped=item.core_dumped, message=item.message)
         elif kind is ev.ChannelEof:
             self._record(SERVER, message("eof", item.channel))
             yield ev.SendEof(CLIENT, item.channel)
@@ -321,6 +322,10 @@ class SSHFrontEnd(FrontEnd):
             totals = {"destination": channel.text, "client_bytes": str(channel.client_bytes),
                       "server_bytes": str(channel.server_bytes)}
         self._record(side, message("close", ch, attributes=totals))
+        if side == SERVER and channel.exit is not None:
+            # sshd may send the exit status before the last of the output; relaying the exit
+            # closes the client's channel, so it waits for the target's close.
+            yield channel.exit
         other = SERVER if side == CLIENT else CLIENT
         if other == CLIENT or channel.open:
             yield ev.CloseChannel(other, ch)
