@@ -6,10 +6,13 @@ Measures, against the machine's PostgreSQL (127.0.0.1:5432, trust):
   * `SELECT 1` round-trip latency p50/p99: direct, through a bare asyncio byte
     relay (the floor for a Python proxy), through pgbouncer (session pooling)
     and through `custody proxy` with recording on (dev broker, spool, signing);
-  * pgbench TPS, select-only and tpcb-like, 8 clients: direct, pgbouncer, proxy;
+  * pgbench TPS, select-only and tpcb-like, 8 clients: direct, pgbouncer, proxy
+    (transactions processed over the whole run, and the clients that aborted);
   * rows/s for one large result: direct vs proxy;
   * resident memory per idle proxied session;
   * the recorder's deepest queue (the window a proxy crash could lose).
+`--proxy-tree DIR` runs the proxy from another checkout (a `git worktree` of
+an older commit) for before/after comparisons, everything else unchanged.
 pgbouncer is the Debian package; if it is missing the bench tries
 `apt-get install -y pgbouncer` and otherwise skips its columns.
 """
@@ -130,16 +133,25 @@ def latency(conninfo: str, queries: int) -> tuple[float, float]:
     return samples[len(samples) // 2] / 1000, samples[int(len(samples) * 0.99)] / 1000
 
 
-def pgbench(port: int, mode: list[str], seconds: int, user: str = "postgres", password: str | None = None) -> float:
+def pgbench(port: int, mode: list[str], seconds: int, user: str = "postgres",
+            password: str | None = None) -> tuple[float, int]:
+    """(transactions per second over the whole run, clients aborted).
+
+    pgbench's own `tps` divides by the time its threads ran: when a proxy ends
+    sessions, the clients abort early and that figure rises. Counting the
+    processed transactions over the requested duration keeps a proxy that
+    kills sessions from looking faster than one that does not.
+    """
     env = {**os.environ, "PGSSLMODE": "disable"}
     if password:
         env["PGPASSWORD"] = password
     out = subprocess.run(["pgbench", "-h", "127.0.0.1", "-p", str(port), "-U", user, "-c", "8", "-j", "2",
                           "-T", str(seconds), "-n", *mode, "postgres"], env=env, capture_output=True, text=True)
-    match = re.search(r"tps = ([\d.]+)", out.stdout)
+    match = re.search(r"actually processed: (\d+)", out.stdout)
     if not match:
         raise RuntimeError(f"pgbench failed: {out.stderr or out.stdout}")
-    return float(match.group(1))
+    aborted = len(re.findall(r"client \d+ (?:script \d+ )?aborted", out.stderr))
+    return int(match.group(1)) / seconds, aborted
 
 
 def rows_per_second(conninfo: str, rows: int) -> float:
@@ -191,7 +203,9 @@ logfile = {directory}/pgbouncer.log
     return process, port
 
 
-def start_proxy(work: Path, bootstrap: str, max_queue: int) -> tuple[subprocess.Popen, int, str]:
+def start_proxy(work: Path, bootstrap: str, max_queue: int,
+                tree: Path = ROOT) -> tuple[subprocess.Popen, int, str]:
+    """`custody proxy` from `tree` (this checkout, or another one for a before/after comparison)."""
     from custody.config import load_config
     from custody.init import initialise
     from proxy.devidp import issue_token
@@ -202,8 +216,9 @@ def start_proxy(work: Path, bootstrap: str, max_queue: int) -> tuple[subprocess.
     identity = load_config(config).identity
     token = issue_token(identity.dev_signing_key, identity.issuer, identity.audience, USER, ["dba"])
     custody = [sys.executable, "-m", "custody"]
+    env = {**os.environ, "PYTHONPATH": str(tree)}
     process = subprocess.Popen([*custody, "proxy", "--config", str(config), "--max-queue", str(max_queue)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tree, env=env)
     wait_port(port)
     return process, port, token
 
@@ -227,6 +242,8 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--idle-sessions", type=int, default=50)
     parser.add_argument("--max-queue", type=int, default=10_000)
+    parser.add_argument("--proxy-tree", type=Path, default=ROOT,
+                        help="run `custody proxy` from this checkout (e.g. a git worktree of an older commit)")
     parser.add_argument("--relay", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--relay-target", type=int, default=DIRECT[1], help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -243,7 +260,7 @@ def main() -> None:
     wait_port(relay_port)
     bouncer, bouncer_port = start_pgbouncer(work)
     with DevBroker(log_path=work / "broker.log") as broker:
-        proxy, proxy_port, token = start_proxy(work, broker.bootstrap, args.max_queue)
+        proxy, proxy_port, token = start_proxy(work, broker.bootstrap, args.max_queue, args.proxy_tree)
         proxied = dsn(proxy_port, USER, token)
         try:
             lat = {"direct": latency(dsn(5432), args.queries), "bare relay": latency(dsn(relay_port), args.queries)}
@@ -251,7 +268,7 @@ def main() -> None:
                 lat["pgbouncer"] = latency(dsn(bouncer_port), args.queries)
             lat["custody proxy"] = latency(proxied, args.queries)
 
-            tps: dict[str, dict[str, float]] = {}
+            tps: dict[str, dict[str, tuple[float, int]]] = {}
             for mode, flags in (("select-only", ["-S"]), ("tpcb-like", [])):
                 tps[mode] = {"direct": pgbench(5432, flags, args.seconds)}
                 if bouncer_port:
@@ -281,11 +298,11 @@ def main() -> None:
     proxy_added = lat["custody proxy"][0] - direct_p50
     print(f"  proxy added / relay added = {proxy_added / relay_added:.2f}x (goal <= 3x)")
     for mode, figures in tps.items():
-        print(f"\npgbench {mode}, 8 clients, {args.seconds} s (TPS)")
-        for name, value in figures.items():
-            print(f"  {name:26} {value:10.0f}")
+        print(f"\npgbench {mode}, 8 clients, {args.seconds} s        TPS  clients aborted")
+        for name, (value, aborted) in figures.items():
+            print(f"  {name:26} {value:10.0f} {aborted:6}")
         if "pgbouncer" in figures:
-            print(f"  proxy / pgbouncer = {figures['custody proxy'] / figures['pgbouncer']:.2f}x"
+            print(f"  proxy / pgbouncer = {figures['custody proxy'][0] / figures['pgbouncer'][0]:.2f}x"
                   + (" (goal >= 0.4x)" if mode == "select-only" else ""))
     print(f"\n{args.rows:,}-row result (rows/s)")
     for name, value in rows.items():
