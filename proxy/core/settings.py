@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import ssl
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -198,3 +199,25 @@ def database_upstream(t: Table, url: str, schemes: tuple[str, ...], default_port
         raise t.error("upstream", f"expected {shape}, got {url!r}")
     return DatabaseUpstream(parts.hostname, port, unquote(parts.path.lstrip("/")) or None, unquote(parts.username),
                             t.secret("upstream_password"))
+
+
+@dataclass(frozen=True)
+class DatabaseSettings:
+    """What every database front end reads the same way: the listener, the held login, TLS to the target and
+    the `databases` the client may pick besides the upstream's own (empty: the client's choice is ignored)."""
+
+    listener: ListenerSettings
+    upstream: DatabaseUpstream
+    upstream_tls: UpstreamTLS
+    databases: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return self.listener.name
+
+    @staticmethod
+    def common(proxy: ProxySettings, default_fail_open: bool, upstream: DatabaseUpstream) -> dict[str, Any]:
+        """The shared fields as keyword arguments, for a front end's `from_config` to add its own to."""
+        t = proxy.table
+        return {"listener": ListenerSettings.from_settings(proxy, default_fail_open), "upstream": upstream,
+                "upstream_tls": UpstreamTLS.from_table(t, upstream.host), "databases": string_list(t, "databases")}

@@ -10,14 +10,7 @@ from dataclasses import dataclass, replace
 
 from ingest.settings import Table
 from proxy.core.peers import MIN_SECRET_BYTES, PeerChannel
-from proxy.core.settings import (
-    DatabaseUpstream,
-    ListenerSettings,
-    UpstreamTLS,
-    database_upstream,
-    parse_listen,
-    string_list,
-)
+from proxy.core.settings import DatabaseSettings, DatabaseUpstream, database_upstream, parse_listen, string_list
 from proxy.settings import ProxySettings
 
 from .cancel import MAX_REPLICAS
@@ -62,28 +55,16 @@ class Replicas:
 
 
 @dataclass(frozen=True)
-class PostgresSettings:
-    listener: ListenerSettings
-    upstream: DatabaseUpstream
-    upstream_tls: UpstreamTLS
-    databases: tuple[str, ...]  # what the client's `database` may pick besides upstream.database; empty: ignored
+class PostgresSettings(DatabaseSettings):
     max_client_message: int
     max_server_message: int
     replicas: Replicas | None = None
 
-    @property
-    def name(self) -> str:
-        return self.listener.name
-
     @classmethod
     def from_config(cls, proxy: ProxySettings, default_fail_open: bool = False) -> "PostgresSettings":
         t = proxy.table
-        upstream = _upstream(t, proxy.upstream)
         return cls(
-            listener=ListenerSettings.from_settings(proxy, default_fail_open),
-            upstream=upstream,
-            upstream_tls=UpstreamTLS.from_table(t, upstream.host),
-            databases=string_list(t, "databases"),
+            **DatabaseSettings.common(proxy, default_fail_open, _upstream(t, proxy.upstream)),
             max_client_message=t.int("max_message_bytes", DEFAULT_MAX_CLIENT_MESSAGE, minimum=1024),
             max_server_message=t.int("max_server_message_bytes", DEFAULT_MAX_SERVER_MESSAGE, minimum=1024),
             replicas=Replicas.from_table(t),
