@@ -86,6 +86,11 @@ policy = "policies/default.toml"                  # reloaded on change; see `cus
 # host_key_file = "keys/ssh_host_ed25519"          # the proxy's own host key, written by `custody init`
 # user_ca_key_file = "keys/ssh_user_ca"            # signs `custody ssh-login` certificates (plain `ssh` then works)
 # policy = "policies/default.toml"
+# [[proxy.authorized_key]]                         # optional, repeated: a key logs in as an identity (CI, no OIDC)
+# key = "ssh-ed25519 AAAA... ci@runner"            # or key_file = "keys/ci_runner.pub"
+# username = "ci-runner"                           # the SSH user it must log in as
+# groups = ["ci"]                                  # what policy sees
+# expires = 2027-01-01T00:00:00Z                   # optional; absent = until the entry is removed
 
 # The machine's MariaDB/MySQL: clients send their OIDC token as the password (the proxy switches them to
 # mysql_clear_password, taken only over TLS or from loopback): `mariadb -h 127.0.0.1 -P 3307 -u alice@example.com -p`,

@@ -31,7 +31,7 @@ for the reviewers (the client sees a notice on stderr).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generator
 
 from datetime import datetime, timezone
@@ -48,7 +48,7 @@ from proxy.policy.analyzers import shell_objects
 from proxy.policy.operation import AnalysisError, Operation
 from proxy.settings import ProxySettings
 
-from . import certificates
+from . import authorized_keys, certificates
 from . import events as ev
 from .masking import mask_terminal
 from .settings import SSHSettings
@@ -216,11 +216,14 @@ class SSHFrontEnd(FrontEnd):
             "user": login.user, "method": login.method,
             **(login.attributes if login.method == "publickey" else {"redacted": "token"})}))
         self.phase = "verifying"
-        if login.method == "publickey":  # a certificate of the proxy's CA: the glue checked it, it carries the identity
+        if login.method == "publickey":  # a CA certificate or a mapped key: the glue checked it, it has the identity
             if isinstance(login.identity, certificates.CertificateRefused):
                 yield from session.deny(login.identity.code, login.identity.detail, login.attributes)
                 return
             identity = yield from session.bind_identity(login.identity, login.user, start=False)
+            if identity is not None and identity.issuer == authorized_keys.ISSUER:
+                # A mapped key is revoked by removing its entry: no `custody ssh-login` certificate may outlive it.
+                self.settings = replace(self.settings, user_ca=None)
         else:
             identity = yield from session.authenticate(login.token, login.user, start=False)
         if identity is None:

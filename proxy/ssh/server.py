@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Callable
 
 import asyncssh
-from asyncssh.public_key import SSHOpenSSHCertificate, decode_ssh_certificate
+from asyncssh.public_key import SSHOpenSSHCertificate, decode_ssh_certificate, decode_ssh_public_key
 
 from ingest.recorder import Recorder
 from ingest.protocols import ProtocolViolation
@@ -37,13 +38,14 @@ from proxy.core.server import _address
 from proxy.core.session import Session
 from proxy.identity import TokenVerifier
 
-from . import certificates
+from . import authorized_keys, certificates
 from . import events as ev
 
 log = logging.getLogger(__name__)
 
 _STDERR = asyncssh.EXTENDED_DATA_STDERR
 SAMPLE_BYTES = 256  # the first bytes a client sends, kept as a transport error's sample
+MAX_OFFERED_KEYS = 8  # unknown keys named in an authentication failure; the rest are counted
 
 # What asyncssh reports as a connection's end when the peer broke SSH itself (not a disconnect of its own):
 # the ProtocolError event's code. Anything else unexpected is a transport error too.
@@ -129,6 +131,9 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         self._refused_forwards: dict[int, str] = {}
         self._farewell = ""
         self._sample = b""
+        self._offered_keys: list[str] = []  # fingerprints of keys that log no one in, as offered
+        self._offered_user = ""
+        self._offered_count = 0
         self._upstream_paused: dict[int, set[str]] = {}  # why each target channel is not read
 
     # --- asyncssh server callbacks -------------------------------------------------------------
@@ -142,8 +147,8 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         listener.connections.add(self)
         self._keep_sample(conn)
         self._refuse_agent_and_x11(conn)
-        if listener.ssh.user_ca is not None:
-            self._check_certificates(conn, listener.ssh.user_ca)
+        if self.public_key_auth_supported():
+            self._check_public_keys(conn)
         self.run(self.session.start())
 
     def _refuse_agent_and_x11(self, conn: asyncssh.SSHServerConnection) -> None:
@@ -164,48 +169,97 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         conn.create_agent_listener = create_agent_listener  # type: ignore[method-assign]
         conn.attach_x11_listener = attach_x11_listener  # type: ignore[method-assign]
 
-    def _check_certificates(self, conn: asyncssh.SSHServerConnection, ca: asyncssh.SSHKey) -> None:
-        """Public-key login with a certificate of the proxy's CA (`custody ssh-login`) carries its identity.
+    def _check_public_keys(self, conn: asyncssh.SSHServerConnection) -> None:
+        """Public-key login carries its identity: a certificate of the proxy's CA (`custody ssh-login`) or a key
+        of `[[proxy.authorized_key]]`.
 
         asyncssh's `validate_ca_key` hook sees the CA key but not the
-        certificate, so its connection's `validate_public_key` (the whole
-        check: the certificate, then the client's signature) is wrapped on this
-        one instance: a certificate of this CA is checked here (type,
-        principal, validity, the key id's identity). A query without a
-        signature only learns whether the key would do; a signed attempt that
-        passes is this connection's login, decided by the session like a
-        token's. A valid-looking certificate that fails (expired, another
-        user) is an authentication failure of its own; plain keys and other
-        CAs' certificates are simply not accepted.
+        certificate, and its `validate_public_key` the key but not the user, so
+        its connection's `validate_public_key` (the whole check: the key or
+        certificate, then the client's signature) is wrapped on this one
+        instance: what the key says of its holder is checked here
+        (`_presented`). A query without a signature only learns whether the
+        key would do; a signed attempt that passes is this connection's login,
+        decided by the session like a token's. A known key that fails (an
+        expired certificate or mapping, another user) is an authentication
+        failure of its own, once its holder signed; unknown keys and other
+        CAs' certificates are not accepted, as sshd does, and are recorded as
+        an authentication failure if the client leaves without logging in
+        (`_refuse_offered_keys`).
         """
         validate = conn.validate_public_key
 
         async def validate_public_key(username: str, key_data: bytes, msg: bytes, signature: bytes) -> bool:
-            try:
-                cert = decode_ssh_certificate(key_data)
-            except (asyncssh.KeyImportError, ValueError):
-                return False  # a plain key (or garbage): no key is mapped to an identity
-            if not isinstance(cert, SSHOpenSSHCertificate) or cert.signing_key.public_data != ca.public_data:
+            presented = self._presented(username, key_data)
+            if presented is None:
+                self._offered(username, key_data)
                 return False
-            try:
-                identity: Any = certificates.check(ca, cert, username)
-            except certificates.CertificateRefused as refused:
-                identity = refused
-            if not isinstance(identity, certificates.CertificateRefused):
-                if not await validate(username, key_data, msg, signature):
-                    return False  # a bad signature: not this key's holder
+            key, identity, attributes = presented
+            if isinstance(identity, certificates.CertificateRefused):
                 if not msg:
-                    return True  # the query: the key would be accepted
+                    return True  # let it sign: then its refusal is recorded, for the key's proven holder
+                if not _signed_by(conn, key, msg, signature):
+                    return False
+            elif not await validate(username, key_data, msg, signature):
+                return False  # a bad signature: not this key's holder
             elif not msg:
-                return True  # let it sign: then its refusal is recorded, for the key's proven holder
-            elif not _signed_by(conn, cert.key, msg, signature):
-                return False
-            return await self._authenticate(username, "", "publickey", identity, certificates.describe(cert))
+                return True  # the query: the key would be accepted
+            return await self._authenticate(username, "", "publickey", identity, attributes)
 
         conn.validate_public_key = validate_public_key  # type: ignore[method-assign]
 
+    def _presented(self, username: str, key_data: bytes) -> tuple[asyncssh.SSHKey, Any, dict[str, str]] | None:
+        """A presented key's holder key, identity (or CertificateRefused) and facts; None: it logs no one in."""
+        ssh = self.listener.ssh
+        try:
+            cert = decode_ssh_certificate(key_data)
+        except (asyncssh.KeyImportError, ValueError):
+            cert = None
+        if cert is not None:
+            ca = ssh.user_ca
+            if ca is None or not isinstance(cert, SSHOpenSSHCertificate):
+                return None
+            if cert.signing_key.public_data != ca.public_data:
+                return None  # another CA's: this proxy trusts none but its own
+            return cert.key, _checked(certificates.check, ca, cert, username), certificates.describe(cert)
+        try:
+            entry = ssh.authorized_keys.get(decode_ssh_public_key(key_data).public_data)
+        except (asyncssh.KeyImportError, ValueError):
+            return None
+        if entry is None:
+            return None
+        now = datetime.now(timezone.utc)
+        return entry.key, _checked(authorized_keys.check, entry, username, now), authorized_keys.describe(entry)
+
+    def _offered(self, username: str, key_data: bytes) -> None:
+        """Note a key that logs no one in: the first few by fingerprint, then only how many (a client may send many)."""
+        self._offered_user = username
+        self._offered_count += 1
+        if len(self._offered_keys) < MAX_OFFERED_KEYS:
+            self._offered_keys.append(_fingerprint(key_data))
+
+    def _refuse_offered_keys(self) -> None:
+        """A client that offered only keys nobody maps and left: its attempt is an authentication failure.
+
+        Refused keys are not the end while the client is there: it may offer
+        another, or a token. The fingerprints are the ones offered, not proven.
+        """
+        if self._login is not None or not self._offered_keys:
+            return
+        offered = self._offered_keys
+        more = self._offered_count - len(offered)
+        refused = certificates.CertificateRefused("unknown_public_key", (
+            f"no [[proxy.authorized_key]] or certificate of this proxy's CA for the offered key(s) "
+            f"{', '.join(offered)}" + (f" and {more} more" if more else "")))
+        self._login_event(self._offered_user, "", "publickey", refused, {"key_fingerprints": ",".join(offered)})
+
     def public_key_auth_supported(self) -> bool:
-        return self.listener.ssh.user_ca is not None
+        ssh = self.listener.ssh
+        return ssh.user_ca is not None or bool(ssh.authorized_keys)
+
+    def validate_public_key(self, username: str, key: asyncssh.SSHKey) -> bool:
+        """asyncssh's own check of a plain key, after `_presented` found it mapped: is it one of the config's?"""
+        return key.public_data in self.listener.ssh.authorized_keys
 
     def validate_ca_key(self, username: str, key: asyncssh.SSHKey) -> bool:
         ca = self.listener.ssh.user_ca
@@ -250,6 +304,7 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
             if error is not None:
                 self.run(self.session.broken(CLIENT, error, self._sample))
             else:
+                self._refuse_offered_keys()
                 self.run(self.session.closed(CLIENT))
         self._shutdown()
 
@@ -292,11 +347,14 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         if self._closed or self._login is not None:
             return False
         self._login = asyncio.get_running_loop().create_future()
+        self._login_event(username, token, method, identity, attributes or {})
+        return await self._login
+
+    def _login_event(self, username: str, token: str, method: str, identity: Any, attributes: dict[str, str]) -> None:
         version = self.conn.get_extra_info("client_version") if self.conn is not None else None
         # The event's bytes (counted, a protocol error's sample) are the user name: never the token.
-        self.run(self.session.event(CLIENT, ev.Login(username, token, method, version, identity, attributes or {}),
+        self.run(self.session.event(CLIENT, ev.Login(username, token, method, version, identity, attributes),
                                     username.encode()))
-        return await self._login
 
     def _answer_login(self, accepted: bool) -> None:
         if self._login is not None and not self._login.done():
@@ -645,12 +703,34 @@ class TargetChannelSession(asyncssh.SSHClientSession, asyncssh.SSHTCPSession):
 def _signed_by(conn: asyncssh.SSHServerConnection, key: asyncssh.SSHKey, msg: bytes, signature: bytes) -> bool:
     """The client's userauth signature, checked as asyncssh checks it (RFC 4252 §7: over the session id first).
 
-    Only for a certificate asyncssh would refuse (expired, another user), so
-    that the recorded refusal names someone who holds the certificate's key.
+    Only for a certificate or mapped key that is refused (expired, another
+    user), so that the recorded refusal names someone who holds the key.
     """
     from asyncssh.packet import String
 
     return key.verify(String(conn._session_id) + msg, signature)  # noqa: SLF001 - asyncssh keeps it private
+
+
+def _checked(check: Callable[..., Any], *args: Any) -> Any:
+    """`check(*args)`'s identity, or the CertificateRefused it raised: the front end records either."""
+    try:
+        return check(*args)
+    except certificates.CertificateRefused as refused:
+        return refused
+
+
+def _fingerprint(key_data: bytes) -> str:
+    """An offered key's fingerprint for the record (a certificate's: its key's, and whose CA signed it)."""
+    try:
+        cert = decode_ssh_certificate(key_data)
+    except (asyncssh.KeyImportError, ValueError):
+        try:
+            return decode_ssh_public_key(key_data).get_fingerprint()
+        except (asyncssh.KeyImportError, ValueError):
+            return "undecodable"
+    if isinstance(cert, SSHOpenSSHCertificate):
+        return f"{cert.key.get_fingerprint()} (certificate of {cert.signing_key.get_fingerprint()})"
+    return f"{cert.key.get_fingerprint()} (certificate)"
 
 
 def _text(value: bytes | str) -> str:

@@ -6,6 +6,11 @@
     host_key_file = "keys/ssh_host_ed25519"    # the proxy's own host key (`custody init` writes one)
     user_ca_key_file = "keys/ssh_user_ca"      # optional: the CA of `custody ssh-login` certificates
                                                # (`custody init` writes one); absent = no certificate login
+    [[proxy.authorized_key]]                   # optional, repeated: a public key logs in as an identity
+    key = "ssh-ed25519 AAAA... ci@runner"      # or key_file = "keys/ci_runner.pub"
+    username = "ci-runner"                     # the SSH user it must log in as
+    groups = ["ci"]                            # what policy sees
+    expires = 2027-01-01T00:00:00Z             # optional (a TOML date-time or an RFC 3339 string)
 
 Read once at start-up, so that a wrong key is a one-line error naming the
 file, table and key before any client connects.
@@ -13,17 +18,22 @@ file, table and key before any client connects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
+from typing import Mapping
 from urllib.parse import unquote, urlsplit
 
 import asyncssh
 
 from ingest.settings import Table
-from proxy.core.settings import ListenerSettings
+from proxy.core.settings import ListenerSettings, string_list
 from proxy.settings import ProxySettings
 
+from .authorized_keys import AuthorizedKey
+
 DEFAULT_MAX_SFTP_PACKET = 1 << 20  # OpenSSH's sftp-server refuses packets over 256 KiB; 1 MiB is generous
+AUTHORIZED_KEY_KEYS = {"key", "key_file", "username", "groups", "expires"}
 
 
 @dataclass(frozen=True)
@@ -49,6 +59,7 @@ class SSHSettings:
     host_key: asyncssh.SSHKey
     max_sftp_packet: int
     user_ca: asyncssh.SSHKey | None = None  # signs and is the only CA trusted for user certificates
+    authorized_keys: Mapping[bytes, AuthorizedKey] = field(default_factory=dict)  # by the key's wire bytes
 
     @property
     def name(self) -> str:
@@ -63,6 +74,7 @@ class SSHSettings:
             host_key=_private_key(t, "host_key_file", t.path("host_key_file")),
             max_sftp_packet=t.int("max_sftp_packet_bytes", DEFAULT_MAX_SFTP_PACKET, minimum=34000),
             user_ca=_optional_private_key(t, "user_ca_key_file"),
+            authorized_keys=_authorized_keys(t),
         )
 
 
@@ -99,14 +111,52 @@ def _upstream(t: Table, url: str) -> SSHUpstream:
 
 def _host_key(t: Table) -> asyncssh.SSHKey:
     """`upstream_host_key` (an OpenSSH public key line) or `upstream_host_key_file`: required, it is pinned."""
-    text = t.str("upstream_host_key", None)
-    key_name = "upstream_host_key"
-    if text is None:
-        path = t.path("upstream_host_key_file", None)
-        if path is None:
-            raise t.error("upstream_host_key", "the target's host key is pinned, so it is required "
+    return _public_key(t, "upstream_host_key", "the target's host key is pinned, so it is required "
                                                "(an OpenSSH public key line, or upstream_host_key_file)")
-        key_name = "upstream_host_key_file"
+
+
+def _authorized_keys(t: Table) -> dict[bytes, AuthorizedKey]:
+    """`[[proxy.authorized_key]]`: absent = no key logins (closed by default); one entry per key, or it is ambiguous."""
+    raw = t.raw.get("authorized_key", [])
+    if not isinstance(raw, list) or not all(isinstance(entry, dict) for entry in raw):
+        raise t.error("authorized_key", "expected an array of tables ([[proxy.authorized_key]])")
+    entries: dict[bytes, AuthorizedKey] = {}
+    for index, entry in enumerate(raw):
+        table = Table(t.source, f"{t.name}.authorized_key.{index}", entry)
+        unknown = sorted(set(entry) - AUTHORIZED_KEY_KEYS)
+        if unknown:  # a misspelt `groups` would quietly log in with none: say so instead
+            raise table.error(unknown[0], f"unknown key; expected {', '.join(sorted(AUTHORIZED_KEY_KEYS))}")
+        mapped = AuthorizedKey(key=_public_key(table, "key", "an OpenSSH public key line (or key_file) is required"),
+                               username=table.str("username"), groups=string_list(table, "groups"),
+                               expires=_expires(table))
+        if mapped.key.public_data in entries:
+            raise table.error("key", f"the key {mapped.fingerprint} is already mapped to "
+                                     f"{entries[mapped.key.public_data].username!r}")
+        entries[mapped.key.public_data] = mapped
+    return entries
+
+
+def _expires(t: Table) -> datetime | None:
+    """`expires`: a TOML offset date-time or an RFC 3339 string; an offset is required (whose midnight?)."""
+    value = t.raw.get("expires")
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            raise t.error("expires", f"expected a date-time like 2027-01-01T00:00:00Z, got {value!r}") from None
+    if value is not None and (not isinstance(value, datetime) or value.utcoffset() is None):
+        raise t.error("expires", f"expected a date-time with an offset like 2027-01-01T00:00:00Z, got {value!r}")
+    return value
+
+
+def _public_key(t: Table, key_name: str, missing: str) -> asyncssh.SSHKey:
+    """A required OpenSSH public key line, inline as `key_name` or in the file `key_name`_file."""
+    text = t.str(key_name, None)
+    if text is None:
+        path = t.path(f"{key_name}_file", None)
+        if path is None:
+            raise t.error(key_name, missing)
+        key_name = f"{key_name}_file"
         try:
             text = Path(path).read_text()
         except OSError as exc:
