@@ -32,9 +32,9 @@ class Login:
 
     user: str
     token: str
-    method: str  # password | keyboard-interactive | publickey (a certificate of the proxy's CA)
+    method: str  # password | keyboard-interactive | publickey (a certificate of the proxy's CA, or a key mapped in the config)
     client_version: str | None = None
-    identity: Any = None  # publickey: the certificate's Identity, or its CertificateRefused
+    identity: Any = None  # publickey: the Identity the certificate or mapped key carries, or its CertificateRefused
     attributes: dict[str, str] = field(default_factory=dict)  # publickey: the certificate's serial, fingerprints
 
 

@@ -31,7 +31,7 @@ for the reviewers (the client sees a notice on stderr).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Generator
 
 from datetime import datetime, timezone
@@ -127,6 +127,7 @@ class SSHFrontEnd(FrontEnd):
         self.user: str | None = None
         self.channels: dict[int, _Channel] = {}
         self._notice_channel: int | None = None  # where a hold notice goes
+        self.key_mapped = False  # logged in with a public key mapped in the config, not a token or certificate
 
     @property
     def is_idle(self) -> bool:
@@ -221,9 +222,8 @@ class SSHFrontEnd(FrontEnd):
                 yield from session.deny(login.identity.code, login.identity.detail, login.attributes)
                 return
             identity = yield from session.bind_identity(login.identity, login.user, start=False)
-            if identity is not None and identity.issuer == authorized_keys.ISSUER:
-                # A mapped key is revoked by removing its entry: no `custody ssh-login` certificate may outlive it.
-                self.settings = replace(self.settings, user_ca=None)
+            # A mapped key is revoked by removing its entry: no `custody ssh-login` certificate may outlive it.
+            self.key_mapped = identity is not None and identity.issuer == authorized_keys.ISSUER
         else:
             identity = yield from session.authenticate(login.token, login.user, start=False)
         if identity is None:
@@ -271,6 +271,10 @@ class SSHFrontEnd(FrontEnd):
                 if self.settings.user_ca is None:
                     yield from self._refuse_channel(ch, "custody: this proxy issues no SSH certificates "
                                                         "(no user_ca_key_file)", FAILED_STATUS)
+                elif self.key_mapped:
+                    yield from self._refuse_channel(ch, "custody: no certificate for a login with a key mapped in the "
+                                                        "config (removing its entry revokes it; a certificate would "
+                                                        "outlive that)", FAILED_STATUS)
                 else:
                     channel.request = bytearray()
                 return
