@@ -15,6 +15,12 @@ offset order, with the identity on their rows: the same `violations.from_event` 
 sealed), the quarantine violations its snapshot keeps (a rejected record has no row), and the OCSF renderer's state
 from the snapshot of the seal before (snapshots are pruned only up to `published_through`). Ids are deterministic, so a seal whose
 documents were in fact delivered just before a crash and are re-published is de-duplicated by the SOC.
+
+The seal itself goes to `custody.seals` through the same outbox, first of its seal's documents, and is sent again
+the same way (a witness skips a seal it has seen: same number, same hash). A send that fails (a broker hung past
+the producer's delivery timeout) renews the worker's producer (`Publisher`) and sends again everything not yet
+acknowledged, without a restart; what the broker had in fact appended before it hung comes twice, byte for byte
+the same, and is de-duplicated like a re-delivery.
 """
 
 from __future__ import annotations
@@ -22,10 +28,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import pyarrow.parquet as pq
-from kafka.errors import KafkaError
+from kafka import KafkaProducer
+from kafka.errors import KafkaError, KafkaTimeoutError
+from kafka.producer.future import FutureRecordMetadata
 
 from ingest import ocsf, violations
 from ingest.events import open_event
@@ -49,6 +57,11 @@ class Document(NamedTuple):
     topic: str
     key: bytes
     value: bytes
+
+
+def seal_document(settings: KafkaSettings, seal: Seal) -> Document:
+    """The seal file on `custody.seals`, keyed by its partition's chain."""
+    return Document(settings.topic("seals"), partition_name(seal.partition).encode(), seal.to_bytes())
 
 
 def render(settings: KafkaSettings, pending: list[dict], renderer: ocsf.Renderer | None,
@@ -123,41 +136,115 @@ def _snapshot(ledger_dir: Path, partition: int, number: int) -> dict[str, Any] |
         return None
 
 
-class Outbox:
-    """One partition's documents sent but not yet confirmed, and the last seal all of whose documents are."""
+class Sending(NamedTuple):
+    future: FutureRecordMetadata
+    generation: int
+    """Which of the publisher's producers took it."""
 
-    def __init__(self, producer, confirmed: int):
-        self.producer = producer
-        self.sent: list[tuple[int, Document, Any]] = []  # (seal number, document, its send future)
+
+class Publisher:
+    """A worker's one producer of seals and documents, replaced by a new one once a send of it failed.
+
+    kafka-python's idempotent producer (3.0.12) whose batches expired (a broker hung past delivery_timeout_ms)
+    resets its producer id and from then on sends nothing, not even the InitProducerId it needs: sending again with
+    it waits for ever (tests/test_ledger_broker_hang.py). A new producer is built with the old one's broker version,
+    so that building it does not wait for a broker that may still hang.
+    """
+
+    def __init__(self, make: Callable[..., KafkaProducer]):
+        self._make = make
+        self.producer = make()
+        self.generation = 0
+
+    def send(self, doc: Document) -> Sending | None:
+        """The document handed to the producer, or None if the producer could not take it within its max_block_ms
+        (no metadata for a new producer while the broker is still away)."""
+        try:
+            return Sending(self.producer.send(doc.topic, key=doc.key, value=doc.value), self.generation)
+        except KafkaTimeoutError as exc:
+            log.warning("%s: not sent yet (%s)", doc.topic, exc)
+            return None
+
+    def renew(self) -> None:
+        """A new producer in place of the current one."""
+        old = self.producer
+        self.producer = self._make(api_version=old.config["api_version"])
+        self.generation += 1
+        _discard(old)  # every outbox sends again what it held, with the new one
+        log.warning("producer of seals and documents renewed after a failed send; what was not acknowledged is "
+                    "sent again")
+
+    def flush(self, timeout: float) -> None:
+        self.producer.flush(timeout=timeout)
+
+    def close(self) -> None:
+        try:
+            self.producer.flush(timeout=FLUSH_SECONDS)
+        except KafkaError as exc:  # not confirmed: the next owner renders it again
+            log.warning("documents not yet confirmed at close (%s)", exc)
+            _discard(self.producer)
+        else:
+            self.producer.close(timeout=5)
+
+
+def _discard(producer: KafkaProducer) -> None:
+    """Close a producer that holds batches it will never send. kafka-python's close flushes first and, while a batch
+    is pending, raises instead of closing (3.0.12), so its sender thread is stopped first: that fails the batches."""
+    producer._sender.force_close()
+    producer._sender.join(timeout=1)
+    try:
+        producer.close(timeout=0)
+    except KafkaError as exc:
+        log.warning("the replaced producer did not close (%s)", exc)
+
+
+class Outbox:
+    """One partition's seals and documents sent but not yet acknowledged, and the last seal all of whose are."""
+
+    def __init__(self, publisher: Publisher, confirmed: int):
+        self.publisher = publisher
+        self.sent: list[tuple[int, Document, Sending | None]] = []  # (seal number, document, its send or None)
         self.confirmed = self.last = confirmed
 
     def send(self, number: int, docs: list[Document]) -> None:
-        for d in docs:
-            self.sent.append((number, d, self.producer.send(d.topic, key=d.key, value=d.value)))
+        self.sent += self._send([(number, d, None) for d in docs])
         self.last = number
 
     def confirm(self, wait: bool = False) -> int:
-        """The last seal whose documents (and every earlier seal's) Kafka acknowledged; a send that failed is sent
-        again, to be confirmed by a later call. Only with `wait` (a release) does it flush first: a seal does not
-        wait for the producer (by then the previous seal's sends are normally long acknowledged)."""
+        """The last seal whose documents (and every earlier seal's) Kafka acknowledged. A send that failed renews
+        the producer, and whatever its producer did not acknowledge is sent again, to be confirmed by a later call.
+        Only with `wait` (a release) does it flush first: a seal does not wait for the producer (by then the
+        previous seal's sends are normally long acknowledged)."""
         if self.sent:
             if wait:
                 try:
-                    self.producer.flush(timeout=FLUSH_SECONDS)
+                    self.publisher.flush(timeout=FLUSH_SECONDS)
                 except KafkaError as exc:  # a timeout: what is still in flight is confirmed by the next owner
                     log.warning("documents not yet confirmed (%s)", exc)
             waiting = []
-            for number, doc, future in self.sent:
-                if future.is_done and future.succeeded():
-                    continue
-                if future.is_done:  # failed after the producer's own retries
-                    log.warning("%s: a document of seal %d was not delivered (%s); sending it again", doc.topic,
-                                number, future.exception)
-                    future = self.producer.send(doc.topic, key=doc.key, value=doc.value)
-                waiting.append((number, doc, future))
-            self.sent = waiting
+            for number, doc, sending in self.sent:
+                if sending is not None and sending.future.is_done:
+                    if sending.future.succeeded():
+                        continue
+                    if sending.generation == self.publisher.generation:  # failed after the producer's own retries
+                        log.warning("%s: a document of seal %d was not delivered (%s)", doc.topic, number,
+                                    sending.future.exception)
+                        self.publisher.renew()
+                waiting.append((number, doc, sending))
+            self.sent = self._send(waiting)
         self.confirmed = min(n for n, _, _ in self.sent) - 1 if self.sent else self.last
         return self.confirmed
+
+    def _send(self, entries: list[tuple[int, Document, Sending | None]]) -> list[tuple[int, Document, Sending | None]]:
+        """The entries, those not sent by the current producer handed to it, in order; after one it could not take,
+        the rest wait for the next call (each try may block for the producer's max_block_ms)."""
+        out, stuck = [], False
+        for number, doc, sending in entries:
+            if not stuck and (sending is None or sending.generation != self.publisher.generation):
+                sending = self.publisher.send(doc)
+                stuck = sending is None
+            out.append((number, doc, sending))
+        return out
 
     def mark(self, ledger_dir: Path, partition: int) -> None:
         """After a last confirm: the marker a clean handover leaves, so the next owner re-publishes nothing."""

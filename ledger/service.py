@@ -9,10 +9,11 @@ quarantine copies acknowledged → segment durable → state snapshot durable �
 seal durable (the commit point) → seal published to `custody.seals` and
 violations to `custody.violations` (and OCSF) →
 offset committed (a courtesy for lag monitoring). A crash anywhere re-reads
-from the last seal: nothing lost, nothing twice. A seal's documents are
+from the last seal: nothing lost, nothing twice. A seal and its documents are
 confirmed by the next seal's snapshot (or a clean release's marker); on resume
-those of any later seal are rendered again from the seal's files and
-re-published, at least once (ledger/documents.py).
+any later seal is published again and its documents rendered again from the
+seal's files, at least once (ledger/documents.py). A send that fails renews the
+producer and sends again what was not acknowledged, without a restart.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import logging
 import os
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
@@ -51,6 +53,9 @@ log = logging.getLogger(__name__)
 
 GROUP_ID = "custody-ledger"
 MAX_POLL_RECORDS = 4096
+COMMIT_TIMEOUT_MS = 5000
+"""The offset commit after a seal is a courtesy (a restart resumes from the seal): it must not hold sealing up for
+the consumer's whole request timeout (30 s) when the broker has just come back from a hang."""
 
 
 class LedgerConfigError(CustodyError):
@@ -214,11 +219,12 @@ class LedgerService:
 
     def __init__(self, kafka_settings: KafkaSettings, settings: LedgerSettings, key: PrivateKey, keyring: Keyring,
                  group_id: str = GROUP_ID, instance_id: str | None = None, partitions: list[int] | None = None,
-                 soc: SocSettings | None = None):
+                 soc: SocSettings | None = None, publisher_options: dict | None = None):
+        """`publisher_options`: kafka-python options of the producer of seals and documents over
+        ingest.kafka's (its timeouts, e.g.)."""
         self.kafka_settings, self.settings, self.key, self.keyring = kafka_settings, settings, key, keyring
         self.dir = ledger_dir(settings)
         self.topic = kafka_settings.topic("events")
-        self.seals_topic = kafka_settings.topic("seals")
         self.violations_topic = kafka_settings.topic("violations")
         self.soc = soc if soc is not None and soc.topics else None
         self.writers: dict[int, PartitionWriter] = {}
@@ -226,7 +232,7 @@ class LedgerService:
         kafka.ensure_topics(kafka_settings, ("events", "quarantine", "seals", "violations",
                                              *(self.soc.topics if self.soc else ())))
         self.quarantine = Quarantine(kafka_settings)
-        self.publisher = kafka.producer(kafka_settings)
+        self.publisher = documents.Publisher(partial(kafka.producer, kafka_settings, **(publisher_options or {})))
         self.cosignatures = Collector(kafka_settings, self.dir, owned=lambda p: p in self.writers)  # witnesses' cosignatures, kept beside the seals
         self.pusher = WitnessPusher(self.dir, settings.witnesses) if settings.witnesses else None  # [[ledger.witness]]
         # check_crcs=False: kafka-python's CRC-32C is pure Python and would cost more than the signature check,
@@ -279,11 +285,15 @@ class LedgerService:
         last = state.last_seal.number if state.last_seal else 0
         through = documents.published_through(self.dir, tp.partition, state.published_through, last)
         writer.outbox = documents.Outbox(self.publisher, through)
-        if state.last_seal:  # it may have been made durable just before a crash, and never published
-            self._publish(state.last_seal)
-        for number, docs in documents.rerender(self.dir, self.kafka_settings, self.settings.origin, tp.partition,
-                                               through, last, self.soc.activity if self.soc else None):
-            writer.outbox.send(number, docs)  # ... and so may its documents
+        # the seals after `through` may have been made durable just before a crash and never published, nor their
+        # documents: sent again, each seal before its documents
+        rendered = dict(documents.rerender(self.dir, self.kafka_settings, self.settings.origin, tp.partition,
+                                           through, last, self.soc.activity if self.soc else None))
+        for number in range(through + 1, last + 1):
+            seal = state.last_seal if number == last else Seal.load(self.dir / seal_relpath(tp.partition, number))
+            writer.outbox.send(number, [documents.seal_document(self.kafka_settings, seal), *rendered.get(number, ())])
+        if state.last_seal and self.pusher is not None:
+            self.pusher.submit(state.last_seal)
         writer.outbox.last = last
         if through < last:
             log.info("partition %d: documents of seals %d-%d published again", tp.partition, through + 1, last)
@@ -310,6 +320,7 @@ class LedgerService:
                 self.quarantine.send(rejected.record, rejected.rejection)
         now = time.monotonic()
         for writer in list(self.writers.values()):
+            writer.outbox.confirm()  # a failed send is noticed now, not at the next seal (an idle one: an hour on)
             if writer.due(now):
                 self._seal(writer)
         self.cosignatures.poll()
@@ -331,28 +342,24 @@ class LedgerService:
             writer.state.ocsf = writer.ocsf.snapshot()
         writer.state.published_through = writer.outbox.confirm()  # the earlier seals' documents, kept in this seal
         seal = writer.seal()
-        self._publish(seal)
         # after the seal: a violation always points at sealed evidence; OCSF the same moment (ingest/ocsf.py)
         evidence = ocsf.Evidence(self.settings.origin, seal.partition, seal.number, seal.tree_size)
-        writer.outbox.send(seal.number, documents.render(self.kafka_settings, pending, writer.ocsf, evidence))
+        writer.outbox.send(seal.number, [documents.seal_document(self.kafka_settings, seal),
+                                         *documents.render(self.kafka_settings, pending, writer.ocsf, evidence)])
+        if self.pusher is not None:
+            self.pusher.submit(seal)
         tp = TopicPartition(self.topic, writer.state.partition)
         try:
-            self.consumer.commit({tp: OffsetAndMetadata(seal.next_offset, "", -1)})
+            self.consumer.commit({tp: OffsetAndMetadata(seal.next_offset, "", -1)}, timeout_ms=COMMIT_TIMEOUT_MS)
         except KafkaError as exc:  # the seal, not the committed offset, is where a restart resumes
             log.info("partition %d: offset commit failed (%s); the seal stands", tp.partition, exc)
         log.info("partition %d: seal %d, %d leaves, offset %d", tp.partition, seal.number, seal.tree_size,
                  seal.next_offset)
 
-    def _publish(self, seal: Seal) -> None:
-        self.publisher.send(self.seals_topic, key=f"p{seal.partition}".encode(), value=seal.to_bytes())
-        if self.pusher is not None:
-            self.pusher.submit(seal)
-
     def close(self) -> None:
         for partition in list(self.writers):
             self.release(partition)
-        self.publisher.flush(timeout=10)
-        self.publisher.close(timeout=5)
+        self.publisher.close()
         self.quarantine.close()
         self.cosignatures.close()
         if self.pusher is not None:

@@ -1,0 +1,118 @@
+"""A broker hung past the producer's delivery timeout (SIGSTOP, then SIGCONT) does not leave the ledger's producer of
+seals and documents stuck (issue 17): the worker renews it, sends again what was not acknowledged, and every seal and
+document reaches its topic without a restart, later seals' too.
+
+Before the fix, kafka-python's idempotent producer whose batches expired reset its producer id and sent nothing
+more: the worker never confirmed the seal it made during the hang, the seals after it and their documents were only
+published by a restart's re-render, and its close waited out every flush. The producer's timeouts are shortened
+here (delivery 3 s instead of 15 s) so that a 6 s hang is past them; the broker is a dev broker of this test's own.
+
+A copy of what the broker had appended just before it stopped may come twice (its acknowledgement never arrived):
+the same bytes, de-duplicated by the witness (a seal's number and hash) and the SOC (a document's deterministic id).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from conftest import make_key
+from events_factory import policy_decision, session_end, session_start
+from ingest import kafka
+from ingest.broker import DevBroker
+from ingest.events import SessionChain
+from ingest.keys import Keyring, TrustedKey
+from ingest.records import frames_body
+from ingest.settings import KafkaSettings, SocSettings
+from ledger.seals import Seal, seal_relpath
+from ledger.service import LedgerService
+from ledger.settings import LedgerSettings
+from ocsf_fixtures import read_topic
+
+HANG_SECONDS = 6.0
+PUBLISHER = {"request_timeout_ms": 1500, "delivery_timeout_ms": 3000, "max_block_ms": 2000}
+DOCUMENT_TOPICS = ("violations", "violations.ocsf", "activity.ocsf")
+
+
+def session(chain: SessionChain) -> tuple[list, dict[str, set[str]]]:
+    """One session's events (a statement answered, a block, the end) and the ids of the documents it makes."""
+    start = chain.event("session_start", session_start())
+    done = chain.event("frames", frames_body([
+        {"type": "Query", "data": b"", "direction": "client", "channel": None, "operation": "statement",
+         "text": "SELECT 1"},
+        {"type": "CommandComplete", "data": b"", "direction": "server", "channel": None, "outcome": "ok"}]))
+    blocked = chain.event("policy_decision", policy_decision("block"))
+    end = chain.event("session_end", session_end())
+    return [start, done, blocked, end], {"violations": {blocked.event_id}, "violations.ocsf": {blocked.event_id},
+                                         "activity.ocsf": {start.event_id, f"{done.event_id}#0"}}
+
+
+def doc_id(doc: dict) -> str:
+    return doc["metadata"]["uid"] if "metadata" in doc else doc["id"]
+
+
+def test_a_broker_hung_past_the_delivery_timeout_does_not_stop_seals_and_documents(proxy_key, tmp_path):
+    ledger_key = make_key("ledger")
+    keyring = Keyring([TrustedKey(proxy_key.key_id, "proxy", proxy_key.public_key),
+                       TrustedKey(ledger_key.key_id, "ledger", ledger_key.public_key)])
+    chain = SessionChain(proxy_key, "proxy-1")
+    with DevBroker(log_path=tmp_path / "tansu.log") as broker:
+        settings = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix="hang.", embedded_listen=broker.bootstrap,
+                                 partitions=1)
+        ledger = LedgerService(settings, LedgerSettings(dir=tmp_path / "ledger", origin="custody.test/hang",
+                                                        segment_max_events=1000, segment_max_bytes=1 << 24,
+                                                        segment_max_seconds=0.3, idle_seal_seconds=3600),
+                               ledger_key, keyring, partitions=[0], soc=SocSettings(ocsf=True, activity=True),
+                               publisher_options=PUBLISHER)
+        writer = ledger.writers[0]
+        producer = kafka.producer(settings)
+        expected: dict[str, set[str]] = {topic: set() for topic in DOCUMENT_TOPICS}
+
+        def run_until(done, seconds: float = 30.0) -> None:
+            deadline = time.monotonic() + seconds
+            while not done():
+                assert time.monotonic() < deadline, "the ledger did not get there in time"
+                ledger.step(0.1)
+
+        def sealed_session() -> None:
+            events, ids = session(chain)
+            for e in events:
+                producer.send(settings.topic("events"), key=e.session_id.encode(), value=e.value, partition=0)
+            producer.flush()
+            for topic in DOCUMENT_TOPICS:
+                expected[topic] |= ids[topic]
+
+        sealed_session()  # seal 1: out before the hang
+        run_until(lambda: writer.state.next_seal_number == 2 and writer.outbox.confirm() == 1)
+        sealed_session()  # seal 2: taken in before the hang, sealed and sent while the broker hangs
+        run_until(lambda: writer.opened_at is not None)
+        os.kill(broker._process.pid, signal.SIGSTOP)
+        try:
+            hung_at = time.monotonic()
+            run_until(lambda: time.monotonic() - hung_at > HANG_SECONDS)
+            assert writer.state.next_seal_number == 3, "seal 2 was made during the hang"
+        finally:
+            os.kill(broker._process.pid, signal.SIGCONT)
+        run_until(lambda: writer.outbox.confirm() == 2)  # confirmed by the same worker: no restart
+        sealed_session()  # seal 3, after the hang: its producer works
+        run_until(lambda: writer.state.next_seal_number == 4 and writer.outbox.confirm() == 3)
+
+        seals = read_topic(settings, "seals")
+        on_disk = {n: Seal.load(tmp_path / "ledger" / seal_relpath(0, n)) for n in (1, 2, 3)}
+        assert {s["seal"]["number"] for s in seals} == set(on_disk), "every seal published"
+        for s in seals:  # a second copy is the same seal: the witness skips it (same number, same hash)
+            assert Seal.from_bytes(on_disk[s["seal"]["number"]].to_bytes()).record == s["seal"]
+        copies = {}
+        for topic in DOCUMENT_TOPICS:
+            docs = read_topic(settings, topic)
+            assert {doc_id(d) for d in docs} == expected[topic], f"{topic}: every document, nothing foreign"
+            for d in docs:  # a second copy is byte for byte the first: de-duplicated on its id
+                assert copies.setdefault((topic, doc_id(d)), d) == d
+        print(f"published: {len(seals)} seal messages for 3 seals, {sum(len(read_topic(settings, t)) for t in DOCUMENT_TOPICS)}"
+              f" document messages for {len(copies)} documents")
+        producer.close()
+        closing = time.monotonic()
+        ledger.close()
+        assert time.monotonic() - closing < 5, "nothing left waiting in a stuck producer"
