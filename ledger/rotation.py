@@ -119,7 +119,7 @@ def rotate_partition(ledger_dir: Path, partition: int, origin: str, old_key: Pri
         seal = sign_seal(record, old_key, [])
         write_snapshot(ledger_dir, state, number)
         write_atomic(ledger_dir / seal_relpath(partition, number), seal.to_bytes())
-        prune_snapshots(ledger_dir, partition, keep=number)
+        prune_snapshots(ledger_dir, state, number)  # not those of seals whose documents may be rendered again
         return seal
     finally:
         lock.release()

@@ -188,8 +188,7 @@ class PartitionWriter:
         state.quarantine_violations = []
         write_atomic(self.dir / seal_relpath(state.partition, number), seal.to_bytes())
         state.last_seal = seal
-        # the snapshot of the last seal with confirmed documents holds the OCSF state to render the next ones again
-        prune_snapshots(self.dir, state.partition, keep=min(number, state.published_through or 0))
+        prune_snapshots(self.dir, state, number)
         self.last_sealed_at = time.monotonic()
         self._reset()
         return seal

@@ -131,9 +131,12 @@ def write_snapshot(ledger_dir: Path, state: PartitionState, seal_number: int) ->
     write_atomic(ledger_dir / state_relpath(state.partition, seal_number), state.to_bytes(seal_number))
 
 
-def prune_snapshots(ledger_dir: Path, partition: int, keep: int) -> None:
-    """Remove snapshots older than the committed one: only the latest is ever resumed from."""
-    old = [p for n, p in numbered_files(ledger_dir / STATE_DIR / partition_name(partition)).items() if n < keep]
+def prune_snapshots(ledger_dir: Path, state: PartitionState, number: int) -> None:
+    """After seal `number` (any seal: a key rotation's too), remove the snapshots nothing needs. Resuming needs only
+    the latest, but the documents of every seal after `state.published_through` may have to be rendered again after
+    a crash (ledger/documents.py), from those seals' snapshots and the one before them: those stay."""
+    keep = min(number, state.published_through or 0)
+    old = [p for n, p in numbered_files(ledger_dir / STATE_DIR / partition_name(state.partition)).items() if n < keep]
     if old:
         remove_durably(old)
 
