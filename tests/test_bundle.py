@@ -9,6 +9,7 @@ import sys
 import time
 import uuid
 import zipfile
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -330,3 +331,73 @@ def test_an_auditor_reads_the_bundle_with_sql_sessions_and_replay(evidence, bund
     assert "alice@example.com-secret-3" in story.stdout
     refused = custody("sql", "--bundle", str(bundle), "COPY events TO '/tmp/x.csv'")
     assert refused.returncode == 2 and "read-only" in refused.stderr
+
+
+# Each event goes the fast way first (query/bundle_verify.py: EventChecks.passes, sessions on whole columns) and the
+# exact way only when it does not pass; tracing sends every event the exact way. The two must report the same.
+
+def both_ways(path: Path, keyring: Keyring) -> tuple[list[str], str]:
+    """(problems, summary), the same from the fast way in 2 workers and the exact way (traced) in this process."""
+    fast = verify_bundle(path, keyring, jobs=2)
+    exact = verify_bundle(path, keyring, trace=[].append)
+    assert (fast.problems, fast.summary()) == (exact.problems, exact.summary())
+    return fast.problems, fast.summary()
+
+
+def test_an_audit_path_sharing_nodes_with_a_proven_one_must_still_end_in_its_own_hashes(evidence, bundle):
+    """Paths of neighbouring events meet below the root; where one event's path reaches a node another's took to
+    the root, the hashes left must be the same too, or the event fails as the exact way says."""
+    def change(rows):
+        for row in rows[1:]:
+            row["inclusion_proof"][-1] = bytes(32)
+    rewrite(bundle, lambda files: edit_events(files, change))
+    found, summary = both_ways(bundle, evidence.keyring)
+    events = [p for p in found if p.startswith("Event ")]
+    assert summary.startswith("1/10 events valid")
+    assert len(events) == 9 and all(" INVALID: inclusion proof fails: recomputed root " in p for p in events)
+
+
+def test_a_bad_signature_found_by_a_worker_is_reported_with_its_event(evidence, bundle, small_chunks):
+    def change(rows):
+        event = bytearray(rows[7]["event"])
+        event[event.index(b"secret")] ^= 0x01
+        rows[7]["event"] = bytes(event)
+    rewrite(bundle, lambda files: edit_events(files, change))
+    found, _ = both_ways(bundle, evidence.keyring)
+    event = evidence.sessions[evidence.alice][7]
+    assert found[1] == (f"Event {event.event_id} (session {evidence.alice} seq 7) INVALID: bad_signature: "
+                        f"signature by {evidence.proxy.key_id} does not verify")
+
+
+def test_the_proxy_key_signs_from_its_not_before_to_its_not_after_to_the_microsecond(evidence, bundle):
+    events = evidence.sessions[evidence.alice]
+    first, last = events[2].ts + timedelta(microseconds=1), events[6].ts - timedelta(microseconds=1)
+    keyring = Keyring([TrustedKey(k.key_id, k.role, k.public_key, not_before=first, not_after=last)
+                       if k.role == "proxy" else k for k in evidence.keyring])
+    found, _ = both_ways(bundle, keyring)
+    reasons = [p.split(" INVALID: ")[1].split(":")[0] for p in found if p.startswith("Event ")]
+    assert reasons == ["key_not_yet_valid" if e.ts < first else "key_revoked" for e in events
+                       if not first <= e.ts <= last]
+    assert "key_revoked" in reasons and "key_not_yet_valid" in reasons
+
+
+def test_sessions_in_more_than_one_run_of_rows_verify_as_the_exact_way_says(evidence, tmp_path):
+    """Each session one run of rows is the fast way's case; interleaved rows are whole sessions all the same, and a
+    session's rows repeated after another session's are one session with every seq twice."""
+    out = tmp_path / "alice.custody"
+    evidence.export(out, Scope(identity="alice@example.com"))
+    def interleave(rows):
+        first = [r for r in rows if r["session_id"] == rows[0]["session_id"]]
+        other = [r for r in rows if r["session_id"] != rows[0]["session_id"]]
+        rows[:] = [r for pair in zip(first, other) for r in pair] + first[len(other):] + other[len(first):]
+    rewrite(out, lambda files: edit_events(files, interleave))
+    found, summary = both_ways(out, evidence.keyring)
+    assert found == ["File events.parquet INVALID: hash value doesn't match the manifest"]
+    assert "1 sessions complete (1 open at export)" in summary
+
+    def repeat_first_session(rows):
+        rows += [r for r in rows if r["session_id"] == rows[0]["session_id"]]
+    evidence.export(out, Scope(identity="alice@example.com"))
+    rewrite(out, lambda files: edit_events(files, repeat_first_session))
+    found, _ = both_ways(out, evidence.keyring)
+    assert any(p.endswith("INCOMPLETE: seq 0 appears twice") for p in found), found
