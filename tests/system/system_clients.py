@@ -3,13 +3,18 @@ came back (outcome, SQLSTATE / errno / HTTP status / exit status, command tags, 
 files), and whether it closed its session. The checker compares these logs with the sealed ledger.
 
 Every session carries a tag `sys-<hex>` the checker finds it by: PostgreSQL's application_name, MySQL's
-program_name, HTTP's User-Agent, and in the first command of an SSH session.
+program_name, HTTP's User-Agent, in the first command of an SSH session or of a `kubectl exec`; a kubectl
+connection that cannot carry one (its requests are kubectl's) is found by the id of its token, unique per run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import http.client
+import os
+import re
+import shlex
+import subprocess
 import threading
 import time
 import traceback
@@ -34,6 +39,8 @@ class Op:
     code: str | None = None  # SQLSTATE, MySQL errno, HTTP status, exit status
     tag: str | None = None  # PostgreSQL command tag
     digest: str | None = None  # SHA-256 of the result rows / response body / file
+    request: str | None = None  # Kubernetes: the request line, `METHOD path?query`, as kubectl logged it
+    meaning: dict[str, str] | None = None  # Kubernetes: verb, resource, namespace, name the client asked for
 
 
 @dataclass
@@ -48,6 +55,7 @@ class SessionLog:
     pending: str | None = None  # the operation in flight
     started: float = 0.0
     ended: float = 0.0
+    token_id: str | None = None  # the jti of the token the session was opened with, when the tag cannot be sent
 
 
 def _digest(rows) -> str:
@@ -62,17 +70,23 @@ class Workload:
         self.threads: list[threading.Thread] = []
         self.lock = threading.Lock()
 
-    def spawn(self, fn, log: SessionLog, *args) -> None:
+    def spawn(self, fn, log: SessionLog, *args, companions: tuple[SessionLog, ...] = ()) -> None:
+        """Run `fn(log, *args)` on a thread; `companions` are further sessions the same client opens (kubectl
+        exec's stream), filled by `fn` and ended with `log`."""
+        mine = (log, *companions)
         with self.lock:
-            self.logs.append(log)
+            self.logs += mine
 
         def run() -> None:
-            log.started = time.time()
+            for each in mine:
+                each.started = time.time()
             try:
                 fn(log, *args)
             except Exception:  # the log says it; the checker decides whether that was allowed
                 log.failure = f"{log.pending!r} at {time.time() - log.started:.1f}s: {traceback.format_exc(limit=-2)}"
-            log.ended = time.time()
+            for each in mine:
+                each.failure = each.failure or log.failure
+                each.ended = time.time()
 
         thread = threading.Thread(target=run, daemon=True, name=log.tag)
         self.threads.append(thread)
@@ -225,3 +239,42 @@ def sftp_session(log: SessionLog, client, token: str, workdir: Path, size: int) 
                 Op("transfer", f"sftp download {remote}", "ok", None, None, digest),
                 Op("transfer", f"sftp remove {remote}", "ok")]
     log.closed = True
+
+
+# --- Kubernetes: the real kubectl, one run per session, through `custody kubeconfig`'s exec credential plugin ----
+# kubectl 1.32 itself: /usr/bin/kubectl is gcloud's dispatcher (v1.32.4-dispatcher), which sends GET /version?timeout=5s
+# of its own before it runs a versioned kubectl and logs it nowhere: its log would miss a recorded request.
+KUBECTL = "/usr/lib/google-cloud-sdk/bin/kubectl.1.32"
+# `-v=6` makes kubectl log every request it sends, as it completes: `GET https://host:port/path?query 200 OK in 5 ms`
+KUBECTL_REQUEST = re.compile(r"round_trippers\.go:\d+\] ([A-Z]+) https://[^/\s]+(/\S*) (\d{3})\b")
+
+
+def kubectl_session(log: SessionLog, kubeconfig: Path, home: Path, args: list[str], meaning: dict[str, str],
+                    stream: SessionLog | None = None) -> None:
+    """One kubectl run (its own HOME, discovery cache and token cache), its requests as its `-v=6` log has them.
+
+    kubectl sends its requests one after another on one connection; an upgraded one (`kubectl exec`: 101, then
+    WebSocket) gets a connection of its own, logged in `stream` as the command it runs. `meaning` is what the
+    client asked for (verb, resource, namespace, name), expected on its last plain request or on the stream."""
+    env = {**os.environ, "HOME": str(home), "CUSTODY_TOKEN_CACHE": str(home / "tokens.json")}
+    env.pop("KUBECONFIG", None)
+    log.pending = shlex.join(["kubectl", *args])
+    result = subprocess.run([KUBECTL, "--kubeconfig", str(kubeconfig), "--cache-dir", str(home / "cache"), "-v=6",
+                             *args], capture_output=True, env=env, timeout=120)
+    stderr = result.stderr.decode(errors="replace")
+    for method, path, status in KUBECTL_REQUEST.findall(stderr):
+        request, outcome = f"{method} {path}", "ok" if int(status) < 400 else "error"
+        if status == "101" and stream is not None:
+            command = args[args.index("--") + 1:]
+            outcome = "ok" if result.returncode == 0 else "error"  # the command's, as kubectl's exit status says
+            stream.ops.append(Op("command", shlex.join(command), outcome, status,
+                                 digest=hashlib.sha256(result.stdout).hexdigest(), request=request, meaning=meaning))
+        else:
+            log.ops.append(Op("request", request, outcome, status, request=request))
+    if stream is None and log.ops:
+        log.ops[-1].meaning = meaning
+    if not log.ops or (stream is not None and not stream.ops):
+        raise RuntimeError(f"kubectl exit {result.returncode}, no request logged: {stderr[-800:]!r}")
+    log.closed = True
+    if stream is not None:
+        stream.closed = result.returncode == 0

@@ -1,6 +1,10 @@
-"""The whole stack for the system tests: `custody up` (dev broker, ledger, proxies for PostgreSQL, MySQL, HTTP and
-SSH) from one `custody init` directory, plus a second `custody ledger` worker in the same consumer group, and the
-real third-party targets (the machine's PostgreSQL and MariaDB, Debian's nginx, an OpenSSH sshd).
+"""The whole stack for the system tests: `custody up` (dev broker, ledger, witness, proxies for PostgreSQL, MySQL,
+HTTP, SSH and Kubernetes) from one `custody init` directory, plus a second `custody ledger` worker in the same
+consumer group, and the targets (the machine's PostgreSQL and MariaDB, Debian's nginx, an OpenSSH sshd, and the
+Kubernetes API test stand-in of tests/kube_server.py, since no API server can be installed here).
+
+kubectl reaches the Kubernetes proxy as a user would: a kubeconfig from `custody kubeconfig --proxy sys-kube`, whose
+exec credential plugin (`custody token`) prints the token `custody login` cached; `login()` writes that cache.
 
 Processes are found by walking /proc from `custody up`'s pid, so faults hit exactly the process they name (the
 Tansu broker, the ledger, a proxy, its recorder), never anything by a broad name.
@@ -8,6 +12,7 @@ Tansu broker, the ledger, a proxy, its recorder), never anything by a broad name
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -72,18 +77,20 @@ class Ports:
     mysql: int = field(default_factory=free_port)
     http: int = field(default_factory=free_port)
     ssh: int = field(default_factory=free_port)
+    kube: int = field(default_factory=free_port)
 
 
 class SystemStack:
     """`custody up` plus extra ledger workers, for one `custody init` directory."""
 
-    def __init__(self, directory: Path, mysql_target, nginx, sshd, spool_max_bytes: int = 1 << 30):
+    def __init__(self, directory: Path, mysql_target, nginx, sshd, kube, tls: dict, spool_max_bytes: int = 1 << 30):
         from custody.init import initialise
 
         self.directory = directory
         self.ports = Ports()
         self.config_path = initialise(directory / "custody", proxy_port=self.ports.postgres,
                                       broker_port=self.ports.broker)
+        (self.config_path.parent / "cluster.token").write_text(kube.token + "\n")
         text = self.config_path.read_text()
         text = text.replace("segment_max_seconds = 5", "segment_max_seconds = 1")
         text = text.replace("idle_seal_seconds = 60", "idle_seal_seconds = 2")
@@ -113,6 +120,19 @@ upstream_key_file = "{sshd.client_key}"
 upstream_host_key = "{sshd.host_key_pub}"
 host_key_file = "keys/ssh_host_ed25519"
 policy = "policies/default.toml"
+
+[[proxy]]
+name = "sys-kube"
+protocol = "kubernetes"
+listen = "127.0.0.1:{self.ports.kube}"
+upstream = "{kube.url}"
+upstream_bearer_file = "cluster.token"
+tls_cert = "{tls['server_cert']}"
+tls_key = "{tls['server_key']}"
+policy = "policies/default.toml"
+
+[login]
+client_id = "custody-system-test"
 """
         self.config_path.write_text(text)
         from custody.config import load_config
@@ -133,6 +153,26 @@ policy = "policies/default.toml"
         return issue_token(identity.dev_signing_key, identity.issuer, identity.audience, subject, list(groups),
                            email=subject)
 
+    def login(self, subject: str, groups: tuple[str, ...], cache: Path) -> str:
+        """What `custody login` leaves behind, without its device flow (tests/test_kubeconfig.py drives that): a
+        token of `subject` in the token cache at `cache` (CUSTODY_TOKEN_CACHE). Returns the token's id (jti), which
+        the proxy records in every session of it: a kubectl run opens more than one connection."""
+        from proxy.login import TokenCache, TokenSet
+
+        token = self.token(subject, groups)
+        TokenCache(cache).put(self.config.login.cache_key, TokenSet(token, time.time() + 3600))
+        payload = token.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["jti"]
+
+    def kubeconfig(self) -> Path:
+        """`custody kubeconfig --proxy sys-kube`: the file plain kubectl is given (no token in it)."""
+        path = self.directory / "kubeconfig"
+        result = custody("kubeconfig", "--proxy", "sys-kube", "--namespace", "default", "-o", str(path),
+                         "--config", str(self.config_path))
+        if result.returncode != 0:
+            raise RuntimeError(f"custody kubeconfig failed: {result.stderr}")
+        return path
+
     @property
     def ssh_host_key(self) -> str:
         return (self.config_path.parent / "keys" / "ssh_host_ed25519.pub").read_text().strip()
@@ -143,7 +183,7 @@ policy = "policies/default.toml"
                                    stdout=open(self.logs / "up.log", "ab"), stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + timeout
-        ports = (self.ports.postgres, self.ports.mysql, self.ports.http, self.ports.ssh)
+        ports = (self.ports.postgres, self.ports.mysql, self.ports.http, self.ports.ssh, self.ports.kube)
         while not all(port_open(p) for p in ports):
             if self.up.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"custody up did not start: {self.tail('up.log')}")
@@ -239,6 +279,13 @@ policy = "policies/default.toml"
             return con.sql(statement).fetchall()
         finally:
             con.close()
+
+    def unwitnessed(self) -> list[int]:
+        """Partitions whose newest seal the witness has not cosigned yet (as far as this ledger directory holds)."""
+        from query.bundle import _cosignature_lines, load_seals  # what a bundle carries as the newest's cosignatures
+
+        return [partition for partition, chain in sorted(load_seals(self.ledger_dir).items())
+                if not _cosignature_lines(self.ledger_dir, chain)]
 
     def wait_sealed(self, predicate, timeout: float = 120) -> bool:
         deadline = time.monotonic() + timeout

@@ -1,7 +1,9 @@
-"""The whole system under load and faults: concurrent PostgreSQL sessions of several identities, MySQL, HTTP and
-SSH exec/sftp through `custody up` with two ledger workers in one consumer group; a ledger worker SIGKILLed and
-restarted and the broker hung (SIGSTOP/SIGCONT) while sessions run. At the end the clients' own logs are compared
-with `custody activity` / `custody sql` over the sealed ledger, and `custody verify` must be clean.
+"""The whole system under load and faults: concurrent PostgreSQL sessions of several identities, MySQL, HTTP,
+SSH exec/sftp and kubectl (get, exec; through `custody kubeconfig`'s exec credential plugin) through `custody up`
+with two ledger workers in one consumer group and its witness; a ledger worker SIGKILLed and restarted and the
+broker hung (SIGSTOP/SIGCONT) while sessions run. At the end the clients' own logs are compared with `custody
+activity` / `custody sql` over the sealed ledger, `custody verify` must be clean, and a bundle of the whole run must
+verify with the witness's cosignature on every partition's newest checkpoint (`custody bundle verify --witnesses 1`).
 
 Known failure of a broker hang longer than 15 s (CUSTODY_SYSTEM_BROKER_HANG=20, the long form's): the ledger
 worker's document producer (kafka-python 3.0.12, idempotent, delivery_timeout_ms 15000 from ingest.kafka) expires
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import signal
 import time
 from pathlib import Path
@@ -31,7 +34,8 @@ from pathlib import Path
 import pytest
 
 import system_forgery
-from system_checker import check, count_by
+from kube_fixtures import kube, tls  # noqa: F401 - fixtures this module uses
+from system_checker import check, count_by, witnessed
 from system_fixtures import mysql_target, nginx, pg_table, sshd  # noqa: F401 - fixtures this module uses
 from system_run import profile, start_workload
 from system_stack import SystemStack
@@ -54,10 +58,10 @@ def wait_for(predicate, timeout: float) -> bool:
 
 
 def test_every_client_operation_is_sealed_once_in_order_through_faults(tmp_path, nginx, sshd, mysql_target,
-                                                                        pg_table):
+                                                                        pg_table, kube, tls):
     prof = profile()
     faults = os.environ.get("CUSTODY_SYSTEM_FAULTS", "1") != "0"  # 0: the same run without faults (a baseline)
-    stack = SystemStack(tmp_path, mysql_target, nginx, sshd).start()
+    stack = SystemStack(tmp_path, mysql_target, nginx, sshd, kube, tls).start()
     figures: dict[str, object] = {}
     try:
         stack.start_worker("w1")
@@ -107,6 +111,11 @@ def test_every_client_operation_is_sealed_once_in_order_through_faults(tmp_path,
             f"{sealed_closed(stack)}/{len(workload.logs)} sessions sealed closed\n{stack.tail('up.log')}"
         figures["sealed s after the clients ended"] = round(time.monotonic() - clients_done, 1)
         quarantine = system_forgery.violations(stack)
+        # the witness cosigns each seal it reads on custody.seals and the ledger keeps what it publishes back: wait
+        # for the newest seals' cosignatures (asserted after the stop, through a bundle of the run)
+        witness_wait = time.monotonic()
+        wait_for(lambda: not stack.unwitnessed(), 30)
+        figures["witness caught up s"] = round(time.monotonic() - witness_wait, 1)
     finally:
         up_code, worker_codes = stack.stop()
     stopped = {"up": up_code, **worker_codes}  # asserted after the checker, so that a failed stop still shows it
@@ -114,6 +123,13 @@ def test_every_client_operation_is_sealed_once_in_order_through_faults(tmp_path,
     figures["recorder"] = recorder[-1].split("recorder: ")[1] if recorder else None
 
     report = check(stack, workload.logs)
+    cpu, wall = resource.getrusage(resource.RUSAGE_CHILDREN), time.monotonic()
+    witness_problems, witness_figures = witnessed(stack, tmp_path)
+    report.problems += witness_problems
+    report.figures.update(witness_figures)
+    spent = resource.getrusage(resource.RUSAGE_CHILDREN)
+    report.figures["bundle export + verify s (wall, cpu)"] = (
+        round(time.monotonic() - wall, 1), round(spent.ru_utime + spent.ru_stime - cpu.ru_utime - cpu.ru_stime, 1))
     report.figures.update(figures, sessions=dict(count_by(workload.logs)), quarantine=quarantine)
     report.figures["client operations/s"] = round(report.figures["client_operations"] / figures["clients s"], 1)
     if faults:
