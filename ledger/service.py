@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 GROUP_ID = "custody-ledger"
 MAX_POLL_RECORDS = 4096
+PUBLISHER_OPTIONS = {"delivery_timeout_ms": 120_000}
+"""The producer of seals and documents retries for 2 minutes (ingest.kafka's producers: 15 s). Its idempotent
+retries ride out a broker hang that short exactly once; after a longer one its expired sends renew it
+(documents.Publisher), and what the broker had appended before it hung comes twice (the same bytes)."""
 COMMIT_TIMEOUT_MS = 5000
 """The offset commit after a seal is a courtesy (a restart resumes from the seal): it must not hold sealing up for
 the consumer's whole request timeout (30 s) when the broker has just come back from a hang."""
@@ -220,7 +224,7 @@ class LedgerService:
                  group_id: str = GROUP_ID, instance_id: str | None = None, partitions: list[int] | None = None,
                  soc: SocSettings | None = None, publisher_options: dict | None = None):
         """`publisher_options`: kafka-python options of the producer of seals and documents over
-        ingest.kafka's (its timeouts, e.g.)."""
+        PUBLISHER_OPTIONS and ingest.kafka's (its timeouts, e.g.)."""
         self.kafka_settings, self.settings, self.key, self.keyring = kafka_settings, settings, key, keyring
         self.dir = ledger_dir(settings)
         self.topic = kafka_settings.topic("events")
@@ -231,7 +235,8 @@ class LedgerService:
         kafka.ensure_topics(kafka_settings, ("events", "quarantine", "seals", "violations",
                                              *(self.soc.topics if self.soc else ())))
         self.quarantine = Quarantine(kafka_settings)
-        self.publisher = documents.Publisher(partial(kafka.producer, kafka_settings, **(publisher_options or {})))
+        self.publisher = documents.Publisher(partial(kafka.producer, kafka_settings,
+                                                     **{**PUBLISHER_OPTIONS, **(publisher_options or {})}))
         self.cosignatures = Collector(kafka_settings, self.dir, owned=lambda p: p in self.writers)  # witnesses' cosignatures, kept beside the seals
         self.pusher = WitnessPusher(self.dir, settings.witnesses) if settings.witnesses else None  # [[ledger.witness]]
         # check_crcs=False: kafka-python's CRC-32C is pure Python and would cost more than the signature check,

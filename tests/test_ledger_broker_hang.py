@@ -1,14 +1,17 @@
-"""A broker hung past the producer's delivery timeout (SIGSTOP, then SIGCONT) does not leave the ledger's producer of
-seals and documents stuck (issue 17): the worker renews it, sends again what was not acknowledged, and every seal and
-document reaches its topic without a restart, later seals' too.
+"""A broker hung (SIGSTOP, then SIGCONT) while the ledger seals does not stop its seals and documents (issue 17):
+every seal and document made before, during and after the hang reaches its topic, without a restart.
 
-Before the fix, kafka-python's idempotent producer whose batches expired reset its producer id and sent nothing
-more: the worker never confirmed the seal it made during the hang, the seals after it and their documents were only
-published by a restart's re-render, and its close waited out every flush. The producer's timeouts are shortened
-here (delivery 3 s instead of 15 s) so that a 6 s hang is past them; the broker is a dev broker of this test's own.
+* Past the producer's delivery timeout (shortened here to 3 s, so that a 6 s hang is past it): before the fix,
+  kafka-python's idempotent producer whose batches expired reset its producer id and sent nothing more, so the
+  worker never confirmed the seal it made during the hang, the seals after it and their documents were only
+  published by a restart's re-render, and its close waited out every flush. Now the worker renews the producer and
+  sends again what was not acknowledged. What the broker had appended just before it stopped (its acknowledgement
+  never came) then comes twice: the same bytes, de-duplicated by the witness (a seal's number and hash) and the SOC
+  (a document's deterministic id).
+* Within the ledger's own delivery timeout (its default, 2 minutes): the producer's idempotent retries deliver
+  everything exactly once.
 
-A copy of what the broker had appended just before it stopped may come twice (its acknowledgement never arrived):
-the same bytes, de-duplicated by the witness (a seal's number and hash) and the SOC (a document's deterministic id).
+The broker is a dev broker of this test's own.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
+
+import pytest
 
 from conftest import make_key
 from events_factory import policy_decision, session_end, session_start
@@ -32,7 +36,7 @@ from ledger.settings import LedgerSettings
 from ocsf_fixtures import read_topic
 
 HANG_SECONDS = 6.0
-PUBLISHER = {"request_timeout_ms": 1500, "delivery_timeout_ms": 3000, "max_block_ms": 2000}
+PAST_THE_TIMEOUT = {"request_timeout_ms": 1500, "delivery_timeout_ms": 3000, "max_block_ms": 2000}
 DOCUMENT_TOPICS = ("violations", "violations.ocsf", "activity.ocsf")
 
 
@@ -53,7 +57,8 @@ def doc_id(doc: dict) -> str:
     return doc["metadata"]["uid"] if "metadata" in doc else doc["id"]
 
 
-def test_a_broker_hung_past_the_delivery_timeout_does_not_stop_seals_and_documents(proxy_key, tmp_path):
+@pytest.mark.parametrize("publisher_options", [PAST_THE_TIMEOUT, None], ids=["past-the-timeout", "within-it"])
+def test_a_broker_hang_does_not_stop_seals_and_documents(proxy_key, tmp_path, publisher_options):
     ledger_key = make_key("ledger")
     keyring = Keyring([TrustedKey(proxy_key.key_id, "proxy", proxy_key.public_key),
                        TrustedKey(ledger_key.key_id, "ledger", ledger_key.public_key)])
@@ -65,7 +70,7 @@ def test_a_broker_hung_past_the_delivery_timeout_does_not_stop_seals_and_documen
                                                         segment_max_events=1000, segment_max_bytes=1 << 24,
                                                         segment_max_seconds=0.3, idle_seal_seconds=3600),
                                ledger_key, keyring, partitions=[0], soc=SocSettings(ocsf=True, activity=True),
-                               publisher_options=PUBLISHER)
+                               publisher_options=publisher_options)
         writer = ledger.writers[0]
         producer = kafka.producer(settings)
         expected: dict[str, set[str]] = {topic: set() for topic in DOCUMENT_TOPICS}
@@ -110,8 +115,10 @@ def test_a_broker_hung_past_the_delivery_timeout_does_not_stop_seals_and_documen
             assert {doc_id(d) for d in docs} == expected[topic], f"{topic}: every document, nothing foreign"
             for d in docs:  # a second copy is byte for byte the first: de-duplicated on its id
                 assert copies.setdefault((topic, doc_id(d)), d) == d
-        print(f"published: {len(seals)} seal messages for 3 seals, {sum(len(read_topic(settings, t)) for t in DOCUMENT_TOPICS)}"
-              f" document messages for {len(copies)} documents")
+        published = len(seals) + sum(len(read_topic(settings, t)) for t in DOCUMENT_TOPICS)
+        print(f"published: {published} messages for {len(on_disk)} seals and {len(copies)} documents")
+        if publisher_options is None:
+            assert published == len(on_disk) + len(copies), "within the delivery timeout: exactly once"
         producer.close()
         closing = time.monotonic()
         ledger.close()
