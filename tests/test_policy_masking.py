@@ -422,3 +422,85 @@ def test_address_at_gate_is_the_plain_x_at_y_dot_search(raw):
     from proxy.policy.detectors import _ADDRESS_AT
     plain = re.compile(rb"[A-Za-z0-9._%+-]@[A-Za-z0-9-][^.]*\.")  # as first written: the literal "@" moved first
     assert (_ADDRESS_AT.search(raw) is None) == (plain.search(raw) is None)
+
+
+# --- many values in one scan (Scanner.masked_many, the DataRows of one read) against one value at a time ----------
+
+JOINED_VALUES = st.lists(st.one_of(st.sampled_from(EDGE_FRAGMENTS), st.sampled_from(GLUE), st.binary(max_size=6),
+                                   st.sampled_from(["\x00", "\xe2\x82", "\u20ac", "\U0001f600", "eyJ", "4111 1111 1111 111",
+                                                    "123-45-678", "a@b.c", "2024-01-15", "-1234567.25"]),
+                                   st.text(alphabet="0123456789 -+.()@AKIeyJ\u0664\u0661", max_size=24)), max_size=5)
+
+
+SCANNER = Scanner(ALL)  # one for all examples: a Scanner's table takes a while to build
+
+
+def as_bytes(parts: list) -> bytes:
+    return b"".join(p if isinstance(p, bytes) else p.encode("utf-8", "surrogateescape") for p in parts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(JOINED_VALUES.map(as_bytes), max_size=12))
+def test_masked_many_is_masked_or_none_of_each_value(values):
+    # Values are joined by NUL for one scan: a finding at a value's edge, a value holding a NUL, a multibyte
+    # character cut at a value's end, plain numbers beside findings and near misses must all come out as alone.
+    expected = {value: masked for value in values if (masked := SCANNER.masked_or_none(value)) is not None}
+    assert SCANNER.masked_many(values) == expected
+
+
+def test_masked_many_values_that_touch_across_the_join_are_masked_as_alone():
+    # Alone, neither value holds a finding; joined without a boundary they would ("4111 1111" + " 1111 1111").
+    scanner = SCANNER
+    halves = [b"4111 1111", b" 1111 1111", b"415", b"-555-2671", b"a@", b"example.com", b"123-45", b"-6789"]
+    assert scanner.masked_many(halves) == {}
+    assert scanner.masked_many([b"x", PEM.encode(), b"after"]) == {PEM.encode(): b"[MASKED:private_key]"}
+    many = [f"user{i}@mail.example".encode() for i in range(1200)]  # more than one joined chunk
+    assert scanner.masked_many(many + many[:3]) == {value: scanner.masked_or_none(value) for value in many}
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet="0123456789 -.)x\u0664", max_size=40))
+def test_card_and_ssn_shape_gates_are_necessary_conditions(text):
+    # The gate reads digit runs around separators off the value's shape; the patterns decide.
+    masked, findings = mask_text(text, ALL)
+    assert (masked, [(f.kind, f.start, f.end) for f in findings]) == reference_mask(text)
+
+
+BATCH_ROW = st.one_of(st.none(), st.sampled_from([f.encode() for f in FINDINGS] + [b"", b"42", b"x" * 7, b"2024-01-15"]),
+                      JOINED_VALUES.map(as_bytes))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(BATCH_ROW, min_size=3, max_size=3), min_size=8, max_size=40), st.integers(0, 3))
+def test_data_rows_of_one_read_masked_together_are_masked_as_one_by_one(rows, other):
+    # A read's DataRows are scanned together; each must come out as alone: NULLs, a binary column (passed),
+    # a hidden column, and a row of another column count among them.
+    from ingest.protocols.postgres import messages as m
+    from ingest.protocols.postgres.protocol import Message
+    from proxy.postgres.result_masking import ResultMasker, _masked_data_row
+
+    fields = [(b"note", 25, 0), (b"blob", 17, 1), (b"customer_ssn", 25, 0)]
+    body = struct.pack("!h", 3) + b"".join(name + b"\0" + struct.pack("!IhIhih", 0, 0, oid, -1, -1, fmt)
+                                           for name, oid, fmt in fields)
+    description = Message("RowDescription", b"T" + struct.pack("!I", len(body) + 4) + body)
+    messages = [Message("DataRow", m.data_row(values)) for values in rows]
+    messages[other] = Message("DataRow", m.data_row(rows[other][:2]))
+    out, changed = ResultMasker(PLAN).mask([description, *messages])
+    masker = RowMasker(PLAN, ["note", "blob", "customer_ssn"], [0, 1, 0])
+    for message, got, was_changed in zip(messages, out[1:], changed[1:]):
+        alone = _masked_data_row(message.data, masker)
+        assert (got.data, was_changed) == ((message.data, False) if alone is None else (alone, True))
+        assert (got is message) == (alone is None)
+
+
+def test_a_malformed_row_among_many_is_still_the_codecs_error():
+    from ingest.protocols.postgres import messages as m
+    from ingest.protocols.postgres.protocol import Message, ProtocolViolation
+    from proxy.postgres.result_masking import ResultMasker
+
+    body = struct.pack("!h", 1) + b"note\0" + struct.pack("!IhIhih", 0, 0, 25, -1, -1, 0)
+    description = Message("RowDescription", b"T" + struct.pack("!I", len(body) + 4) + body)
+    rows = [Message("DataRow", m.data_row([b"mail carol@example.com"])) for _ in range(20)]
+    rows[9] = Message("DataRow", rows[9].data[:-3])
+    with pytest.raises(ProtocolViolation):
+        ResultMasker(PLAN).mask([description, *rows])

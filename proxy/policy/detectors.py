@@ -34,6 +34,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import accumulate
 from operator import itemgetter
 
 __all__ = ["DETECTORS", "Finding", "Scanner", "UnknownDetectorError", "mask_text", "scanner_for"]
@@ -65,13 +66,14 @@ class Finding:
 
 # Features of a value's bytes that detectors need (one bit each), besides length and digit count.
 _AT = 1  # an "@" with an address character on each side and a "." after it (email)
-_DASH = 2  # a "-" (SSN)
+_DASH = 2  # a "-", and digits around separators as in an SSN (shape dddsddsdddd), or text not all ASCII
 _EYJ = 4  # "eyJ" and a "." (JWT: a base64url JSON header, then a dot)
 _AWS = 8  # "AKIA" or "ASIA"
 _PEM = 16  # "PRIVATE KEY"
 _UPPER = 32  # maybe an ASCII upper-case letter (IBAN's country code): `not bytes.islower()`
 _DIALABLE = 64  # a "+", text not all ASCII, or the shape of what _PHONE_HINT needs (phone; `_phone_bytes_possible`)
-_FEATURES = 128
+_CARD_RUN = 128  # four digits, four more after at most a separator (shape ddddsdddd or dddddddd), or not all ASCII
+_FEATURES = 256
 # An "@" that an email finding could be built around: `x@y` then a "." later on (one C-level search). The
 # pattern starts with the literal "@" (the "x" is a lookbehind) so that the engine skips from "@" to "@" in C.
 _ADDRESS_AT = re.compile(rb"@(?<=[A-Za-z0-9._%+-]@)[A-Za-z0-9-][^.]*\.")
@@ -102,6 +104,7 @@ class _Detector:
     needs_any_of: tuple[str, ...] = ()
     feature: int = 0
     possible: Callable[[str], bool] | None = None  # a quick test on the text the pattern needs to pass
+    crosses_nul: bool = False  # a match may run past a NUL, so NUL-joined values cannot share one scan
 
 
 def _digits(text: str) -> str:
@@ -303,12 +306,12 @@ DETECTORS: dict[str, _Detector] = {
     for detector in (
         # Order is priority when two findings overlap at the same start.
         _Detector("private_key", _PRIVATE_KEY, _always, _opaque("private_key"), 27, needs_any_of=("PRIVATE KEY",),
-                  feature=_PEM),
+                  feature=_PEM, crosses_nul=True),  # [\s\S]*? up to its END line or \Z
         _Detector("jwt", _JWT, _jwt_valid, _opaque("jwt"), 10, needs_any_of=("eyJ",), feature=_EYJ),
         _Detector("aws_access_key", _AWS_KEY, _always, _opaque("aws_access_key"), 20, needs_any_of=("AKIA", "ASIA"),
                   feature=_AWS),
         _Detector("iban", _IBAN, lambda m: iban_ok(m.group()), _opaque("iban"), 15, min_digits=2, feature=_UPPER),
-        _Detector("credit_card", _CARD, _card_valid, _card_placeholder, 13, min_digits=13),
+        _Detector("credit_card", _CARD, _card_valid, _card_placeholder, 13, min_digits=13, feature=_CARD_RUN),
         _Detector("email", _EMAIL, _always, _email_placeholder, 6, needs_any_of=("@",), feature=_AT),
         _Detector("us_ssn", _SSN, _ssn_valid, _ssn_placeholder, 11, min_digits=9, needs_any_of=("-",), feature=_DASH),
         _Detector("phone", _PHONE, _phone_valid, _opaque("phone"), 9, min_digits=8, feature=_DIALABLE,
@@ -320,6 +323,24 @@ DETECTORS: dict[str, _Detector] = {
 _ORDER = itemgetter(0, 1, 2)
 _Run = tuple[tuple[int, _Detector], ...]  # the detectors worth running on a value, with their priority
 _NO_RUN: tuple[_Run, bool] = ((), False)
+_Candidate = tuple[int, int, int, re.Match[str], _Detector]  # (start, -end, priority, match, detector)
+_JOINED_VALUES = 512  # values per shared scan in `masked_many`: what a few reads of rows hold
+
+
+def _chosen(candidates: list[_Candidate]) -> list[_Candidate]:
+    """The findings to mask among validated candidates: in text order, an overlapped one dropped."""
+    candidates.sort(key=_ORDER)
+    chosen, covered_until = [], 0
+    for candidate in candidates:
+        if candidate[0] >= covered_until:
+            chosen.append(candidate)
+            covered_until = -candidate[1]
+    return chosen
+
+
+def _is_plain(text: str, start: int, end: int) -> bool:
+    """text[start:end] is how PostgreSQL prints a number, date, timestamp or uuid (none holds a finding)."""
+    return text[start] in _PLAIN_FIRST and _PLAIN_VALUE.fullmatch(text, start, end) is not None
 
 
 class Scanner:
@@ -349,23 +370,31 @@ class Scanner:
         self._by_digits = tuple(bisect_right(self._digit_counts, n) * _FEATURES
                                 for n in range((self._digit_counts or (0,))[-1] + 1))
         self._longest, self._most_digits = len(self._by_length) - 1, len(self._by_digits) - 1  # the last entries cover all beyond
+        # Entry = the detectors whose thresholds the ranks reach and whose feature bit is set, as a bit set;
+        # the table repeats few distinct runs, so each is built once.
+        with_features = [sum(1 << index for index, d in enumerate(self.detectors) if d.feature & features == d.feature)
+                         for features in range(_FEATURES)]
+        entries: dict[int, tuple[_Run, bool]] = {}
         self._table = tuple(
-            self._entry(length_rank, digit_rank, features)
-            for length_rank in range(len(self._lengths) + 1)
-            for digit_rank in range(len(self._digit_counts) + 1)
-            for features in range(_FEATURES)
+            entries.get(eligible & with_feature) or self._entry(eligible & with_feature, entries)
+            for eligible in (self._reaching(length_rank, digit_rank)
+                             for length_rank in range(len(self._lengths) + 1)
+                             for digit_rank in range(len(self._digit_counts) + 1))
+            for with_feature in with_features
         )
 
-    def _entry(self, length_rank: int, digit_rank: int, features: int) -> tuple[_Run, bool]:
+    def _reaching(self, length_rank: int, digit_rank: int) -> int:
+        """The detectors (bit set by index) whose length and digit thresholds these ranks reach."""
         length = self._lengths[length_rank - 1] if length_rank else 0
         digits = self._digit_counts[digit_rank - 1] if digit_rank else 0
-        run = tuple(
-            (index, d) for index, d in enumerate(self.detectors)
-            if d.min_length <= length and d.min_digits <= digits and d.feature & features == d.feature
-        )
+        return sum(1 << index for index, d in enumerate(self.detectors) if d.min_length <= length and d.min_digits <= digits)
+
+    def _entry(self, eligible: int, entries: dict[int, tuple[_Run, bool]]) -> tuple[_Run, bool]:
+        run = tuple((index, d) for index, d in enumerate(self.detectors) if eligible >> index & 1)
         # PostgreSQL's numbers, dates, timestamps and uuids hold no finding. Only the digit-counting
         # detectors need to be told: the others' markers never occur in such a value.
-        return run, any(d.min_digits for _, d in run)
+        entry = entries[eligible] = run, any(d.min_digits for _, d in run)
+        return entry
 
     def _run_for(self, raw: bytes) -> tuple[_Run, bool]:
         """The detectors whose necessary conditions `raw` (a value's UTF-8 bytes) meets."""
@@ -374,7 +403,7 @@ class Scanner:
             return _NO_RUN
         # ASCII digits; a pattern's digit class also takes other scripts' digits, which UTF-8 writes in two bytes or more:
         # for a value that is not all ASCII, its size is what bounds its digits.
-        # One translate gives the ASCII digits and the phone's shape (`_phone_bytes_possible`).
+        # One translate gives the ASCII digits and the shapes of phones, cards and SSNs (digits around separators).
         shape, ascii = raw.translate(_PHONE_SHAPE), raw.isascii()
         digits = shape.count(100) if ascii else size
         wanted, features = self._features, 0
@@ -383,8 +412,10 @@ class Scanner:
         # Single bytes are looked up as ints: `b"@" in raw` would first try (and fail) to read b"@" as one.
         if wanted & _AT and 64 in raw and _has_address_at(raw):
             features |= _AT
-        if wanted & _DASH and 45 in raw:
+        if wanted & _DASH and 45 in raw and (not ascii or shape.find(b"dddsddsdddd") >= 0):
             features |= _DASH
+        if wanted & _CARD_RUN and (not ascii or shape.find(b"ddddsdddd") >= 0 or shape.find(b"dddddddd") >= 0):
+            features |= _CARD_RUN
         if not raw.islower():  # an upper-case letter, or no letter at all; every other marker has one
             features |= _UPPER & wanted
             if wanted & _EYJ and raw.find(b"eyJ") >= 0 and 46 in raw:
@@ -397,7 +428,7 @@ class Scanner:
                            + features]
 
     @staticmethod
-    def _find(text: str, run: _Run, skip_plain: bool) -> list[tuple[int, int, int, re.Match[str], _Detector]]:
+    def _find(text: str, run: _Run, skip_plain: bool) -> list[_Candidate]:
         """Validated, non-overlapping findings of `run` in text order (earliest first, then longest)."""
         if skip_plain and text[0] in _PLAIN_FIRST and _PLAIN_VALUE.fullmatch(text):
             return []
@@ -412,18 +443,10 @@ class Scanner:
                 if is_valid is _always or is_valid(match):
                     candidates.append((match.start(), -end, index, match, detector))
                 match = search(text, end)
-        if len(candidates) < 2:
-            return candidates
-        candidates.sort(key=_ORDER)
-        chosen, covered_until = [], 0
-        for candidate in candidates:
-            if candidate[0] >= covered_until:
-                chosen.append(candidate)
-                covered_until = -candidate[1]
-        return chosen
+        return candidates if len(candidates) < 2 else _chosen(candidates)
 
     @staticmethod
-    def _replace(text: str, found: list[tuple[int, int, int, re.Match[str], _Detector]]) -> str:
+    def _replace(text: str, found: list[_Candidate]) -> str:
         if len(found) == 1:
             start, negative_end, _, match, detector = found[0]
             return text[:start] + detector.placeholder(match) + text[-negative_end:]
@@ -499,8 +522,10 @@ class Scanner:
             features = _DIALABLE
         if wanted & _AT and 64 in value and _ADDRESS_AT.search(value) is not None:
             features |= _AT
-        if wanted & _DASH and 45 in value:
+        if wanted & _DASH and 45 in value and (not ascii or shape.find(b"dddsddsdddd") >= 0):
             features |= _DASH
+        if wanted & _CARD_RUN and (not ascii or shape.find(b"ddddsdddd") >= 0 or shape.find(b"dddddddd") >= 0):
+            features |= _CARD_RUN
         if not value.islower():
             features |= _UPPER & wanted
             if wanted & _EYJ and value.find(b"eyJ") >= 0 and 46 in value:
@@ -551,8 +576,10 @@ class Scanner:
         features = _DIALABLE if wanted & _DIALABLE and (43 in out or not ascii or shape.find(b"sdddsdddd") >= 0) else 0
         if wanted & _AT and 64 in out and _ADDRESS_AT.search(out) is not None:
             features |= _AT
-        if wanted & _DASH and 45 in out:
+        if wanted & _DASH and 45 in out and (not ascii or shape.find(b"dddsddsdddd") >= 0):
             features |= _DASH
+        if wanted & _CARD_RUN and (not ascii or shape.find(b"ddddsdddd") >= 0 or shape.find(b"dddddddd") >= 0):
+            features |= _CARD_RUN
         if not out.islower():
             features |= _UPPER & wanted
             if wanted & _EYJ and out.find(b"eyJ") >= 0 and 46 in out:
@@ -568,6 +595,92 @@ class Scanner:
             if leftover:
                 return f"[MASKED:{leftover[0][4].kind}]".encode()
         return out
+
+    def masked_many(self, values: Iterable[bytes]) -> dict[bytes, bytes]:
+        """The values that masking changes, each mapped to `masked_or_none(value)`: many values, few scans.
+
+        On the per-value path most of a value's cost is the Python around the
+        patterns, not the patterns. Here values are joined by NUL, a few
+        hundred at a time, and the gate and each pattern it lets through run
+        once over the joined text, in C; Python runs per finding, not per
+        value. A NUL is where every pattern but the PEM block's stops, and
+        their lookarounds and word boundaries read it as they read the text's edge (it is
+        no word character, digit, separator or marker), so each value's findings
+        are the ones it has alone. Values that hold a NUL themselves (text
+        never does) take the per-value path. Equal values are scanned once.
+        """
+        distinct = list(dict.fromkeys(values))
+        out: dict[bytes, bytes] = {}
+        for first in range(0, len(distinct), _JOINED_VALUES):
+            chunk = distinct[first:first + _JOINED_VALUES]
+            joined = b"\0".join(chunk)
+            if joined.count(0) != len(chunk) - 1:
+                out.update((value, masked) for value in chunk if (masked := self.masked_or_none(value)) is not None)
+            else:
+                out.update(self._masked_joined(chunk, joined))
+        return out
+
+    def _masked_joined(self, values: list[bytes], joined: bytes) -> Iterable[tuple[bytes, bytes]]:
+        """`masked_many` for values that hold no NUL, joined by NUL: (value, masked) for those that change."""
+        text = joined.decode("utf-8", "surrogateescape")
+        found = self._joined_findings(text, joined)
+        if not found:
+            return ()
+        masked = self._replace(text, [candidate for _, candidate in found]).split("\0")
+        changed = list(dict.fromkeys(index for index, _ in found))
+        # The masked values' re-check (see `mask`): what the placeholders left may combine into a finding.
+        rechecked = [masked[index] for index in changed]
+        hidden = {}
+        for position, candidate in self._joined_findings("\0".join(rechecked)):
+            hidden.setdefault(position, f"[MASKED:{candidate[4].kind}]")
+        return ((values[index], hidden.get(position, rechecked[position]).encode("utf-8", "surrogateescape"))
+                for position, index in enumerate(changed))
+
+    def _joined_findings(self, text: str, raw: bytes | None = None) -> list[tuple[int, _Candidate]]:
+        """What `_find` gives each of NUL-joined values, with the value's index, in text order.
+
+        `raw` is `text` encoded, when the caller has it. Spans are the joined
+        text's: findings never cross a NUL, and neither does the overlap rule
+        (text order across values is value order).
+        """
+        run, _ = self._run_for(text.encode("utf-8", "surrogateescape") if raw is None else raw)
+        if not run:
+            return []
+        if any(detector.crosses_nul for _, detector in run):
+            return self._findings_one_by_one(text)
+        candidates: list[_Candidate] = []
+        for index, detector in run:
+            if detector.possible is not None and not detector.possible(text):
+                continue  # a necessary condition of one value's finding holds on the joined text too
+            is_valid = detector.is_valid
+            for match in detector.pattern.finditer(text):
+                if is_valid is _always or is_valid(match):
+                    candidates.append((match.start(), -match.end(), index, match, detector))
+        if not candidates:
+            return []
+        if len(candidates) > 1:
+            candidates = _chosen(candidates)
+        ends = list(accumulate(len(value) + 1 for value in text.split("\0")))  # each value's end, and its NUL
+        found = []
+        plain, last = False, -1
+        for candidate in candidates:
+            index = bisect_right(ends, candidate[0])
+            if index != last:  # PostgreSQL's numbers, dates and uuids hold no finding (see `_find`)
+                last = index
+                plain = _is_plain(text, ends[index - 1] if index else 0, ends[index] - 1)
+            if not plain:
+                found.append((index, candidate))
+        return found
+
+    def _findings_one_by_one(self, text: str) -> list[tuple[int, _Candidate]]:
+        """`_joined_findings` value by value, for a run with a pattern that may cross a NUL (a PEM block)."""
+        found, start = [], 0
+        for index, value in enumerate(text.split("\0")):
+            run, skip_plain = self._run_for(value.encode("utf-8", "surrogateescape"))
+            for begin, negative_end, priority, match, detector in self._find(value, run, skip_plain) if run else ():
+                found.append((index, (begin + start, negative_end - start, priority, match, detector)))
+            start += len(value) + 1
+        return found
 
 @lru_cache(maxsize=64)
 def scanner_for(kinds: frozenset[str]) -> Scanner:

@@ -68,6 +68,8 @@ def _copy_data(payload: bytes) -> bytes:
 
 _INT32 = struct.Struct(">i")
 _NULL = _INT32.pack(-1)
+_ROWS_SCANNED_TOGETHER = 8  # fewer rows are scanned value by value: a shared scan's setup would cost more
+_ROWS_SCANNED_TOGETHER_AT_MOST = 512  # a long result is scanned in such chunks: what is alive at once stays small
 
 
 def _data_row_values(payload: bytes) -> list[bytes | None]:
@@ -114,7 +116,35 @@ def _data_row(count: bytes, values: list[bytes | None]) -> bytes:
     return bytes(out)
 
 
-def _masked_data_row(data: bytes, rows: RowMasker) -> bytes | None:
+def _scanned_values(rows: list[bytes], masker: RowMasker) -> list[list[bytes]]:
+    """Per column to scan, the values of these DataRow messages that a detector could find something in.
+
+    A walk like `_masked_data_row`'s without the rebuild, so that the values
+    of many rows are scanned together (`Scanner.masked_many`). A malformed
+    row stops its own walk here; `_masked_data_row` raises its error.
+    """
+    unpack, shortest = _INT32.unpack_from, masker.shortest
+    columns = [[] if action == SCAN else None for action in masker.actions]
+    appends = [None if values is None else values.append for values in columns]
+    count = len(appends).to_bytes(2, "big")
+    for data in rows:
+        if data[5:7] != count:
+            continue
+        size, position = len(data), 7
+        for append in appends:
+            if position + 4 > size:
+                break
+            length = unpack(data, position)[0]
+            position += 4
+            if length > 0:
+                if append is not None and length >= shortest:
+                    append(data[position:position + length])
+                position += length
+    return [values for values in columns if values]
+
+
+def _masked_data_row(data: bytes, rows: RowMasker,
+                     masked_or_none: Callable[[bytes], bytes | None] | None = None) -> bytes | None:
     """A whole DataRow message masked by `rows`, or None when masking changes nothing: the hot path.
 
     One walk over the wire bytes, column by column: only scanned values are
@@ -122,12 +152,17 @@ def _masked_data_row(data: bytes, rows: RowMasker) -> bytes | None:
     stretches (lengths and values as they are) and the masked values. A row
     with another column count than the RowDescription's, or malformed, takes
     the general path (`_mask_data_row_values`, which raises the codec's error).
+    `masked_or_none` gives a scanned value's masked bytes (None: unchanged),
+    by default `rows.masked_or_none`; the rows of one read pass their values
+    masked beforehand, all at once (`ResultMasker.mask`).
     """
     actions = rows.actions
     size = len(data)
     if size < 7 or int.from_bytes(data[5:7], "big") != len(actions):
         return _mask_data_row_values(data, rows)
-    unpack, pack, shortest, masked_or_none = _INT32.unpack_from, _INT32.pack, rows.shortest, rows.masked_or_none
+    if masked_or_none is None:
+        masked_or_none = rows.masked_or_none
+    unpack, pack, shortest = _INT32.unpack_from, _INT32.pack, rows.shortest
     out: bytearray | None = None
     copied = position = 7  # what `out` holds of `data` ends at `copied`
     for action in actions:
@@ -181,6 +216,17 @@ def _mask_data_row_values(data: bytes, rows: RowMasker) -> bytes | None:
     return _data_row(data[5:7], values) if rows.mask_in_place(values) else None
 
 
+def _append_masked_row(message: Message, rows: RowMasker, masked_or_none: Callable[[bytes], bytes | None],
+                       out: list[Message], changed: list[bool]) -> None:
+    masked_row = _masked_data_row(message.data, rows, masked_or_none)
+    if masked_row is None:
+        out.append(message)
+        changed.append(False)
+    else:
+        out.append(Message("DataRow", masked_row))
+        changed.append(True)
+
+
 class ResultMasker:
     """One session's masking state: the plan, and the columns of the result being relayed.
 
@@ -223,20 +269,37 @@ class ResultMasker:
         """
         out: list[Message] = []
         changed: list[bool] = []
-        for message in messages:
-            if message.type == "DataRow":  # the hot path, inline: one row per call into the masker
-                masked_row = _masked_data_row(message.data, self._rows)
-                if masked_row is None:
-                    out.append(message)
-                    changed.append(False)
-                else:
-                    out.append(Message("DataRow", masked_row))
-                    changed.append(True)
+        index, count = 0, len(messages)
+        while index < count:
+            message = messages[index]
+            if message.type != "DataRow":
+                masked = self._mask(message)
+                out.append(masked)
+                changed.append(masked is not message)
+                index += 1
                 continue
-            masked = self._mask(message)
-            out.append(masked)
-            changed.append(masked is not message)
+            end = index + 1
+            while end < count and messages[end].type == "DataRow":
+                end += 1
+            self._mask_data_rows(messages[index:end], out, changed)
+            index = end
         return out, changed
+
+    def _mask_data_rows(self, messages: list[Message], out: list[Message], changed: list[bool]) -> None:
+        """Consecutive DataRows (one RowDescription's): their values are scanned together, then each row rebuilt."""
+        rows = self._rows
+        if len(messages) < _ROWS_SCANNED_TOGETHER:
+            masked_or_none = rows.masked_or_none
+            for message in messages:
+                _append_masked_row(message, rows, masked_or_none, out, changed)
+            return
+        for first in range(0, len(messages), _ROWS_SCANNED_TOGETHER_AT_MOST):
+            chunk = messages[first:first + _ROWS_SCANNED_TOGETHER_AT_MOST]
+            masked: dict[bytes, bytes] = {}
+            for values in _scanned_values([message.data for message in chunk], rows):
+                masked.update(rows.scanner.masked_many(values))
+            for message in chunk:
+                _append_masked_row(message, rows, masked.get, out, changed)
 
     def _mask(self, message: Message) -> Message:
         kind = message.type
