@@ -211,7 +211,7 @@ class Outbox:
         self.last = number
 
     def confirm(self, wait: bool = False) -> int:
-        """The last seal whose documents (and every earlier seal's) Kafka acknowledged. A send that failed renews
+        """The last seal whose documents (and every earlier seal's) Kafka acknowledged. A send that expired renews
         the producer, and whatever its producer did not acknowledge is sent again, to be confirmed by a later call.
         Only with `wait` (a release) does it flush first: a seal does not wait for the producer (by then the
         previous seal's sends are normally long acknowledged)."""
@@ -221,19 +221,21 @@ class Outbox:
                     self.publisher.flush(timeout=FLUSH_SECONDS)
                 except KafkaError as exc:  # a timeout: what is still in flight is confirmed by the next owner
                     log.warning("documents not yet confirmed (%s)", exc)
-            waiting = []
-            for number, doc, sending in self.sent:
-                if sending is not None and sending.future.is_done:
-                    if sending.future.succeeded():
-                        continue
-                    if sending.generation == self.publisher.generation:  # failed after the producer's own retries
-                        log.warning("%s: a document of seal %d was not delivered (%s)", doc.topic, number,
-                                    sending.future.exception)
-                        self.publisher.renew()
-                waiting.append((number, doc, sending))
+            waiting = [(number, doc, self._unless_failed(number, doc, sending)) for number, doc, sending in self.sent
+                       if not (sending is not None and sending.future.is_done and sending.future.succeeded())]
             self.sent = self._send(waiting)
         self.confirmed = min(n for n, _, _ in self.sent) - 1 if self.sent else self.last
         return self.confirmed
+
+    def _unless_failed(self, number: int, doc: Document, sending: Sending | None) -> Sending | None:
+        """`sending` as it stands (in flight, or from a replaced producer: `_send` sends it again), or None if it
+        failed after the producer's own retries: sent again, by a new producer if it expired."""
+        if sending is None or not sending.future.is_done or sending.generation != self.publisher.generation:
+            return sending
+        log.warning("%s: a document of seal %d was not delivered (%s)", doc.topic, number, sending.future.exception)
+        if isinstance(sending.future.exception, KafkaTimeoutError):  # expired: kafka-python's producer is stuck now
+            self.publisher.renew()
+        return None
 
     def _send(self, entries: list[tuple[int, Document, Sending | None]]) -> list[tuple[int, Document, Sending | None]]:
         """The entries, those not sent by the current producer handed to it, in order; after one it could not take,
