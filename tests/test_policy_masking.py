@@ -454,6 +454,9 @@ def test_masked_many_values_that_touch_across_the_join_are_masked_as_alone():
     halves = [b"4111 1111", b" 1111 1111", b"415", b"-555-2671", b"a@", b"example.com", b"123-45", b"-6789"]
     assert scanner.masked_many(halves) == {}
     assert scanner.masked_many([b"x", PEM.encode(), b"after"]) == {PEM.encode(): b"[MASKED:private_key]"}
+    leftover = b"4111 1111 1111 1111a@example.com"  # the card's placeholder and the rest make an email again
+    assert scanner.masked_many([b"a@example.com", leftover, b"123-45-6789"]) == {
+        b"a@example.com": b"a***@example.com", leftover: b"[MASKED:email]", b"123-45-6789": b"***-**-6789"}
     many = [f"user{i}@mail.example".encode() for i in range(1200)]  # more than one joined chunk
     assert scanner.masked_many(many + many[:3]) == {value: scanner.masked_or_none(value) for value in many}
 

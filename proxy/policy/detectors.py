@@ -34,8 +34,8 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import accumulate
-from operator import itemgetter
+from itertools import accumulate, repeat
+from operator import add, itemgetter
 
 __all__ = ["DETECTORS", "Finding", "Scanner", "UnknownDetectorError", "mask_text", "scanner_for"]
 
@@ -338,11 +338,6 @@ def _chosen(candidates: list[_Candidate]) -> list[_Candidate]:
     return chosen
 
 
-def _is_plain(text: str, start: int, end: int) -> bool:
-    """text[start:end] is how PostgreSQL prints a number, date, timestamp or uuid (none holds a finding)."""
-    return text[start] in _PLAIN_FIRST and _PLAIN_VALUE.fullmatch(text, start, end) is not None
-
-
 class Scanner:
     """A fixed set of detectors, resolved once (per mask plan), applied to many values.
 
@@ -620,24 +615,27 @@ class Scanner:
                 out.update(self._masked_joined(chunk, joined))
         return out
 
-    def _masked_joined(self, values: list[bytes], joined: bytes) -> Iterable[tuple[bytes, bytes]]:
+    def _masked_joined(self, values: list[bytes], joined: bytes) -> dict[bytes, bytes]:
         """`masked_many` for values that hold no NUL, joined by NUL: (value, masked) for those that change."""
         text = joined.decode("utf-8", "surrogateescape")
-        found = self._joined_findings(text, joined)
+        indices, found = self._joined_findings(text, joined)
         if not found:
-            return ()
-        masked = self._replace(text, [candidate for _, candidate in found]).split("\0")
-        changed = list(dict.fromkeys(index for index, _ in found))
+            return {}
+        masked = self._replace(text, found).split("\0")
+        changed = list(dict.fromkeys(indices))
         # The masked values' re-check (see `mask`): what the placeholders left may combine into a finding.
         rechecked = [masked[index] for index in changed]
-        hidden = {}
-        for position, candidate in self._joined_findings("\0".join(rechecked)):
-            hidden.setdefault(position, f"[MASKED:{candidate[4].kind}]")
-        return ((values[index], hidden.get(position, rechecked[position]).encode("utf-8", "surrogateescape"))
-                for position, index in enumerate(changed))
+        positions, leftovers = self._joined_findings("\0".join(rechecked))
+        hidden: set[int] = set()
+        for position, leftover in zip(positions, leftovers):
+            if position not in hidden:  # the value's first leftover names what hides it whole
+                hidden.add(position)
+                rechecked[position] = f"[MASKED:{leftover[4].kind}]"
+        return dict(zip([values[index] for index in changed],
+                        [value.encode("utf-8", "surrogateescape") for value in rechecked]))
 
-    def _joined_findings(self, text: str, raw: bytes | None = None) -> list[tuple[int, _Candidate]]:
-        """What `_find` gives each of NUL-joined values, with the value's index, in text order.
+    def _joined_findings(self, text: str, raw: bytes | None = None) -> tuple[list[int], list[_Candidate]]:
+        """What `_find` gives each of NUL-joined values, in text order, and the index of the value each is in.
 
         `raw` is `text` encoded, when the caller has it. Spans are the joined
         text's: findings never cross a NUL, and neither does the overlap rule
@@ -645,42 +643,46 @@ class Scanner:
         """
         run, _ = self._run_for(text.encode("utf-8", "surrogateescape") if raw is None else raw)
         if not run:
-            return []
+            return [], []
         if any(detector.crosses_nul for _, detector in run):
             return self._findings_one_by_one(text)
         candidates: list[_Candidate] = []
+        patterns = 0  # how many patterns found something: one pattern's findings are in order and never overlap
         for index, detector in run:
             if detector.possible is not None and not detector.possible(text):
                 continue  # a necessary condition of one value's finding holds on the joined text too
-            is_valid = detector.is_valid
+            is_valid, before = detector.is_valid, len(candidates)
             for match in detector.pattern.finditer(text):
                 if is_valid is _always or is_valid(match):
                     candidates.append((match.start(), -match.end(), index, match, detector))
-        if not candidates:
-            return []
-        if len(candidates) > 1:
+            patterns += len(candidates) > before
+        if patterns > 1:
             candidates = _chosen(candidates)
-        ends = list(accumulate(len(value) + 1 for value in text.split("\0")))  # each value's end, and its NUL
-        found = []
-        plain, last = False, -1
-        for candidate in candidates:
-            index = bisect_right(ends, candidate[0])
-            if index != last:  # PostgreSQL's numbers, dates and uuids hold no finding (see `_find`)
-                last = index
-                plain = _is_plain(text, ends[index - 1] if index else 0, ends[index] - 1)
-            if not plain:
-                found.append((index, candidate))
-        return found
+        indices, found = [], []
+        if candidates:
+            ends = list(accumulate(map(add, map(len, text.split("\0")), repeat(1))))  # each value's end and NUL
+            plain, last = False, -1
+            for candidate in candidates:
+                index = bisect_right(ends, candidate[0])
+                if index != last:  # PostgreSQL's numbers, dates and uuids hold no finding (see `_find`)
+                    last = index
+                    start = ends[index - 1] if index else 0
+                    plain = text[start] in _PLAIN_FIRST and _PLAIN_VALUE.fullmatch(text, start, ends[index] - 1) is not None
+                if not plain:
+                    indices.append(index)
+                    found.append(candidate)
+        return indices, found
 
-    def _findings_one_by_one(self, text: str) -> list[tuple[int, _Candidate]]:
+    def _findings_one_by_one(self, text: str) -> tuple[list[int], list[_Candidate]]:
         """`_joined_findings` value by value, for a run with a pattern that may cross a NUL (a PEM block)."""
-        found, start = [], 0
+        indices, found, start = [], [], 0
         for index, value in enumerate(text.split("\0")):
             run, skip_plain = self._run_for(value.encode("utf-8", "surrogateescape"))
             for begin, negative_end, priority, match, detector in self._find(value, run, skip_plain) if run else ():
-                found.append((index, (begin + start, negative_end - start, priority, match, detector)))
+                indices.append(index)
+                found.append((begin + start, negative_end - start, priority, match, detector))
             start += len(value) + 1
-        return found
+        return indices, found
 
 @lru_cache(maxsize=64)
 def scanner_for(kinds: frozenset[str]) -> Scanner:
