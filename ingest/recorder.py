@@ -89,6 +89,7 @@ ACK_INTERVAL = 0.01  # seconds between two progress replies to the proxy under l
 MAX_FOLD = 20_000  # events the child takes in at once before recording them
 ORPHAN_BOUND = 10.0  # seconds the recorder takes, once its proxy's process is gone, to spool and deliver what it holds
 FINISH_SLICE = 500  # events recorded at a time while finishing, so that the bound is kept to within one slice
+PROXY_LOST = "proxy_lost"  # the SessionEnd reason the recorder writes for the sessions of a proxy that died
 
 
 @dataclass
@@ -125,6 +126,34 @@ class Pressure(enum.IntEnum):
 
 
 PressureListener = Callable[[Pressure], None]
+
+
+@dataclass(slots=True)
+class _Tally:
+    """What the recorder saw of one open session: for the SessionEnd it writes itself if the proxy dies."""
+
+    started: int  # µs: the session's first event handed over
+    client_bytes: int = 0
+    server_bytes: int = 0
+    client_messages: int = 0
+    server_messages: int = 0
+
+    def add(self, body: dict[str, Any], count: int, size: int) -> None:
+        if body["direction"] == "client":
+            self.client_messages += count
+            self.client_bytes += size
+        elif body["direction"] == "server":
+            self.server_messages += count
+            self.server_bytes += size
+        else:  # already mixed: each message says its direction
+            for message in body["messages"]:
+                self.add({"direction": message["direction"]}, 1, len(message["data"]))
+
+    def lost(self, now: int) -> dict[str, Any]:
+        """The SessionEnd body: counters from the frames recorded (the proxy's own counters died with it)."""
+        return {"reason": PROXY_LOST, "duration_us": max(0, now - self.started),
+                "client_bytes": self.client_bytes, "server_bytes": self.server_bytes,
+                "client_messages": self.client_messages, "server_messages": self.server_messages}
 
 
 def _weight(kind: str, body: dict[str, Any]) -> tuple[int, int]:
@@ -343,6 +372,7 @@ class _Child:
         # large for an empty spool (which would read as "full" and then at once as recovered).
         self.fold_bytes = max(1, min(FOLD_MAX_BYTES, spool.max_bytes // 16))
         self.chains: dict[str, SessionChain] = {}
+        self.tallies: dict[str, _Tally] = {}  # open sessions, as far as handed over
         self.broken: set[str] = set()
         self.failed_full = False
         # Signed events that met a full spool. They were handed over, so the proxy may have relayed their frames
@@ -357,9 +387,15 @@ class _Child:
     def events(self, batch: list[Item]) -> None:
         """One or more hand-overs: fold what waits together, record it, tell the proxy how far it got."""
         events, frames, size = self.recorded
-        for _, kind, body, _ in batch:
+        tallies = self.tallies
+        for session_id, kind, body, ts in batch:
             count, weight = _weight(kind, body)
             frames, size = frames + count, size + weight
+            tally = tallies.get(session_id)
+            if tally is None:
+                tally = tallies[session_id] = _Tally(ts)
+            if count:
+                tally.add(body, count, weight)
         for session_id, kind, body, ts in fold(batch, max_bytes=self.fold_bytes):
             self.event(session_id, kind, body, ts)
         self.recorded = (events + len(batch), frames, size)
@@ -375,7 +411,9 @@ class _Child:
         self.replies.put(("recorded", self.recorded, self.written))
 
     def event(self, session_id: str, kind: str, body: dict[str, Any], ts: int) -> None:
-        if session_id in self.broken:
+        if session_id in self.broken:  # what follows an event that could not be recorded is not recorded either
+            if kind == "session_end":
+                self.broken.discard(session_id)
             return
         chain = self.chains.get(session_id)
         if chain is None:
@@ -405,13 +443,25 @@ class _Child:
             self.fail(session_id, f"recording failed: {type(exc).__name__}: {exc}")
         if kind == "session_end":
             self.chains.pop(session_id, None)
+            self.tallies.pop(session_id, None)
             self.broken.discard(session_id)
+
+    def end_lost_sessions(self) -> None:
+        """The proxy's process died: each session it had open gets the SessionEnd the proxy could not write
+        (reason `proxy_lost`), after everything of it that was handed over."""
+        now, lost = now_micros(), list(self.chains)
+        for session_id in lost:
+            tally = self.tallies.get(session_id) or _Tally(now)
+            self.event(session_id, "session_end", tally.lost(now), now)
+        if lost:
+            log.warning("recorder: the proxy's process is gone; %d open sessions ended as %s", len(lost), PROXY_LOST)
 
     def fail(self, session_id: str, reason: str) -> None:
         log.error("session %s: an event was relayed but could not be recorded (%s); ending the session",
                   session_id, reason)
         self.broken.add(session_id)
         self.chains.pop(session_id, None)
+        self.tallies.pop(session_id, None)
         self.replies.put(("broken", session_id))
         self.replies.put(("failed", reason))
 
@@ -481,7 +531,9 @@ def _finish(child: _Child, requests, bound: float, *, orphaned: bool) -> None:
     if orphaned:  # nobody reads the replies: never wait for their pipe at exit
         child.replies.cancel_join_thread()
         child.replies = _NoReplies()
-        threading.Timer(bound + 5, os._exit, (1,)).start()  # whatever hangs (a disk, Kafka), the process ends
+        watchdog = threading.Timer(bound + 5, os._exit, (1,))  # whatever hangs (a disk, Kafka), the process ends
+        watchdog.daemon = True  # and when nothing hangs, the exit does not wait for the watchdog
+        watchdog.start()
     left = False
     while True:
         if time.monotonic() >= deadline:
@@ -505,6 +557,8 @@ def _finish(child: _Child, requests, bound: float, *, orphaned: bool) -> None:
             break
     if left:
         log.error("recorder: stopped after %.0fs with events still waiting; they are lost", bound)
+    elif orphaned:  # a session whose events were lost stays open in the evidence: never ended as if complete
+        child.end_lost_sessions()
     child.release_held()
     if child.held:
         log.error("recorder: %d events held back by a full spool were not spooled before stopping; they are lost",
