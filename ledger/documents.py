@@ -17,7 +17,7 @@ from the snapshot of the seal before (snapshots are pruned only up to `published
 documents were in fact delivered just before a crash and are re-published is de-duplicated by the SOC.
 
 The seal itself goes to `custody.seals` through the same outbox, first of its seal's documents, and is sent again
-the same way (a witness skips a seal it has seen: same number, same hash). A send that fails (a broker hung past
+the same way (a witness skips a seal it has seen: same number, same hash). A send that expires (a broker hung past
 the producer's delivery timeout) renews the worker's producer (`Publisher`) and sends again everything not yet
 acknowledged, without a restart; what the broker had in fact appended before it hung comes twice, byte for byte
 the same, and is de-duplicated like a re-delivery.
@@ -143,7 +143,7 @@ class Sending(NamedTuple):
 
 
 class Publisher:
-    """A worker's one producer of seals and documents, replaced by a new one once a send of it failed.
+    """A worker's one producer of seals and documents, replaced by a new one once a send of it expired.
 
     kafka-python's idempotent producer (3.0.12) whose batches expired (a broker hung past delivery_timeout_ms)
     resets its producer id and from then on sends nothing, not even the InitProducerId it needs: sending again with
@@ -171,7 +171,7 @@ class Publisher:
         self.producer = self._make(api_version=old.config["api_version"])
         self.generation += 1
         _discard(old)  # every outbox sends again what it held, with the new one
-        log.warning("producer of seals and documents renewed after a failed send; what was not acknowledged is "
+        log.warning("producer of seals and documents renewed after an expired send; what was not acknowledged is "
                     "sent again")
 
     def flush(self, timeout: float) -> None:
