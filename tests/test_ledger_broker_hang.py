@@ -34,9 +34,11 @@ from ingest.settings import KafkaSettings, SocSettings
 from ledger.seals import Seal, seal_relpath
 from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
+from ledger.witness import Witness, cosigner_for, custody_log_keys
 from ocsf_fixtures import read_topic
 from test_ocsf_crash import msg, uids
 
+ORIGIN = "custody.test/hang"
 HANG_SECONDS = 6.0
 PAST_THE_TIMEOUT = {"request_timeout_ms": 1500, "delivery_timeout_ms": 3000, "max_block_ms": 2000}
 DOCUMENT_TOPICS = ("violations", "violations.ocsf", "activity.ocsf")
@@ -62,7 +64,7 @@ def test_a_broker_hang_does_not_stop_seals_and_documents(proxy_key, tmp_path, pu
     with DevBroker(log_path=tmp_path / "tansu.log") as broker:
         settings = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix="hang.", embedded_listen=broker.bootstrap,
                                  partitions=1)
-        ledger = LedgerService(settings, LedgerSettings(dir=tmp_path / "ledger", origin="custody.test/hang",
+        ledger = LedgerService(settings, LedgerSettings(dir=tmp_path / "ledger", origin=ORIGIN,
                                                         segment_max_events=1000, segment_max_bytes=1 << 24,
                                                         segment_max_seconds=0.3, idle_seal_seconds=3600),
                                ledger_key, keyring, partitions=[0], soc=SocSettings(ocsf=True, activity=True),
@@ -103,8 +105,14 @@ def test_a_broker_hang_does_not_stop_seals_and_documents(proxy_key, tmp_path, pu
         seals = read_topic(settings, "seals")
         on_disk = {n: Seal.load(tmp_path / "ledger" / seal_relpath(0, n)) for n in (1, 2, 3)}
         assert {s["seal"]["number"] for s in seals} == set(on_disk), "every seal published"
-        for s in seals:  # a second copy is the same seal file: the witness skips it (same number, same hash)
+        witness = Witness(tmp_path / "witness", cosigner_for(make_key("witness")), custody_log_keys(keyring, [ORIGIN]))
+        cosigned = []
+        for s in seals:  # a second copy is the same seal file, which the witness skips (same number, same hash)
             assert s == json.loads(on_disk[s["seal"]["number"]].to_bytes())
+            if witness.add_seal(Seal.from_bytes(json.dumps(s).encode())) is not None:
+                cosigned.append(s["seal"]["number"])
+        witness.close()
+        assert cosigned == [1, 2, 3]
         copies, published = {}, len(seals)
         for topic in DOCUMENT_TOPICS:
             docs = read_topic(settings, topic)
