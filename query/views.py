@@ -115,7 +115,8 @@ FROM unnested
 # session and channel up to the next one (outcome: `error` if any says error, else `ok` if any says ok; before v2,
 # an ErrorResponse or a CommandComplete) and the policy decisions of its session up to the next one. The windows
 # are partitioned by the identity columns too (constant per session) so that identity, target and protocol
-# filters reach the Parquet scan.
+# filters reach the Parquet scan. A Kubernetes exec's streams carry channels its request has not: their outcome
+# (the Status on the error channel, `ingest.protocols.kubernetes.status`) belongs to the request before them.
 ACTIVITY = """
 CREATE VIEW activity AS
 WITH steps AS (
@@ -147,9 +148,10 @@ WITH steps AS (
 ), assigned AS (
     SELECT *,
            CASE WHEN message_no = 0 OR operation IS NOT NULL THEN session_no
-                ELSE max(CASE WHEN operation IS NOT NULL THEN session_no END)
-                         OVER (PARTITION BY session_id, subject, email, target, protocol, channel
-                               ORDER BY seq, message_no ROWS UNBOUNDED PRECEDING) END AS operation_no
+                ELSE coalesce(max(CASE WHEN operation IS NOT NULL THEN session_no END)
+                                  OVER (PARTITION BY session_id, subject, email, target, protocol, channel
+                                        ORDER BY seq, message_no ROWS UNBOUNDED PRECEDING),
+                              CASE WHEN protocol = 'kubernetes' THEN session_no END) END AS operation_no
     FROM started
 ), grouped AS (
     SELECT session_id, operation_no, subject, email, target, protocol,

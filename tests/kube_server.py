@@ -158,6 +158,17 @@ def initial_objects() -> dict[str, dict[str, dict]]:
     return {"pods": pods, "secrets": secrets, "configmaps": configmaps}
 
 
+def _exit_status(command: list[str]) -> dict:
+    """What the kubelet reports on the error channel: `sh -c 'exit N'` with N > 0 fails as NonZeroExitCode."""
+    if command[:2] == ["sh", "-c"] and len(command) == 3 and command[2].startswith("exit "):
+        code = command[2].split()[1]
+        if code != "0":
+            return {"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
+                    "message": f"command terminated with non-zero exit code: exit status {code}",
+                    "details": {"causes": [{"reason": "ExitCode", "message": code}]}}
+    return SUCCESS
+
+
 def _status(code: int, reason: str, message: str) -> dict:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
             "reason": reason, "code": code}
@@ -362,6 +373,8 @@ class KubeServer:
     # --- exec / portforward -----------------------------------------------------------------
 
     def _run(self, command: list[str], stdin: bytes) -> bytes:
+        if command[:2] == ["sh", "-c"] and command[2:3] and command[2].startswith("exit "):
+            return b""
         if command[:1] == ["echo"]:
             return (" ".join(command[1:]) + "\n").encode()
         if command[:1] == ["cat"]:
@@ -454,7 +467,7 @@ class KubeServer:
             writer.write(ws.send(BytesMessage(data=b"\x01" + output)))
         else:
             record["stdin"] = shell.typed
-        writer.write(ws.send(BytesMessage(data=b"\x03" + json.dumps(SUCCESS).encode())))
+        writer.write(ws.send(BytesMessage(data=b"\x03" + json.dumps(_exit_status(record["command"])).encode())))
         writer.write(ws.send(CloseConnection(code=1000)))
         await writer.drain()
         try:
@@ -558,7 +571,11 @@ class KubeServer:
             write(frames_out.data(streams["stdout"], output) + frames_out.data(streams["stdout"], b"", fin=True))
         if "stderr" in streams:
             write(frames_out.data(streams["stderr"], b"", fin=True))
-        status = json.dumps(SUCCESS).encode() if record.get("protocol") == "v4.channel.k8s.io" else b""
+        exit_status = _exit_status(record["command"])
+        if record.get("protocol") == "v4.channel.k8s.io":
+            status = json.dumps(exit_status).encode()
+        else:  # the older protocols: the error's text, nothing on success
+            status = b"" if exit_status is SUCCESS else exit_status["message"].encode()
         write(frames_out.data(streams["error"], status) + frames_out.data(streams["error"], b"", fin=True))
         await writer.drain()
         try:  # let the client close its streams, then end the connection as the kubelet does

@@ -79,18 +79,37 @@ def ssh_steps() -> list[tuple[int, str, dict]]:
             (30_000 * MS, "session_end", end)]
 
 
+def kube_steps() -> list[tuple[int, str, dict]]:
+    """A `kubectl exec` that fails: the request has no channel, its streams do; the exit is the error channel's
+    Status (the 101 that opened the stream is no final answer)."""
+    start = {**ssh_start("alice@example.com"), "target": "cluster", "upstream": "10.0.9.2:6443",
+             "protocol": "kubernetes", "client_application": "kubectl/v1.32.0", "attributes": {}}
+    request = [msg("Request", "client", channel=None, operation="command", text="sh -c 'exit 3'",
+                   objects=["pods/web-1/exec"]),
+               msg("Response", "server", channel=None, offset_us=300, attributes={"status": "101"})]
+    streams = [msg("ws.binary", "server", channel="1", offset_us=0),
+               msg("ws.binary", "server", channel="3", offset_us=100, outcome="error", error_code="3",
+                   error_message="command terminated with non-zero exit code: exit status 3")]
+    end = {"reason": "client_disconnect", "duration_us": 2_000 * MS, "client_bytes": 200, "server_bytes": 400,
+           "client_messages": 1, "server_messages": 3}
+    return [(40_000 * MS, "session_start", start), (40_001 * MS, "frames", frames_body(request)),
+            (40_500 * MS, "frames", frames_body(streams)), (42_000 * MS, "session_end", end)]
+
+
 def add_ssh_partition(demo) -> list:
-    """Sign SSH sessions as a proxy would and seal them on a partition of their own, as the ledger does."""
+    """Sign SSH sessions (and a Kubernetes exec) as a proxy would and seal them on a partition of their own, as
+    the ledger does."""
     ledger_dir = demo.ledger_dir
     settings = LedgerSettings(dir=ledger_dir, origin=ORIGIN, segment_max_events=100, segment_max_bytes=1 << 40,
                               segment_max_seconds=1e9, idle_seal_seconds=1e9)
     keys = demo.root / "keys"
     writer = PartitionWriter(ledger_dir, settings, TOPIC, PartitionState(SSH_PARTITION), Keyring.load(demo.keyring),
                              load_key_file(keys / "ledger.key"))
-    chain = SessionChain(load_key_file(keys / "proxy.key"), "ssh-proxy-0")
     began = datetime_to_micros(SSH_START)
     events = []
-    for offset, (at, kind, body) in enumerate(ssh_steps()):
+    ssh, kube = (SessionChain(load_key_file(keys / "proxy.key"), name) for name in ("ssh-proxy-0", "kube-proxy-0"))
+    steps = [(ssh, step) for step in ssh_steps()] + [(kube, step) for step in kube_steps()]
+    for offset, (chain, (at, kind, body)) in enumerate(steps):
         event = chain.event(kind, body, ts_micros=began + at)
         assert writer.add(Record(TOPIC, SSH_PARTITION, offset, chain.session_id.encode(), event.value),
                           os.urandom(SALT_SIZE)) is None
@@ -172,11 +191,15 @@ def test_activity_has_one_row_per_postgres_statement_with_outcome_and_policy(con
 def test_activity_across_protocols_for_one_identity_in_order(con):
     alice = rows(con, "SELECT ts, protocol, target, operation, text, objects, outcome, error_code, channel, "
                       "policy_action, policy_rule FROM activity WHERE subject = 'alice@example.com' ORDER BY ts")
-    assert {r["protocol"] for r in alice} == {"postgres", "ssh"}
+    assert {r["protocol"] for r in alice} == {"postgres", "ssh", "kubernetes"}
     assert [r["ts"] for r in alice] == sorted(r["ts"] for r in alice)
     pg_count = rows(con, "SELECT count(*) AS n FROM statements WHERE subject = 'alice@example.com'")[0]["n"]
     ssh = [r for r in alice if r["protocol"] == "ssh"]
-    assert len(alice) == pg_count + len(ssh)
+    kube = [r for r in alice if r["protocol"] == "kubernetes"]
+    assert len(alice) == pg_count + len(ssh) + len(kube)
+    # the exec's outcome is its error channel's Status, though the request itself has no channel
+    assert [(r["operation"], r["text"], r["channel"], r["outcome"], r["error_code"]) for r in kube] == [
+        ("command", "sh -c 'exit 3'", None, "error", "3")]
     assert [(r["target"], r["operation"], r["text"], r["channel"], r["outcome"], r["error_code"]) for r in ssh] == [
         ("bastion", "command", "ls -l /var/log", "0", "ok", None),
         ("bastion", "command", "cat /etc/shadow", "1", "error", "126"),
@@ -199,7 +222,7 @@ def test_activity_command_filters_and_formats(capsys, demo):
     code, out, err = run(capsys, "activity", "--ledger", ledger, "--identity", "alice@example.com", "--format", "json")
     assert code == 0, err
     everything = json.loads(out)
-    assert {r["protocol"] for r in everything} == {"postgres", "ssh"}
+    assert {r["protocol"] for r in everything} == {"postgres", "ssh", "kubernetes"}
     assert {r["subject"] for r in everything} == {"alice@example.com"}
     assert [r["ts"] for r in everything] == sorted(r["ts"] for r in everything)
 
@@ -234,13 +257,14 @@ def test_segments_written_before_contract_v2_still_query(demo, tmp_path):
     con = open_ledger(ledger)
     assert "operation" not in str(pq.read_schema(next((ledger / "segments").glob("p0/*.parquet"))))
     statements = rows(con, "SELECT count(*) AS n FROM statements")[0]["n"]
-    activity = rows(con, "SELECT protocol, count(*) AS n, count(objects) AS with_objects, count(outcome) AS ended "
-                         "FROM activity GROUP BY ALL ORDER BY protocol")
-    assert activity[0]["protocol"] == "postgres" and activity[0]["n"] == statements
-    assert 0 < activity[0]["with_objects"] < activity[0]["n"]  # p1 still has v2 fields, p0 derives without them
-    assert activity[0]["ended"] == activity[0]["n"]
-    assert activity[1]["protocol"] == "ssh" and activity[1]["n"] == 4
+    activity = {r["protocol"]: r for r in rows(con, "SELECT protocol, count(*) AS n, count(objects) AS with_objects, "
+                                                    "count(outcome) AS ended FROM activity GROUP BY ALL")}
+    postgres = activity["postgres"]
+    assert postgres["n"] == statements
+    assert 0 < postgres["with_objects"] < postgres["n"]  # p1 still has v2 fields, p0 derives without them
+    assert postgres["ended"] == postgres["n"]
+    assert activity["ssh"]["n"] == 4 and activity["kubernetes"]["n"] == 1
     # a bundle's selection reads old and new segments alike, in the current segment schema
     selected = _select(ledger, load_seals(ledger), Scope(identity="alice@example.com"))
     assert selected.schema.field("messages").type == pa.list_(MESSAGE)
-    assert set(selected.column("protocol").to_pylist()) == {"postgres", "ssh"}
+    assert set(selected.column("protocol").to_pylist()) == {"postgres", "ssh", "kubernetes"}

@@ -159,8 +159,16 @@ def test_get_and_exec_with_every_kubectl_recorded_per_channel(proxy, kube, tls, 
     assert command["attributes"]["name"] == "web-1" and command["objects"] == ["pods/web-1/exec"]
     stdout = b"".join(m["data"] for m in records if m.get("channel") == "1" and m["type"].endswith(("binary", "data")))
     assert stdout == b"hi\n"
-    status = b"".join(m["data"] for m in records if m.get("channel") == "3")
-    assert json.loads(status)["status"] == "Success"
+    status = next(m for m in records if m.get("channel") == "3" and m["data"])
+    assert json.loads(status["data"])["status"] == "Success" and status["outcome"] == "ok"
+
+    # a failed command: kubectl's exit status, and the recorded outcome the error channel's Status gives
+    failed = kubectl("exec", "web-1", "--", "sh", "-c", "exit 3", binary=binary)
+    assert failed.returncode == 3, failed.stderr
+    found = sessions(proxy, kubectl.subject, at_least=3, until=lambda records: any(
+        m.get("channel") == "3" and m.get("outcome") == "error" for m in records))
+    exit_3 = next(m for m in all_messages(found) if m.get("channel") == "3" and m.get("outcome") == "error")
+    assert exit_3["error_code"] == "3" and "exit status 3" in exit_3["error_message"]
 
 
 BOTH = pytest.mark.parametrize("binary,transport", [(KUBECTL, "websocket"), (KUBECTL_SPDY, "spdy/3.1")],

@@ -32,6 +32,7 @@ from wsproto.frame_protocol import FrameProtocol, Opcode, ParseFailed
 from ingest.protocols import ProtocolViolation
 from ingest.protocols.http.records import STREAM_CHANNELS, frame_record
 from ingest.protocols.kubernetes import spdy
+from ingest.protocols.kubernetes.status import ERROR_CHANNEL, exec_outcome
 
 Record = dict
 
@@ -86,8 +87,9 @@ def _ws_frame_length(buffer: bytearray | bytes, offset: int) -> int | None:
 
 class _WebSocketSide:
     def __init__(self, from_client: bool, channels: bool, max_frame: int,
-                 inner: "SpdyTunnel | None" = None) -> None:
+                 inner: "SpdyTunnel | None" = None, statuses: bool = False) -> None:
         self.side = "client" if from_client else "server"
+        self.statuses = statuses  # an exec/attach's server side: its error channel says how the command ended
         self.inner = inner  # SPDY/3.1 carried in the binary messages
         self.protocol = FrameProtocol(client=not from_client, extensions=[])
         self.buffer = bytearray()
@@ -165,9 +167,14 @@ class _WebSocketSide:
                     self.channel = str(payload[0])
                     payload = payload[1:]
                 channel = self.channel
+            whole = self.message_start and frame.message_finished
             if not frame.message_finished:
                 attributes["fragment"] = "true"
             self.message_start = bool(frame.message_finished)
+            if self.statuses and whole and channel == ERROR_CHANNEL:
+                record = frame_record(name, bytes(payload), channel, attributes)
+                record.update(exec_outcome(record["data"]))
+                return record
         return frame_record(name, bytes(payload), channel, attributes)
 
 
@@ -180,9 +187,10 @@ class WebSocketTunnel(Tunnel):
 
     def __init__(self, subprotocol: str | None, max_frame: int) -> None:
         channels = subprotocol in CHANNEL_PROTOCOLS
+        statuses = channels and "portforward" not in (subprotocol or "")  # exec and attach: not a port's channels
         self.inner = SpdyTunnel(max_frame) if (subprotocol or "").lower().startswith("spdy/3.1+") else None
         self._client = _WebSocketSide(True, channels, max_frame, self.inner)
-        self._server = _WebSocketSide(False, channels, max_frame, self.inner)
+        self._server = _WebSocketSide(False, channels, max_frame, self.inner, statuses)
         self._answer = FrameProtocol(client=False, extensions=[])
 
     def take_forwards(self) -> list[str]:
@@ -261,7 +269,7 @@ class SpdyTunnel(Tunnel):
                         self._stream_ports[frame.stream_id] = port
                         if port not in self._forwards and port not in self._refused_ports:
                             self._forwards.append(port)
-        return [self._record(frame) for frame, _ in frames], frames
+        return [self._record(frame, side) for frame, _ in frames], frames
 
     def relayable(self, frames: list[tuple[spdy.Frame, bytes]]) -> bytes:
         """The client frames' bytes for the target, without the streams of refused ports."""
@@ -287,13 +295,17 @@ class SpdyTunnel(Tunnel):
             return f"{port}/{kind}"
         return STREAM_CHANNELS.get(kind or "", kind)
 
-    def _record(self, frame: spdy.Frame) -> Record:
+    def _record(self, frame: spdy.Frame, side: str) -> Record:
         name = f"spdy.{spdy.frame_name(frame)}"
         if isinstance(frame, spdy.DataFrame):
             attributes = {"stream": str(frame.stream_id)}
             if frame.fin:
                 attributes["fin"] = "true"
-            return frame_record(name, frame.data, self._channels.get(frame.stream_id), attributes)
+            channel = self._channels.get(frame.stream_id)
+            record = frame_record(name, frame.data, channel, attributes)
+            if side == "server" and channel == ERROR_CHANNEL:  # an exec's error stream ("PORT/error" for a port)
+                record.update(exec_outcome(frame.data))
+            return record
         if isinstance(frame, (spdy.SynStream, spdy.SynReply, spdy.HeadersFrame)):
             if isinstance(frame, spdy.SynStream):
                 channel = self._channel_of(frame.headers)

@@ -102,11 +102,9 @@ class Workload:
 # --- PostgreSQL: psycopg, autocommit so that psycopg sends no BEGIN of its own -----------------------------------
 def pg_session(log: SessionLog, port: int, token: str, table: str, deadline: float, pace: float) -> None:
     conn = psycopg.connect(host="127.0.0.1", port=port, user=log.identity, password=token, dbname="postgres",
-                           sslmode="disable", application_name=log.tag, autocommit=True, connect_timeout=30,
-                           prepare_threshold=None)
-    # prepare_threshold=None: psycopg would otherwise prepare a query it ran 5 times and then send only Binds of
-    # the named statement, which `activity` and `statements` do not count as operations (the SQL is in the Parse
-    # alone; replay names it). A known gap, see the README's system-test section.
+                           sslmode="disable", application_name=log.tag, autocommit=True, connect_timeout=30)
+    # psycopg's defaults: a query run 5 times is prepared, then only Binds of the named statement are sent; each
+    # execution must still be one operation with its SQL in `activity` and `statements`.
 
     def run(sql: str) -> None:
         log.pending = sql
