@@ -401,3 +401,13 @@ def test_sessions_in_more_than_one_run_of_rows_verify_as_the_exact_way_says(evid
     rewrite(out, lambda files: edit_events(files, repeat_first_session))
     found, _ = both_ways(out, evidence.keyring)
     assert any(p.endswith("INCOMPLETE: seq 0 appears twice") for p in found), found
+
+
+def test_an_events_file_without_a_column_the_checks_read_is_one_line(evidence, bundle):
+    def drop_salt(files):
+        sink = io.BytesIO()
+        pq.write_table(pq.read_table(io.BytesIO(files[EVENTS])).drop_columns(["salt"]), sink)
+        files[EVENTS] = sink.getvalue()
+    rewrite(bundle, drop_salt)
+    assert "File events.parquet INVALID: not readable Parquet (ValueError: no column salt)" in problems(
+        bundle, evidence.keyring)
