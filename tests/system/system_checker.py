@@ -183,15 +183,17 @@ def kube_sessions(stack: SystemStack) -> dict[str, KubeSession]:
     for row in stack.sql("SELECT session_id, event_body(event) AS body FROM events WHERE protocol = 'kubernetes' "
                          "AND kind = 'frames' ORDER BY session_id, seq"):
         session = out[row["session_id"]]
-        for message in json.loads(row["body"]).get("messages", []):
+        body = json.loads(row["body"])
+        for message in body.get("messages", []):
             attributes, data = message.get("attributes") or {}, base64.b64decode(message.get("data") or "")
+            direction = message.get("direction") or body.get("direction")  # per message only in a mixed event
             if message.get("type") == "Request":
                 session.exchanges.append([message.get("statement"), None, attributes])
             elif message.get("type") == "Response" and session.exchanges:
                 session.exchanges[-1][1] = attributes.get("status")
-            elif message.get("direction") == "server" and message.get("channel") == "1":
+            elif direction == "server" and message.get("channel") == "1":
                 session.stdout += data
-            elif message.get("direction") == "server" and message.get("channel") == "3":
+            elif direction == "server" and message.get("channel") == "3":
                 session.status = json.loads(data).get("status")
     return out
 
