@@ -204,3 +204,52 @@ def test_empty_text_has_no_statements(sql):
 def test_identical_text_is_analyzed_once():
     sql = "SELECT id FROM cache_probe WHERE id = $1"
     assert analyze(sql) is analyze(sql)
+
+
+# --- the numeric-shape cache: statements that differ only in their numbers share one analysis ---------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from proxy.policy import sql as sql_module  # noqa: E402
+
+SHAPES = [
+    "UPDATE pgbench_accounts SET abalance = abalance + {} WHERE aid = {};",
+    "SELECT abalance FROM pgbench_accounts WHERE aid = {}",
+    "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ({}, {}, {}, {}, CURRENT_TIMESTAMP)",
+    "DELETE FROM t1 WHERE id = {} AND note = 'row 7'",
+    "WITH gone AS (DELETE FROM t WHERE id > {} RETURNING *) INSERT INTO archive SELECT * FROM gone LIMIT {}",
+    "select * from \"T 2\" where x = {} or y in (select pg_terminate_backend({}))",
+    "SELECT lo_export({}, '/tmp/x'), 1.5e{} FROM t",
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.sampled_from(SHAPES), st.lists(st.integers(0, 10**12), min_size=4, max_size=4))
+def test_a_statement_analyzed_through_its_numeric_shape_is_analyzed_as_itself(shape, numbers):
+    text = shape.format(*numbers)
+    assert analyze(text) == sql_module._analyze(text, 0)
+
+
+@pytest.mark.parametrize("first, second", [
+    ("SELECT * FROM t1 WHERE x = 5", "SELECT * FROM t2 WHERE x = 6"),  # digits of identifiers
+    ('SELECT * FROM "1" WHERE x = 5', 'SELECT * FROM "2" WHERE x = 6'),  # quoted identifiers
+    ("SELECT * FROM t WHERE x = '1' AND y = 5", "SELECT * FROM t WHERE x = '2' AND y = 6"),  # strings
+    ("SELECT * FROM a.b1 WHERE x = 5", "SELECT * FROM a.b2 WHERE x = 6"),  # qualified names
+])
+def test_what_is_not_a_number_keeps_its_own_shape(first, second):
+    one, other = sql_module._numeric_shape(first), sql_module._numeric_shape(second)
+    assert one is not None and other is not None and one != other
+
+
+@pytest.mark.parametrize("text", [
+    "SELECT 1; DROP TABLE t",  # more than one statement
+    "DO $$ BEGIN EXECUTE 'DROP TABLE t' || 1; END $$",  # a body, dollar-quoted
+    "SELECT E'\\x41' || 1",  # backslash escapes
+    "SELECT 1 -- DROP TABLE t",  # comments
+    "DROP TABLE t2",  # not plain DML
+    "SELECT 'unterminated 1",
+    "SELECT $1 + 1",  # parameters
+    "SELECT * FROM t",  # no number: the exact-text cache is enough
+])
+def test_only_one_plain_dml_statement_has_a_numeric_shape(text):
+    assert sql_module._numeric_shape(text) is None

@@ -18,7 +18,11 @@ which a policy can hold or block.
 
 The tree is walked as pglast's JSON rather than as Python node objects: the
 JSON parse is ~5x faster, and this runs on every statement the proxy relays.
-Results for identical SQL text are cached (`analysis_cache_info()`).
+Results for identical SQL text are cached (`analysis_cache_info()`), and a
+plain DML statement is analyzed once per *numeric shape*: what it does does
+not depend on its numbers (pgbench's and an ORM's inlined ids would otherwise
+miss the cache every time), so the statement with each number outside quotes
+read as 0 is analyzed and its result given the statement's own text.
 """
 
 from __future__ import annotations
@@ -424,7 +428,52 @@ def _analyze(sql: str, depth: int) -> tuple[StatementInfo, ...]:
     return tuple(infos)
 
 
-_analyze_cached = lru_cache(maxsize=_CACHE_SIZE)(lambda sql: _analyze(sql, 0))
+# Quoted strings and identifiers are kept as written; a number outside them follows no letter, digit, `$`, `.` or
+# quote and is followed by none, so `t1`, `$1`, `0x1F` and `a.1` are kept whole.
+_QUOTED = re.compile(r"""('(?:[^']|'')*'|"(?:[^"]|"")*")""")
+_NUMBER = re.compile(r"""(?<![\w$.'"])[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?(?![\w.'"])""")
+_PLAIN_DML = re.compile(r"\s*(?:select|insert|update|delete|with)\b", re.IGNORECASE)
+
+
+def _numeric_shape(sql: str) -> str | None:
+    """`sql` with its numbers read as 0, or None where that might change what it does: anything but one plain
+    DML statement, and text with dollar quotes, parameters, backslash escapes, comments or an odd quote."""
+    if ("$" in sql or "\\" in sql or "--" in sql or "/*" in sql or ";" in sql.rstrip().rstrip(";")
+            or sql.count("'") % 2 or sql.count('"') % 2 or not _PLAIN_DML.match(sql)):
+        return None
+    if "'" in sql or '"' in sql:
+        parts = _QUOTED.split(sql)
+        parts[::2] = [_NUMBER.sub("0", part) for part in parts[::2]]
+        shape = "".join(parts)
+    else:
+        shape = _NUMBER.sub("0", sql)
+    return shape if shape != sql else None
+
+
+def _own_text(sql: str) -> str:
+    """A single statement's source as `_statement_text` reads it: without surrounding space and final `;`."""
+    return sql.strip().rstrip(";").rstrip()
+
+
+def _retext(info: StatementInfo, old: str, new: str) -> StatementInfo:
+    """`info` of the shape, for the statement itself: its text (and a normalized form that fell back to it)."""
+    return StatementInfo(info.kind, new if info.text == old else info.text,
+                         new if info.normalized == old else info.normalized, info.has_where, info.tables,
+                         info.functions, tuple(_retext(child, old, new) for child in info.nested))
+
+
+@lru_cache(maxsize=_CACHE_SIZE)
+def _analyze_cached(sql: str) -> tuple[StatementInfo, ...]:
+    shape = _numeric_shape(sql)
+    if shape is not None:
+        infos = _analyze_shape(shape)
+        old = _own_text(shape)
+        if len(infos) == 1 and infos[0].text == old:
+            return (_retext(infos[0], old, _own_text(sql)),)
+    return _analyze(sql, 0)
+
+
+_analyze_shape = lru_cache(maxsize=_CACHE_SIZE)(lambda shape: _analyze(shape, 0))
 
 
 def analyze(sql: str) -> tuple[StatementInfo, ...]:
