@@ -376,7 +376,7 @@ CHUNK_EVENTS = 2_000
 FACT_COLUMNS = ("session_id", "seq", "kind", "event_hash", "partition")
 """The columns that are an event's facts (`EventFacts` but its prev_hash) once it passed every check."""
 HASH_SIZE = 32
-PROOF_TYPE = pa.list_(pa.binary(HASH_SIZE))
+HASH_TYPE = pa.binary(HASH_SIZE)
 
 
 class EventInvalid(Exception):
@@ -544,7 +544,8 @@ class ChunkColumns:
         proofs = batch.column("inclusion_proof")
         self.proofs: bytes | None = None
         self.proof_bounds: list[int] = []
-        if proofs.type == PROOF_TYPE and not proofs.null_count and not proofs.values.null_count:
+        if pa.types.is_list(proofs.type) and proofs.type.value_type == HASH_TYPE and not proofs.null_count \
+                and not proofs.values.null_count:
             offsets = proofs.offsets.to_pylist()
             hashes = proofs.flatten()
             self.proof_bounds = [offset - offsets[0] for offset in offsets]
@@ -788,7 +789,7 @@ def _whole_runs(table: pa.Table, prev_hashes: bytes) -> list[SessionEvents] | No
 
 def _hash_rows(column: pa.ChunkedArray) -> np.ndarray:
     """A column of 32-byte hashes as a (rows, 32) byte matrix, without a Python object per row."""
-    hashes = column.combine_chunks().cast(pa.binary(HASH_SIZE))
+    hashes = column.combine_chunks().cast(HASH_TYPE)
     data = np.frombuffer(hashes.buffers()[1], np.uint8)
     return data[hashes.offset * HASH_SIZE:(hashes.offset + len(hashes)) * HASH_SIZE].reshape(len(hashes), HASH_SIZE)
 
