@@ -55,8 +55,9 @@ VIOLATION_KINDS = ["protocol_error", "policy_decision"]
 
 class Document(NamedTuple):
     topic: str
-    key: bytes
+    key: bytes | None
     value: bytes
+    headers: tuple[tuple[str, bytes], ...] = ()
 
 
 def seal_document(settings: KafkaSettings, seal: Seal) -> Document:
@@ -160,7 +161,8 @@ class Publisher:
         """The document handed to the producer, or None if the producer could not take it within its max_block_ms
         (no metadata for a new producer while the broker is still away)."""
         try:
-            return Sending(self.producer.send(doc.topic, key=doc.key, value=doc.value), self.generation)
+            future = self.producer.send(doc.topic, key=doc.key, value=doc.value, headers=list(doc.headers) or None)
+            return Sending(future, self.generation)
         except KafkaTimeoutError as exc:
             log.warning("%s: not sent yet (%s)", doc.topic, exc)
             return None

@@ -31,7 +31,7 @@ from kafka.structs import OffsetAndMetadata
 
 from ingest import kafka, ocsf, violations
 from ledger import documents
-from ingest.consumer import Quarantine, Quarantined, Record, verify_record
+from ingest.consumer import Quarantined, Record, quarantine_headers, verify_record
 from ingest.errors import CustodyError
 from ingest.events import micros_to_datetime, now_micros
 from ingest.keys import Keyring, KeyLookupError, PrivateKey, load_key_file
@@ -198,6 +198,12 @@ class PartitionWriter:
         return seal
 
 
+def quarantine_copy(topic: str, rejected: Quarantined) -> documents.Document:
+    """A rejected record, unchanged, for `custody.quarantine`, its reason in the headers (as ingest.consumer's)."""
+    return documents.Document(topic, rejected.record.key, rejected.record.value,
+                              tuple(quarantine_headers(rejected.record, rejected.rejection)))
+
+
 class _Rebalance(ConsumerRebalanceListener):
     def __init__(self, service: "LedgerService"):
         self.service = service
@@ -234,9 +240,10 @@ class LedgerService:
         self.locks: dict[int, PartitionLock] = {}
         kafka.ensure_topics(kafka_settings, ("events", "quarantine", "seals", "violations",
                                              *(self.soc.topics if self.soc else ())))
-        self.quarantine = Quarantine(kafka_settings)
+        self.quarantine_topic = kafka_settings.topic("quarantine")
         self.publisher = documents.Publisher(partial(kafka.producer, kafka_settings,
                                                      **{**PUBLISHER_OPTIONS, **(publisher_options or {})}))
+        self.quarantined = documents.Outbox(self.publisher, 0)  # copies of rejected records, until acknowledged
         self.cosignatures = Collector(kafka_settings, self.dir, owned=lambda p: p in self.writers)  # witnesses' cosignatures, kept beside the seals
         self.pusher = WitnessPusher(self.dir, settings.witnesses) if settings.witnesses else None  # [[ledger.witness]]
         # check_crcs=False: kafka-python's CRC-32C is pure Python and would cost more than the signature check,
@@ -320,8 +327,9 @@ class LedgerService:
         batches = self.consumer.poll(timeout_ms=int(timeout * 1000))
         for tp, messages in batches.items():
             writer = self.writers[tp.partition]
-            for rejected in writer.add_batch(messages, os.urandom(SALT_SIZE * len(messages))):
-                self.quarantine.send(rejected.record, rejected.rejection)
+            rejects = writer.add_batch(messages, os.urandom(SALT_SIZE * len(messages)))
+            self.quarantined.send(writer.state.next_seal_number, [quarantine_copy(self.quarantine_topic, r)
+                                                                  for r in rejects])
         now = time.monotonic()
         for writer in list(self.writers.values()):
             writer.outbox.confirm()  # a failed send is noticed now, not at the next seal (an idle one: an hour on)
@@ -339,8 +347,16 @@ class LedgerService:
         finally:
             self.close()
 
+    def _rejects_safe(self) -> bool:
+        """Whether Kafka acknowledged the quarantine copy of every record rejected so far (after a flush), which a
+        seal needs first: its offset range covers its rejects too. Through a broker hang, seals wait step by step."""
+        if self.quarantined.sent:
+            self.quarantined.confirm(wait=True)
+        return not self.quarantined.sent
+
     def _seal(self, writer: PartitionWriter) -> None:
-        self.quarantine.flush()  # a sealed offset range covers its rejects too: they must be safe first
+        if not self._rejects_safe():
+            return  # sealed by a later step
         pending = writer.violations
         if writer.ocsf is not None:  # kept in the seal's state snapshot: a restart renders on from here
             writer.state.ocsf = writer.ocsf.snapshot()
@@ -364,7 +380,6 @@ class LedgerService:
         for partition in list(self.writers):
             self.release(partition)
         self.publisher.close()
-        self.quarantine.close()
         self.cosignatures.close()
         if self.pusher is not None:
             self.pusher.close()

@@ -22,6 +22,7 @@ import signal
 import time
 
 import pytest
+from kafka import TopicPartition
 
 from conftest import make_key
 from events_factory import policy_decision, session_end, session_start
@@ -53,6 +54,23 @@ def session(chain: SessionChain) -> tuple[list, dict[str, set[str]]]:
     end = chain.event("session_end", session_end())
     return [start, done, blocked, end], {"violations": {blocked.event_id}, "violations.ocsf": {blocked.event_id},
                                          "activity.ocsf": {start.event_id, f"{done.event_id}#0"}}
+
+
+def topic_values(settings: KafkaSettings, name: str) -> list[bytes]:
+    """The values on a one-partition topic, up to its end offset (read_topic's are JSON; quarantine's are not)."""
+    consumer = kafka.consumer(settings, group_id=None)
+    try:
+        tp = TopicPartition(settings.topic(name), 0)
+        consumer.assign([tp])
+        consumer.seek_to_beginning(tp)
+        end, values = consumer.end_offsets([tp])[tp], []
+        deadline = time.monotonic() + 30
+        while consumer.position(tp) < end:
+            assert time.monotonic() < deadline, f"{name}: not read to its end"
+            values += [r.value for batch in consumer.poll(timeout_ms=300).values() for r in batch]
+        return values
+    finally:
+        consumer.close()
 
 
 @pytest.mark.parametrize("publisher_options", [PAST_THE_TIMEOUT, None], ids=["past-the-timeout", "within-it"])
@@ -127,3 +145,52 @@ def test_a_broker_hang_does_not_stop_seals_and_documents(proxy_key, tmp_path, pu
         closing = time.monotonic()
         ledger.close()
         assert time.monotonic() - closing < 5, "nothing left waiting in a stuck producer"
+
+
+def test_no_seal_covers_a_rejected_record_before_kafka_has_its_quarantine_copy(proxy_key, tmp_path):
+    """The broker stops just after the worker rejected a forgery, so its copy to `custody.quarantine` is sent into
+    the hang and expires: the seal over its offset waits (before: it was made over the lost copy, or, the quarantine
+    producer being stuck, the next flush raised and the worker died), and the copy arrives once the broker is back."""
+    ledger_key = make_key("ledger")
+    keyring = Keyring([TrustedKey(proxy_key.key_id, "proxy", proxy_key.public_key),
+                       TrustedKey(ledger_key.key_id, "ledger", ledger_key.public_key)])
+    forged = SessionChain(make_key("proxy"), "evil").event("session_start", session_start("mallory@example.com"))
+    with DevBroker(log_path=tmp_path / "tansu.log") as broker:
+        settings = KafkaSettings(bootstrap=broker.bootstrap, topic_prefix="hang.", embedded_listen=broker.bootstrap,
+                                 partitions=1)
+        ledger = LedgerService(settings, LedgerSettings(dir=tmp_path / "ledger", origin=ORIGIN,
+                                                        segment_max_events=1000, segment_max_bytes=1 << 24,
+                                                        segment_max_seconds=0.3, idle_seal_seconds=3600),
+                               ledger_key, keyring, partitions=[0], publisher_options=PAST_THE_TIMEOUT)
+        writer = ledger.writers[0]
+        take = writer.add_batch
+
+        def take_then_hang(records, salts):  # the fault, injected between the reject and the send of its copy
+            rejected = take(records, salts)
+            if rejected:
+                os.kill(broker._process.pid, signal.SIGSTOP)
+            return rejected
+
+        writer.add_batch = take_then_hang
+        producer = kafka.producer(settings)
+        offset = producer.send(settings.topic("events"), key=forged.session_id.encode(), value=forged.value,
+                               partition=0).get(10).offset
+        producer.close()
+        try:
+            deadline = time.monotonic() + 30
+            while writer.quarantined == 0:
+                assert time.monotonic() < deadline, "the forgery was not taken"
+                ledger.step(0.1)
+            hung_at = time.monotonic()
+            while time.monotonic() - hung_at < HANG_SECONDS:
+                ledger.step(0.1)
+            assert writer.state.next_seal_number == 1, "no seal before its reject's copy is acknowledged"
+        finally:
+            os.kill(broker._process.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while not (writer.state.next_seal_number == 2 and writer.outbox.confirm() == 1):
+            assert time.monotonic() < deadline, "the ledger did not seal after the hang"
+            ledger.step(0.1)
+        assert set(topic_values(settings, "quarantine")) == {forged.value}
+        assert uids(read_topic(settings, "violations")) == [f"quarantine:{settings.topic('events')}/0@{offset}"]
+        ledger.close()
