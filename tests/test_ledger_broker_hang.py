@@ -10,6 +10,7 @@ every seal and document made before, during and after the hang reaches its topic
   (a document's deterministic id).
 * Within the ledger's own delivery timeout (its default, 2 minutes): the producer's idempotent retries deliver
   everything exactly once.
+* A rejected record's copy to `custody.quarantine` sent into the hang: no seal covers it before Kafka has it.
 
 The broker is a dev broker of this test's own.
 """
