@@ -507,3 +507,14 @@ def test_a_malformed_row_among_many_is_still_the_codecs_error():
     rows[9] = Message("DataRow", rows[9].data[:-3])
     with pytest.raises(ProtocolViolation):
         ResultMasker(PLAN).mask([description, *rows])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.sampled_from([f for f in EDGE_FRAGMENTS if f.isascii()]), st.sampled_from(GLUE),
+                          st.text(alphabet=st.characters(max_codepoint=127), max_size=16)), max_size=8).map("".join))
+def test_ascii_patterns_match_what_the_unicode_ones_match_on_ascii_text(text):
+    # On ASCII text \d, \w and \b mean the same with or without re.ASCII (\x1c-\x1f are Unicode spaces, but no
+    # pattern uses \s outside [\s\S]); the ASCII forms only skip the Unicode look-ups.
+    for detector in DETECTORS.values():
+        assert [(mt.span(), mt.groups()) for mt in detector.ascii_pattern.finditer(text)] == \
+               [(mt.span(), mt.groups()) for mt in detector.pattern.finditer(text)]

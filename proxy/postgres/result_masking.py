@@ -68,6 +68,7 @@ def _copy_data(payload: bytes) -> bytes:
 
 _INT32 = struct.Struct(">i")
 _NULL = _INT32.pack(-1)
+_HIDDEN_TEXT = _INT32.pack(len(COLUMN_PLACEHOLDER)) + COLUMN_PLACEHOLDER  # a hidden text column's field
 _ROWS_SCANNED_TOGETHER = 8  # fewer rows are scanned value by value: a shared scan's setup would cost more
 _ROWS_SCANNED_TOGETHER_AT_MOST = 512  # a long result is scanned in such chunks: what is alive at once stays small
 
@@ -148,10 +149,12 @@ def _masked_data_row(data: bytes, rows: RowMasker,
     """A whole DataRow message masked by `rows`, or None when masking changes nothing: the hot path.
 
     One walk over the wire bytes, column by column: only scanned values are
-    sliced out, and the new message is spliced from the original's unchanged
-    stretches (lengths and values as they are) and the masked values. A row
-    with another column count than the RowDescription's, or malformed, takes
-    the general path (`_mask_data_row_values`, which raises the codec's error).
+    sliced out, and the new message is joined from the original's unchanged
+    stretches (lengths and values as they are) and the masked fields, its
+    length the original's plus what the fields grew by (one join instead of
+    a buffer grown field by field). A row with another column count than the
+    RowDescription's, or malformed, takes the general path
+    (`_mask_data_row_values`, which raises the codec's error).
     `masked_or_none` gives a scanned value's masked bytes (None: unchanged),
     by default `rows.masked_or_none`; the rows of one read pass their values
     masked beforehand, all at once (`ResultMasker.mask`).
@@ -163,51 +166,51 @@ def _masked_data_row(data: bytes, rows: RowMasker,
     if masked_or_none is None:
         masked_or_none = rows.masked_or_none
     unpack, pack, shortest = _INT32.unpack_from, _INT32.pack, rows.shortest
-    out: bytearray | None = None
+    out: list[bytes] | None = None  # the new message's parts; out[0] is its type and length, set last
     copied = position = 7  # what `out` holds of `data` ends at `copied`
-    for action in actions:
-        if position + 4 > size:
-            return _mask_data_row_values(data, rows)
-        length = unpack(data, position)[0]
-        start = position + 4
-        if length < 0:  # NULL (-1) stays NULL; below -1 is malformed
-            if length != -1:
+    grown = 0
+    try:
+        for action in actions:
+            length = unpack(data, position)[0]  # struct.error past the end
+            start = position + 4
+            if length < 0:  # NULL (-1) stays NULL; below -1 is malformed
+                if length != -1:
+                    return _mask_data_row_values(data, rows)
+                position = start
+                continue
+            end = start + length
+            if end > size:
                 return _mask_data_row_values(data, rows)
-            position = start
-            continue
-        end = start + length
-        if end > size:
-            return _mask_data_row_values(data, rows)
-        if action == SCAN:
-            if length < shortest:
+            if action == SCAN:
+                if length < shortest:
+                    position = end
+                    continue
+                masked = masked_or_none(data[start:end])
+                if masked is None:
+                    position = end
+                    continue
+                field = pack(len(masked)) + masked
+            elif action == PASS:
                 position = end
                 continue
-            masked = masked_or_none(data[start:end])
-            if masked is None:
-                position = end
-                continue
-        elif action == PASS:
-            position = end
-            continue
-        else:
-            masked = COLUMN_PLACEHOLDER if action == HIDE_TEXT else None
-        if out is None:
-            out = bytearray(data[:position])
-        else:
-            out += data[copied:position]
-        if masked is None:
-            out += _NULL
-        else:
-            out += pack(len(masked))
-            out += masked
-        copied = position = end
+            else:
+                field = _HIDDEN_TEXT if action == HIDE_TEXT else _NULL
+            if out is None:
+                out = [b"", data[5:position], field]
+            else:
+                out.append(data[copied:position])
+                out.append(field)
+            grown += len(field) - 4 - length
+            copied = position = end
+    except struct.error:
+        return _mask_data_row_values(data, rows)
     if position != size:
         return _mask_data_row_values(data, rows)
     if out is None:
         return None
-    out += data[copied:]
-    out[1:5] = pack(len(out) - 1)
-    return bytes(out)
+    out.append(data[copied:])
+    out[0] = b"D" + pack(size - 1 + grown)
+    return b"".join(out)
 
 
 def _mask_data_row_values(data: bytes, rows: RowMasker) -> bytes | None:
