@@ -20,12 +20,14 @@ What is masked, and how (the values themselves are `proxy.policy.masking`'s job)
 * NoticeResponse / ErrorResponse — message, detail, hint, context and the
   other free-text fields, which echo data (`Key (email)=(…) already exists`).
 
-Speed: a DataRow is masked in one walk over its wire bytes (`_masked_data_row`):
-only the values to scan are sliced out, only a row that masking changed is
-rebuilt (spliced from the original's unchanged stretches and the masked
-values), and an unchanged message is returned as the same object, its bytes
-untouched. What to do with each column (scan it, hide it whole, pass it) is
-decided once per RowDescription, not per value.
+Speed: the DataRows of one read are walked once over their wire bytes
+(`_row_edits`): only the values to scan are sliced out, and they are scanned
+together, column by column (`Scanner.masked_many`: a few C-level scans of
+the joined values instead of Python per value). Only a row that masking
+changed is rebuilt (`_spliced`: joined from the original's unchanged
+stretches and the new fields), and an unchanged message is returned as the
+same object, its bytes untouched. What to do with each column (scan it,
+hide it whole, pass it) is decided once per RowDescription, not per value.
 """
 
 from __future__ import annotations
@@ -117,117 +119,105 @@ def _data_row(count: bytes, values: list[bytes | None]) -> bytes:
     return bytes(out)
 
 
-def _scanned_values(rows: list[bytes], masker: RowMasker) -> list[list[bytes]]:
-    """Per column to scan, the values of these DataRow messages that a detector could find something in.
+_Edit = tuple[int, int, int, bytes]  # a field's start (its length), its end, its action, and its value or new field
 
-    A walk like `_masked_data_row`'s without the rebuild, so that the values
-    of many rows are scanned together (`Scanner.masked_many`). A malformed
-    row stops its own walk here; `_masked_data_row` raises its error.
+
+def _row_edits(rows: list[bytes], masker: RowMasker) -> tuple[list[_Edit], list[int], list[list[bytes]]]:
+    """One walk over DataRow messages: the fields that masking may change, and the values to scan by column.
+
+    `edits` are each row's fields to scan (the value to look up) or to hide
+    (the field that replaces it, encoded), in order; `ends[i]` is where row
+    i's edits end in it, -1 for a row that does not parse or has another
+    column count than the RowDescription's (`_mask_data_row_values` handles
+    it, and raises the codec's error for a malformed row). NULLs stay NULL,
+    binary columns pass, and a value shorter than any finding is not looked at.
     """
-    unpack, shortest = _INT32.unpack_from, masker.shortest
-    columns = [[] if action == SCAN else None for action in masker.actions]
-    appends = [None if values is None else values.append for values in columns]
-    count = len(appends).to_bytes(2, "big")
+    actions, shortest, unpack = masker.actions, masker.shortest, _INT32.unpack_from
+    columns = [[] if action == SCAN else None for action in actions]
+    plan = [(action, None if values is None else values.append) for action, values in zip(actions, columns)]
+    count = len(actions).to_bytes(2, "big")
+    edits: list[_Edit] = []
+    ends: list[int] = []
     for data in rows:
-        if data[5:7] != count:
-            continue
-        size, position = len(data), 7
-        for append in appends:
-            if position + 4 > size:
-                break
-            length = unpack(data, position)[0]
-            position += 4
-            if length > 0:
-                if append is not None and length >= shortest:
-                    append(data[position:position + length])
-                position += length
-    return [values for values in columns if values]
+        size, position, first, parsed = len(data), 7, len(edits), data[5:7] == count
+        try:
+            for action, scanned in plan if parsed else ():
+                length = unpack(data, position)[0]  # struct.error past the end
+                end = position + 4 + length
+                if length < 0 or end > size:  # NULL (-1) stays NULL; below -1, or past the end, is malformed
+                    parsed = length == -1
+                    if not parsed:
+                        break
+                    position += 4
+                    continue
+                if scanned is not None:
+                    if length >= shortest:
+                        value = data[position + 4:end]
+                        scanned(value)
+                        edits.append((position, end, SCAN, value))
+                elif action != PASS:
+                    edits.append((position, end, action, _HIDDEN_TEXT if action == HIDE_TEXT else _NULL))
+                position = end
+        except struct.error:
+            parsed = False
+        if parsed and position == size:
+            ends.append(len(edits))
+        else:
+            del edits[first:]
+            ends.append(-1)
+    return edits, ends, [values for values in columns if values]
+
+
+def _spliced(data: bytes, edits: list[_Edit], masked_or_none: Callable[[bytes], bytes | None]) -> bytes | None:
+    """A DataRow message with its edits made (`_row_edits`), or None when masking changes nothing.
+
+    The new message is joined from the original's unchanged stretches
+    (lengths and values as they are) and the new fields, its length the
+    original's plus what the fields grew by: one join, no buffer grown field
+    by field. `masked_or_none` gives a scanned value's masked bytes (None:
+    unchanged).
+    """
+    out: list[bytes] | None = None  # the new message's parts; out[0] is its type and length, set last
+    copied, grown, pack = 7, 0, _INT32.pack  # what `out` holds of `data` ends at `copied`
+    for start, end, action, value in edits:
+        if action == SCAN:
+            masked = masked_or_none(value)
+            if masked is None:
+                continue
+            value = pack(len(masked)) + masked
+        if out is None:
+            out = [b"", data[5:start], value]
+        else:
+            out.append(data[copied:start])
+            out.append(value)
+        grown += len(value) - end + start
+        copied = end
+    if out is None:
+        return None
+    out.append(data[copied:])
+    out[0] = b"D" + pack(len(data) - 1 + grown)
+    return b"".join(out)
 
 
 def _masked_data_row(data: bytes, rows: RowMasker,
                      masked_or_none: Callable[[bytes], bytes | None] | None = None) -> bytes | None:
-    """A whole DataRow message masked by `rows`, or None when masking changes nothing: the hot path.
+    """A whole DataRow message masked by `rows`, or None when masking changes nothing.
 
-    One walk over the wire bytes, column by column: only scanned values are
-    sliced out, and the new message is joined from the original's unchanged
-    stretches (lengths and values as they are) and the masked fields, its
-    length the original's plus what the fields grew by (one join instead of
-    a buffer grown field by field). A row with another column count than the
-    RowDescription's, or malformed, takes the general path
-    (`_mask_data_row_values`, which raises the codec's error).
-    `masked_or_none` gives a scanned value's masked bytes (None: unchanged),
-    by default `rows.masked_or_none`; the rows of one read pass their values
-    masked beforehand, all at once (`ResultMasker.mask`).
+    A row that does not parse or has another column count than the
+    RowDescription's takes the general path (`_mask_data_row_values`, which
+    raises the codec's error). `masked_or_none` gives a scanned value's
+    masked bytes, by default `rows.masked_or_none`.
     """
-    actions = rows.actions
-    size = len(data)
-    if size < 7 or int.from_bytes(data[5:7], "big") != len(actions):
+    edits, ends, _ = _row_edits([data], rows)
+    if ends[0] < 0:
         return _mask_data_row_values(data, rows)
-    if masked_or_none is None:
-        masked_or_none = rows.masked_or_none
-    unpack, pack, shortest = _INT32.unpack_from, _INT32.pack, rows.shortest
-    out: list[bytes] | None = None  # the new message's parts; out[0] is its type and length, set last
-    copied = position = 7  # what `out` holds of `data` ends at `copied`
-    grown = 0
-    try:
-        for action in actions:
-            length = unpack(data, position)[0]  # struct.error past the end
-            start = position + 4
-            if length < 0:  # NULL (-1) stays NULL; below -1 is malformed
-                if length != -1:
-                    return _mask_data_row_values(data, rows)
-                position = start
-                continue
-            end = start + length
-            if end > size:
-                return _mask_data_row_values(data, rows)
-            if action == SCAN:
-                if length < shortest:
-                    position = end
-                    continue
-                masked = masked_or_none(data[start:end])
-                if masked is None:
-                    position = end
-                    continue
-                field = pack(len(masked)) + masked
-            elif action == PASS:
-                position = end
-                continue
-            else:
-                field = _HIDDEN_TEXT if action == HIDE_TEXT else _NULL
-            if out is None:
-                out = [b"", data[5:position], field]
-            else:
-                out.append(data[copied:position])
-                out.append(field)
-            grown += len(field) - 4 - length
-            copied = position = end
-    except struct.error:
-        return _mask_data_row_values(data, rows)
-    if position != size:
-        return _mask_data_row_values(data, rows)
-    if out is None:
-        return None
-    out.append(data[copied:])
-    out[0] = b"D" + pack(size - 1 + grown)
-    return b"".join(out)
+    return _spliced(data, edits, rows.masked_or_none if masked_or_none is None else masked_or_none)
 
 
 def _mask_data_row_values(data: bytes, rows: RowMasker) -> bytes | None:
     """`_masked_data_row` by values: decoded (or the codec's ProtocolViolation), masked, re-encoded."""
     values = _data_row_values(data[5:])
     return _data_row(data[5:7], values) if rows.mask_in_place(values) else None
-
-
-def _append_masked_row(message: Message, rows: RowMasker, masked_or_none: Callable[[bytes], bytes | None],
-                       out: list[Message], changed: list[bool]) -> None:
-    masked_row = _masked_data_row(message.data, rows, masked_or_none)
-    if masked_row is None:
-        out.append(message)
-        changed.append(False)
-    else:
-        out.append(Message("DataRow", masked_row))
-        changed.append(True)
 
 
 class ResultMasker:
@@ -289,20 +279,36 @@ class ResultMasker:
         return out, changed
 
     def _mask_data_rows(self, messages: list[Message], out: list[Message], changed: list[bool]) -> None:
-        """Consecutive DataRows (one RowDescription's): their values are scanned together, then each row rebuilt."""
+        """Consecutive DataRows (one RowDescription's): one walk, their values scanned together, rows spliced.
+
+        A few rows are scanned value by value (a shared scan's setup would
+        cost more); a long result in chunks, so that what is alive at once
+        stays small.
+        """
         rows = self._rows
-        if len(messages) < _ROWS_SCANNED_TOGETHER:
-            masked_or_none = rows.masked_or_none
-            for message in messages:
-                _append_masked_row(message, rows, masked_or_none, out, changed)
-            return
         for first in range(0, len(messages), _ROWS_SCANNED_TOGETHER_AT_MOST):
             chunk = messages[first:first + _ROWS_SCANNED_TOGETHER_AT_MOST]
-            masked: dict[bytes, bytes] = {}
-            for values in _scanned_values([message.data for message in chunk], rows):
-                masked.update(rows.scanner.masked_many(values))
-            for message in chunk:
-                _append_masked_row(message, rows, masked.get, out, changed)
+            edits, ends, columns = _row_edits([message.data for message in chunk], rows)
+            if len(chunk) < _ROWS_SCANNED_TOGETHER:
+                masked_or_none = rows.masked_or_none
+            else:
+                masked: dict[bytes, bytes] = {}
+                for values in columns:
+                    masked.update(rows.scanner.masked_many(values))
+                masked_or_none = masked.get
+            begin = 0
+            for message, end in zip(chunk, ends):
+                if end < 0:
+                    masked_row = _mask_data_row_values(message.data, rows)
+                else:
+                    masked_row = _spliced(message.data, edits[begin:end], masked_or_none) if end > begin else None
+                    begin = end
+                if masked_row is None:
+                    out.append(message)
+                    changed.append(False)
+                else:
+                    out.append(Message("DataRow", masked_row))
+                    changed.append(True)
 
     def _mask(self, message: Message) -> Message:
         kind = message.type
