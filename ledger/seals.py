@@ -159,9 +159,12 @@ FIRST_SEAL = {"first_seal": True}
 def seal_record(*, origin: str, partition: int, number: int, key_id: str, sealed_at_us: int,
                 previous: Seal | None, segment: dict[str, Any] | None, first_leaf: int, leaf_count: int,
                 time_range: tuple[int, int] | None, topic: str, first_offset: int, next_offset: int,
-                quarantined: int, tree_size: int, root: bytes, sessions: dict[str, Any] | None = None) -> dict[str, Any]:
+                quarantined: int, tree_size: int, root: bytes, sessions: dict[str, Any] | None = None,
+                offset_reset_from: int | None = None) -> dict[str, Any]:
     """The record to sign; `segment` is {path, sha256, bytes} or None for a seal with no new leaves; `sessions` is
-    the session-state map's {count, root} (ledger/sessionmap.py), absent from seals made before it existed."""
+    the session-state map's {count, root} (ledger/sessionmap.py), absent from seals made before it existed;
+    `offset_reset_from` is where the previous seal's offsets ended when the broker's went back (its log was lost
+    or recreated): the seal says so, under its signature, rather than leaving a gap to interpretation."""
     record = {
         "version": SEAL_VERSION,
         "origin": partition_origin(origin, partition),
@@ -173,7 +176,8 @@ def seal_record(*, origin: str, partition: int, number: int, key_id: str, sealed
         "segment": segment,
         "leaves": {"first": first_leaf, "count": leaf_count},
         "time": {"first": iso(time_range[0]), "last": iso(time_range[1])} if time_range else None,
-        "kafka": {"topic": topic, "partition": partition, "first_offset": first_offset, "next_offset": next_offset},
+        "kafka": {"topic": topic, "partition": partition, "first_offset": first_offset, "next_offset": next_offset,
+                  **({"offset_reset_from": offset_reset_from} if offset_reset_from is not None else {})},
         "events": {"accepted": leaf_count, "quarantined": quarantined},
         "tree": {"size": tree_size, "root": root.hex()},
     }

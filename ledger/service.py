@@ -82,6 +82,7 @@ class PartitionWriter:
         self.builder = SegmentBuilder(self.state.partition)
         self.leaves: list[bytes] = []
         self.first_offset = self.state.next_offset
+        self.offset_reset_from: int | None = None  # the broker's offsets went back: where the old ones ended
         self.quarantined = 0
         self.violations: list[dict] = []
         self.opened_at: float | None = None
@@ -185,7 +186,8 @@ class PartitionWriter:
             sealed_at_us=now_micros(), previous=state.last_seal, segment=segment, first_leaf=first_leaf,
             leaf_count=len(self.leaves), time_range=self.time_range, topic=self.topic,
             first_offset=self.first_offset, next_offset=state.next_offset, quarantined=self.quarantined,
-            tree_size=state.tree.size, root=state.tree.root(), sessions=seal_field(state.session_map))
+            tree_size=state.tree.size, root=state.tree.root(), sessions=seal_field(state.session_map),
+            offset_reset_from=self.offset_reset_from)
         seal = sign_seal(record, self.key, proof)
         state.quarantine_violations = [v for v in self.violations if v["category"] == "quarantine"]
         write_snapshot(self.dir, state, number)
@@ -250,6 +252,7 @@ class LedgerService:
         # which (with the chain's SHA-256) already proves every byte; a corrupt record is quarantined, not lost.
         self.consumer: KafkaConsumer = kafka.consumer(kafka_settings, group_id=group_id, group_instance_id=instance_id,
                                                       max_poll_records=MAX_POLL_RECORDS, check_crcs=False)
+        self.topic_id = None  # the events topic's id as the broker last named it: a new one is a new log
         if partitions is None:
             self.consumer.subscribe([self.topic], listener=_Rebalance(self))
         else:  # pinned: no group rebalancing, so a restart resumes at once
@@ -324,9 +327,13 @@ class LedgerService:
 
     def step(self, timeout: float = 0.2) -> None:
         """One poll, then every seal that is due."""
+        self._notice_new_log()
         batches = self.consumer.poll(timeout_ms=int(timeout * 1000))
         for tp, messages in batches.items():
             writer = self.writers[tp.partition]
+            if messages[0].offset < writer.state.next_offset and not self._offsets_went_back(writer, tp,
+                                                                                            messages[0].offset):
+                continue  # read again at the next step, once what came from the old log is sealed
             rejects = writer.add_batch(messages, os.urandom(SALT_SIZE * len(messages)))
             self.quarantined.send(writer.state.next_seal_number, [quarantine_copy(self.quarantine_topic, r)
                                                                   for r in rejects])
@@ -336,6 +343,39 @@ class LedgerService:
             if writer.due(now):
                 self._seal(writer)
         self.cosignatures.poll()
+
+    def _notice_new_log(self) -> None:
+        """A broker that lost its log (no persistent storage, restarted) or a recreated topic gives the events
+        topic a new id, and its offsets start again below where the ledger reads: read from its beginning (without
+        this the ledger would wait at its old offset and then skip the new log's first events), so that
+        `_offsets_went_back` sees the first of them."""
+        current = self.consumer._client.cluster.topic_id(self.topic)  # noqa: SLF001 - kafka-python keeps it there
+        if current is None or current == self.topic_id:
+            return
+        if self.topic_id is not None:
+            log.error("%s: the broker names it with a new topic id (%s, was %s): a new log; reading it from its "
+                      "beginning", self.topic, current, self.topic_id)
+            assigned = [TopicPartition(self.topic, p) for p in self.writers]
+            self.consumer.seek_to_beginning(*assigned)
+        self.topic_id = current
+
+    def _offsets_went_back(self, writer: PartitionWriter, tp: TopicPartition, offset: int) -> bool:
+        """The broker's log of a partition restarted below what was read from it: a broker without persistent
+        storage came back empty, or the topic was recreated. What was read from the old log is sealed first; the
+        next seal covers the new log's offsets and says, under its signature, where the old ones ended, and
+        `custody verify` names it. Events the broker had acknowledged and lost cannot be sealed: the sessions
+        they belonged to show gaps (seq_gap), and their proxies' spools hold only what was not acknowledged."""
+        old = writer.state.next_offset
+        if writer.opened_at is not None:
+            self._seal(writer)
+            if writer.opened_at is not None:  # its quarantine copies are not safe yet: the new records wait
+                self.consumer.seek(tp, offset)
+                return False
+        log.error("partition %d: the broker's offsets went back from %d to %d (its log was lost or recreated): "
+                  "what it had acknowledged from offset %d on is not in the ledger unless delivered again; "
+                  "sealing goes on from offset %d", writer.state.partition, old, offset, old, offset)
+        writer.first_offset, writer.offset_reset_from = offset, old
+        return True
 
     def run(self, stop: threading.Event) -> None:
         try:

@@ -174,7 +174,11 @@ def check_seal_ranges(seal: Seal, ctx: SealContext) -> None:
     if leaves["first"] != prev_size or seal.tree_size != leaves["first"] + leaves["count"]:
         raise SealRangeError(subject, f"leaves {leaves['first']}+{leaves['count']} and tree size {seal.tree_size} "
                                       f"do not continue the previous tree of {prev_size}")
-    if prev_offset is not None and kafka["first_offset"] != prev_offset:
+    reset_from = kafka.get("offset_reset_from")
+    if reset_from is not None and (reset_from != prev_offset or kafka["first_offset"] >= reset_from):
+        raise SealRangeError(subject, f"says the broker's offsets went back from {reset_from} to "
+                                      f"{kafka['first_offset']}, but the previous seal ended at {prev_offset}")
+    if prev_offset is not None and kafka["first_offset"] != prev_offset and reset_from is None:
         raise SealRangeError(subject, f"Kafka offsets start at {kafka['first_offset']}, previous seal ended at {prev_offset}")
     if kafka["next_offset"] < kafka["first_offset"]:
         raise SealRangeError(subject, f"Kafka offsets {kafka['first_offset']}..{kafka['next_offset']} run backwards")
@@ -342,6 +346,12 @@ class PartitionVerifier:
                 continue
             if seal.record.get("rotation"):
                 self.verify_rotation(seal, subject)
+            if (reset_from := seal.record["kafka"].get("offset_reset_from")) is not None:
+                self.report.notes.append(
+                    f"Partition p{self.partition}: seal {seal.number}: the broker's offsets went back from {reset_from} "
+                    f"to {seal.record['kafka']['first_offset']} (its log was lost or recreated): what it had "
+                    f"acknowledged from offset {reset_from} on and not delivered again is not in the ledger, and "
+                    f"sessions with events among it show gaps")
             if seal.segment:
                 sealed_segments.add(seal.segment["path"])
                 self.verify_segment(seal)
