@@ -703,9 +703,15 @@ def _check_columns(row: dict[str, Any], facts: EventFacts, event_id: str) -> Non
             raise ColumnMismatch(f"column {column} does not match the signed event")
 
 
+def _size(value: Any) -> str:
+    return "missing" if value is None else f"{len(value)} bytes"
+
+
 def _check_inclusion(row: dict[str, Any], anchor: Anchor, trace: Callable[[str], None] | None) -> None:
     if row["tree_size"] != anchor.tree_size:
         raise InclusionFails(f"inclusion proof is for tree size {row['tree_size']}, the checkpoint has {anchor.tree_size}")
+    if not isinstance(row["salt"], bytes) or len(row["salt"]) != merkle.SALT_SIZE:
+        raise InclusionFails(f"salt is {_size(row['salt'])}, expected {merkle.SALT_SIZE} bytes")
     leaf = merkle.event_leaf_hash(row["salt"], row["event"])
     if trace:
         trace(f"event {row['event_id']}: leaf {row['leaf_index']} = SHA256(0x00 | salt | SHA256(event)) = {leaf.hex()}")

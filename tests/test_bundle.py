@@ -411,3 +411,17 @@ def test_an_events_file_without_a_column_the_checks_read_is_one_line(evidence, b
     rewrite(bundle, drop_salt)
     assert "File events.parquet INVALID: not readable Parquet (ValueError: no column salt)" in problems(
         bundle, evidence.keyring)
+
+
+def test_a_salt_of_the_wrong_length_is_one_line_not_a_crash(evidence, bundle):
+    def shorten_salt(files):  # a file whose salt column is of variable length, one salt cut short
+        table = pq.read_table(io.BytesIO(files[EVENTS]))
+        index = table.schema.get_field_index("salt")
+        salts = table.column("salt").to_pylist()
+        salts[1] = salts[1][:5]
+        sink = io.BytesIO()
+        pq.write_table(table.set_column(index, pa.field("salt", pa.binary()), pa.array(salts, pa.binary())), sink)
+        files[EVENTS] = sink.getvalue()
+    rewrite(bundle, shorten_salt)
+    found = problems(bundle, evidence.keyring)
+    assert any("INVALID: salt is 5 bytes, expected 32 bytes" in line for line in found), found
