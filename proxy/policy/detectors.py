@@ -661,10 +661,11 @@ class Scanner:
         for index, detector in run:
             if detector.possible is not None and not detector.possible(text):
                 continue  # a necessary condition of one value's finding holds on the joined text too
+            matches = (detector.ascii_pattern if ascii else detector.pattern).finditer(text)
             is_valid, before = detector.is_valid, len(candidates)
-            for match in (detector.ascii_pattern if ascii else detector.pattern).finditer(text):
-                if is_valid is _always or is_valid(match):
-                    candidates.append((match.start(), -match.end(), index, match, detector))
+            if is_valid is not _always:
+                matches = filter(is_valid, matches)
+            candidates += [(match.start(), -match.end(), index, match, detector) for match in matches]
             patterns += len(candidates) > before
         if patterns > 1:
             candidates = _chosen(candidates)
