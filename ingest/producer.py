@@ -41,9 +41,15 @@ class ProducerStats:
     broker_up: bool = False
 
 
+FLUSH_SECONDS = 15.0  # how long one window waits for the broker before it is sent again by a new producer
+
+
 class EventProducer:
-    def __init__(self, settings: KafkaSettings, spool: Spool, topic: str | None = None):
+    def __init__(self, settings: KafkaSettings, spool: Spool, topic: str | None = None,
+                 producer_options: dict | None = None, flush_seconds: float = FLUSH_SECONDS):
+        """`producer_options`: kafka-python options over ingest.kafka's (the tests shorten its timeouts)."""
         self.settings, self.spool = settings, spool
+        self.producer_options, self.flush_seconds = producer_options or {}, flush_seconds
         self.topic = topic or settings.topic("events")
         self.stats = ProducerStats()
         self._stop = threading.Event()
@@ -84,28 +90,29 @@ class EventProducer:
                 self._send_window(client)
                 backoff = 0.2
                 self.stats.broker_up = True
-            except (KafkaError, OSError) as exc:
-                log.warning("broker unavailable (%s: %s); events stay spooled", type(exc).__name__, exc)
+            except Exception as exc:  # this thread is the only way out of the spool: it never ends on an error
+                if isinstance(exc, (KafkaError, OSError)):
+                    log.warning("broker unavailable (%s: %s); events stay spooled", type(exc).__name__, exc)
+                else:
+                    log.exception("spool drainer: delivery failed; events stay spooled and are sent again")
                 self.stats.broker_up = False
                 self.stats.resent_windows += 1
-                if client is not None:
-                    client.close(timeout=0)
-                    client = None
+                _discard(client)
+                client = None
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
         self.spool.sync()
-        if client is not None:
-            client.close(timeout=1)
+        _discard(client, timeout=1)
 
     def _connect(self):
         kafka.ensure_topics(self.settings, ("events",))
-        return kafka.producer(self.settings)
+        return kafka.producer(self.settings, **self.producer_options)
 
     def _send_window(self, client) -> None:
         futures = []
         for end, key, value in self.spool.read(self.spool.acked, WINDOW_BYTES):
             futures.append((end, client.send(self.topic, key=key, value=value)))
-        client.flush(timeout=15)
+        client.flush(timeout=self.flush_seconds)
         acked, delivered = self.spool.acked, 0
         try:
             for end, future in futures:
@@ -115,3 +122,15 @@ class EventProducer:
             if delivered:
                 self.spool.ack(acked)
                 self.stats.delivered += delivered
+
+
+def _discard(client, timeout: float = 0) -> None:
+    """Close a producer that failed, or None. kafka-python's close flushes first and raises the same timeout
+    again when the broker still does not answer (seen after a 20 s broker hang: it killed the drainer, and nothing
+    spooled was delivered until the proxy restarted); its batches are in the spool, so dropping it loses nothing."""
+    if client is None:
+        return
+    try:
+        client.close(timeout=timeout)
+    except KafkaError as exc:
+        log.info("a failed producer did not close cleanly (%s); dropped", exc)
