@@ -57,9 +57,18 @@ def inject(stack: SystemStack) -> dict[str, object]:
             "altered": altered}
 
 
-def check(stack: SystemStack, forged: dict[str, object]) -> list[str]:
-    """Problems: what the ledger let in, and what it did not report."""
-    problems = []
+def check(stack: SystemStack, forged: dict[str, object], documents: list[dict]) -> list[str]:
+    """Problems: what the ledger let in, and what it did not report. Replays beyond the forged one are a
+    producer's re-deliveries (a new producer after a broker hang past its delivery timeout sends again what the
+    broker had taken): each must be a copy of an event sealed exactly once."""
+    problems, quarantine = [], by_reason(documents)
+    forged_only = {reason: n for reason, n in quarantine.items() if reason != "replay"}
+    if forged_only != {reason: n for reason, n in EXPECTED.items() if reason != "replay"} \
+            or quarantine.get("replay", 0) < EXPECTED["replay"]:
+        problems.append(f"quarantine violations {quarantine}, forged {EXPECTED}")
+    for event_id in (d["event_id"] for d in documents if d["reason"] in REPLAY):
+        if stack.sql(f"SELECT count(*) AS n FROM events WHERE event_id = '{event_id}'")[0]["n"] != 1:
+            problems.append(f"a replayed event {event_id} is not sealed exactly once")
     if stack.sql(f"SELECT count(*) AS n FROM events WHERE session_id = '{forged['forged_session']}'")[0]["n"]:
         problems.append("the untrusted key's session is in the sealed evidence")
     copies = stack.sql(f"SELECT count(*) AS n FROM events WHERE event_id = '{forged['copied_event']}'")[0]["n"]
@@ -68,21 +77,24 @@ def check(stack: SystemStack, forged: dict[str, object]) -> list[str]:
     if stack.sql("SELECT count(*) AS n FROM events WHERE statement LIKE 'DELETE FROM%'")[0]["n"]:
         problems.append("the altered event is in the sealed evidence")
     quarantined = stack.sql("SELECT coalesce(sum(quarantined), 0) AS n FROM seals")[0]["n"]
-    if quarantined != sum(EXPECTED.values()):
-        problems.append(f"seals count {quarantined} quarantined, {sum(EXPECTED.values())} forged")
+    if quarantined != sum(quarantine.values()):
+        problems.append(f"seals count {quarantined} quarantined, the violations {sum(quarantine.values())}")
     return problems
 
 
-def violations(stack: SystemStack) -> dict[str, int]:
-    """Quarantine violations by reason, as the SOC reads them (`custody violations tail`)."""
+
+def quarantine_documents(stack: SystemStack) -> list[dict]:
+    """The quarantine violations as the SOC reads them (`custody violations tail`)."""
     result = custody("violations", "tail", "--format", "json", "--config", str(stack.config_path), timeout=120)
     assert result.returncode == 0, result.stderr
+    return [d for d in map(json.loads, result.stdout.splitlines()) if d.get("category") == "quarantine"]
+
+
+def by_reason(documents: list[dict]) -> dict[str, int]:
     reasons: dict[str, int] = {}
-    for line in result.stdout.splitlines():
-        document = json.loads(line)
-        if document.get("category") == "quarantine":
-            reason = "replay" if document["reason"] in REPLAY else document["reason"]
-            reasons[reason] = reasons.get(reason, 0) + 1
+    for document in documents:
+        reason = "replay" if document["reason"] in REPLAY else document["reason"]
+        reasons[reason] = reasons.get(reason, 0) + 1
     return reasons
 
 

@@ -5,22 +5,15 @@ broker hung (SIGSTOP/SIGCONT) while sessions run. At the end the clients' own lo
 activity` / `custody sql` over the sealed ledger, `custody verify` must be clean, and a bundle of the whole run must
 verify with the witness's cosignature on every partition's newest checkpoint (`custody bundle verify --witnesses 1`).
 
-Known failure of a broker hang longer than 15 s (CUSTODY_SYSTEM_BROKER_HANG=20, the long form's): the ledger
-worker's document producer (kafka-python 3.0.12, idempotent, delivery_timeout_ms 15000 from ingest.kafka) expires
-the batches it had in flight when the hang passes 15 s ("Expiring 7 record(s) for custody.violations-0: 15005 ms has
-passed"), resets its producer id to -1 (transaction_manager: "ProducerId set to -1") and from then on its sender
-sends nothing, not even the InitProducerId it needs (none in the worker's debug log after the reset, while the
-consumer of the same process works on). So every later flush waits its whole timeout: each seal of that worker took
-10 s more (ledger.documents FLUSH_SECONDS; since fe14c04 a seal no longer waits on that flush), the quarantined
-forgeries never reach custody.violations (the run reads 0 of 6), and at SIGTERM its close (a 10 s confirm per
-partition it holds, then publisher.flush(10)) outlasts the 30 s the stack allows, so it is SIGKILLed (exit -9). The
-seals themselves and every client operation are sealed and verify clean (nothing lost or duplicated); what is lost
-is the worker's document delivery until it restarts. The 5 s hang of the short form stays under the delivery timeout
-and passes. Not fixed here: it needs the ledger to replace a producer whose flushes keep timing out after the broker
-answers again (ledger/service.py, ledger/documents.py). A second run (the ledger's publisher given a 300 s delivery
-timeout, since reverted; on a tree with other uncommitted ingest/ edits) did worse: 16 of 22 sessions were still not
-sealed closed 180 s after the clients ended, the worker sealing empty seals at the same offsets; not diagnosed yet
-(the events may wait in a producer wedged the same way: the recorder's)."""
+A broker hang longer than a producer's delivery timeout (the long form's 20 s; ingest.kafka's producers give up
+after 15 s): kafka-python's idempotent producer whose batches expired loses its producer id and sends nothing
+more. The ledger replaces its publisher of seals and documents (tests/test_ledger_broker_hang.py) and the proxies'
+spool drainer drops a failed producer whatever its close says (tests/test_producer_hang.py: before, the close
+raised, the drainer thread died and 68 of 85 sessions were never sealed). The new producers send again what the
+broker had already taken: those copies are quarantined as duplicates, never sealed twice; the checker requires
+each to be a copy of an event sealed exactly once and reports their number. Measured in one long-form run (50
+PostgreSQL sessions, 90 s, 20 s hang): 85 sessions and 31,717 client operations, all sealed once and in order,
+verify clean, 52 re-deliveries quarantined, sealed 1.8 s after the clients ended."""
 
 from __future__ import annotations
 
@@ -110,7 +103,8 @@ def test_every_client_operation_is_sealed_once_in_order_through_faults(tmp_path,
         assert stack.wait_sealed(lambda: sealed_closed(stack) >= len(workload.logs), 180), \
             f"{sealed_closed(stack)}/{len(workload.logs)} sessions sealed closed\n{stack.tail('up.log')}"
         figures["sealed s after the clients ended"] = round(time.monotonic() - clients_done, 1)
-        quarantine = system_forgery.violations(stack)
+        quarantined = system_forgery.quarantine_documents(stack)
+        quarantine = system_forgery.by_reason(quarantined)
         # the witness cosigns each seal it reads on custody.seals and the ledger keeps what it publishes back: wait
         # for the newest seals' cosignatures (asserted after the stop, through a bundle of the run)
         witness_wait = time.monotonic()
@@ -133,9 +127,9 @@ def test_every_client_operation_is_sealed_once_in_order_through_faults(tmp_path,
     report.figures.update(figures, sessions=dict(count_by(workload.logs)), quarantine=quarantine)
     report.figures["client operations/s"] = round(report.figures["client_operations"] / figures["clients s"], 1)
     if faults:
-        report.problems += system_forgery.check(stack, forged)
-        if quarantine != system_forgery.EXPECTED:
-            report.problem(f"quarantine violations {quarantine} != {system_forgery.EXPECTED}")
+        report.problems += system_forgery.check(stack, forged, quarantined)
+        report.figures["re-deliveries quarantined as duplicates"] = (
+            quarantine.get("replay", 0) - system_forgery.EXPECTED["replay"])
         tampered = system_forgery.tamper_checks(stack, tmp_path)
         report.figures["tampered"] = tampered
         for what, outcome in tampered.items():
