@@ -11,7 +11,7 @@
   exits, status 1, `OSError: [Errno 28] No space left on device`), nothing is lost, and sealing resumes from the
   last seal when space returns and the ledger is started again (by its supervisor: `custody up`, systemd).
 
-The ledger's full disk runs in the long form only (CUSTODY_SYSTEM=long: ~15 s more); the others in every CI run.
+All five run in every CI run (`.ci/run` installs faketime; the ledger's tmpfs needs root, as CI runs).
 
 One dev broker, one `custody ledger` (directory on a tmpfs of its own) and a `custody proxy` per test (its own
 spool, its own clock), from one `custody init` directory. The invariant every test checks against the machine's
@@ -331,7 +331,6 @@ def test_a_proxy_clock_ahead_keeps_order_by_seq_and_verify_names_the_skew(stack,
     assert "clock skew" in verified.stdout and "ran ahead" in verified.stdout, verified.stdout
 
 
-@pytest.mark.skipif(os.environ.get("CUSTODY_SYSTEM", "short") != "long", reason="long form only (CUSTODY_SYSTEM=long)")
 @pytest.mark.skipif(os.geteuid() != 0, reason="a tmpfs of its own for the ledger needs root")
 def test_a_full_ledger_disk_stops_sealing_says_why_and_resumes(stack, table):
     assert stack.mounted, f"mount -t tmpfs was refused: {stack.mount_error}"
