@@ -2,14 +2,15 @@
 
     .venv/bin/python bench/pg_cpu.py [--seconds 10] [--mode select-only|tpcb-like] [--profile]
 
-Runs pgbench (8 clients) directly and through `custody proxy` (recording on, dev broker), as
-bench/pg_proxy.py does, and reads each process's CPU time (user + system, all threads) from /proc before
-and after: PostgreSQL's backends, pgbench, the proxy's relay process, its recorder child, the broker.
-Divided by the transactions processed, that is CPU µs per transaction per component, and the sum is the
-floor of what one transaction costs the machine: on C cores the proxied TPS cannot exceed C / sum. The
-direct run is the same-run baseline (PostgreSQL + pgbench only). `--profile` also samples the relay and
-the recorder with py-spy during the proxied run and prints the functions that hold most samples (self
-time, then by module), so a missed throughput goal is read off a profile, not guessed.
+Runs pgbench (8 clients) directly, through bench/pg_proxy.py's bare asyncio relay (the floor of a Python
+proxy) and through `custody proxy` (recording on, dev broker), and reads each process's CPU time (user +
+system, all threads) from /proc before and after: PostgreSQL's backends, pgbench, the relay process, the
+proxy's recorder child, the broker. Divided by the transactions processed, that is CPU µs per transaction
+per component, and the sum is what one transaction costs the machine: on C cores the TPS cannot exceed
+C / sum. The direct and bare-relay runs are the same-run baselines. `--profile` also samples the relay and
+the recorder with py-spy while they hold the GIL (their Python CPU, not their waits) during the proxied
+run and prints the functions and files with the most samples, so a missed throughput goal is read off a
+profile, not guessed.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from pg_proxy import ROOT, USER, start_proxy, stop  # noqa: E402
+from pg_proxy import ROOT, USER, free_port, start_proxy, stop, wait_port  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 MODES = {"select-only": ["-S"], "tpcb-like": []}
@@ -122,13 +123,12 @@ def py_spy() -> str:
 def profile(pid: int, seconds: float, out: Path) -> subprocess.Popen:
     spy = py_spy()
     return subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200",
-                             "--format", "raw", "--output", str(out), "--nonblocking", "--threads"],
+                             "--format", "raw", "--output", str(out), "--nonblocking", "--gil"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def top_frames(path: Path, count: int = 12) -> list[str]:
-    """Leaf frames (self time) and files with the most samples, from py-spy's collapsed stacks. Threads
-    polling with short timeouts (kafka-python's, the recorder's) show up in select/wait: CPU they burn."""
+    """Leaf frames (self time) and files with the most samples, from py-spy's collapsed stacks."""
     leaves: collections.Counter[str] = collections.Counter()
     modules: collections.Counter[str] = collections.Counter()
     total = 0
@@ -160,6 +160,13 @@ def main() -> None:
     subprocess.run(["pgbench", "-i", "-s", "10", "-q", "-h", "127.0.0.1", "-U", "postgres", "postgres"],
                    capture_output=True, check=True)
     direct_tx, direct = measure(5432, args.mode, args.seconds, "postgres", None, {})
+    relay_port = free_port()
+    bare = subprocess.Popen([sys.executable, str(Path(__file__).parent / "pg_proxy.py"), "--relay", str(relay_port)])
+    try:
+        wait_port(relay_port)
+        bare_tx, bare_used = measure(relay_port, args.mode, args.seconds, "postgres", None, {"relay": [bare.pid]})
+    finally:
+        bare.terminate()
     with DevBroker(log_path=work / "broker.log") as broker:
         proxy, port, token = start_proxy(work, broker.bootstrap, 10_000, ROOT)
         try:
@@ -180,7 +187,8 @@ def main() -> None:
     names = ["postgres", "pgbench", "relay", "recorder", "broker"]
     print(f"  {'':14}{'TPS':>10}" + "".join(f"{n:>10}" for n in names) + f"{'sum':>10}{'TPS ceiling':>13}")
     cores = os.cpu_count() or 1
-    for label, tx, used in (("direct", direct_tx, direct), ("custody", proxied_tx, proxied)):
+    for label, tx, used in (("direct", direct_tx, direct), ("bare relay", bare_tx, bare_used),
+                            ("custody", proxied_tx, proxied)):
         per = {n: 1e6 * used.get(n, 0.0) / tx for n in names}
         total = sum(per.values())
         print(f"  {label:14}{tx / args.seconds:>10,.0f}" + "".join(f"{per[n]:>10.1f}" for n in names)
