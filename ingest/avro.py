@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import fastavro
 from fastavro.schema import fingerprint, to_parsing_canonical_form
@@ -290,23 +290,29 @@ def _message(data, pos):
             "offset_us": offset_us, "operation": operation, "text": text, "objects": objects,
             "outcome": outcome}, pos
 
+def _envelope_head(data: bytes) -> tuple[str, str, int, int, str, str, bytes, str, int]:
+    """The envelope's fields before its body (event_id ... kind) and the body's position: read alike by the
+    whole reader and the partial one."""
+    event_id, pos = _str(data, HEADER_LEN)
+    session_id, pos = _str(data, pos)
+    seq, pos = _long(data, pos)
+    ts, pos = _long(data, pos)
+    producer, pos = _str(data, pos)
+    key_id, pos = _str(data, pos)
+    end = pos + 32
+    if end > len(data):
+        raise _Bad("overrun")
+    prev_hash, pos = data[pos:end], end
+    kind, pos = _str(data, pos)
+    return event_id, session_id, seq, ts, producer, key_id, prev_hash, kind, pos
+
+
 def _frames_envelope(data: bytes) -> dict[str, Any] | None:
     """A custody.Envelope (contract v2, `FRAMES_READER_FINGERPRINT`) with a Frames body read by hand: the
     record fastavro's plain decoder returns for it, field for field. None for anything else (another body,
     bytes that do not decode, trailing bytes): then fastavro decodes it, or says why it does not."""
-    pos = HEADER_LEN
     try:
-        event_id, pos = _str(data, pos)
-        session_id, pos = _str(data, pos)
-        seq, pos = _long(data, pos)
-        ts, pos = _long(data, pos)
-        producer, pos = _str(data, pos)
-        key_id, pos = _str(data, pos)
-        end = pos + 32
-        if end > len(data):
-            raise _Bad("overrun")
-        prev_hash, pos = data[pos:end], end
-        kind, pos = _str(data, pos)
+        event_id, session_id, seq, ts, producer, key_id, prev_hash, kind, pos = _envelope_head(data)
         if data[pos] != 2:  # union index 1: Frames
             return None
         direction, pos = _str(data, pos + 1)
@@ -328,6 +334,156 @@ def _frames_envelope(data: bytes) -> dict[str, Any] | None:
     return {"event_id": event_id, "session_id": session_id, "seq": seq, "ts": ts, "producer": producer,
             "key_id": key_id, "prev_hash": prev_hash, "kind": kind,
             "body": {"direction": direction, "messages": messages}}
+
+
+class EnvelopeHead(NamedTuple):
+    """The fields of an envelope before its body, as the plain reader returns them (uuids as written, ts in µs)."""
+
+    event_id: str
+    session_id: str
+    seq: int
+    ts: int
+    producer: str
+    key_id: str
+    prev_hash: bytes
+    kind: str
+
+
+def _bytes_end(data, pos):
+    """Where the Avro `bytes` (or string) value at `pos` ends, the value not copied."""
+    b = data[pos]
+    if b < 0x80:
+        n, pos = (b >> 1) ^ -(b & 1), pos + 1
+    else:
+        n, pos = _long(data, pos)
+    end = pos + n
+    if n < 0 or end > len(data):
+        raise _Bad("overrun")
+    return end
+
+def _skip_str(data, pos):
+    """`_str` without keeping the text: it must still be UTF-8, as the readers require."""
+    b = data[pos]
+    if b < 0x80:
+        n, pos = (b >> 1) ^ -(b & 1), pos + 1
+    else:
+        n, pos = _long(data, pos)
+    end = pos + n
+    if n < 0 or end > len(data):
+        raise _Bad("overrun")
+    data[pos:end].decode()
+    return end
+
+def _skip_strs(data, pos, opt_items):
+    """`_str_array`, nothing kept."""
+    while True:
+        count, pos = _long(data, pos)
+        if count == 0:
+            return pos
+        if count < 0:
+            count = -count
+            _, pos = _long(data, pos)
+        for _ in range(count):
+            if opt_items:
+                b = data[pos]
+                if b == 0:
+                    pos += 1
+                    continue
+                if b != 2:
+                    raise _Bad("union index")
+                pos += 1
+            pos = _skip_str(data, pos)
+
+def _skip_map(data, pos):
+    """`_map`, nothing kept."""
+    while True:
+        count, pos = _long(data, pos)
+        if count == 0:
+            return pos
+        if count < 0:
+            count = -count
+            _, pos = _long(data, pos)
+        for _ in range(count):
+            pos = _skip_str(data, _skip_str(data, pos))
+
+_OPT_STR, _OPT_BYTES, _OPT_LONG, _OPT_STRS, _OPT_OPT_STRS, _MAP = range(6)
+_MESSAGE_TAIL = (_OPT_BYTES, _OPT_STR, _OPT_OPT_STRS, _OPT_STR, _OPT_LONG, _OPT_STR, _OPT_STR, _MAP, _OPT_STR, _OPT_STR,
+                 _OPT_LONG, _OPT_STR, _OPT_STR, _OPT_STRS, _OPT_STR)
+"""The fields of a Message after `type` and `data`, in `_message`'s order: sealed_original ... outcome."""
+_NULLS_AFTER = tuple(bytes(len(_MESSAGE_TAIL) - i - 1) for i in range(len(_MESSAGE_TAIL)))
+"""Per field, the encoding of every later field null (the map empty): a message's fields are mostly null."""
+_TAILS_SEEN: dict[bytes, list[bytes]] = {}
+"""Per message type (its encoded bytes, so their UTF-8 checked once), tails of its messages read before (the
+fields after `data`). The reader is deterministic and reads only the bytes it takes, so a tail read once reads
+again the same, wherever it stands: a ReadyForQuery's or a CommandComplete's is read once per process."""
+_TYPES_KEPT, _TAILS_KEPT = 256, 8
+
+def _skip_tail(data, pos):
+    """The fields of a message after `data`, nothing kept: the position after them."""
+    for i, field in enumerate(_MESSAGE_TAIL):
+        b = data[pos]
+        if b == 0:
+            pos += 1
+            continue
+        if field == _MAP:
+            pos = _skip_map(data, pos)
+        elif b != 2:
+            raise _Bad("union index")
+        elif field == _OPT_STR:
+            pos = _skip_str(data, pos + 1)
+        elif field == _OPT_BYTES:
+            pos = _bytes_end(data, pos + 1)
+        elif field == _OPT_LONG:
+            _, pos = _long(data, pos + 1)
+        else:
+            pos = _skip_strs(data, pos + 1, field == _OPT_OPT_STRS)
+        if data.startswith(_NULLS_AFTER[i], pos):
+            return pos + len(_NULLS_AFTER[i])
+    return pos
+
+def _skip_message(data, pos):
+    """`_message`, nothing kept: the position after the message, `_Bad` (or IndexError) where `_message` fails."""
+    b = data[pos]  # a type, then data, of under 64 bytes: their length is one byte, read here
+    end = pos + 1 + (b >> 1) if b < 0x80 and not b & 1 else _bytes_end(data, pos)
+    tails = _TAILS_SEEN.get(type_ := data[pos:end])  # a type cut short is no key: its first byte says its length
+    if tails is None:
+        _skip_str(data, pos)
+        tails = _TAILS_SEEN.setdefault(type_, []) if len(_TAILS_SEEN) < _TYPES_KEPT else []
+    b = data[end]
+    pos = end + 1 + (b >> 1) if b < 0x80 and not b & 1 else _bytes_end(data, end)
+    if pos > len(data):
+        raise _Bad("overrun")
+    for tail in tails:
+        if data.startswith(tail, pos):
+            return pos + len(tail)
+    end = _skip_tail(data, pos)
+    tails.insert(0, data[pos:end])
+    del tails[_TAILS_KEPT:]
+    return end
+
+def _frames_envelope_head(data: bytes) -> EnvelopeHead | None:
+    """What `_frames_envelope` reads before the body, for exactly the bytes it reads (else None), its body only
+    checked: a verifier that needs no message is spared a dict per message and a str per field."""
+    try:
+        head = _envelope_head(data)
+        pos = head[-1]
+        if data[pos] != 2:  # union index 1: Frames
+            return None
+        pos = _skip_str(data, pos + 1)
+        while True:
+            count, pos = _long(data, pos)
+            if count == 0:
+                break
+            if count < 0:
+                count = -count
+                _, pos = _long(data, pos)
+            for _ in range(count):
+                pos = _skip_message(data, pos)
+    except (_Bad, IndexError, UnicodeDecodeError):
+        return None
+    if pos != len(data):
+        return None
+    return EnvelopeHead(*head[:-1])
 
 
 class SchemaVersions:
@@ -369,6 +525,14 @@ class SchemaVersions:
                 decoder = self._plain = self.current.plain_decoder()
             return decoder(data), True
         return self.decode(data), False
+
+    def frames_head(self, data: bytes) -> EnvelopeHead | None:
+        """The head of a Frames envelope of the current schema whose whole record `decode_plain` would return
+        as written (by the hand-written reader), its body checked but not built; None for anything else, which
+        `decode_plain` then decodes or refuses."""
+        if data[2:HEADER_LEN] == self.current.fingerprint and self._fast:
+            return _frames_envelope_head(data)
+        return None
 
     _plain = None
 

@@ -17,9 +17,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
-from ingest.avro import ENVELOPE, ENVELOPES, HEADER_LEN, MAGIC, SIGNED_EVENT, DecodeError, read_bytes_field
+from ingest.avro import (ENVELOPE, ENVELOPES, HEADER_LEN, MAGIC, SIGNED_EVENT, DecodeError, EnvelopeHead,
+                         read_bytes_field)
 from ingest.keys import PrivateKey
 
 ZERO_HASH = bytes(32)
@@ -148,6 +149,11 @@ def open_event(value: bytes) -> SignedEvent:
     wrote them (the uuid strings, the µs timestamp), which is the shape returned anyway.
     """
     envelope_bytes, signature = _open_signed(value)
+    return SignedEvent(value, envelope_bytes, signature, _open_envelope(envelope_bytes))
+
+
+def _open_envelope(envelope_bytes: bytes) -> dict[str, Any]:
+    """The envelope record of `open_event`, or the DecodeError that says why there is none."""
     envelope, plain = ENVELOPES.decode_plain(envelope_bytes)
     if plain:
         envelope["event_id"] = _uuid_string(envelope["event_id"])
@@ -159,7 +165,30 @@ def open_event(value: bytes) -> SignedEvent:
         envelope["ts"] = datetime_to_micros(envelope["ts"])
     if envelope["kind"] not in KINDS:
         raise DecodeError(f"unknown event kind {envelope['kind']!r}")
-    return SignedEvent(value, envelope_bytes, signature, envelope)
+    return envelope
+
+
+class EventHead(NamedTuple):
+    """A Kafka value's parts and the envelope fields before its body, as `open_event` gives them: what a
+    verifier of the signature, the chain and the columns reads, without the body."""
+
+    value: bytes
+    envelope_bytes: bytes
+    signature: bytes
+    envelope: EnvelopeHead
+
+
+def open_head(value: bytes) -> EventHead:
+    """`open_event(value)` without the body: the same fields, a DecodeError for the same bytes. A Frames envelope
+    of the current schema is read by `ENVELOPES.frames_head` (its body checked to decode, not built) when its
+    fields need no conversion; anything else is opened whole."""
+    envelope_bytes, signature = _open_signed(value)
+    head = ENVELOPES.frames_head(envelope_bytes)
+    if head is None or not (_CANONICAL_UUID(head.event_id) and _CANONICAL_UUID(head.session_id)
+                            and head.ts in _MICROS_RANGE and head.kind in KINDS):
+        envelope = _open_envelope(envelope_bytes)
+        head = EnvelopeHead(*(envelope[name] for name in EnvelopeHead._fields))
+    return EventHead(value, envelope_bytes, signature, head)
 
 
 class SessionChain:
