@@ -5,8 +5,9 @@ recorder's CPU. The events are what the recorder signs under pgbench select-only
 (a Query; RowDescription, DataRow, CommandComplete, ReadyForQuery) made records by the PostgreSQL front end's
 `message_records`, folded by `ingest.batching.fold` into mixed-direction Frames events, the envelope built
 by `SessionChain.event`. Two shapes: events folded up to --messages messages (the recorder under load) and
-one read an event (low load: 1 or 4 messages, where the envelope's own fields weigh more). CPU time (time.process_time), the encoders alternating, best of --rounds;
-every envelope's bytes are checked equal first.
+one read an event (low load: 1 or 4 messages, where the envelope's own fields weigh more). CPU time
+(time.process_time), the encoders alternating, best of --rounds; every envelope's bytes are checked equal
+first.
 """
 
 from __future__ import annotations

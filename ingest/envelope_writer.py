@@ -5,11 +5,12 @@ recorder's CPU, ~7.5 µs per protocol message of a folded Frames event (40 messa
 the process that signs and sends every event. Most of it is fastavro's generic walk (a schema lookup, a
 logical-type check and a union search per field); this writes the one schema it is for, field by field.
 
-It is written for schemas/event.avsc as fingerprinted by `ENVELOPE` (the module refuses to load against
-another) and only for the hot case: a Frames body given as `SessionChain.event` gives every body, the
-tuple `("custody.Frames", body)` that names the union's branch (a plain dict body makes fastavro validate it
-against every branch, with rules of its own such as a "-type" key, so it stays fastavro's). Its values must have exactly
-the types fastavro writes without converting them: str, bytes (prev_hash: 32 of them), int within 64 bits,
+It is written for one writer schema, schemas/event.avsc of contract v2 (`ENVELOPE_WRITER_FINGERPRINT`;
+against any other `ENVELOPE` every envelope goes to fastavro, and the tests that require the fast path fail),
+and only for the hot case: a Frames body given as `SessionChain.event` gives every body, the tuple
+`("custody.Frames", body)` that names the union's branch (a plain dict body makes fastavro validate it
+against every branch, with rules of its own such as a "-type" key, so it stays fastavro's). Its values must
+have exactly the types fastavro writes without converting them: str, bytes (prev_hash: 32 of them), int within 64 bits,
 None for an optional field, dict for a record or map, list for an array. Anything else (the other bodies,
 one event per session start or end; a UUID or datetime for a logical type; bytearray, tuple, bool, a long
 beyond 64 bits, a missing field, a string that is not UTF-8 encodable) goes to `ENVELOPE.encode`, which
@@ -26,10 +27,7 @@ from ingest.avro import ENVELOPE, MAGIC
 ENVELOPE_WRITER_FINGERPRINT = bytes.fromhex("88a4547fdfe53978")
 """The writer schema this module encodes: schemas/event.avsc as of contract v2."""
 
-if ENVELOPE.fingerprint != ENVELOPE_WRITER_FINGERPRINT:  # pragma: no cover - a schema change must revisit this
-    raise ImportError(f"ingest/envelope_writer.py encodes schema {ENVELOPE_WRITER_FINGERPRINT.hex()}, "
-                      f"not {ENVELOPE.fingerprint.hex()}: update it with schemas/event.avsc")
-
+_WRITES_ENVELOPE = ENVELOPE.fingerprint == ENVELOPE_WRITER_FINGERPRINT
 _HEADER = MAGIC + ENVELOPE.fingerprint
 _FRAMES = "custody.Frames"
 _FRAMES_BRANCH = b"\x02"  # union index 1 (zig-zag 1)
@@ -62,6 +60,7 @@ _SOME_SMALL = tuple(_SOME + v for v in _SMALL)
 
 
 def _long(n: Any) -> bytes:
+    """A long: an int only (fastavro truncates a float, writes a bool as 0/1: those stay its own)."""
     if type(n) is not int:
         raise _Fallback
     if 0 <= n < _TABLE:
@@ -72,10 +71,12 @@ def _long(n: Any) -> bytes:
 
 
 def _length(n: int) -> bytes:
+    """The length or count before bytes, a string, an array block or a map block."""
     return _SMALL[n] if n < _TABLE else _varint(n)
 
 
 def _string(s: Any) -> bytes:
+    """A string: a str only (fastavro's `.encode()` would take anything that has one)."""
     if type(s) is not str:
         raise _Fallback
     b = s.encode()
@@ -84,15 +85,15 @@ def _string(s: Any) -> bytes:
 
 
 def _bytes(b: Any) -> bytes:
+    """Bytes: a bytes only (fastavro takes any buffer, but refuses a bytearray in a union it validates)."""
     if type(b) is not bytes:
         raise _Fallback
     n = len(b)
     return (_SMALL[n] if n < _TABLE else _varint(n)) + b
 
 
-def _opt_string(s: Any) -> bytes:
-    if s is None:
-        return _NULL
+def _some_string(s: Any) -> bytes:
+    """An optional string that is not null: union index 1, then the string."""
     if type(s) is not str:
         raise _Fallback
     b = s.encode()
@@ -100,33 +101,33 @@ def _opt_string(s: Any) -> bytes:
     return (_SOME_SMALL[n] if n < _TABLE else _SOME + _varint(n)) + b
 
 
-def _opt_bytes(b: Any) -> bytes:
-    return _NULL if b is None else _SOME + _bytes(b)
+def _opt_string(s: Any) -> bytes:
+    """A parameter: null (SQL NULL) or its text."""
+    return _NULL if s is None else _some_string(s)
 
 
-def _opt_long(n: Any) -> bytes:
-    return _NULL if n is None else _SOME + _long(n)
+def _some_bytes(b: Any) -> bytes:
+    """Message.sealed_original, not null."""
+    return _SOME + _bytes(b)
 
 
-def _strings(items: list[str]) -> bytes:
-    """An array of strings: one block of all items, then the 0 that ends it (fastavro's layout)."""
-    if not items:
-        return _NULL
-    return b"".join((_length(len(items)), *map(_string, items), _NULL))
+def _some_long(n: Any) -> bytes:
+    """Message.rows or offset_us, not null."""
+    return _SOME + _long(n)
 
 
-def _opt_strings(items: Any) -> bytes:
-    if items is None:
-        return _NULL
+def _some_strings(items: Any) -> bytes:
+    """Message.objects, not null: an array of strings, one block of all items, then the 0 that ends it (the
+    layout fastavro writes)."""
     if type(items) is not list:
         raise _Fallback
-    return _SOME + _strings(items)
+    if not items:
+        return _SOME + _NULL
+    return b"".join((_SOME, _length(len(items)), *map(_string, items), _NULL))
 
 
-def _opt_opt_strings(items: Any) -> bytes:
-    """Message.parameters: optional array of optional strings (a NULL parameter is None)."""
-    if items is None:
-        return _NULL
+def _some_opt_strings(items: Any) -> bytes:
+    """Message.parameters, not null: an array of optional strings (a NULL parameter is None)."""
     if type(items) is not list:
         raise _Fallback
     if not items:
@@ -149,28 +150,29 @@ def _map(d: Any) -> bytes:
 
 
 def _message(m: Any) -> bytes:
-    """One Message record, its fields in schema order; an absent optional field is its default (null, {})."""
+    """One Message record, its fields in schema order; an absent optional field is its default (null, {}).
+    Most of a message's fields are null: those cost a lookup and a comparison, not a call."""
     if type(m) is not dict:
         raise _Fallback
     get = m.get
     return b"".join((
         _string(m["type"]),
         _bytes(m["data"]),
-        _opt_bytes(get("sealed_original")),
-        _opt_string(get("statement")),
-        _opt_opt_strings(get("parameters")),
-        _opt_string(get("command_tag")),
-        _opt_long(get("rows")),
-        _opt_string(get("error_code")),
-        _opt_string(get("error_message")),
-        _map(get("attributes", _NO_ATTRIBUTES)),
-        _opt_string(get("direction")),
-        _opt_string(get("channel")),
-        _opt_long(get("offset_us")),
-        _opt_string(get("operation")),
-        _opt_string(get("text")),
-        _opt_strings(get("objects")),
-        _opt_string(get("outcome")),
+        _NULL if (v := get("sealed_original")) is None else _some_bytes(v),
+        _NULL if (v := get("statement")) is None else _some_string(v),
+        _NULL if (v := get("parameters")) is None else _some_opt_strings(v),
+        _NULL if (v := get("command_tag")) is None else _some_string(v),
+        _NULL if (v := get("rows")) is None else _some_long(v),
+        _NULL if (v := get("error_code")) is None else _some_string(v),
+        _NULL if (v := get("error_message")) is None else _some_string(v),
+        _NULL if (v := get("attributes", _NO_ATTRIBUTES)) is _NO_ATTRIBUTES else _map(v),
+        _NULL if (v := get("direction")) is None else _some_string(v),
+        _NULL if (v := get("channel")) is None else _some_string(v),
+        _NULL if (v := get("offset_us")) is None else _some_long(v),
+        _NULL if (v := get("operation")) is None else _some_string(v),
+        _NULL if (v := get("text")) is None else _some_string(v),
+        _NULL if (v := get("objects")) is None else _some_strings(v),
+        _NULL if (v := get("outcome")) is None else _some_string(v),
     ))
 
 
@@ -194,12 +196,14 @@ def _frames_body(body: Any) -> Any:
 
 
 def _fixed32(b: Any) -> bytes:
+    """prev_hash, a fixed of 32 bytes: written as is, after the length check fastavro makes too."""
     if type(b) is not bytes or len(b) != 32:
         raise _Fallback
     return b
 
 
 def _frames_envelope(envelope: Any) -> bytes:
+    """The single-object encoding of an envelope with a Frames body; _Fallback (or KeyError) for any other."""
     if type(envelope) is not dict:
         raise _Fallback
     return b"".join((
@@ -220,7 +224,9 @@ def _frames_envelope(envelope: Any) -> bytes:
 def encode_envelope(envelope: dict[str, Any]) -> bytes:
     """`ENVELOPE.encode(envelope)`, byte for byte: a Frames envelope written here, anything else by fastavro
     (which also raises, as before, for an envelope it refuses)."""
-    try:
-        return _frames_envelope(envelope)
-    except (_Fallback, KeyError, UnicodeError):
-        return ENVELOPE.encode(envelope)
+    if _WRITES_ENVELOPE:
+        try:
+            return _frames_envelope(envelope)
+        except (_Fallback, KeyError, UnicodeError):
+            pass
+    return ENVELOPE.encode(envelope)

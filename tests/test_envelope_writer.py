@@ -178,7 +178,8 @@ def _frames_envelope(**changes: Any) -> dict:
 def test_wrong_types_raise_what_fastavro_raises() -> None:
     """The brief's cases by name: bytes given as str, a field missing, a body of no known branch."""
     for envelope, error in [(_frames_envelope(data="Q"), TypeError), (_frames_envelope(type=b"Query"), TypeError),
-                            (_frames_envelope(rows="1"), ValueError), (_frames_envelope(prev_hash=bytes(31)), ValueError),
+                            (_frames_envelope(rows="1"), ValueError),
+                            (_frames_envelope(prev_hash=bytes(31)), ValueError),
                             (_frames_envelope(body=("custody.Nope", {})), ValueError),
                             (_frames_envelope(body={"unknown": 1}), ValueError),
                             (_frames_envelope(statement="\ud800"), ValueError)]:
