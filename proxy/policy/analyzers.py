@@ -27,9 +27,10 @@ import shlex
 from ingest.protocols.kubernetes.requestinfo import request_info
 
 from .operation import AnalysisError, Operation
-from .sql import _CACHE_MAX_TEXT, StatementInfo, analyze
+from .sql import _CACHE_MAX_TEXT, StatementInfo, analyze, numeric_shape, retold
 
-__all__ = ["ANALYZERS", "Analyzer", "Part", "command_objects", "parts", "postgres", "shell_objects", "ssh"]
+__all__ = ["ANALYZERS", "Analyzer", "Part", "command_objects", "parts", "postgres", "retell", "shape", "shell_objects",
+           "ssh"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -251,3 +252,22 @@ def parts(operation: Operation) -> tuple[Part, ...]:
     analyzer = ANALYZERS.get(operation.protocol)
     found = tuple(analyzer(operation)) if analyzer is not None else ()
     return found or (Part(),)
+
+
+def shape(operation: Operation) -> str | None:
+    """The text of another operation whose parts are this one's but for their text (`retell`), or None.
+
+    For a PostgreSQL statement, its numeric shape (`sql.numeric_shape`): pgbench's and an ORM's statements differ
+    in their numbers only, so rules that read no text decide them all as they decide their shape, and the
+    rules' decision is computed once per shape (proxy.policy.rules.BoundPolicy).
+    """
+    if operation.kind != "statement" or ANALYZERS.get(operation.protocol) is not postgres:
+        return None
+    return numeric_shape(operation.text)
+
+
+def retell(found: tuple[Part, ...], shape: str, text: str) -> tuple[Part, ...]:
+    """The parts of the operation with `text`, from `found`, those of its shape's (`shape(operation)`)."""
+    (top,) = [part.statement for part in found if part.depth == 0]
+    assert top is not None
+    return tuple(_walk(retold(top, shape, text), 0))

@@ -68,7 +68,7 @@ from typing import Any
 
 from ingest.errors import CustodyError
 
-from .analyzers import Part, parts
+from .analyzers import Part, parts, retell, shape
 from .detectors import DETECTORS
 from .masking import MaskPlan
 from .operation import OPERATION_KINDS, PROTOCOLS, AnalysisError, Operation
@@ -343,15 +343,42 @@ class BoundPolicy:
     def __init__(self, policy: Policy, rules: tuple[Rule, ...]) -> None:
         self.policy, self.rules = policy, rules
         self._decisions: dict[Operation, Decision] = {}
+        # (protocol, kind, shape, objects) -> the shape's decision and the index of its deciding part (or None)
+        self._shapes: dict[tuple[str, str, str, tuple[str, ...]], tuple[Decision, int | None]] = {}
+        self._by_shape = all(rule.text is None for rule in rules)  # a `text` pattern may read the very numbers
 
     def decide(self, operation: Operation) -> Decision:
         decision = self._decisions.get(operation)
         if decision is None:
-            decision = self._decide(operation)
+            decision = (self._by_shape and self._decide_by_shape(operation)) or self._decide(operation)
             if len(self._decisions) >= _MAX_DECISIONS:
                 self._decisions.clear()
             self._decisions[operation] = decision
         return decision
+
+    def _decide_by_shape(self, operation: Operation) -> Decision | None:
+        """The decision on the operation's shape (`analyzers.shape`) retold for the operation; None: it has none.
+
+        Sound because no rule here reads the text (`_by_shape`): every other field the rules read is the same
+        for the operation and its shape, its parts are the shape's with the operation's text, and so each rule
+        matches the same parts and the same rule decides the same part. Only the text is the operation's own.
+        """
+        form = shape(operation)
+        if form is None:
+            return None
+        key = (operation.protocol, operation.kind, form, operation.objects)
+        known = self._shapes.get(key)
+        if known is None or known[0].operation.attributes != operation.attributes:  # type: ignore[union-attr]
+            template = self._decide(Operation(operation.protocol, operation.kind, form, operation.objects,
+                                              operation.attributes))
+            index = next((i for i, part in enumerate(template.parts) if part is template.part), None)
+            if len(self._shapes) >= _MAX_DECISIONS:
+                self._shapes.clear()
+            known = self._shapes[key] = (template, index)
+        template, index = known
+        found = retell(template.parts, form, operation.text)
+        return Decision(template.action, template.rule, template.message, template.approvers, operation, found,
+                        None if index is None else found[index])
 
     def _decide(self, operation: Operation) -> Decision:
         policy, rules = self.policy, self.rules
