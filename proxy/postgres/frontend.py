@@ -492,10 +492,11 @@ class PostgresFrontEnd(FrontEnd):
         """A large read of a masked session, cut into messages MASK_READ bytes at a time with a turn of the loop
         between pieces, as if TCP had delivered it so: cut whole, a 256 KiB read held the loop ~1.4 ms before its
         first slice was masked, and another session's query waited that long (bench/policy.py)."""
-        for start in range(0, len(data), MASK_READ):
+        step = MASK_READ
+        for start in range(0, len(data), step):
             if start:
                 yield Cede()
-            messages = self._upstream.feed(data[start:start + MASK_READ])
+            messages = self._upstream.feed(data[start:start + step])
             if messages:
                 yield from self._forward_server(messages, None)
 
