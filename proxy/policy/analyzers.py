@@ -268,6 +268,6 @@ def shape(operation: Operation) -> str | None:
 
 def retell(found: tuple[Part, ...], shape: str, text: str) -> tuple[Part, ...]:
     """The parts of the operation with `text`, from `found`, those of its shape's (`shape(operation)`)."""
-    (top,) = [part.statement for part in found if part.depth == 0]
+    top = found[0].statement  # depth first, and a shape is one statement: the first part is the statement
     assert top is not None
     return tuple(_walk(retold(top, shape, text), 0))

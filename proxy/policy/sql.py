@@ -460,9 +460,10 @@ def _own_text(sql: str) -> str:
 
 def _retext(info: StatementInfo, old: str, new: str) -> StatementInfo:
     """`info` of the shape, for the statement itself: its text (and a normalized form that fell back to it)."""
+    nested = tuple([_retext(child, old, new) for child in info.nested]) if info.nested else ()  # no generator
     return StatementInfo(info.kind, new if info.text == old else info.text,
                          new if info.normalized == old else info.normalized, info.has_where, info.tables,
-                         info.functions, tuple(_retext(child, old, new) for child in info.nested))
+                         info.functions, nested)
 
 
 def _shape_statement(shape: str) -> StatementInfo | None:
