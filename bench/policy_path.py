@@ -8,8 +8,10 @@ operation (`StatementPolicy.operation`), and the session's decision (`PolicyGate
 the analyzer, `sql.analyze`, the rules). This loop runs exactly those calls, with the policy custody init
 writes (proxy/policies/default.toml), over pgbench's statements (select-only's SELECT and tpcb-like's
 BEGIN/UPDATE/SELECT/UPDATE/UPDATE/INSERT/END) with random numbers as pgbench draws them: every text new.
-The same-run baseline is the same loop over one fixed set of texts, seen before (a cache hit all the way: the
-floor of the path). CPU time (time.process_time), best of `--rounds`; each stage is also timed alone.
+The same-run baselines: the same loop over one fixed set of texts, seen before (a cache hit all the way: the
+floor of the path), and the decision under the same policy plus a `text` rule, which turns the decision by
+numeric shape off (each text is decided on its own, as before issue 11's shapes). CPU time
+(time.process_time), best of `--rounds`; each stage is also timed alone.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def pgbench_statements(count: int, rng: random.Random) -> list[str]:
     out: list[str] = []
     while len(out) < count:
         aid, bid, tid, delta = rng.randint(1, 100_000), rng.randint(1, 1), rng.randint(1, 10), rng.randint(-5000, 5000)
-        out.append(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
+        out.append(f"SELECT abalance FROM pgbench_accounts WHERE aid = {rng.randint(1, 100_000)};")
         out.extend([
             "BEGIN;",
             f"UPDATE pgbench_accounts SET abalance = abalance + {delta} WHERE aid = {aid};",
@@ -57,18 +59,27 @@ def pgbench_statements(count: int, rng: random.Random) -> list[str]:
     return out[:count]
 
 
-def gate_for(directory: Path) -> PolicyGate:
-    """A session's PolicyGate on the default policy, for an identity outside `dba` (the masks apply)."""
-    path = directory / "default.toml"
-    path.write_text((ROOT / "proxy" / "policies" / "default.toml").read_text())
+# A rule that reads the text, and so may read its numbers: the binding decides every text on its own.
+TEXT_RULE = """
+[[rule]]
+name = "block-marker"
+action = "block"
+text = "custody-bench-never-sent"
+"""
+
+
+def gate_for(directory: Path, extra: str = "") -> PolicyGate:
+    """A session's PolicyGate on the default policy (+ `extra`), for an identity outside `dba` (the masks apply)."""
+    path = directory / f"default{len(extra)}.toml"
+    path.write_text((ROOT / "proxy" / "policies" / "default.toml").read_text() + extra)
     runtime = PolicyRuntime(PolicyHolder(path), PrivateKey.generate().public_key, "bench")
     identity = Identity("alice@example.com", "alice", None, ("dev",), "bench", None, datetime.now(timezone.utc))
     return PolicyGate(runtime, identity, "pg")
 
 
-def stages(gate: PolicyGate) -> dict[str, Callable[[str], object]]:
+def stages(gate: PolicyGate, text_gate: PolicyGate) -> dict[str, Callable[[str], object]]:
     """Each stage of the path, and the whole of it, as one call per statement text."""
-    policy = StatementPolicy(gate, "postgres")
+    policy, text_policy = StatementPolicy(gate, "postgres"), StatementPolicy(text_gate, "postgres")
     kinds = frozenset().union(*(mask.detectors for mask in gate.runtime.holder.policy.masks))
     scanner = scanner_for(kinds) if kinds else None
 
@@ -81,6 +92,7 @@ def stages(gate: PolicyGate) -> dict[str, Callable[[str], object]]:
         "redaction gate": lambda sql: find_secrets(sql, scanner),
         "operation": policy.operation,
         "decide": lambda sql: gate.decide(policy.operation(sql)),
+        "decide, + a text rule": lambda sql: text_gate.decide(text_policy.operation(sql)),
     }
 
 
@@ -102,11 +114,11 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(11)
     with tempfile.TemporaryDirectory() as work:
-        gate = gate_for(Path(work))
-        calls = stages(gate)
+        calls = stages(gate_for(Path(work)), gate_for(Path(work), TEXT_RULE))
         repeated = pgbench_statements(8, rng)
         for text in repeated:  # seen once: the baseline is the cache-hit path
             calls["whole path"](text)
+            calls["decide, + a text rule"](text)
         print(f"policy path, CPU µs per pgbench statement ({args.statements:,} statements, best of {args.rounds})")
         print("  stage   numbers vary (custody)   same texts again")
         for name, call in calls.items():
