@@ -461,24 +461,105 @@ def _skip_message(data, pos):
     del tails[_TAILS_KEPT:]
     return end
 
-def _frames_envelope_head(data: bytes) -> EnvelopeHead | None:
-    """What `_frames_envelope` reads before the body, for exactly the bytes it reads (else None), its body only
-    checked: a verifier that needs no message is spared a dict per message and a str per field."""
+def _skip_frames(data, pos):
+    """A Frames body (`_frames_envelope`'s), nothing kept: the position after it."""
+    pos = _skip_str(data, pos)
+    while True:
+        count, pos = _long(data, pos)
+        if count == 0:
+            return pos
+        if count < 0:
+            count = -count
+            _, pos = _long(data, pos)
+        for _ in range(count):
+            pos = _skip_message(data, pos)
+
+
+def _skipper(schema: Any, names: dict[str, Callable], namespace: str = "") -> Callable[[bytes, int], int]:
+    """A reader of `schema`'s values that keeps nothing: the position after the value, `_Bad` (or IndexError,
+    UnicodeDecodeError) for bytes it does not take. It takes no bytes fastavro refuses: strings are UTF-8, a union
+    index and a long within their range, nothing read past the end."""
+    if isinstance(schema, list):
+        branches = [_skipper(branch, names, namespace) for branch in schema]
+
+        def union(data, pos):
+            index, pos = _long(data, pos)
+            if not 0 <= index < len(branches):
+                raise _Bad("union index")
+            return branches[index](data, pos)
+        return union
+    if isinstance(schema, str):
+        if schema in _PRIMITIVE_SKIPPERS:
+            return _PRIMITIVE_SKIPPERS[schema]
+        name = schema if "." in schema or not namespace else f"{namespace}.{schema}"
+        return lambda data, pos: names[name](data, pos)  # defined before use, maybe further up (a recursive type)
+    kind = schema["type"]
+    if kind == "record":
+        namespace = schema.get("namespace", namespace)
+        fields: list[Callable] = []
+        names[schema["name"] if "." in schema["name"] else f"{namespace}.{schema['name']}"] = record = \
+            lambda data, pos: _skip_fields(data, pos, fields)
+        fields += [_skipper(f["type"], names, namespace) for f in schema["fields"]]
+        return record
+    if kind in ("array", "map"):
+        item = _skipper(schema["items"] if kind == "array" else schema["values"], names, namespace)
+        key = _skip_str if kind == "map" else None
+        return lambda data, pos: _skip_blocks(data, pos, key, item)
+    if kind == "fixed":
+        size = schema["size"]
+        return lambda data, pos: _skip_fixed(data, pos, size)
+    if kind in _PRIMITIVE_SKIPPERS:  # a primitive with attributes, e.g. a logical type
+        return _PRIMITIVE_SKIPPERS[kind]
+    raise ValueError(f"no skipper for Avro type {kind!r}")
+
+def _skip_fields(data, pos, fields):
+    for field in fields:
+        pos = field(data, pos)
+    return pos
+
+def _skip_blocks(data, pos, key, item):
+    while True:
+        count, pos = _long(data, pos)
+        if count == 0:
+            return pos
+        if count < 0:
+            count = -count
+            _, pos = _long(data, pos)
+        for _ in range(count):
+            if key is not None:
+                pos = key(data, pos)
+            pos = item(data, pos)
+
+def _skip_fixed(data, pos, size):
+    if pos + size > len(data):
+        raise _Bad("overrun")
+    return pos + size
+
+_PRIMITIVE_SKIPPERS: dict[str, Callable[[bytes, int], int]] = {
+    "null": lambda data, pos: pos, "string": _skip_str, "bytes": _bytes_end,
+    "long": lambda data, pos: _long(data, pos)[1]}
+"""The primitive types the envelope schemas use (any other makes `_skipper` refuse the schema)."""
+
+
+def _body_skippers(schema_json: dict[str, Any]) -> tuple[Callable[[bytes, int], int], ...]:
+    """Per branch of the envelope's body union, its skipper: the hand-written one for Frames (index 1)."""
+    body = next(f["type"] for f in schema_json["fields"] if f["name"] == "body")
+    names: dict[str, Callable] = {}  # one for all branches: a later one may name a type an earlier one defines
+    skippers = [_skipper(branch, names, schema_json.get("namespace", "")) for branch in body]
+    skippers[1] = _skip_frames
+    return tuple(skippers)
+
+
+def _envelope_head_only(data: bytes, bodies: tuple[Callable[[bytes, int], int], ...]) -> EnvelopeHead | None:
+    """What `_envelope_head` reads, for exactly the bytes the plain reader decodes (else None), the body only
+    checked (`bodies`: `_body_skippers`): a verifier that needs no message is spared a dict per message and a str
+    per field."""
     try:
         head = _envelope_head(data)
-        pos = head[-1]
-        if data[pos] != 2:  # union index 1: Frames
+        index, pos = _long(data, head[-1])
+        if not 0 <= index < len(bodies):
             return None
-        pos = _skip_str(data, pos + 1)
-        while True:
-            count, pos = _long(data, pos)
-            if count == 0:
-                break
-            if count < 0:
-                count = -count
-                _, pos = _long(data, pos)
-            for _ in range(count):
-                pos = _skip_message(data, pos)
+        pos = bodies[index](data, pos)
     except (_Bad, IndexError, UnicodeDecodeError):
         return None
     if pos != len(data):
@@ -526,12 +607,11 @@ class SchemaVersions:
             return decoder(data), True
         return self.decode(data), False
 
-    def frames_head(self, data: bytes) -> EnvelopeHead | None:
-        """The head of a Frames envelope of the current schema whose whole record `decode_plain` would return
-        as written (by the hand-written reader), its body checked but not built; None for anything else, which
-        `decode_plain` then decodes or refuses."""
+    def head(self, data: bytes) -> EnvelopeHead | None:
+        """The head of an envelope of the current schema that `decode_plain` decodes, its body checked but not
+        built (`_envelope_head_only`); None for anything else, which `decode_plain` then decodes or refuses."""
         if data[2:HEADER_LEN] == self.current.fingerprint and self._fast:
-            return _frames_envelope_head(data)
+            return _envelope_head_only(data, _BODIES)
         return None
 
     _plain = None
@@ -547,4 +627,5 @@ ENVELOPE = Schema.from_json(schemas.load_json("event.avsc"))
 ENVELOPE_V1 = Schema.from_json(schemas.load_json("event.v1.avsc"))
 """custody.Envelope contract v1: no per-message direction, channel, offset or operation fields."""
 ENVELOPES = SchemaVersions(ENVELOPE, ENVELOPE_V1)
+_BODIES = _body_skippers(schemas.load_json("event.avsc"))
 SIGNED_EVENT = Schema.from_json(schemas.load_json("signed_event.avsc"))

@@ -179,11 +179,11 @@ class EventHead(NamedTuple):
 
 
 def open_head(value: bytes) -> EventHead:
-    """`open_event(value)` without the body: the same fields, a DecodeError for the same bytes. A Frames envelope
-    of the current schema is read by `ENVELOPES.frames_head` (its body checked to decode, not built) when its
-    fields need no conversion; anything else is opened whole."""
+    """`open_event(value)` without the body: the same fields, a DecodeError for the same bytes. An envelope of the
+    current schema is read by `ENVELOPES.head` (its body checked to decode, not built) when its fields need no
+    conversion; anything else is opened whole."""
     envelope_bytes, signature = _open_signed(value)
-    head = ENVELOPES.frames_head(envelope_bytes)
+    head = ENVELOPES.head(envelope_bytes)
     if head is None or not (_CANONICAL_UUID(head.event_id) and _CANONICAL_UUID(head.session_id)
                             and head.ts in _MICROS_RANGE and head.kind in KINDS):
         envelope = _open_envelope(envelope_bytes)
