@@ -161,20 +161,24 @@ class SessionChains:
         self.sessions: dict[str, ChainPosition] = {}
 
     def check(self, event: SignedEvent) -> None:
-        position = self.sessions.get(event.session_id) or ChainPosition()
-        seq = event.seq
+        envelope = event.envelope  # its fields, not SignedEvent's properties: this runs for every event
+        position = self.sessions.get(envelope["session_id"]) or ChainPosition()
+        seq = envelope["seq"]
         if seq < position.next_seq:
             if position.digest_of(seq) == event.hash[:DIGEST_SIZE]:
                 raise Rejection("duplicate", f"session {event.session_id} seq {seq} was already accepted", event)
             raise Rejection("seq_conflict", f"session {event.session_id} seq {seq} was already accepted with other contents", event)
         if seq > position.next_seq:
             raise Rejection("seq_gap", f"session {event.session_id} expected seq {position.next_seq}, got {seq}", event)
-        if event.prev_hash != position.last_hash:
+        if envelope["prev_hash"] != position.last_hash:
             raise Rejection("chain_mismatch", f"session {event.session_id} seq {seq} prev_hash {event.prev_hash.hex()[:16]}… does not match {position.last_hash.hex()[:16]}…", event)
 
     def accept(self, event: SignedEvent) -> None:
-        position = self.sessions.setdefault(event.session_id, ChainPosition())
-        position.advance(event.hash, CLOSED_WINDOW if event.kind == "session_end" else RECENT_WINDOW)
+        envelope = event.envelope
+        position = self.sessions.get(envelope["session_id"])
+        if position is None:  # not setdefault, which would build a ChainPosition for every event to drop it
+            position = self.sessions[envelope["session_id"]] = ChainPosition()
+        position.advance(event.hash, CLOSED_WINDOW if envelope["kind"] == "session_end" else RECENT_WINDOW)
 
 
 class EventVerifier:
