@@ -79,7 +79,9 @@ def test_a_decision_by_shape_is_the_decision_on_the_statement_itself(source, tem
     assert decision == fresh(policy, operation)
     assert decision.operation is operation
     assert all(p.statement.text == sql._own_text(operation.text) for p in decision.parts)
-    assert decision.part is None or any(decision.part is p for p in decision.parts)
+    assert decision.part is None or decision.part in decision.parts
+    assert decision.matched == fresh(policy, operation).matched
+    assert hash(decision) == hash(fresh(policy, operation))
 
 
 def test_statements_of_one_shape_are_decided_once():

@@ -221,7 +221,7 @@ class MaskRule:
     columns: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class Decision:
     """The verdict on one operation: the action, the rule that made it (None: no rule matched), and why.
 
@@ -230,6 +230,11 @@ class Decision:
     `statements` is the SQL analysis (top-level statements; empty after a
     parse error or for an operation that is not SQL); `matched` is the
     statement, possibly a nested one, that the deciding rule matched.
+
+    Built from `found` (the parts) and `index` (the deciding part's place in them). A decision by numeric
+    shape (`BoundPolicy`) has its shape's parts and `shape`, and tells them with the operation's own text only
+    when they are read: the proxy reads the action, rule, message and approvers, and retelling is most of what
+    a new statement of a known shape would cost.
     """
 
     action: str
@@ -237,8 +242,19 @@ class Decision:
     message: str
     approvers: tuple[str, ...]
     operation: Operation | None = None
-    parts: tuple[Part, ...] = ()
-    part: Part | None = None
+    found: tuple[Part, ...] = ()
+    index: int | None = None
+    shape: str | None = None
+
+    @property
+    def parts(self) -> tuple[Part, ...]:
+        if self.shape is None or self.operation is None:
+            return self.found
+        return retell(self.found, self.shape, self.operation.text)
+
+    @property
+    def part(self) -> Part | None:
+        return None if self.index is None else self.parts[self.index]
 
     @property
     def statements(self) -> tuple[StatementInfo, ...]:
@@ -246,7 +262,18 @@ class Decision:
 
     @property
     def matched(self) -> StatementInfo | None:
-        return None if self.part is None else self.part.statement
+        part = self.part
+        return None if part is None else part.statement
+
+    def _told(self) -> tuple[Any, ...]:
+        return self.action, self.rule, self.message, self.approvers, self.operation, self.parts, self.index
+
+    def __eq__(self, other: object) -> bool:
+        """Equal when they say the same of the same operation, however their parts are kept."""
+        return isinstance(other, Decision) and self._told() == other._told()
+
+    def __hash__(self) -> int:
+        return hash((self.action, self.rule, self.message, self.approvers, self.operation))
 
 
 def _strictest(operation: Operation, rules: tuple[Rule, ...], whole: list[Rule], found: tuple[Part, ...]) -> Decision:
@@ -255,14 +282,15 @@ def _strictest(operation: Operation, rules: tuple[Rule, ...], whole: list[Rule],
     `rules` apply to the identity; `whole` are those that also match the operation's own fields.
     """
     best, best_rank = Decision("allow", None, "", (), operation, found), (0, False)
-    for part in found:
+    for index, part in enumerate(found):
         candidates = whole if part.operation is None else [r for r in rules if r.matches_operation(part.operation)]
         rule = next((r for r in candidates if not r.reads_statements or r.matches_statement(part.statement)), None)
         if rule is None:
             continue
         rank = (_SEVERITY[rule.action], True)
         if rank > best_rank:
-            best, best_rank = Decision(rule.action, rule.name, rule.message, rule.approvers, operation, found, part), rank
+            best = Decision(rule.action, rule.name, rule.message, rule.approvers, operation, found, index)
+            best_rank = rank
     return best
 
 
@@ -343,8 +371,7 @@ class BoundPolicy:
     def __init__(self, policy: Policy, rules: tuple[Rule, ...]) -> None:
         self.policy, self.rules = policy, rules
         self._decisions: dict[Operation, Decision] = {}
-        # (protocol, kind, shape, objects) -> the shape's decision and the index of its deciding part (or None)
-        self._shapes: dict[tuple[str, str, str, tuple[str, ...]], tuple[Decision, int | None]] = {}
+        self._shapes: dict[tuple[str, str, str, tuple[str, ...]], Decision] = {}  # (protocol, kind, shape, objects)
         self._by_shape = all(rule.text is None for rule in rules)  # a `text` pattern may read the very numbers
 
     def decide(self, operation: Operation) -> Decision:
@@ -357,28 +384,26 @@ class BoundPolicy:
         return decision
 
     def _decide_by_shape(self, operation: Operation) -> Decision | None:
-        """The decision on the operation's shape (`analyzers.shape`) retold for the operation; None: it has none.
+        """The decision on the operation's shape (`analyzers.shape`), for the operation; None: it has no shape.
 
         Sound because no rule here reads the text (`_by_shape`): every other field the rules read is the same
         for the operation and its shape, its parts are the shape's with the operation's text, and so each rule
-        matches the same parts and the same rule decides the same part. Only the text is the operation's own.
+        matches the same parts and the same rule decides the same part. Only the text is the operation's own:
+        the decision's parts are the shape's, told with it when they are read (`Decision.parts`).
         """
         form = shape(operation)
         if form is None:
             return None
         key = (operation.protocol, operation.kind, form, operation.objects)
-        known = self._shapes.get(key)
-        if known is None or known[0].operation.attributes != operation.attributes:  # type: ignore[union-attr]
+        template = self._shapes.get(key)
+        if template is None or template.operation.attributes != operation.attributes:  # type: ignore[union-attr]
             template = self._decide(Operation(operation.protocol, operation.kind, form, operation.objects,
                                               operation.attributes))
-            index = next((i for i, part in enumerate(template.parts) if part is template.part), None)
             if len(self._shapes) >= _MAX_DECISIONS:
                 self._shapes.clear()
-            known = self._shapes[key] = (template, index)
-        template, index = known
-        found = retell(template.parts, form, operation.text)
-        return Decision(template.action, template.rule, template.message, template.approvers, operation, found,
-                        None if index is None else found[index])
+            self._shapes[key] = template
+        return Decision(template.action, template.rule, template.message, template.approvers, operation,
+                        template.found, template.index, form)
 
     def _decide(self, operation: Operation) -> Decision:
         policy, rules = self.policy, self.rules
