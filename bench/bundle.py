@@ -12,8 +12,9 @@ of the same events' signatures and envelopes, in verifies per CPU second of a
 process that runs them in a loop during the verify run (the same window, the same
 contention for the cores). Events per CPU second over raw verifies per CPU second
 is verify / (raw x cores used), cores used being CPU seconds per wall second: the
-goal (issue 11) is >= 0.8 at jobs=cores. The parent's share says how much of the
-work is serial (the rest runs in the workers).
+goal (issue 11) is >= 0.8 at jobs=cores. The parent's share is its CPU over the
+run's: reading the bundle, the session checks and, with jobs > 1, every jobs-th
+chunk of events (the jobs - 1 workers check the others).
 
     .venv/bin/python bench/bundle.py [--events 1000000] [--jobs N]
 """

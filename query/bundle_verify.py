@@ -6,7 +6,7 @@ that appends to the report rather than stopping at the first problem, so an
 auditor sees the whole extent of a tampering, not just its first symptom.
 
 The per-event checks (decode, Ed25519 signature, columns, leaf hash and audit
-path) run in `jobs` spawned worker processes on chunks of rows, collected in
+path) run in this process and `jobs` - 1 spawned worker processes on chunks of rows, collected in
 order, so the report is identical whatever `jobs` is. As with any spawned
 multiprocessing, a script calling `verify_bundle(..., jobs>1)` needs the
 `if __name__ == "__main__":` guard.
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -474,22 +475,25 @@ def _read_events(data: bytes) -> list[pa.RecordBatch]:
 
 
 def _run_chunks(checks: "EventChecks", batches: list[pa.RecordBatch], jobs: int) -> Iterator[ChunkResult]:
-    """Each batch's result, in batch order: in this process for jobs=1 (or one batch), else in `jobs` workers."""
+    """Each batch's result, in batch order: in this process for jobs=1 (or one batch), else in this process and
+    `jobs` - 1 workers. This process checks every `jobs`-th chunk itself while the workers check the others: a
+    worker fewer to start (each spends ~0.5 s of CPU importing its modules, measured: ~10% of a 100k-event run's
+    CPU on 2 cores) and those chunks never copied."""
     if jobs <= 1 or len(batches) <= 1:
         yield from map(checks.run, batches)
         return
     # spawn, not fork: a forked child would inherit Arrow's and the parent's threads mid-flight.
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=min(jobs, len(batches)), mp_context=context,
+    with ProcessPoolExecutor(max_workers=min(jobs - 1, len(batches) - 1), mp_context=context,
                              initializer=_init_worker, initargs=(checks,)) as pool:
         ahead = 4 * jobs  # bounded read-ahead: the whole table is never copied into the queue at once
-        pending = deque(pool.submit(_run_worker_chunk, _to_ipc(b)) for b in batches[:ahead])
-        for batch in batches[ahead:]:
-            result = pending.popleft().result()
-            pending.append(pool.submit(_run_worker_chunk, _to_ipc(batch)))
-            yield result
+        queued = (batch if number % jobs == jobs - 1 else pool.submit(_run_worker_chunk, _to_ipc(batch))
+                  for number, batch in enumerate(batches))
+        pending = deque(itertools.islice(queued, ahead))
         while pending:
-            yield pending.popleft().result()
+            item = pending.popleft()
+            pending.extend(itertools.islice(queued, 1))  # the workers' next chunk is queued before this one is checked
+            yield checks.run(item) if isinstance(item, pa.RecordBatch) else item.result()
 
 
 def _to_ipc(batch: pa.RecordBatch) -> bytes:
