@@ -598,7 +598,7 @@ class SchemaVersions:
         """`data` decoded, and whether logical types are left as written (`Schema.plain_decoder`): true when
         the current schema wrote it (the fast path, one parse of the schema per process), else it is
         `decode`d with resolution to the current schema, logical types converted."""
-        if data[2:HEADER_LEN] == self.current.fingerprint:
+        if data[:HEADER_LEN] == self._current_header:  # the marker too: decode() says why anything else is refused
             if self._fast and (record := _frames_envelope(data)) is not None:
                 return record, True
             decoder = self._plain
@@ -610,11 +610,15 @@ class SchemaVersions:
     def head(self, data: bytes) -> EnvelopeHead | None:
         """The head of an envelope of the current schema that `decode_plain` decodes, its body checked but not
         built (`_envelope_head_only`); None for anything else, which `decode_plain` then decodes or refuses."""
-        if data[2:HEADER_LEN] == self.current.fingerprint and self._fast:
+        if data[:HEADER_LEN] == self._current_header and self._fast:
             return _envelope_head_only(data, _BODIES)
         return None
 
     _plain = None
+
+    @property
+    def _current_header(self) -> bytes:
+        return MAGIC + self.current.fingerprint
 
     @property
     def _fast(self) -> bool:

@@ -322,3 +322,17 @@ def test_hand_written_frames_reader_agrees_with_fastavro(proxy_key):
     end = chain.event("session_end", {"reason": "x", "duration_us": 1, "client_bytes": 1, "server_bytes": 1,
                                       "client_messages": 1, "server_messages": 1})
     assert _frames_envelope(end.envelope_bytes) is None and open_event(end.value).body["reason"] == "x"
+
+
+def test_an_envelope_without_its_marker_is_refused_by_the_fast_readers_too(proxy_key):
+    """The hand-written readers compared only the fingerprint, so a current-schema envelope whose C3 01 marker was
+    damaged opened anyway; the whole single-object header must match, as fastavro's path requires."""
+    from ingest.avro import DecodeError
+
+    for kind in ("frames", "session_start"):
+        envelope = SessionChain(proxy_key, "p").event(kind, ALL_KINDS[kind]).envelope_bytes
+        damaged = b"\x00\x00" + envelope[2:]
+        assert ENVELOPES.head(damaged) is None
+        with pytest.raises(DecodeError, match="no C3 01 marker"):
+            ENVELOPES.decode_plain(damaged)
+        assert ENVELOPES.decode_plain(envelope)[1] is True
