@@ -643,6 +643,8 @@ class EventChecks:
         """The event's prev_hash if it passes every check of `check` (the fast way), else None. `values`: its
         row's `ROW_COLUMNS`."""
         value, salt, partition, leaf_index, tree_size, session_id, seq, kind, event_id, event_hash = values
+        if value is None or salt is None or leaf_index is None:  # a null cell: the exact way names it
+            return None
         try:
             event = open_head(value)
         except DecodeError:
@@ -687,6 +689,8 @@ class EventChecks:
 
 
 def _decoded(row: dict[str, Any]) -> SignedEvent:
+    if not isinstance(row["event"], bytes):
+        raise UndecodableEvent("the event column is empty (null)")
     try:
         return open_event(row["event"])
     except DecodeError as exc:
@@ -716,6 +720,9 @@ def _check_inclusion(row: dict[str, Any], anchor: Anchor, trace: Callable[[str],
         raise InclusionFails(f"inclusion proof is for tree size {row['tree_size']}, the checkpoint has {anchor.tree_size}")
     if not isinstance(row["salt"], bytes) or len(row["salt"]) != merkle.SALT_SIZE:
         raise InclusionFails(f"salt is {_size(row['salt'])}, expected {merkle.SALT_SIZE} bytes")
+    for column in ("leaf_index", "inclusion_proof"):
+        if row[column] is None:
+            raise InclusionFails(f"{column} is missing (null)")
     leaf = merkle.event_leaf_hash(row["salt"], row["event"])
     if trace:
         trace(f"event {row['event_id']}: leaf {row['leaf_index']} = SHA256(0x00 | salt | SHA256(event)) = {leaf.hex()}")

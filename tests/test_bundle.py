@@ -413,6 +413,26 @@ def test_an_events_file_without_a_column_the_checks_read_is_one_line(evidence, b
         bundle, evidence.keyring)
 
 
+@pytest.mark.parametrize("column, line", [("event", "INVALID: the event column is empty (null)"),
+                                          ("salt", "INVALID: salt is missing, expected 32 bytes"),
+                                          ("leaf_index", "INVALID: leaf_index is missing (null)"),
+                                          ("inclusion_proof", "INVALID: inclusion_proof is missing (null)")])
+def test_a_null_cell_is_one_line_not_a_crash(evidence, bundle, column, line):
+    """A bundle written by another tool may hold nulls where Custody writes values: the fast way crashed with a
+    TypeError on them; each must be the row's INVALID line, the same both ways."""
+    def null_one(files):
+        table = pq.read_table(io.BytesIO(files[EVENTS]))
+        rows = table.to_pylist()
+        rows[1][column] = None
+        schema = pa.schema([field.with_nullable(True) for field in table.schema])
+        sink = io.BytesIO()
+        pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+        files[EVENTS] = sink.getvalue()
+    rewrite(bundle, null_one)
+    found, _ = both_ways(bundle, evidence.keyring)
+    assert any(problem.endswith(line) for problem in found), found
+
+
 def test_a_salt_of_the_wrong_length_is_one_line_not_a_crash(evidence, bundle):
     def shorten_salt(files):  # a file whose salt column is of variable length, one salt cut short
         table = pq.read_table(io.BytesIO(files[EVENTS]))
