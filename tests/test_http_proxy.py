@@ -1,7 +1,7 @@
 """The HTTP proxy with real components: Debian's nginx as the target, curl and aiohttp as clients,
 the dev broker; every request and response recorded (read back verified from Kafka), the upstream
 credential injected and the client's token never forwarded, JSON masked, blocks as 403, smuggling
-shapes refused with 400.
+shapes refused with 400, a ProtocolError event and SessionEnd(protocol_error).
 """
 
 from __future__ import annotations
@@ -250,6 +250,7 @@ def test_request_smuggling_shapes_get_400_and_never_reach_nginx(proxy, nginx, re
                                           f"Host: x\nAuthorization: Bearer {token}\nX-M: {marker}".encode())
     before = (nginx.dir / "access.log").read_text().count("\n")
     with socket.create_connection((host, port), 10) as sock:
+        source = "%s:%d" % sock.getsockname()  # finds the session: the head is refused before its User-Agent
         sock.sendall(request_bytes)
         answer = b""
         try:
@@ -259,6 +260,12 @@ def test_request_smuggling_shapes_get_400_and_never_reach_nginx(proxy, nginx, re
             pass
     assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
     assert (nginx.dir / "access.log").read_text().count("\n") == before
+    found = proxy.events.find(lambda start: start["source_address"] == source)
+    assert len(found) == 1, f"expected one session from {source}, got {len(found)}"
+    events = found[0]
+    (error,) = [e.body for e in events if e.kind == "protocol_error"]
+    assert error["code"] == "400" and error["message"] and error["sample"]
+    assert events[-1].kind == "session_end" and events[-1].body["reason"] == "protocol_error"
     # Other connections are unaffected.
     status, _, _ = curl(proxy, url(proxy, "/index.html"))
     assert status == 200
