@@ -15,6 +15,7 @@ acknowledged offset. Offsets are byte positions in the concatenated log.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -35,6 +36,14 @@ class SpoolError(CustodyError):
 
 class SpoolFull(SpoolError):
     pass
+
+
+def _write_failure(directory: Path, code: int | None, reason: str) -> SpoolError:
+    """A full disk (or quota) is a full spool, which recovers once there is room (the recorder holds what
+    met it and spools it first); any other write error fails the session that met it."""
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return SpoolFull(f"spool {directory}: no space left on its disk ({reason})")
+    return SpoolError(f"spool {directory}: write failed: {reason}")
 
 
 def _frame(key: bytes, value: bytes) -> bytes:
@@ -61,6 +70,7 @@ class Spool:
         self._starts = self._segments()
         self._cursor_written = time.monotonic()
         self._closed = False
+        self._damaged: str | None = None
 
     # --- state on disk ---------------------------------------------------------------------
 
@@ -117,26 +127,42 @@ class Spool:
                 raise SpoolError("spool is closed")
             if self.end - self.acked + len(record) > self.max_bytes:
                 raise SpoolFull(f"spool {self.dir} holds {self.end - self.acked} unacknowledged bytes (max_bytes {self.max_bytes}); broker unreachable?")
-            if self.end - self._segment_start >= self.segment_bytes:
-                self._roll()
+            if self._damaged:
+                raise SpoolError(self._damaged)
             try:
+                if self.end - self._segment_start >= self.segment_bytes:
+                    self._roll()
                 written = os.write(self._fd, record)
             except OSError as exc:
-                raise SpoolError(f"spool {self.dir}: write failed: {exc.strerror}") from None
-            if written != len(record):
-                raise SpoolError(f"spool {self.dir}: short write ({written} of {len(record)} bytes)")
+                self._cut_back()
+                raise _write_failure(self.dir, exc.errno, exc.strerror) from None
+            if written != len(record):  # the file system took what fit: out of space, as the next write would say
+                self._cut_back()
+                raise _write_failure(self.dir, errno.ENOSPC, f"short write ({written} of {len(record)} bytes)")
             self.end += len(record)
             self._dirty = True
             self._appended.notify_all()
             return self.end
 
     def _roll(self) -> None:
+        """Open the next segment first: if that fails (no space for a file), the spool is as it was."""
+        fd = os.open(self._path(self.end), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         os.fsync(self._fd)
         os.close(self._fd)
-        self._segment_start = self.end
-        self._fd = os.open(self._path(self.end), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd, self._segment_start = fd, self.end
         self._starts.append(self.end)
         _fsync_dir(self.dir)
+
+    def _cut_back(self) -> None:
+        """Remove what a failed write left of its record (a full disk takes part of it): the segment must end
+        where the log does, or every later record would follow bytes the reader stops at, never delivered.
+        If even that fails, the spool takes nothing more (fail closed) rather than append after garbage."""
+        try:
+            if os.fstat(self._fd).st_size != self.end - self._segment_start:
+                os.ftruncate(self._fd, self.end - self._segment_start)
+        except OSError as exc:
+            self._damaged = f"spool {self.dir}: a failed write's remains could not be cut off ({exc.strerror}); " \
+                            f"restart the proxy to recover the spool"
 
     def sync(self) -> None:
         """Make every appended record durable (called by the drainer every fsync_interval)."""
@@ -145,7 +171,12 @@ class Spool:
                 return
             self._dirty = False
             fd = self._fd
-        os.fsync(fd)
+        try:
+            os.fsync(fd)
+        except OSError as exc:  # the kernel may have dropped what it could not write: durability is not known
+            with self._lock:
+                self._damaged = f"spool {self.dir}: fsync failed ({exc.strerror}); records appended before it " \
+                                f"may not be on disk, so the spool takes nothing more (fail closed)"
 
     def wait_for_data(self, position: int, timeout: float) -> bool:
         with self._lock:

@@ -3,15 +3,17 @@
 * the recorder process SIGKILLed alone: the proxy fails closed (nothing it relays afterwards goes unrecorded);
 * the proxy SIGKILLed: its recorder outlives it, delivers what it had and writes a SessionEnd with reason
   `proxy_lost` for each session the proxy had open (in well under a second, not after its 10 s bound);
-* the spool's disk full (a spool limit far smaller than the outage, the broker SIGSTOPped): sessions fail closed,
+* the spool full (a spool limit far smaller than the outage, the broker SIGSTOPped): sessions fail closed,
   nothing already recorded is lost, new sessions work again once the broker is back;
+* the spool's disk full (its directory on a small tmpfs, filled up): the same, and recording resumes when
+  space returns;
 * the proxy and its recorder on a clock 10 minutes ahead (Debian's `faketime`; broker, ledger and token issuer on
   the real clock): events keep their order by seq and `custody verify` names the skew;
 * the ledger's disk full (its directory on a small tmpfs, filled up): sealing stops and says why (today the ledger
   exits, status 1, `OSError: [Errno 28] No space left on device`), nothing is lost, and sealing resumes from the
   last seal when space returns and the ledger is started again (by its supervisor: `custody up`, systemd).
 
-All five run in every CI run (`.ci/run` installs faketime; the ledger's tmpfs needs root, as CI runs).
+All six run in every CI run (`.ci/run` installs faketime; the ledger's tmpfs needs root, as CI runs).
 
 One dev broker, one `custody ledger` (directory on a tmpfs of its own) and a `custody proxy` per test (its own
 spool, its own clock), from one `custody init` directory. The invariant every test checks against the machine's
@@ -86,12 +88,13 @@ class FaultStack:
                                        stdin=subprocess.DEVNULL, stdout=open(self.logs / "ledger.log", "ab"),
                                        stderr=subprocess.STDOUT)
 
-    def proxy(self, name: str, spool_max_bytes: int = 1 << 30, skew_s: int = 0) -> tuple[subprocess.Popen, int]:
+    def proxy(self, name: str, spool_max_bytes: int = 1 << 30, skew_s: int = 0,
+              spool_dir: Path | None = None) -> tuple[subprocess.Popen, int]:
         """`custody proxy` with its own port and spool (and, with skew_s, on a clock that far ahead)."""
         port = free_port()
         text = self.config_path.read_text()
         text = text.replace(f'listen = "127.0.0.1:{self.base_port}"', f'listen = "127.0.0.1:{port}"', 1)
-        text = text.replace('dir = "spool"', f'dir = "spool-{name}"').replace(
+        text = text.replace('dir = "spool"', f'dir = "{spool_dir or "spool-" + name}"').replace(
             "max_bytes = 1073741824", f"max_bytes = {spool_max_bytes}")
         config = self.config_path.with_name(f"custody-{name}.toml")
         config.write_text(text)
@@ -270,6 +273,54 @@ def test_a_spool_too_small_for_a_broker_outage_fails_sessions_closed_and_loses_n
     assert wait_for(a_new_session_works, 60, 1.0), f"no recovery: {stack.tail('proxy-small-spool.log')}"
     rows = assert_every_target_row_was_sealed(stack, table, tag, timeout=120)
     assert len(rows) >= failed_at, (len(rows), failed_at)  # what the client saw succeed is in the target
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="a tmpfs of its own for the spool needs root")
+def test_a_full_spool_disk_fails_sessions_closed_and_loses_nothing(stack, table, tmp_path):
+    """The spool's own disk fills (not its max_bytes): the write that meets it used to leave part of its record in
+    the segment, and every later record followed those bytes, which the drainer stops at: appended, never
+    delivered. Now a full disk is a full spool: sessions fail closed, nothing recorded is lost, and recording
+    resumes once there is room."""
+    disk = tmp_path / "spool-fs"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True, text=True)
+    assert mounted.returncode == 0, f"mount -t tmpfs was refused: {mounted.stderr}"
+    proxy = None
+    try:
+        proxy, port = stack.proxy("disk-spool", spool_dir=disk / "spool")
+        tag, note = uuid.uuid4().hex[:12], "x" * 2000
+        conn = psycopg.connect(stack.dsn(port), autocommit=True)
+        conn.execute(insert(table, tag, 0))
+        ballast = disk / "ballast"
+        with open(ballast, "wb") as f:  # leave ~96 KiB: a few dozen statements of ~2 KB, both ways recorded
+            f.write(b"\0" * max(0, shutil.disk_usage(disk).free - (96 << 10)))
+        failed_at = None
+        for n in range(1, 2000):
+            try:
+                conn.execute(insert(table, tag, n, note))
+            except psycopg.Error:
+                failed_at = n
+                break
+        conn.close()
+        assert failed_at is not None, "the session went on with its spool's disk full: it must fail closed"
+        assert "no space left" in stack.tail("proxy-disk-spool.log", 1 << 20), stack.tail("proxy-disk-spool.log")
+        ballast.unlink()
+
+        def a_new_session_works() -> bool:
+            try:
+                with psycopg.connect(stack.dsn(port), autocommit=True) as again:
+                    again.execute(insert(table, tag, 1_000_000))
+                return True
+            except psycopg.Error:
+                return False
+        assert wait_for(a_new_session_works, 60, 1.0), f"no recovery: {stack.tail('proxy-disk-spool.log')}"
+        rows = assert_every_target_row_was_sealed(stack, table, tag, timeout=120)
+        assert len(rows) >= failed_at and 1_000_000 in rows, (len(rows), failed_at)
+    finally:
+        if proxy is not None:
+            proxy.send_signal(signal.SIGTERM)
+            proxy.wait(30)
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_a_sigkilled_proxy_has_its_open_sessions_ended_as_proxy_lost_by_its_recorder(stack, table):
