@@ -2,19 +2,23 @@
 Connection passed on, as nginx's documentation configures it) to a small aiohttp echo app; the client is
 aiohttp's `ws_connect`. Text and binary messages (one larger than a socket read) come back echoed, and the
 evidence holds each message both ways, decoded frame by frame (`ws.text`, `ws.binary`, `ws.close`), with
-permessage-deflate kept off so that the frames stay readable.
+permessage-deflate kept off so that the frames stay readable. wsproto, as a second client, sends a
+fragmented message with a ping after it: each frame is recorded as it passed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import threading
 import uuid
 
 import aiohttp
 import pytest
 from aiohttp import web
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
 
 from nginx_server import Nginx, free_port
 from pg_fixtures import EventLog, messages, start_proxy
@@ -131,3 +135,38 @@ def test_websocket_messages_are_relayed_through_nginx_and_recorded_both_ways(pro
     assert [m["attributes"]["code"] for m in client + server if m["type"] == "ws.close"] == ["1000", "1000"]
     # after the closing handshake the server closes the TCP connection first (RFC 6455 §7.1.1), as a rule
     assert events[-1].body["reason"] in ("server_disconnect", "client_disconnect")
+
+
+
+def test_fragments_and_control_frames_between_them_are_recorded_frame_by_frame(proxy, app):
+    """wsproto as the client, on a plain socket: a text message in two fragments with a ping written after them
+    in one write; the app gets the message whole, the evidence holds each frame as it passed."""
+    host, port = proxy.address(1)
+    user_agent = f"wsproto-{uuid.uuid4().hex[:10]}"
+    ws = WSConnection(ConnectionType.CLIENT)
+    received: list = []
+    with socket.create_connection((host, port), 10) as sock:
+        sock.settimeout(10)
+
+        def until(done) -> None:
+            while not done():
+                ws.receive_data(sock.recv(65536) or None)
+                received.extend(ws.events())
+        sock.sendall(ws.send(Request(host="x", target="/ws/echo", extra_headers=[
+            (b"authorization", f"Bearer {proxy.token()}".encode()), (b"user-agent", user_agent.encode())])))
+        until(lambda: any(isinstance(e, AcceptConnection) for e in received))
+        sock.sendall(ws.send(TextMessage("first half, ", message_finished=False))
+                     + ws.send(TextMessage("second half", message_finished=True)) + ws.send(Ping(b"are you there")))
+        until(lambda: any(isinstance(e, Pong) for e in received) and any(isinstance(e, TextMessage) for e in received))
+        sock.sendall(ws.send(CloseConnection(1000)))
+        until(lambda: any(isinstance(e, CloseConnection) for e in received))
+    assert [e.data for e in received if isinstance(e, TextMessage)] == ["first half, second half"]
+    assert app.received[-1] == "first half, second half"
+
+    found = proxy.events.find(lambda start: start["client_application"] == user_agent)
+    assert len(found) == 1, f"expected one session of {user_agent}, got {len(found)}"
+    client = [(m["type"], m["data"], m["attributes"]) for m in messages(found[0], "client") if m["type"] != "Request"]
+    assert client == [("ws.text", b"first half, ", {"fragment": "true"}), ("ws.text", b"second half", {}),
+                      ("ws.ping", b"are you there", {}), ("ws.close", b"", {"code": "1000"})]
+    server = [(m["type"], m["data"]) for m in messages(found[0], "server") if m["type"].startswith("ws.")]
+    assert server == [("ws.text", b"first half, second half"), ("ws.pong", b"are you there"), ("ws.close", b"")]
