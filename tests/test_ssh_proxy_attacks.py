@@ -1,7 +1,8 @@
 """Bad input to the SSH proxy from raw sockets: garbage before the version string, an oversized packet, a key
-exchange that cannot agree. Each ends only that connection, with a ProtocolError event (its code, the first
+exchange that cannot agree, a client that stalls past the startup deadline. Each ends only that connection, with a ProtocolError event (its code, the first
 bytes as the sample) and SessionEnd(protocol_error); a bystander's session (the real ssh running `cat`) keeps
-working through all of them, and the proxy still takes new sessions.
+working through all of them, and the proxy still takes new sessions. A connection that sends nothing and leaves
+before the deadline is not a session.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from ssh_fixtures import Client, new_user, ssh_proxy_entry, start_sshd
 def proxy(broker, tmp_path_factory):
     sshd = start_sshd(tmp_path_factory.mktemp("sshd"))
     directory = tmp_path_factory.mktemp("custody")
-    running = start_proxy(directory, broker, extra_proxies=ssh_proxy_entry(sshd, policy="policies/default.toml"))
+    # A second listener with a short startup deadline: the slow clients (the first keeps the default 10 s).
+    running = start_proxy(directory, broker, extra_proxies=ssh_proxy_entry(sshd, policy="policies/default.toml") +
+                          ssh_proxy_entry(sshd, name="slow-ssh", policy="policies/default.toml",
+                                          extra=f"startup_timeout = {STARTUP_TIMEOUT}"))
     running.events = EventLog.open(running)
     host_pub = (directory / "keys" / "ssh_host_ed25519.pub").read_text().strip()
     running.client = Client(tmp_path_factory.mktemp("client"), *running.address(1), host_pub)
@@ -32,9 +36,12 @@ def proxy(broker, tmp_path_factory):
     sshd.stop()
 
 
-def attack(proxy, payload: bytes) -> tuple[str, bytes]:
+STARTUP_TIMEOUT = 1.5  # the slow-ssh listener's
+
+
+def attack(proxy, payload: bytes, listener: int = 1) -> tuple[str, bytes]:
     """Send `payload` from a raw socket; what the proxy sent until it closed the connection, and our address."""
-    with socket.create_connection(proxy.address(1), timeout=10) as sock:
+    with socket.create_connection(proxy.address(listener), timeout=10) as sock:
         address = "%s:%d" % sock.getsockname()[:2]
         sock.sendall(payload)
         received, deadline = b"", time.monotonic() + 10
@@ -80,13 +87,18 @@ def error_session(proxy, address: str):
     return events[1].body
 
 
+# (what, payload, listener, code, text in the message); the slow-ssh listener (2) for the stalls.
 ATTACKS = [
-    ("garbage before the version string", b"GET / HTTP/1.1\r\nHost: bastion\r\n\r\n",
+    ("garbage before the version string", b"GET / HTTP/1.1\r\nHost: bastion\r\n\r\n", 1,
      "ssh_version_not_supported", "Unsupported SSH version"),
-    ("an oversized packet", b"SSH-2.0-attacker\r\n" + struct.pack(">I", 0x40000000) + b"\0" * 60,
+    ("an oversized packet", b"SSH-2.0-attacker\r\n" + struct.pack(">I", 0x40000000) + b"\0" * 60, 1,
      "ssh_protocol_error", "Max packet size exceeded"),
     ("a key exchange that cannot agree", b"SSH-2.0-attacker\r\n" + ssh_packet(kexinit("no-such-kex@example.com")),
-     "ssh_key_exchange_failed", "No matching key exchange algorithm"),
+     1, "ssh_key_exchange_failed", "No matching key exchange algorithm"),
+    ("a client that stalls after its version string", b"SSH-2.0-slowloris\r\n", 2,
+     "ssh_login_timeout", f"did not log in within {STARTUP_TIMEOUT:g} s (after 'SSH-2.0-slowloris')"),
+    ("a client that stalls inside its version string", b"SSH-2.0-slo", 2,
+     "ssh_login_timeout", "before its version string"),
 ]
 
 
@@ -99,8 +111,8 @@ def test_bad_input_ends_only_that_connection_with_a_protocol_error(proxy):
         bystander.stdin.write(b"before\n")
         bystander.stdin.flush()
         assert bystander.stdout.readline() == b"before\n"
-        for what, payload, code, text in ATTACKS:
-            address, received = attack(proxy, payload)
+        for what, payload, listener, code, text in ATTACKS:
+            address, received = attack(proxy, payload, listener)
             assert received.startswith(b"SSH-2.0-"), (what, received)  # the proxy's version, then nothing
             error = error_session(proxy, address)
             assert error["code"] == code and text in error["message"], (what, error)
@@ -124,9 +136,17 @@ def test_bad_input_ends_only_that_connection_with_a_protocol_error(proxy):
 
 
 def test_a_connection_that_sends_nothing_is_not_a_session(proxy):
-    with socket.create_connection(proxy.address(1), timeout=10) as sock:
+    with socket.create_connection(proxy.address(2), timeout=10) as sock:  # it leaves before the deadline
         address = "%s:%d" % sock.getsockname()[:2]
         assert sock.recv(256).startswith(b"SSH-2.0-")
-    time.sleep(1)
+    time.sleep(STARTUP_TIMEOUT + 1)
     proxy.events.poll(1)
     assert not proxy.events.find(lambda s: s["source_address"] == address, timeout=1)
+
+
+def test_a_connection_that_sends_nothing_past_the_deadline_is_a_slow_client(proxy):
+    address, received = attack(proxy, b"", 2)
+    assert received.startswith(b"SSH-2.0-")
+    error = error_session(proxy, address)
+    assert error["code"] == "ssh_login_timeout" and "before its version string" in error["message"], error
+    assert error["sample"] == b""

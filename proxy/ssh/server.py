@@ -35,7 +35,7 @@ from proxy.core.commands import (
 from proxy.core.policy import PolicyRuntime
 from proxy.core.runner import Approvals, CommandRunner
 from proxy.core.server import _address
-from proxy.core.session import Session
+from proxy.core.session import STARTUP_TIMER, Session
 from proxy.identity import TokenVerifier
 
 from . import authorized_keys, certificates
@@ -307,6 +307,35 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
                 self._refuse_offered_keys()
                 self.run(self.session.closed(CLIENT))
         self._shutdown()
+
+    def _timer_fired(self, name: str) -> None:
+        """The startup deadline before any login attempt: a slow client, which the session alone cannot see."""
+        if name == STARTUP_TIMER and self._login is None and not self._closed:
+            self._timers.pop(name, None)
+            self._stalled()
+            return
+        super()._timer_fired(name)
+
+    def _stalled(self) -> None:
+        """A client that held its connection past the deadline without logging in: ProtocolError, ssh_login_timeout.
+
+        asyncssh reads the version string and key exchange itself, so the
+        session has counted none of the client's bytes and, left alone, would
+        keep no record of it (a connection that sends nothing and leaves is
+        not a session). One that stalls — before its version string, in the
+        key exchange, or before authenticating — is a slow client: the session
+        is opened (no identity), then broken, with whatever the client sent as
+        the sample. asyncssh's own login timeout (twice as long) is only a
+        backstop.
+        """
+        assert self.conn is not None
+        version = self.conn.get_extra_info("client_version")
+        stage = f"after {version!r}" if version else "before its version string"
+        error = ProtocolViolation("ssh_login_timeout", (
+            f"SSH transport: the client did not log in within {self.listener.settings.startup_timeout:g} s "
+            f"({stage})"))
+        self.session.open(None)
+        self.run(self.session.broken(CLIENT, error, self._sample))
 
     def begin_auth(self, username: str) -> bool:
         return True
