@@ -5,10 +5,12 @@ documented wire protocol for what they use:
 * discovery: `/version`, `/api` (APIVersions), `/apis` (an empty APIGroupList), `/api/v1`
   (APIResourceList) — the legacy discovery documents kubectl falls back to;
 * JSON get, list (a `meta.k8s.io/v1` Table when the client asks for one, as kubectl does), create, delete
-  and `?watch=true` (a chunked stream of watch events) of pods, secrets and configmaps in memory;
+  and `?watch=true` (a chunked stream of watch events) of pods, secrets and configmaps in memory, in the
+  namespaces `default` and `prod` (one pod there, `api-1`, for policies by namespace);
 * `pods/NAME/exec` over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`: one byte of stream
-  number before each message; status JSON on stream 3) and over SPDY/3.1 (streams by `streamtype`,
-  `X-Stream-Protocol-Version` negotiation), running a pretend `echo ARGS` and `cat`;
+  number before each message; status JSON on stream 3; `ws_protocols=` accepts fewer) and over SPDY/3.1
+  (streams by `streamtype`, `X-Stream-Protocol-Version` negotiation), running a pretend `echo ARGS`, `cat`
+  and `sh -c` of `echo WORDS`, `echo WORDS >&2` and `exit N` statements (stdout, stderr, exit status);
 * `pods/NAME/attach`: as exec, echoing stdin (a pretend `cat` as the container's process);
 * `exec -it` (`tty=true`, both transports): a pretend shell behind a terminal (`TtyShell`): it echoes
   what is typed, answers `echo ARGS` lines after a `$ ` prompt, ends on `exit` or Ctrl-D, and keeps
@@ -48,6 +50,7 @@ NOW = "2026-01-01T00:00:00Z"
 WS_PROTOCOLS = ("v5.channel.k8s.io", "v4.channel.k8s.io")
 SPDY_PROTOCOLS = ("v4.channel.k8s.io", "v3.channel.k8s.io", "v2.channel.k8s.io", "channel.k8s.io")
 SUCCESS = {"metadata": {}, "status": "Success"}
+NAMESPACES = ("default", "prod")
 
 
 def _varint(value: int) -> bytes:
@@ -155,17 +158,36 @@ def initial_objects() -> dict[str, dict[str, dict]]:
     }
     configmaps = {"app-config": {"kind": "ConfigMap", "apiVersion": "v1", "metadata": _meta("app-config", "default", 20),
                                  "data": {"mode": "production"}}}
+    pods["api-1"] = {**copy.deepcopy(pods["web-1"]), "metadata": _meta("api-1", "prod", 3)}
     return {"pods": pods, "secrets": secrets, "configmaps": configmaps}
 
 
+def _script(command: list[str]) -> tuple[bytes, bytes, str] | None:
+    """A pretend `sh -c 'STATEMENT; ...'` of `echo WORDS`, `echo WORDS >&2` and `exit N`: its (stdout, stderr,
+    exit code); None for any other command."""
+    if command[:2] != ["sh", "-c"] or len(command) != 3:
+        return None
+    stdout, stderr = b"", b""
+    for statement in command[2].split(";"):
+        words = statement.split()
+        if words[:1] == ["exit"]:
+            return stdout, stderr, words[1] if len(words) > 1 else "0"
+        if words[:1] == ["echo"] and words[-1:] == [">&2"]:
+            stderr += (" ".join(words[1:-1]) + "\n").encode()
+        elif words[:1] == ["echo"]:
+            stdout += (" ".join(words[1:]) + "\n").encode()
+    return stdout, stderr, "0"
+
+
 def _exit_status(command: list[str]) -> dict:
-    """What the kubelet reports on the error channel: `sh -c 'exit N'` with N > 0 fails as NonZeroExitCode."""
-    if command[:2] == ["sh", "-c"] and len(command) == 3 and command[2].startswith("exit "):
-        code = command[2].split()[1]
-        if code != "0":
-            return {"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
-                    "message": f"command terminated with non-zero exit code: exit status {code}",
-                    "details": {"causes": [{"reason": "ExitCode", "message": code}]}}
+    """What the kubelet reports on the error channel: a pretend `sh -c` that exits N > 0 fails as
+    NonZeroExitCode."""
+    script = _script(command)
+    if script is not None and script[2] != "0":
+        code = script[2]
+        return {"metadata": {}, "status": "Failure", "reason": "NonZeroExitCode",
+                "message": f"command terminated with non-zero exit code: exit status {code}",
+                "details": {"causes": [{"reason": "ExitCode", "message": code}]}}
     return SUCCESS
 
 
@@ -177,9 +199,14 @@ def _status(code: int, reason: str, message: str) -> dict:
 class KubeServer:
     """Runs on its own event loop thread; `url` is where it listens."""
 
-    def __init__(self, token: str, tls: "ssl.SSLContext | None" = None) -> None:
+    def __init__(self, token: str, tls: "ssl.SSLContext | None" = None,
+                 ws_protocols: tuple[str, ...] = WS_PROTOCOLS) -> None:
+        """`ws_protocols`: the exec/attach WebSocket subprotocols accepted, in preference order. Only
+        `v4.channel.k8s.io` is a cluster kubectl 1.30+ cannot use on WebSocket (it offers v5 alone), so it
+        falls back to SPDY/3.1."""
         self.token = token
         self.tls = tls
+        self.ws_protocols = ws_protocols
         self.objects = initial_objects()
         self.requests: list[tuple[str, str, str | None]] = []  # (method, target, authorization) as received
         self.execs: list[dict] = []
@@ -305,18 +332,19 @@ class KubeServer:
 
     async def _resource(self, conn, request, headers, query, namespace, resource, rest, reader, writer,
                         body: bytes = b"") -> bool:
-        store = self.objects.get(resource)
+        stored = self.objects.get(resource)
         method = request.method.decode()
-        if store is None or namespace != "default":
+        if stored is None or namespace not in NAMESPACES:
             await self._respond(conn, writer, 404, _status(404, "NotFound", f"{resource} not found"))
             return False
+        store = {name: item for name, item in stored.items() if item["metadata"]["namespace"] == namespace}
         if rest and len(rest) == 2 and resource == "pods" and rest[1] in ("exec", "attach", "portforward"):
             return await self._stream(conn, request, headers, query, rest[0], rest[1], reader, writer)
         if not rest and method == "POST":  # create: stored as sent (kept in `created` too), answered 201
             item = json.loads(body)  # JSON only: a protobuf body (kubectl create secret generic) is a 500
             item.setdefault("metadata", {}).update(_meta(item["metadata"]["name"], namespace, self._version))
             self._version += 1
-            store[item["metadata"]["name"]] = item
+            stored[item["metadata"]["name"]] = item
             self.created.append(item)
             await self._respond(conn, writer, 201, item)
             return False
@@ -337,7 +365,7 @@ class KubeServer:
         if item is None:
             await self._respond(conn, writer, 404, _status(404, "NotFound", f'{resource} "{name}" not found'))
         elif method == "DELETE":
-            del store[name]
+            del stored[name]
             self._version += 1
             await self._respond(conn, writer, 200, item)
         elif headers.get("accept", "").startswith("application/vnd.kubernetes.protobuf"):
@@ -372,14 +400,16 @@ class KubeServer:
 
     # --- exec / portforward -----------------------------------------------------------------
 
-    def _run(self, command: list[str], stdin: bytes) -> bytes:
-        if command[:2] == ["sh", "-c"] and command[2:3] and command[2].startswith("exit "):
-            return b""
+    def _run(self, command: list[str], stdin: bytes) -> tuple[bytes, bytes]:
+        """(stdout, stderr) of the pretend command."""
+        script = _script(command)
+        if script is not None:
+            return script[0], script[1]
         if command[:1] == ["echo"]:
-            return (" ".join(command[1:]) + "\n").encode()
+            return (" ".join(command[1:]) + "\n").encode(), b""
         if command[:1] == ["cat"]:
-            return stdin
-        return f"{command[0] if command else ''}: not found\n".encode()
+            return stdin, b""
+        return f"{command[0] if command else ''}: not found\n".encode(), b""
 
     async def _stream(self, conn, request, headers, query, pod, kind, reader, writer) -> bool:
         upgrade = headers.get("upgrade", "").lower()
@@ -417,8 +447,8 @@ class KubeServer:
         for event in ws.events():
             if isinstance(event, Request):
                 offered = event.subprotocols
-        chosen = next((p for p in offered if p in WS_PROTOCOLS), None)
-        record["protocol"] = chosen
+        chosen = next((p for p in offered if p in self.ws_protocols), None)
+        record["protocol"], record["offered"] = chosen, offered
         writer.write(ws.send(AcceptConnection(subprotocol=chosen)))
         await writer.drain()
         stdin = b""
@@ -460,11 +490,13 @@ class KubeServer:
             if chosen == "v4.channel.k8s.io" and stdin.endswith(b"\x04"):
                 done = True
         if shell is None:
-            output = self._run(record["command"], stdin)
+            output, errors = self._run(record["command"], stdin)
             record["stdin"] = stdin
             # client-go registers its streams after the handshake returns: a process starts later than that.
             await asyncio.sleep(0.3)
             writer.write(ws.send(BytesMessage(data=b"\x01" + output)))
+            if errors:
+                writer.write(ws.send(BytesMessage(data=b"\x02" + errors)))
         else:
             record["stdin"] = shell.typed
         writer.write(ws.send(BytesMessage(data=b"\x03" + json.dumps(_exit_status(record["command"])).encode())))
@@ -565,12 +597,12 @@ class KubeServer:
                 continue
             if expected <= set(streams) and stdin_done:
                 break
-        output = self._run(record["command"], stdin) if shell is None else b""
+        output, errors = self._run(record["command"], stdin) if shell is None else (b"", b"")
         record["stdin"] = stdin if shell is None else shell.typed
         if "stdout" in streams:
             write(frames_out.data(streams["stdout"], output) + frames_out.data(streams["stdout"], b"", fin=True))
         if "stderr" in streams:
-            write(frames_out.data(streams["stderr"], b"", fin=True))
+            write(frames_out.data(streams["stderr"], errors) + frames_out.data(streams["stderr"], b"", fin=True))
         exit_status = _exit_status(record["command"])
         if record.get("protocol") == "v4.channel.k8s.io":
             status = json.dumps(exit_status).encode()
