@@ -3,7 +3,7 @@ environment (nginx's /echo shows the Authorization it received: the proxy's Basi
 client's bearer token), mTLS to an nginx with `ssl_verify_client on` against a test CA (works with
 `upstream_client_cert`/`_key`, nginx refuses the same request from a proxy without them), and an https
 upstream verified with `upstream_ca` (another CA: refused with the reason recorded, nothing sent in clear).
-Clients: curl, http.client and aiohttp.
+Clients: curl, http.client and aiohttp. Then the settings: which credential and TLS combinations are refused.
 """
 
 from __future__ import annotations
@@ -17,12 +17,16 @@ import os
 import ssl
 import subprocess
 import uuid
+from pathlib import Path
 
 import aiohttp
 import pytest
 
+from ingest.settings import ConfigError, Table
 from nginx_server import Nginx
 from pg_fixtures import EventLog, make_tls, messages, start_proxy
+from proxy.http.settings import HttpSettings
+from proxy.settings import ProxySettings
 
 BASIC_FILE = "file-user:" + uuid.uuid4().hex[:12]
 BASIC_ENV = "env-user:" + uuid.uuid4().hex[:12]
@@ -186,3 +190,34 @@ def test_an_upstream_signed_by_another_ca_is_refused_with_the_reason_and_nothing
 
 def server_cert_sha256(tls) -> str:
     return hashlib.sha256(ssl.PEM_cert_to_DER_cert(tls["server_cert"].read_text())).hexdigest()
+
+
+def _settings(**raw: str) -> HttpSettings:
+    entry = {"name": "web", "protocol": "http", "listen": "127.0.0.1:0", **raw}
+    return HttpSettings.from_config(ProxySettings.from_table(Table(Path("/etc/custody/custody.toml"), "proxy.1", entry)))
+
+
+def test_upstream_credential_and_tls_settings(tls, monkeypatch):
+    monkeypatch.setenv("CUSTODY_TEST_BASIC", "u:p")
+    monkeypatch.setenv("CUSTODY_TEST_TOKEN", "tok")
+    cert = {"upstream_client_cert": str(tls["client_cert"]), "upstream_client_key": str(tls["client_key"])}
+    basic_env = _settings(upstream="http://127.0.0.1:1", upstream_basic_env="CUSTODY_TEST_BASIC")
+    assert (basic_env.authorization, basic_env.credential, basic_env.upstream_tls.mode) == (
+        b"Basic " + base64.b64encode(b"u:p"), "basic", "disable")
+    mtls = _settings(upstream="https://127.0.0.1:1", upstream_ca=str(tls["ca"]), **cert)
+    assert (mtls.authorization, mtls.credential, mtls.upstream_tls.mode) == (None, "client_cert", "verify-full")
+    for raw, message in [
+        ({"upstream_basic_env": "CUSTODY_TEST_TOKEN"}, "upstream_basic: expected user:password"),
+        ({"upstream_basic_env": "CUSTODY_TEST_BASIC", "upstream_bearer_env": "CUSTODY_TEST_TOKEN"},
+         "upstream_bearer: set upstream_bearer_* or upstream_basic_*, not both"),
+        (cert, 'upstream_client_cert: has no effect with upstream_tls = "disable"'),  # mTLS needs https
+        ({"upstream_tls": "verify-full"}, "upstream_tls: needs an https:// upstream"),
+        ({"upstream": "http://user:secret@127.0.0.1:1"}, "upstream: credentials are never inline"),
+        ({"upstream": "https://127.0.0.1:1", "upstream_tls": "disable"},  # would send the credential in clear
+         'upstream_tls: cannot be "disable" with an https:// upstream'),
+        ({"upstream": "https://127.0.0.1:1", "upstream_client_key": str(tls["client_key"])},
+         "upstream_client_key: needs upstream_client_cert"),
+    ]:
+        with pytest.raises(ConfigError) as error:
+            _settings(**{"upstream": "http://127.0.0.1:1", **raw})
+        assert message in str(error.value), error.value

@@ -1,7 +1,8 @@
 """The keys of a `[[proxy]]` entry with `protocol = "http"` or `"kubernetes"` (the rest is the core's).
 
 * `upstream`: the target's base URL, `http://host:port[/base]` or `https://…` (TLS verified:
-  `upstream_tls` defaults to `verify-full` for https, `upstream_ca` names the CA).
+  `upstream_tls` defaults to `verify-full` for https, `upstream_ca` names the CA; `disable` is refused
+  there, the scheme says which it is).
 * The credential the proxy alone holds, injected into every request it relays (the client's own
   `Authorization` — its OIDC token — is removed first): `upstream_bearer_file`/`_env` (a bearer
   token), `upstream_basic_file`/`_env` (`user:password`), or `upstream_client_cert`/`_key` (mTLS;
@@ -65,6 +66,9 @@ class HttpSettings:
             tls_table = Table(t.source, t.name, {**t.raw, "upstream_tls": "verify-full"})
         elif upstream.scheme == "http" and t.raw.get("upstream_tls", "disable") != "disable":
             raise t.error("upstream_tls", "needs an https:// upstream")
+        elif upstream.scheme == "https" and t.raw["upstream_tls"] == "disable":
+            # it would send the requests, the injected credential with them, in clear to an https target
+            raise t.error("upstream_tls", 'cannot be "disable" with an https:// upstream; use http:// for plaintext')
         else:
             tls_table = t
         upstream_tls = UpstreamTLS.from_table(tls_table, upstream.host)
