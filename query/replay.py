@@ -28,6 +28,7 @@ from ingest.errors import CustodyError
 from ingest.events import SignedEvent, micros_to_datetime, open_event
 from ingest.keys import Keyring
 from ingest.protocols.render import Entry, Renderer, Reveal, arrange
+from ingest.protocols.ssh.extract import Extracted, extract_files, select
 from ingest.verify import Rejection, SessionChains, check_signature
 
 DEFAULT_ROWS = 10
@@ -229,3 +230,28 @@ def replay_session(con: duckdb.DuckDBPyConnection, session: str, keyring: Keyrin
     # Then the protocol's renderer may fold steps that are one thing to a reader (PostgreSQL's login).
     steps = arrange(renderer, [entry for _, entry in timed], max_rows=max_rows, reveal=reveal)
     return Replay(verification, micros_to_datetime(started), steps, protocol)
+
+
+# --- files -------------------------------------------------------------------------------------------
+
+
+def session_messages(events: list[SignedEvent]) -> list[dict[str, Any]]:
+    """Every Frames message of a session, its `direction` filled in, in the order it was read (as the steps)."""
+    placed = [(e.envelope["ts"] + (m.get("offset_us") or 0),
+               {**m, "direction": m.get("direction") or e.body["direction"]})
+              for e in events if e.kind == "frames" for m in e.body["messages"]]
+    placed.sort(key=lambda at_message: at_message[0])  # stable: ties stay in seq order
+    return [m for _, m in placed]
+
+
+def extract_file(con: duckdb.DuckDBPyConnection, session: str, keyring: Keyring, path: str,
+                 nth: int | None = None) -> tuple[Verification, Extracted]:
+    """The file `path` as an SFTP transfer of the session moved it (the last, or its `nth`), rebuilt from the
+    recorded packets, with the session's verification: the bytes are evidence only if the events verify."""
+    session_id = resolve_session(con, session)
+    verification, events = verify_events(session_id, load_events(con, session_id), keyring)
+    protocol = session_protocol(events)
+    if protocol != "ssh":
+        raise CustodyError(f"session {session_id} is a {protocol or 'generic'} session; "
+                           "files are extracted from SSH (SFTP) sessions only")
+    return verification, select(extract_files(session_messages(events)), path, nth)

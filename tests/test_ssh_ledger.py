@@ -1,11 +1,14 @@
-"""End to end: an interactive shell (a real PTY: keystrokes, a window change) and an exec through the SSH
-proxy, sealed by the real ledger; `custody activity` shows them with protocol ssh, `custody replay` reads
-them, and `--format asciicast` writes the terminal with its resizes (keystrokes only with --input).
+"""End to end: an interactive shell (a real PTY: keystrokes, a window change), an exec and an sftp put and get
+through the SSH proxy, sealed by the real ledger; `custody activity` shows them with protocol ssh, `custody
+replay` reads them, `--format asciicast` writes the terminal with its resizes (keystrokes only with --input),
+and `--extract-file` rebuilds the transferred file from the ledger.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import hashlib
 import html
 import json
 import os
@@ -20,7 +23,7 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
-from custody.cli import cli
+from custody.cli import cli, run
 from ingest.keys import Keyring, load_key_file
 from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
@@ -94,6 +97,7 @@ def sealed(broker, tmp_path_factory):
         os.write(master, b"exit 5\r")
         assert shell.wait(20) == 5
         os.close(master)
+        transfer = sftp_put_and_get(client, proxy, tmp_path_factory.mktemp("files"))
         sessions = []
         deadline = time.monotonic() + 30
         while len(sessions) < 2:
@@ -110,18 +114,41 @@ def sealed(broker, tmp_path_factory):
             assert time.monotonic() < deadline
             offended = events.find(lambda s: s["protocol"] == "ssh" and s["attributes"].get("user") == offender)
             events.poll()
-        total = sum(len(s) for s in sessions + offended)
+        [transferred] = events.find(lambda s: s["protocol"] == "ssh" and s["attributes"].get("user") == transfer.user)
+        total = sum(len(s) for s in [*sessions, *offended, transferred])
         deadline = time.monotonic() + 60
         while service.sealed_leaves < total or any(w.opened_at is not None for w in service.writers.values()):
             assert time.monotonic() < deadline, "the ledger did not seal in time"
             service.step(0.1)
         service.close()
         sessions.sort(key=lambda s: s[0].ts)
-        yield proxy, user, sessions, settings.dir, offender
+        yield proxy, user, sessions, settings.dir, offender, dataclasses.replace(
+            transfer, session=transferred[0].session_id)
     finally:
         events.close()
         proxy.background.stop()
         sshd.stop()
+
+
+@dataclasses.dataclass(frozen=True)
+class Transfer:
+    """An sftp put of a file and its get back, by a user of its own (one session)."""
+
+    user: str
+    remote: str
+    sha256: str
+    size: int
+    session: str = ""
+
+
+def sftp_put_and_get(client: Client, proxy, directory) -> Transfer:
+    user, local, back = new_user(), directory / "up.bin", directory / "down.bin"
+    local.write_bytes(os.urandom(300_000))  # several 32 KiB writes and reads, several in flight
+    remote = f"/tmp/custody-extract-{time.time_ns()}.bin"
+    done = client.sftp(user, proxy.token(user, ("dev",)), f"put {local} {remote}\nget {remote} {back}\nrm {remote}\n")
+    assert done.returncode == 0, done.stderr
+    assert back.read_bytes() == local.read_bytes()
+    return Transfer(user, remote, hashlib.sha256(local.read_bytes()).hexdigest(), local.stat().st_size)
 
 
 def custody(*args: str):
@@ -131,7 +158,7 @@ def custody(*args: str):
 
 
 def test_activity_shows_the_ssh_operations(sealed):
-    proxy, user, sessions, ledger, _ = sealed
+    proxy, user, sessions, ledger, _, _ = sealed
     rows = json.loads(custody("activity", "--identity", user, "--protocol", "ssh", "--format", "json",
                               "--ledger", str(ledger), "--config", str(proxy.config.path)))
     assert [(r["protocol"], r["operation"], r["text"], r["outcome"]) for r in rows] == [
@@ -142,7 +169,7 @@ def test_activity_shows_the_ssh_operations(sealed):
 
 
 def test_replay_and_asciicast_of_the_shell(sealed, tmp_path):
-    proxy, user, sessions, ledger, _ = sealed
+    proxy, user, sessions, ledger, _, _ = sealed
     shell_id = sessions[1][0].session_id
     text = custody("replay", shell_id, "--ledger", str(ledger), "--config", str(proxy.config.path))
     assert text.startswith("VERIFIED") and "typed-secret-2" in text and "120x40" in text, text
@@ -166,7 +193,7 @@ def test_replay_and_asciicast_of_the_shell(sealed, tmp_path):
 
 
 def test_the_html_replay_plays_the_terminal_with_no_script(sealed, tmp_path):
-    proxy, user, sessions, ledger, _ = sealed
+    proxy, user, sessions, ledger, _, _ = sealed
     page = tmp_path / "shell.html"
     custody("replay", sessions[1][0].session_id, "--format", "html", "-o", str(page), "--ledger", str(ledger),
             "--config", str(proxy.config.path))
@@ -191,7 +218,7 @@ def test_the_html_replay_plays_the_terminal_with_no_script(sealed, tmp_path):
 
 
 def test_a_blocked_command_and_a_refused_host_key_reach_violations_tail(sealed):
-    proxy, _, _, ledger, offender = sealed
+    proxy, _, _, ledger, offender, _ = sealed
     config = ("--config", str(proxy.config.path))
     deadline, mine = time.monotonic() + 30, []
     while len(mine) < 2:
@@ -210,3 +237,37 @@ def test_a_blocked_command_and_a_refused_host_key_reach_violations_tail(sealed):
                               "--ledger", str(ledger), *config))
     assert [(r["operation"], r["text"], r.get("policy_action")) for r in rows] == [
         ("command", "rm -rf /srv/data", "block")]
+
+
+def test_the_uploaded_and_downloaded_file_is_extracted_from_the_ledger(sealed, tmp_path, capsys, monkeypatch):
+    proxy, _, _, ledger, _, transfer = sealed
+    where = ("--ledger", str(ledger), "--config", str(proxy.config.path))
+    extract = ("replay", transfer.session, "--extract-file", transfer.remote, *where)
+    for nth, mode, out in ((("--nth", "1"), "upload", tmp_path / "up.bin"), ((), "download", tmp_path / "down.bin")):
+        assert run([*extract, *nth, "-o", str(out)]) == 0  # the put is the first transfer of the path, the get the last
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == transfer.sha256
+        line = capsys.readouterr().out
+        assert line == (f"MATCH {transfer.remote} ({mode}, {transfer.size} bytes, SHA-256 {transfer.sha256}) as "
+                        f"recorded, written to {out}; session {transfer.session} verified\n")
+
+    assert run(["replay", transfer.session, "--extract-file", "/etc/absent", "-o", str(tmp_path / "x"), *where]) == 2
+    assert capsys.readouterr().err == (f"error: no SFTP transfer of '/etc/absent' in this session "
+                                       f"(transferred: {transfer.remote})\n")
+    assert run([*extract, "--nth", "3", "-o", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == f"error: --nth 3: {transfer.remote!r} was transferred 2 time(s) in this session\n"
+
+    # Bytes that are not what the proxy hashed as they went through (one flipped here) are named, never a MATCH.
+    from custody.commands import query as commands
+
+    real = commands.extract_file
+
+    def tampered(*args, **kwargs):
+        verification, file = real(*args, **kwargs)
+        return verification, dataclasses.replace(file, data=b"X" + file.data[1:])
+
+    monkeypatch.setattr(commands, "extract_file", tampered)
+    assert run([*extract, "-o", str(tmp_path / "bad.bin")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {transfer.remote} (download, {transfer.size} bytes) rebuilt from session "
+                          f"{transfer.session} is not the recorded transfer: SHA-256 ") and err.count("\n") == 1
+    assert f"!= recorded {transfer.sha256} (written to {tmp_path / 'bad.bin'} for inspection)" in err

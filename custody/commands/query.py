@@ -22,7 +22,7 @@ from query.filters import SessionFilter, parse_time
 from query.html import render_html
 from query.output import FORMATS, write_result
 from query.render import render_json, render_text
-from query.replay import DEFAULT_ROWS, custodian_reveal, replay_session
+from query.replay import DEFAULT_ROWS, custodian_reveal, extract_file, replay_session
 from query.sql import run_query
 from query.views import open_ledger
 
@@ -145,14 +145,26 @@ RENDERERS = {"text": render_text, "json": render_json, "html": render_html}
               help="asciicast: include the client's keystrokes as \"i\" events (they may hold secrets).")
 @click.option("--custodian-key", type=click.Path(dir_okay=False, exists=True), default=None,
               help="The evidence custodian's private key (base64, as custody init writes keys/custodian.key).")
+@click.option("--extract-file", "extract_path", metavar="PATH", default=None,
+              help="Write the file PATH as an SFTP transfer of the session moved it (upload or download; "
+                   "not legacy scp -O) to -o FILE, rebuilt from the recorded packets and checked against the "
+                   "recorded SHA-256 and size.")
+@click.option("--nth", type=click.IntRange(min=1), default=None,
+              help="--extract-file: the Nth transfer of PATH in the session (default: the last).")
 @output_option
 def replay(session: str, config_path: str | None, ledger_path: str | None, bundle_path: str | None,
            keyring: str | None, fmt: str, rows: int, reveal: bool, with_input: bool, custodian_key: str | None,
-           output: str | None) -> None:
+           extract_path: str | None, nth: int | None, output: str | None) -> None:
     """Replay SESSION (an id or a unique prefix) step by step; the first line says whether it verified.
 
-    Exits 1 when the session's signatures or chain do not verify.
+    Exits 1 when the session's signatures or chain do not verify. With --extract-file PATH -o FILE, writes
+    that transferred file instead and says in one line whether it matches the recorded SHA-256 and size.
     """
+    if extract_path is not None:
+        extract(session, config_path, ledger_path, bundle_path, keyring, extract_path, nth, output)
+        return
+    if nth is not None:
+        raise click.UsageError("--nth goes with --extract-file PATH")
     if reveal and not custodian_key:
         raise click.UsageError("--reveal needs --custodian-key FILE")
     opener = custodian_reveal(load_custodian_key(Path(custodian_key))) if reveal and custodian_key else None
@@ -173,6 +185,26 @@ def replay(session: str, config_path: str | None, ledger_path: str | None, bundl
         click.echo(text, nl=False)
     if not story.verification.ok:
         raise SystemExit(1)
+
+
+def extract(session: str, config_path: str | None, ledger_path: str | None, bundle_path: str | None,
+            keyring: str | None, path: str, nth: int | None, output: str | None) -> None:
+    """`replay --extract-file`: the rebuilt file to OUTPUT, one line on whether it is the recorded transfer."""
+    if not output:
+        raise click.UsageError("--extract-file PATH needs -o FILE")
+    trusted = Keyring.load(keyring_path(config_path, keyring))
+    verification, file = extract_file(connect(config_path, ledger_path, bundle_path), session, trusted, path, nth)
+    Path(output).write_bytes(file.data)
+    what = f"{path} ({file.mode}, {len(file.data)} bytes"
+    problem = file.problem()
+    if problem is not None:
+        raise CustodyError(f"{what}) rebuilt from session {verification.session_id} is not the recorded "
+                           f"transfer: {problem} (written to {output} for inspection)")
+    if not verification.ok:
+        click.echo(f"{what}, SHA-256 {file.sha256}) matches its record but {verification.line}", err=True)
+        raise SystemExit(1)
+    click.echo(f"MATCH {what}, SHA-256 {file.sha256}) as recorded, written to {output}; "
+               f"session {verification.session_id} verified")
 
 
 commands: list[click.Command] = [sql, sessions, activity, replay]
