@@ -30,7 +30,7 @@ from proxy.settings import ProxySettings
 
 BASIC_FILE = "file-user:" + uuid.uuid4().hex[:12]
 BASIC_ENV = "env-user:" + uuid.uuid4().hex[:12]
-BASIC_FILE_PROXY, BASIC_ENV_PROXY, MTLS, NO_CERT, WRONG_CA = 1, 2, 3, 4, 5
+BASIC_FILE_PROXY, BASIC_ENV_PROXY, MTLS, NO_CERT, WRONG_CA, MTLS_BASIC = 1, 2, 3, 4, 5, 6
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,8 @@ def proxy(broker, tmp_path_factory, nginx, nginx_mtls, tls, other_ca):
         _entry("mtls", nginx_mtls.url, upstream_ca=tls["ca"], **cert),
         _entry("no-cert", nginx_mtls.url, upstream_ca=tls["ca"]),
         _entry("wrong-ca", nginx_mtls.url, upstream_ca=other_ca, **cert),
+        _entry("mtls-basic", nginx_mtls.url, upstream_ca=tls["ca"], upstream_basic_env="CUSTODY_TEST_UPSTREAM_BASIC",
+               **cert),
     ])
     running = start_proxy(directory, broker, extra_proxies=entries)
     running.events = EventLog.open(running)
@@ -164,6 +166,14 @@ def test_mtls_with_the_client_certificate_succeeds_verified_with_upstream_ca(pro
     assert start["attributes"]["upstream_cert_sha256"] == server_cert_sha256(tls)
 
 
+def test_basic_over_mtls_presents_both_and_the_events_name_both(proxy):
+    user_agent = agent("aiohttp-mtls-basic")
+    status, body = fetch(proxy, MTLS_BASIC, user_agent, "/echo")
+    assert status == 200 and json.loads(body)["authorization"] == basic(BASIC_ENV)
+    start = session(proxy, user_agent)[0].body
+    assert start["attributes"]["upstream_credential"] == "basic+client_cert"
+
+
 def test_without_the_client_certificate_nginx_refuses(proxy, tls):
     user_agent = agent("aiohttp-no-cert")
     status, body = fetch(proxy, NO_CERT, user_agent)
@@ -194,7 +204,8 @@ def server_cert_sha256(tls) -> str:
 
 def _settings(**raw: str) -> HttpSettings:
     entry = {"name": "web", "protocol": "http", "listen": "127.0.0.1:0", **raw}
-    return HttpSettings.from_config(ProxySettings.from_table(Table(Path("/etc/custody/custody.toml"), "proxy.1", entry)))
+    table = Table(Path("/etc/custody/custody.toml"), "proxy.1", entry)
+    return HttpSettings.from_config(ProxySettings.from_table(table))
 
 
 def test_upstream_credential_and_tls_settings(tls, monkeypatch):
@@ -206,6 +217,10 @@ def test_upstream_credential_and_tls_settings(tls, monkeypatch):
         b"Basic " + base64.b64encode(b"u:p"), "basic", "disable")
     mtls = _settings(upstream="https://127.0.0.1:1", upstream_ca=str(tls["ca"]), **cert)
     assert (mtls.authorization, mtls.credential, mtls.upstream_tls.mode) == (None, "client_cert", "verify-full")
+    both = _settings(upstream="https://127.0.0.1:1", upstream_ca=str(tls["ca"]),
+                     upstream_bearer_env="CUSTODY_TEST_TOKEN", **cert)
+    assert (both.authorization, both.credential) == (b"Bearer tok", "bearer+client_cert")  # the events name both
+    assert _settings(upstream="https://127.0.0.1:1").credential == "none"
     for raw, message in [
         ({"upstream_basic_env": "CUSTODY_TEST_TOKEN"}, "upstream_basic: expected user:password"),
         ({"upstream_basic_env": "CUSTODY_TEST_BASIC", "upstream_bearer_env": "CUSTODY_TEST_TOKEN"},

@@ -6,7 +6,8 @@
 * The credential the proxy alone holds, injected into every request it relays (the client's own
   `Authorization` — its OIDC token — is removed first): `upstream_bearer_file`/`_env` (a bearer
   token), `upstream_basic_file`/`_env` (`user:password`), or `upstream_client_cert`/`_key` (mTLS;
-  https only). At most one of bearer and basic; none is allowed (a target that needs no credential).
+  https only; it may come with bearer or basic). At most one of bearer and basic; none is allowed (a
+  target that needs no credential).
   Files are read once, at start-up.
 * `max_body_bytes` (default 1 MiB): how much of one body is buffered for decoding, masking and
   display; `max_header_bytes` (default 64 KiB): the largest request or response head.
@@ -50,7 +51,7 @@ class HttpSettings:
     upstream: HttpUpstream
     upstream_tls: UpstreamTLS
     authorization: bytes | None  # the Authorization header value the proxy sends; never logged or recorded
-    credential: str  # what kind it is, for events: bearer | basic | client_cert | none
+    credential: str  # what the proxy presents, for events: bearer | basic | client_cert | bearer+client_cert | … | none
     max_body: int
     max_header: int
 
@@ -78,18 +79,19 @@ class HttpSettings:
         if basic is not None and ":" not in basic:
             raise t.error("upstream_basic", "expected user:password")
         if bearer is not None:
-            authorization, credential = b"Bearer " + bearer.strip().encode(), "bearer"
+            authorization, kinds = b"Bearer " + bearer.strip().encode(), ["bearer"]
         elif basic is not None:
-            authorization, credential = b"Basic " + base64.b64encode(basic.encode()), "basic"
+            authorization, kinds = b"Basic " + base64.b64encode(basic.encode()), ["basic"]
         else:
-            authorization = None
-            credential = "client_cert" if "upstream_client_cert" in t.raw else "none"
+            authorization, kinds = None, []
+        if "upstream_client_cert" in t.raw:  # with https only (UpstreamTLS refuses it otherwise); a header too, or not
+            kinds.append("client_cert")
         return cls(
             listener=ListenerSettings.from_settings(proxy, default_fail_open),
             upstream=upstream,
             upstream_tls=upstream_tls,
             authorization=authorization,
-            credential=credential,
+            credential="+".join(kinds) or "none",
             max_body=t.int("max_body_bytes", DEFAULT_MAX_BODY, minimum=1024),
             max_header=t.int("max_header_bytes", DEFAULT_MAX_HEADER, minimum=1024),
         )
