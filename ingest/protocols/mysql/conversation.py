@@ -270,6 +270,8 @@ class Conversation:
             self._done()
             if head == 0xFE:  # COM_SET_OPTION answers with EOF
                 return "EOF", {"outcome": "ok"}
+            if e.command == "COM_RESET_CONNECTION":
+                self.statements.clear()  # the target deallocated them: an EXECUTE of an old id runs no SQL of theirs
             return "OK", _ok_fields(m.decode_ok(payload), final=True)
         if kind == "statistics":
             self._done()

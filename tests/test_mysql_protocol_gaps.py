@@ -1,0 +1,302 @@
+"""MySQL protocol features the audit of issue 13 found untested, against the machine's MariaDB through the
+proxy with real clients: a read-only cursor and COM_STMT_FETCH, COM_STMT_SEND_LONG_DATA, COM_STMT_RESET and
+COM_STMT_CLOSE, COM_RESET_CONNECTION (mysql-connector-python's command API, which speaks each of them), a
+client that drops its socket while a large result streams, and the settings `upstream_tls = "require"`
+(this MariaDB has no TLS: refused, never plaintext), `upstream_password_file` and the session's end at the
+token's expiry (`[identity] leeway_seconds = 0`).
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import time
+from datetime import datetime, timedelta, timezone
+
+import jwt
+import mysql.connector
+import pymysql
+import pytest
+from mysql.connector.constants import ServerFlag
+from pymysql.cursors import SSCursor
+
+from mysql_fixtures import make_target, proxy_entry
+from pg_fixtures import EventLog, make_tls, messages, new_app, start_proxy
+
+PLAIN, TLS, REQUIRE_TLS, PASSWORD_FILE, WRONG_PASSWORD_FILE = 1, 2, 3, 4, 5  # 0: custody init's PostgreSQL entry
+CURSOR_TYPE_READ_ONLY = 1
+
+
+@pytest.fixture(scope="module")
+def target():
+    target = make_target()
+    with target.direct() as conn, conn.cursor() as cur:
+        cur.execute("CREATE TABLE nums (id INT PRIMARY KEY, label VARCHAR(20))")
+        cur.execute("INSERT INTO nums VALUES " + ", ".join(f"({i}, 'n{i}')" for i in range(1, 8)))
+    yield target
+    target.drop()
+
+
+@pytest.fixture(scope="module")
+def proxy(broker, tmp_path_factory, target):
+    directory = tmp_path_factory.mktemp("custody")
+    tls = make_tls(tmp_path_factory.mktemp("tls"))
+    (directory / "right.pw").write_text(target.password + "\n")
+    (directory / "wrong.pw").write_text("not-the-password\n")
+
+    def from_file(name: str, file: str) -> str:
+        return proxy_entry(target, name).replace(f'upstream_password_env = "{target.env}"',
+                                                 f'upstream_password_file = "{directory / file}"')
+
+    entries = (proxy_entry(target)
+               + proxy_entry(target, "tls-mysql", f'tls_cert = "{tls["server_cert"]}"\ntls_key = "{tls["server_key"]}"\n')
+               + proxy_entry(target, "tls-required-mysql", 'upstream_tls = "require"\n')
+               + from_file("file-mysql", "right.pw") + from_file("wrong-file-mysql", "wrong.pw"))
+    running = start_proxy(directory, broker, extra_proxies=entries, replace={
+        'dev_signing_key = "keys/dev-idp.key"': 'dev_signing_key = "keys/dev-idp.key"\nleeway_seconds = 0'})
+    running.events = EventLog.open(running)
+    yield running
+    running.events.close()
+    running.background.stop()
+
+
+def connector(proxy, target, app: str, **kwargs) -> mysql.connector.MySQLConnection:
+    host, port = proxy.address(TLS)
+    return mysql.connector.connect(host=host, port=port, user="alice@example.com", password=proxy.token(),
+                                   database=target.database, auth_plugin="mysql_clear_password", use_pure=True,
+                                   ssl_disabled=False, ssl_verify_cert=False, conn_attrs={"program_name": app},
+                                   autocommit=True, **kwargs)
+
+
+def pymysql_to(proxy, target, index: int, app: str, token: str | None = None, **kwargs) -> pymysql.Connection:
+    host, port = proxy.address(index)
+    return pymysql.connect(host=host, port=port, user="alice@example.com", password=token or proxy.token(),
+                           database=target.database, autocommit=True, program_name=app, **kwargs)
+
+
+def records(events, direction: str, kind: str) -> list[dict]:
+    return [m for m in messages(events, direction) if m["type"] == kind]
+
+
+def proxy_errors(events) -> list[tuple[str, str, str]]:
+    return [(m["error_code"], m["attributes"]["errno"], m["error_message"]) for m in records(events, "server", "ERR")
+            if m["attributes"].get("origin") == "proxy"]
+
+
+def cursor_fetches(conn, sql: str, batch: int) -> tuple[int, list[list[tuple]]]:
+    """PREPARE, EXECUTE with a read-only cursor, then FETCH `batch` rows twice and the rest; the EXECUTE's status."""
+    prepared = conn.cmd_stmt_prepare(sql.encode())
+    statement_id = prepared["statement_id"]
+    _, columns, eof = conn.cmd_stmt_execute(statement_id, flags=CURSOR_TYPE_READ_ONLY)
+    batches = []
+    for size in (batch, batch, 100):
+        conn.cmd_stmt_fetch(statement_id, size)
+        rows, _ = conn.get_rows(binary=True, columns=columns)
+        batches.append([tuple(r) for r in rows])
+    conn.cmd_stmt_close(statement_id)
+    return eof["status_flag"], batches
+
+
+def test_a_read_only_cursor_fetched_in_batches_same_as_direct_and_recorded(proxy, target):
+    sql = "SELECT id, label FROM nums ORDER BY id"
+    direct = mysql.connector.connect(host="127.0.0.1", port=3306, user=target.user, password=target.password,
+                                     database=target.database, use_pure=True)
+    try:
+        expected_status, expected = cursor_fetches(direct, sql, 3)
+    finally:
+        direct.close()
+    app = new_app("cursor")
+    conn = connector(proxy, target, app)
+    try:
+        status, batches = cursor_fetches(conn, sql, 3)
+        cur = conn.cursor()  # the session goes on after the cursor
+        cur.execute("SELECT 42")
+        assert cur.fetchall() == [(42,)]
+    finally:
+        conn.close()
+    assert status & ServerFlag.STATUS_CURSOR_EXISTS and expected_status & ServerFlag.STATUS_CURSOR_EXISTS
+    assert batches == expected == [[(1, "n1"), (2, "n2"), (3, "n3")], [(4, "n4"), (5, "n5"), (6, "n6")], [(7, "n7")]]
+    events = proxy.events.session(app)
+    (execute,) = records(events, "client", "COM_STMT_EXECUTE")
+    assert execute["statement"] == sql and execute["attributes"]["cursor"] == "read_only"
+    statement_id = execute["attributes"]["statement_id"]
+    fetches = records(events, "client", "COM_STMT_FETCH")
+    assert [m["attributes"]["statement_id"] for m in fetches] == [statement_id] * 3
+    opened = [m for m in records(events, "server", "EOF") if m["attributes"].get("cursor") == "open"]
+    assert len(opened) == 1  # EXECUTE's answer: the columns, then the rows wait for FETCH
+    assert [m["rows"] for m in records(events, "server", "EOF") if m.get("rows") is not None] == [3, 3, 1, 1]  # SELECT 42's
+    last = [m for m in records(events, "server", "EOF") if m.get("rows") is not None][2]
+    assert int(last["attributes"]["status"]) & ServerFlag.STATUS_LAST_ROW_SENT
+    assert sum(int(m["attributes"].get("messages", "1")) for m in records(events, "server", "BinaryRow")) == 7
+    (close,) = records(events, "client", "COM_STMT_CLOSE")
+    assert close["attributes"]["statement_id"] == statement_id
+    assert events[-1].body["reason"] == "client_terminate"
+
+
+def test_send_long_data_reset_and_close_recorded(proxy, target):
+    blob = bytes(range(256)) * 1200  # 300 KiB: mysql-connector sends it in 128 KiB COM_STMT_SEND_LONG_DATA packets
+    app = new_app("long-data")
+    conn = connector(proxy, target, app)
+    try:
+        prepared = conn.cmd_stmt_prepare(b"SELECT LENGTH(?), MD5(?), ?")
+        statement_id, parameters = prepared["statement_id"], prepared["parameters"]
+        conn.cmd_stmt_send_long_data(statement_id, 0, io.BytesIO(b"thrown away by the reset"))
+        conn.cmd_stmt_reset(statement_id)  # the long data sent so far is discarded
+        _, columns, _ = conn.cmd_stmt_execute(statement_id, data=(io.BytesIO(blob), io.BytesIO(blob), 7),
+                                              parameters=parameters)
+        conn.unread_result = True  # as the prepared cursor's _handle_result says, before it reads the rows
+        rows, _ = conn.get_rows(binary=True, columns=columns)
+        conn.cmd_stmt_close(statement_id)
+        cur = conn.cursor()
+        cur.execute("SELECT MD5(%s)", (blob,))
+        (expected_md5,) = cur.fetchone()
+    finally:
+        conn.close()
+    assert [tuple(r) for r in rows] == [(len(blob), expected_md5, 7)]
+    events = proxy.events.session(app)
+    long_data = records(events, "client", "COM_STMT_SEND_LONG_DATA")
+    assert [(m["attributes"]["statement_id"], m["attributes"]["parameter"], m["attributes"]["bytes"])
+            for m in long_data] == [(str(statement_id), "0", "24")] + [
+        (str(statement_id), p, n) for p in "01" for n in ("131072", "131072", str(len(blob) - 2 * 131072))]
+    (reset,) = records(events, "client", "COM_STMT_RESET")
+    assert reset["attributes"]["statement_id"] == str(statement_id)
+    (execute,) = records(events, "client", "COM_STMT_EXECUTE")
+    assert execute["statement"] == "SELECT LENGTH(?), MD5(?), ?"
+    assert len(execute["parameters"]) == 3 and execute["parameters"][2] == "7"
+    assert "thrown away" not in "".join(execute["parameters"][:2])  # the reset's discarded data is not bound
+    (close,) = records(events, "client", "COM_STMT_CLOSE")
+    assert close["attributes"]["statement_id"] == str(statement_id)
+    assert not any(m["outcome"] == "error" for m in messages(events, "server"))
+
+
+def test_reset_connection_is_relayed_recorded_and_the_session_goes_on(proxy, target):
+    app = new_app("reset")
+    conn = connector(proxy, target, app)
+    try:
+        cur = conn.cursor()
+        cur.execute("SET @marker = 'before'")
+        prepared = conn.cmd_stmt_prepare(b"SELECT ?")
+        assert conn.cmd_reset_connection()
+        cur = conn.cursor()
+        cur.execute("SELECT @marker")  # the target reset the session: the user variable is gone
+        assert cur.fetchall() == [(None,)]
+        with pytest.raises(mysql.connector.Error) as unknown:  # so is the prepared statement
+            conn.cmd_stmt_execute(prepared["statement_id"], data=(1,), parameters=prepared["parameters"])
+        assert unknown.value.errno == 1243
+        cur.execute("SELECT DATABASE()")
+        assert cur.fetchall() == [(target.database,)]
+    finally:
+        conn.close()
+    events = proxy.events.session(app)
+    ordered = [(m.get("direction") or e.body["direction"], m) for e in events if e.kind == "frames"
+               for m in e.body["messages"]]
+    reset = next(i for i, (_, m) in enumerate(ordered) if m["type"] == "COM_RESET_CONNECTION")
+    answer = next(m for direction, m in ordered[reset + 1:] if direction == "server")
+    assert (answer["type"], answer["outcome"]) == ("OK", "ok")
+    (execute,) = records(events, "client", "COM_STMT_EXECUTE")
+    assert execute["attributes"]["statement_id"] == str(prepared["statement_id"])
+    assert "statement" not in execute or execute.get("statement") is None  # forgotten with the reset
+    (unknown_err,) = [m for m in records(events, "server", "ERR") if m["attributes"]["errno"] == "1243"]
+    assert unknown_err["outcome"] == "error"
+    assert events[-1].body["reason"] == "client_terminate"
+
+
+def test_a_client_gone_mid_result_ends_its_session_and_the_proxy_serves_the_next(proxy, target):
+    app = new_app("abrupt")
+    conn = pymysql_to(proxy, target, PLAIN, app, cursorclass=SSCursor)
+    cur = conn.cursor()
+    cur.execute("SELECT seq, REPEAT('x', 500) FROM seq_1_to_200000")  # ~100 MB if read to its end
+    assert cur.fetchone()[0] == 1
+    conn._sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    conn._rfile.close()  # its reader holds the socket open
+    conn._sock.close()  # a reset, with most of the result still coming
+    events = proxy.events.session(app)
+    assert events[-1].body["reason"] == "client_disconnect"
+    assert records(events, "client", "COM_QUERY")[-1]["statement"].startswith("SELECT seq")
+    assert records(events, "server", "TextRow")  # some rows were relayed before the end
+    with pymysql_to(proxy, target, PLAIN, new_app("after")) as after, after.cursor() as cur:
+        cur.execute("SELECT count(*) FROM nums")
+        assert cur.fetchone() == (7,)
+    with pymysql.connect(host="127.0.0.1", port=3306, user="root", password="") as root, root.cursor() as cur:
+        deadline = time.monotonic() + 10  # the target's thread of that session ends too (the proxy hung up)
+        while True:
+            cur.execute("SELECT count(*) FROM information_schema.processlist WHERE info LIKE 'SELECT seq, REPEAT%%'")
+            if cur.fetchone() == (0,) or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert cur.fetchone() is None and time.monotonic() <= deadline
+
+
+def test_upstream_tls_require_against_a_target_without_tls_is_refused(proxy, target):
+    app = new_app("tls-require")
+    with pytest.raises(pymysql.err.MySQLError) as refused:
+        pymysql_to(proxy, target, REQUIRE_TLS, app)
+    reason = 'the target does not offer TLS, and upstream_tls = "require" requires it'
+    assert reason in str(refused.value)
+    events = proxy.events.session(app)
+    assert events[-1].body["reason"] == "upstream_unavailable"
+    [(_, _, message)] = proxy_errors(events)
+    assert reason in message and "'tls-required-mysql' is unavailable" in message
+    assert not records(events, "client", "COM_QUERY")
+
+
+def test_upstream_password_file_logs_in_and_a_wrong_one_is_refused(proxy, target):
+    app = new_app("pw-file")
+    with pymysql_to(proxy, target, PASSWORD_FILE, app) as conn, conn.cursor() as cur:
+        cur.execute("SELECT current_user()")
+        assert cur.fetchone() == (f"{target.user}@127.0.0.1",)
+    assert proxy.events.session(app)[0].body["target"] == "file-mysql"
+    app = new_app("pw-wrong")
+    with pytest.raises(pymysql.err.MySQLError) as refused:
+        pymysql_to(proxy, target, WRONG_PASSWORD_FILE, app)
+    assert "the target refused the proxy's login (1045 28000)" in str(refused.value)
+    events = proxy.events.session(app)
+    assert events[-1].body["reason"] == "upstream_unavailable"
+    assert not any(b"not-the-password" in e.value or target.password.encode() in e.value for e in events)
+
+
+def exp_of(token: str) -> datetime:
+    return datetime.fromtimestamp(jwt.decode(token, options={"verify_signature": False})["exp"], timezone.utc)
+
+
+def test_an_idle_session_ends_when_its_token_expires(proxy, target):
+    app = new_app("exp-idle")
+    token = proxy.token(ttl=timedelta(seconds=3))
+    exp = exp_of(token)
+    conn = pymysql_to(proxy, target, PLAIN, app, token=token)
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+        assert cur.fetchone() == (1,)
+    time.sleep(max(0.0, (exp - datetime.now(timezone.utc)).total_seconds()) + 1.0)
+    with pytest.raises(pymysql.err.MySQLError) as ended, conn.cursor() as cur:
+        cur.execute("SELECT 2")
+    conn.close()
+    events = proxy.events.session(app)
+    start, end = events[0].body, events[-1].body
+    assert start["attributes"]["token_exp"] == exp.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert end["reason"] == "identity_expired" and events[-1].ts >= exp
+    [(code, errno, message)] = proxy_errors(events)
+    assert (code, errno) == ("70100", "1927")
+    assert f"the token of alice@example.com expired at {start['attributes']['token_exp']}" in message
+    assert "SELECT 2" not in [m["statement"] for m in records(events, "client", "COM_QUERY")]
+    assert ended.value.args[0] in (1927, 2013, 0) or "expired" in str(ended.value)
+
+
+def test_a_statement_in_flight_at_expiry_finishes_first(proxy, target):
+    app = new_app("exp-busy")
+    token = proxy.token(ttl=timedelta(seconds=2))
+    exp = exp_of(token)
+    conn = pymysql_to(proxy, target, PLAIN, app, token=token)
+    left = (exp - datetime.now(timezone.utc)).total_seconds()
+    assert left > 0.5
+    with conn.cursor() as cur:
+        cur.execute("SELECT SLEEP(%s), 'done'", (left + 1.5,))
+        assert cur.fetchone() == (0, "done")  # it ran past the expiry, to its end
+    with pytest.raises(pymysql.err.MySQLError), conn.cursor() as cur:
+        cur.execute("SELECT 'after'")
+    conn.close()
+    events = proxy.events.session(app)
+    assert events[-1].body["reason"] == "identity_expired"
+    kinds = [m["type"] for m in messages(events, "server")]
+    assert kinds.index("TextRow") < len(kinds) - 1 - kinds[::-1].index("ERR")  # the result, then the proxy's ERR
+    assert [c for c, *_ in proxy_errors(events)] == ["70100"]
