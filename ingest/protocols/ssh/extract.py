@@ -28,7 +28,7 @@ class Extracted:
 
     path: str
     mode: str  # upload | download
-    data: bytes
+    data: bytes | bytearray  # the rebuilt buffer itself: a 100 MiB file is not copied again
     recorded_size: int | None
     recorded_sha256: str | None
 
@@ -62,7 +62,7 @@ class _File:
 
     def done(self, attributes: Mapping[str, str] | None) -> Extracted:
         size = attributes.get("size") if attributes else None
-        return Extracted(self.path, self.mode, bytes(self.data), int(size) if size is not None else None,
+        return Extracted(self.path, self.mode, self.data, int(size) if size is not None else None,
                          attributes.get("sha256") if attributes else None)
 
 
