@@ -2,8 +2,9 @@
 Connection passed on, as nginx's documentation configures it) to a small aiohttp echo app; the client is
 aiohttp's `ws_connect`. Text and binary messages (one larger than a socket read) come back echoed, and the
 evidence holds each message both ways, decoded frame by frame (`ws.text`, `ws.binary`, `ws.close`), with
-permessage-deflate kept off so that the frames stay readable. wsproto, as a second client, sends a
-fragmented message with a ping after it: each frame is recorded as it passed.
+permessage-deflate kept off so that the frames stay readable; to an http and to an https (verified) nginx.
+wsproto, as a second client, sends a fragmented message with a ping after it: each frame is recorded as
+it passed.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
 
 from nginx_server import Nginx, free_port
-from pg_fixtures import EventLog, messages, start_proxy
+from pg_fixtures import EventLog, make_tls, messages, start_proxy
 
 TEXT = "hello through custody ✓"
 BINARY = bytes(range(256))
@@ -81,13 +82,31 @@ def nginx(tmp_path_factory, app):
 
 
 @pytest.fixture(scope="module")
-def proxy(broker, tmp_path_factory, nginx):
+def tls(tmp_path_factory):
+    return make_tls(tmp_path_factory.mktemp("tls"))
+
+
+@pytest.fixture(scope="module")
+def nginx_tls(tmp_path_factory, app, tls):
+    with Nginx(tmp_path_factory.mktemp("nginx-tls"), tls=tls, websocket=f"127.0.0.1:{app.port}") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(broker, tmp_path_factory, nginx, nginx_tls, tls):
     extra = f"""
 [[proxy]]
 name = "ws"
 protocol = "http"
 listen = "127.0.0.1:0"
 upstream = "{nginx.url}"
+
+[[proxy]]
+name = "wss"
+protocol = "http"
+listen = "127.0.0.1:0"
+upstream = "{nginx_tls.url}"
+upstream_ca = "{tls["ca"]}"
 """
     running = start_proxy(tmp_path_factory.mktemp("custody"), broker, extra_proxies=extra)
     running.events = EventLog.open(running)
@@ -96,9 +115,9 @@ upstream = "{nginx.url}"
     running.background.stop()
 
 
-def converse(proxy, user_agent: str) -> tuple[list, str | None]:
+def converse(proxy, index: int, user_agent: str) -> tuple[list, str | None]:
     """Through the proxy: text, binary and a large binary message, each answered in turn; then a clean close."""
-    host, port = proxy.address(1)
+    host, port = proxy.address(index)
 
     async def run() -> tuple[list, str | None]:
         headers = {"Authorization": f"Bearer {proxy.token()}", "User-Agent": user_agent}
@@ -114,15 +133,17 @@ def converse(proxy, user_agent: str) -> tuple[list, str | None]:
     return asyncio.run(run())
 
 
-def test_websocket_messages_are_relayed_through_nginx_and_recorded_both_ways(proxy, app):
+@pytest.mark.parametrize("index", [1, 2], ids=["http-upstream", "https-upstream"])
+def test_websocket_messages_are_relayed_through_nginx_and_recorded_both_ways(proxy, app, nginx, nginx_tls, index):
     user_agent = f"aiohttp-ws-{uuid.uuid4().hex[:10]}"
-    echoed, extensions = converse(proxy, user_agent)
+    echoed, extensions = converse(proxy, index, user_agent)
     assert echoed == [TEXT, BINARY, LARGE] and app.received[-3:] == [TEXT, BINARY, LARGE]
     assert extensions is None and app.extensions[-1] is None  # no permessage-deflate, though aiohttp offered it
 
     found = proxy.events.find(lambda start: start["client_application"] == user_agent)
     assert len(found) == 1, f"expected one session of {user_agent}, got {len(found)}"
     events = found[0]
+    assert events[0].body["upstream"] == (nginx.url, nginx_tls.url)[index - 1]
     client, server = messages(events, "client"), messages(events, "server")
     assert [m["text"] for m in client if m["type"] == "Request"] == ["GET /ws/echo"]
     assert [m["attributes"]["status"] for m in server if m["type"] == "Response"] == ["101"]
