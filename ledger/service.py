@@ -13,14 +13,19 @@ from the last seal: nothing lost, nothing twice. A seal and its documents are
 confirmed by the next seal's snapshot (or a clean release's marker); on resume
 any later seal is published again and its documents rendered again from the
 seal's files, at least once (ledger/documents.py). A send that fails renews the
-producer and sends again what was not acknowledged, without a restart.
+producer and sends again what was not acknowledged, without a restart. A full
+disk stops a partition's sealing the same way, in process: what it read since
+its last seal is dropped, its records wait at the broker, and it resumes from
+that seal once there is room (`_wait_for_space`).
 """
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
 import os
+import shutil
 import threading
 import time
 from functools import partial
@@ -59,6 +64,7 @@ PUBLISHER_OPTIONS = {"delivery_timeout_ms": 120_000}
 retries ride out a broker hang that short exactly once; after a longer one its expired sends renew it
 (documents.Publisher), and what the broker had appended before it hung comes twice (the same bytes)."""
 COMMIT_TIMEOUT_MS = 5000
+SPACE_CHECK_SECONDS = 2.0  # how often a partition stopped by a full disk looks for room again
 """The offset commit after a seal is a courtesy (a restart resumes from the seal): it must not hold sealing up for
 the consumer's whole request timeout (30 s) when the broker has just come back from a hang."""
 
@@ -228,6 +234,7 @@ class _Rebalance(ConsumerRebalanceListener):
 
     def on_partitions_revoked(self, revoked: list[TopicPartition]) -> None:
         for tp in revoked:
+            self.service.waiting_for_space.pop(tp.partition, None)  # its next owner finds the disk as it is
             self.service.release(tp.partition)
 
     def on_partitions_assigned(self, assigned: list[TopicPartition]) -> None:
@@ -256,6 +263,8 @@ class LedgerService:
         self.soc = soc if soc is not None and soc.topics else None
         self.writers: dict[int, PartitionWriter] = {}
         self.locks: dict[int, PartitionLock] = {}
+        self.waiting_for_space: dict[int, int] = {}  # partitions whose seal met a full disk: the bytes they wait for
+        self._space_checked = 0.0
         kafka.ensure_topics(kafka_settings, ("events", "quarantine", "seals", "violations",
                                              *(self.soc.topics if self.soc else ())))
         self.quarantine_topic = kafka_settings.topic("quarantine")
@@ -345,6 +354,7 @@ class LedgerService:
     def step(self, timeout: float = 0.2) -> None:
         """One poll, then every seal that is due."""
         self._notice_new_log()
+        self._resume_where_space()
         batches = self.consumer.poll(timeout_ms=int(timeout * 1000))
         for tp, messages in batches.items():
             writer = self.writers[tp.partition]
@@ -418,7 +428,13 @@ class LedgerService:
         if writer.ocsf is not None:  # kept in the seal's state snapshot: a restart renders on from here
             writer.state.ocsf = writer.ocsf.snapshot()
         writer.state.published_through = writer.outbox.confirm()  # the earlier seals' documents, kept in this seal
-        seal = writer.seal()
+        try:
+            seal = writer.seal()
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._wait_for_space(writer, exc)
+            return
         # after the seal: a violation always points at sealed evidence; OCSF the same moment (ingest/ocsf.py)
         evidence = ocsf.Evidence(self.settings.origin, seal.partition, seal.number, seal.tree_size)
         writer.outbox.send(seal.number, [documents.seal_document(self.kafka_settings, seal),
@@ -432,6 +448,36 @@ class LedgerService:
             log.info("partition %d: offset commit failed (%s); the seal stands", tp.partition, exc)
         log.info("partition %d: seal %d, %d leaves, offset %d", tp.partition, seal.number, seal.tree_size,
                  seal.next_offset)
+
+    def _wait_for_space(self, writer: PartitionWriter, exc: OSError) -> None:
+        """The ledger's disk is full: this partition stops sealing (its records paused at the broker) and what was
+        read since its last seal is dropped, to be read again once there is room; the seal on disk is where it
+        resumes, as after a crash, so nothing is lost and nothing is sealed twice. The process lives on (its other
+        partitions, its group membership), and `_resume_where_space` retries every SPACE_CHECK_SECONDS."""
+        partition, last = writer.state.partition, writer.state.next_seal_number - 1
+        needed = 2 * writer.builder.nbytes + (1 << 20)
+        log.error("partition %d: no space left on the ledger's disk %s (%s): sealing stops after seal %d; what was "
+                  "read since is read again from offset %d once %d bytes are free", partition, self.dir,
+                  exc.strerror, last, writer.state.next_offset, needed)
+        tp = TopicPartition(self.topic, partition)
+        self.consumer.pause(tp)
+        writer.outbox = None  # its handover marker cannot be written now; a resume publishes again what is unsure
+        self.release(partition)
+        self.waiting_for_space[partition] = needed
+
+    def _resume_where_space(self) -> None:
+        now = time.monotonic()
+        if not self.waiting_for_space or now < self._space_checked + SPACE_CHECK_SECONDS:
+            return
+        self._space_checked = now
+        free = shutil.disk_usage(self.dir).free
+        for partition, needed in list(self.waiting_for_space.items()):
+            if free >= needed:
+                del self.waiting_for_space[partition]
+                tp = TopicPartition(self.topic, partition)
+                self.resume(tp)
+                self.consumer.resume(tp)
+                log.info("partition %d: %d bytes free on the ledger's disk again; sealing resumes", partition, free)
 
     def close(self) -> None:
         for partition in list(self.writers):
