@@ -1,7 +1,9 @@
 """Port forwarding through the SSH proxy with the real OpenSSH client and a real sshd: `ssh -W` and `ssh -L` to a
-local TCP echo server that a policy rule allows, each forwarded connection recorded as its own channel with its
-destination and the bytes each way; destinations no rule allows, remote (`-R`), agent (`-A`) and X11 (`-X`)
-forwarding refused and recorded (PolicyDecision block, forwarding-closed-by-default).
+local TCP echo server that a policy rule allows, and `ssh -R` on a target listen port a rule allows (the target
+listens, its connections come back through the proxy to the client, which connects them to the echo server), each
+forwarded connection recorded as its own channel with its destination and the bytes each way; destinations and
+listen ports no rule allows, agent (`-A`) and X11 (`-X`) forwarding refused and recorded (PolicyDecision block,
+forwarding-closed-by-default).
 """
 
 from __future__ import annotations
@@ -39,7 +41,13 @@ def echo():
 
 
 @pytest.fixture(scope="module")
-def proxy(broker, tmp_path_factory, sshd, echo):
+def remote_port():
+    """The one listen port on the target that the policy lets `ssh -R` open."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def proxy(broker, tmp_path_factory, sshd, echo, remote_port):
     directory = tmp_path_factory.mktemp("custody")
     (directory / "policies").mkdir()
     (directory / "policies" / "ssh.toml").write_text(f'''
@@ -50,6 +58,16 @@ message = "the echo service may be reached through Custody"
 protocols = ["ssh"]
 operations = ["forward"]
 objects = ["127.0.0.1:{echo}"]
+attributes = {{ direction = ["local"] }}
+
+[[rule]]
+name = "allow-remote-listen"
+action = "allow"
+message = "the target may listen on this port for the client"
+protocols = ["ssh"]
+operations = ["forward"]
+objects = ["127.0.0.1:{remote_port}"]
+attributes = {{ direction = ["remote"] }}
 ''')
     running = start_proxy(directory, broker, extra_proxies=ssh_proxy_entry(sshd))
     running.events = EventLog.open(running)
@@ -70,7 +88,7 @@ def forwards(events) -> dict[str, dict]:
     """Each forwarded channel: its destination, the bytes recorded each way, and its close record's counts."""
     channels: dict[str, dict] = {}
     for m in messages(events):
-        if m["type"] == "direct-tcpip":
+        if m["type"] in ("direct-tcpip", "forwarded-tcpip"):
             channels[m["channel"]] = {"destination": m["text"], "client": b"", "server": b"", "close": None}
     for direction in ("client", "server"):
         for m in messages(events, direction):
@@ -97,25 +115,23 @@ def test_ssh_W_to_an_allowed_destination_relays_and_records_the_bytes(proxy, ech
     assert not [e for e in events if e.kind == "policy_decision"]
 
 
-def test_ssh_L_records_each_forwarded_connection_on_its_own_channel(proxy, echo):
-    user = new_user()
-    local = free_port()
+def tunnel_through(proxy, user: str, forwarding: tuple[str, str], port: int, sent: list[bytes]) -> None:
+    """`ssh -N` with one forwarding (-L or -R), then each of `sent` through `port` on its own connection, echoed."""
     tunnel = subprocess.Popen(["ssh", *proxy.client.options(), "-N", "-o", "ExitOnForwardFailure=yes",
-                               "-L", f"127.0.0.1:{local}:127.0.0.1:{echo}", "-p", str(proxy.client.port),
-                               "-l", user, proxy.client.host], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, env=proxy.client.env(proxy.token(user, ("dev",))))
-    sent = [b"first connection " * 1000, b"second " * 3000]
+                               *forwarding, "-p", str(proxy.client.port), "-l", user, proxy.client.host],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=proxy.client.env(proxy.token(user, ("dev",))))
     try:
         deadline = time.monotonic() + 20
         while True:
             try:
-                socket.create_connection(("127.0.0.1", local), 1).close()
+                socket.create_connection(("127.0.0.1", port), 1).close()
                 break
             except OSError:
                 assert tunnel.poll() is None and time.monotonic() < deadline, tunnel.stderr.read()
                 time.sleep(0.1)
         for data in sent:
-            with socket.create_connection(("127.0.0.1", local), 10) as sock:
+            with socket.create_connection(("127.0.0.1", port), 10) as sock:
                 sock.sendall(data)
                 sock.shutdown(socket.SHUT_WR)
                 back = b""
@@ -125,6 +141,13 @@ def test_ssh_L_records_each_forwarded_connection_on_its_own_channel(proxy, echo)
     finally:
         tunnel.terminate()
         tunnel.wait(10)
+
+
+def test_ssh_L_records_each_forwarded_connection_on_its_own_channel(proxy, echo):
+    user = new_user()
+    local = free_port()
+    sent = [b"first connection " * 1000, b"second " * 3000]
+    tunnel_through(proxy, user, ("-L", f"127.0.0.1:{local}:127.0.0.1:{echo}"), local, sent)
     events = session_of(proxy, user)
     channels = [c for c in forwards(events).values() if c["client"]]
     assert [(c["destination"], c["client"], c["server"]) for c in channels] == [
@@ -142,6 +165,28 @@ def test_a_destination_no_rule_allows_is_refused(proxy, sshd):
         == [("forwarding-closed-by-default", "block", f"127.0.0.1:{sshd.port}")]
     failure = next(m for m in messages(events, "server") if m["type"] == "open-failure")
     assert failure["error_code"] == "administratively_prohibited"
+
+
+def test_ssh_R_on_an_allowed_listen_port_relays_the_targets_connections_back_to_the_client(proxy, echo,
+                                                                                             remote_port):
+    user = new_user()
+    sent = [b"remote one " * 2000, os.urandom(150_000)]
+    tunnel_through(proxy, user, ("-R", f"127.0.0.1:{remote_port}:127.0.0.1:{echo}"), remote_port, sent)
+    events = session_of(proxy, user)
+    listen = f"127.0.0.1:{remote_port}"
+    request = next(m for m in messages(events, "client") if m["type"] == "tcpip-forward")
+    assert (request["operation"], request["text"], request["objects"]) == ("forward", f"remote {listen}", [listen])
+    success = next(m for m in messages(events, "server") if m["type"] == "request-success")
+    assert success["attributes"] == {"host": "127.0.0.1", "port": str(remote_port)} and success["outcome"] == "ok"
+    assert not [e for e in events if e.kind == "policy_decision"]  # an allow is no decision event, as for -L
+    opened = [m for m in messages(events, "server") if m["type"] == "forwarded-tcpip"]
+    assert opened and all((m["operation"], m["text"]) == ("forward", f"remote {listen}") for m in opened)
+    channels = [c for c in forwards(events).values() if c["server"]]  # the probe that waited for the port: no data
+    # server: what reached the target's listener; client: what came back through the client from the echo server
+    assert [(c["destination"], c["server"], c["client"]) for c in channels] == [
+        (f"remote {listen}", data, data) for data in sent]
+    assert [c["close"] for c in channels] == [
+        {"destination": listen, "client_bytes": str(len(data)), "server_bytes": str(len(data))} for data in sent]
 
 
 def test_remote_forwarding_is_refused_and_recorded(proxy, echo):

@@ -65,9 +65,11 @@ class ForwardOpen:
 
 @dataclass(frozen=True, slots=True)
 class ForwardRequest:
-    """A forwarding the proxy never relays: remote (tcpip-forward, `ssh -R`), agent (`ssh -A`) or X11 (`ssh -X`).
+    """A forwarding request: remote (tcpip-forward, `ssh -R`), agent (`ssh -A`) or X11 (`ssh -X`).
 
-    asyncssh refuses it; the front end records the request and the refusal.
+    Remote: decided by policy like a direct-tcpip (closed by default), answered
+    with `ForwardAnswer`. Agent and X11 are never relayed: asyncssh refuses
+    them; the front end records the request and the refusal.
     """
 
     kind: str  # remote | agent | x11
@@ -75,6 +77,21 @@ class ForwardRequest:
     host: str = ""
     port: int = 0
     detail: str = ""  # X11: the auth protocol and screen
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardedOpen:
+    """From the target: a connection to a remote forwarding's listener (`ssh -R`), to relay as forwarded-tcpip.
+
+    `host`:`port` is where the target listens (the port it bound); the origin
+    is the connecting peer, as the target reports it.
+    """
+
+    channel: int
+    host: str
+    port: int
+    origin_host: str
+    origin_port: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,13 +169,33 @@ class LoginResult(Command):
 
 @dataclass(frozen=True, slots=True)
 class OpenChannel(Command):
-    """Open the target's side of a client channel (a session with its request, or a direct-tcpip).
+    """Open the other side of a channel: the target's of a client's session or direct-tcpip, or the client's
+    forwarded-tcpip of a connection to the target's remote forwarding listener (`ForwardedOpen`).
 
     Completes with None; raises `ChannelRefused` into the handler.
     """
 
     blocking: ClassVar[bool] = True
-    start: ChannelStart | ForwardOpen
+    start: ChannelStart | ForwardOpen | ForwardedOpen
+
+
+@dataclass(frozen=True, slots=True)
+class ListenTarget(Command):
+    """Ask the target to listen for a remote forwarding (tcpip-forward on the proxy's connection to it).
+
+    Completes with the port the target listens on; raises `ChannelRefused`.
+    """
+
+    blocking: ClassVar[bool] = True
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ForwardAnswer(Command):
+    """Answer the client's oldest pending tcpip-forward: the target's listener (accepted) or a refusal."""
+
+    accepted: bool
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,11 @@ Policy: an exec or shell request is an operation (`ssh`, `command`, the
 command line; the analyzer `proxy.policy.analyzers.ssh` reads it with shell
 quoting rules); SFTP open (upload/download), remove, rename, mkdir, rmdir,
 setstat and symlink are `transfer` operations on their paths; a direct-tcpip
-channel is a `forward` to host:port, refused unless a rule allows it. In an
+channel (`ssh -L`/`-W`) is a `forward` to host:port and a tcpip-forward
+request (`ssh -R`) a `forward` "remote host:port" of the target's listen
+address (attribute direction local/remote), each refused unless a rule
+allows it; an allowed remote forwarding's connections are relayed to the
+client and recorded like direct-tcpip's. In an
 interactive shell with a PTY each line typed is a `command` operation too,
 decided at its Enter (best effort: `ingest.protocols.ssh.terminal` rebuilds
 the line; a refused line is wiped from the target's line editor). A
@@ -166,6 +170,8 @@ class SSHFrontEnd(FrontEnd):
             yield from self._closed(CLIENT, item.channel)
         elif kind is ev.ForwardOpen:
             yield from self._forward(item)
+        elif kind is ev.ForwardRequest and item.kind == "remote":
+            yield from self._remote_forward(item)
         elif kind is ev.ForwardRequest:
             self._refused_request(item)
         else:
@@ -173,6 +179,9 @@ class SSHFrontEnd(FrontEnd):
 
     def server_event(self, item: Any) -> Steps:
         kind = type(item)
+        if kind is ev.ForwardedOpen:
+            yield from self._forwarded(item)
+            return
         channel = self.channels.get(getattr(item, "channel", -1))
         if channel is None:
             return  # the client's side already went: nothing to relay (asyncssh reports late events)
@@ -526,37 +535,89 @@ class SSHFrontEnd(FrontEnd):
             operation="forward", text=destination, objects=[destination]))
         operation = Operation("ssh", "forward", destination, (destination,),
                               self._attributes(host=item.host, port=str(item.port), direction="local"))
-        gate = self.session.gate
-        if gate is None or gate.decide(operation).rule is None:
-            # Closed by default: only a rule that names forwarding opens it.
-            reason = "port forwarding is refused unless a policy rule allows it"
-            self.session.record("policy_decision", records.decision(FORWARD_CLOSED_RULE, "block", reason, destination))
-            yield from self._refuse_forward(channel, reason)
-            return
-        verdict = yield from self.session.check(operation)
-        if not verdict.allowed:
-            yield from self._refuse_forward(channel, verdict.reason)
+        refused = yield from self._forward_refusal(operation)
+        if refused is not None:
+            yield from self._refuse_forward(channel, refused)
             return
         try:
             yield ev.OpenChannel(item)
-        except ev.ChannelRefused as refused:
-            yield from self._refuse_forward(channel, f"the target refused: {refused}")
+        except ev.ChannelRefused as refused_by_target:
+            yield from self._refuse_forward(channel, f"the target refused: {refused_by_target}")
             return
         channel.open = True
         self._record(SERVER, message("open-confirmation", ch, outcome="ok"))
 
+    def _forward_refusal(self, operation: Operation) -> Generator[Any, Any, str | None]:
+        """Why a forwarding may not be made (None: it may). Closed by default: only a rule that names it opens it."""
+        gate = self.session.gate
+        if gate is None or gate.decide(operation).rule is None:
+            reason = "port forwarding is refused unless a policy rule allows it"
+            self.session.record("policy_decision", records.decision(FORWARD_CLOSED_RULE, "block", reason,
+                                                                    operation.text))
+            return reason
+        verdict = yield from self.session.check(operation)
+        return None if verdict.allowed else verdict.reason
+
+    def _remote_forward(self, item: ev.ForwardRequest) -> Steps:
+        """tcpip-forward (`ssh -R`): allowed by a rule, the target listens on host:port and each connection to it
+        is relayed to the client (`_forwarded`); else refused. The operation's object is the listen address."""
+        listen = f"{item.host}:{item.port}"
+        text = f"remote {listen}"
+        self._record(CLIENT, message("tcpip-forward", None, attributes={"host": item.host, "port": str(item.port)},
+                                     operation="forward", text=text, objects=[listen]))
+        operation = Operation("ssh", "forward", text, (listen,),
+                              self._attributes(host=item.host, port=str(item.port), direction="remote"))
+        refused = yield from self._forward_refusal(operation)
+        if refused is None:
+            try:
+                bound = yield ev.ListenTarget(item.host, item.port)
+            except ev.ChannelRefused as refused_by_target:
+                refused = f"the target refused: {refused_by_target}"
+        if refused is not None:
+            self._record(SERVER, message("request-failure", None, attributes={"reason": refused, **records.PROXY_ORIGIN},
+                                         outcome="error", error_code="administratively_prohibited",
+                                         error_message=refused))
+            yield ev.ForwardAnswer(False)
+            return
+        self._record(SERVER, message("request-success", None, attributes={"host": item.host, "port": str(bound)},
+                                     outcome="ok"))
+        yield ev.ForwardAnswer(True)
+
+    def _forwarded(self, item: ev.ForwardedOpen) -> Steps:
+        """A connection to the target's remote forwarding listener: a forwarded-tcpip channel opened to the client.
+
+        Its listener was allowed by policy; each connection is recorded (the
+        `forward` operation, its origin, then its bytes and counts as a
+        direct-tcpip's), not decided again.
+        """
+        ch = item.channel
+        listen = f"{item.host}:{item.port}"
+        channel = self.channels[ch] = _Channel(ch, "forward", listen)
+        self._record(SERVER, message("forwarded-tcpip", ch, attributes={
+            "host": item.host, "port": str(item.port), "origin": f"{item.origin_host}:{item.origin_port}"},
+            operation="forward", text=f"remote {listen}", objects=[listen]))
+        try:
+            yield ev.OpenChannel(item)
+        except ev.ChannelRefused as refused:
+            self.channels.pop(ch, None)
+            reason = f"the client refused: {refused}"
+            self._record(CLIENT, message("open-failure", ch, attributes={"reason": reason}, outcome="error",
+                                         error_code="connect_failed", error_message=reason))
+            yield ev.CloseChannel(SERVER, ch)
+            return
+        if ch in self.channels:
+            channel.open = True
+            self._record(CLIENT, message("open-confirmation", ch, outcome="ok"))
+
     def _refused_request(self, item: ev.ForwardRequest) -> None:
-        """Remote, agent and X11 forwarding are never relayed: the request and its refusal, as a block."""
-        if item.kind == "remote":
-            kind, text = "tcpip-forward", f"remote {item.host}:{item.port}"
-            attributes = {"host": item.host, "port": str(item.port)}
-        elif item.kind == "agent":
+        """Agent and X11 forwarding are never relayed: the request and its refusal, as a block."""
+        if item.kind == "agent":
             kind, text, attributes = "auth-agent-req", "agent", {}
         else:
             kind, text, attributes = "x11-req", "x11", {"x11": item.detail} if item.detail else {}
         reason = f"{item.kind} forwarding is refused through Custody"
         self._record(CLIENT, message(kind, item.channel, attributes=attributes, operation="forward", text=text,
-                                     objects=[f"{item.host}:{item.port}"] if item.kind == "remote" else []))
+                                     objects=[]))
         self.session.record("policy_decision", records.decision(FORWARD_CLOSED_RULE, "block", reason, text))
         self._record(SERVER, message("request-failure", item.channel, attributes={"reason": reason, **records.PROXY_ORIGIN},
                                      outcome="error", error_code="administratively_prohibited", error_message=reason))

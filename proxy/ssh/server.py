@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from datetime import datetime, timezone
 from typing import Any, Callable
 
@@ -129,6 +130,8 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         self._next_channel = 0
         self._login: asyncio.Future | None = None
         self._refused_forwards: dict[int, str] = {}
+        self._remote_answers: deque[asyncio.Future] = deque()  # the client's tcpip-forwards, oldest first
+        self._remote_listener: asyncssh.SSHListener | None = None  # the target's, until its request is answered
         self._farewell = ""
         self._sample = b""
         self._offered_keys: list[str] = []  # fingerprints of keys that log no one in, as offered
@@ -276,10 +279,59 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         if not self._closed:
             self.run(self.session.event(CLIENT, request))
 
-    def server_requested(self, listen_host: str, listen_port: int) -> bool:
-        """tcpip-forward (remote forwarding, `ssh -R`): refused, and recorded."""
+    def server_requested(self, listen_host: str, listen_port: int) -> "asyncio.Future | bool":
+        """tcpip-forward (remote forwarding, `ssh -R`): the front end decides; asyncssh awaits the answer.
+
+        Allowed, the answer is the target's listener (`_listen`), so asyncssh
+        replies with its port and cancels it with the client's
+        cancel-tcpip-forward; refused, False.
+        """
+        if self._closed:
+            return False
+        answer = asyncio.get_running_loop().create_future()
+        self._remote_answers.append(answer)
         self._forward_request(ev.ForwardRequest("remote", host=listen_host, port=listen_port))
-        return False
+        return answer
+
+    async def _listen(self, command: ev.ListenTarget) -> None:
+        """The target listens for the client's remote forwarding; each connection to it is a ForwardedOpen."""
+        def accept(origin_host: str, origin_port: int) -> TargetChannelSession:
+            return self._forwarded(command.host, bound, origin_host, origin_port)
+
+        bound = command.port
+        try:
+            if self.upstream is None:
+                raise ev.ChannelRefused("the target is not connected")
+            listener = await self.upstream.create_server(accept, command.host, command.port, encoding=None)
+        except (asyncssh.Error, OSError, ev.ChannelRefused) as exc:
+            self.run(self.session.failed(command, ev.ChannelRefused(getattr(exc, "reason", None) or str(exc))))
+            return
+        if self._closed:
+            listener.close()
+            return
+        bound = listener.get_port()
+        self._remote_listener = listener
+        self.run(self.session.completed(command, bound))
+
+    def _answer_forward(self, accepted: bool) -> None:
+        """Answer the oldest tcpip-forward: the target's listener, or False (and a listener nobody gets is closed)."""
+        listener, self._remote_listener = self._remote_listener, None
+        answer = self._remote_answers.popleft() if self._remote_answers else None
+        if accepted and listener is not None and answer is not None and not answer.done():
+            answer.set_result(listener)
+            return
+        if listener is not None:
+            listener.close()
+        if answer is not None and not answer.done():
+            answer.set_result(False)
+
+    def _forwarded(self, host: str, port: int, origin_host: str, origin_port: int) -> "TargetChannelSession":
+        """A connection to the target's remote forwarding listener: a new channel, for the front end to relay."""
+        if self._closed:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_CONNECT_FAILED, "the client's session is ending")
+        channel = self._new_channel()
+        self.run(self.session.event(SERVER, ev.ForwardedOpen(channel, host, port, origin_host, origin_port)))
+        return TargetChannelSession(self, channel)
 
     def _keep_sample(self, conn: asyncssh.SSHServerConnection) -> None:
         """Keep the first bytes the client sends (asyncssh has no hook for them): a transport error's sample.
@@ -435,8 +487,14 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
                 self.spawn(self._connect(command))
             elif kind is ev.LoginResult:
                 self._answer_login(command.accepted)
+            elif kind is ev.OpenChannel and isinstance(command.start, ev.ForwardedOpen):
+                self.spawn(self._open_forwarded(command))
             elif kind is ev.OpenChannel:
                 self.spawn(self._open_channel(command))
+            elif kind is ev.ListenTarget:
+                self.spawn(self._listen(command))
+            elif kind is ev.ForwardAnswer:
+                self._answer_forward(command.accepted)
             elif kind is ev.SendEof:
                 self._channel_call(command.side, command.channel, "write_eof")
             elif kind is ev.CloseChannel:
@@ -556,11 +614,30 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
             self.pause_upstream(channel_id, True, "recorder")
         self.run(self.session.completed(command, None))
 
+    async def _open_forwarded(self, command: ev.OpenChannel) -> None:
+        """The client's side of a remote forwarding's connection: a forwarded-tcpip channel to the client."""
+        start = command.start
+        assert isinstance(start, ev.ForwardedOpen) and self.conn is not None
+        try:
+            chan, _ = await self.conn.create_connection(lambda: ForwardChannelSession(self, start.channel),
+                                                        start.host, start.port, start.origin_host, start.origin_port)
+        except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
+            self.run(self.session.failed(command, ev.ChannelRefused(getattr(exc, "reason", None) or str(exc))))
+            return
+        if self._closed:
+            chan.close()
+            return
+        if self.listener.throttled:
+            self.client_channels[start.channel].pause(True)
+        self.run(self.session.completed(command, None))
+
     def _close(self, reason: str) -> None:
         if self._closed:
             return
         self._closed = True
         self._answer_login(False)
+        while self._remote_answers:
+            self._answer_forward(False)
         self.cancel_timers()
         if self.upstream is not None:
             self.upstream.close()
@@ -698,6 +775,9 @@ class TargetChannelSession(asyncssh.SSHClientSession, asyncssh.SSHTCPSession):
 
     def __init__(self, owner: ClientConnection, channel: int) -> None:
         self.owner, self.id = owner, channel
+
+    def connection_made(self, chan: asyncssh.SSHClientChannel | asyncssh.SSHTCPChannel) -> None:
+        self.owner.upstream_channels[self.id] = chan  # a remote forwarding's: nobody else has its channel
 
     def data_received(self, data: bytes, datatype: Any) -> None:
         self.owner.run(self.owner.session.event(SERVER, ev.ChannelData(self.id, data, datatype == _STDERR)))
