@@ -191,3 +191,32 @@ def test_fragments_and_control_frames_between_them_are_recorded_frame_by_frame(p
                       ("ws.ping", b"are you there", {}), ("ws.close", b"", {"code": "1000"})]
     server = [(m["type"], m["data"]) for m in messages(found[0], "server") if m["type"].startswith("ws.")]
     assert server == [("ws.text", b"first half, second half"), ("ws.pong", b"are you there"), ("ws.close", b"")]
+
+
+def test_a_malformed_frame_ends_the_tunnel_with_a_protocol_error_and_never_reaches_the_app(proxy, app):
+    """A client frame without its mask (RFC 6455 §5.1: the server must close the connection) is not relayed."""
+    host, port = proxy.address(1)
+    user_agent = f"wsproto-bad-{uuid.uuid4().hex[:10]}"
+    payload = uuid.uuid4().hex.encode()
+    ws = WSConnection(ConnectionType.CLIENT)
+    with socket.create_connection((host, port), 10) as sock:
+        sock.settimeout(10)
+        sock.sendall(ws.send(Request(host="x", target="/ws/echo", extra_headers=[
+            (b"authorization", f"Bearer {proxy.token()}".encode()), (b"user-agent", user_agent.encode())])))
+        accepted: list = []
+        while not any(isinstance(e, AcceptConnection) for e in accepted):
+            ws.receive_data(sock.recv(65536))
+            accepted.extend(ws.events())
+        sock.sendall(bytes([0x81, len(payload)]) + payload)  # FIN + text, unmasked
+        rest = b""
+        while chunk := sock.recv(65536):
+            rest += chunk
+    assert payload not in rest
+
+    found = proxy.events.find(lambda start: start["client_application"] == user_agent)
+    assert len(found) == 1, f"expected one session of {user_agent}, got {len(found)}"
+    events = found[0]
+    (error,) = [e.body for e in events if e.kind == "protocol_error"]
+    assert error["code"] == "400" and "WebSocket" in error["message"] and payload in error["sample"]
+    assert events[-1].body["reason"] == "protocol_error"
+    assert payload.decode() not in app.received
