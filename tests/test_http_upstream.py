@@ -30,7 +30,7 @@ from proxy.settings import ProxySettings
 
 BASIC_FILE = "file-user:" + uuid.uuid4().hex[:12]
 BASIC_ENV = "env-user:" + uuid.uuid4().hex[:12]
-BASIC_FILE_PROXY, BASIC_ENV_PROXY, MTLS, NO_CERT, WRONG_CA, MTLS_BASIC = 1, 2, 3, 4, 5, 6
+BASIC_FILE_PROXY, BASIC_ENV_PROXY, MTLS, NO_CERT, WRONG_CA, MTLS_BASIC, WRONG_HOST, VERIFY_CA = range(1, 9)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +77,10 @@ def proxy(broker, tmp_path_factory, nginx, nginx_mtls, tls, other_ca):
         _entry("no-cert", nginx_mtls.url, upstream_ca=tls["ca"]),
         _entry("wrong-ca", nginx_mtls.url, upstream_ca=other_ca, **cert),
         _entry("mtls-basic", nginx_mtls.url, upstream_ca=tls["ca"], upstream_basic_env="CUSTODY_TEST_UPSTREAM_BASIC",
+               **cert),
+        # the certificate names 127.0.0.1 only
+        _entry("wrong-host", f"https://localhost:{nginx_mtls.port}", upstream_ca=tls["ca"], **cert),
+        _entry("verify-ca", f"https://localhost:{nginx_mtls.port}", upstream_ca=tls["ca"], upstream_tls="verify-ca",
                **cert),
     ])
     running = start_proxy(directory, broker, extra_proxies=entries)
@@ -183,18 +187,28 @@ def test_without_the_client_certificate_nginx_refuses(proxy, tls):
     assert start["attributes"]["upstream_cert_sha256"] == server_cert_sha256(tls)  # TLS itself was verified
 
 
-def test_an_upstream_signed_by_another_ca_is_refused_with_the_reason_and_nothing_is_sent(proxy, nginx_mtls):
+def test_verify_ca_does_not_check_the_host_name(proxy, tls):
+    user_agent = agent("aiohttp-verify-ca")
+    assert fetch(proxy, VERIFY_CA, user_agent) == (200, "<h1>hello from nginx</h1>\n")
+    assert session(proxy, user_agent)[0].body["attributes"]["upstream_cert_sha256"] == server_cert_sha256(tls)
+
+
+@pytest.mark.parametrize("index, reason", [
+    (WRONG_CA, "certificate verify failed"),  # same CA name, another key: "certificate signature failure"
+    (WRONG_HOST, "Hostname mismatch"),
+], ids=["wrong-ca", "wrong-host"])
+def test_an_unverified_upstream_is_refused_with_the_reason_and_nothing_is_sent(proxy, nginx_mtls, index, reason):
     before = (nginx_mtls.dir / "access.log").read_text()
-    user_agent = agent("aiohttp-wrong-ca")
-    status, body = fetch(proxy, WRONG_CA, user_agent, "/echo")
+    user_agent = agent("aiohttp-unverified")
+    status, body = fetch(proxy, index, user_agent, "/echo")
     problem = json.loads(body)
-    assert status == 502 and "certificate verify failed" in problem["detail"] and "is unavailable" in problem["detail"]
+    assert status == 502 and reason in problem["detail"] and "is unavailable" in problem["detail"]
     events = session(proxy, user_agent)
     start, end = events[0].body, events[-1].body
     assert start["identity"]["subject"] == "alice@example.com"  # who tried, though the target was refused
     assert "upstream_tls" not in start["attributes"] and end["reason"] == "upstream_unavailable"
     answer = b"".join(m["data"] for m in messages(events, "server") if m["attributes"].get("origin") == "proxy")
-    assert b"certificate verify failed" in answer  # the reason, in the evidence as the client got it
+    assert reason.encode() in answer  # the reason, in the evidence as the client got it
     assert (nginx_mtls.dir / "access.log").read_text() == before  # not one request reached nginx, in clear or not
 
 
