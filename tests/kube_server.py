@@ -4,7 +4,8 @@ documented wire protocol for what they use:
 
 * discovery: `/version`, `/api` (APIVersions), `/apis` (an empty APIGroupList), `/api/v1`
   (APIResourceList) — the legacy discovery documents kubectl falls back to;
-* JSON get, list (a `meta.k8s.io/v1` Table when the client asks for one, as kubectl does), create, delete
+* JSON get, list (items without `kind`, as the API server sends them; a `meta.k8s.io/v1` Table when the
+  client asks for one, as kubectl does), create, delete
   and `?watch=true` (a chunked stream of watch events) of pods, secrets and configmaps in memory, in the
   namespaces `default` and `prod` (one pod there, `api-1`, for policies by namespace);
 * `pods/NAME/exec` over WebSocket (`v5.channel.k8s.io`, `v4.channel.k8s.io`: one byte of stream
@@ -191,6 +192,12 @@ def _exit_status(command: list[str]) -> dict:
     return SUCCESS
 
 
+def _list_item(item: dict) -> dict:
+    """`item` as a list's item: the API server leaves out each item's `kind` and `apiVersion` (the list's own
+    kind, `SecretList`, is all that says the items are Secrets)."""
+    return {key: value for key, value in item.items() if key not in ("kind", "apiVersion")}
+
+
 def _status(code: int, reason: str, message: str) -> dict:
     return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "message": message,
             "reason": reason, "code": code}
@@ -358,7 +365,7 @@ class KubeServer:
             else:
                 await self._respond(conn, writer, 200, {"kind": f"{KINDS[resource]}List", "apiVersion": "v1",
                                                         "metadata": {"resourceVersion": str(self._version)},
-                                                        "items": items})
+                                                        "items": [_list_item(item) for item in items]})
             return False
         name = rest[0]
         item = store.get(name)
