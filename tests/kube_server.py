@@ -386,7 +386,8 @@ class KubeServer:
         return False
 
     async def _watch(self, conn, reader, writer, resource: str, items: list[dict]) -> None:
-        """ADDED for what exists, a MODIFIED a moment later, then open until the client goes (at most 30 s)."""
+        """ADDED for what exists, a MODIFIED a moment later (in two chunks, cut inside a Secret's `data`), then
+        open until the client goes (at most 30 s)."""
         writer.write(conn.send(h11.Response(status_code=200, headers=[("Content-Type", "application/json"),
                                                                       ("Transfer-Encoding", "chunked")])))
         for item in items:
@@ -396,8 +397,12 @@ class KubeServer:
         if items:
             changed = copy.deepcopy(items[0])
             changed["metadata"]["resourceVersion"] = str(self._version + 1)
-            writer.write(conn.send(h11.Data(data=json.dumps({"type": "MODIFIED", "object": changed}).encode() + b"\n")))
-            await writer.drain()
+            event = json.dumps({"type": "MODIFIED", "object": changed}).encode() + b"\n"
+            cut = event.find(b'"data"') + 12 if b'"data"' in event else len(event) // 2
+            for part in (event[:cut], event[cut:]):  # in two chunks, cut inside: a proxy must wait for the line
+                writer.write(conn.send(h11.Data(data=part)))
+                await writer.drain()
+                await asyncio.sleep(0.2)
         try:  # open until the client goes (a read at EOF), at most 30 s; then the stream ends cleanly
             await asyncio.wait_for(reader.read(65536), 30)
         except (asyncio.TimeoutError, ConnectionError):
