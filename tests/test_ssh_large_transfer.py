@@ -52,7 +52,8 @@ def test_a_100_mib_sftp_transfer_keeps_its_hash_and_bounded_memory(proxy, tmp_pa
     assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
     growth = peak[0] - baseline
     stats = proxy.background.service.recorder.stats
-    print(f"{SIZE >> 20} MiB up and down through the proxy in {elapsed:.1f} s; resident set grew by {growth / (1 << 20):.1f} MiB; "
+    print(f"{SIZE >> 20} MiB up and down through the proxy in {elapsed:.1f} s; "
+          f"resident set grew by {growth / (1 << 20):.1f} MiB; "
           f"recorder backlog at most {stats.max_backlog} events, {stats.max_backlog_bytes / (1 << 20):.1f} MiB")
     # What grows is the recorder's backlog (events not yet handed to Kafka, bounded by count, not bytes); the SSH
     # relay itself holds little beyond it: channel windows and the session lanes' LANE_QUEUE_BYTES.
