@@ -236,11 +236,14 @@ def test_block_is_a_403_problem_and_never_reaches_nginx(proxy, nginx):
 @pytest.mark.parametrize("request_bytes", [
     b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
     b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+    b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\nhello",
     b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 5x\r\n\r\nhello",
     b"GET /index.html HTTP/1.1\nHost: x\n\n",
     b"GET /index.html HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
     b"GET /index.html HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 70000 + b"\r\n\r\n",
-], ids=["cl-te", "duplicate-cl", "non-numeric-cl", "bare-lf", "obs-fold", "oversized-head"])
+], ids=["cl-te", "duplicate-cl", "duplicate-equal-cl", "cl-list", "non-numeric-cl", "bare-lf", "obs-fold",
+        "oversized-head"])
 def test_request_smuggling_shapes_get_400_and_never_reach_nginx(proxy, nginx, request_bytes):
     host, port = proxy.address(1)
     marker = uuid.uuid4().hex[:8]
@@ -295,3 +298,4 @@ def test_a_response_that_ends_before_its_request_body_does_not_stall_the_connect
             assert chunk, second
             second += chunk
         assert second.startswith(b"HTTP/1.1 200"), second
+

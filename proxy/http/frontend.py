@@ -636,14 +636,16 @@ def _text(value: bytes | None) -> str | None:
 
 def _guard_head(buffered: bytes, max_header: int) -> None:
     """Shapes h11 accepts leniently but a proxy must refuse (they smuggle requests past other parsers):
-    a bare LF as line end, obs-fold continuation lines, and a head larger than max_header_bytes (h11
-    bounds only an incomplete one)."""
+    a bare LF as line end, obs-fold continuation lines, a Content-Length given twice or as a list (h11
+    merges equal values into one, RFC 9110 §8.6 lets a recipient do so, but a parser behind another proxy
+    may not), and a head larger than max_header_bytes (h11 bounds only an incomplete one)."""
     if not buffered:
         return
     end = buffered.find(b"\r\n\r\n")
     head = buffered if end < 0 else buffered[:end + 2]
     if len(head) > max_header:
         raise ProtocolViolation("400", f"request head larger than max_header_bytes ({max_header:,} bytes)")
+    _guard_content_length(head)
     lf = head.find(b"\n")
     while lf >= 0:
         if lf == 0 or head[lf - 1] != 0x0D:
@@ -651,3 +653,13 @@ def _guard_head(buffered: bytes, max_header: int) -> None:
         if lf + 1 < len(head) and head[lf + 1] in (0x20, 0x09):
             raise ProtocolViolation("400", "an obs-fold header continuation line (a request smuggling shape)")
         lf = head.find(b"\n", lf + 1)
+
+
+def _guard_content_length(head: bytes) -> None:
+    """One Content-Length with one value; h11 refuses unequal ones itself, and merges equal ones silently."""
+    if b"content-length" not in head.lower():
+        return
+    values = [line.partition(b":")[2] for line in head.split(b"\n")[1:]
+              if line.partition(b":")[0].strip().lower() == b"content-length"]
+    if len(values) > 1 or any(b"," in value for value in values):
+        raise ProtocolViolation("400", "Content-Length given more than once (a request smuggling shape)")
