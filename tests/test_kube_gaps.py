@@ -139,8 +139,8 @@ def test_secrets_in_watch_events_are_masked_and_sealed(proxy, tls, tmp_path):
     watch.terminate()
     out, err = watch.communicate(10)
     decoder, events, at = json.JSONDecoder(), [], 0
-    while out[at:].strip():
-        event, at = decoder.raw_decode(out, len(out) - len(out[at:].lstrip()))
+    while out[at:].strip():  # kubectl prints one indented JSON document per event
+        event, at = decoder.raw_decode(out, at + len(out[at:]) - len(out[at:].lstrip()))
         events.append(event)
     by_type = {(e["type"], e["object"]["metadata"]["name"]): e["object"] for e in events}
     assert ("MODIFIED", "db-creds") in by_type, (out, err)  # the watch's own event, not the initial list
