@@ -9,6 +9,8 @@ token's expiry (`[identity] leeway_seconds = 0`).
 from __future__ import annotations
 
 import io
+import json
+import uuid
 import socket
 import struct
 import time
@@ -18,10 +20,15 @@ import jwt
 import mysql.connector
 import pymysql
 import pytest
+from click.testing import CliRunner
 from mysql.connector.constants import ServerFlag
 
+from custody.cli import cli
+from ingest.keys import Keyring, load_key_file
 from ingest.protocols.mysql import auth
 from ingest.protocols.mysql import messages as m
+from ledger.service import LedgerService
+from ledger.settings import LedgerSettings
 from mysql_fixtures import make_target, proxy_entry
 from pg_fixtures import EventLog, make_tls, messages, new_app, start_proxy
 
@@ -441,3 +448,45 @@ def test_a_statement_in_flight_at_expiry_finishes_first(proxy, target):
     kinds = [m["type"] for m in messages(events, "server")]
     assert kinds.index("TextRow") < len(kinds) - 1 - kinds[::-1].index("ERR")  # the result, then the proxy's ERR
     assert [c for c, *_ in proxy_errors(events)] == ["70100"]
+
+
+def sealed_activity(proxy, session: list, directory) -> list[dict]:
+    """The session sealed by the real ledger, then `custody activity` of it as JSON rows."""
+    keys = proxy.directory / "keys"
+    settings = LedgerSettings(dir=directory, origin="custody.test/ledger", segment_max_events=1000,
+                              segment_max_bytes=1 << 24, segment_max_seconds=0.3, idle_seal_seconds=3600)
+    service = LedgerService(proxy.kafka, settings, load_key_file(keys / "ledger.key"),
+                            Keyring.load(keys / "keyring.toml"), group_id=f"gaps-{uuid.uuid4().hex[:8]}")
+    deadline = time.monotonic() + 40
+    try:
+        while service.sealed_leaves < len(session) or any(w.opened_at is not None for w in service.writers.values()):
+            assert time.monotonic() < deadline, "the ledger did not seal in time"
+            service.step(0.1)
+    finally:
+        service.close()
+    result = CliRunner().invoke(cli, ["activity", "--ledger", str(directory), "--protocol", "mysql", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    return [r for r in json.loads(result.output) if r["session_id"] == session[0].session_id]
+
+
+def test_cursor_long_data_and_reset_in_activity(proxy, target, tmp_path):
+    app = new_app("activity")
+    conn = connector(proxy, target, app)
+    try:
+        cursor_fetches(conn, "SELECT id, label FROM nums ORDER BY id")
+        prepared = conn.cmd_stmt_prepare(b"SELECT LENGTH(?)")
+        _, columns, _ = conn.cmd_stmt_execute(prepared["statement_id"], data=(io.BytesIO(b"y" * 1000),),
+                                              parameters=prepared["parameters"])
+        conn.unread_result = True
+        assert [tuple(r) for r in conn.get_rows(binary=True, columns=columns)[0]] == [(1000,)]
+        assert conn.cmd_reset_connection()
+    finally:
+        conn.close()
+    rows = sealed_activity(proxy, proxy.events.session(app), tmp_path / "ledger")
+    sql = "SELECT id, label FROM nums ORDER BY id"
+    assert [(r["operation"], r["text"], r["outcome"]) for r in rows if not r["text"].startswith("SET ")] == [
+        ("prepare", sql, "ok"), ("statement", sql, "ok"),  # the cursor's EXECUTE, its FETCHes no rows of their own
+        ("prepare", "SELECT LENGTH(?)", "ok"), ("statement", "SELECT LENGTH(?)", "ok")]
+    assert [r["text"] for r in rows][-2:] == ["SET NAMES 'utf8mb4' COLLATE 'utf8mb4_general_ci'",
+                                             "SET @@session.autocommit = ON"]  # mysql-connector after the reset
+    assert [r["operation_no"] for r in rows] == list(range(1, len(rows) + 1))
