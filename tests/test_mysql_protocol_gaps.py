@@ -291,6 +291,9 @@ def test_send_long_data_reset_and_close_recorded(proxy, target):
         conn.unread_result = True  # as the prepared cursor's _handle_result says, before it reads the rows
         rows, _ = conn.get_rows(binary=True, columns=columns)
         conn.cmd_stmt_close(statement_id)
+        with pytest.raises(mysql.connector.Error) as closed:  # the target forgot it, and so did the proxy
+            conn.cmd_stmt_execute(statement_id, data=(1, 2, 3), parameters=parameters)
+        assert closed.value.errno == 1243
         cur = conn.cursor()
         cur.execute("SELECT MD5(%s)", (blob,))
         (expected_md5,) = cur.fetchone()
@@ -304,13 +307,14 @@ def test_send_long_data_reset_and_close_recorded(proxy, target):
         (str(statement_id), p, n) for p in "01" for n in ("131072", "131072", str(len(blob) - 2 * 131072))]
     (reset,) = records(events, "client", "COM_STMT_RESET")
     assert reset["attributes"]["statement_id"] == str(statement_id)
-    (execute,) = records(events, "client", "COM_STMT_EXECUTE")
+    execute, after_close = records(events, "client", "COM_STMT_EXECUTE")
+    assert after_close.get("statement") is None and after_close["attributes"] == {"statement_id": str(statement_id)}
     assert execute["statement"] == "SELECT LENGTH(?), MD5(?), ?"
     assert execute["parameters"] == ["\\x" + blob.hex()] * 2 + ["7"]  # the long data, its 3 packets joined;
     # not the data the reset discarded
     (close,) = records(events, "client", "COM_STMT_CLOSE")
     assert close["attributes"]["statement_id"] == str(statement_id)
-    assert not any(m["outcome"] == "error" for m in messages(events, "server"))
+    assert [m["attributes"]["errno"] for m in messages(events, "server") if m["outcome"] == "error"] == ["1243"]
 
 
 def test_reset_connection_is_relayed_recorded_and_the_session_goes_on(proxy, target):
