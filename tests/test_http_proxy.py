@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 import uuid
 
 import aiohttp
@@ -62,6 +63,7 @@ policy = "policies/default.toml"
     policy = directory / "policies" / "default.toml"
     policy.write_text(policy.read_text() + POLICY_RULES)
     running.events = EventLog.open(running)
+    time.sleep(1.1)  # the policy file is looked at again at most once a second (PolicyHolder.check_interval)
     yield running
     running.events.close()
     running.background.stop()
@@ -299,3 +301,48 @@ def test_a_response_that_ends_before_its_request_body_does_not_stall_the_connect
             second += chunk
         assert second.startswith(b"HTTP/1.1 200"), second
 
+
+
+
+def raw_request(proxy, request: str) -> bytes:
+    """One request on its own connection (Connection: close), written as given: shapes curl would normalise."""
+    host, port = proxy.address(1)
+    with socket.create_connection((host, port), 10) as sock:
+        sock.sendall(request.encode())
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+    return answer
+
+
+@pytest.mark.parametrize("target", ["http://127.0.0.1/admin/users/7", "//admin/users/7", "/%61dmin/users/7",
+                                    "/admin%2Fusers/7"], ids=["absolute-form", "double-slash", "encoded", "encoded-slash"])
+def test_a_block_is_not_evaded_by_another_spelling_of_the_path(proxy, nginx, target):
+    """nginx routes each of these to /admin/users/7; the policy must see that path too (they once reached nginx)."""
+    agent = f"raw-{uuid.uuid4().hex[:8]}"
+    answer = raw_request(proxy, f"DELETE {target} HTTP/1.1\r\nHost: x\r\nUser-Agent: {agent}\r\n"
+                                f"Authorization: Bearer {proxy.token(*DEV)}\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 403"), answer[:200]
+    assert "DELETE /admin/users/7" not in (nginx.dir / "access.log").read_text()
+    assert f"DELETE {target}" not in (nginx.dir / "access.log").read_text()
+    events = session(proxy, agent)
+    decision = [e.body for e in events if e.kind == "policy_decision"][0]
+    assert (decision["action"], decision["statement"]) == ("block", "DELETE /admin/users/7")
+    (request,) = records(events, "Request")
+    assert request["data"].startswith(f"DELETE {target} HTTP/1.1".encode())  # the evidence: what the client sent
+
+
+def test_absolute_form_is_relayed_as_origin_form_and_dot_segments_are_refused(proxy, nginx):
+    token = proxy.token(*DBA)
+    answer = raw_request(proxy, f"GET http://elsewhere.example/index.html HTTP/1.1\r\nHost: x\r\n"
+                                f"Authorization: Bearer {token}\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"hello from nginx</h1>\n")
+    assert "GET /index.html HTTP/1.1" in (nginx.dir / "access.log").read_text().splitlines()[-1]
+    for target in ("/x/../admin/users/7", "/x/%2e%2e/admin/users/7", "/./index.html"):
+        before = (nginx.dir / "access.log").read_text()
+        answer = raw_request(proxy, f"GET {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 400") and b"dot segment" in answer, answer[:300]
+        assert (nginx.dir / "access.log").read_text() == before

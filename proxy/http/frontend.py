@@ -39,9 +39,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shlex
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from urllib.parse import unquote, urlsplit
 
 import h11
 
@@ -213,13 +215,15 @@ class HttpFrontEnd(FrontEnd):
         names = [name.lower() for name, _ in headers]
         if b"content-length" in names and b"transfer-encoding" in names:
             raise ProtocolViolation("400", "Content-Length together with Transfer-Encoding (a request smuggling shape)")
-        method, target = event.method.decode("ascii", "replace"), event.target.decode("latin-1")
-        info = request_info(method, target) if self.kubernetes else None
-        exchange = self.exchange = Exchange(method, target, info)
+        method, raw_target = event.method.decode("ascii", "replace"), event.target.decode("latin-1")
+        target = _origin_form(raw_target)  # what is relayed (after the base path)
+        view = _resolved(target)  # what the policy and the evidence's text judge: the path as the target resolves it
+        info = request_info(method, view) if self.kubernetes else None
+        exchange = self.exchange = Exchange(method, view, info)
         operation = self._operation(exchange, headers)
         session.client_application = session.client_application or _text(rec.header(headers, b"user-agent"))
         session.record_messages(CLIENT, [rec.request_record(
-            method, target, event.http_version.decode(), headers, operation=operation.kind, text=operation.text,
+            method, raw_target, event.http_version.decode(), headers, operation=operation.kind, text=operation.text,
             objects=operation.objects, attributes=dict(operation.attributes))], 1)
         token = _bearer(headers)
         if not (yield from self._identify(token)):
@@ -632,6 +636,35 @@ class HttpFrontEnd(FrontEnd):
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("latin-1")
+
+
+def _origin_form(target: str) -> str:
+    """An absolute-form target (RFC 9112 §3.2.2, `GET http://host/path`) as origin-form: the target is the
+    proxy's upstream whatever host the client names, and relayed as it was, it would bypass the base path
+    and the policy's view of the path (`^DELETE /admin/` does not match `DELETE http://x/admin/`)."""
+    if target.startswith("/") or target == "*":
+        return target
+    parts = urlsplit(target)
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise ProtocolViolation("400", f"request target {target[:200]!r} is neither origin-form nor absolute-form")
+    return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+_SLASHES = re.compile(r"/{2,}")
+
+
+def _resolved(target: str) -> str:
+    """The target as servers resolve its path before they route it (nginx: decoded, slashes merged, dot
+    segments removed), so that a policy on `/admin/` also sees `//admin/`, `/%61dmin/`; the query stays as
+    sent. Dot segments are refused instead (400): relayed, they would climb out of the base path, and
+    clients remove them before sending (RFC 3986 §5.2.4)."""
+    path, mark, query = target.partition("?")
+    if "%" not in path and "//" not in path and "/." not in path:
+        return target  # the usual case, unchanged
+    decoded = unquote(path, errors="replace")
+    if any(segment in (".", "..") for segment in decoded.split("/")):
+        raise ProtocolViolation("400", "a dot segment in the request path (a policy evasion shape)")
+    return _SLASHES.sub("/", decoded) + mark + query
 
 
 def _guard_head(buffered: bytes, max_header: int) -> None:
