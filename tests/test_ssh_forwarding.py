@@ -8,6 +8,8 @@ forwarding-closed-by-default).
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import os
 import socket
 import socketserver
@@ -18,7 +20,7 @@ import time
 import pytest
 
 from pg_fixtures import EventLog, messages, start_proxy
-from ssh_fixtures import Client, free_port, new_user, ssh_proxy_entry, sshd  # noqa: F401 (sshd: a fixture)
+from ssh_fixtures import Client, free_port, keygen, new_user, ssh_proxy_entry, sshd  # noqa: F401 (sshd: a fixture)
 
 
 class _Echo(socketserver.BaseRequestHandler):
@@ -41,13 +43,8 @@ def echo():
 
 
 @pytest.fixture(scope="module")
-def remote_port():
-    """The one listen port on the target that the policy lets `ssh -R` open."""
-    return free_port()
-
-
-@pytest.fixture(scope="module")
-def proxy(broker, tmp_path_factory, sshd, echo, remote_port):
+def proxy(broker, tmp_path_factory, sshd, echo):
+    remote_port = free_port()  # the one listen port on the target that the policy lets `ssh -R` open
     directory = tmp_path_factory.mktemp("custody")
     (directory / "policies").mkdir()
     (directory / "policies" / "ssh.toml").write_text(f'''
@@ -68,9 +65,19 @@ protocols = ["ssh"]
 operations = ["forward"]
 objects = ["127.0.0.1:{remote_port}"]
 attributes = {{ direction = ["remote"] }}
+
+[[rule]]
+name = "allow-agent-for-ops"
+action = "allow"
+message = "ops may use their agent on the target"
+protocols = ["ssh"]
+operations = ["forward"]
+groups = ["ops"]
+attributes = {{ direction = ["agent"] }}
 ''')
     running = start_proxy(directory, broker, extra_proxies=ssh_proxy_entry(sshd))
     running.events = EventLog.open(running)
+    running.remote_port = remote_port
     host_pub = (directory / "keys" / "ssh_host_ed25519.pub").read_text().strip()
     running.client = Client(tmp_path_factory.mktemp("client"), *running.address(1), host_pub)
     yield running
@@ -167,9 +174,8 @@ def test_a_destination_no_rule_allows_is_refused(proxy, sshd):
     assert failure["error_code"] == "administratively_prohibited"
 
 
-def test_ssh_R_on_an_allowed_listen_port_relays_the_targets_connections_back_to_the_client(proxy, echo,
-                                                                                             remote_port):
-    user = new_user()
+def test_ssh_R_on_an_allowed_listen_port_relays_the_targets_connections_back_to_the_client(proxy, echo):
+    user, remote_port = new_user(), proxy.remote_port
     sent = [b"remote one " * 2000, os.urandom(150_000)]
     tunnel_through(proxy, user, ("-R", f"127.0.0.1:{remote_port}:127.0.0.1:{echo}"), remote_port, sent)
     events = session_of(proxy, user)
@@ -203,22 +209,33 @@ def test_remote_forwarding_is_refused_and_recorded(proxy, echo):
                for m in messages(events, "server"))
 
 
-def test_agent_and_x11_forwarding_are_refused_and_recorded(proxy, tmp_path):
-    user = new_user()
-    agent_sock = tmp_path / "agent.sock"
+@contextlib.contextmanager
+def ssh_agent(directory):
+    """A running ssh-agent of the client's: its socket."""
+    agent_sock = directory / "agent.sock"
     agent = subprocess.Popen(["ssh-agent", "-D", "-a", str(agent_sock)], stdout=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 10
         while not agent_sock.exists():
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        env = {**proxy.client.env(proxy.token(user, ("dev",))), "SSH_AUTH_SOCK": str(agent_sock), "DISPLAY": ":93"}
-        result = subprocess.run(["ssh", *proxy.client.options(), "-A", "-X", "-p", str(proxy.client.port), "-l",
-                                 user, proxy.client.host, "echo ran; echo ${SSH_AUTH_SOCK:-no-agent}"],
-                                env=env, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+        yield agent_sock
     finally:
         agent.terminate()
         agent.wait(10)
+
+
+def ssh_A(proxy, user: str, groups: tuple[str, ...], agent_sock, command: str) -> subprocess.CompletedProcess:
+    env = {**proxy.client.env(proxy.token(user, groups)), "SSH_AUTH_SOCK": str(agent_sock), "DISPLAY": ":93"}
+    return subprocess.run(["ssh", *proxy.client.options(), "-A", "-X", "-p", str(proxy.client.port), "-l",
+                           user, proxy.client.host, command],
+                          env=env, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+
+
+def test_agent_and_x11_forwarding_are_refused_and_recorded(proxy, tmp_path):
+    user = new_user()
+    with ssh_agent(tmp_path) as agent_sock:
+        result = ssh_A(proxy, user, ("dev",), agent_sock, "echo ran; echo ${SSH_AUTH_SOCK:-no-agent}")
     assert result.returncode == 0 and result.stdout == b"ran\nno-agent\n", result.stderr
     events = session_of(proxy, user)
     requests = [(m["type"], m["text"]) for m in messages(events, "client") if m["operation"] == "forward"]
@@ -226,3 +243,31 @@ def test_agent_and_x11_forwarding_are_refused_and_recorded(proxy, tmp_path):
     assert sorted(e.body["statement"] for e in events if e.kind == "policy_decision") == ["agent", "x11"]
     exec_channel = next(m["channel"] for m in messages(events, "client") if m["type"] == "exec")
     assert {m["channel"] for m in messages(events, "client") if m["operation"] == "forward"} == {exec_channel}
+
+
+def test_agent_forwarding_a_rule_allows_reaches_the_clients_agent_and_is_recorded(proxy, tmp_path):
+    user = new_user()
+    public = keygen(tmp_path / "agent_key")
+    with ssh_agent(tmp_path) as agent_sock:
+        subprocess.run(["ssh-add", "-q", str(tmp_path / "agent_key")], env={"SSH_AUTH_SOCK": str(agent_sock)},
+                       check=True, capture_output=True, timeout=20)
+        result = ssh_A(proxy, user, ("ops",), agent_sock, "ssh-add -L")  # on the target: the client's agent
+    assert result.returncode == 0 and public.split()[1].encode() in result.stdout, result
+    events = session_of(proxy, user)
+    client, server = messages(events, "client"), messages(events, "server")
+    exec_channel = next(m["channel"] for m in client if m["type"] == "exec")
+    request = next(m for m in client if m["type"] == "auth-agent-req")
+    assert (request["channel"], request["operation"], request["text"]) == (exec_channel, "forward", "agent")
+    assert any(m["type"] == "request-success" and m["channel"] == exec_channel for m in server)
+    assert [(e.body["rule"], e.body["statement"]) for e in events if e.kind == "policy_decision"] == [
+        ("forwarding-closed-by-default", "x11")]  # X11 is refused whatever the policy
+    [opened] = [m for m in server if m["type"] == "auth-agent"]
+    agent_channel = opened["channel"]
+    assert agent_channel != exec_channel and (opened["operation"], opened["text"]) == ("forward", "agent")
+    asked = b"".join(m["data"] for m in server if m["type"] == "data" and m["channel"] == agent_channel)
+    answered = b"".join(m["data"] for m in client if m["type"] == "data" and m["channel"] == agent_channel)
+    assert asked[4:5] == bytes([11])  # SSH_AGENTC_REQUEST_IDENTITIES, from the target
+    assert answered[4:5] == bytes([12]) and base64.b64decode(public.split()[1]) in answered  # the key's blob
+    close = next(m for m in client + server if m["type"] == "close" and m["channel"] == agent_channel)
+    assert close["attributes"] == {"destination": "agent", "client_bytes": str(len(answered)),
+                                   "server_bytes": str(len(asked))}

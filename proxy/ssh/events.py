@@ -67,9 +67,9 @@ class ForwardOpen:
 class ForwardRequest:
     """A forwarding request: remote (tcpip-forward, `ssh -R`), agent (`ssh -A`) or X11 (`ssh -X`).
 
-    Remote: decided by policy like a direct-tcpip (closed by default), answered
-    with `ForwardAnswer`. Agent and X11 are never relayed: asyncssh refuses
-    them; the front end records the request and the refusal.
+    Remote and agent: decided by policy like a direct-tcpip (closed by
+    default), answered with `ForwardAnswer`. X11 is never relayed: asyncssh
+    refuses it; the front end records the request and the refusal.
     """
 
     kind: str  # remote | agent | x11
@@ -81,17 +81,19 @@ class ForwardRequest:
 
 @dataclass(frozen=True, slots=True)
 class ForwardedOpen:
-    """From the target: a connection to a remote forwarding's listener (`ssh -R`), to relay as forwarded-tcpip.
+    """From the target: a channel to relay to the client — a connection to a remote forwarding's listener
+    (`ssh -R`, forwarded-tcpip) or to the client's agent (`ssh -A`, auth-agent@openssh.com).
 
     `host`:`port` is where the target listens (the port it bound); the origin
-    is the connecting peer, as the target reports it.
+    is the connecting peer, as the target reports it. An agent channel has none.
     """
 
     channel: int
-    host: str
-    port: int
-    origin_host: str
-    origin_port: int
+    host: str = ""
+    port: int = 0
+    origin_host: str = ""
+    origin_port: int = 0
+    agent: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +195,7 @@ class ListenTarget(Command):
 
 @dataclass(frozen=True, slots=True)
 class ForwardAnswer(Command):
-    """Answer the client's oldest pending tcpip-forward: the target's listener (accepted) or a refusal."""
+    """Answer the client's oldest pending tcpip-forward (the target's listener, or a refusal) or agent request."""
 
     accepted: bool
 

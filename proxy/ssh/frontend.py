@@ -21,9 +21,10 @@ quoting rules); SFTP open (upload/download), remove, rename, mkdir, rmdir,
 setstat and symlink are `transfer` operations on their paths; a direct-tcpip
 channel (`ssh -L`/`-W`) is a `forward` to host:port and a tcpip-forward
 request (`ssh -R`) a `forward` "remote host:port" of the target's listen
-address (attribute direction local/remote), each refused unless a rule
-allows it; an allowed remote forwarding's connections are relayed to the
-client and recorded like direct-tcpip's. In an
+address, and agent forwarding (`ssh -A`) a `forward` "agent" (attribute
+direction local/remote/agent), each refused unless a rule allows it; an
+allowed remote forwarding's connections and agent's channels are relayed to
+the client and recorded like direct-tcpip's. X11 is always refused. In an
 interactive shell with a PTY each line typed is a `command` operation too,
 decided at its Enter (best effort: `ingest.protocols.ssh.terminal` rebuilds
 the line; a refused line is wiped from the target's line editor). A
@@ -172,6 +173,8 @@ class SSHFrontEnd(FrontEnd):
             yield from self._forward(item)
         elif kind is ev.ForwardRequest and item.kind == "remote":
             yield from self._remote_forward(item)
+        elif kind is ev.ForwardRequest and item.kind == "agent":
+            yield from self._agent_forward(item)
         elif kind is ev.ForwardRequest:
             self._refused_request(item)
         else:
@@ -547,11 +550,11 @@ class SSHFrontEnd(FrontEnd):
         channel.open = True
         self._record(SERVER, message("open-confirmation", ch, outcome="ok"))
 
-    def _forward_refusal(self, operation: Operation) -> Generator[Any, Any, str | None]:
+    def _forward_refusal(self, operation: Operation, what: str = "port forwarding") -> Generator[Any, Any, str | None]:
         """Why a forwarding may not be made (None: it may). Closed by default: only a rule that names it opens it."""
         gate = self.session.gate
         if gate is None or gate.decide(operation).rule is None:
-            reason = "port forwarding is refused unless a policy rule allows it"
+            reason = f"{what} is refused unless a policy rule allows it"
             self.session.record("policy_decision", records.decision(FORWARD_CLOSED_RULE, "block", reason,
                                                                     operation.text))
             return reason
@@ -583,19 +586,40 @@ class SSHFrontEnd(FrontEnd):
                                      outcome="ok"))
         yield ev.ForwardAnswer(True)
 
-    def _forwarded(self, item: ev.ForwardedOpen) -> Steps:
-        """A connection to the target's remote forwarding listener: a forwarded-tcpip channel opened to the client.
+    def _agent_forward(self, item: ev.ForwardRequest) -> Steps:
+        """auth-agent-req (`ssh -A`) on a session channel: a `forward` "agent" (direction agent), closed by default.
 
-        Its listener was allowed by policy; each connection is recorded (the
-        `forward` operation, its origin, then its bytes and counts as a
-        direct-tcpip's), not decided again.
+        Allowed, the target's session asks for the agent too, and each agent
+        channel the target opens is relayed to the client's agent (`_forwarded`).
+        """
+        self._record(CLIENT, message("auth-agent-req", item.channel, operation="forward", text="agent", objects=[]))
+        refused = yield from self._forward_refusal(Operation("ssh", "forward", "agent", (),
+                                                             self._attributes(direction="agent")), "agent forwarding")
+        if refused is not None:
+            self._record(SERVER, message("request-failure", item.channel, attributes={
+                "reason": refused, **records.PROXY_ORIGIN}, outcome="error", error_code="administratively_prohibited",
+                error_message=refused))
+        else:
+            self._record(SERVER, message("request-success", item.channel, outcome="ok"))
+        yield ev.ForwardAnswer(refused is None)
+
+    def _forwarded(self, item: ev.ForwardedOpen) -> Steps:
+        """A channel the target opens: to its remote forwarding listener (forwarded-tcpip) or to the agent, opened
+        to the client.
+
+        The listener or agent was allowed by policy; each connection is
+        recorded (the `forward` operation, its origin, then its bytes and
+        counts as a direct-tcpip's), not decided again.
         """
         ch = item.channel
-        listen = f"{item.host}:{item.port}"
-        channel = self.channels[ch] = _Channel(ch, "forward", listen)
-        self._record(SERVER, message("forwarded-tcpip", ch, attributes={
-            "host": item.host, "port": str(item.port), "origin": f"{item.origin_host}:{item.origin_port}"},
-            operation="forward", text=f"remote {listen}", objects=[listen]))
+        if item.agent:
+            kind, text, attributes, objects = "auth-agent", "agent", {}, []
+        else:
+            listen = f"{item.host}:{item.port}"
+            kind, text, objects = "forwarded-tcpip", f"remote {listen}", [listen]
+            attributes = {"host": item.host, "port": str(item.port), "origin": f"{item.origin_host}:{item.origin_port}"}
+        channel = self.channels[ch] = _Channel(ch, "forward", objects[0] if objects else text)
+        self._record(SERVER, message(kind, ch, attributes=attributes, operation="forward", text=text, objects=objects))
         try:
             yield ev.OpenChannel(item)
         except ev.ChannelRefused as refused:
@@ -610,13 +634,10 @@ class SSHFrontEnd(FrontEnd):
             self._record(CLIENT, message("open-confirmation", ch, outcome="ok"))
 
     def _refused_request(self, item: ev.ForwardRequest) -> None:
-        """Agent and X11 forwarding are never relayed: the request and its refusal, as a block."""
-        if item.kind == "agent":
-            kind, text, attributes = "auth-agent-req", "agent", {}
-        else:
-            kind, text, attributes = "x11-req", "x11", {"x11": item.detail} if item.detail else {}
+        """X11 forwarding is never relayed: the request and its refusal, as a block."""
+        text, attributes = "x11", {"x11": item.detail} if item.detail else {}
         reason = f"{item.kind} forwarding is refused through Custody"
-        self._record(CLIENT, message(kind, item.channel, attributes=attributes, operation="forward", text=text,
+        self._record(CLIENT, message("x11-req", item.channel, attributes=attributes, operation="forward", text=text,
                                      objects=[]))
         self.session.record("policy_decision", records.decision(FORWARD_CLOSED_RULE, "block", reason, text))
         self._record(SERVER, message("request-failure", item.channel, attributes={"reason": reason, **records.PROXY_ORIGIN},

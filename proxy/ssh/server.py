@@ -45,6 +45,7 @@ from . import events as ev
 log = logging.getLogger(__name__)
 
 _STDERR = asyncssh.EXTENDED_DATA_STDERR
+AGENT_RELAY = "custody-agent-relay"  # a target session asks for the agent; its channels are relayed, no socket
 SAMPLE_BYTES = 256  # the first bytes a client sends, kept as a transport error's sample
 MAX_OFFERED_KEYS = 8  # unknown keys named in an authentication failure; the rest are counted
 
@@ -130,7 +131,10 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         self._next_channel = 0
         self._login: asyncio.Future | None = None
         self._refused_forwards: dict[int, str] = {}
-        self._remote_answers: deque[asyncio.Future] = deque()  # the client's tcpip-forwards, oldest first
+        # The client's tcpip-forward and auth-agent-req requests, oldest first (the front end answers in order),
+        # each with its session channel (an agent request's).
+        self._forward_answers: deque[tuple[asyncio.Future, int | None]] = deque()
+        self._agent_channels: set[int] = set()  # session channels whose agent requests were allowed
         self._remote_listener: asyncssh.SSHListener | None = None  # the target's, until its request is answered
         self._farewell = ""
         self._sample = b""
@@ -149,20 +153,27 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
                                identity_leeway=listener.identity_leeway)
         listener.connections.add(self)
         self._keep_sample(conn)
-        self._refuse_agent_and_x11(conn)
+        self._decide_agent_refuse_x11(conn)
         if self.public_key_auth_supported():
             self._check_public_keys(conn)
         self.run(self.session.start())
 
-    def _refuse_agent_and_x11(self, conn: asyncssh.SSHServerConnection) -> None:
-        """asyncssh refuses agent and X11 forwarding (they are off) without a callback: these say so to the session.
+    def _decide_agent_refuse_x11(self, conn: asyncssh.SSHServerConnection) -> None:
+        """asyncssh asks its connection for an agent listener or an X11 display (both off): these ask the session.
 
-        A session channel asks its connection for the agent listener or the
-        X11 display; on this one instance both record the request and refuse.
+        A session channel's auth-agent-req awaits the front end's decision
+        (closed by default; allowed, the target's session of that channel asks
+        for the agent and the target's agent channels are relayed to the
+        client's agent, `TargetConnection`); X11 is recorded and refused.
         """
         async def create_agent_listener() -> bool:
-            self._forward_request(ev.ForwardRequest("agent", self._channel_of(None)))
-            return False
+            channel = self._channel_of(None)
+            if self._closed:
+                return False
+            answer = asyncio.get_running_loop().create_future()
+            self._forward_answers.append((answer, channel))
+            self._forward_request(ev.ForwardRequest("agent", channel))
+            return bool(await answer)
 
         async def attach_x11_listener(chan: Any, auth_proto: bytes, auth_data: bytes, screen: int) -> None:
             self._forward_request(ev.ForwardRequest("x11", self._channel_of(chan),
@@ -289,7 +300,7 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         if self._closed:
             return False
         answer = asyncio.get_running_loop().create_future()
-        self._remote_answers.append(answer)
+        self._forward_answers.append((answer, None))
         self._forward_request(ev.ForwardRequest("remote", host=listen_host, port=listen_port))
         return answer
 
@@ -314,16 +325,29 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         self.run(self.session.completed(command, bound))
 
     def _answer_forward(self, accepted: bool) -> None:
-        """Answer the oldest tcpip-forward: the target's listener, or False (and a listener nobody gets is closed)."""
+        """Answer the oldest request: a tcpip-forward's with the target's listener, an agent request's with True; else
+        False (and a listener nobody gets is closed)."""
         listener, self._remote_listener = self._remote_listener, None
-        answer = self._remote_answers.popleft() if self._remote_answers else None
-        if accepted and listener is not None and answer is not None and not answer.done():
-            answer.set_result(listener)
-            return
+        answer, channel = self._forward_answers.popleft() if self._forward_answers else (None, None)
+        result: Any = False
+        if accepted and answer is not None and not answer.done():
+            if channel is not None:
+                self._agent_channels.add(channel)
+                result = True
+            elif listener is not None:
+                result, listener = listener, None
         if listener is not None:
             listener.close()
         if answer is not None and not answer.done():
-            answer.set_result(False)
+            answer.set_result(result)
+
+    def _forwarded_agent(self) -> "TargetChannelSession":
+        """The target opened an agent channel: allowed for a channel of this client, a new channel to relay."""
+        if self._closed or not self._agent_channels:
+            raise asyncssh.ChannelOpenError(asyncssh.OPEN_ADMINISTRATIVELY_PROHIBITED, "agent forwarding not allowed")
+        channel = self._new_channel()
+        self.run(self.session.event(SERVER, ev.ForwardedOpen(channel, agent=True)))
+        return TargetChannelSession(self, channel)
 
     def _forwarded(self, host: str, port: int, origin_host: str, origin_port: int) -> "TargetChannelSession":
         """A connection to the target's remote forwarding listener: a new channel, for the front end to relay."""
@@ -601,6 +625,9 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
                     options["command"] = start.command
                 elif start.kind == "subsystem":
                     options["subsystem"] = start.subsystem
+                # asyncssh asks for the agent on a session when its connection forwards one (a connection-wide
+                # option): set for this open only. No other session opens meanwhile: the client's lane waits.
+                conn._agent_forward_path = AGENT_RELAY if channel_id in self._agent_channels else None  # noqa: SLF001
                 chan, _ = await conn.create_session(lambda: TargetChannelSession(self, channel_id), **options)
         except (asyncssh.ChannelOpenError, asyncssh.Error, OSError, ev.ChannelRefused) as exc:
             reason = getattr(exc, "reason", None) or str(exc)
@@ -618,9 +645,21 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         """The client's side of a remote forwarding's connection: a forwarded-tcpip channel to the client."""
         start = command.start
         assert isinstance(start, ev.ForwardedOpen) and self.conn is not None
+        def factory() -> ForwardChannelSession:
+            return ForwardChannelSession(self, start.channel)
+
+        # A connection may reach the target's new listener before the client had the answer to its tcpip-forward
+        # (and would refuse a forwarding it does not know yet): the answer goes first (asyncssh awaits it too).
+        pending = [answer for answer, channel in self._forward_answers if channel is None]
+        if pending and not start.agent:
+            await asyncio.wait(pending)
         try:
-            chan, _ = await self.conn.create_connection(lambda: ForwardChannelSession(self, start.channel),
-                                                        start.host, start.port, start.origin_host, start.origin_port)
+            if start.agent:
+                chan = self.conn.create_agent_channel()
+                await chan.open(factory)
+            else:
+                chan, _ = await self.conn.create_connection(factory, start.host, start.port, start.origin_host,
+                                                            start.origin_port)
         except (asyncssh.ChannelOpenError, asyncssh.Error, OSError) as exc:
             self.run(self.session.failed(command, ev.ChannelRefused(getattr(exc, "reason", None) or str(exc))))
             return
@@ -636,7 +675,7 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
             return
         self._closed = True
         self._answer_login(False)
-        while self._remote_answers:
+        while self._forward_answers:
             self._answer_forward(False)
         self.cancel_timers()
         if self.upstream is not None:
@@ -761,6 +800,19 @@ class TargetConnection(asyncssh.SSHClient):
 
     def connection_made(self, conn: asyncssh.SSHClientConnection) -> None:
         self.conn = conn
+        self._relay_agent(conn)
+
+    def _relay_agent(self, conn: asyncssh.SSHClientConnection) -> None:
+        """The target's auth-agent@openssh.com channels go to the client's agent, through the session.
+
+        asyncssh would connect them to a local agent socket
+        (`agent_forward_path`); its handler is replaced on this one instance.
+        """
+        def open_agent_channel(packet: Any) -> tuple[Any, TargetChannelSession]:
+            packet.check_end()
+            return conn.create_unix_channel(), self.owner._forwarded_agent()
+
+        conn._process_auth_agent_at_openssh_dot_com_open = open_agent_channel  # type: ignore[attr-defined]
 
     def connection_lost(self, exc: Exception | None) -> None:
         # Only once logged in: a connect that fails reports itself through ConnectTarget.
