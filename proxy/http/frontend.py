@@ -19,7 +19,9 @@ Per request: the Request record (credentials redacted), then the policy's verdic
 forward for port-forward —, text `METHOD /path`, attributes method/path, and for Kubernetes
 verb/resource/namespace/name/subresource from `ingest.protocols.kubernetes.requestinfo`); a
 block is a 403 (Kubernetes `Status`, otherwise `application/problem+json`) and the target never
-sees the request; a hold waits for the reviewers (the client just waits). Everything is recorded
+sees the request; a hold waits for the reviewers (the client just waits). The policy judges the path as
+the target will route it (`_origin_form`, `_resolved`: absolute-form as origin-form, decoded, slashes merged, dot
+segments refused), the Request record keeps the bytes as sent. Everything is recorded
 before it is relayed: request and response heads, every body chunk, every tunnelled frame.
 
 Masking: when the identity has a mask plan and a response is JSON or text, its body is buffered up to
