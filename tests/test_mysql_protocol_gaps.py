@@ -1,9 +1,10 @@
 """MySQL protocol features the audit of issue 13 found untested, against the machine's MariaDB through the
-proxy with real clients: a read-only cursor and COM_STMT_FETCH, COM_STMT_SEND_LONG_DATA, COM_STMT_RESET and
-COM_STMT_CLOSE, COM_RESET_CONNECTION (mysql-connector-python's command API, which speaks each of them), a
-client that drops its socket while a large result streams, and the settings `upstream_tls = "require"`
-(this MariaDB has no TLS: refused, never plaintext), `upstream_password_file` and the session's end at the
-token's expiry (`[identity] leeway_seconds = 0`).
+proxy with real clients: a read-only cursor and COM_STMT_FETCH (mysql-connector-python's command API, and a
+raw wire client for CLIENT_DEPRECATE_EOF, which no installed client opens a cursor with; fetched rows masked),
+COM_STMT_SEND_LONG_DATA, COM_STMT_RESET and COM_STMT_CLOSE, COM_RESET_CONNECTION (records, and `custody
+activity` after the real ledger sealed them), a client that resets its socket while a large result streams,
+and the settings `upstream_tls = "require"` (this MariaDB has no TLS: refused, never plaintext),
+`upstream_password_file` and the session's end at the token's expiry (`[identity] leeway_seconds = 0`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from custody.cli import cli
 from ingest.keys import Keyring, load_key_file
 from ingest.protocols.mysql import auth
 from ingest.protocols.mysql import messages as m
+from ingest.protocols.mysql.conversation import Conversation
+from ingest.protocols.mysql.packets import make
 from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
 from mysql_fixtures import make_target, proxy_entry
@@ -60,7 +63,8 @@ def proxy(broker, tmp_path_factory, target):
                                                  f'upstream_password_file = "{directory / file}"')
 
     entries = (proxy_entry(target)
-               + proxy_entry(target, "tls-mysql", f'tls_cert = "{tls["server_cert"]}"\ntls_key = "{tls["server_key"]}"\n')
+               + proxy_entry(target, "tls-mysql",
+                             f'tls_cert = "{tls["server_cert"]}"\ntls_key = "{tls["server_key"]}"\n')
                + proxy_entry(target, "tls-required-mysql", 'upstream_tls = "require"\n')
                + from_file("file-mysql", "right.pw") + from_file("wrong-file-mysql", "wrong.pw"))
     running = start_proxy(directory, broker, extra_proxies=entries, replace={
@@ -136,9 +140,9 @@ def test_a_read_only_cursor_fetched_in_batches_same_as_direct_and_recorded(proxy
     assert [m["attributes"]["statement_id"] for m in fetches] == [statement_id] * 3
     opened = [m for m in records(events, "server", "EOF") if m["attributes"].get("cursor") == "open"]
     assert len(opened) == 1  # EXECUTE's answer: the columns, then the rows wait for FETCH
-    assert [m["rows"] for m in records(events, "server", "EOF") if m.get("rows") is not None] == [3, 3, 1, 1]  # SELECT 42's
-    last = [m for m in records(events, "server", "EOF") if m.get("rows") is not None][2]
-    assert int(last["attributes"]["status"]) & ServerFlag.STATUS_LAST_ROW_SENT
+    ends = [m for m in records(events, "server", "EOF") if m.get("rows") is not None]
+    assert [m["rows"] for m in ends] == [3, 3, 1, 1]  # the three FETCHes, then SELECT 42
+    assert int(ends[2]["attributes"]["status"]) & ServerFlag.STATUS_LAST_ROW_SENT
     assert sum(int(m["attributes"].get("messages", "1")) for m in records(events, "server", "BinaryRow")) == 7
     (close,) = records(events, "client", "COM_STMT_CLOSE")
     assert close["attributes"]["statement_id"] == statement_id
@@ -264,7 +268,7 @@ def test_a_raw_client_cursor_is_the_same_as_direct_byte_for_byte(proxy, target, 
                                    deprecate_eof))
     assert through == direct
     assert direct[0] == (m.SERVER_STATUS_CURSOR_EXISTS, deprecate_eof)
-    assert [(len(rows), ok_packet) for rows, _, ok_packet in direct[1:]] == [(2, deprecate_eof)] * 2 + [(3, deprecate_eof)]
+    assert [(len(rows), ok_packet) for rows, _, ok_packet in direct[1:]] == [(n, deprecate_eof) for n in (2, 2, 3)]
     assert direct[-1][1] & m.SERVER_STATUS_LAST_ROW_SENT
     events = proxy.events.session(app)
     (login,) = records(events, "client", "HandshakeResponse")
@@ -468,7 +472,8 @@ def sealed_activity(proxy, session: list, directory) -> list[dict]:
             service.step(0.1)
     finally:
         service.close()
-    result = CliRunner().invoke(cli, ["activity", "--ledger", str(directory), "--protocol", "mysql", "--format", "json"])
+    result = CliRunner().invoke(cli, ["activity", "--ledger", str(directory), "--protocol", "mysql",
+                                      "--format", "json"])
     assert result.exit_code == 0, result.output
     return [r for r in json.loads(result.output) if r["session_id"] == session[0].session_id]
 
@@ -494,3 +499,18 @@ def test_cursor_long_data_and_reset_in_activity(proxy, target, tmp_path):
     assert [r["text"] for r in rows][-2:] == ["SET NAMES 'utf8mb4' COLLATE 'utf8mb4_general_ci'",
                                              "SET @@session.autocommit = ON"]  # mysql-connector after the reset
     assert [r["operation_no"] for r in rows] == list(range(1, len(rows) + 1))
+
+
+@pytest.mark.parametrize("answer, kept", [(m.ok(), False), (m.err(1047, "08S01", "Unknown command"), True)])
+def test_reset_connection_forgets_prepared_statements_only_when_the_target_did(answer, kept):
+    """Sans I/O: the statements go with the target's OK to COM_RESET_CONNECTION, not with the command itself."""
+    conversation = Conversation(m.CLIENT_PROTOCOL_41 | m.CLIENT_DEPRECATE_EOF)
+    conversation.sent(make(0, b"\x16SELECT 1"))
+    conversation.server(make(1, b"\x00" + (5).to_bytes(4, "little") + b"\x00\x00\x00\x00\x00\x00\x00"))
+    assert list(conversation.statements) == [5] and conversation.idle
+    reset = make(0, b"\x1f")
+    assert conversation.client(reset)[0] == "COM_RESET_CONNECTION"
+    conversation.sent(reset)
+    assert list(conversation.statements) == [5]  # until the target answers
+    conversation.server(make(1, answer))
+    assert bool(conversation.statements) == kept and conversation.idle
