@@ -167,17 +167,17 @@ class RawClient:
     (MariaDB then ends column definitions and fetched batches with OK packets, not EOF)."""
 
     def __init__(self, host: str, port: int, user: str, password: str, database: str, app: str,
-                 deprecate_eof: bool) -> None:
+                 deprecate_eof: bool, token: bool = True) -> None:
         self.sock = socket.create_connection((host, port), timeout=10)
         self.deprecate_eof = deprecate_eof
         greeting = m.decode_handshake(self.read()[1])
         caps = (m.CLIENT_PROTOCOL_41 | m.CLIENT_SECURE_CONNECTION | m.CLIENT_PLUGIN_AUTH | m.CLIENT_LONG_PASSWORD
                 | m.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA | m.CLIENT_CONNECT_ATTRS | m.CLIENT_TRANSACTIONS
                 | (m.CLIENT_DEPRECATE_EOF if deprecate_eof else 0))
-        plugin = greeting.auth_plugin  # through the proxy: the token in clear (loopback); direct: the native hash
-        answer = password.encode() if plugin == auth.CLEAR else auth.native_password(password, greeting.scramble)
-        if port != 3306:
+        if token:  # the proxy takes the token in clear from loopback
             plugin, answer = auth.CLEAR, password.encode()
+        else:  # the target: its password hashed
+            plugin, answer = auth.NATIVE, auth.native_password(password, greeting.scramble)
         self.write(1, m.handshake_response(caps, 1 << 24, 45, user, answer, database, plugin, {"program_name": app}))
         seq, reply = self.read()
         if reply[:1] == b"\xfe":  # an auth switch
@@ -261,7 +261,7 @@ def raw_cursor(client: RawClient) -> list:
 @pytest.mark.parametrize("deprecate_eof", [True, False], ids=["deprecate-eof", "eof"])
 def test_a_raw_client_cursor_is_the_same_as_direct_byte_for_byte(proxy, target, deprecate_eof):
     direct = raw_cursor(RawClient("127.0.0.1", 3306, target.user, target.password, target.database, "direct",
-                                  deprecate_eof))
+                                  deprecate_eof, token=False))
     app = new_app("raw-cursor")
     host, port = proxy.address(PLAIN)
     through = raw_cursor(RawClient(host, port, "alice@example.com", proxy.token(), target.database, app,
