@@ -514,3 +514,23 @@ def test_reset_connection_forgets_prepared_statements_only_when_the_target_did(a
     assert list(conversation.statements) == [5]  # until the target answers
     conversation.server(make(1, answer))
     assert bool(conversation.statements) == kept and conversation.idle
+
+
+def test_long_data_is_bounded_before_its_execute(monkeypatch):
+    """Sans I/O: long data is kept until its EXECUTE (to record the value); a client that sends more than
+    LONG_DATA_MAX for one statement ends its connection with a protocol error instead of growing the proxy."""
+    from ingest.protocols.mysql import conversation as conv
+    from ingest.protocols.mysql.packets import ProtocolViolation
+
+    monkeypatch.setattr(conv, "LONG_DATA_MAX", 1000)
+    conversation = Conversation(m.CLIENT_PROTOCOL_41 | m.CLIENT_DEPRECATE_EOF)
+    conversation.sent(make(0, b"\x16SELECT LENGTH(?)"))
+    conversation.server(make(1, b"\x00" + (7).to_bytes(4, "little") + b"\x00\x00\x01\x00\x00\x00\x00"))
+    long_data = lambda piece: make(0, b"\x18" + (7).to_bytes(4, "little") + (0).to_bytes(2, "little") + piece)  # noqa: E731
+    for _ in range(3):
+        packet = long_data(b"x" * 300)
+        conversation.client(packet)
+        conversation.sent(packet)
+    assert bytes(conversation.statements[7].long_data[0]) == b"x" * 900
+    with pytest.raises(ProtocolViolation, match="more than 1000 bytes of long data"):
+        conversation.client(long_data(b"x" * 300))

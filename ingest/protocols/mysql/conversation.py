@@ -44,7 +44,7 @@ class Statement:
     params: int
     columns: list[m.Column] = field(default_factory=list)
     types: tuple[tuple[int, bool], ...] | None = None
-    long_data: dict[int, bytes] = field(default_factory=dict)
+    long_data: dict[int, bytearray] = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +72,8 @@ class Expect:
 _SIMPLE = frozenset({"COM_INIT_DB", "COM_PING", "COM_RESET_CONNECTION", "COM_STMT_RESET", "COM_SET_OPTION",
                      "COM_REFRESH", "COM_PROCESS_KILL", "COM_SHUTDOWN", "COM_DEBUG", "COM_CREATE_DB",
                      "COM_DROP_DB", "COM_SLEEP"})
+LONG_DATA_MAX = 64 << 20  # long data a prepared statement may hold until its EXECUTE (MariaDB caps each at
+# max_allowed_packet, 16 MiB by default); past it the connection ends with a protocol error, not the proxy's memory
 _NO_ANSWER = frozenset({"COM_STMT_CLOSE", "COM_STMT_SEND_LONG_DATA", "COM_QUIT"})
 
 
@@ -163,6 +165,11 @@ class Conversation:
             fields = {"attributes": {"statement_id": str(m.statement_id(payload))}}
         elif name == "COM_STMT_SEND_LONG_DATA":
             statement_id, index, data = m.decode_long_data(payload)
+            statement = self.statements.get(statement_id)
+            held = sum(map(len, statement.long_data.values())) if statement is not None else 0
+            if held + len(data) > LONG_DATA_MAX:  # kept until its EXECUTE, to record the value: bounded
+                raise violation(f"COM_STMT_SEND_LONG_DATA: statement {statement_id} would hold more than "
+                                f"{LONG_DATA_MAX} bytes of long data before its EXECUTE")
             fields = {"attributes": {"statement_id": str(statement_id), "parameter": str(index),
                                      "bytes": str(len(data))}}
         elif name == "COM_INIT_DB":
@@ -186,8 +193,8 @@ class Conversation:
             elif name == "COM_STMT_SEND_LONG_DATA":
                 statement_id, index, data = m.decode_long_data(payload)
                 statement = self.statements.get(statement_id)
-                if statement is not None:
-                    statement.long_data[index] = statement.long_data.get(index, b"") + data
+                if statement is not None:  # appended in place: a value sent in many pieces is not copied each time
+                    statement.long_data.setdefault(index, bytearray()).extend(data)
             return
         if name == "COM_QUERY":
             self.expected.append(Expect("query", name, seq, sql=_text(payload) if self.capabilities
