@@ -122,8 +122,27 @@ def test_ssh_W_to_an_allowed_destination_relays_and_records_the_bytes(proxy, ech
     assert not [e for e in events if e.kind == "policy_decision"]
 
 
-def tunnel_through(proxy, user: str, forwarding: tuple[str, str], port: int, sent: list[bytes]) -> None:
-    """`ssh -N` with one forwarding (-L or -R), then each of `sent` through `port` on its own connection, echoed."""
+PROBE = b"probe"
+
+
+def echoed(port: int, data: bytes) -> bytes:
+    """`data` sent through `port` on a connection of its own, and what came back until the other end closed."""
+    with socket.create_connection(("127.0.0.1", port), 10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        back = b""
+        while chunk := sock.recv(65536):
+            back += chunk
+    return back
+
+
+def tunnel_through(proxy, user: str, forwarding: tuple[str, str], port: int, sent: list[bytes],
+                   probe: bool = False) -> None:
+    """`ssh -N` with one forwarding (-L or -R), then each of `sent` through `port` on its own connection, echoed.
+
+    It waits until `port` accepts (with `probe`: until a PROBE comes back —
+    a target's -R port listens before the client knows of the forwarding).
+    """
     tunnel = subprocess.Popen(["ssh", *proxy.client.options(), "-N", "-o", "ExitOnForwardFailure=yes",
                                *forwarding, "-p", str(proxy.client.port), "-l", user, proxy.client.host],
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -132,19 +151,17 @@ def tunnel_through(proxy, user: str, forwarding: tuple[str, str], port: int, sen
         deadline = time.monotonic() + 20
         while True:
             try:
-                socket.create_connection(("127.0.0.1", port), 1).close()
-                break
+                if not probe:
+                    socket.create_connection(("127.0.0.1", port), 1).close()
+                    break
+                if echoed(port, PROBE) == PROBE:
+                    break
             except OSError:
-                assert tunnel.poll() is None and time.monotonic() < deadline, tunnel.stderr.read()
-                time.sleep(0.1)
+                pass
+            assert tunnel.poll() is None and time.monotonic() < deadline, tunnel.stderr.read()
+            time.sleep(0.1)
         for data in sent:
-            with socket.create_connection(("127.0.0.1", port), 10) as sock:
-                sock.sendall(data)
-                sock.shutdown(socket.SHUT_WR)
-                back = b""
-                while chunk := sock.recv(65536):
-                    back += chunk
-            assert back == data
+            assert echoed(port, data) == data
     finally:
         tunnel.terminate()
         tunnel.wait(10)
@@ -177,7 +194,7 @@ def test_a_destination_no_rule_allows_is_refused(proxy, sshd):
 def test_ssh_R_on_an_allowed_listen_port_relays_the_targets_connections_back_to_the_client(proxy, echo):
     user, remote_port = new_user(), proxy.remote_port
     sent = [b"remote one " * 2000, os.urandom(150_000)]
-    tunnel_through(proxy, user, ("-R", f"127.0.0.1:{remote_port}:127.0.0.1:{echo}"), remote_port, sent)
+    tunnel_through(proxy, user, ("-R", f"127.0.0.1:{remote_port}:127.0.0.1:{echo}"), remote_port, sent, probe=True)
     events = session_of(proxy, user)
     listen = f"127.0.0.1:{remote_port}"
     request = next(m for m in messages(events, "client") if m["type"] == "tcpip-forward")
@@ -187,7 +204,7 @@ def test_ssh_R_on_an_allowed_listen_port_relays_the_targets_connections_back_to_
     assert not [e for e in events if e.kind == "policy_decision"]  # an allow is no decision event, as for -L
     opened = [m for m in messages(events, "server") if m["type"] == "forwarded-tcpip"]
     assert opened and all((m["operation"], m["text"]) == ("forward", f"remote {listen}") for m in opened)
-    channels = [c for c in forwards(events).values() if c["server"]]  # the probe that waited for the port: no data
+    channels = [c for c in forwards(events).values() if c["server"] not in (b"", PROBE)]  # not the probes
     # server: what reached the target's listener; client: what came back through the client from the echo server
     assert [(c["destination"], c["server"], c["client"]) for c in channels] == [
         (f"remote {listen}", data, data) for data in sent]

@@ -72,7 +72,8 @@ def issue(ca: asyncssh.SSHKey, public_key_line: bytes, identity: Identity, now: 
     return ca.generate_user_certificate(
         key, key_id(identity), serial=secrets.randbits(63), principals=[identity.username],
         valid_after=valid_after, valid_before=valid_before,
-        permit_x11_forwarding=False, permit_agent_forwarding=False,  # refused by the proxy anyway
+        # X11: always refused; agent: decided by policy in the proxy (its auth-agent-req hook does not read this).
+        permit_x11_forwarding=False, permit_agent_forwarding=False,
         permit_port_forwarding=True, permit_pty=True, permit_user_rc=False,  # forwarding: policy decides
         comment=f"custody {identity.username}")
 

@@ -168,7 +168,7 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         """
         async def create_agent_listener() -> bool:
             channel = self._channel_of(None)
-            if self._closed:
+            if self._closed or channel is None:
                 return False
             answer = asyncio.get_running_loop().create_future()
             self._forward_answers.append((answer, channel))
@@ -642,9 +642,11 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         self.run(self.session.completed(command, None))
 
     async def _open_forwarded(self, command: ev.OpenChannel) -> None:
-        """The client's side of a remote forwarding's connection: a forwarded-tcpip channel to the client."""
+        """The client's side of a channel the target opened: forwarded-tcpip (a remote forwarding's connection) or
+        auth-agent@openssh.com (to the client's agent)."""
         start = command.start
         assert isinstance(start, ev.ForwardedOpen) and self.conn is not None
+
         def factory() -> ForwardChannelSession:
             return ForwardChannelSession(self, start.channel)
 
@@ -666,8 +668,9 @@ class ClientConnection(asyncssh.SSHServer, CommandRunner):
         if self._closed:
             chan.close()
             return
-        if self.listener.throttled:
-            self.client_channels[start.channel].pause(True)
+        channel = self.client_channels.get(start.channel)
+        if self.listener.throttled and channel is not None:
+            channel.pause(True)
         self.run(self.session.completed(command, None))
 
     def _close(self, reason: str) -> None:
