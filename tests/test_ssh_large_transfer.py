@@ -14,7 +14,7 @@ from ingest.protocols.ssh.extract import extract_files
 from pg_fixtures import messages
 from query.replay import session_messages
 from ssh_fixtures import new_user
-from test_ssh_forwarding import echo, proxy, remote_port, sshd  # noqa: F401 (the module's fixtures)
+from test_ssh_forwarding import echo, proxy, sshd  # noqa: F401 (the module's fixtures)
 
 SIZE = 100 << 20
 
