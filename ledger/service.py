@@ -344,7 +344,10 @@ class LedgerService:
         """Give a partition up, dropping what was not sealed: its next owner re-reads it from the last seal."""
         writer = self.writers.pop(partition, None)
         if writer is not None and writer.outbox is not None:
-            writer.outbox.mark(self.dir, partition)
+            try:
+                writer.outbox.mark(self.dir, partition)
+            except OSError as exc:  # a full disk: the next owner publishes again what it cannot tell was delivered
+                log.warning("partition %d: handover marker not written (%s)", partition, exc.strerror)
         lock = self.locks.pop(partition, None)
         if lock:
             lock.release()
