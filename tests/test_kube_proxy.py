@@ -278,10 +278,14 @@ def test_a_blocked_port_is_refused_and_the_tunnels_other_port_goes_on(proxy, kub
         _, stderr = forward.stop()
     run = next(r for r in reversed(kube.execs) if r["kind"] == "portforward")
     assert run["forwarded"] == {"8080": b"beforeafter"}  # 9999 never reached the pod
-    assert decisions(proxy, kubectl.subject) == [("block", "no-forward-to-9999", "web-1:9999")]
-    found = sessions(proxy, kubectl.subject)
-    resets = [m for m in all_messages(found, "server")
-              if m["type"] == "spdy.rst_stream" and (m["attributes"] or {}).get("by") == "custody"]
+
+    def custody_resets(messages: list[dict]) -> list[dict]:
+        return [m for m in messages if m["type"] == "spdy.rst_stream" and (m["attributes"] or {}).get("by") == "custody"]
+    # the tunnel's session, not only kubectl's discovery sessions (which may be read first)
+    found = sessions(proxy, kubectl.subject, until=lambda messages: len(custody_resets(messages)) >= 2)
+    assert [(e.body["action"], e.body["rule"], e.body["statement"]) for events in found for e in events
+            if e.kind == "policy_decision"] == [("block", "no-forward-to-9999", "web-1:9999")]
+    resets = custody_resets(all_messages(found, "server"))
     # Each local connection to 9999: kubectl's error stream reset by Custody, its data stream never opened.
     assert [m["channel"] for m in resets] == ["9999/error", "9999/error"], resets
     assert "Stream reset" in stderr
