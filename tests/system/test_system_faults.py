@@ -187,6 +187,16 @@ def insert(table: str, tag: str, n: int, note: str = "") -> str:
     return f"INSERT INTO {table} (tag, n, note) VALUES ('{tag}', {n}, '{note}')"
 
 
+def a_new_session_works(stack: FaultStack, port: int, table: str, tag: str) -> bool:
+    """Whether a new session through the proxy on `port` can write again (row n = 1,000,000 for `tag`)."""
+    try:
+        with psycopg.connect(stack.dsn(port), autocommit=True) as again:
+            again.execute(insert(table, tag, 1_000_000))
+        return True
+    except psycopg.Error:
+        return False
+
+
 def assert_every_target_row_was_sealed(stack: FaultStack, table: str, tag: str, timeout: float = 60) -> list[int]:
     """Each row the target holds for `tag` has its INSERT in the sealed ledger (waits for the ledger to catch up)."""
     rows = target_rows(table, tag)
@@ -263,14 +273,8 @@ def test_a_spool_too_small_for_a_broker_outage_fails_sessions_closed_and_loses_n
     assert failed_at is not None, "the session went on with a full spool: it must fail closed"
     print(f"spool full after {failed_at} statements")
 
-    def a_new_session_works() -> bool:
-        try:
-            with psycopg.connect(stack.dsn(port), autocommit=True) as again:
-                again.execute(insert(table, tag, 1_000_000))
-            return True
-        except psycopg.Error:
-            return False
-    assert wait_for(a_new_session_works, 60, 1.0), f"no recovery: {stack.tail('proxy-small-spool.log')}"
+    assert wait_for(lambda: a_new_session_works(stack, port, table, tag), 60, 1.0), \
+        f"no recovery: {stack.tail('proxy-small-spool.log')}"
     rows = assert_every_target_row_was_sealed(stack, table, tag, timeout=120)
     assert len(rows) >= failed_at, (len(rows), failed_at)  # what the client saw succeed is in the target
 
@@ -306,14 +310,8 @@ def test_a_full_spool_disk_fails_sessions_closed_and_loses_nothing(stack, table,
         assert "no space left" in stack.tail("proxy-disk-spool.log", 1 << 20), stack.tail("proxy-disk-spool.log")
         ballast.unlink()
 
-        def a_new_session_works() -> bool:
-            try:
-                with psycopg.connect(stack.dsn(port), autocommit=True) as again:
-                    again.execute(insert(table, tag, 1_000_000))
-                return True
-            except psycopg.Error:
-                return False
-        assert wait_for(a_new_session_works, 60, 1.0), f"no recovery: {stack.tail('proxy-disk-spool.log')}"
+        assert wait_for(lambda: a_new_session_works(stack, port, table, tag), 60, 1.0), \
+            f"no recovery: {stack.tail('proxy-disk-spool.log')}"
         rows = assert_every_target_row_was_sealed(stack, table, tag, timeout=120)
         assert len(rows) >= failed_at and 1_000_000 in rows, (len(rows), failed_at)
     finally:
