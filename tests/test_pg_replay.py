@@ -177,3 +177,29 @@ def test_json_and_html_show_the_same_steps(recorded):
     page = render_html(replays[simple])
     assert page.count('<span class="kind">LOGIN</span>') == 1 and "ok as alice@example.com" in page
     assert "ParameterStatus" not in page
+
+
+def test_a_reply_split_over_several_events_is_one_step():
+    """How the recorder folds reads into events depends on timing: an ErrorResponse and its ReadyForQuery, or a
+    result's rows and its CommandComplete, may arrive in separate events and still read as one reply."""
+    from ingest.protocols.postgres.render import RENDERER
+    from ingest.protocols.render import Entry
+
+    def entry(n: int, direction: str, records: list[dict]) -> Entry:
+        step = RENDERER.step(direction, records, max_rows=10, reveal=None)
+        return Entry({"seq": n, "ts": n, "offset_s": n / 10, "direction": direction, "channel": None, **step},
+                     records)
+
+    error = {"type": "ErrorResponse", "data": b"", "error_code": "22012", "error_message": "division by zero",
+             "attributes": {"severity": "ERROR"}}
+    ready = {"type": "ReadyForQuery", "data": b"", "attributes": {"transaction_status": "I"}}
+    steps = RENDERER.arrange([entry(1, "client", [{"type": "Query", "data": b"", "statement": "SELECT 1/0"}]),
+                              entry(2, "server", [error]), entry(3, "server", [ready]),
+                              entry(4, "server", [{"type": "CommandComplete", "data": b"", "command_tag": "LISTEN"}]),
+                              entry(5, "server", [ready]),
+                              entry(6, "client", [{"type": "Terminate", "data": b""}])], max_rows=10, reveal=None)
+    assert [(s["step"], s["offset_s"]) for s in steps] == [("statement", 0.1), ("error", 0.2), ("result", 0.4),
+                                                           ("client", 0.6)]
+    assert [RENDERER.describe(s)[:2] for s in steps[1:3]] == [("ERROR", "ERROR 22012: division by zero"),
+                                                             ("RESULT", "LISTEN")]
+    assert steps[1]["messages"] == ["ErrorResponse", "ReadyForQuery"]

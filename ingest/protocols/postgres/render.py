@@ -281,12 +281,7 @@ def arrange(entries: list[Entry], max_rows: int, reveal: Reveal | None) -> list[
         statement = (_extended([_revealed_client(x, reveal) for x in entry.messages], prepared)
                      if _frames(entry, "client") else None)
         if statement is not None:
-            j, server = i + 1, []
-            while j < len(entries) and _frames(entries[j], "server"):
-                server += entries[j].messages
-                j += 1
-                if "ReadyForQuery" in _types(entries[j - 1]):
-                    break
+            j, server = _response(entries, i + 1)
             if server and server[-1]["type"] == "ReadyForQuery":
                 result = _server(server, max_rows, reveal)
                 result.pop("step")
@@ -294,9 +289,27 @@ def arrange(entries: list[Entry], max_rows: int, reveal: Reveal | None) -> list[
                 out.append({**entry.step, **result, **statement, "direction": "both"})
                 i = j
                 continue
+        if _frames(entry, "server") and "ReadyForQuery" not in _types(entry):
+            j, server = _response(entries, i)
+            out.append({**entry.step, **_server(server, max_rows, reveal)})
+            i = j
+            continue
         out.append(entry.step)
         i += 1
     return out
+
+
+def _response(entries: list[Entry], i: int) -> tuple[int, list[Record]]:
+    """The server messages from entry i up to the next ReadyForQuery, and the entry after them: one reply is one
+    step however the recorder folded its reads into events (an ErrorResponse and its ReadyForQuery can arrive in
+    two reads)."""
+    server: list[Record] = []
+    while i < len(entries) and _frames(entries[i], "server"):
+        server += entries[i].messages
+        i += 1
+        if "ReadyForQuery" in _types(entries[i - 1]):
+            break
+    return i, server
 
 
 def _login_description(step: Step) -> Description:
