@@ -29,8 +29,10 @@ second go on growing, and so signing, Kafka and the ledger keep up.
 `record` raises `RecorderUnavailable`, and the proxy must not relay the frame
 (fail closed), only when recording is impossible: the recorder has failed
 (spool full or unwritable; a full spool recovers once the broker drains it),
-the recorder process is gone or stuck (its backlog passed `HARD_LIMIT` times
-`max_queue`), or an earlier event of the same session could not be recorded.
+the recorder process is gone (looked at when a hand-over batch begins, so
+within `HAND_OVER_DELAY` of its death) or stuck (its backlog passed
+`HARD_LIMIT` times `max_queue`), or an earlier event of the same session could
+not be recorded.
 
 Window of loss: events handed over but not yet spooled when the proxy's
 process or machine dies were relayed but are lost. Back-pressure bounds that
@@ -228,7 +230,7 @@ class Recorder:
         if self._failure is not None:
             self.stats.refused += 1
             raise RecorderUnavailable(self._failure)
-        if not self._process.is_alive():
+        if not self._batch and not self._process.is_alive():  # once per hand-over: a waitpid, 5% of the relay's CPU per event
             self.stats.refused += 1
             raise RecorderUnavailable(f"recorder process exited with code {self._process.exitcode}")
         stats = self.stats
