@@ -234,7 +234,7 @@ def parse_bundle(text: str) -> tuple[list[Row], set[str]]:
 
 def parse_policy(text: str) -> tuple[list[Row], set[str]]:
     """Masked rows/s against the same run's unmasked pass; a session's p99 while masking against idle."""
-    rows, used, unmasked = [], set(), ""
+    rows, used, unmasked, idle = [], set(), "", ""
     for line in text.splitlines():
         m = re.match(rf"\s*unmasked.*?:\s+({NUMBER}) rows/s", line)
         if m:
@@ -248,8 +248,15 @@ def parse_policy(text: str) -> tuple[list[Row], set[str]]:
             continue
         m = re.match(rf"another session's SELECT 1 p99: ({NUMBER}) µs idle, ({NUMBER}) µs", line)
         if m:
+            idle = m[1]
             rows.append(Row("another session's SELECT 1 p99 (µs) while masked results stream", m[2],
-                            f"idle: {m[1]}", ratio(m[2], m[1])))
+                            f"idle: {idle}", ratio(m[2], idle)))
+            used.add(line)
+            continue
+        m = re.match(rf"\s*baseline, the same stream unmasked.*?: ({NUMBER}) µs", line)
+        if m and idle:
+            rows.append(Row("the same while unmasked results stream (baseline)", m[1], f"idle: {idle}",
+                            ratio(m[1], idle)))
             used.add(line)
     return rows, used
 
