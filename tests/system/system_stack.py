@@ -205,9 +205,17 @@ client_id = "custody-system-test"
 
     def owned(self, instance: str) -> set[int]:
         """The partitions the current incarnation of `instance` resumed (took over) so far."""
-        path = self.worker_log(instance)
-        return {int(line.split("partition ")[1].split(":")[0]) for line in path.read_text(errors="replace")
-                .splitlines() if "ledger.service: partition" in line and "resuming" in line}
+        return _resumed(self.worker_log(instance).read_text(errors="replace"))
+
+    def up_log_size(self) -> int:
+        return (self.logs / "up.log").stat().st_size
+
+    def resumed_by_up(self, since: int) -> set[int]:
+        """The partitions `custody up`'s own ledger resumed after byte `since` of its log (`up_log_size`)."""
+        with open(self.logs / "up.log", "rb") as log:
+            log.seek(since)
+            text = log.read().decode(errors="replace")
+        return _resumed("\n".join(line for line in text.splitlines() if line.startswith("ledger |")))
 
     def process(self, needle: str) -> int:
         """The one process below `custody up` whose command line contains `needle`."""
@@ -294,3 +302,9 @@ client_id = "custody-system-test"
                 return True
             time.sleep(1)
         return predicate()
+
+
+def _resumed(log: str) -> set[int]:
+    """The partitions a ledger's log says it resumed (took over)."""
+    return {int(line.split("partition ")[1].split(":")[0]) for line in log.splitlines()
+            if "ledger.service: partition" in line and "resuming" in line}
