@@ -72,6 +72,7 @@ from ingest.batching import MAX_BYTES as FOLD_MAX_BYTES
 from ingest.batching import Item, fold
 from ingest.errors import CustodyError
 from ingest.events import SessionChain, now_micros, uuid7
+from ingest.heap import freeze_startup_heap
 from ingest.keys import PrivateKey
 from ingest.producer import EventProducer
 from ingest.settings import KafkaSettings
@@ -575,6 +576,7 @@ def _recorder_main(requests, replies, stopping, stop_within, kafka: KafkaSetting
     for signum in (signal.SIGINT, signal.SIGTERM):  # the proxy decides when recording stops (`stop`), or its death
         signal.signal(signum, signal.SIG_IGN)
     child = _Child(replies, kafka, spool, PrivateKey(key_id, SigningKey(seed)), producer_name)
+    freeze_startup_heap()
     replies.put(("ready",))
     orphaned = threading.Event()
     threading.Thread(target=_watch_parent, args=(multiprocessing.parent_process().sentinel, orphaned),

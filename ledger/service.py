@@ -22,7 +22,6 @@ that seal once there is room (`_wait_for_space`).
 from __future__ import annotations
 
 import errno
-import gc
 import logging
 import os
 import shutil
@@ -40,6 +39,7 @@ from ledger import documents
 from ingest.consumer import Quarantined, Record, quarantine_headers, verify_record
 from ingest.errors import CustodyError
 from ingest.events import micros_to_datetime, now_micros
+from ingest.heap import freeze_startup_heap
 from ingest.keys import Keyring, KeyLookupError, PrivateKey, load_key_file
 from ingest.sessions import NO_IDENTITY, SessionIdentity
 from ingest.settings import KafkaSettings, KeySettings, SocSettings
@@ -71,21 +71,6 @@ the consumer's whole request timeout (30 s) when the broker has just come back f
 
 class LedgerConfigError(CustodyError):
     pass
-
-
-_heap_frozen = False
-
-
-def freeze_startup_heap() -> None:
-    """Move what the process holds once a ledger is set up (modules, clients, keyring: ~90k objects in
-    bench/ledger.py) out of the cyclic garbage collector's sight, once per process. Sealing allocates
-    thousands of objects per poll, and each full collection it triggers would scan that heap again
-    (~50 ms each, a few per 20,000 events); later objects are collected as before."""
-    global _heap_frozen
-    if not _heap_frozen:
-        gc.collect()  # what is garbage already is not kept for ever
-        gc.freeze()
-        _heap_frozen = True
 
 
 class PartitionWriter:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from nacl.public import PublicKey
 
 from ingest.errors import CustodyError
+from ingest.heap import freeze_startup_heap
 from ingest.keys import PrivateKey, load_key_file
 from ingest.recorder import Pressure, Recorder, RecorderUnavailable, SpoolOptions
 from ingest.settings import ConfigError
@@ -81,6 +82,7 @@ class ProxyService:
             except OSError as exc:
                 raise CustodyError(f"proxy {proxy.settings.name}: cannot listen on "
                                    f"{proxy.settings.listen_host}:{proxy.settings.listen_port}: {exc.strerror}") from None
+        freeze_startup_heap()
 
     def _throttle(self, level: Pressure) -> None:
         """The recorder is behind: the sessions it is behind on wait until it catches up (load slows, never ends)."""
