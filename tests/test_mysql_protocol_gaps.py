@@ -4,7 +4,8 @@ raw wire client for CLIENT_DEPRECATE_EOF, which no installed client opens a curs
 COM_STMT_SEND_LONG_DATA, COM_STMT_RESET and COM_STMT_CLOSE, COM_RESET_CONNECTION (records, and `custody
 activity` after the real ledger sealed them), a client that resets its socket while a large result streams,
 and the settings `upstream_tls = "require"` (this MariaDB has no TLS: refused, never plaintext),
-`upstream_password_file` and the session's end at the token's expiry (`[identity] leeway_seconds = 0`).
+`upstream_password_file` and the session's end at the token's expiry (`[identity] leeway_seconds = 0`);
+`client_ca` with `require_client_cert`, and a client on another address that must use TLS to send its token.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import io
 import json
 import uuid
 import socket
+import ssl
 import struct
+import subprocess
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -29,13 +32,13 @@ from ingest.keys import Keyring, load_key_file
 from ingest.protocols.mysql import auth
 from ingest.protocols.mysql import messages as m
 from ingest.protocols.mysql.conversation import Conversation
-from ingest.protocols.mysql.packets import make
+from ingest.protocols.mysql.packets import PacketReader, make
 from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
 from mysql_fixtures import make_target, proxy_entry
 from pg_fixtures import EventLog, make_tls, messages, new_app, start_proxy
 
-PLAIN, TLS, REQUIRE_TLS, PASSWORD_FILE, WRONG_PASSWORD_FILE = 1, 2, 3, 4, 5  # 0: custody init's PostgreSQL entry
+PLAIN, TLS, REQUIRE_TLS, PASSWORD_FILE, WRONG_PASSWORD_FILE, CLIENT_CERT, NOT_LOOPBACK = range(1, 8)  # 0: PostgreSQL
 CURSOR_TYPE_READ_ONLY = 1
 
 
@@ -66,13 +69,26 @@ def proxy(broker, tmp_path_factory, target):
                + proxy_entry(target, "tls-mysql",
                              f'tls_cert = "{tls["server_cert"]}"\ntls_key = "{tls["server_key"]}"\n')
                + proxy_entry(target, "tls-required-mysql", 'upstream_tls = "require"\n')
-               + from_file("file-mysql", "right.pw") + from_file("wrong-file-mysql", "wrong.pw"))
+               + from_file("file-mysql", "right.pw") + from_file("wrong-file-mysql", "wrong.pw")
+               + proxy_entry(target, "cert-mysql", f'tls_cert = "{tls["server_cert"]}"\ntls_key = "{tls["server_key"]}"\n'
+                             f'client_ca = "{tls["ca"]}"\nrequire_client_cert = true\n')
+               + proxy_entry(target, "wide-mysql", f'tls_cert = "{tls["server_cert"]}"\ntls_key = "{tls["server_key"]}"\n')
+               .replace('listen = "127.0.0.1:0"', f'listen = "{machine_address()}:0"'))
     running = start_proxy(directory, broker, extra_proxies=entries, replace={
         'dev_signing_key = "keys/dev-idp.key"': 'dev_signing_key = "keys/dev-idp.key"\nleeway_seconds = 0'})
     running.events = EventLog.open(running)
+    running.tls = tls
     yield running
     running.events.close()
     running.background.stop()
+
+
+def machine_address() -> str:
+    """An IPv4 address of this machine that is not loopback: a client there is not "on this machine" to the proxy."""
+    addresses = subprocess.run(["hostname", "-I"], capture_output=True, text=True, check=True).stdout.split()
+    found = [a for a in addresses if "." in a and not a.startswith("127.")]
+    assert found, f"this machine has no IPv4 address besides loopback: {addresses}"
+    return found[0]
 
 
 def connector(proxy, target, app: str, user: str = "alice@example.com", groups: tuple[str, ...] = ("dba",),
@@ -534,3 +550,96 @@ def test_long_data_is_bounded_before_its_execute(monkeypatch):
     assert bytes(conversation.statements[7].long_data[0]) == b"x" * 900
     with pytest.raises(ProtocolViolation, match="more than 1000 bytes of long data"):
         conversation.client(long_data(b"x" * 300))
+
+
+def test_client_certificates_are_required_by_client_ca_and_recorded(proxy, target):
+    """`client_ca` + `require_client_cert`: the certificate's fingerprint is in SessionStart; no certificate, no
+    session (the TLS handshake itself fails, nothing reaches the target)."""
+    tls, app = proxy.tls, new_app("cert")
+    with pymysql_to(proxy, target, CLIENT_CERT, app, ssl_ca=str(tls["ca"]), ssl_cert=str(tls["client_cert"]),
+                    ssl_key=str(tls["client_key"]), ssl_verify_identity=False) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 7")
+        assert cur.fetchone() == (7,)
+    start = proxy.events.session(app)[0].body
+    assert start["client_cert_fingerprint"] == tls["client_der_sha256"]
+    assert start["attributes"]["tls"].startswith("TLSv1.")
+    with pytest.raises(pymysql.err.OperationalError):
+        pymysql_to(proxy, target, CLIENT_CERT, new_app("no-cert"), ssl_ca=str(tls["ca"]), ssl_verify_identity=False)
+
+
+def test_a_client_not_on_this_machine_must_use_tls_to_send_its_token(proxy, target):
+    """The token is the password: from another address only inside TLS (refused `tls_required` in clear, before
+    any token is asked for), from loopback in clear too (tested everywhere else)."""
+    refused = new_app("clear-remote")
+    with pytest.raises(pymysql.err.OperationalError) as error:
+        pymysql_to(proxy, target, NOT_LOOPBACK, refused, ssl_disabled=True)
+    assert error.value.args[0] == 1045 and "connect with TLS" in error.value.args[1]
+    events = proxy.events.session(refused)
+    start, end = events[0].body, events[-1].body
+    assert start["identity"] is None and not start["source_address"].startswith("127.")
+    denials = [e.body for e in events if e.kind == "policy_decision"]
+    assert len(denials) == 1 and denials[0]["action"] == "deny" and denials[0]["reason"].startswith("tls_required:")
+    assert end["reason"] == "auth_failed"
+    assert [x["type"] for x in records(events, "client", "HandshakeResponse")] == ["HandshakeResponse"]
+    assert not records(events, "client", "AuthSwitchResponse"), "a token was asked for in clear"
+    allowed = new_app("tls-remote")
+    with pymysql_to(proxy, target, NOT_LOOPBACK, allowed, ssl_ca=str(proxy.tls["ca"]),
+                    ssl_verify_identity=False) as conn, conn.cursor() as cur:
+        cur.execute("SELECT 8")
+        assert cur.fetchone() == (8,)
+    start = proxy.events.session(allowed)[0].body
+    assert not start["source_address"].startswith("127.") and start["attributes"]["tls"].startswith("TLSv1.")
+
+
+def test_a_client_hello_in_the_same_write_as_the_ssl_request_starts_tls(proxy, target):
+    """A MySQL client starts TLS right behind its SSLRequest, without waiting for an answer, so both can arrive in
+    one read: those bytes are the handshake's (before, they were lost and the login hung until its timeout; the
+    installed clients hit it now and then, from another address more often)."""
+    host, port = proxy.address(TLS)
+    context = ssl.create_default_context(cafile=str(proxy.tls["ca"]))
+    context.check_hostname = False
+    with socket.create_connection((host, port), timeout=8) as sock:
+        reader = PacketReader("server")
+        greeting = _next_packet(sock, reader)
+        assert greeting.seq == 0
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = context.wrap_bio(incoming, outgoing)
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()
+        caps = (m.CLIENT_PROTOCOL_41 | m.CLIENT_SECURE_CONNECTION | m.CLIENT_PLUGIN_AUTH | m.CLIENT_SSL
+                | m.CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA)
+        sock.sendall(make(1, m.ssl_request(caps, 1 << 24, 45)).data + outgoing.read())  # one write
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+                data = sock.recv(65536)
+                assert data, "the proxy closed the connection during the TLS handshake"
+                incoming.write(data)
+        sock.sendall(outgoing.read())
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")
+        login = m.handshake_response(caps, 1 << 24, 45, "alice@example.com", proxy.token().encode(), target.database,
+                                     auth.CLEAR, {})
+        tls.write(make(2, login).data)
+        sock.sendall(outgoing.read())
+        answer = b""
+        while not answer:
+            try:
+                answer = tls.read(65536)
+            except ssl.SSLWantReadError:
+                data = sock.recv(65536)
+                assert data, "the proxy closed the connection after TLS"
+                incoming.write(data)
+                if outgoing.pending:
+                    sock.sendall(outgoing.read())
+        assert answer[4:5] == b"\x00", answer  # OK: logged in over the TLS that began in the SSLRequest's read
+
+
+def _next_packet(sock: socket.socket, reader: PacketReader):
+    while True:
+        packets = reader.feed(sock.recv(65536))
+        if packets:
+            return packets[0]

@@ -67,13 +67,17 @@ class StartTLS(Command):
     """Upgrade one side's connection to TLS in place; completes with a `TLSInfo`.
 
     Nothing is read from or written to that side in plaintext while the
-    handshake runs: what the session sends meanwhile waits for it.
+    handshake runs: what the session sends meanwhile waits for it. `early`
+    is what was already read from that side past the request to start TLS:
+    the start of the TLS stream (a MySQL client sends its ClientHello right
+    behind its SSLRequest, without waiting for an answer).
     """
 
     blocking: ClassVar[bool] = True
     side: Side
     context: ssl.SSLContext
     server_hostname: str | None = None
+    early: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)

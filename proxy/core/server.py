@@ -301,6 +301,8 @@ class ClientConnection(_Receiver, CommandRunner):
         try:
             if transport is None or peer is None:
                 raise ConnectionError("the connection is gone")
+            if command.early:  # queued now, so it runs right after start_tls's first step, before its handshake
+                loop.call_soon(_feed_early, transport, peer, command.early)
             new = await loop.start_tls(transport, peer, command.context, server_side=server_side,
                                        server_hostname=command.server_hostname)
         except (OSError, ssl.SSLError, ConnectionError) as exc:
@@ -334,6 +336,26 @@ class ClientConnection(_Receiver, CommandRunner):
     def _shutdown(self) -> None:
         self._close()
         self.cancel_tasks()
+
+
+def _feed_early(transport: asyncio.Transport, replaced: asyncio.BaseProtocol, data: bytes) -> None:
+    """Hand the TLS layer the bytes of its stream that were read before it took the transport over.
+
+    `loop.start_tls` puts its TLS protocol on the transport in its first step, and queues the start of the
+    handshake and the resumption of reading behind it; this was queued just before that step ran, so it runs
+    between the two, while the transport is paused: the bytes come before anything read from the socket later.
+    Fed through the protocol's public buffered-protocol methods, as the transport itself would.
+    """
+    protocol = transport.get_protocol()
+    if protocol is replaced or not isinstance(protocol, asyncio.BufferedProtocol):
+        return  # start_tls failed before it took the transport: it says why
+    view = memoryview(data)
+    while view:
+        buffer = protocol.get_buffer(len(view))
+        n = min(len(buffer), len(view))
+        buffer[:n] = view[:n]
+        protocol.buffer_updated(n)
+        view = view[n:]
 
 
 class UpstreamConnection(_Receiver):

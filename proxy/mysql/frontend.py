@@ -190,11 +190,13 @@ class MysqlFrontEnd(FrontEnd):
         if self.phase == "relay":
             yield from self._relay_client(data)
             return
-        for p in self._client.feed(data):
+        packets = self._client.feed(data)
+        for i, p in enumerate(packets):
             if self.session.is_closed:
                 return
             if self.phase == "login":
-                yield from self._login(p)
+                if (yield from self._login(p, packets[i + 1:])):
+                    return  # the rest of this read was the client's TLS handshake, handed to it
             elif self.phase == "token":
                 yield from self._token(p)
             else:
@@ -211,7 +213,10 @@ class MysqlFrontEnd(FrontEnd):
             raise violation(f"client packet with sequence id {p.seq}, expected {self._seq}")
         self._seq = p.last_seq + 1
 
-    def _login(self, p: Packet) -> Steps:
+    def _login(self, p: Packet, following: list[Packet]) -> Steps:
+        """The client's HandshakeResponse (or SSLRequest); True when the bytes that followed it in the same read
+        (`following`, and what the reader holds) were taken as the start of TLS: a MySQL client sends its
+        ClientHello right behind the SSLRequest, without waiting for an answer."""
         session = self.session
         self._expect_seq(p)
         response = m.decode_handshake_response(p.payload)
@@ -219,8 +224,9 @@ class MysqlFrontEnd(FrontEnd):
             session.record_messages(CLIENT, [record("SSLRequest", p.data)], 1)
             if session.settings.tls is None or session.client_tls is not None:
                 raise violation("SSLRequest, but TLS was not offered")
-            yield StartTLS(CLIENT, session.settings.tls)
-            return
+            early = b"".join([x.data for x in following]) + self._client.take_unread()
+            yield StartTLS(CLIENT, session.settings.tls, early=early)
+            return True
         if session.settings.tls is not None and session.client_tls is None and response.capabilities & m.CLIENT_SSL:
             raise violation("the client announced TLS but did not start it")
         self._response = response

@@ -118,6 +118,15 @@ class PacketReader:
             del buffer[:position]
         return out
 
+    def take_unread(self) -> bytes:
+        """The bytes fed that are not part of a packet yet, which the reader forgets: where the stream stops being
+        packets (a client's TLS handshake right behind its SSLRequest)."""
+        if self._pieces:
+            raise violation(f"the {self.direction} changed streams in the middle of a continued packet")
+        unread = bytes(self._buffer)
+        self._buffer.clear()
+        return unread
+
     def eof(self) -> None:
         """The peer closed: a packet cut off by the close is a protocol error."""
         if self._buffer or self._pieces:
