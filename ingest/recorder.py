@@ -231,7 +231,7 @@ class Recorder:
         if self._failure is not None:
             self.stats.refused += 1
             raise RecorderUnavailable(self._failure)
-        if not self._batch and not self._process.is_alive():  # once per hand-over: a waitpid, 5% of the relay's CPU per event
+        if not self._batch and not self._process.is_alive():  # per hand-over: a waitpid per event was 5% of the relay
             self.stats.refused += 1
             raise RecorderUnavailable(f"recorder process exited with code {self._process.exitcode}")
         stats = self.stats
