@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from custody.init import initialise
-from custody.up import stop_bound
+from custody.up import STOP_BOUNDS, stop_bound
 from ingest.broker import free_port
+from ingest.recorder import ORPHAN_BOUND
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process tree from /proc")
 
@@ -85,18 +86,21 @@ def test_children_die_with_a_killed_supervisor_and_the_next_up_starts(tmp_path):
     try:
         wait_listening(first, addresses, log)
         children = descendants(first.pid)
-        names = {Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        names = {pid: Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                  for pid in children}
         # broker, ledger, proxy, the proxy's recorder process and Tansu
-        assert len(children) >= 5, names
+        assert len(children) >= 5, names.values()
         first.send_signal(signal.SIGKILL)
         first.wait()
-        deadline = time.monotonic() + 15
+        # The bound each child keeps once orphaned, the longest being a proxy's recorder: it outlives its proxy
+        # (STOP_BOUNDS) by ORPHAN_BOUND to spool what it holds, and its own watchdog ends it 5 s after that.
+        # Usually all are gone within a second or two; one CI run on a loaded machine needed more than 15 s.
+        bound = max(STOP_BOUNDS.values()) + ORPHAN_BOUND + 5
+        deadline = time.monotonic() + bound
         while (left := {pid for pid in children if alive(pid)}) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert not left, f"still running after the supervisor was killed: {left}\n{log.read_text()}"
-        gone_after = 15 - (deadline - time.monotonic())
-        assert gone_after < 10, f"the children took {gone_after:.1f}s to stop"
+        assert not left, (f"still running {bound:.0f} s after the supervisor was killed: "
+                          f"{[names[p] for p in left]}\n{log.read_text()}")
     finally:
         kill_all({first.pid, *children, *descendants(first.pid)})
 
