@@ -42,10 +42,7 @@ def consumer(settings: KafkaSettings, *topics: str, group_id: str | None, **over
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
         "max_poll_interval_ms": 60000,
-        # Above the dev broker's join and sync delays (3 s each) plus a heartbeat: Tansu counts a member's session
-        # from its JoinGroup, so with 6 s a worker joining a busy group was expelled before its first heartbeat,
-        # rejoined, and the group rebalanced every 7 s for minutes (tests/system, CI). Kafka's own default is 45 s.
-        "session_timeout_ms": 15000,
+        "session_timeout_ms": 6000,
         "heartbeat_interval_ms": 1000,
         "isolation_level": "read_committed",
         **settings.client_options(),

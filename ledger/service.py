@@ -58,6 +58,7 @@ from ledger.state import PartitionLock, PartitionState, prune_snapshots, recover
 log = logging.getLogger(__name__)
 
 GROUP_ID = "custody-ledger"
+GROUP_SESSION_MS = 15_000  # a dead worker's partitions move to the others after this long
 MAX_POLL_RECORDS = 4096
 PUBLISHER_OPTIONS = {"delivery_timeout_ms": 120_000}
 """The producer of seals and documents retries for 2 minutes (ingest.kafka's producers: 15 s). Its idempotent
@@ -260,8 +261,13 @@ class LedgerService:
         self.pusher = WitnessPusher(self.dir, settings.witnesses) if settings.witnesses else None  # [[ledger.witness]]
         # check_crcs=False: kafka-python's CRC-32C is pure Python and would cost more than the signature check,
         # which (with the chain's SHA-256) already proves every byte; a corrupt record is quarantined, not lost.
+        # A group member's session outlasts the dev broker's join and sync (3 s each): Tansu counts the session
+        # from the JoinGroup, not the SyncGroup, and with kafka.consumer's 6 s a worker joining a busy group sent
+        # its first heartbeat after 7 s, was expelled, rejoined, and the group rebalanced every 7 s for minutes
+        # (tests/system, two CI runs). Pinned workers are in no group's rebalancing: the default is theirs.
+        group = {"session_timeout_ms": GROUP_SESSION_MS} if partitions is None else {}
         self.consumer: KafkaConsumer = kafka.consumer(kafka_settings, group_id=group_id, group_instance_id=instance_id,
-                                                      max_poll_records=MAX_POLL_RECORDS, check_crcs=False)
+                                                      max_poll_records=MAX_POLL_RECORDS, check_crcs=False, **group)
         self.topic_id = None  # the events topic's id as the broker last named it: a new one is a new log
         if partitions is None:
             self.consumer.subscribe([self.topic], listener=_Rebalance(self))
