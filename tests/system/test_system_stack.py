@@ -63,10 +63,8 @@ def test_every_client_operation_is_sealed_once_in_order_through_faults(tmp_path,
         at = lambda fraction: time.sleep(max(0.0, prof.seconds * fraction - (time.monotonic() - t0)))  # noqa: E731
 
         # Fault 1: SIGKILL the second ledger worker once it owns partitions; the first takes them over (once the
-        # dead member's session times out); the restarted one (same static member id) resumes their chains from the
-        # seals. Restarted only after the takeover: the dev broker (Tansu) answered every heartbeat of a static
-        # member that rejoined while its dead predecessor's session was still open with UNKNOWN_MEMBER_ID, 1 s
-        # after each successful join, for minutes (one CI run; the ledger never sealed those partitions).
+        # dead member's session times out: ledger.service.GROUP_SESSION_MS); the restarted one (same static member
+        # id) then resumes their chains from the seals the first wrote.
         assert wait_for(lambda: stack.owned("w1"), 30), stack.tail(stack.worker_log("w1").name)
         forged = None
         at(0.25)
