@@ -44,8 +44,8 @@ from ledger.rotation import RotationError, check_rotation, with_key
 from ledger.seals import Seal, SealError, checkpoint_verifiers, verify_seal_signature
 from query import dsse
 from ledger import witnessed as witnessed_checks
-from query.bundle import (CONSISTENCY, COSIGNATURES_PREFIX, EVENTS, MANIFEST, PREDICATE_TYPE, SESSION_STATES,
-                          STATEMENT_TYPE, TRANSFER_PREFIX, TRANSFER_TYPE)
+from query.bundle_format import (CONSISTENCY, COSIGNATURES_PREFIX, EVENTS, MANIFEST, PREDICATE_TYPE, SESSION_STATES,
+                                  STATEMENT_TYPE, TRANSFER_PREFIX, TRANSFER_TYPE)
 
 
 @dataclass

@@ -28,7 +28,7 @@ from ledger.merkle import SALT_SIZE
 from ledger.segments import MESSAGE
 from ledger.service import PartitionWriter
 from ledger.state import PartitionState
-from query import open_ledger
+from query.views import open_ledger
 from query.activity import ActivityFilter
 from query.bundle import Scope, _select, load_seals
 from query.sample import ORIGIN, TOPIC, build_demo_ledger

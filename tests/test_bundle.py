@@ -28,7 +28,8 @@ from ledger.seals import Seal
 from ledger.service import LedgerService
 from ledger.settings import LedgerSettings
 from query import dsse
-from query.bundle import EVENTS, MANIFEST, Scope, _covering, export_bundle, transfer
+from query.bundle import Scope, _covering, export_bundle, transfer
+from query.bundle_format import EVENTS, MANIFEST
 from query.bundle_verify import verify_bundle
 
 

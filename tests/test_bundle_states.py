@@ -20,7 +20,8 @@ from cli_inprocess import Ran, custody
 from ledger import sessionmap
 from ledger.seals import Seal
 from query import dsse
-from query.bundle import EVENTS, MANIFEST, SESSION_STATES, Scope, _statement
+from query.bundle import Scope, _statement
+from query.bundle_format import EVENTS, MANIFEST, SESSION_STATES
 from query.bundle_verify import verify_bundle
 from test_bundle import edit_events, evidence, rewrite  # noqa: F401 - the module's real-ledger fixture
 

@@ -5,17 +5,36 @@ In process (tests/cli_inprocess.py): a status here is the one the `custody` proc
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
 import click
 
+import custody.commands as commands_package
 from cli_inprocess import custody
-from custody.cli import cli
+from custody.cli import COMMAND_MODULES, cli
 
 
 def _commands(group: click.Group, path: tuple[str, ...] = ()):
-    for name, command in group.commands.items():
+    """Every command under `group`, looked up as the program looks them up (custody's are imported on demand)."""
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None, f"custody {' '.join((*path, name))} is listed but cannot be loaded"
         yield (*path, name), command
         if isinstance(command, click.Group):
             yield from _commands(command, (*path, name))
+
+
+def test_the_command_table_names_every_command_of_every_command_module():
+    """`custody.cli.COMMAND_MODULES` is what the program can run: a command defined but not in it is unreachable."""
+    defined = {}
+    for info in pkgutil.iter_modules(commands_package.__path__, "custody.commands."):
+        for command in importlib.import_module(info.name).commands:
+            defined[command.name] = info.name
+    defined |= {name: f"custody.{name}" for name in ("init", "up", "demo")}
+    assert COMMAND_MODULES == defined
+    assert len(list(_commands(cli))) > len(defined)  # the groups' subcommands too
 
 
 def test_every_command_has_help_that_renders_and_names_its_options():

@@ -30,7 +30,7 @@ from ingest.verify import EventVerifier, Rejection
 from ledger.service import PartitionWriter
 from ledger.state import recover
 from ledger.verify import verify_ledger
-from query import open_ledger
+from query.views import open_ledger
 
 
 def avsc(name: str) -> str:

@@ -70,7 +70,7 @@ def test_offsets_that_go_back_are_sealed_said_and_verified(proxy_key, tmp_path, 
     assert second.record["leaves"] == {"first": 3, "count": 2}  # the tree goes on: nothing lost, nothing twice
     assert any("offsets went back from 3 to 0" in r.getMessage() for r in caplog.records)
 
-    from query import open_ledger  # the query layer reads a seal that says so, as any other
+    from query.views import open_ledger  # the query layer reads a seal that says so, as any other
     con = open_ledger(tmp_path / "ledger")
     assert con.sql("SELECT first_offset, next_offset FROM seals ORDER BY number").fetchall() == [(0, 3), (0, 2)]
     assert con.sql("SELECT count(*) FROM events").fetchall() == [(5,)]

@@ -23,7 +23,7 @@ from ledger.segments import SCHEMA
 from ledger.service import PartitionWriter
 from ledger.settings import LedgerSettings
 from ledger.state import recover
-from query import open_ledger
+from query.views import open_ledger
 from query.html import render_html
 from query.filters import SessionFilter, parse_time
 from query.render import render_text

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from ingest.keys import Keyring
-from query import open_ledger
+from query.views import open_ledger
 from query.html import render_html
 from query.replay import replay_session
 from query.sample import build_demo_ledger

@@ -196,7 +196,7 @@ def test_a_bundle_stating_other_session_states_than_the_witnessed_checkpoint_is_
     from cli_inprocess import custody
     from ledger import sessionmap
     from ledger.seals import sign_seal
-    from query.bundle import COSIGNATURES_PREFIX, EVENTS, SESSION_STATES
+    from query.bundle_format import COSIGNATURES_PREFIX, EVENTS, SESSION_STATES
     from test_bundle_states import truncate
 
     deployment.seal_session(4)

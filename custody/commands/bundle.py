@@ -12,7 +12,6 @@ from rich.progress import Progress
 
 from custody.config import config_option, load_config
 from ingest.keys import Keyring, load_key_file
-from query.bundle import Scope, export_bundle, transfer
 from query.bundle_verify import verify_bundle
 
 
@@ -40,6 +39,8 @@ def bundle() -> None:
 def export(sessions, identity, target, since, until, where, case, purpose, recipient, exporter, output, ledger_dir,
            config_path) -> None:
     """Write the selected sessions, their proofs, seals and keys into one signed file."""
+    from query.bundle import Scope, export_bundle  # imported here: `bundle verify` starts without the exporter's
+
     config = load_config(config_path)
     scope = Scope(tuple(sessions), identity, target, since, until, where)
     with Progress(transient=True) as progress:
@@ -107,6 +108,8 @@ def verify(file: Path, trust: Path, witnesses: int, checkpoints: tuple[Path, ...
 @config_option
 def transfer_command(file: Path, to: str, reason: str, by: str | None, key_path: Path | None, config_path) -> None:
     """Append a signed chain-of-custody record; earlier signatures stay valid."""
+    from query.bundle import transfer
+
     key = load_key_file(key_path or load_config(config_path).keys.exporter_key)
     record = transfer(file, to=to, reason=reason, key=key, by=by)
     click.echo(f"custody record #{record['sequence']}: {record['from']} -> {to}")

@@ -278,7 +278,7 @@ client_id = "custody-system-test"
 
     def sealed_query(self, statement: str) -> list[tuple]:
         """In-process (for polling): the same views `custody sql` reads."""
-        from query import open_ledger
+        from query.views import open_ledger
 
         if not (self.ledger_dir / "seals").is_dir():
             return []

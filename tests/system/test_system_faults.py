@@ -131,7 +131,7 @@ class FaultStack:
                f"sslmode=disable connect_timeout=10"
 
     def sealed_statements(self, like: str) -> list[str]:
-        from query import open_ledger
+        from query.views import open_ledger
 
         if not (self.ledger_dir / "ledger" / "seals").is_dir():
             return []
@@ -354,7 +354,7 @@ def test_a_sigkilled_proxy_has_its_open_sessions_ended_as_proxy_lost_by_its_reco
     print(f"recorder exited {time.monotonic() - killed:.1f} s after the proxy's SIGKILL")
     for conn in (busy, idle):
         conn.close()
-    from query import open_ledger
+    from query.views import open_ledger
 
     def sessions() -> list[tuple]:
         con = open_ledger(stack.ledger_dir / "ledger")
@@ -377,7 +377,7 @@ def test_a_proxy_clock_ahead_keeps_order_by_seq_and_verify_names_the_skew(stack,
         for n in range(20):
             conn.execute(insert(table, tag, n))
     assert assert_every_target_row_was_sealed(stack, table, tag) == list(range(20))
-    from query import open_ledger
+    from query.views import open_ledger
 
     con = open_ledger(stack.ledger_dir / "ledger")
     try:
