@@ -216,15 +216,15 @@ def parse_ingest(text: str) -> tuple[list[Row], set[str]]:
 
 
 def parse_bundle(text: str) -> tuple[list[Row], set[str]]:
-    """`jobs  wall ev/s  cores used  ev/CPU-s  raw verify/CPU-s  parent share  ratio` rows (bench/bundle.py):
+    """`jobs  wall ev/s  cores used  ev/CPU-s  raw verify/CPU-s  ratio` rows (bench/bundle.py):
     events per CPU second beside the raw Ed25519 verify per CPU second measured during the same run."""
     rows, used = [], set()
     for line in text.splitlines():
         cells = line.split()
         if cells[:1] == ["jobs"]:
             used.add(line)
-        if len(cells) == 7 and cells[0].isdigit() and re.fullmatch(r"\d+\.\d\d", cells[6]):
-            jobs, wall, cores, per_cpu, raw, _parent, share = cells
+        if len(cells) == 6 and cells[0].isdigit() and re.fullmatch(r"\d+\.\d\d", cells[5]):
+            jobs, wall, cores, per_cpu, raw, share = cells
             rows.append(Row(f"bundle verify events/s, jobs={jobs} (wall, {cores} cores used)", wall))
             rows.append(Row(f"bundle verify events per CPU second, jobs={jobs}", per_cpu,
                             f"raw Ed25519 verify per CPU second: {raw}", f"{share}x"))
