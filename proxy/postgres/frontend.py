@@ -58,7 +58,7 @@ GSSENC_REFUSED = ("custody: GSSAPI encryption is not supported; connect with ssl
 REPLICATION_REFUSED = ("replication connections are not relayed by Custody; connect to the target directly "
                        "with a replication role")
 MASK_SLICE = 32  # messages masked between two turns of the event loop (~0.5 ms at 60k rows/s)
-MASK_READ = 64 * 1024  # bytes of a masked result cut into messages between two turns (~0.35 ms, about a slice)
+PIECE_READ = 64 * 1024  # bytes of a server read cut into messages between two turns of the loop (~0.35 ms masked)
 _SYNC_POINTS = frozenset({"Query", "Sync", "FunctionCall"})  # each is answered with one ReadyForQuery
 _EXTENDED = frozenset({"Parse", "Bind", "Describe", "Execute", "Close", "Flush"})  # in flight until a Sync
 # The core's endings as PostgreSQL errors (auth_failed and protocol_error carry their own codes).
@@ -479,26 +479,27 @@ class PostgresFrontEnd(FrontEnd):
             yield Send(SERVER, b"".join(passed))
 
     def _relay_server(self, data: bytes) -> Steps:
-        reader = self._upstream
-        if len(data) > MASK_READ and self._policy is not None and self._policy.changes_results():
+        if len(data) > PIECE_READ:
             yield from self._relay_in_pieces(data)
             return
+        yield from self._relay_piece(data)
+
+    def _relay_in_pieces(self, data: bytes) -> Steps:
+        """A large read, cut into messages PIECE_READ bytes at a time with a turn of the loop between pieces, as if
+        TCP had delivered it so. Cut whole, a 256 KiB read held the loop while all its messages were parsed,
+        recorded (and masked) and another session's query waited that long: ~1.4 ms before a masked read's first
+        slice, and a `SELECT 1` beside an unmasked bulk result had a p99 ~18x its idle one (bench/policy.py)."""
+        for start in range(0, len(data), PIECE_READ):
+            if start:
+                yield Cede()
+            yield from self._relay_piece(data[start:start + PIECE_READ])
+
+    def _relay_piece(self, data: bytes) -> Steps:
+        reader = self._upstream
         whole = not reader.buffered
         messages = reader.feed(data)
         if messages:
             yield from self._forward_server(messages, data if whole and not reader.buffered else None)
-
-    def _relay_in_pieces(self, data: bytes) -> Steps:
-        """A large read of a masked session, cut into messages MASK_READ bytes at a time with a turn of the loop
-        between pieces, as if TCP had delivered it so: cut whole, a 256 KiB read held the loop ~1.4 ms before its
-        first slice was masked, and another session's query waited that long (bench/policy.py)."""
-        step = MASK_READ
-        for start in range(0, len(data), step):
-            if start:
-                yield Cede()
-            messages = self._upstream.feed(data[start:start + step])
-            if messages:
-                yield from self._forward_server(messages, None)
 
     def _forward_server(self, messages: list[Message], raw: bytes | None) -> Steps:
         if any(x.type == "NotificationResponse" for x in messages):
