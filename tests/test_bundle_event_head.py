@@ -113,3 +113,16 @@ def test_open_head_converts_and_refuses_envelope_fields_as_open_event_does(chang
                 "body": ("custody.Frames", {"direction": "client", "messages": []}), **change}
     value = sign_envelope(envelope, key).value
     assert opened(value, open_head) == opened(value, open_event)
+
+
+def test_the_verifier_starts_without_the_exporter_duckdb_or_kafka():
+    """`custody bundle verify` and each worker it spawns import this much: the start-up a worker pays per run
+    (DuckDB, kafka-python and every command cost ~0.4 s of CPU each, bench/bundle.py)."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, custody.cli, query.bundle_verify; "
+             "print(sorted(m for m in ('duckdb', 'kafka', 'query.bundle', 'query.views', 'custody.commands.proxy') "
+             "if m in sys.modules))")
+    shown = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert shown.stdout.strip() == "[]"
