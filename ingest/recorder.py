@@ -15,8 +15,8 @@ yet recorded by the child are the recorder's backlog, bounded in events
 (`max_queue`) and in frame bytes (`max_queue_bytes`, for bulk transfers whose
 few events are large). Above either bound the
 recorder tells its pressure listeners to stop reading from the sessions it is
-behind on (`Pressure.HEAVY`: those that recorded the most since the last
-time; the relay slows, TCP pushes back); above twice that, from every session
+behind on (`Pressure.HEAVY`: those that filled the most of the bounds, events
+and bytes, since the last time; the relay slows, TCP pushes back); above twice that, from every session
 (`Pressure.ALL`); below half of it, to read again (`Pressure.NONE`).
 
 Adaptive batching. The child takes everything that waits when it wakes up and
@@ -174,6 +174,7 @@ class Recorder:
                  max_queue: int = 10_000, max_queue_bytes: int = 64 << 20):
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads and an event loop
         self.max_queue, self.max_queue_bytes = max_queue, max_queue_bytes  # the backlog's bounds, events and bytes
+        self._event_share, self._byte_share = 1 / max_queue, 1 / max_queue_bytes  # of the bounds, one event, one byte
         self.stats = RecorderStats()
         self._requests = context.Queue()
         self._replies = context.Queue()
@@ -239,6 +240,7 @@ class Recorder:
             stats.refused += 1
             raise RecorderUnavailable(f"the recorder is stuck: {self.backlog} events wait, none recorded lately")
         frames, size = _weight(kind, body)
+        session.recent += self._event_share + size * self._byte_share
         with self._lock:
             self._batch.append((session.session_id, kind, body, now_micros()))
             first = len(self._batch) == 1
@@ -350,13 +352,14 @@ class SessionRecording:
     def __init__(self, recorder: Recorder, session_id: str):
         self.recorder, self.session_id = recorder, session_id
         self.broken = False
-        self.recent = 0  # events recorded since the proxy last looked (whom to slow down first)
+        # The share of the backlog's bounds this session filled since the proxy last looked, events and bytes
+        # together: whom to slow down first (a bulk transfer's few large events fill the bytes bound).
+        self.recent = 0.0
 
     def record(self, kind: str, body: dict[str, Any]) -> None:
         """Accept one event for recording, or raise RecorderUnavailable (do not relay)."""
         if self.broken:
             raise RecorderUnavailable(f"session {self.session_id}: an earlier event could not be recorded")
-        self.recent += 1
         self.recorder._put(self, kind, body)
 
 

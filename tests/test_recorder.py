@@ -10,6 +10,7 @@ from events_factory import frames, session_end, session_start
 from ingest.consumer import Accepted, EventConsumer
 from ingest.recorder import Pressure, Recorder, RecorderUnavailable, SpoolOptions
 from ingest.verify import EventVerifier
+from proxy.core.server import heaviest
 
 
 def consume_sessions(kafka_settings, keyring, sessions: int, timeout: float = 30) -> list:
@@ -191,6 +192,22 @@ def test_when_the_proxy_process_dies_the_recorder_still_delivers_what_reached_it
     stop_orphan(orphan)
     assert [e.seq for e in events] == list(range(len(events))) and events[0].kind == "session_start"
     assert statements_of(events) == [f"SELECT {i}" for i in range(49)]
+
+
+def test_the_bulk_session_not_the_chatty_one_is_slowed_when_bytes_fill_the_backlog(kafka_settings, proxy_key,
+                                                                                    tmp_path):
+    """Whom HEAVY pauses: the sessions that filled the most of the bounds. Counted in events, a chatty session of
+    many small frames outweighed a bulk transfer of few large ones whose bytes were what filled the backlog."""
+    recorder = Recorder(kafka_settings, SpoolOptions(tmp_path / "spool"), proxy_key, "p", max_queue=10_000,
+                        max_queue_bytes=1 << 20)
+    chatty, bulk = recorder.open_session(), recorder.open_session()
+    for i in range(300):
+        chatty.record("frames", frames(payload=b"SELECT 1"))
+        if i % 30 == 0:
+            bulk.record("frames", frames(payload=b"x" * (64 << 10)))
+    assert heaviest([chatty.recent, bulk.recent]) == [False, True]
+    assert bulk.recent > 10 * 64 * 1024 / (1 << 20)  # 10 frames of 64 KiB: over half of the byte bound
+    recorder.close()
 
 
 def test_a_backlog_of_few_large_frames_slows_the_proxy_down_too(kafka_settings, proxy_key, tmp_path):

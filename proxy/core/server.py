@@ -48,6 +48,13 @@ _RECORDER_BEHIND = "recorder behind"
 _LANE_FULL = "session queue full"
 
 
+def heaviest(shares: list[float]) -> list[bool]:
+    """Which sessions the recorder is behind on: those that filled at least the average share of its backlog's
+    bounds lately (`SessionRecording.recent`, events and bytes together), if anything at all."""
+    average = sum(shares) / max(len(shares), 1)
+    return [share >= average and share > 0 for share in shares]
+
+
 class Listener:
     """One `[[proxy]]` entry: accepts clients and gives each a Session of its protocol."""
 
@@ -69,15 +76,11 @@ class Listener:
     def throttle(self, level: Pressure) -> None:
         """Back-pressure from the recorder: the sessions it is behind on stop reading (all of them at ALL)."""
         self.throttled = level is Pressure.ALL
-        connections, heavy = list(self.connections), []
-        if level is Pressure.HEAVY:
-            recent = [connection.session.recording.recent for connection in connections]
-            average = sum(recent) / max(len(recent), 1)
-            heavy = [c for c, count in zip(connections, recent) if count >= average and count > 0]
-        for connection in connections:
-            pressing = level is Pressure.ALL or (level is Pressure.HEAVY and connection in heavy)
-            connection.throttle(pressing)
-            connection.session.recording.recent = 0
+        connections = list(self.connections)
+        heavy = heaviest([connection.session.recording.recent for connection in connections])
+        for connection, is_heavy in zip(connections, heavy):
+            connection.throttle(level is Pressure.ALL or (level is Pressure.HEAVY and is_heavy))
+            connection.session.recording.recent = 0.0
 
     @property
     def address(self) -> tuple[str, int]:
