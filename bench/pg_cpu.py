@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=sorted(MODES), default="select-only")
     parser.add_argument("--profile", action="store_true", help="py-spy the relay and the recorder meanwhile")
     parser.add_argument("--proxy-tree", type=Path, default=ROOT,
-                        help="run `custody proxy` from this checkout (a git worktree of an earlier commit: before/after)")
+                        help="run `custody proxy` from this checkout (a worktree of an earlier commit: before/after)")
     args = parser.parse_args()
 
     from ingest.broker import DevBroker

@@ -13,10 +13,10 @@ the proxy key, the spool and the producer.
 Load slows sessions down, it never ends them. The events handed over but not
 yet recorded by the child are the recorder's backlog, bounded in events
 (`max_queue`) and in frame bytes (`max_queue_bytes`, for bulk transfers whose
-few events are large). Above either bound the
-recorder tells its pressure listeners to stop reading from the sessions it is
-behind on (`Pressure.HEAVY`: those that filled the most of the bounds, events
-and bytes, since the last time; the relay slows, TCP pushes back); above twice that, from every session
+few events are large). Above either bound the recorder tells its pressure
+listeners to stop reading from the sessions it is behind on (`Pressure.HEAVY`:
+those that filled the most of the bounds, events and bytes, since the last
+time; the relay slows, TCP pushes back); above twice that, from every session
 (`Pressure.ALL`); below half of it, to read again (`Pressure.NONE`).
 
 Adaptive batching. The child takes everything that waits when it wakes up and
