@@ -151,7 +151,9 @@ def run_wrk(wrk: str, url: str, seconds: int, connections: int, token: str | Non
     out = done.stdout
     if done.returncode != 0 or "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"wrk {url}: {out}{done.stderr}")
-    latency = dict(re.findall(r"^\s+(50|99)(?:\.000)?%\s+(\S+)$", out, re.M))
+    latency = dict(re.findall(r"^\s+(50|99)(?:\.000)?%\s+(\S+)\s*$", out, re.M))  # "1.07s " has a space
+    if set(latency) != {"50", "99"}:
+        raise RuntimeError(f"wrk {url}: no latency percentiles in its output:\n{out}")
     return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
             "p50": _ms(latency["50"]), "p99": _ms(latency["99"])}
 
