@@ -2,15 +2,15 @@
 
 Builds a demo ledger (query.sample, the ledger's own writer) of about --events
 events, exports all of it as one bundle, verifies it, and prints events/s for
-each and bundle bytes per event. Verify runs with jobs=1 (in-process) and
-jobs=cores (`custody bundle verify`'s default).
+each and bundle bytes per event. Verify runs with --jobs 1 (checked in the
+program's own process) and --jobs cores (`custody bundle verify`'s default).
 
 Each verify is the `custody bundle verify` program an auditor runs (this
 venv's console script, a process of its own: its start-up and its workers'
 imports are counted, as an auditor pays them). The machine may be shared, so
 wall-clock rates are shown but not compared: each run's CPU time is counted,
-the program's and its workers' (reaped children), and set beside the raw Ed25519 verify (pynacl, `crypto_sign_open`)
-of the same events' signatures and envelopes, in verifies per CPU second of a
+the program's and its workers' (reaped children), and set beside the raw
+Ed25519 verify (pynacl, `crypto_sign_open`) of the same events' signatures and envelopes, in verifies per CPU second of a
 process that runs them in a loop during the verify run (the same window, the same
 contention for the cores). Events per CPU second over raw verifies per CPU second
 is verify / (raw x cores used), cores used being CPU seconds per wall second: the

@@ -86,6 +86,14 @@ class PostgresProtocol(Protocol):
         return PostgresFrontEnd(session, self)
 
 
+def _cut(reader: MessageReader, data: bytes) -> tuple[list[Message], bytes | None]:
+    """The messages `data` completes, and `data` itself when it held exactly those (relayed as read, not joined
+    again from the messages), else None."""
+    whole = not reader.buffered
+    messages = reader.feed(data)
+    return messages, data if whole and not reader.buffered else None
+
+
 def _error(code: str, text: str, severity: str = "FATAL") -> Message:
     return Message("ErrorResponse", m.error_response(severity=severity, code=code, message=text))
 
@@ -433,11 +441,9 @@ class PostgresFrontEnd(FrontEnd):
     # --- relay: the hot path -------------------------------------------------------------
 
     def _relay_client(self, data: bytes) -> Steps:
-        reader = self._client
-        whole = not reader.buffered
-        messages = reader.feed(data)
+        messages, raw = _cut(self._client, data)
         if messages:
-            yield from self._forward_client(messages, data if whole and not reader.buffered else None)
+            yield from self._forward_client(messages, raw)
 
     def _forward_client(self, messages: list[Message], raw: bytes | None) -> Steps:
         """Record, then relay: `raw` is the messages' bytes when the read held exactly them."""
@@ -479,27 +485,16 @@ class PostgresFrontEnd(FrontEnd):
             yield Send(SERVER, b"".join(passed))
 
     def _relay_server(self, data: bytes) -> Steps:
-        if len(data) > PIECE_READ:
-            yield from self._relay_in_pieces(data)
-            return
-        yield from self._relay_piece(data)
-
-    def _relay_in_pieces(self, data: bytes) -> Steps:
-        """A large read, cut into messages PIECE_READ bytes at a time with a turn of the loop between pieces, as if
-        TCP had delivered it so. Cut whole, a 256 KiB read held the loop while all its messages were parsed,
-        recorded (and masked) and another session's query waited that long: ~1.4 ms before a masked read's first
-        slice, and a `SELECT 1` beside an unmasked bulk result had a p99 ~18x its idle one (bench/policy.py)."""
+        """A read cut into messages PIECE_READ bytes at a time with a turn of the loop between pieces, as if TCP had
+        delivered it so. Cut whole, a 256 KiB read held the loop while all its messages were parsed, recorded (and
+        masked) and another session's query waited that long: ~1.4 ms before a masked read's first slice, and a
+        `SELECT 1` beside an unmasked bulk result had a p99 ~18x its idle one (bench/policy.py)."""
         for start in range(0, len(data), PIECE_READ):
             if start:
                 yield Cede()
-            yield from self._relay_piece(data[start:start + PIECE_READ])
-
-    def _relay_piece(self, data: bytes) -> Steps:
-        reader = self._upstream
-        whole = not reader.buffered
-        messages = reader.feed(data)
-        if messages:
-            yield from self._forward_server(messages, data if whole and not reader.buffered else None)
+            messages, raw = _cut(self._upstream, data[start:start + PIECE_READ])  # a small read: itself, no copy
+            if messages:
+                yield from self._forward_server(messages, raw)
 
     def _forward_server(self, messages: list[Message], raw: bytes | None) -> Steps:
         if any(x.type == "NotificationResponse" for x in messages):
