@@ -92,9 +92,16 @@ def postgres_cpu() -> float:
     backends of finished sessions, reaped by it) used, which the kernel adds to its cutime/cstime."""
     total = 0.0
     for pid in pids_named("postgres"):
-        total += cpu_seconds(pid)
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        if not Path(f"/proc/{fields[1]}/comm").exists() or Path(f"/proc/{fields[1]}/comm").read_text().strip() != "postgres":
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # a backend that exited since it was listed: the postmaster counts it
+            continue
+        total += (int(fields[11]) + int(fields[12])) / TICK
+        try:
+            parent = Path(f"/proc/{fields[1]}/comm").read_text().strip()
+        except FileNotFoundError:
+            parent = None
+        if parent != "postgres":
             total += (int(fields[13]) + int(fields[14])) / TICK  # the postmaster: its reaped backends
     return total
 
