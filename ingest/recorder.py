@@ -55,6 +55,7 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
+from multiprocessing.connection import Connection
 import os
 import queue
 import signal
@@ -72,6 +73,7 @@ from ingest.batching import MAX_BYTES as FOLD_MAX_BYTES
 from ingest.batching import Item, fold
 from ingest.errors import CustodyError
 from ingest.events import SessionChain, now_micros, uuid7
+from ingest.handoff import HandOffClosed, Inbox, Outbox
 from ingest.heap import freeze_startup_heap
 from ingest.keys import PrivateKey
 from ingest.producer import EventProducer
@@ -176,7 +178,8 @@ class Recorder:
         self.max_queue, self.max_queue_bytes = max_queue, max_queue_bytes  # the backlog's bounds, events and bytes
         self._event_share, self._byte_share = 1 / max_queue, 1 / max_queue_bytes  # of the bounds, one event, one byte
         self.stats = RecorderStats()
-        self._requests = context.Queue()
+        inbox, outbox = context.Pipe(duplex=False)
+        self._requests = Outbox(outbox)  # events, flushes, the stop: in order, written by the thread that hands over
         self._replies = context.Queue()
         self._stopping = context.Event()
         self._stop_within = context.Value("d", ORPHAN_BOUND, lock=False)  # the bound of a `close`, for the child
@@ -193,9 +196,10 @@ class Recorder:
         self._pressure = Pressure.NONE
         self._process = context.Process(
             target=_recorder_main, name="custody-recorder", daemon=True,
-            args=(self._requests, self._replies, self._stopping, self._stop_within, kafka, spool, key.key_id, bytes(key.signing_key),
+            args=(inbox, self._replies, self._stopping, self._stop_within, kafka, spool, key.key_id, bytes(key.signing_key),
                   producer_name))
         self._process.start()
+        inbox.close()  # the child's now: once it dies, a hand-over fails (HandOffClosed) rather than wait for it
         self._listener = threading.Thread(target=self._listen, name="custody-recorder-replies", daemon=True)
         self._listener.start()
 
@@ -273,7 +277,17 @@ class Recorder:
         with self._lock:
             batch, self._batch = self._batch, []
         if batch:
-            self._requests.put(("events", batch))
+            self._send(("events", batch))
+
+    def _send(self, request: tuple, wait: float = 0.0) -> None:
+        """Hand `request` to the child; with `wait`, also wait up to that long until the pipe holds it (a caller
+        on the event loop's thread, which cannot let the loop write it meanwhile)."""
+        try:
+            self._requests.send(request)
+            if wait:
+                self._requests.wait_written(wait)
+        except HandOffClosed as exc:
+            self._failure = f"recorder process is gone: {exc}"
 
     @property
     def backlog_bytes(self) -> int:
@@ -327,7 +341,7 @@ class Recorder:
         self._hand_over()
         token, done = next(self._tokens), threading.Event()
         self._flushes[token] = done
-        self._requests.put(("flush", token, timeout))
+        self._send(("flush", token, timeout), wait=timeout)
         return done.wait(timeout + 5) and self._flush_results.pop(token, False)
 
     def close(self, timeout: float = 10.0) -> None:
@@ -337,11 +351,12 @@ class Recorder:
         if self._process.is_alive():
             self._stop_within.value = timeout
             self._stopping.set()  # seen between two batches, however long the backlog
-            self._requests.put(("stop", timeout))
+            self._send(("stop", timeout), wait=timeout)  # behind all that was handed over
             self._process.join(timeout + 5)
         if self._process.is_alive():
             self._process.kill()  # it ignores SIGTERM
             self._process.join()
+        self._requests.close()
         self._replies.put(None)
         self._listener.join(timeout=5)
 
@@ -574,10 +589,11 @@ def _finish(child: _Child, requests, bound: float, *, orphaned: bool) -> None:
     child.idle()
 
 
-def _recorder_main(requests, replies, stopping, stop_within, kafka: KafkaSettings, spool: SpoolOptions, key_id: str, seed: bytes,
+def _recorder_main(inbox: Connection, replies, stopping, stop_within, kafka: KafkaSettings, spool: SpoolOptions, key_id: str, seed: bytes,
                    producer_name: str) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):  # the proxy decides when recording stops (`stop`), or its death
         signal.signal(signum, signal.SIG_IGN)
+    requests = Inbox(inbox)
     child = _Child(replies, kafka, spool, PrivateKey(key_id, SigningKey(seed)), producer_name)
     freeze_startup_heap()
     replies.put(("ready",))
