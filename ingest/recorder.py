@@ -262,9 +262,8 @@ class Recorder:
         """On an event loop: HAND_OVER_DELAY later, with all that was recorded meanwhile; elsewhere: now.
 
         The relay does not wait for it (record-before-relay means accepted for
-        recording). Waking the queue's feeder thread once per batch rather than
-        once per loop turn keeps it from taking the interpreter lock from the
-        relay at every socket write.
+        recording). One pickle and one pipe write per batch, not per loop turn:
+        under load a batch holds many turns' frames.
         """
         try:
             loop = asyncio.get_running_loop()

@@ -172,7 +172,7 @@ def test_when_the_proxy_process_dies_the_recorder_still_delivers_what_reached_it
         for i in range(49):
             session.record("frames", frames(f"SELECT {{i}}"))
         print(recorder._process.pid, flush=True)
-        time.sleep(3)  # the queue's feeder has written everything to the pipe
+        time.sleep(3)  # the recorder has started (off an event loop each hand-over was in the pipe at once)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
     # Not subprocess.run(capture_output=True): the orphaned recorder inherits the pipes, and waiting for their end
