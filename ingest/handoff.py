@@ -16,6 +16,7 @@ recorder's loop reads as it did.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import fcntl
@@ -24,6 +25,7 @@ import pickle
 import queue
 import select
 import struct
+import termios
 import threading
 import time
 from multiprocessing.connection import Connection
@@ -163,6 +165,12 @@ class Inbox:
 
     def get_nowait(self) -> Any:
         return self.get(timeout=0)
+
+    def waiting_bytes(self) -> int:
+        """Bytes sent but not yet taken by `get` (in the pipe, or read and not yet whole messages)."""
+        available = array.array("i", [0])
+        fcntl.ioctl(self._fd, termios.FIONREAD, available)
+        return available[0] + len(self._buffer)
 
     def _read(self) -> None:
         chunk = os.read(self._fd, READ_BYTES)
