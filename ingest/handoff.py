@@ -8,7 +8,8 @@ loop's, once per batch) pickles and writes to a non-blocking pipe itself; what
 the pipe cannot take at once waits in memory and the loop writes it when the
 pipe has room. So the relay never blocks on a busy recorder; what waits here is
 part of the recorder's backlog, which its back-pressure already bounds. A
-caller without an event loop (flush, close, synchronous use) writes and waits.
+caller without an event loop (synchronous use) writes and waits, and so does one
+that gives a timeout (flush, close).
 
 The reading side (`Inbox`) keeps `queue.Queue`'s `get`/`get_nowait` so the
 recorder's loop reads as it did.
@@ -67,24 +68,25 @@ class Outbox:
         self._loop: asyncio.AbstractEventLoop | None = None  # whose writer drains what waits
         self.closed: str | None = None
 
-    def send(self, message: Any) -> None:
-        """Hand `message` over. On an event loop's thread this never blocks; elsewhere it returns once the pipe
-        holds the message (and everything before it). Raises HandOffClosed if the reader is gone."""
+    def send(self, message: Any, timeout: float | None = None) -> bool:
+        """Hand `message` over. On an event loop's thread and without `timeout` this never blocks (the loop
+        writes what the pipe cannot take yet); otherwise it waits until the pipe holds the message and everything
+        before it, at most `timeout` (False: some still waits). Raises HandOffClosed if the reader is gone."""
         data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-        loop = _running_loop()
+        loop = _running_loop() if timeout is None else None
         with self._lock:
             if self.closed is not None:
                 raise HandOffClosed(self.closed)
             self._pending.append(memoryview(HEADER.pack(len(data)) + data))
             self._write()
             if not self._pending:
-                return
+                return True
             if loop is not None:
                 if self._loop is None:
                     loop.add_writer(self._fd, self._on_writable)
                     self._loop = loop
-                return
-        self.wait_written()
+                return True
+        return self.wait_written(timeout)
 
     def wait_written(self, timeout: float | None = None) -> bool:
         """Block until everything sent is in the pipe (or `timeout` passed: False). Raises HandOffClosed."""

@@ -58,7 +58,6 @@ import itertools
 import logging
 import multiprocessing
 import multiprocessing.connection
-from multiprocessing.connection import Connection
 import os
 import queue
 import signal
@@ -66,6 +65,7 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -286,13 +286,11 @@ class Recorder:
         if batch:
             self._send(("events", batch))
 
-    def _send(self, request: tuple, wait: float = 0.0) -> None:
-        """Hand `request` to the child; with `wait`, also wait up to that long until the pipe holds it (a caller
-        on the event loop's thread, which cannot let the loop write it meanwhile)."""
+    def _send(self, request: tuple, wait: float | None = None) -> None:
+        """Hand `request` to the child; with `wait`, wait up to that long until the pipe holds it, on any thread
+        (flush and close: a caller on the loop's thread cannot let the loop write it meanwhile)."""
         try:
-            self._requests.send(request)
-            if wait:
-                self._requests.wait_written(wait)
+            self._requests.send(request, timeout=wait)
         except HandOffClosed as exc:
             self._failure = f"recorder process is gone: {exc}"
 
@@ -543,9 +541,9 @@ class _MachineLoad:
         try:
             with open(self._stat, encoding="ascii") as stat:
                 values = [int(v) for v in stat.readline().split()[1:9]]
-        except (OSError, ValueError):
+            return values[3] + values[4], sum(values)  # idle + iowait; user..steal
+        except (OSError, ValueError, IndexError):
             return None
-        return values[3] + values[4], sum(values)  # idle + iowait; user..steal
 
     def saturated(self) -> bool:
         now = time.monotonic()

@@ -124,3 +124,16 @@ def test_pacing_lets_a_round_gather_but_not_while_a_bulk_transfer_fills_the_pipe
     assert time.monotonic() - started < LOADED_ROUND / 2
     assert inbox.waiting_bytes() > PACE_BYTES and len(inbox.get(timeout=1)[1]) == PACE_BYTES
     assert inbox.waiting_bytes() == 0
+
+
+def test_a_send_with_a_timeout_waits_even_on_the_loop_and_gives_up_on_a_reader_that_does_not_read():
+    inbox, outbox = _pipe()
+
+    async def close_like() -> bool:
+        return outbox.send(("stop", 1.0), timeout=0.2)  # as close() and flush() do, wherever they run
+
+    assert asyncio.run(close_like())  # room in the pipe: written at once
+    started = time.monotonic()
+    assert not outbox.send(("events", os.urandom(4 << 20)), timeout=0.3)  # nobody reads: bounded, not stuck
+    assert 0.3 <= time.monotonic() - started < 2
+    assert inbox.get(timeout=1) == ("stop", 1.0)
