@@ -402,11 +402,15 @@ class LedgerService:
         try:
             while not stop.is_set():
                 self.step()
-            for writer in list(self.writers.values()):
-                if writer.opened_at is not None:
-                    self._seal(writer)
+            self.seal_open()
         finally:
             self.close()
+
+    def seal_open(self) -> None:
+        """Seal every partition's open segment now, without waiting for it to be due (stopping; benchmarks)."""
+        for writer in list(self.writers.values()):
+            if writer.opened_at is not None:
+                self._seal(writer)
 
     def _rejects_safe(self) -> bool:
         """Whether Kafka acknowledged the quarantine copy of every record rejected so far (after a flush), which a
