@@ -76,6 +76,7 @@ from ingest.batching import MAX_BYTES as FOLD_MAX_BYTES
 from ingest.batching import Item, fold
 from ingest.errors import CustodyError
 from ingest.events import SessionChain, now_micros, uuid7
+from ingest.cpu_load import CpuLoad
 from ingest.handoff import HandOffClosed, Inbox, Outbox
 from ingest.heap import freeze_startup_heap
 from ingest.keys import PrivateKey
@@ -96,8 +97,6 @@ HAND_OVER_DELAY = 0.002  # seconds an event waits in the proxy's batch before it
 LOADED_BATCH = 32  # events taken in at once that mean the recorder is under load
 LOADED_ROUND = 0.02  # seconds a fold round lasts at least under load (`_pace`)
 PACE_BYTES = 256 << 10  # ... unless this much already waits in the pipe
-LOAD_SAMPLE = 0.1  # seconds between two looks at the machine's idle CPU time
-SATURATED_IDLE = 0.1  # below this share of idle CPU time the machine has none to spare
 ACK_INTERVAL = 0.01  # seconds between two progress replies to the proxy under load
 MAX_FOLD = 20_000  # events the child takes in at once before recording them
 ORPHAN_BOUND = 10.0  # seconds the recorder takes, once its proxy's process is gone, to spool and deliver what it holds
@@ -529,33 +528,6 @@ def _take_waiting(requests, batch: list[Item]) -> tuple[list[Item], tuple | None
     return batch, None
 
 
-class _MachineLoad:
-    """Whether the machine's CPUs had (almost) no idle time lately, from /proc/stat, sampled every LOAD_SAMPLE s."""
-
-    def __init__(self, stat: str = "/proc/stat") -> None:
-        self._stat = stat
-        self._last, self._at, self._saturated = self._read(), time.monotonic(), False
-
-    def _read(self) -> tuple[int, int] | None:
-        """Idle and total jiffies of all CPUs, or None where /proc/stat cannot be read (then: never saturated)."""
-        try:
-            with open(self._stat, encoding="ascii") as stat:
-                values = [int(v) for v in stat.readline().split()[1:9]]
-            return values[3] + values[4], sum(values)  # idle + iowait; user..steal
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def saturated(self) -> bool:
-        now = time.monotonic()
-        if now - self._at >= LOAD_SAMPLE:
-            sample = self._read()
-            if sample is not None and self._last is not None:
-                idle, total = sample[0] - self._last[0], sample[1] - self._last[1]
-                self._saturated = total > 0 and idle < total * SATURATED_IDLE
-            self._last, self._at = sample, now
-        return self._saturated
-
-
 def _pace(requests: Inbox, started: float) -> None:
     """When the recorder is loaded and the machine has no CPU to spare, let the next round gather more: a
     session's frames of one round fold into one event, and most of the recorder's cost is per event (signing,
@@ -642,7 +614,7 @@ def _recorder_main(inbox: Connection, replies, stopping, stop_within, kafka: Kaf
     child = _Child(replies, kafka, spool, PrivateKey(key_id, SigningKey(seed)), producer_name)
     freeze_startup_heap()
     replies.put(("ready",))
-    orphaned, machine = threading.Event(), _MachineLoad()
+    orphaned, machine = threading.Event(), CpuLoad()
     threading.Thread(target=_watch_parent, args=(multiprocessing.parent_process().sentinel, orphaned),
                      name="custody-recorder-parent", daemon=True).start()
     while True:

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from ingest.handoff import HandOffClosed, Inbox, Outbox
-from ingest.recorder import LOAD_SAMPLE, LOADED_ROUND, PACE_BYTES, _MachineLoad, _pace
+from ingest.recorder import LOADED_ROUND, PACE_BYTES, _pace
 
 
 def _pipe() -> tuple[Inbox, Outbox]:
@@ -93,24 +93,6 @@ def test_get_times_out_empty_and_an_ended_writer_reads_as_empty_after_the_last_m
     with pytest.raises(queue.Empty):
         inbox.get_nowait()
     assert inbox.ended
-
-
-def _stat(path, idle: int, busy: int) -> None:
-    """A /proc/stat first line: user nice system idle iowait irq softirq steal."""
-    path.write_text(f"cpu  {busy} 0 0 {idle} 0 0 0 0 0 0\ncpu0 0 0 0 0 0 0 0 0 0 0\n")
-
-
-def test_the_machine_reads_as_saturated_only_when_its_cpus_had_almost_no_idle_time(tmp_path):
-    stat = tmp_path / "stat"
-    _stat(stat, idle=1000, busy=1000)
-    load = _MachineLoad(str(stat))
-    _stat(stat, idle=1050, busy=1950)  # 5 % idle since
-    time.sleep(LOAD_SAMPLE)
-    assert load.saturated()
-    _stat(stat, idle=1550, busy=2450)  # 50 % idle since
-    time.sleep(LOAD_SAMPLE)
-    assert not load.saturated()
-    assert not _MachineLoad(str(tmp_path / "absent")).saturated()  # unreadable: never paces
 
 
 def test_pacing_lets_a_round_gather_but_not_while_a_bulk_transfer_fills_the_pipe():
