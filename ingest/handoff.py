@@ -126,7 +126,7 @@ class Outbox:
                     pending[0] = pending[0][written:]
         except BlockingIOError:
             return
-        except (BrokenPipeError, OSError) as exc:
+        except OSError as exc:  # EPIPE: the recorder process is gone
             self.closed = f"the recorder's end of the hand-off pipe is closed ({exc.strerror or exc})"
             pending.clear()
             raise HandOffClosed(self.closed) from None
