@@ -24,7 +24,7 @@ from events_factory import frames, session_end, session_start
 from ingest import kafka
 from ingest.events import SessionChain
 from ingest.keys import PrivateKey, key_id_for
-from system_stack import SystemStack, custody
+from system_stack import SystemStack, custody, wait_for
 
 EXPECTED = {"unknown_key": 3, "replay": 1, "bad_signature": 1, "key_mismatch": 1}
 REPLAY = {"duplicate", "seq_conflict"}
@@ -39,9 +39,18 @@ def inject(stack: SystemStack) -> dict[str, object]:
     forged = [chain.event("session_start", session_start("mallory@example.com")),
               chain.event("frames", frames("SELECT 'forged'")),
               chain.event("session_end", session_end())]
-    rows = stack.sealed_query("SELECT session_id, event_id, event FROM events WHERE kind = 'frames' AND "
-                              "protocol = 'postgres' AND statement LIKE 'INSERT INTO%' ORDER BY ts LIMIT 1")
-    assert rows, "no sealed PostgreSQL INSERT to copy yet"
+    # The PostgreSQL sessions' partitions may have just changed hands (the worker fault before this one): nothing
+    # of them is sealed until their new owner's first seal (CI, once: the worker that took them over lost them
+    # again to the restarted one before its first seal, which came about a second after this looked).
+    query = ("SELECT session_id, event_id, event FROM events WHERE kind = 'frames' AND protocol = 'postgres' AND "
+             "statement LIKE 'INSERT INTO%' ORDER BY ts LIMIT 1")
+    rows: list = []
+
+    def sealed_insert() -> bool:
+        rows[:] = stack.sealed_query(query)
+        return bool(rows)
+
+    assert wait_for(sealed_insert, 60, 0.5), "no sealed PostgreSQL INSERT to copy within 60 s"
     session_id, event_id, value = rows[0]
     other = stack.sealed_query(f"SELECT session_id FROM events WHERE session_id <> '{session_id}' LIMIT 1")[0][0]
     assert b"INSERT INTO" in value

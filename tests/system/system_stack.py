@@ -41,6 +41,16 @@ def port_open(port: int) -> bool:
         return False
 
 
+def wait_for(predicate, timeout: float, step: float = 0.2) -> bool:
+    """Whether `predicate()` came true within `timeout` seconds, looked at every `step`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True
+
+
 def children_of(pid: int) -> list[int]:
     found = []
     try:

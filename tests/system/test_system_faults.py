@@ -35,7 +35,7 @@ import psycopg
 import pytest
 
 from pg_fixtures import DIRECT
-from system_stack import CUSTODY, ROOT, children_of, custody, free_port, port_open
+from system_stack import CUSTODY, ROOT, children_of, custody, free_port, port_open, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -48,15 +48,6 @@ def _signal_group(process: subprocess.Popen, signum: int) -> None:
         os.killpg(process.pid, signum)
     except ProcessLookupError:
         pass
-
-
-def wait_for(predicate, timeout: float, step: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(step)
-    return True
 
 
 class FaultStack:

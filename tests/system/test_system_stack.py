@@ -31,7 +31,7 @@ from kube_fixtures import kube, tls  # noqa: F401 - fixtures this module uses
 from system_checker import check, count_by, witnessed
 from system_fixtures import mysql_target, nginx, pg_table, sshd  # noqa: F401 - fixtures this module uses
 from system_run import profile, start_workload
-from system_stack import SystemStack
+from system_stack import SystemStack, wait_for
 
 pytestmark = pytest.mark.system
 
@@ -39,15 +39,6 @@ pytestmark = pytest.mark.system
 def sealed_closed(stack: SystemStack) -> int:
     return stack.sealed_query("SELECT count(*) FROM sessions WHERE ended IS NOT NULL")[0][0] if (
         stack.ledger_dir / "seals").is_dir() else 0
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.2)
-    return True
 
 
 def test_every_client_operation_is_sealed_once_in_order_through_faults(tmp_path, nginx, sshd, mysql_target,
