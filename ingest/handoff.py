@@ -78,11 +78,9 @@ class Outbox:
             if self.closed is not None:
                 raise HandOffClosed(self.closed)
             self._pending.append(memoryview(HEADER.pack(len(data)) + data))
-            self._write()
-            if not self._pending:
-                return True
             if loop is not None:
-                if self._loop is None:
+                self._write()
+                if self._pending and self._loop is None:
                     loop.add_writer(self._fd, self._on_writable)
                     self._loop = loop
                 return True
