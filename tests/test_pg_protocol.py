@@ -244,6 +244,54 @@ def test_large_message_in_small_chunks() -> None:
     assert [message.data for message in messages] == [big]
 
 
+BULK_PIECES = {
+    "DataRow": lambda n: m.data_row([b"v" * n, None]),
+    "CopyData": lambda n: frame(b"d", b"c" * n),
+    "CommandComplete": lambda n: m.command_complete(f"SELECT {n}"),
+    "ReadyForQuery": lambda n: frame(b"Z", b"I"),
+}
+
+
+def fed(reader: MessageReader, stream: bytes, cuts: Iterable[int]) -> list[list[Message]]:
+    """What each `feed` of `stream`, cut at `cuts`, returned."""
+    feeds, start = [], 0
+    for cut in sorted(cuts) + [len(stream)]:
+        feeds.append(reader.feed(stream[start:cut]))
+        start = cut
+    reader.eof()
+    return feeds
+
+
+@settings(max_examples=300)
+@given(st.data())
+def test_a_reader_that_coalesces_runs_gives_the_same_messages_in_runs(data: st.DataObject) -> None:
+    """DataRows and CopyData come as one Message per run of a feed, `count` of them back to back: cut apart
+    again they are exactly what a plain reader gives, and a run is never split within one feed."""
+    pieces = data.draw(st.lists(st.tuples(st.sampled_from(sorted(BULK_PIECES)), st.integers(0, 40)), max_size=40))
+    stream = b"".join(BULK_PIECES[kind](n) for kind, n in pieces)
+    cuts = data.draw(st.sets(st.integers(0, len(stream)), max_size=12))
+    plain = [x for feed in fed(MessageReader("server"), stream, cuts) for x in feed]
+    feeds = fed(MessageReader("server", runs=pg.RUN_TYPES), stream, cuts)
+    coalesced = [x for feed in feeds for x in feed]
+    assert pg.single_messages(coalesced) == plain
+    assert b"".join(x.data for x in coalesced) == stream
+    assert sum(x.count for x in coalesced) == len(plain)
+    for feed in feeds:
+        assert all(x.count == 1 or x.type in pg.RUN_TYPES for x in feed)
+        assert not any(a.type == b.type in pg.RUN_TYPES for a, b in zip(feed, feed[1:]))
+
+
+def test_a_run_waits_for_its_incomplete_message_and_checks_each_one() -> None:
+    rows = [m.data_row([str(n).encode()]) for n in range(3)]
+    reader = MessageReader("server", runs=pg.RUN_TYPES)
+    assert reader.feed(rows[0] + rows[1] + rows[2][:-1]) == [Message("DataRow", rows[0] + rows[1], 2)]
+    assert reader.buffered == len(rows[2]) - 1
+    assert reader.feed(rows[2][-1:]) == [Message("DataRow", rows[2])]
+    bad = b"D" + struct.pack(">I", 5) + b"x"  # a DataRow is at least 6 long (its column count)
+    error = violation_of(lambda: MessageReader("server", runs=pg.RUN_TYPES).feed(rows[0] + rows[1] + bad))
+    assert str(error) == str(violation_of(lambda: MessageReader("server").feed(rows[0] + rows[1] + bad)))
+
+
 def test_message_size_limits_are_configurable() -> None:
     message = m.query("x" * 100)  # length field: 4 + 100 + NUL = 105
     assert typed_reader("client", max_message_size=105).feed(message)[0].data == message

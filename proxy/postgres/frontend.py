@@ -24,7 +24,8 @@ from __future__ import annotations
 import logging
 
 from ingest.protocols.postgres import messages as m
-from ingest.protocols.postgres.protocol import PROTOCOL_VIOLATION, Message, MessageReader, violation
+from ingest.protocols.postgres.protocol import PROTOCOL_VIOLATION, Message, MessageReader, single_messages, violation
+from ingest.protocols.postgres.records import RUN_TYPES
 from ingest.recorder import RecorderUnavailable
 from proxy.approvals import ApprovalRequest
 from proxy.core import records
@@ -94,6 +95,11 @@ def _cut(reader: MessageReader, data: bytes) -> tuple[list[Message], bytes | Non
     return messages, data if whole and not reader.buffered else None
 
 
+def _count(messages: list[Message]) -> int:
+    """Protocol messages, each of a run counted."""
+    return sum([x.count for x in messages])
+
+
 def _error(code: str, text: str, severity: str = "FATAL") -> Message:
     return Message("ErrorResponse", m.error_response(severity=severity, code=code, message=text))
 
@@ -112,8 +118,10 @@ class PostgresFrontEnd(FrontEnd):
         self.cancel_keys = protocol.cancel_keys
         self.phase = "startup"
         self.parameters: dict[str, str] = {}
-        self._client = MessageReader("client", max_message_size=settings.max_client_message)
-        self._upstream = MessageReader("server", max_message_size=settings.max_server_message)
+        # Bulk messages (DataRow, CopyData) come from the readers as runs: one Message of many, which is how they
+        # are recorded (proxy.postgres.recording) and relayed; only masking needs them one by one.
+        self._client = MessageReader("client", max_message_size=settings.max_client_message, runs=RUN_TYPES)
+        self._upstream = MessageReader("server", max_message_size=settings.max_server_message, runs=RUN_TYPES)
         self._login = UpstreamLogin(settings.upstream.user, settings.upstream.password)
         self._upstream_open = False
         self._upstream_key: m.BackendKeyData | None = None
@@ -455,7 +463,7 @@ class PostgresFrontEnd(FrontEnd):
                 self._unsynced = True
         records = rec.message_records(messages)
         self._prepared.annotate(records)
-        self.session.record_messages(CLIENT, records, len(messages))
+        self.session.record_messages(CLIENT, records, _count(messages))
         if self._policy is not None:
             yield from self._gate_client(messages, records)
         else:
@@ -501,10 +509,10 @@ class PostgresFrontEnd(FrontEnd):
             messages, raw = self._proxy_pids(messages), None
         policy = self._policy
         if policy is None or not policy.changes_results():
-            self.session.record_messages(SERVER, rec.message_records(messages), len(messages))
+            self.session.record_messages(SERVER, rec.message_records(messages), _count(messages))
             yield Send(CLIENT, raw if raw is not None else b"".join([x.data for x in messages]))
         else:
-            yield from self._forward_masked(policy, messages)
+            yield from self._forward_masked(policy, single_messages(messages))
         if self._pending:
             answered = sum(1 for x in messages if x.type == "ReadyForQuery")
             if answered:

@@ -85,34 +85,36 @@ def _build_record(message: Message) -> Record:
 
 
 def message_records(messages: list[Message]) -> list[Record]:
-    """The records of one read: runs of bulk messages folded, everything else one each.
+    """The records of one read: runs of bulk messages folded (those the reader coalesced, and consecutive
+    ones it did not), everything else one each.
 
     Raises ProtocolViolation when a message's body does not decode.
     """
     records: list[Record] = []
     run: list[bytes] = []
-    run_type = ""
+    run_type, run_count = "", 0
     for message in messages:
         kind = message.type
         if kind in RUN_TYPES:
             if kind != run_type:
-                _flush_run(records, run_type, run)
-                run, run_type = [], kind
+                _flush_run(records, run_type, run, run_count)
+                run, run_type, run_count = [], kind, 0
             run.append(message.data)
+            run_count += message.count
             continue
         if run:
-            _flush_run(records, run_type, run)
-            run, run_type = [], ""
+            _flush_run(records, run_type, run, run_count)
+            run, run_type, run_count = [], "", 0
         records.append(message_record(message))
-    _flush_run(records, run_type, run)
+    _flush_run(records, run_type, run, run_count)
     return records
 
 
-def _flush_run(records: list[Record], kind: str, run: list[bytes]) -> None:
-    if len(run) == 1:
+def _flush_run(records: list[Record], kind: str, run: list[bytes], count: int) -> None:
+    if count == 1:
         records.append({"type": kind, "data": run[0], "attributes": {}})
     elif run:
-        records.append({"type": kind, "data": b"".join(run), "attributes": {"messages": str(len(run))}})
+        records.append({"type": kind, "data": b"".join(run), "attributes": {"messages": str(count)}})
 
 
 class PreparedStatements:

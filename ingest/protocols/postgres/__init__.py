@@ -17,6 +17,7 @@ from .protocol import (
     Message,
     MessageReader,
     ProtocolViolation,
+    single_messages,
 )
 from .records import RUN_TYPES, split_run
 from .summary import SUMMARIZED_TYPES, summarize
@@ -30,6 +31,7 @@ __all__ = [
     "ProtocolViolation",
     "RUN_TYPES",
     "SUMMARIZED_TYPES",
+    "single_messages",
     "split_run",
     "summarize",
     *_messages_all,
