@@ -318,14 +318,15 @@ def _copy(buffer: bytearray, start: int, stop: int) -> bytes:
 def single_messages(messages: list[Message]) -> list[Message]:
     """The messages one by one: each run cut at its boundaries (the reader checked them)."""
     out: list[Message] = []
+    new, unpack = tuple.__new__, _LENGTH.unpack_from
     for message in messages:
         if message.count == 1:
             out.append(message)
             continue
-        data, position = message.data, 0
-        while position < len(data):
-            stop = position + 1 + _LENGTH.unpack_from(data, position + 1)[0]
-            out.append(Message(message.type, data[position:stop]))
+        kind, data, position = message.type, message.data, 0
+        for _ in range(message.count):
+            stop = position + 1 + unpack(data, position + 1)[0]
+            out.append(new(Message, (kind, data[position:stop], 1)))
             position = stop
     return out
 
