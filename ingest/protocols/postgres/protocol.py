@@ -331,7 +331,6 @@ def single_messages(messages: list[Message]) -> list[Message]:
     return out
 
 
-
 def _startup_packet_name(code: int, length: int) -> str:
     """Name a startup packet by its request code, checking its length fits."""
     if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
