@@ -36,11 +36,12 @@ def main() -> None:
     each = per_message(rows, 100_000, 65536)
     print(f"small DataRows, 64 KiB reads:      {each * 1e6:6.2f} µs/message")
     runs = per_message(rows, 100_000, 65536, RUN_TYPES)
-    print(f"  the same as runs (the proxy's):  {runs * 1e6:6.2f} µs/message  ({runs / each:.2f}x a Message each)")
+    print(f"small DataRows, 64 KiB reads, as runs (the proxy's readers): {runs * 1e6:.2f} µs/message ({runs / each:.2f}x a Message each)")
+    print("one large DataRow in 4 KiB reads:")
     for size in (4 << 20, 16 << 20, 64 << 20):
         big = m.data_row([b"x" * size])
         seconds = per_message(big, 1, 4096)
-        print(f"{size >> 20:3d} MiB message in 4 KiB reads:  {seconds * 1e3:7.1f} ms  ({size / seconds / 1e6:,.0f} MB/s)")
+        print(f"  {size >> 20:3d} MiB  {seconds * 1e3:7.1f} ms  ({size / seconds / 1e6:,.0f} MB/s)")
 
 
 if __name__ == "__main__":
