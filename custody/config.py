@@ -20,7 +20,7 @@ import click
 from ingest.settings import ConfigError, KafkaSettings, KeySettings, SocSettings, SpoolSettings, Table
 from ledger.settings import LedgerSettings, WitnessSettings
 from proxy.login import LoginSettings
-from proxy.settings import IdentitySettings, ProxySettings
+from proxy.settings import CpuSettings, IdentitySettings, ProxySettings
 
 DEFAULT_CONFIG = "custody.toml"
 
@@ -37,6 +37,7 @@ class Config:
     login: LoginSettings | None = None  # [login]: `custody login` / `custody token`
     witness: WitnessSettings | None = None  # [witness]: `custody witness` (and the one `custody up` runs)
     soc: SocSettings = SocSettings()  # [soc]: OCSF topics and the syslog sink
+    cpus: CpuSettings = CpuSettings()  # [cpus]: where `custody proxy` and its recorder run (Linux)
 
     @property
     def base_dir(self) -> Path:
@@ -75,6 +76,7 @@ def load_config(path: str | os.PathLike[str] | None = None) -> Config:
         login=LoginSettings.from_table(_table(source, raw, "login"), identity.issuer if identity else None),
         witness=WitnessSettings.from_table(_table(source, raw, "witness"), ledger.origin),
         soc=SocSettings.from_table(_table(source, raw, "soc")),
+        cpus=CpuSettings.from_table(_table(source, raw, "cpus")),
     )
     names = [p.name for p in config.proxies]
     if len(names) != len(set(names)):

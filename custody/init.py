@@ -61,6 +61,9 @@ dir = "spool"
 max_bytes = 1073741824
 fail_open = false
 
+# [cpus]          # Linux, a host of few cores: the proxy's relay and its recorder on CPUs of their own
+# relay = "0"     # (the recorder takes the others; README, Production notes)
+
 [[proxy]]
 name = "local-postgres"
 protocol = "postgres"

@@ -180,7 +180,9 @@ class Recorder:
     """The proxy-side handle of the recorder process."""
 
     def __init__(self, kafka: KafkaSettings, spool: SpoolOptions, key: PrivateKey, producer_name: str,
-                 max_queue: int = 10_000, max_queue_bytes: int = 64 << 20):
+                 max_queue: int = 10_000, max_queue_bytes: int = 64 << 20, cpus: frozenset[int] | None = None):
+        """`cpus`: the CPUs the recorder process (and every thread of it) may run on (Linux); None: those of this
+        process."""
         context = multiprocessing.get_context("spawn")  # no fork of a process with threads and an event loop
         self.max_queue, self.max_queue_bytes = max_queue, max_queue_bytes  # the backlog's bounds, events and bytes
         self._event_share, self._byte_share = 1 / max_queue, 1 / max_queue_bytes  # of the bounds, one event, one byte
@@ -204,7 +206,7 @@ class Recorder:
         self._process = context.Process(
             target=_recorder_main, name="custody-recorder", daemon=True,
             args=(inbox, self._replies, self._stopping, self._stop_within, kafka, spool, key.key_id, bytes(key.signing_key),
-                  producer_name))
+                  producer_name, cpus))
         self._process.start()
         inbox.close()  # the child's now: once it dies, a hand-over fails (HandOffClosed) rather than wait for it
         self._listener = threading.Thread(target=self._listen, name="custody-recorder-replies", daemon=True)
@@ -607,7 +609,9 @@ def _finish(child: _Child, requests, bound: float, *, orphaned: bool) -> None:
 
 
 def _recorder_main(inbox: Connection, replies, stopping, stop_within, kafka: KafkaSettings, spool: SpoolOptions, key_id: str, seed: bytes,
-                   producer_name: str) -> None:
+                   producer_name: str, cpus: frozenset[int] | None) -> None:
+    if cpus is not None:  # first: the threads started below (the producer's, the parent watch) inherit it
+        os.sched_setaffinity(0, cpus)
     for signum in (signal.SIGINT, signal.SIGTERM):  # the proxy decides when recording stops (`stop`), or its death
         signal.signal(signum, signal.SIG_IGN)
     requests = Inbox(inbox)

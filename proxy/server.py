@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
+import os
 import socket
 import threading
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from proxy.identity import TokenVerifier
 from proxy.core.policy import PolicyRuntime
 from proxy.core.registry import FRONT_ENDS, protocol_for
 from proxy.policy import PolicyHolder
-from proxy.settings import ProxySettings, ServiceConfig
+from proxy.settings import CpuSettings, ProxySettings, ServiceConfig, available_cpus
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,22 @@ DEFAULT_MAX_QUEUE = 10_000
 class ServiceOptions:
     max_queue: int = DEFAULT_MAX_QUEUE
     producer_name: str | None = None
+    recorder_cpus: frozenset[int] | None = None  # where the recorder process runs (`pin_relay` says); None: anywhere
+
+
+def pin_relay(cpus: CpuSettings) -> frozenset[int] | None:
+    """Put this process on `[cpus] relay` and return the recorder's CPUs (`CpuSettings.placement`). Call it before
+    any thread starts: on Linux a thread's CPUs are its own, and the threads started later inherit them."""
+    if cpus.relay is None and cpus.recorder is None:
+        return None
+    available = available_cpus()
+    if available is None:
+        raise ConfigError(f"{cpus.source}: [cpus]: placing processes on CPUs needs Linux (sched_setaffinity); "
+                          "remove [cpus]")
+    relay, recorder = cpus.placement(available)
+    if relay is not None:
+        os.sched_setaffinity(0, relay)
+    return recorder
 
 
 class ProxyService:
@@ -57,7 +74,7 @@ class ProxyService:
         spool = SpoolOptions(config.spool.dir, config.spool.max_bytes, config.spool.fsync_interval_ms / 1000)
         name = options.producer_name or f"{socket.gethostname()}/proxy"
         key = load_key_file(config.keys.proxy_key)
-        self.recorder = Recorder(config.kafka, spool, key, name, max_queue=options.max_queue)
+        self.recorder = Recorder(config.kafka, spool, key, name, max_queue=options.max_queue, cpus=options.recorder_cpus)
         policies = [policy_runtime(config, p, key) for p in served]
         self.approvals = ApprovalGateway(config.kafka, self.verifier, key) if any(policies) else None
         identity = config.identity

@@ -23,9 +23,11 @@ from ingest.settings import ConfigError
 @click.option("--producer-name", default=None, help="This instance's name in events (default: HOST/proxy).")
 def proxy(config_path: str | None, max_queue: int, producer_name: str | None) -> None:
     """Serve every [[proxy]] of the config until SIGINT/SIGTERM."""
-    from proxy.server import ProxyService, ServiceOptions
+    from proxy.server import ProxyService, ServiceOptions, pin_relay
 
-    service = ProxyService(load_config(config_path), ServiceOptions(max_queue, producer_name))
+    config = load_config(config_path)
+    recorder_cpus = pin_relay(config.cpus)  # before the service starts its threads: they inherit the relay's CPUs
+    service = ProxyService(config, ServiceOptions(max_queue, producer_name, recorder_cpus))
 
     async def main() -> None:
         stop = asyncio.Event()
