@@ -8,6 +8,9 @@ Measures, against the machine's PostgreSQL (127.0.0.1:5432, trust):
     and through `custody proxy` with recording on (dev broker, spool, signing);
   * pgbench TPS, select-only and tpcb-like, 8 clients: direct, pgbouncer, proxy
     (transactions processed over the whole run, and the clients that aborted);
+  * the same `SELECT 1` and pgbench through a second `custody proxy` whose relay
+    and recorder run on CPUs of their own (`[cpus] relay` = the first CPU, the
+    recorder the others), where the machine has two or more;
   * rows/s for one large result: direct vs proxy;
   * resident memory per idle proxied session;
   * the recorder's deepest queue (the window a proxy crash could lose).
@@ -204,15 +207,17 @@ logfile = {directory}/pgbouncer.log
 
 
 def start_proxy(work: Path, bootstrap: str, max_queue: int,
-                tree: Path = ROOT) -> tuple[subprocess.Popen, int, str]:
-    """`custody proxy` from `tree` (this checkout, or another one for a before/after comparison)."""
+                tree: Path = ROOT, relay_cpus: str | None = None) -> tuple[subprocess.Popen, int, str]:
+    """`custody proxy` from `tree` (this checkout, or another one for a before/after comparison); with
+    `relay_cpus`, its `[cpus] relay` (the recorder then runs on the other CPUs)."""
     from custody.config import load_config
     from custody.init import initialise
     from proxy.devidp import issue_token
 
     port = free_port()
-    config = initialise(work / "custody", proxy_port=port)
-    config.write_text(config.read_text().replace('bootstrap = "embedded"', f'bootstrap = "{bootstrap}"'))
+    config = initialise(work / ("custody" if relay_cpus is None else "custody-cpus"), proxy_port=port)
+    text = config.read_text().replace('bootstrap = "embedded"', f'bootstrap = "{bootstrap}"')
+    config.write_text(text + (f'\n[cpus]\nrelay = "{relay_cpus}"\n' if relay_cpus is not None else ""))
     identity = load_config(config).identity
     token = issue_token(identity.dev_signing_key, identity.issuer, identity.audience, USER, ["dba"])
     custody = [sys.executable, "-m", "custody"]
@@ -233,6 +238,10 @@ def stop(process: subprocess.Popen | None) -> str:
         process.kill()
         out, _ = process.communicate()
     return out or ""
+
+
+PINNED = "custody, [cpus] apart"
+"""The proxy whose relay runs on the first CPU and its recorder on the others."""
 
 
 def main() -> None:
@@ -262,11 +271,16 @@ def main() -> None:
     with DevBroker(log_path=work / "broker.log") as broker:
         proxy, proxy_port, token = start_proxy(work, broker.bootstrap, args.max_queue, args.proxy_tree)
         proxied = dsn(proxy_port, USER, token)
+        cpus = sorted(os.sched_getaffinity(0))
+        pinned = start_proxy(work, broker.bootstrap, args.max_queue, args.proxy_tree, str(cpus[0])) \
+            if len(cpus) >= 2 else None
         try:
             lat = {"direct": latency(dsn(5432), args.queries), "bare relay": latency(dsn(relay_port), args.queries)}
             if bouncer_port:
                 lat["pgbouncer"] = latency(dsn(bouncer_port), args.queries)
             lat["custody proxy"] = latency(proxied, args.queries)
+            if pinned:
+                lat[PINNED] = latency(dsn(pinned[1], USER, pinned[2]), args.queries)
 
             tps: dict[str, dict[str, tuple[float, int]]] = {}
             for mode, flags in (("select-only", ["-S"]), ("tpcb-like", [])):
@@ -274,6 +288,8 @@ def main() -> None:
                 if bouncer_port:
                     tps[mode]["pgbouncer"] = pgbench(bouncer_port, flags, args.seconds)
                 tps[mode]["custody proxy"] = pgbench(proxy_port, flags, args.seconds, USER, token)
+                if pinned:
+                    tps[mode][PINNED] = pgbench(pinned[1], flags, args.seconds, USER, *pinned[2:])
 
             rows = {"direct": rows_per_second(dsn(5432), args.rows),
                     "custody proxy": rows_per_second(proxied, args.rows)}
@@ -287,6 +303,7 @@ def main() -> None:
                 conn.close()
         finally:
             proxy_out = stop(proxy)
+            stop(pinned[0] if pinned else None)
             stop(bouncer)
             relay.terminate()
 
@@ -295,17 +312,21 @@ def main() -> None:
     for name, (p50, p99) in lat.items():
         print(f"  {name:26} {p50:8.1f} {p99:8.1f} {p50 - direct_p50:9.1f}")
     relay_added = lat["bare relay"][0] - direct_p50
-    proxy_added = lat["custody proxy"][0] - direct_p50
-    print(f"  proxy added / relay added = {proxy_added / relay_added:.2f}x (goal <= 1.5x)")
-    relay_p99, proxy_p99 = lat["bare relay"][1], lat["custody proxy"][1]
-    print(f"  proxy p99 / relay p99 = {proxy_p99 / relay_p99:.2f}x (goal <= 1.5x)")
+    relay_p99 = lat["bare relay"][1]
+    for name in ("custody proxy", PINNED):
+        if name in lat:
+            added, p99 = lat[name][0] - direct_p50, lat[name][1]
+            print(f"  {name}: added / relay added = {added / relay_added:.2f}x, p99 / relay p99 = "
+                  f"{p99 / relay_p99:.2f}x (goals <= 1.5x)")
     for mode, figures in tps.items():
         print(f"\npgbench {mode}, 8 clients, {args.seconds} s        TPS  clients aborted")
         for name, (value, aborted) in figures.items():
             print(f"  {name:26} {value:10.0f} {aborted:6}")
         if "pgbouncer" in figures:
             goal = {"select-only": 0.5, "tpcb-like": 0.8}[mode]
-            print(f"  proxy / pgbouncer = {figures['custody proxy'][0] / figures['pgbouncer'][0]:.2f}x (goal >= {goal}x)")
+            for name in ("custody proxy", PINNED):
+                if name in figures:
+                    print(f"  {name} / pgbouncer = {figures[name][0] / figures['pgbouncer'][0]:.2f}x (goal >= {goal}x)")
     print(f"\n{args.rows:,}-row result (rows/s)")
     for name, value in rows.items():
         print(f"  {name:26} {value:12,.0f}")
