@@ -18,9 +18,10 @@ is quarantined with `Rejection.reason`, a stable machine-readable code:
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -91,6 +92,9 @@ def _signatures_valid(pairs: list[tuple[SignedEvent, bytes]]) -> list[bool]:
 CHUNK = 128
 """Signatures per task handed to the verify threads: large enough that the hand-off is noise, small enough
 that the first results come back while later ones are still being decoded."""
+LOOKAHEAD = 2 * max(1, os.cpu_count() or 1)
+"""Chunks handed to the verify threads ahead of the one whose outcomes `check_many` yields: enough to keep every
+thread busy while the caller works on that one."""
 
 _pool: Executor | None = None
 _pool_lock = threading.Lock()
@@ -225,19 +229,14 @@ class EventVerifier:
         """`check` of each (value, Kafka key) in order, each outcome the accepted event or its Rejection.
 
         The same checks in the same order per event, so the same outcomes; but the signatures are checked by
-        `pool` (default `verify_pool()`), a chunk at a time, while this thread decodes the next chunk, and the
-        outcomes are yielded as their chunk comes back, so the caller's work on them overlaps the rest.
+        `pool` (default `verify_pool()`), a chunk at a time, while this thread decodes the chunks after it, and a
+        chunk's outcomes are yielded once LOOKAHEAD chunks wait behind it: the caller's work on them (rows,
+        leaves) overlaps the verifying of the next ones instead of following all of it.
         """
         pool = pool or verify_pool()
-        pending: list[tuple[list, object]] = []  # (per record: event / Rejection / (event, key) to verify, future)
+        pending: collections.deque[tuple[list, Future | None]] = collections.deque()
         chunk: list = []
         pairs: list[tuple[SignedEvent, bytes]] = []
-
-        def submit() -> None:
-            nonlocal chunk, pairs
-            pending.append((chunk, pool.submit(_signatures_valid, pairs) if pairs else None))
-            chunk, pairs = [], []
-
         for value, kafka_key in records:
             try:
                 event = decode(value)
@@ -249,23 +248,30 @@ class EventVerifier:
                 chunk.append(pair)
                 pairs.append(pair)
                 if len(pairs) >= CHUNK:
-                    submit()
+                    pending.append((chunk, pool.submit(_signatures_valid, pairs)))
+                    chunk, pairs = [], []
+                    if len(pending) > LOOKAHEAD:
+                        yield from self._outcomes(*pending.popleft())
         if chunk:
-            submit()
-        for items, future in pending:
-            valid = iter(future.result() if future is not None else ())
-            for item in items:
-                if isinstance(item, Rejection):
-                    yield item
-                    continue
-                event = item[0]
-                if not next(valid):
-                    yield bad_signature(event)
-                    continue
-                try:
-                    self.chains.check(event)
-                except Rejection as rejection:
-                    yield rejection
-                    continue
-                self.chains.accept(event)
-                yield event
+            pending.append((chunk, pool.submit(_signatures_valid, pairs) if pairs else None))
+        while pending:
+            yield from self._outcomes(*pending.popleft())
+
+    def _outcomes(self, items: list, future: Future | None) -> Iterator[SignedEvent | Rejection]:
+        """One chunk's outcomes in order, once its signatures are checked: the chain checks run here, in order."""
+        valid = iter(future.result() if future is not None else ())
+        for item in items:
+            if isinstance(item, Rejection):
+                yield item
+                continue
+            event = item[0]
+            if not next(valid):
+                yield bad_signature(event)
+                continue
+            try:
+                self.chains.check(event)
+            except Rejection as rejection:
+                yield rejection
+                continue
+            self.chains.accept(event)
+            yield event
