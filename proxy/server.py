@@ -39,7 +39,7 @@ DEFAULT_MAX_QUEUE = 10_000
 class ServiceOptions:
     max_queue: int = DEFAULT_MAX_QUEUE
     producer_name: str | None = None
-    recorder_cpus: frozenset[int] | None = None  # where the recorder process runs (`pin_relay` says); None: anywhere
+    recorder_cpus: frozenset[int] | None = None  # where the recorder process runs (`pin_relay` says); None: where this one may
 
 
 def pin_relay(cpus: CpuSettings) -> frozenset[int] | None:
