@@ -1,6 +1,7 @@
 """Where a proxied pgbench transaction's CPU goes, process by process: what bounds the proxy's TPS.
 
     .venv/bin/python bench/pg_cpu.py [--seconds 10] [--mode select-only|tpcb-like] [--profile] [--proxy-tree DIR]
+                                     [--relay-cpus 0]
 
 Runs pgbench (8 clients) directly, through bench/pg_proxy.py's bare asyncio relay (the floor of a Python
 proxy) and through `custody proxy` (recording on, dev broker), and reads each process's CPU time (user +
@@ -159,6 +160,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--mode", choices=sorted(MODES), default="select-only")
     parser.add_argument("--profile", action="store_true", help="py-spy the relay and the recorder meanwhile")
+    parser.add_argument("--relay-cpus", default=None,
+                        help="the proxy's [cpus] relay (e.g. 0: its recorder then runs on the other CPUs)")
     parser.add_argument("--proxy-tree", type=Path, default=ROOT,
                         help="run `custody proxy` from this checkout (a worktree of an earlier commit: before/after)")
     args = parser.parse_args()
@@ -177,7 +180,7 @@ def main() -> None:
     finally:
         bare.terminate()
     with DevBroker(log_path=work / "broker.log") as broker:
-        proxy, port, token = start_proxy(work, broker.bootstrap, 10_000, args.proxy_tree)
+        proxy, port, token = start_proxy(work, broker.bootstrap, 10_000, args.proxy_tree, args.relay_cpus)
         try:
             recorder = recorder_of(proxy.pid)
             brokers = [broker._process.pid] if getattr(broker, "_process", None) else []
