@@ -248,7 +248,7 @@ class MessageReader:
                 needed = stop - position
                 break
             if run and end - stop >= _TYPED_HEADER and buffer[stop] == code:  # a run of two or more
-                stop, count, incomplete = self._run_end(code, stop, end)
+                stop, count, incomplete = self._run_end(entry, code, stop, end)
                 out.append(new(Message, (name, _copy(buffer, position, stop), count)))
                 if incomplete:
                     position, needed = stop, incomplete
@@ -261,13 +261,13 @@ class MessageReader:
         self._needed = needed
         return position
 
-    def _run_end(self, code: int, position: int, end: int) -> tuple[int, int, int]:
+    def _run_end(self, entry: tuple[str, int, int, bool], code: int, position: int, end: int) -> tuple[int, int, int]:
         """Where the run of `code` messages that has one complete message before `position` ends: its end, its
         message count, and the bytes the incomplete message of the run after it needs (0 if there is none).
         One comparison, one unpack and one bounds check a message, no object: a million-row result is a
         million DataRows, and a Message each was most of the relay's CPU per row."""
         buffer, unpack = self._buffer, _LENGTH.unpack_from
-        name, low, high, _ = self._table[code]  # type: ignore[misc]
+        name, low, high, _ = entry
         count = 1
         while end - position >= _TYPED_HEADER and buffer[position] == code:
             length = unpack(buffer, position + 1)[0]
