@@ -113,7 +113,7 @@ policy = "policies/default.toml"                  # reloaded on change; see `cus
 
 
 def write_custodian_keypair(directory: Path) -> None:
-    """The sealed-box key pair that masked originals are sealed to."""
+    """The X25519 key pair that masked originals are sealed to (ingest.sealing)."""
     private = BoxPrivateKey.generate()
     fd = os.open(directory / "custodian.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as out:

@@ -21,7 +21,7 @@ from datetime import datetime
 from typing import Any
 
 import duckdb
-from nacl.public import PrivateKey, SealedBox
+from nacl.public import PrivateKey
 
 from ingest import protocols
 from ingest.errors import CustodyError
@@ -29,6 +29,7 @@ from ingest.events import SignedEvent, micros_to_datetime, open_event
 from ingest.keys import Keyring
 from ingest.protocols.render import Entry, Renderer, Reveal, arrange
 from ingest.protocols.ssh.extract import Extracted, extract_files, select
+from ingest.sealing import opener
 from ingest.verify import Rejection, SessionChains, check_signature
 
 DEFAULT_ROWS = 10
@@ -136,8 +137,8 @@ def _start(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def custodian_reveal(key: PrivateKey) -> Reveal:
-    """Opens `sealed_original`s: the sealed boxes masking left for whoever holds the custodian key."""
-    return SealedBox(key).decrypt
+    """Opens `sealed_original`s: what masking and redaction sealed for whoever holds the custodian key."""
+    return opener(key)
 
 
 def runs(body: dict[str, Any]) -> list[tuple[int, str, str | None, list[dict[str, Any]]]]:

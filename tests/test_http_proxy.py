@@ -20,7 +20,7 @@ import pytest
 
 from nginx_server import CONFIG_JSON, Nginx
 from pg_fixtures import EventLog, messages, start_proxy
-from proxy.policy import open_sealed
+from ingest.sealing import open_sealed
 
 UPSTREAM_TOKEN = "upstream-secret-" + uuid.uuid4().hex[:8]
 MAX_BODY = 2048

@@ -22,7 +22,7 @@ from kube_fixtures import (KUBECTL, KUBECTL_SPDY, UPSTREAM_TOKEN, Kubectl, all_m
                            start_kube_proxy, tls)  # noqa: F401 (tls)
 from kube_server import KubeServer
 from pg_fixtures import EventLog
-from proxy.policy import open_sealed
+from ingest.sealing import open_sealed
 
 NAMESPACE_RULES = """
 [[rule]]

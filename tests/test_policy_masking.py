@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from nacl.public import PrivateKey
 
 from proxy.policy.detectors import DETECTORS, Scanner, luhn_ok, mask_text
-from proxy.policy.masking import MaskPlan, RowMasker, mask_fields, open_sealed, seal_original
+from ingest.sealing import Sealer, open_sealed
+from proxy.policy.masking import MaskPlan, RowMasker, mask_fields
 
 ALL = tuple(DETECTORS)
 
@@ -186,7 +187,7 @@ def test_sealed_original_opens_with_the_custodian_key_and_appears_nowhere_in_the
     custodian = PrivateKey.generate()
     original = [b"42", b"4111 1111 1111 1111", b"frank@example.com"]
     masked = RowMasker(PLAN, ["id", "pan", "email"]).mask_row(original)
-    sealed = seal_original(data_row_body(original), custodian.public_key)
+    sealed = Sealer(custodian.public_key).seal(data_row_body(original))
     assert open_sealed(sealed, custodian) == data_row_body(original)
     client_bytes = data_row_body(masked.value)
     for secret in (b"4111 1111 1111 1111", b"frank@example.com", b"frank"):

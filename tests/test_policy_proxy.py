@@ -23,7 +23,7 @@ from ingest import kafka
 from ingest.keys import load_key_file
 from pg_fixtures import DIRECT, EventLog, messages, new_app, start_proxy
 from proxy.approvals import ApprovalRequest, decision_document, encode
-from proxy.policy import open_sealed
+from ingest.sealing import open_sealed
 
 TABLE = "custody_policy_t"
 HOLD_TIMEOUT = 4

@@ -217,7 +217,7 @@ def test_a_terminal_shows_detected_values_masked_with_its_escape_sequences_intac
 
     from nacl.public import PrivateKey
 
-    from proxy.policy.masking import open_sealed
+    from ingest.sealing import open_sealed
 
     user = new_user()
     token = proxy.token(user, ("contractor",))

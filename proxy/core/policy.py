@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from nacl.public import PublicKey
 
 from proxy.identity import Identity
-from proxy.policy import BoundPolicy, Decision, MaskPlan, PolicyHolder, seal_original
+from ingest.sealing import Sealer
+from proxy.policy import BoundPolicy, Decision, MaskPlan, PolicyHolder
 from proxy.policy.operation import Operation
 
 
@@ -24,9 +25,6 @@ class PolicyRuntime:
     custodian_key: PublicKey
     proxy_key_id: str
 
-    def seal(self, data: bytes) -> bytes:
-        return seal_original(data, self.custodian_key)
-
 
 class PolicyGate:
     """One session's view of the policy: decisions for its identity and target, its current mask plan.
@@ -35,8 +33,9 @@ class PolicyGate:
     tells the front end to rebuild its masker.
     """
 
-    def __init__(self, runtime: PolicyRuntime, identity: Identity, target: str) -> None:
+    def __init__(self, runtime: PolicyRuntime, identity: Identity, target: str, sealer: Sealer | None = None) -> None:
         self.runtime, self.identity, self.target = runtime, identity, target
+        self._sealer = sealer if sealer is not None else Sealer(runtime.custodian_key)
         self._policy = runtime.holder.policy
         self._bound = self._bind()
         self._plan = self._mask_plan()
@@ -66,6 +65,10 @@ class PolicyGate:
     @property
     def hold_timeout(self) -> float:
         return self._policy.hold_timeout_seconds
+
+    def seal(self, data: bytes) -> bytes:
+        """`data` sealed to the custodian key with the session's key pair (ingest.sealing): a masked original."""
+        return self._sealer.seal(data)
 
     def decide(self, operation: Operation) -> Decision:
         self.refresh()

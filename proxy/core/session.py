@@ -42,10 +42,9 @@ from datetime import datetime, timezone
 from collections.abc import Callable, Generator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from nacl.public import SealedBox
-
 from ingest.protocols import ProtocolViolation
 from ingest.recorder import RecorderUnavailable
+from ingest.sealing import Sealer
 from proxy.approvals import ApprovalRequest
 from proxy.identity import AuthenticationError, Identity
 from proxy.policy.operation import Operation
@@ -148,10 +147,12 @@ class Session:
         self.attributes: dict[str, str] = {}
         self.is_closed = False
         self._policy = policy
-        # What input redaction seals the client's secrets to (proxy.core.redaction): the policy's key, or the
+        # What masking and input redaction (proxy.core.redaction) seal originals to: the policy's key, or the
         # [keys] custodian_public_key the listener was given without a policy; None: originals are not kept.
+        # One ephemeral key pair for the session (ingest.sealing), made on its first seal.
         key = policy.custodian_key if policy is not None else custodian_key
-        self._seal: Callable[[bytes], bytes] | None = SealedBox(key).encrypt if key is not None else None
+        self._sealer = Sealer(key) if key is not None else None
+        self._seal: Callable[[bytes], bytes] | None = self._sealer.seal if self._sealer is not None else None
         self._clock = clock
         self._started_ns = clock()
         self._backlog: list[tuple[str, dict]] | None = []  # None once SessionStart is recorded
@@ -479,7 +480,7 @@ class Session:
         if start:
             self.open(result)
         if self._policy is not None:
-            self.gate = PolicyGate(self._policy, result, self.settings.name)
+            self.gate = PolicyGate(self._policy, result, self.settings.name, self._sealer)
         return result
 
     def deny(self, reason_code: str, detail: str, attributes: dict[str, str] | None = None,

@@ -506,9 +506,9 @@ class HttpFrontEnd(FrontEnd):
             yield Send(CLIENT, self.client.send(h11.Data(data=masked)))
 
     def _seal(self, data: bytes) -> bytes:
-        runtime = self.session.gate.runtime if self.session.gate is not None else None
-        assert runtime is not None, "masking without a policy runtime"
-        return runtime.seal(data)
+        gate = self.session.gate
+        assert gate is not None, "masking without a policy gate"
+        return gate.seal(data)
 
     def _too_large(self, exchange: Exchange) -> Steps:
         """A body that must be masked but is larger than max_body_bytes: never relayed unmasked."""

@@ -42,7 +42,7 @@ class RowMasking:
             self._key = None
 
     def seal(self, data: bytes) -> bytes:
-        return self.gate.runtime.seal(data)
+        return self.gate.seal(data)
 
     def _row_masker(self, columns: list[m.Column], binary: bool) -> RowMasker | None:
         key = (id(columns), binary)

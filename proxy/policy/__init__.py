@@ -10,7 +10,7 @@ proxy's policy current as its file changes.
 
 from .detectors import DETECTORS, Finding, mask_text
 from .analyzers import ANALYZERS, Part
-from .masking import MaskPlan, Masked, RowMasker, mask_fields, open_sealed, seal_original
+from .masking import MaskPlan, Masked, RowMasker, mask_fields
 from .operation import OPERATION_KINDS, PROTOCOLS, AnalysisError, Operation
 from .rules import BoundPolicy, Decision, Policy, PolicyError, PolicyHolder
 from .sql import KINDS, SqlParseError, StatementInfo, analyze
@@ -18,5 +18,5 @@ from .sql import KINDS, SqlParseError, StatementInfo, analyze
 __all__ = [
     "ANALYZERS", "AnalysisError", "BoundPolicy", "DETECTORS", "Decision", "Finding", "KINDS", "MaskPlan", "Masked",
     "OPERATION_KINDS", "Operation", "PROTOCOLS", "Part", "Policy", "PolicyError", "PolicyHolder", "RowMasker",
-    "SqlParseError", "StatementInfo", "analyze", "mask_fields", "mask_text", "open_sealed", "seal_original",
+    "SqlParseError", "StatementInfo", "analyze", "mask_fields", "mask_text",
 ]

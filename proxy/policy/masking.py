@@ -7,8 +7,9 @@ Values are taken as UTF-8 text (the proxy pins client_encoding); bytes that
 are not UTF-8 survive unchanged through `surrogateescape`.
 
 The client only ever sees masked values. The originals travel in the evidence
-only as sealed boxes (`seal_original`) to the evidence custodian's public key,
-so analysts see what the client saw and only the custodian can reveal more.
+only sealed to the evidence custodian's public key (the session's
+`ingest.sealing.Sealer`), so analysts see what the client saw and only the
+custodian can reveal more.
 
 Nothing here keeps state between calls, and what it shares (Scanners, compiled
 patterns, tables) is immutable: a RowMasker or MaskPlan may be used from any
@@ -22,8 +23,6 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Generic, TypeVar
 
-from nacl.public import PrivateKey, PublicKey, SealedBox
-
 from .detectors import Scanner, scanner_for
 
 __all__ = [
@@ -36,8 +35,6 @@ __all__ = [
     "Masked",
     "RowMasker",
     "mask_fields",
-    "open_sealed",
-    "seal_original",
 ]
 
 COLUMN_PLACEHOLDER = b"[MASKED:column]"
@@ -273,13 +270,3 @@ def mask_fields(plan: MaskPlan, fields: Mapping[str, str]) -> Masked[dict[str, s
         out[code], found = scanner.mask(text)
         findings.extend((code, f.kind) for f in found)
     return Masked(out, tuple(findings))
-
-
-def seal_original(data: bytes, custodian_public_key: PublicKey) -> bytes:
-    """An anonymous sealed box: only the custodian's private key opens it, and the proxy cannot."""
-    return SealedBox(custodian_public_key).encrypt(data)
-
-
-def open_sealed(blob: bytes, custodian_private_key: PrivateKey) -> bytes:
-    """The original bytes of a sealed box (nacl.exceptions.CryptoError if it was not sealed to this key)."""
-    return SealedBox(custodian_private_key).decrypt(blob)

@@ -100,7 +100,7 @@ class StatementPolicy:
             changed = [flag and answer is original for flag, answer, original in zip(changed, answers, messages)]
         records = rec.message_records(out)
         if any(changed):
-            sealed_records(records, messages, changed, self.gate.runtime.seal)
+            sealed_records(records, messages, changed, self.gate.seal)
         return out, records
 
     def _answer_refusal(self, message: Message) -> Message:

@@ -419,7 +419,7 @@ class SSHFrontEnd(FrontEnd):
         masked = mask_terminal(plan.scanner, data) if plan is not None else None
         if masked is not None:  # the client sees, and the record keeps, the masked text; the original sealed
             data = masked[0]
-            record.update(data=data, sealed_original=self.session.gate.runtime.seal(item.data))
+            record.update(data=data, sealed_original=self.session.gate.seal(item.data))
             record["attributes"].update(masked=",".join(masked[1]))
         self._record(SERVER, record)
         if channel.lines is not None:
