@@ -59,6 +59,7 @@ GSSENC_REFUSED = ("custody: GSSAPI encryption is not supported; connect with ssl
 REPLICATION_REFUSED = ("replication connections are not relayed by Custody; connect to the target directly "
                        "with a replication role")
 MASK_SLICE = 32  # messages masked between two turns of the event loop (~0.5 ms at 60k rows/s)
+MASKED_SEND = 16 * 1024  # masked bytes recorded and relayed together (~250 small rows, ~2 ms of masking)
 PIECE_READ = 64 * 1024  # bytes of a server read cut into messages between two turns of the loop (~0.35 ms masked)
 _SYNC_POINTS = frozenset({"Query", "Sync", "FunctionCall"})  # each is answered with one ReadyForQuery
 _EXTENDED = frozenset({"Parse", "Bind", "Describe", "Execute", "Close", "Flush"})  # in flight until a Sync
@@ -522,15 +523,30 @@ class PostgresFrontEnd(FrontEnd):
 
     def _forward_masked(self, policy: StatementPolicy, messages: list[Message]) -> Steps:
         """Mask in slices, ceding the event loop between them, so that one large masked result does not
-        stall every other session; each slice is recorded, then relayed, in order."""
+        stall every other session. What the slices give is recorded, then relayed, in order, MASKED_SEND
+        bytes at a time: a send and a hand-off to the recorder per slice cost the relay ~17 % of a masked
+        stream (a loopback send of 3 KiB runs the receiver's TCP path too, ~40 µs on this machine)."""
+        records: list[rec.Record] = []
+        shown: list[bytes] = []  # the masked messages not yet relayed
+        size = 0
         for start in range(0, len(messages), MASK_SLICE):
             if start:
+                if size >= MASKED_SEND:
+                    yield from self._relay_masked(records, shown)
+                    records, shown, size = [], [], 0
                 yield Cede()
             part = messages[start:start + MASK_SLICE]
-            shown = policy.server(part)
-            out, records = shown if shown is not None else (part, rec.message_records(part))
-            self.session.record_messages(SERVER, records, len(out))
-            yield Send(CLIENT, b"".join([x.data for x in out]))
+            masked = policy.server(part)
+            out, part_records = masked if masked is not None else (part, rec.message_records(part))
+            records += part_records
+            for message in out:
+                shown.append(message.data)
+                size += len(message.data)
+        yield from self._relay_masked(records, shown)
+
+    def _relay_masked(self, records: list[rec.Record], shown: list[bytes]) -> Steps:
+        self.session.record_messages(SERVER, records, len(shown))
+        yield Send(CLIENT, b"".join(shown))
 
     def _proxy_pids(self, messages: list[Message]) -> list[Message]:
         """A NOTIFY from one of this listener's sessions names its proxy pid, as its client knows it."""
