@@ -88,8 +88,8 @@ class StatementPolicy:
         """Whether server messages may be rewritten (a mask applies, or a refusal's stand-in is being answered)."""
         return bool(self._refusals) or self._current_masker() is not None
 
-    def server(self, messages: list[Message]) -> tuple[list[Message], list[rec.Record]] | None:
-        """What the client may see of these server messages, and their records; None: all unchanged."""
+    def shown(self, messages: list[Message]) -> tuple[list[Message], list[bool]] | None:
+        """What the client may see of these server messages, and which of them that changed; None: all unchanged."""
         masker = self._current_masker()
         if not self._refusals and masker is None:
             return None
@@ -98,10 +98,16 @@ class StatementPolicy:
             answers = [self._answer_refusal(x) for x in messages]
             out = [answer if answer is not original else shown for answer, original, shown in zip(answers, messages, out)]
             changed = [flag and answer is original for flag, answer, original in zip(changed, answers, messages)]
-        records = rec.message_records(out)
+        return out, changed
+
+    def records(self, shown: list[Message], originals: list[Message], changed: list[bool]) -> list[rec.Record]:
+        """The records of what the client was shown (`shown`'s answers, in order), each that masking changed with
+        its original messages sealed to the custodian. Built for many slices at once: a run record and a seal
+        for all the rows of one send, not one per slice."""
+        records = rec.message_records(shown)
         if any(changed):
-            sealed_records(records, messages, changed, self.gate.seal)
-        return out, records
+            sealed_records(records, originals, changed, self.gate.seal)
+        return records
 
     def _answer_refusal(self, message: Message) -> Message:
         if message.type != "ErrorResponse":
