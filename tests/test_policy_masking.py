@@ -226,6 +226,18 @@ def test_plain_numbers_dates_and_uuids_are_left_alone(text):
 
 # --- the fast paths give the answers of the plain algorithm -----------------------------
 
+def test_the_brand_prefix_table_is_the_brand_rule_for_every_length_and_prefix():
+    """`_card_valid` looks the first four digits up in a table made from the brands' ranges; `_brand_ok` is
+    the rule as written. Every length a brand allows, every four-digit prefix."""
+    from proxy.policy.detectors import _CARD_LENGTHS, _brand_ok, _brand_prefixes
+
+    for length in range(12, 21):
+        table = _brand_prefixes(length)
+        expected = {f"{n:04d}".encode() for n in range(10_000) if _brand_ok(f"{n:04d}" + "0" * (length - 4))}
+        assert table == expected, length
+        assert bool(table) == (length in _CARD_LENGTHS)
+
+
 # The card pattern as first written (lookbehind first); DETECTORS' is reordered for speed, same matches.
 ORIGINAL_CARD = re.compile(
     r"(?<![\d-])(?:\d{4}([ -]?)\d{4}\1\d{4}\1\d{1,7}|\d{4}([ -]?)\d{6}\2\d{4,5})(?![\d-])"
