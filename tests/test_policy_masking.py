@@ -461,6 +461,19 @@ def test_masked_many_is_masked_or_none_of_each_value(values):
     assert SCANNER.masked_many(values) == expected
 
 
+ONE_DETECTOR = {kind: Scanner({kind}) for kind in ALL}
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(ALL), st.lists(JOINED_VALUES.map(as_bytes), max_size=12))
+def test_masked_many_of_one_pattern_in_one_pass_is_masked_or_none_of_each_value(kind, values):
+    # A column only one detector applies to (the usual case): one pattern's findings need no overlap rule,
+    # and the same answers come out as value by value.
+    scanner = ONE_DETECTOR[kind]
+    expected = {value: masked for value in values if (masked := scanner.masked_or_none(value)) is not None}
+    assert scanner.masked_many(values) == expected
+
+
 def test_masked_many_values_that_touch_across_the_join_are_masked_as_alone():
     # Alone, neither value holds a finding; joined without a boundary they would ("4111 1111" + " 1111 1111").
     scanner = SCANNER
