@@ -11,6 +11,11 @@
    default mask applies to, against the same result through the same proxy
    as a `dba` (exempt: no masking) — rows/s each, best of three, fetched by a
    client process of its own (as every deployed client is).
+3. Another session's `SELECT 1` p99 idle, beside a masked stream and beside
+   the same stream unmasked (the baseline), and where its time went: its
+   client's wait for a CPU per query and the share of the time the relay's
+   thread waited for one (/proc schedstat). A p50 far above idle with those
+   waits near their idle figures is a wait for the relay's event loop.
 
 Needs the machine's PostgreSQL (127.0.0.1:5432, trust) and starts a dev broker.
 
@@ -29,8 +34,11 @@ import subprocess
 import struct
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import psycopg
 
@@ -168,9 +176,10 @@ def main() -> None:
             assert "4111 1111" not in sample[1] and sample[2] == "[MASKED:column]", sample
             unmasked = rows_per_second(clear_dsn, args.rows)
             masked = rows_per_second(masked_dsn, args.rows)
-            idle_p99 = p99_in_own_process(clear_dsn, args.statements)
-            busy_p99 = p99_beside_stream(masked_dsn, clear_dsn, args.statements)
-            clear_busy_p99 = p99_beside_stream(clear_dsn, clear_dsn, args.statements)
+            relay = next(thread.native_id for thread in threading.enumerate() if thread.name == "custody-proxy")
+            idle = waits(relay, lambda: latency_in_own_process(clear_dsn, args.statements))
+            busy = waits(relay, lambda: latency_beside_stream(masked_dsn, clear_dsn, args.statements))
+            clear_busy = waits(relay, lambda: latency_beside_stream(clear_dsn, clear_dsn, args.statements))
         finally:
             proxy.background.stop(60)
     with psycopg.connect(DIRECT, autocommit=True) as direct:
@@ -178,14 +187,40 @@ def main() -> None:
     print(f"{args.rows:,}-row result, 3 sensitive columns, through the proxy (recorded):")
     print(f"  unmasked (dba, exempt): {unmasked:,.0f} rows/s")
     print(f"  masked   (dev):         {masked:,.0f} rows/s  ({masked / unmasked:.0%} of unmasked)")
+    idle_p99, busy_p99, clear_busy_p99 = idle.p99, busy.p99, clear_busy.p99
     print(f"another session's SELECT 1 p99: {idle_p99:.0f} µs idle, {busy_p99:.0f} µs while masked results stream "
           f"({busy_p99 / idle_p99:.1f}x; goal <= 2x)")
     print(f"  baseline, the same stream unmasked (dba): {clear_busy_p99:.0f} µs ({clear_busy_p99 / idle_p99:.1f}x): "
           f"what streaming and recording alone cost it; masked / unmasked = {busy_p99 / clear_busy_p99:.2f}x")
+    print("where that session's time goes (p50; its client's wait for a CPU per query; the share of the time the "
+          "relay's thread waited for one):")
+    for name, run in (("idle", idle), ("beside the masked stream", busy), ("beside the unmasked stream", clear_busy)):
+        print(f"  {name}: p50 {run.p50:.0f} µs, client {run.client_wait:.0f} µs, relay {run.relay_wait:.0%}")
 
 
-def p99_beside_stream(stream_dsn: str, clear_dsn: str, queries: int) -> float:
-    """SELECT 1 p99 of one session while another process streams the table's rows without pause.
+class Latency(NamedTuple):
+    """One session's `SELECT 1` figures, and where its time went: its client's wait for a CPU per query
+    (/proc schedstat) and the share of the run the relay's thread waited for a CPU: above the idle figures,
+    a wait for the CPU that other work takes; beyond them, a wait for the relay's event loop."""
+
+    p50: float
+    p99: float
+    client_wait: float
+    relay_wait: float = 0.0
+
+
+def waits(relay: int, measure: Callable[[], Latency]) -> Latency:
+    """`measure()` with the share of its time the relay's thread (`relay`, a thread id) waited for a CPU."""
+    def run_delay() -> int:  # nanoseconds on a run queue, /proc/<pid>/task/<tid>/schedstat's second field
+        return int(Path(f"/proc/self/task/{relay}/schedstat").read_text().split()[1])
+
+    before, start = run_delay(), time.monotonic_ns()
+    result = measure()
+    return result._replace(relay_wait=(run_delay() - before) / (time.monotonic_ns() - start))
+
+
+def latency_beside_stream(stream_dsn: str, clear_dsn: str, queries: int) -> Latency:
+    """SELECT 1 figures of one session while another process streams the table's rows without pause.
 
     The SELECT 1 client runs in a process of its own, as a client does: in this one (the proxy's) its thread
     waited for the interpreter lock behind the proxy's masking, up to the 5 ms switch interval at each wake-up,
@@ -195,24 +230,31 @@ def p99_beside_stream(stream_dsn: str, clear_dsn: str, queries: int) -> float:
     streamer = subprocess.Popen([sys.executable, "-c", STREAM_FOREVER, stream_dsn, TABLE])
     try:
         time.sleep(1.0)
-        return p99_in_own_process(clear_dsn, queries)
+        return latency_in_own_process(clear_dsn, queries)
     finally:
         streamer.kill()
         streamer.wait()
 
 
-def p99_in_own_process(dsn: str, queries: int) -> float:
-    """`pg_proxy.latency`'s p99 (µs), measured by a child process."""
+def latency_in_own_process(dsn: str, queries: int) -> Latency:
+    """`pg_proxy.latency`'s p50 and p99 (µs), measured by a child process, with its wait for a CPU per query."""
     out = subprocess.run([sys.executable, "-c", LATENCY, str(Path(__file__).resolve().parent), dsn, str(queries)],
                          capture_output=True, text=True, check=True)
-    return float(out.stdout)
+    p50, p99, client_wait = map(float, out.stdout.split())
+    return Latency(p50, p99, client_wait)
 
 
 LATENCY = """
 import sys
+from pathlib import Path
 sys.path.append(sys.argv[1])  # last: bench/ingest.py must not shadow the package
 from pg_proxy import latency
-print(latency(sys.argv[2], int(sys.argv[3]))[1])
+def run_delay():
+    return int(Path("/proc/self/schedstat").read_text().split()[1])
+queries = int(sys.argv[3])
+before = run_delay()
+p50, p99 = latency(sys.argv[2], queries)
+print(p50, p99, (run_delay() - before) / (queries + 500) / 1000)  # latency() warms up with 500 queries first
 """
 
 
