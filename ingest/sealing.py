@@ -22,6 +22,7 @@ format, or does not open as one), so evidence written before stays readable.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from functools import lru_cache
 
 from nacl.bindings import crypto_box_beforenm, crypto_box_easy_afternm
@@ -61,7 +62,7 @@ def open_sealed(blob: bytes, custodian: PrivateKey) -> bytes:
     return opener(custodian)(blob)
 
 
-def opener(custodian: PrivateKey):
+def opener(custodian: PrivateKey) -> Callable[[bytes], bytes]:
     """`open_sealed` for many blobs: each session's shared key is computed once (replay opens one per record)."""
     legacy = SealedBox(custodian).decrypt
 

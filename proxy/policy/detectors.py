@@ -181,7 +181,7 @@ def _brand_prefixes(length: int) -> frozenset[bytes]:
     """For ASCII digits `_brand_ok` depends only on the length and the first four digits: the four-digit prefixes
     of the brands of this length, tabled on first use from each brand's range (a brand's low and high have one
     length, so its prefixes are a range of numbers). Testing all 10,000 prefixes with `_brand_ok` instead took
-    ~0.3 s per length: a stall of the proxy's event loop at the first card number of each length it masked."""
+    ~30 ms per length: a stall of the proxy's event loop at the first card number of each length it masked."""
     prefixes: set[bytes] = set()
     for low, high, lengths in _CARD_BRANDS:
         if length in lengths:
