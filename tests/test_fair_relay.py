@@ -156,8 +156,8 @@ def test_a_large_read_of_a_masked_session_is_cut_in_pieces_with_the_same_answer(
 
 
 def test_a_masked_result_is_relayed_in_sends_of_many_slices_each_recorded_before_it_is_sent():
-    """A send, a hand-off to the recorder and a seal per 32-row slice were ~20 % of the relay's time in a masked stream:
-    slices are recorded and relayed together, MASKED_SEND bytes at a time, still record before relay."""
+    """A send, a hand-off to the recorder and a seal per 32-row slice were ~20 % of the relay's time in a masked
+    stream: slices are recorded and relayed together, MASKED_SEND bytes at a time, still record before relay."""
     data = result(3000)
     session, recording = ready(EVE)
     earlier = len(recording.events)
