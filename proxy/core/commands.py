@@ -108,7 +108,10 @@ class SetTimer(Command):
 class Cede(Command):
     """Let the event loop serve other sessions once before going on: long CPU work (masking) in slices.
 
-    Completes on the loop's next turn. Blocking, so what arrives meanwhile
+    Completes on the loop's next turn, with whether another session of the
+    listener is waiting for its target's reply (it sent the target something
+    and has had nothing back since): that reply will wait behind the next
+    slice, which should then be short. Blocking, so what arrives meanwhile
     from the same side queues behind it, in order.
     """
 

@@ -95,4 +95,8 @@ class CommandRunner:
 
     def _ceded(self, command: Cede) -> None:
         if not self._closed:
-            self.run(self.session.completed(command))
+            self.run(self.session.completed(command, self.others_await_replies()))
+
+    def others_await_replies(self) -> bool:
+        """Whether another session of this listener waits for its target's reply (what `Cede` completes with)."""
+        return False

@@ -69,6 +69,7 @@ class Listener:
         self.policy, self.approvals = policy, approvals
         self.settings = protocol.listener
         self.connections: set[ClientConnection] = set()
+        self.awaiting_replies = 0  # sessions that sent their target something and have had nothing back since
         self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task] = set()
         self.throttled = False
@@ -188,6 +189,7 @@ class ClientConnection(_Receiver, CommandRunner):
         self.upstream: UpstreamConnection | None = None
         self.session: Session
         self._held_writes: list[bytes] | None = None  # client writes while its TLS handshake runs
+        self._awaiting_reply = False  # counted in listener.awaiting_replies
 
     # --- socket events ---------------------------------------------------------------
 
@@ -248,6 +250,7 @@ class ClientConnection(_Receiver, CommandRunner):
                     self._write_client(command.data)
                 elif self.upstream is not None:
                     self.upstream.write(command.data)
+                    self.set_awaiting_reply(True)
             elif kind is Close:
                 self._close()
             elif kind is OpenUpstream:
@@ -262,6 +265,15 @@ class ClientConnection(_Receiver, CommandRunner):
                     (side.pause_reading if command.paused else side.resume_reading)(_LANE_FULL)
             elif not self.run_shared(command):
                 raise TypeError(f"no adapter for command {command!r}")
+
+    def set_awaiting_reply(self, awaiting: bool) -> None:
+        """Count this session in its listener's `awaiting_replies` while it waits for its target's answer."""
+        if awaiting != self._awaiting_reply:
+            self._awaiting_reply = awaiting
+            self.listener.awaiting_replies += 1 if awaiting else -1
+
+    def others_await_replies(self) -> bool:
+        return self.listener.awaiting_replies > self._awaiting_reply
 
     def _write_client(self, data: bytes) -> None:
         if self._held_writes is not None:
@@ -329,6 +341,7 @@ class ClientConnection(_Receiver, CommandRunner):
         if self._closed:
             return
         self._closed = True
+        self.set_awaiting_reply(False)
         self.cancel_timers()
         if self.transport is not None:
             self.transport.close()
@@ -380,6 +393,7 @@ class UpstreamConnection(_Receiver):
             self.pause_reading(_RECORDER_BEHIND)
 
     def buffer_updated(self, nbytes: int) -> None:
+        self.client.set_awaiting_reply(False)
         self.client.run(self.client.session.data("server", self._view[:nbytes].tobytes()))
 
     def eof_received(self) -> bool:
