@@ -118,8 +118,9 @@ def result(rows: int) -> bytes:
     return b"".join(out) + m.ready_for_query("I")
 
 
-def relay(session: Session, data: bytes, cuts: list[int]) -> tuple[bytes, int]:
-    """What the client gets for one read from the target, every Cede completed; and how many there were."""
+def relay(session: Session, data: bytes, cuts: list[int], contended: bool = False) -> tuple[bytes, int]:
+    """What the client gets for one read from the target, every Cede completed (with `contended`: whether another
+    session waits for its reply); and how many there were."""
     reader = session.front._upstream
     feed = reader.feed
 
@@ -134,7 +135,7 @@ def relay(session: Session, data: bytes, cuts: list[int]) -> tuple[bytes, int]:
         if not out or not isinstance(out[-1], Cede):
             return client, cedes
         cedes += 1
-        out = session.completed(out[-1])
+        out = session.completed(out[-1], contended)
 
 
 def test_a_large_read_of_a_masked_session_is_cut_in_pieces_with_the_same_answer(monkeypatch):
@@ -188,19 +189,8 @@ def test_while_another_session_waits_for_its_reply_a_masked_result_is_masked_in_
     next slice, so the slice is MASK_SLICE_CONTENDED rows instead of MASK_SLICE (bench/policy.py: the other
     session's SELECT 1 p50 beside a masked stream ~1.05 ms -> ~0.73 ms). The client gets the same bytes."""
     data = result(3000)
-
-    def relayed(contended: bool) -> tuple[bytes, int]:
-        session, _ = ready(EVE)
-        out, client, cedes = session.data("server", data), b"", 0
-        while True:
-            client += sent(out, "client")
-            if not out or not isinstance(out[-1], Cede):
-                return client, cedes
-            cedes += 1
-            out = session.completed(out[-1], contended)
-
-    alone, alone_cedes = relayed(False)
-    contended, contended_cedes = relayed(True)
+    alone, alone_cedes = relay(ready(EVE)[0], data, [])
+    contended, contended_cedes = relay(ready(EVE)[0], data, [], contended=True)
     assert contended == alone and b"4111 1111" not in contended
     pieces = -(-len(data) // frontend.PIECE_READ)
     assert alone_cedes <= 3000 // frontend.MASK_SLICE + 2 * pieces
